@@ -1,0 +1,24 @@
+# The two commands at the top of README.md. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: main test venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: setup.py $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fresh clone -> dataset -> trained tiny model -> revisit videos -> benchmark table.
+main: venv
+	$(BIN)/python -m mirage_jax.main_job --workdir=runs/tiny
+
+# CPU tests with 8 fake devices (set in tests/conftest.py).
+test: venv
+	$(BIN)/python -m pytest -q -x -n 2 tests

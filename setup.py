@@ -1,0 +1,42 @@
+"""mirage_jax: JAX/Flax video world model with a bounded latent spatial memory."""
+
+from setuptools import find_packages, setup
+
+# Versions verified together on 2026-11-21 (see ../shared/DESIGN.md and BENCHMARKS.md).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "chex==0.1.92",
+    "absl-py==2.5.1",
+    "numpy>=2.0,<3",
+    "tqdm>=4.66",
+    "imageio>=2.34",
+    "imageio-ffmpeg>=0.5",
+    "matplotlib>=3.8",
+    "dm-pix==0.4.5",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+    # Needs Debian's libosmesa6 and MUJOCO_GL=osmesa for headless rendering.
+    "memory_maze": ["memory-maze==1.0.3", "dm-control==1.0.50", "mujoco==3.17.0", "gym"],
+    "tpu": ["libtpu==0.0.52"],
+    "beam": ["apache-beam==2.77.0"],
+}
+
+setup(
+    name="mirage_jax",
+    version="0.1.0",
+    description="Mirage world model (latent spatial memory) in JAX/Flax",
+    packages=find_packages(include=["mirage_jax*", "data_pipelines*", "experiments*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
