@@ -1,0 +1,248 @@
+"""Orbax checkpoints: train state + Grain iterator + config, preemption saves, params export.
+
+Layout of a training workdir::
+
+  <workdir>/config.json            the resolved config (also saved in every checkpoint)
+  <workdir>/checkpoints/<step>/    items ``state`` (PyTree), ``data`` (Grain iterator state,
+                                   one JSON per process) and ``config`` (JSON)
+
+An export (``python -m mirage_jax.export``) is a params-only Orbax PyTree plus the config::
+
+  <export>/params/   <export>/config.json
+
+and :func:`load_export` is the loader the evaluation and generation commands use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mirage_jax.errors import InputError
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionFlag:
+  """Turns SIGTERM into a flag the training loop polls, so it can save and exit cleanly.
+
+  With several processes JAX's own preemption service (started by ``jax.distributed``) sees
+  SIGTERM and every process reaches the same sync step; a local handler would let one process
+  save alone and the others hang, so it is installed only in single-process runs.
+  """
+
+  def __init__(self):
+    self._set = threading.Event()
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the next step, then exiting.")
+    self._set.set()
+
+  def reached(self, step: int) -> bool:
+    """True when this step is where every process saves because of a preemption."""
+    if jax.process_count() > 1:
+      return ocp.multihost.reached_preemption(step)
+    return self._set.is_set()
+
+  def restore_handler(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+class Checkpointer:
+  """A ``CheckpointManager`` with the three items of a training run.
+
+  Args:
+    directory: where step directories go (created).
+    every: save every this many steps (``save_if_due``).
+    keep: how many recent checkpoints to keep.
+    async_save: write in a background thread while training goes on.
+  """
+
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    self.every = int(every)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(keep), enable_async_checkpointing=bool(async_save),
+        create=True)
+    self.manager = _manager(directory, options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any = None,
+           config: ml_collections.ConfigDict | None = None) -> None:
+    """Saves ``state`` (pytree of jax.Arrays), the iterator's position and the config."""
+    items = {STATE: ocp.args.PyTreeSave(state)}
+    if data_iter is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+    if config is not None:
+      items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json()))
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def save_if_due(self, step: int, state: Any, data_iter: Any = None,
+                  config: ml_collections.ConfigDict | None = None) -> bool:
+    if self.every > 0 and step % self.every == 0 and step != self.latest_step():
+      self.save(step, state, data_iter, config)
+      return True
+    return False
+
+  def restore(self, abstract_state: Any, data_iter: Any = None,
+              step: int | None = None) -> tuple[Any, int]:
+    """Restores the state into the shardings of ``abstract_state`` (and the iterator in place).
+
+    The target shardings may differ from the ones saved (another mesh, device or process
+    count): Orbax reads each shard's slice from the saved global arrays.
+
+    Args:
+      abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set.
+      data_iter: a Grain ``DatasetIterator`` to move to the saved position, or None.
+      step: which step (default: the latest).
+    Returns:
+      (state, step).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise InputError(str(self.manager.directory), "step", "no checkpoint to restore")
+    items = {STATE: ocp.args.PyTreeRestore(item=abstract_state,
+                                           restore_args=_restore_args(abstract_state))}
+    if data_iter is not None:
+      items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[STATE], step
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+  def wait(self) -> None:
+    """Blocks until async saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options,
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                     DATA: grain.checkpoint.CheckpointHandler(),
+                     CONFIG: ocp.JsonCheckpointHandler()})
+
+
+def _restore_args(abstract: Any) -> Any:
+  return jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+      abstract)
+
+
+def _tree(metadata: Any) -> Any:
+  """The nested-dict tree of a PyTree item's metadata (TreeMetadata or already a tree)."""
+  return metadata.tree if hasattr(metadata, "tree") else metadata
+
+
+def _replicated_abstract(tree_metadata: Any) -> Any:
+  """Saved array metadata -> ShapeDtypeStructs on one local device (for exports)."""
+  device = jax.local_devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                      tree_metadata)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_params(workdir: str, output: str, *, use_ema: bool = True,
+                  dtype: str | None = None, step: int | None = None) -> int:
+  """Writes a params-only checkpoint (EMA by default, optionally cast) for evaluation.
+
+  Args:
+    workdir: a training workdir (with ``checkpoints/``).
+    output: export directory (must not exist yet).
+    use_ema: export the EMA params (else the raw params).
+    dtype: e.g. ``'bfloat16'`` to cast floating params, or None to keep them.
+    step: which checkpoint (default: the latest).
+  Returns:
+    The exported step.
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise InputError("--workdir", "workdir", f"{ckpt_dir} does not exist")
+  if os.path.exists(output):
+    raise InputError("--output", "output", f"{output} already exists")
+  manager = _manager(ckpt_dir, ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise InputError("--workdir", "checkpoints", f"no checkpoint in {ckpt_dir}")
+  key = "ema" if use_ema else "params"
+  tree = _tree(manager.item_metadata(step)[STATE])
+  if key not in tree:
+    raise InputError("--workdir", key, f"checkpoint step {step} has no '{key}' item")
+  # Only the exported subtree is read: optimizer moments never leave the disk.
+  abstract = {key: _replicated_abstract(tree[key])}
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract),
+                                    partial_restore=True),
+      CONFIG: ocp.args.JsonRestore()}))
+  params = restored[STATE][key]
+  if dtype is not None:
+    target = jnp.dtype(dtype)
+    params = jax.tree.map(
+        lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  manager.close()
+  os.makedirs(output)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(output, "params")), params)
+  with open(os.path.join(output, "config.json"), "w") as f:
+    json.dump({"config": restored[CONFIG], "step": int(step), "source": key,
+               "dtype": dtype}, f, indent=2)
+  return int(step)
+
+
+def load_export(path: str, shardings: Any = None) -> tuple[Any, ml_collections.ConfigDict, int]:
+  """Loads an export written by :func:`export_params`.
+
+  Args:
+    path: export directory.
+    shardings: optional pytree of ``jax.sharding.Sharding`` matching the params, to place
+      each array directly (e.g. on an evaluation mesh); default: one local device.
+  Returns:
+    (params pytree of jax.Arrays, config, step).
+  """
+  meta_path = os.path.join(path, "config.json")
+  if not os.path.exists(meta_path):
+    raise InputError(path, "config.json", "not an export directory (missing config.json)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  params_dir = os.path.abspath(os.path.join(path, "params"))
+  with ocp.PyTreeCheckpointer() as ckptr:
+    abstract = _replicated_abstract(_tree(ckptr.metadata(params_dir).item_metadata))
+    if shardings is not None:
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+    params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=_restore_args(abstract)))
+  return params, ml_collections.ConfigDict(meta["config"]), int(meta["step"])
