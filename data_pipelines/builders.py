@@ -1,0 +1,356 @@
+"""TFDS builders of posed clips, written as ArrayRecord without TensorFlow.
+
+One builder per source:
+
+* ``procedural_rooms``: ``data_pipelines.procedural.render_clip`` (seed = first_seed + index).
+* ``memory_maze``: ``data_pipelines.memory_maze.rollout_clip`` (needs the ``memory_maze`` extra).
+* ``posed_files``: every ``geometry.npz`` / RealEstate10K ``.txt`` under ``source_dir``
+  (``data_pipelines/files.py``), in sorted path order.
+
+Each record is one clip in the format of ``data_pipelines/clip.py`` plus three fields; see
+``clip_features`` for the feature spec. ``builder.as_data_source(split)`` returns a random-
+access source of such dicts of NumPy arrays, ready for ``grain.MapDataset.source``.
+
+Splits: clip ``index`` in ``[0, num_clips)`` goes to ``test`` if it is among the last
+``n_eval = max(1, num_clips // 10)`` indices, to ``validation`` if among the ``n_eval`` before
+those, else to ``train`` (a function of index and num_clips only, so every process and every
+shard agrees).
+
+Large builds: a shard ``(k, n)`` builds the clips with ``index % n == k`` into its own
+data_dir; ``merge_from`` builds the full dataset from the n shard datasets by copying their
+records (no rendering). Records are keyed by ``index``, and TFDS orders records by a hash of
+the key, so a merged dataset holds the same records in the same order as a one-process build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from etils import epath
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from data_pipelines import files
+from data_pipelines.clip import Clip, validate_clip
+from mirage_jax.errors import InputError
+
+SPLITS = ("train", "validation", "test")
+FILE_FORMAT = "array_record"
+
+
+@dataclasses.dataclass(eq=False)
+class ClipsConfig(tfds.core.BuilderConfig):
+  """What a dataset holds; each builder reads only the fields in its ``PARAMS``.
+
+  Attributes:
+    num_clips: clips in all splits together (posed_files: 0 = every file found).
+    frames_per_clip: T (renderers).
+    resolution: H = W in pixels (renderers).
+    moving_objects: moving objects per procedural room.
+    trajectory: procedural camera path ("loop", ...; see data_pipelines.procedural).
+    maze_size: Memory Maze size (9, 11, 13, 15).
+    first_seed: clip ``index`` i is rendered with seed ``first_seed + i``.
+    source_dir: posed_files: the folder searched for clip files.
+  """
+  num_clips: int = 16
+  frames_per_clip: int = 64
+  resolution: int = 64
+  moving_objects: int = 0
+  trajectory: str = "loop"
+  maze_size: int = 9
+  first_seed: int = 0
+  source_dir: str = ""
+
+
+def split_of(index: int, num_clips: int) -> str:
+  """The split of clip ``index`` (see the module docstring)."""
+  n_eval = max(1, num_clips // 10)
+  if index >= num_clips - n_eval:
+    return "test"
+  if index >= num_clips - 2 * n_eval:
+    return "validation"
+  return "train"
+
+
+def clip_features(num_frames: int | None, height: int | None, width: int | None) -> tfds.features.FeaturesDict:
+  """The record spec; ``None`` sizes vary per record.
+
+  frames (T,H,W,3) uint8, depths (T,H,W) float32, intrinsics (T,3,3) float32 (pixels),
+  poses_c2w (T,4,4) float32 (OpenCV c2w), fps () float32, dynamic_masks (T,H,W) uint8,
+  object_tracks (K,T,3) float32 (K = 0 without moving objects), has_depth () bool (False:
+  depths are files.PLACEHOLDER_DEPTH), clip_id () text (bytes when read), index () int64.
+  """
+  t, h, w = num_frames, height, width
+  tensor = tfds.features.Tensor
+  # Zlib only where it pays: frames and masks compress well, float depth barely does.
+  zlib = tfds.features.Encoding.ZLIB
+  return tfds.features.FeaturesDict({
+      "frames": tensor(shape=(t, h, w, 3), dtype=np.uint8, encoding=zlib),
+      "depths": tensor(shape=(t, h, w), dtype=np.float32, encoding=tfds.features.Encoding.BYTES),
+      "intrinsics": tensor(shape=(t, 3, 3), dtype=np.float32, encoding=tfds.features.Encoding.BYTES),
+      "poses_c2w": tensor(shape=(t, 4, 4), dtype=np.float32, encoding=tfds.features.Encoding.BYTES),
+      "fps": tfds.features.Scalar(dtype=np.float32),
+      "dynamic_masks": tensor(shape=(t, h, w), dtype=np.uint8, encoding=zlib),
+      "object_tracks": tensor(shape=(None, t, 3), dtype=np.float32, encoding=tfds.features.Encoding.BYTES),
+      "has_depth": tfds.features.Scalar(dtype=np.bool_),
+      "clip_id": tfds.features.Text(),
+      "index": tfds.features.Scalar(dtype=np.int64),
+  })
+
+
+def to_record(clip: Clip, clip_id: str, index: int) -> dict[str, Any]:
+  """A validated clip plus ids -> one record of ``clip_features``."""
+  t = clip["frames"].shape[0]
+  return {
+      **{k: clip[k] for k in ("frames", "depths", "intrinsics", "poses_c2w", "fps", "dynamic_masks")},
+      "object_tracks": clip.get("object_tracks", np.zeros((0, t, 3), np.float32)),
+      "has_depth": bool(clip.get("has_depth", True)),
+      "clip_id": clip_id,
+      "index": index,
+  }
+
+
+class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared machinery: config params, splits, shards, merge, progress."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release: posed clips with depth, poses, masks."}
+  # Config fields that define this dataset (stored in metadata.json, compared on reuse).
+  PARAMS: tuple[str, ...] = ()
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's own lookup touches the `importlib_resources` backport, which is not installed
+    # on Python >= 3.9; the class's source file is all it needs.
+    return epath.Path(inspect.getfile(cls))
+
+  def __init__(self, *, shard: tuple[int, int] = (0, 1), merge_from: Sequence[str] = (),
+               progress: bool = False, **kwargs):
+    """Args as ``tfds.core.GeneratorBasedBuilder`` (data_dir, config), plus:
+
+    Args:
+      shard: (k, n): build only the clips with ``index % n == k``.
+      merge_from: data_dirs of the n shard builds to merge (instead of generating clips).
+      progress: show one tqdm bar over the clips.
+    """
+    self._shard, self._merge_from, self._progress = shard, list(merge_from), progress
+    super().__init__(**kwargs)
+
+  def params(self) -> dict[str, Any]:
+    """The config fields that define the dataset, plus the shard when building one."""
+    out = {k: getattr(self.builder_config, k) for k in self.PARAMS}
+    if self._shard != (0, 1):
+      out["shard"] = list(self._shard)
+    return out
+
+  def _feature_sizes(self) -> tuple[int | None, int | None, int | None]:
+    c = self.builder_config
+    return c.frames_per_clip, c.resolution, c.resolution
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(self.__doc__ or "").strip().splitlines()[0],
+        features=clip_features(*self._feature_sizes()),
+        metadata=tfds.core.MetadataDict(params=self.params()),
+    )
+
+  def _num_clips(self) -> int:
+    return self.builder_config.num_clips
+
+  def _make_clip(self, index: int) -> tuple[Clip, str]:
+    """Clip ``index`` (validated) and its clip_id."""
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    n = self._num_clips()
+    k, num_shards = self._shard
+    mine = [i for i in range(n) if i % num_shards == k]
+    if not mine:
+      raise InputError("--num_shards", "num_shards", f"shard {k} of {num_shards} gets none of the {n} clips")
+    bar = tqdm(total=len(mine), desc=f"{self.name}/{self.builder_config.name}", unit="clip",
+               disable=not self._progress)
+    by_split = {split: [i for i in mine if split_of(i, n) == split] for split in SPLITS}
+    # TFDS refuses empty splits; only a shard can have one, and the merge skips it.
+    return {split: self._generate_examples(split, indices, bar)
+            for split, indices in by_split.items() if indices}
+
+  def _generate_examples(self, split: str, indices: list[int], bar) -> Iterator[tuple[int, dict]]:
+    if self._merge_from:
+      yield from self._merged_examples(split, bar)
+      return
+    for i in indices:
+      clip, clip_id = self._make_clip(i)
+      bar.update(1)
+      yield i, to_record(clip, clip_id, i)
+
+  def _merged_examples(self, split: str, bar) -> Iterator[tuple[int, dict]]:
+    for shard_dir in self._merge_from:
+      shard = tfds.builder_from_directory(shard_dir)
+      if split not in shard.info.splits:
+        continue
+      source = shard.as_data_source(split)
+      for j in range(len(source)):
+        record = dict(source[j])
+        bar.update(1)
+        yield int(record["index"]), record
+
+
+class ProceduralRooms(_ClipsBuilder):
+  """Procedural rooms: rendered RGB, exact depth, camera paths, optional moving objects."""
+
+  PARAMS = ("num_clips", "frames_per_clip", "resolution", "moving_objects", "trajectory", "first_seed")
+
+  def _make_clip(self, index):
+    from data_pipelines import procedural  # pylint: disable=g-import-not-at-top
+    c = self.builder_config
+    seed = c.first_seed + index
+    clip = procedural.render_clip(seed, c.frames_per_clip, c.resolution, c.resolution,
+                                  trajectory=c.trajectory, moving_objects=c.moving_objects)
+    return validate_clip(clip, f"{self.name} seed {seed}"), f"seed{seed}"
+
+
+class MemoryMaze(_ClipsBuilder):
+  """Memory Maze rollouts (MuJoCo): egocentric RGB, depth and camera poses."""
+
+  PARAMS = ("num_clips", "frames_per_clip", "resolution", "maze_size", "first_seed")
+
+  def _make_clip(self, index):
+    try:
+      from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise InputError("--dataset", "memory_maze", f"needs the optional extra: pip install -e "
+                       f"'.[memory_maze]' and Debian's libosmesa6 ({e})") from e
+    c = self.builder_config
+    seed = c.first_seed + index
+    clip = memory_maze.rollout_clip(seed, c.frames_per_clip, c.resolution, c.resolution,
+                                    maze_size=c.maze_size)
+    return validate_clip(clip, f"{self.name} seed {seed}"), f"seed{seed}"
+
+
+class PosedFiles(_ClipsBuilder):
+  """Posed clips read from geometry.npz / RealEstate10K files, stored at their own size."""
+
+  PARAMS = ("source_dir", "num_clips")
+
+  def _feature_sizes(self):
+    return None, None, None
+
+  @functools.cached_property
+  def _paths(self) -> list[Path]:
+    root = Path(self.builder_config.source_dir)
+    found = files.find_clips(root)
+    n = self.builder_config.num_clips
+    if n > len(found):
+      raise InputError(root, "num_clips", f"asked for {n} clips, the folder holds {len(found)}")
+    return found[:n] if n else found
+
+  def _num_clips(self):
+    return len(self._paths)
+
+  def _make_clip(self, index):
+    path = self._paths[index]
+    return files.load_clip(path), files.clip_name(path, Path(self.builder_config.source_dir))
+
+
+BUILDERS = {b.name: b for b in (ProceduralRooms, MemoryMaze, PosedFiles)}
+
+
+# ----------------------------------------------------------------------------- build & load
+
+
+def make_builder(dataset: str, data_dir: str, config_name: str = "default", **kwargs) -> _ClipsBuilder:
+  """A builder for ``dataset`` (a key of BUILDERS) with a ClipsConfig from ``kwargs``.
+
+  ``kwargs`` holds ClipsConfig fields and the builder's own (shard, merge_from, progress).
+  """
+  if dataset not in BUILDERS:
+    raise InputError("--dataset", "dataset", f"unknown {dataset!r}; expected one of {sorted(BUILDERS)}")
+  own = {k: kwargs.pop(k) for k in ("shard", "merge_from", "progress") if k in kwargs}
+  config = ClipsConfig(name=config_name, **kwargs)
+  if dataset != "posed_files" and config.num_clips < 3:
+    raise InputError("--num_clips", "num_clips", f"need at least 3 (one per split), got {config.num_clips}")
+  return BUILDERS[dataset](data_dir=data_dir, config=config, **own)
+
+
+def stored_params(builder: tfds.core.DatasetBuilder) -> dict[str, Any] | None:
+  """The params a complete dataset at ``builder.data_path`` was built with; None if absent."""
+  if not builder.is_prepared():
+    return None
+  metadata = Path(builder.data_path) / "metadata.json"
+  if not metadata.is_file():
+    raise InputError(builder.data_path, "metadata.json", "missing: not a dataset written by this code")
+  return json.loads(metadata.read_text())["params"]
+
+
+def check_same_params(builder: _ClipsBuilder) -> bool:
+  """True if a complete dataset built with ``builder.params()`` sits at its path.
+
+  Returns:
+    False if there is no complete dataset there.
+  Raises:
+    InputError: a complete dataset with other params sits there (it is left untouched).
+  """
+  stored = stored_params(builder)
+  if stored is None:
+    return False
+  wanted = json.loads(json.dumps(builder.params()))  # Same JSON types as the stored side.
+  differ = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+  if differ:
+    raise InputError(builder.data_path, ", ".join(differ),
+                     f"the dataset there was built with {[stored.get(k) for k in differ]}, this "
+                     f"build asks for {[wanted.get(k) for k in differ]}; choose another --data_dir "
+                     "or --config_name (nothing was changed)")
+  return True
+
+
+def prepare(builder: _ClipsBuilder) -> bool:
+  """Builds the dataset unless the same one is already complete.
+
+  TFDS writes into a temporary folder and renames it into place at the end, so a build that
+  dies leaves no complete-looking dataset.
+
+  Returns:
+    True if an existing complete dataset was reused, False if it was built now.
+  Raises:
+    InputError: a complete dataset with other params already sits at the same path (it is
+      left untouched).
+  """
+  if check_same_params(builder):
+    return True
+  builder.download_and_prepare(file_format=FILE_FORMAT)
+  return False
+
+
+def load(data_dir: str, dataset: str, config_name: str = "default") -> tfds.core.DatasetBuilder:
+  """A read-only builder for a built dataset (features and splits restored from disk).
+
+  ``load(...).as_data_source(split)`` gives the records; the version is the newest on disk.
+  """
+  root = Path(data_dir) / dataset / config_name
+  versions = sorted(root.glob("*.*.*/dataset_info.json"), key=lambda p: tfds.core.Version(p.parent.name))
+  if not versions:
+    raise InputError(root, "dataset", "no complete dataset here (build it with data_pipelines.build)")
+  return tfds.builder_from_directory(str(versions[-1].parent))
+
+
+def record_to_clip(record: dict[str, Any]) -> Clip:
+  """A record read back -> the clip dict with NumPy scalars and ``clip_id`` as str.
+
+  (``as_data_source`` returns scalars as Python float/bool/int and text as bytes.)
+  """
+  clip = dict(record)
+  clip["fps"] = np.float32(clip["fps"])
+  clip["has_depth"] = np.bool_(clip["has_depth"])
+  clip["index"] = np.int64(clip["index"])
+  if isinstance(clip["clip_id"], bytes):
+    clip["clip_id"] = clip["clip_id"].decode()
+  return clip

@@ -1,0 +1,315 @@
+"""Posed clips from files on disk, read into the clip format of ``data_pipelines/clip.py``.
+
+Two layouts are read:
+
+* ``geometry.npz`` (the reference's layout): ``depths (T,H,W)``, ``poses_c2w (T,4,4)``,
+  ``intrinsics (T,3,3)`` or one ``(3,3)`` shared by all frames, ``fps``; the frames either as
+  ``frames (T,H,W,3) uint8`` inside the npz or as a video beside it (``<stem>.mp4/.gif/.avi``,
+  else the only video in the folder); optional ``dynamic_masks (T,H,W)``.
+* RealEstate10K camera files (``<name>.txt``): the first line is the video URL, then one line
+  per frame ``timestamp fx fy cx cy k1 k2 w2c`` with the intrinsics normalised by the image
+  width/height and ``w2c`` the 3x4 world-to-camera matrix, row-major (12 numbers). The frames
+  come from a folder ``<name>/`` of images named by timestamp (``<timestamp>.png/.jpg``) or
+  from a video ``<name>.mp4/.gif/.avi`` beside the file, one frame per line.
+
+Missing depth: RealEstate10K has none. Its clips get ``depths`` filled with the constant
+``PLACEHOLDER_DEPTH`` (so they pass the clip format's depth > 0 check) and the extra field
+``has_depth = False``; every clip read here carries ``has_depth`` (() bool), and consumers
+must not supervise depth or write to a 3D memory from clips where it is False.
+
+Every problem with an input file raises one ``InputError`` naming the file and the field.
+Frames are never resized: a video whose size differs from the depth maps is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+
+from data_pipelines.clip import Clip, validate_clip
+from mirage_jax.errors import InputError
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Depth written for sources without depth; flagged by has_depth = False.
+PLACEHOLDER_DEPTH = 1.0
+_NPZ_REQUIRED = ("depths", "poses_c2w", "intrinsics", "fps")
+_RE10K_COLUMNS = 19  # timestamp, fx, fy, cx, cy, k1, k2, 12 numbers of w2c.
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def read_video(path: str | os.PathLike) -> np.ndarray:
+  """Reads every frame of a video (mp4/gif/avi) as RGB.
+
+  Returns:
+    (T, H, W, 3) uint8.
+  """
+  try:
+    frames = np.asarray(iio.imread(path, index=None))
+  except Exception as e:  # imageio raises OSError, ValueError or plugin-specific errors.
+    raise InputError(path, "frames", f"unreadable video ({type(e).__name__}: {e})".splitlines()[0]) from e
+  return _to_rgb(frames, path, video=True)
+
+
+def _read_image(path: Path) -> np.ndarray:
+  """Reads one image as RGB.  Returns (H, W, 3) uint8."""
+  try:
+    image = np.asarray(iio.imread(path))
+  except Exception as e:
+    raise InputError(path, "frames", f"unreadable image ({type(e).__name__}: {e})".splitlines()[0]) from e
+  return _to_rgb(image[None], path, video=False)[0]
+
+
+def _to_rgb(frames: np.ndarray, path, video: bool) -> np.ndarray:
+  """(T, H, W[, C]) grey/RGB/RGBA frames -> (T, H, W, 3) uint8."""
+  if video and frames.ndim == 3 and frames.shape[-1] not in (3, 4):
+    frames = frames[..., None]  # A greyscale GIF: (T, H, W).
+  if frames.ndim == 3:
+    frames = frames[..., None]
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
+    raise InputError(path, "frames", f"expected 8-bit grey/RGB/RGBA frames, got {frames.dtype} {frames.shape}")
+  if frames.shape[-1] == 1:
+    frames = np.repeat(frames, 3, axis=-1)
+  return np.ascontiguousarray(frames[..., :3])
+
+
+def _video_beside(path: Path) -> Path | None:
+  """The video for ``path``: ``<stem>.<video suffix>``, else the only video in its folder."""
+  for suffix in VIDEO_SUFFIXES:
+    if path.with_suffix(suffix).is_file():
+      return path.with_suffix(suffix)
+  videos = sorted(p for p in path.parent.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+  if len(videos) > 1:
+    raise InputError(path, "frames", f"no frames in the file and {len(videos)} videos beside it, "
+                     f"none named {path.stem}.mp4/.gif/.avi")
+  return videos[0] if videos else None
+
+
+# ----------------------------------------------------------------------------- geometry.npz
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+  """Reads every array of an npz eagerly, so a corrupt member fails here, named."""
+  try:
+    archive = np.load(path, allow_pickle=False)
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise InputError(path, "file", f"not a readable npz archive ({type(e).__name__}: {e})") from e
+  arrays = {}
+  with archive:
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+      raise InputError(path, "file", "a single .npy array, expected an npz archive")
+    for key in archive.files:
+      try:
+        arrays[key] = archive[key]
+      except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise InputError(path, key, f"unreadable array, truncated or corrupt file "
+                         f"({type(e).__name__}: {e})") from e
+  return arrays
+
+
+def _check_numeric(arrays: dict[str, np.ndarray], path: Path, keys) -> None:
+  for key in keys:
+    if key in arrays and not (np.issubdtype(arrays[key].dtype, np.number) or arrays[key].dtype == bool):
+      raise InputError(path, key, f"expected a numeric array, got dtype {arrays[key].dtype}")
+
+
+def load_geometry_npz(path: str | os.PathLike) -> Clip:
+  """Reads a reference-style ``geometry.npz`` (and its video, if the frames are not inside).
+
+  Returns:
+    A validated clip (see ``data_pipelines/clip.py``) plus ``has_depth`` (() bool), True
+    unless the file itself says otherwise (files written by ``save_geometry_npz`` from a
+    clip without depth).
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise InputError(path, "file", "does not exist")
+  arrays = _load_npz(path)
+  for key in _NPZ_REQUIRED:
+    if key not in arrays:
+      raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
+  _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "dynamic_masks", "has_depth"))
+  depths = arrays["depths"]
+  if depths.ndim != 3:
+    raise InputError(path, "depths", f"expected shape (T, H, W), got {depths.shape}")
+  t, h, w = depths.shape
+
+  if "frames" in arrays:
+    frames = arrays["frames"]
+  else:
+    video = _video_beside(path)
+    if video is None:
+      raise InputError(path, "frames", "not in the file and no video (.mp4/.gif/.avi) beside it")
+    frames = read_video(video)
+    if frames.shape[:3] != (t, h, w):
+      raise InputError(video, "frames", f"video has {frames.shape[0]} frames of {frames.shape[1]}x"
+                       f"{frames.shape[2]}, but {path.name} has {t} depth maps of {h}x{w}")
+
+  intrinsics = arrays["intrinsics"]
+  if intrinsics.shape == (3, 3):
+    intrinsics = np.broadcast_to(intrinsics, (t, 3, 3))
+  clip = dict(frames=frames, depths=depths, intrinsics=intrinsics, poses_c2w=arrays["poses_c2w"],
+              fps=arrays["fps"], dynamic_masks=arrays.get("dynamic_masks"))
+  clip = validate_clip(clip, str(path))
+  clip["has_depth"] = np.bool_(arrays.get("has_depth", True))
+  return clip
+
+
+def save_geometry_npz(path: str | os.PathLike, clip: Clip) -> None:
+  """Writes a clip as ``geometry.npz`` with the frames inside; atomic (temp file, then rename).
+
+  Args:
+    path: destination file.
+    clip: a clip in the format of ``data_pipelines/clip.py`` (validated here first);
+      ``has_depth`` is kept when present.
+  """
+  path = Path(path)
+  checked = validate_clip(clip, str(path))
+  if "has_depth" in clip:
+    checked["has_depth"] = np.bool_(clip["has_depth"])
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # The temp file lives in the same folder so the rename stays on one file system.
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez_compressed(f, **checked)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+# ----------------------------------------------------------------------------- RealEstate10K
+
+
+def _parse_re10k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+  """Parses a camera file.
+
+  Returns:
+    timestamps (T,) int64 (microseconds) and rows (T, 18) float64 (fx fy cx cy k1 k2 w2c).
+  """
+  try:
+    lines = path.read_text().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(path, "file", f"unreadable text file ({type(e).__name__}: {e})") from e
+  lines = [line for line in lines[1:] if line.strip()]  # Line 1 is the video URL.
+  if len(lines) < 2:
+    raise InputError(path, "cameras", f"expected at least 2 camera lines after the URL line, got {len(lines)}")
+  stamps, rows = [], []
+  for n, line in enumerate(lines, start=2):
+    parts = line.split()
+    if len(parts) != _RE10K_COLUMNS:
+      raise InputError(path, f"line {n}", f"expected {_RE10K_COLUMNS} numbers "
+                       f"(timestamp fx fy cx cy k1 k2 + 3x4 w2c), got {len(parts)}")
+    try:
+      stamps.append(int(parts[0]))
+      rows.append([float(x) for x in parts[1:]])
+    except ValueError as e:
+      raise InputError(path, f"line {n}", f"not a number ({e})") from e
+  stamps, rows = np.array(stamps, np.int64), np.array(rows, np.float64)
+  if not np.all(np.isfinite(rows)):
+    n = int(np.argwhere(~np.isfinite(rows).all(axis=1))[0, 0]) + 2
+    raise InputError(path, f"line {n}", "non-finite values")
+  if np.any(np.diff(stamps) <= 0):
+    n = int(np.argwhere(np.diff(stamps) <= 0)[0, 0]) + 3
+    raise InputError(path, f"line {n}", "timestamps must increase strictly")
+  return stamps, rows
+
+
+def _re10k_frames(path: Path, stamps: np.ndarray) -> np.ndarray:
+  """Frames for a camera file: ``<stem>/<timestamp>.<image>`` or a video beside it.
+
+  Returns:
+    (T, H, W, 3) uint8.
+  """
+  folder = path.with_suffix("")
+  if folder.is_dir():
+    images = []
+    for stamp in stamps:
+      found = [folder / f"{stamp}{s}" for s in IMAGE_SUFFIXES if (folder / f"{stamp}{s}").is_file()]
+      if not found:
+        raise InputError(folder, "frames", f"no image named {stamp}.png/.jpg for timestamp {stamp}")
+      images.append(_read_image(found[0]))
+      if images[-1].shape != images[0].shape:
+        raise InputError(found[0], "frames", f"size {images[-1].shape[:2]} differs from the first "
+                         f"frame's {images[0].shape[:2]}")
+    return np.stack(images)
+  video = _video_beside(path)
+  if video is None:
+    raise InputError(path, "frames", f"no image folder {folder.name}/ and no video beside the file")
+  frames = read_video(video)
+  if len(frames) != len(stamps):
+    raise InputError(video, "frames", f"video has {len(frames)} frames, {path.name} has {len(stamps)} cameras")
+  return frames
+
+
+def load_re10k(path: str | os.PathLike) -> Clip:
+  """Reads a RealEstate10K camera file and its frames.
+
+  Returns:
+    A validated clip with ``depths`` = PLACEHOLDER_DEPTH everywhere and ``has_depth`` False;
+    ``fps`` from the median timestamp step.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise InputError(path, "file", "does not exist")
+  stamps, rows = _parse_re10k(path)
+  frames = _re10k_frames(path, stamps)
+  t, h, w, _ = frames.shape
+  intrinsics = np.zeros((t, 3, 3), np.float64)
+  intrinsics[:, 0, 0], intrinsics[:, 1, 1] = rows[:, 0] * w, rows[:, 1] * h
+  intrinsics[:, 0, 2], intrinsics[:, 1, 2], intrinsics[:, 2, 2] = rows[:, 2] * w, rows[:, 3] * h, 1.0
+  w2c = np.tile(np.eye(4), (t, 1, 1))
+  w2c[:, :3, :4] = rows[:, 6:].reshape(t, 3, 4)
+  R = w2c[:, :3, :3]
+  # Check before inverting: a singular matrix would otherwise fail inside the inversion.
+  err = np.abs(R @ np.swapaxes(R, 1, 2) - np.eye(3)).max(axis=(1, 2))
+  if np.any(err > 1e-3) or np.any(np.linalg.det(R) < 0):
+    n = int(np.argwhere((err > 1e-3) | (np.linalg.det(R) < 0))[0, 0]) + 2
+    raise InputError(path, f"line {n}", f"w2c rotation is not orthonormal with det +1 (|RR^T - I| = {err[n - 2]:.2g})")
+  c2w = np.tile(np.eye(4), (t, 1, 1))
+  c2w[:, :3, :3] = np.swapaxes(R, 1, 2)
+  c2w[:, :3, 3] = -np.einsum("tji,tj->ti", R, w2c[:, :3, 3])
+  fps = 1e6 / float(np.median(np.diff(stamps)))
+  clip = validate_clip(dict(frames=frames, depths=np.full((t, h, w), PLACEHOLDER_DEPTH, np.float32),
+                            intrinsics=intrinsics, poses_c2w=c2w, fps=fps), str(path))
+  clip["has_depth"] = np.bool_(False)
+  return clip
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def load_clip(path: str | os.PathLike) -> Clip:
+  """Reads one clip: ``.npz`` as geometry.npz, ``.txt`` as a RealEstate10K camera file."""
+  path = Path(path)
+  if path.suffix == ".npz":
+    return load_geometry_npz(path)
+  if path.suffix == ".txt":
+    return load_re10k(path)
+  raise InputError(path, "file", "expected a geometry .npz or a RealEstate10K .txt camera file")
+
+
+def find_clips(directory: str | os.PathLike) -> list[Path]:
+  """All clip files (``*.npz``, ``*.txt``) under ``directory``, recursively, in sorted order."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    raise InputError(directory, "source_dir", "is not a directory")
+  found = sorted(p for p in directory.rglob("*")
+                 if p.suffix in (".npz", ".txt") and p.is_file() and not p.name.startswith("."))
+  if not found:
+    raise InputError(directory, "source_dir", "holds no .npz or .txt clip files")
+  return found
+
+
+def clip_name(path: Path, root: Path) -> str:
+  """A stable id for a clip file: its path relative to the source folder, '/'-separated."""
+  return path.relative_to(root).as_posix()

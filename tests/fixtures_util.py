@@ -1,0 +1,32 @@
+"""Synthetic posed clips for tests: random frames and depths, valid cameras on a circle."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mirage_jax import geometry
+
+
+def synthetic_clip(seed: int, num_frames: int = 4, height: int = 8, width: int = 8,
+                   moving_objects: int = 0) -> dict[str, np.ndarray]:
+  """A random clip in the format of ``data_pipelines/clip.py``, a function of ``seed`` only.
+
+  Returns:
+    frames (T,H,W,3) uint8, depths (T,H,W) float32 in [0.5, 5], intrinsics (T,3,3),
+    poses_c2w (T,4,4) looking at the origin from a circle, fps (), dynamic_masks (T,H,W)
+    uint8 with ids up to ``moving_objects``, object_tracks (K,T,3).
+  """
+  rng = np.random.default_rng(seed)
+  angles = np.linspace(0, np.pi / 2, num_frames) + rng.uniform(0, 2 * np.pi)
+  poses = np.stack([geometry.look_at((3 * np.cos(a), 1.0, 3 * np.sin(a)), (0, 0, 0), up=(0, 1, 0))
+                    for a in angles])
+  K = geometry.intrinsics_from_fov(75.0, height, width)
+  return {
+      "frames": rng.integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8),
+      "depths": rng.uniform(0.5, 5.0, (num_frames, height, width)).astype(np.float32),
+      "intrinsics": np.broadcast_to(K, (num_frames, 3, 3)).copy(),
+      "poses_c2w": poses,
+      "fps": np.float32(10.0),
+      "dynamic_masks": rng.integers(0, moving_objects + 1, (num_frames, height, width), dtype=np.uint8),
+      "object_tracks": rng.normal(size=(moving_objects, num_frames, 3)).astype(np.float32),
+  }
