@@ -5,7 +5,8 @@ Two layouts are read:
 * ``geometry.npz`` (the reference's layout): ``depths (T,H,W)``, ``poses_c2w (T,4,4)``,
   ``intrinsics (T,3,3)`` or one ``(3,3)`` shared by all frames, ``fps``; the frames either as
   ``frames (T,H,W,3) uint8`` inside the npz or as a video beside it (``<stem>.mp4/.gif/.avi``,
-  else the only video in the folder); optional ``dynamic_masks (T,H,W)``.
+  else the only video in the folder); optional ``dynamic_masks (T,H,W)``, ``object_tracks
+  (K,T,3)`` and ``has_depth ()``.
 * RealEstate10K camera files (``<name>.txt``): the first line is the video URL, then one line
   per frame ``timestamp fx fy cx cy k1 k2 w2c`` with the intrinsics normalised by the image
   width/height and ``w2c`` the 3x4 world-to-camera matrix, row-major (12 numbers). The frames
@@ -136,7 +137,8 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
   for key in _NPZ_REQUIRED:
     if key not in arrays:
       raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
-  _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "dynamic_masks", "has_depth"))
+  _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "dynamic_masks", "object_tracks",
+                                "has_depth"))
   depths = arrays["depths"]
   if depths.ndim != 3:
     raise InputError(path, "depths", f"expected shape (T, H, W), got {depths.shape}")
@@ -157,7 +159,8 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
   if intrinsics.shape == (3, 3):
     intrinsics = np.broadcast_to(intrinsics, (t, 3, 3))
   clip = dict(frames=frames, depths=depths, intrinsics=intrinsics, poses_c2w=arrays["poses_c2w"],
-              fps=arrays["fps"], dynamic_masks=arrays.get("dynamic_masks"))
+              fps=arrays["fps"], dynamic_masks=arrays.get("dynamic_masks"),
+              object_tracks=arrays.get("object_tracks"))
   clip = validate_clip(clip, str(path))
   clip["has_depth"] = np.bool_(arrays.get("has_depth", True))
   return clip
