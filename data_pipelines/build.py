@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import app, flags, logging
 
 from mirage_jax.errors import InputError, run_cli
 
@@ -99,6 +99,8 @@ def main(argv: list[str]) -> int:
     if not flag.value:
       raise InputError(f"--{flag.name}", flag.name, "is required")
   tfds.disable_progress_bar()  # One bar of our own over the clips instead of TFDS's per split.
+  if not flags.FLAGS["verbosity"].present:  # TFDS logs routine notes as warnings: keep stderr for errors.
+    logging.set_verbosity(logging.ERROR)
   start = time.perf_counter()
   builder, reused = build(
       _DATASET.value, _DATA_DIR.value, _CONFIG_NAME.value, num_shards=_NUM_SHARDS.value,

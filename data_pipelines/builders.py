@@ -97,7 +97,8 @@ def clip_features(num_frames: int | None, height: int | None, width: int | None)
       "poses_c2w": tensor(shape=(t, 4, 4), dtype=np.float32, encoding=tfds.features.Encoding.BYTES),
       "fps": tfds.features.Scalar(dtype=np.float32),
       "dynamic_masks": tensor(shape=(t, h, w), dtype=np.uint8, encoding=zlib),
-      "object_tracks": tensor(shape=(None, t, 3), dtype=np.float32, encoding=tfds.features.Encoding.BYTES),
+      # Zlib also because TFDS's BYTES decoding fails on an empty (K = 0) variable-shape array.
+      "object_tracks": tensor(shape=(None, t, 3), dtype=np.float32, encoding=zlib),
       "has_depth": tfds.features.Scalar(dtype=np.bool_),
       "clip_id": tfds.features.Text(),
       "index": tfds.features.Scalar(dtype=np.int64),
@@ -162,7 +163,8 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(params=self.params()),
     )
 
-  def _num_clips(self) -> int:
+  def num_clips(self) -> int:
+    """Clips in the whole dataset (all shards, all splits)."""
     return self.builder_config.num_clips
 
   def _make_clip(self, index: int) -> tuple[Clip, str]:
@@ -171,7 +173,7 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    n = self._num_clips()
+    n = self.num_clips()
     k, num_shards = self._shard
     mine = [i for i in range(n) if i % num_shards == k]
     if not mine:
@@ -253,7 +255,7 @@ class PosedFiles(_ClipsBuilder):
       raise InputError(root, "num_clips", f"asked for {n} clips, the folder holds {len(found)}")
     return found[:n] if n else found
 
-  def _num_clips(self):
+  def num_clips(self):
     return len(self._paths)
 
   def _make_clip(self, index):
@@ -326,6 +328,7 @@ def prepare(builder: _ClipsBuilder) -> bool:
   """
   if check_same_params(builder):
     return True
+  builder.num_clips()  # Fails early on bad inputs (posed_files: the source folder).
   builder.download_and_prepare(file_format=FILE_FORMAT)
   return False
 
