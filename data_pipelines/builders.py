@@ -191,7 +191,7 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
       return
     for i in indices:
       clip, clip_id = self._make_clip(i)
-      bar.update(1)
+      _advance(bar)
       yield i, to_record(clip, clip_id, i)
 
   def _merged_examples(self, split: str, bar) -> Iterator[tuple[int, dict]]:
@@ -202,8 +202,15 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
       source = shard.as_data_source(split)
       for j in range(len(source)):
         record = dict(source[j])
-        bar.update(1)
+        _advance(bar)
         yield int(record["index"]), record
+
+
+def _advance(bar: tqdm) -> None:
+  """One clip done; the bar is shared by the splits, so it closes itself after the last."""
+  bar.update(1)
+  if bar.n >= bar.total:
+    bar.close()
 
 
 class ProceduralRooms(_ClipsBuilder):
