@@ -1,0 +1,74 @@
+"""Fields every experiment config shares; each experiment file overrides the sizes.
+
+Every field the training code reads is set here, so nothing hides in code defaults and every
+one can be overridden on the command line (``--config.train.steps=100``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from data_pipelines import pipeline
+from mirage_jax import sharding
+from mirage_jax.models import autoencoder, denoiser
+
+STAGES = ("autoencoder", "denoiser")
+
+
+def base_config(stage: str | None) -> ml_collections.ConfigDict:
+  """Shared defaults; ``stage`` is the ``--config=file.py:<stage>`` argument (default: autoencoder)."""
+  stage = stage or "autoencoder"
+  if stage not in STAGES:
+    raise ValueError(f"config argument must be one of {STAGES}, got {stage!r}")
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+
+  # Mesh (ICI, within a slice; one axis may be -1) x DCN (slices per axis; all 1 = one slice).
+  c.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)
+  c.dcn_mesh = dict(data=1, fsdp=1, context=1, tensor=1)
+  c.logical_rules = sharding.DEFAULT_LOGICAL_RULES
+
+  c.data = pipeline.default_config()
+  c.data.dataset = "procedural_rooms"
+  c.data.data_dir = "data"
+  c.data.config_name = "default"
+  c.data.build = ml_collections.ConfigDict(dict(num_clips=32, frames_per_clip=32, resolution=64))
+
+  c.autoencoder = autoencoder.autoencoder_config("tiny")
+  c.denoiser = ml_collections.ConfigDict()
+  c.denoiser.model = denoiser.denoiser_config("tiny")
+  c.denoiser.autoencoder_checkpoint = ""  # a stage-1 export (python -m mirage_jax.export)
+  c.denoiser.memory_frames = 4  # earlier frames written into memory
+  c.denoiser.context_frames = 2  # last memory frames also given clean (t = 0)
+  c.denoiser.target_frames = 4  # the chunk the loss is on
+  c.denoiser.latent_scale = 1.0
+  c.denoiser.time_shift = 1.0
+  c.denoiser.time_weighting = "uniform"
+
+  c.memory = ml_collections.ConfigDict()
+  c.memory.backend = "voxel"
+  c.memory.settings = ml_collections.ConfigDict(dict(
+      capacity=4096, feature_dtype="bfloat16", voxel_size=0.05, recency_decay=0.5,
+      splat_radius=1, near=1e-3))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8,
+      weight_decay=0.01, grad_clip_norm=1.0, ema_decay=0.999))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, log_every=50,
+      nonfinite="skip",  # 'skip': leave the state unchanged and go on; 'halt': raise
+      tensorboard=True,
+      peak_tflops_per_device=0.0,  # 0 = from the device kind (CPU: measured matmul)
+      profile_start=10, profile_steps=0))  # jax.profiler trace of these steps (0 = off)
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(every=0, batches=2))  # every 0 = no evals
+  return c
+
+
+def set_window(c: ml_collections.ConfigDict) -> None:
+  """Window length of the denoiser stage: memory + target frames (autoencoder: as configured)."""
+  if c.stage == "denoiser":
+    c.data.num_frames = c.denoiser.memory_frames + c.denoiser.target_frames

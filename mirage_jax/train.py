@@ -1,0 +1,672 @@
+"""Training: mesh, input, model & optimizer, sharded state, jitted update step, checkpoints, evals.
+
+Reads top to bottom like the loop it runs. Two stages (``config.stage``):
+
+  * ``autoencoder``: the RGB-D VAE on single frames of the clips;
+  * ``denoiser``: the frozen autoencoder (``config.denoiser.autoencoder_checkpoint``) encodes
+    the clip; several earlier frames are written into the spatial memory with the same
+    ``mirage_jax.memory`` write/read code the rollout uses, read into the target cameras, and
+    the DiT learns flow matching on the target chunk with the context frames clean.
+
+The state is a plain pytree ``{"step", "params", "opt_state", "ema"}`` (params as nested dicts of
+arrays, from ``nnx.split``), created directly in its sharding (``jax.eval_shape`` -> shardings
+from the params' logical axes and ``config.logical_rules`` -> ``jax.jit(out_shardings=...)``)
+and updated by one jitted step with explicit in/out shardings and the state donated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+import jax.extend.core as jax_core
+from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data_pipelines import builders
+from data_pipelines import pipeline
+from mirage_jax import checkpoint as ckpt_lib
+from mirage_jax import diffusion
+from mirage_jax import distributed
+from mirage_jax import geometry
+from mirage_jax import memory as memory_lib
+from mirage_jax import metrics_log
+from mirage_jax import sharding
+from mirage_jax.errors import InputError
+from mirage_jax.models import autoencoder
+from mirage_jax.models import denoiser
+
+Batch = dict[str, jax.Array]
+State = dict[str, Any]
+
+
+class Stage(Protocol):
+  """What a training stage provides (see ``make_stage``)."""
+
+  fields: tuple[str, ...]  # batch fields the loss reads
+
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The trainable model."""
+
+  frozen: Any  # non-trained params the loss needs (pytree; {} if none)
+
+  def loss(self, model: nnx.Module, frozen: Any, batch: Batch, rng: jax.Array
+           ) -> tuple[jax.Array, dict]:
+    """Scalar loss and a dict of scalar metrics for one global batch."""
+
+  def step_flops(self, batch_size: int) -> float:
+    """Analytic FLOPs of one training step (forward + backward + frozen parts) for a batch."""
+
+
+# ============================================================================= mesh
+
+
+def build_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  """The (data, fsdp, context, tensor) mesh of ``config.mesh`` (ICI) x ``config.dcn_mesh``.
+
+  ``config.dcn_mesh`` gives how many slices each axis spans (multi-slice TPU, or GPU nodes
+  over the data-center network); all ones means one slice, and ``config.mesh`` may use -1 for
+  "all remaining devices".
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  dcn = {a: int(config.dcn_mesh.get(a, 1)) for a in sharding.MESH_AXES}
+  num_slices = math.prod(dcn.values())
+  if num_slices == 1:
+    return sharding.make_mesh(dict(config.mesh), devices, where="config.mesh")
+  if len(devices) % num_slices:
+    raise InputError("config.dcn_mesh", "dcn_mesh", f"{len(devices)} devices do not split "
+                     f"into {num_slices} slices")
+  per_slice = sharding.make_mesh(dict(config.mesh), devices[:len(devices) // num_slices],
+                                 where="config.mesh")
+  ici_shape = [per_slice.shape[a] for a in sharding.MESH_AXES]
+  dcn_shape = [dcn[a] for a in sharding.MESH_AXES]
+  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+  return Mesh(grid, sharding.MESH_AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """``config.logical_rules`` as a tuple of (logical name, mesh axis / axes / None)."""
+  rules = []
+  for pair in config.logical_rules:
+    name, target = pair
+    rules.append((name, tuple(target) if isinstance(target, list) else target))
+  return tuple(rules)
+
+
+def batch_axes(mesh: Mesh, rules) -> Any:
+  """Mesh axes that the batch dimension is split over (the ``batch`` logical rule)."""
+  return sharding.logical_to_spec(("batch",), rules, mesh)[0]
+
+
+# ============================================================================= model & optimizer
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to ``opt.learning_rate``, then cosine decay to ``opt.end_learning_rate``."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+      decay_steps=max(total_steps, opt.warmup_steps + 1), end_value=opt.end_learning_rate)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, abstract_params: Any
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping; weight decay only on matrices (ndim >= 2)."""
+  opt = config.optimizer
+  schedule = learning_rate_schedule(opt, config.train.steps)
+  decay_mask = jax.tree.map(lambda x: x.ndim >= 2, abstract_params)
+  parts = []
+  if opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           weight_decay=opt.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+# ============================================================================= shard & transfer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything the step and the loop need about the model, its state and its shardings."""
+  graphdef: Any  # nnx GraphDef of the trainable model
+  abstract: State  # ShapeDtypeStruct pytree with shardings
+  shardings: State  # NamedSharding pytree, same structure
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: Mesh
+  rules: tuple
+
+  @contextlib.contextmanager
+  def context(self) -> Iterator[None]:
+    """Mesh and logical rules for tracing, lowering and calling the jitted functions."""
+    with jax.set_mesh(self.mesh), sharding.use_rules(self.rules):
+      yield
+
+
+def make_setup(config: ml_collections.ConfigDict, stage: Stage, mesh: Mesh) -> TrainSetup:
+  """Abstract train state and its shardings, without allocating anything."""
+  rules = logical_rules(config)
+  model = nnx.eval_shape(lambda: stage.build(nnx.Rngs(config.seed)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  # Logical names -> mesh axes; axes that do not divide a dimension are dropped.
+  param_specs = nnx.get_partition_spec(params).to_pure_dict()
+  abstract_params = params.to_pure_dict()
+  param_shardings = sharding.logical_to_sharding(param_specs, mesh, rules, abstract_params)
+  tx, schedule = make_optimizer(config, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  # Optimizer moments are shaped like the params and shard like them.
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+              "opt_state": abstract_opt, "ema": abstract_params}
+  shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
+               "ema": param_shardings}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return TrainSetup(graphdef, abstract, shardings, tx, schedule, mesh, rules)
+
+
+def init_state(config: ml_collections.ConfigDict, stage: Stage, setup: TrainSetup) -> State:
+  """Initial state, each array created directly in its sharding (no host copy)."""
+
+  def init() -> State:
+    params = nnx.state(stage.build(nnx.Rngs(config.seed)), nnx.Param).to_pure_dict()
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": setup.tx.init(params), "ema": params}
+
+  with setup.context():
+    return jax.jit(init, out_shardings=setup.shardings)()
+
+
+# ============================================================================= update step
+
+
+def make_train_step(config: ml_collections.ConfigDict, stage: Stage, setup: TrainSetup,
+                    batch_shardings: Mapping[str, NamedSharding]) -> Callable:
+  """The jitted update ``(state, batch, frozen) -> (state, metrics)``; the state is donated.
+
+  ``frozen`` holds the stage's non-trained params (replicated; ``{}`` for the autoencoder).
+
+  Call (and ``.lower``) it inside ``setup.context()``.
+
+  A step whose loss or gradient norm is not finite leaves the state unchanged (apart from
+  ``step``) and reports ``nonfinite = 1``; the loop then skips on or halts
+  (``config.train.nonfinite``).
+  """
+  ema_decay = config.optimizer.ema_decay
+  seed_key = jax.random.key(config.seed)
+
+  def step_fn(state: State, batch: Batch, frozen: Any) -> tuple[State, dict]:
+    rng = jax.random.fold_in(seed_key, state["step"])
+
+    def loss_fn(params):
+      model = nnx.merge(setup.graphdef, nnx.State(params))
+      return stage.loss(model, frozen, batch, rng)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "ema": keep(ema, state["ema"])}
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "learning_rate": setup.schedule(state["step"]),
+               "nonfinite": 1 - finite.astype(jnp.int32), **aux}
+    return new_state, metrics
+
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  return jax.jit(step_fn, in_shardings=(setup.shardings, dict(batch_shardings), replicated),
+                 out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(stage: Stage, setup: TrainSetup, batch_shardings) -> Callable:
+  """Jitted ``(ema params, batch, frozen, rng) -> metrics`` with the EMA weights."""
+
+  def eval_fn(params, batch, frozen, rng):
+    model = nnx.merge(setup.graphdef, nnx.State(params))
+    loss, aux = stage.loss(model, frozen, batch, rng)
+    return {"loss": loss, **aux}
+
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  return jax.jit(eval_fn, in_shardings=(setup.shardings["ema"], dict(batch_shardings),
+                                        replicated, replicated), out_shardings=replicated)
+
+
+# ============================================================================= stages
+
+
+def jaxpr_flops(fn: Callable, *args) -> float:
+  """FLOPs (2 per multiply-add) of the matmuls and convolutions ``fn`` traces to.
+
+  Counted from the jaxpr (the model's own operations, before XLA), recursing into scans
+  (times their length) and other sub-computations; elementwise work is left out.
+  """
+  return _count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def model_flops(build: Callable[[], nnx.Module], call: Callable, *args) -> float:
+  """:func:`jaxpr_flops` of ``call(model, *args)`` for an abstract (never allocated) model."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  return jaxpr_flops(lambda state, *a: call(nnx.merge(graphdef, state), *a), abstract, *args)
+
+
+def _count(jaxpr) -> float:
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs.shape[i] for i in lhs_contract)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out ch, in ch, *spatial)
+      per_output = rhs.shape[spec[1]] * math.prod(rhs.shape[i] for i in spec[2:])
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jax_core.Jaxpr):
+          total += times * _count(inner)
+  return total
+
+
+class AutoencoderStage:
+  """Stage 1: the RGB-D VAE on every frame of the windows."""
+
+  fields = ("frames", "depths")
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.frozen: dict = {}
+
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    return autoencoder.Autoencoder(self.config.autoencoder, rngs)
+
+  def loss(self, model, frozen, batch: Batch, rng):
+    """batch: frames (B, T, H, W, 3) in [-1, 1], depths (B, T, H, W)."""
+    del frozen
+    b, t, h, w, _ = batch["frames"].shape
+    flat = {"frames": batch["frames"].reshape(b * t, h, w, 3),
+            "depths": batch["depths"].reshape(b * t, h, w)}
+    loss, aux = autoencoder.loss(model, flat, rng)
+    aux.pop("loss", None)
+    return loss, aux
+
+  def step_flops(self, batch_size: int) -> float:
+    d = self.config.data
+    h, w = d.resolution
+    frames = jax.ShapeDtypeStruct((batch_size * d.num_frames, h, w, 3), jnp.float32)
+    depths = jax.ShapeDtypeStruct((batch_size * d.num_frames, h, w), jnp.float32)
+    fwd = model_flops(lambda: self.build(nnx.Rngs(0)),
+                      lambda model, f, z: model(f, z, jax.random.key(0)), frames, depths)
+    return 3.0 * fwd  # forward + backward (twice the forward)
+
+
+class DenoiserStage:
+  """Stage 2: flow matching on the target chunk, conditioned on memory and clean context.
+
+  A window of ``T = memory_frames + target_frames`` frames: the first ``memory_frames`` are
+  encoded by the frozen autoencoder and written into the memory (``config.memory``), whose
+  read into each target camera conditions the denoiser; the last ``context_frames`` of them
+  are also given as clean context (t = 0).
+  """
+
+  fields = ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks")
+
+  def __init__(self, config: ml_collections.ConfigDict, frozen: Any):
+    self.config = config
+    d = config.denoiser
+    res = config.data.resolution
+    factor = autoencoder.downsample_factor(config.autoencoder)
+    self.latent_hw = (res[0] // factor, res[1] // factor)
+    if d.memory_frames + d.target_frames != config.data.num_frames:
+      raise InputError("config.denoiser", "target_frames", f"memory_frames ({d.memory_frames}) + "
+                       f"target_frames ({d.target_frames}) must equal data.num_frames "
+                       f"({config.data.num_frames})")
+    if not 0 <= d.context_frames <= d.memory_frames:
+      raise InputError("config.denoiser", "context_frames", "must be in [0, memory_frames]")
+    self.memory = memory_lib.get_backend(config.memory.backend)
+    self.memory_cfg = memory_lib.memory_config(dict(
+        config.memory.settings, image_height=res[0], image_width=res[1],
+        latent_height=self.latent_hw[0], latent_width=self.latent_hw[1],
+        latent_channels=config.autoencoder.latent_channels))
+    self.ae_graphdef = nnx.graphdef(nnx.eval_shape(
+        lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))))
+    self.frozen = frozen
+
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    return denoiser.Denoiser(self.config.denoiser.model, rngs)
+
+  def _encode(self, frozen, frames, depths):
+    """(B, T, H, W, 3), (B, T, H, W) -> scaled posterior-mean latents (B, T, h, w, C)."""
+    ae = nnx.merge(self.ae_graphdef, nnx.State(frozen))
+    b, t, h, w, _ = frames.shape
+    mean, _ = ae.encode(frames.reshape(b * t, h, w, 3), depths.reshape(b * t, h, w))
+    latents = mean.reshape((b, t) + mean.shape[1:]) * self.config.denoiser.latent_scale
+    return jax.lax.stop_gradient(latents)
+
+  def _condition(self, latents, batch):
+    """Memory written from the memory frames, read into the targets; rays; context."""
+    d = self.config.denoiser
+    m, nc = d.memory_frames, d.context_frames
+    hh, ww = self.latent_hw
+
+    def one_clip(lat, depth, K, c2w, dyn):
+      state = self.memory.init(self.memory_cfg)
+      state = self.memory.write(state, lat[:m], depth[:m], K[:m], c2w[:m], dyn[:m] == 0,
+                                jnp.arange(m, dtype=jnp.int32))
+      return self.memory.read(state, K[m:], c2w[m:])
+
+    mem, coverage = jax.vmap(one_clip)(latents, batch["depths"], batch["intrinsics"],
+                                       batch["poses_c2w"], batch["dynamic_masks"])
+    K_lat = memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, batch["intrinsics"])
+    rays = geometry.plucker_rays(K_lat, batch["poses_c2w"], hh, ww)  # (B, T, h, w, 6)
+    return dict(memory=mem.astype(jnp.float32), coverage=coverage.astype(jnp.float32),
+                rays=rays[:, m:], context=latents[:, m - nc:m], context_rays=rays[:, m - nc:m])
+
+  def loss(self, model, frozen, batch: Batch, rng):
+    d = self.config.denoiser
+    latents = self._encode(frozen, batch["frames"], batch["depths"])
+    cond = self._condition(latents, batch)
+    x0 = latents[:, d.memory_frames:]
+    t_rng, n_rng = jax.random.split(rng)
+    t = diffusion.sample_time(t_rng, x0.shape[:2], d.time_shift)
+    noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
+    pred = model(diffusion.add_noise(x0, noise, t), t, cond["rays"], cond["memory"],
+                 cond["coverage"], cond["context"], cond["context_rays"])
+    loss = diffusion.flow_matching_loss(pred, x0, noise, t, weighting=d.time_weighting)
+    return loss, {"memory_coverage": cond["coverage"].mean()}
+
+  def step_flops(self, batch_size: int) -> float:
+    d, data = self.config.denoiser, self.config.data
+    hh, ww = self.latent_hw
+    dit = denoiser.denoiser_flops(d.model, batch_size, d.target_frames, d.context_frames, hh, ww)
+    h, w = data.resolution
+    n = batch_size * data.num_frames
+    encode = model_flops(lambda: autoencoder.Autoencoder(self.config.autoencoder, nnx.Rngs(0)),
+                         lambda ae, f, z: ae.encode(f, z),
+                         jax.ShapeDtypeStruct((n, h, w, 3), jnp.float32),
+                         jax.ShapeDtypeStruct((n, h, w), jnp.float32))
+    return 3.0 * dit + encode  # the frozen encoder runs forward only
+
+
+def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
+  """The stage named by ``config.stage``; the denoiser needs the frozen autoencoder params."""
+  if config.stage == "autoencoder":
+    return AutoencoderStage(config)
+  if config.stage == "denoiser":
+    if frozen is None:
+      frozen = load_frozen_autoencoder(config)
+    return DenoiserStage(config, frozen)
+  raise InputError("config.stage", "stage", f"expected 'autoencoder' or 'denoiser', got {config.stage!r}")
+
+
+def load_frozen_autoencoder(config: ml_collections.ConfigDict) -> Any:
+  """Params of the stage-1 export named by ``config.denoiser.autoencoder_checkpoint``."""
+  path = config.denoiser.autoencoder_checkpoint
+  if not path:
+    raise InputError("config.denoiser.autoencoder_checkpoint", "autoencoder_checkpoint",
+                     "the denoiser stage needs a stage-1 export (python -m mirage_jax.export)")
+  params, ae_config, _ = ckpt_lib.load_export(path)
+  if ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
+    raise InputError(path, "autoencoder", "the export's autoencoder config differs from "
+                     "config.autoencoder")
+  return jax.tree.map(lambda x: x.astype(jnp.float32), params)
+
+
+# ============================================================================= input
+
+
+def make_sources(config: ml_collections.ConfigDict) -> dict[str, Sequence[Any]]:
+  """Train and validation record sources of ``config.data`` (built on first use).
+
+  Process 0 builds a missing dataset; the others wait for it at a barrier.
+  """
+  d = config.data
+  builder = builders.make_builder(d.dataset, d.data_dir, d.config_name, **d.build.to_dict())
+  if jax.process_index() == 0:
+    builders.prepare(builder)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset prepared")
+  return {split: builder.as_data_source(split) for split in ("train", "validation")}
+
+
+def make_input(config: ml_collections.ConfigDict, source: Sequence[Any], *, split: str):
+  """A checkpointable Grain iterator of this process's share of each global batch."""
+  data = config.data.copy_and_resolve_references()
+  with data.unlocked():
+    if split != "train":
+      data.shuffle = False
+      data.seed = config.data.seed + 1
+  return iter(pipeline.from_config(source, data, where=f"config.data ({split})"))
+
+
+def abstract_batch(config: ml_collections.ConfigDict, stage: Stage, mesh: Mesh,
+                   rules) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global batch shapes of the stage's fields (as the pipeline yields them), with shardings.
+
+  frames (B, T, H, W, 3) float32, depths (B, T, H, W) float32, intrinsics (B, T, 3, 3),
+  poses_c2w (B, T, 4, 4) float32, dynamic_masks (B, T, H, W) uint8.
+  """
+  d = config.data
+  b, t, (h, w) = d.batch_size, d.num_frames, d.resolution
+  shapes = {"frames": ((b, t, h, w, 3), jnp.float32), "depths": ((b, t, h, w), jnp.float32),
+            "intrinsics": ((b, t, 3, 3), jnp.float32), "poses_c2w": ((b, t, 4, 4), jnp.float32),
+            "dynamic_masks": ((b, t, h, w), jnp.uint8)}
+  axes = batch_axes(mesh, rules)
+  return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=distributed.batch_sharding(
+      mesh, axes, len(shapes[k][0]))) for k in stage.fields}
+
+
+# ============================================================================= loop
+
+
+PEAK_TFLOPS = {  # dense bf16 TFLOP/s per chip, by jax device_kind prefix
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+}
+
+
+def measure_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
+  """Best achieved TFLOP/s of a float32 ``size``^3 matmul on the default device."""
+  x = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * size**3 / best / 1e12
+
+
+def total_peak_tflops(config: ml_collections.ConfigDict) -> float:
+  """Peak TFLOP/s of all devices together, for MFU.
+
+  ``config.train.peak_tflops_per_device`` > 0 wins; else a known accelerator's spec sheet;
+  on CPU the fake devices share the host's cores, so the peak is one matmul measured now.
+  """
+  per_device = config.train.peak_tflops_per_device
+  kind = jax.devices()[0].device_kind
+  if per_device <= 0 and jax.default_backend() == "cpu":
+    return measure_matmul_tflops()
+  if per_device <= 0:
+    per_device = next((v for k, v in PEAK_TFLOPS.items() if kind.startswith(k)), 0.0)
+  return per_device * jax.device_count()
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       sources: Mapping[str, Sequence[Any]] | None = None) -> dict[str, float]:
+  """Trains ``config.stage`` for ``config.train.steps``, resuming from ``workdir`` if possible.
+
+  Args:
+    config: a resolved experiment config (see ``experiments/``).
+    workdir: checkpoints, metrics (JSONL + TensorBoard), profiles and the config go here.
+    sources: ``{"train": records, "validation": records}`` overriding ``config.data``'s
+      TFDS dataset (any random-access sequences of clips).
+  Returns:
+    The metrics of the last logged step.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ----------------------------------------------------------------------- mesh
+  mesh = build_mesh(config)
+  rules = logical_rules(config)
+  logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+
+  # ----------------------------------------------------------------------- input
+  sources = make_sources(config) if sources is None else sources
+  train_iter = make_input(config, sources["train"], split="train")
+
+  # ----------------------------------------------------------------------- model & optimizer
+  stage = make_stage(config)
+  setup = make_setup(config, stage, mesh)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract["params"]))
+  logging.info("stage %s: %.2fM trainable parameters", config.stage, num_params / 1e6)
+
+  # ----------------------------------------------------------------------- shard & transfer
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  if checkpointer.latest_step() is not None:
+    state, start = checkpointer.restore(setup.abstract, train_iter)
+    logging.info("resumed from step %d", start)
+  else:
+    state, start = init_state(config, stage, setup), 0
+  batch_specs = abstract_batch(config, stage, mesh, rules)
+  shardings = {k: v.sharding for k, v in batch_specs.items()}
+  axes = batch_axes(mesh, rules)
+  frozen = jax.device_put(stage.frozen, NamedSharding(mesh, PartitionSpec()))
+
+  # ----------------------------------------------------------------------- update step
+  train_step = make_train_step(config, stage, setup, shardings)
+  eval_step = make_eval_step(stage, setup, shardings)
+  step_flops = stage.step_flops(config.data.batch_size)
+  peak = total_peak_tflops(config)
+  writer = metrics_log.MetricsWriter(workdir, tensorboard=config.train.tensorboard,
+                                     enabled=primary)
+  preemption = ckpt_lib.PreemptionFlag()
+  profile_start, profile_steps = config.train.profile_start, config.train.profile_steps
+
+  # ----------------------------------------------------------------------- loop
+  total = config.train.steps
+  pending: list[dict] = []  # per-step metrics still on device (no host sync between logs)
+  last = {}
+  t_last, step_last = None, start
+  step = start
+  try:
+    while step < total:
+      if profile_steps and step == profile_start:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+      local = next(train_iter)
+      batch = distributed.global_batch({k: local[k] for k in stage.fields}, mesh, axes)
+      with setup.context():
+        state, metrics = train_step(state, batch, frozen)
+      step += 1
+      pending.append(metrics)
+      if profile_steps and step == profile_start + profile_steps:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      if t_last is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(metrics)
+        t_last, step_last, pending = time.perf_counter(), step, []
+      if step % config.train.log_every == 0 or step == total:
+        last = _log(config, writer, pending, step, step_last, t_last, total, step_flops, peak)
+        t_last, step_last, pending = time.perf_counter(), step, []
+      if config.eval.every and (step % config.eval.every == 0 or step == total):
+        writer.write_scalars(step, evaluate(config, stage, setup, eval_step, state, frozen,
+                                            sources["validation"]))
+      if preemption.reached(step):
+        checkpointer.save(step, state, train_iter, config)
+        checkpointer.wait()
+        logging.warning("preempted: saved step %d, exiting", step)
+        break
+      checkpointer.save_if_due(step, state, train_iter, config)
+    else:
+      if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, train_iter, config)
+  finally:
+    checkpointer.close()
+    writer.close()
+    preemption.restore_handler()
+  return last
+
+
+def _log(config, writer, pending, step, step_last, t_last, total, step_flops, peak) -> dict:
+  """Averages the pending per-step metrics, adds throughput and MFU, writes and logs them.
+
+  Raises:
+    FloatingPointError: a step had a non-finite loss or gradient and
+      ``config.train.nonfinite == 'halt'`` (names the first such step).
+  """
+  host = jax.device_get(pending)
+  bad = [step - len(host) + 1 + i for i, m in enumerate(host) if m["nonfinite"]]
+  if bad and config.train.nonfinite == "halt":
+    raise FloatingPointError(f"step {bad[0]}: non-finite loss or gradient norm "
+                             "(config.train.nonfinite='halt'; the state was left unchanged)")
+  finite = [m for m in host if not m["nonfinite"]] or host
+  out = {k: float(np.mean([m[k] for m in finite])) for k in host[-1] if k != "nonfinite"}
+  out["nonfinite_steps"] = float(len(bad))
+  steps_done = step - step_last
+  if steps_done > 0:
+    seconds = (time.perf_counter() - t_last) / steps_done
+    out["step_time_s"] = seconds
+    out["examples_per_s"] = config.data.batch_size / seconds
+    out["tflops_per_s"] = step_flops / seconds / 1e12
+    if peak > 0:
+      out["mfu"] = out["tflops_per_s"] / peak
+    eta = _format_eta(seconds * (total - step))
+  else:
+    eta = "?"
+  writer.write_scalars(step, out)
+  logging.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %s eta %s", step, total,
+               out["loss"], out["grad_norm"], out["learning_rate"],
+               f"{out['step_time_s']:.3f}s/step mfu {out.get('mfu', 0):.1%}"
+               if "step_time_s" in out else "", eta)
+  return out
+
+
+def evaluate(config, stage: Stage, setup: TrainSetup, eval_step, state: State, frozen,
+             source: Sequence[Any]) -> dict[str, float]:
+  """Mean loss (and aux metrics) of the EMA params over ``config.eval.batches`` batches."""
+  it = make_input(config, source, split="validation")
+  axes = batch_axes(setup.mesh, setup.rules)
+  results = []
+  for i in range(config.eval.batches):
+    local = next(it)
+    batch = distributed.global_batch({k: local[k] for k in stage.fields}, setup.mesh, axes)
+    with setup.context():
+      results.append(eval_step(state["ema"], batch, frozen, jax.random.key(i)))
+  host = jax.device_get(results)
+  return {f"eval_{k}": float(np.mean([r[k] for r in host])) for k in host[0]}
