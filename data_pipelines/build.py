@@ -108,7 +108,9 @@ def main(argv: list[str]) -> int:
       num_clips=_NUM_CLIPS.value, frames_per_clip=_FRAMES.value, resolution=_RESOLUTION.value,
       moving_objects=_MOVING.value, trajectory=_TRAJECTORY.value, maze_size=_MAZE_SIZE.value,
       first_seed=_FIRST_SEED.value, source_dir=_SOURCE_DIR.value)
-  sizes = ", ".join(f"{s} {builder.info.splits[s].num_examples}" for s in ("train", "validation", "test"))
+  # A shard may lack a split (TFDS refuses empty ones).
+  sizes = ", ".join(f"{s} {builder.info.splits[s].num_examples}"
+                    for s in ("train", "validation", "test") if s in builder.info.splits)
   if reused:
     print(f"reused the complete dataset at {builder.data_path} ({sizes}); nothing was built")
   else:

@@ -195,3 +195,22 @@ def test_cli_bad_flag_value_exits_non_zero(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "error: --num_clips: field 'num_clips': need at least 3 (one per split), got 1"]
+
+
+def test_cli_main_builds_shards_and_merges(tmp_path, capsys):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  common = ["prog", "--dataset=procedural_rooms", f"--data_dir={tmp_path}", "--num_clips=6",
+            "--frames_per_clip=4", "--resolution=8", "--num_shards=2"]
+  with flagsaver.flagsaver():
+    for extra in ("--shard_index=0", "--shard_index=1", "--merge", "--merge"):
+      flags.FLAGS.unparse_flags()
+      argv = flags.FLAGS(common + [extra])
+      assert build.main(argv) == 0
+  out = capsys.readouterr().out.splitlines()
+  done = [line for line in out if line.startswith(("built", "reused"))]
+  # 6 clips: validation = {4} (shard 0), test = {5} (shard 1); a shard lists only its splits.
+  assert done[0].startswith(f"built {tmp_path}/_shards/0-of-2/procedural_rooms/default/1.0.0 (train 2, validation 1) ")
+  assert done[1].startswith(f"built {tmp_path}/_shards/1-of-2/procedural_rooms/default/1.0.0 (train 2, test 1) ")
+  assert done[2].startswith(f"built {tmp_path}/procedural_rooms/default/1.0.0 (train 4, validation 1, test 1)")
+  assert done[3].startswith("reused the complete dataset")
