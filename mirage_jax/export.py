@@ -1,0 +1,62 @@
+"""Exports a params-only checkpoint (EMA by default, bf16 optional) for evaluation.
+
+  python -m mirage_jax.export --workdir=runs/tiny --output=runs/tiny_export [--dtype=bfloat16]
+
+Load it with ``mirage_jax.export.load_model`` (model + config) or
+``mirage_jax.checkpoint.load_export`` (params + config).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from flax import nnx
+
+from mirage_jax import checkpoint
+from mirage_jax.errors import InputError, run_cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
+_OUTPUT = flags.DEFINE_string("output", None, "Export directory (must not exist).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Cast floating params (default: keep).")
+_RAW = flags.DEFINE_bool("raw_params", False, "Export the raw params instead of the EMA.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+  """The trained model of an export (autoencoder or denoiser, by the export's stage).
+
+  Args:
+    path: export directory.
+    shardings: optional params shardings (see ``checkpoint.load_export``).
+  Returns:
+    (model with the exported params, the training config).
+  """
+  from mirage_jax.models import autoencoder, denoiser  # pylint: disable=g-import-not-at-top
+  params, config, _ = checkpoint.load_export(path, shardings)
+  builds = {"autoencoder": lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0)),
+            "denoiser": lambda: denoiser.Denoiser(config.denoiser.model, nnx.Rngs(0))}
+  if config.stage not in builds:
+    raise InputError(path, "stage", f"unknown stage {config.stage!r} in the export's config")
+  graphdef, state = nnx.split(nnx.eval_shape(builds[config.stage]))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state), config
+
+
+def _main() -> int:
+  if not _WORKDIR.value or not _OUTPUT.value:
+    raise InputError("--workdir/--output", "workdir", "both --workdir and --output are required")
+  step = checkpoint.export_params(_WORKDIR.value, _OUTPUT.value, use_ema=not _RAW.value,
+                                  dtype=_DTYPE.value, step=_STEP.value)
+  print(f"exported step {step} to {_OUTPUT.value}")
+  return 0
+
+
+def main(argv) -> None:
+  del argv
+  run_cli(_main)
+
+
+if __name__ == "__main__":
+  app.run(main)

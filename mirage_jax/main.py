@@ -1,0 +1,51 @@
+"""Training entry point.
+
+  python -m mirage_jax.main --config=experiments/tiny_cpu.py --workdir=runs/tiny
+  python -m mirage_jax.main --config=experiments/tiny_cpu.py:denoiser --workdir=runs/tiny_dit \\
+      --config.denoiser.autoencoder_checkpoint=runs/tiny_ae_export
+
+Every config field is overridable as ``--config.a.b=value``. Multi-host: see
+``mirage_jax.distributed`` and ``launch/README.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mirage_jax import distributed
+from mirage_jax.errors import InputError, run_cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:stage]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (else $MIRAGE_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (else $MIRAGE_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (else $MIRAGE_PROCESS_ID).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", None, ["off", "auto"],
+                                 "'auto': let JAX detect the cluster (TPU VM, GKE, Slurm); else $MIRAGE_DISTRIBUTED.")
+
+
+def _main() -> int:
+  if _CONFIG.value is None:
+    raise InputError("--config", "config", "required (e.g. experiments/tiny_cpu.py)")
+  if not _WORKDIR.value:
+    raise InputError("--workdir", "workdir", "required")
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _DISTRIBUTED.value)
+  from mirage_jax import train  # after jax.distributed: importing may touch backends
+  logging.info("config:\n%s", _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  return 0
+
+
+def main(argv) -> None:
+  del argv
+  run_cli(_main)
+
+
+if __name__ == "__main__":
+  app.run(main)
