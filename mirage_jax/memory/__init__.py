@@ -1,0 +1,80 @@
+"""Latent spatial memories behind one interface, chosen by name.
+
+Every backend is a ``Backend`` of pure functions over a state pytree for *one* scene
+(``jax.vmap`` them for a batch; the batch axis then shards like any array):
+
+  init(cfg) -> state
+      cfg: ``MemoryConfig``, ``ml_collections.ConfigDict`` or dict (fields documented on
+      ``MemoryConfig``).
+  write(state, latents, depth, intrinsics, c2w, static_mask, frame_index, rgb=None) -> state
+      latents (F, h, w, C); depth (F, H, W) or (F, h, w); intrinsics (F, 3, 3) of the image
+      resolution (H, W); c2w (F, 4, 4); static_mask (F, H, W) or (F, h, w) bool;
+      frame_index (F,) int; rgb (F, H, W, 3) float in [0, 1].
+  read(state, intrinsics, c2w) -> (latents (F, h, w, C), coverage (F, h, w) bool)
+  nbytes(state) -> int           bytes of live entries (host side, summed over batch dims)
+  capacity_bytes(state) -> int   bytes allocated
+
+Why one positional signature plus an optional ``rgb`` keyword rather than a ``Frames``
+pytree: the rollout has every field at hand after decoding a chunk, so it passes them all
+to whichever backend is configured; backends ignore what they do not use (only
+``rgb_points`` needs ``rgb``). The encoder that ``rgb_points`` needs to turn its rendered
+image back into latents is bound once by ``get_backend(..., encode_fn=...)``, so ``read``
+keeps the same three arguments for every backend. ``frame_bank`` additionally offers
+``retrieve`` (see ``baselines.frame_bank_retrieve``); voxel-IoU reference frames are in
+``retrieval``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+from mirage_jax.errors import InputError
+from mirage_jax.memory import baselines, latent_cache, retrieval
+from mirage_jax.memory.latent_cache import MemoryConfig, capacity_bytes, memory_config
+
+
+class Backend(NamedTuple):
+  """The functions of one memory backend (see the module docstring for signatures)."""
+  name: str
+  init: Callable
+  write: Callable
+  read: Callable
+  nbytes: Callable
+  capacity_bytes: Callable
+
+
+_BACKENDS = {
+    "voxel": (latent_cache.voxel_init, latent_cache.voxel_write, latent_cache.voxel_read,
+              latent_cache.voxel_nbytes),
+    "mirage": (baselines.mirage_init, baselines.mirage_write, baselines.mirage_read,
+               baselines.mirage_nbytes),
+    "none": (baselines.none_init, baselines.none_write, baselines.none_read, baselines.none_nbytes),
+    "frame_bank": (baselines.frame_bank_init, baselines.frame_bank_write, baselines.frame_bank_read,
+                   baselines.frame_bank_nbytes),
+    "rgb_points": (baselines.rgb_points_init, baselines.rgb_points_write, baselines.rgb_points_read,
+                   baselines.rgb_points_nbytes),
+}
+
+BACKEND_NAMES = tuple(_BACKENDS)
+
+
+def get_backend(name: str, *, encode_fn: Callable | None = None) -> Backend:
+  """The backend called ``name`` (one of ``BACKEND_NAMES``).
+
+  Args:
+    name: backend name.
+    encode_fn: required by ``rgb_points`` only: rgb (F, H, W, 3) float in [0, 1] ->
+      latents (F, h, w, C), the autoencoder's encoder.
+  """
+  if name not in _BACKENDS:
+    raise InputError("memory config", "backend", f"unknown memory backend {name!r} (known: {', '.join(BACKEND_NAMES)})")
+  init, write, read, nbytes = _BACKENDS[name]
+  if name == "rgb_points":
+    if encode_fn is None:
+      raise InputError("memory config", "backend", "rgb_points needs encode_fn (the autoencoder's encoder)")
+    read = functools.partial(read, encode_fn=encode_fn)
+  return Backend(name, init, write, read, nbytes, capacity_bytes)
+
+
+__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "get_backend", "memory_config", "retrieval"]
