@@ -32,10 +32,12 @@ count).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 from absl import flags
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -146,6 +148,7 @@ def choose_window(poses: np.ndarray, rng: np.random.Generator, *, num_frames: in
 # ----------------------------------------------------------------------------- resize & crop
 
 
+@functools.lru_cache(maxsize=64)
 def _area_or_bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
   """(n_out, n_in) resampling matrix: area average when shrinking, bilinear when growing.
 
@@ -166,12 +169,24 @@ def _area_or_bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
     frac = x - i0
     np.add.at(w, (np.arange(n_out), np.clip(i0, 0, n_in - 1)), 1.0 - frac)
     np.add.at(w, (np.arange(n_out), np.clip(i0 + 1, 0, n_in - 1)), frac)
-  return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+  w = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+  w.flags.writeable = False  # cached and shared between calls
+  return w
 
 
+@functools.lru_cache(maxsize=64)
 def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
   """(n_out,) input pixel whose area holds each output pixel's centre."""
-  return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
+  idx = np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
+  idx.flags.writeable = False  # cached and shared between calls
+  return idx
+
+
+@jax.jit
+def _adjust_intrinsics(K, sx, sy, top, left):
+  """Intrinsics (T, 3, 3) after a resize by (sx, sy) then a crop (jitted: eager dispatch of
+  the few small ops costs more than the whole image resize)."""
+  return geometry.crop_intrinsics(geometry.scale_intrinsics(K, sx, sy), top, left)
 
 
 def resize_and_crop(example: dict[str, np.ndarray], resolution: tuple[int, int],
@@ -202,12 +217,11 @@ def resize_and_crop(example: dict[str, np.ndarray], resolution: tuple[int, int],
   wy = _area_or_bilinear_weights(h, new_h)[top:top + out_h]
   wx = _area_or_bilinear_weights(w, new_w)[left:left + out_w]
   frames = example["frames"].astype(np.float32)
-  frames = np.einsum("oh,thwc->towc", wy, frames)
-  frames = np.einsum("pw,towc->topc", wx, frames)
+  frames = np.matmul(wy, frames.reshape(t, h, w * 3)).reshape(t, out_h, w, 3)
+  frames = np.matmul(frames.transpose(0, 1, 3, 2), wx.T).transpose(0, 1, 3, 2)
   rows = _nearest_indices(h, new_h)[top:top + out_h]
   cols = _nearest_indices(w, new_w)[left:left + out_w]
-  K = geometry.scale_intrinsics(example["intrinsics"], new_w / w, new_h / h)
-  K = geometry.crop_intrinsics(K, top, left)
+  K = _adjust_intrinsics(example["intrinsics"], new_w / w, new_h / h, top, left)
   return dict(example,
               frames=frames,
               depths=example["depths"][:, rows][:, :, cols],
@@ -256,7 +270,6 @@ class _MakeExample:
 def _worker_init(worker_index: int, worker_count: int) -> None:
   """Keeps JAX in worker processes on the CPU (the accelerator belongs to the trainer)."""
   del worker_index, worker_count
-  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
 
 
@@ -283,7 +296,6 @@ def make_dataset(source: Sequence[Any], *, num_frames: int, stride: int,
     (see the module docstring). Records are split into ``shard_count`` equal contiguous
     shards (the remainder is dropped, so every process yields the same number of batches).
   """
-  import jax  # pylint: disable=g-import-not-at-top  (only for the default shard)
   if shard_index is None:
     shard_index = jax.process_index()
   if shard_count is None:
