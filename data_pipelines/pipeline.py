@@ -7,9 +7,9 @@ Data flow (one Grain ``MapDataset`` chain, random access until the very end):
     -> ``IterDataset`` (reader threads) -> optional worker processes (``mp_prefetch``)
 
 Every random choice of an example (window start, crop offset) comes from a generator seeded
-with ``(seed, position)``, where ``position`` counts examples across epochs. So a pipeline is a
-pure function of its arguments, independent of the number of worker processes, and its
-iterator state is just a position: ``iterator.get_state()`` / ``set_state()`` resume it
+with ``(seed, position)``, where ``position`` counts examples across epochs. So the batches are
+a pure function of the arguments, the same for any number of worker processes, and
+``iterator.get_state()`` / ``set_state()`` (a small JSON-able dict of positions) resume them
 exactly. For Orbax, save the iterator with ``grain.checkpoint.CheckpointSave(iterator)`` and
 restore with ``grain.checkpoint.CheckpointRestore(iterator)`` (one JSON file per process).
 
@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     resolution: output (height, width); images are resized to cover it, then cropped.
     batch_size: *global* batch size over all shards; each shard yields
       ``batch_size // shard_count`` examples per batch.
-    seed: non-negative seed for shuffling, window starts and crops.
+    seed: seed in [0, 2**32) for shuffling, window starts and crops.
     shuffle: shuffle record order (differently each epoch).
     num_epochs: passes over the data, or None to repeat forever.
     require_revisit: pick windows holding a revisit pair when the clip has one.
@@ -365,8 +365,8 @@ def _check(where: str, **a) -> None:
   if (not isinstance(res, (tuple, list)) or len(res) != 2
       or not all(isinstance(r, (int, np.integer)) and r >= 1 for r in res)):
     raise InputError(where, "resolution", f"expected (height, width) positive ints, got {res!r}")
-  if not isinstance(a["seed"], (int, np.integer)) or a["seed"] < 0:
-    raise InputError(where, "seed", f"expected an integer >= 0, got {a['seed']!r}")
+  if not isinstance(a["seed"], (int, np.integer)) or not 0 <= a["seed"] < 2**32:
+    raise InputError(where, "seed", f"expected an integer in [0, 2**32), got {a['seed']!r}")
   if a["num_epochs"] is not None:
     positive_int("num_epochs")
   if a["crop"] not in CROP_MODES:

@@ -286,6 +286,7 @@ def test_from_config_matches_make_dataset(clips):
     (dict(shard_index=1), "shard_index"),
     (dict(require_revisit=True, min_revisit_gap=4), "min_revisit_gap"),
     (dict(seed=-1), "seed"),
+    (dict(seed=2**32), "seed"),
 ])
 def test_bad_arguments_name_the_field(clips, override, field):
   kwargs = dict(BASE, seed=0)
