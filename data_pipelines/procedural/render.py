@@ -43,11 +43,12 @@ def render_views(scene: Scene, intrinsics, poses_c2w, height: int, width: int, t
   n = c2w.shape[0]
   # Camera rays have z = 1, so the ray parameter of a hit is its z-depth.
   rays = np.asarray(geometry.camera_rays(K, height, width), np.float32).reshape(n, -1, 3)
-  dirs = np.einsum("tij,tpj->tpi", c2w[:, :3, :3], rays)
+  dirs = rays @ np.swapaxes(c2w[:, :3, :3], 1, 2)             # R d for every pixel
   origins = c2w[:, :3, 3]
   dyn = _dynamic_geometry(scene, time)
-  hit = _cast(scene, dyn, origins, dirs)
-  rgb = _shade(scene, dyn, origins, dirs, hit)
+  visible = [_in_view(scene.box_lo, scene.box_hi, c2w[f], K[f], height, width) for f in range(n)]
+  hit = _cast(scene, dyn, origins, dirs, visible)
+  rgb = _shade(scene, dyn, origins, dirs, np.sqrt(K[:, 0, 0] * K[:, 1, 1]), hit)
   frames = rgb.reshape(n, height, width, 3)
   depths = np.minimum(hit["t"], FAR).astype(np.float32).reshape(n, height, width)
   masks = hit["object"].reshape(n, height, width)
@@ -95,6 +96,24 @@ def _dynamic_geometry(scene: Scene, time: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- intersection
 
 
+def _in_view(lo, hi, c2w, K, height: int, width: int) -> np.ndarray:
+  """Indices of the boxes lo, hi (N, 3) not entirely outside the view frustum of one camera.
+
+  A box is dropped when all 8 corners lie behind the camera or beyond one side of the image
+  (a conservative test: it never drops a visible box).
+  """
+  corners = np.stack([np.where(np.array(m, bool), hi[:, None], lo[:, None])[:, 0]
+                      for m in np.ndindex(2, 2, 2)], 1)                      # (N, 8, 3)
+  cam = (corners - c2w[:3, 3]) @ c2w[:3, :3]                              # world -> camera
+  x, y, z = cam[..., 0], cam[..., 1], cam[..., 2]
+  # Image sides as planes through the camera centre: x/z within [-cx, W - cx] / fx (+ slack).
+  l, r = -K[0, 2] / K[0, 0], (width - K[0, 2]) / K[0, 0]
+  t, b = -K[1, 2] / K[1, 1], (height - K[1, 2]) / K[1, 1]
+  out = ((z <= 0).all(1) | (x < l * z - 1e-3).all(1) | (x > r * z + 1e-3).all(1)
+         | (y < t * z - 1e-3).all(1) | (y > b * z + 1e-3).all(1))
+  return np.flatnonzero(~out)
+
+
 def _slab(origins, inv_dirs, lo, hi):
   """Nearest entry distance of rays into solid boxes.
 
@@ -136,7 +155,7 @@ def _spheres(origins, dirs, centres, radii, planar: bool):
   oc = (origins[:, None, axes] - centres[..., axes]).astype(np.float32)   # (F, S, A)
   d = dirs[..., axes]
   a = (d * d).sum(-1)[..., None]                                          # (F, P, 1)
-  b = np.einsum("fpa,fsa->fps", d, np.broadcast_to(oc, (d.shape[0],) + oc.shape[1:]))
+  b = d @ np.swapaxes(np.broadcast_to(oc, (d.shape[0],) + oc.shape[1:]), 1, 2)   # (F, P, S)
   c = (oc * oc).sum(-1)[:, None, :] - (radii ** 2)[None, None]            # (F, 1, S)
   disc = b * b - a * c
   t = (-b - np.sqrt(np.maximum(disc, 0.0))) / np.maximum(a, 1e-12)
@@ -145,8 +164,11 @@ def _spheres(origins, dirs, centres, radii, planar: bool):
   return np.take_along_axis(t, idx[..., None], -1)[..., 0], idx
 
 
-def _cast(scene: Scene, dyn: dict, origins, dirs) -> dict:
-  """Nearest hit per ray. Returns t, kind, index (T, P) and object (T, P) uint8 ids."""
+def _cast(scene: Scene, dyn: dict, origins, dirs, visible: list[np.ndarray]) -> dict:
+  """Nearest hit per ray. Returns t, kind, index (T, P) and object (T, P) uint8 ids.
+
+  ``visible[f]`` lists the static boxes that can appear in frame f (frustum culling).
+  """
   n, p = dirs.shape[:2]
   # Nudge zero components so reciprocals stay finite (no 0 * inf = nan in the slab test).
   safe = np.where(np.abs(dirs) < 1e-9, 1e-9, dirs)
@@ -161,6 +183,12 @@ def _cast(scene: Scene, dyn: dict, origins, dirs) -> dict:
     kind[better] = k
     index[better] = idx[better]
 
+  def take_rows(f, t_new, k, idx):
+    better = t_new < t[f]
+    t[f, better] = t_new[better]
+    kind[f, better] = k
+    index[f, better] = idx[better]
+
   dy = dirs[..., 1]
   oy = origins[:, 1:2]
   zeros = np.zeros((n, p), np.int32)
@@ -168,14 +196,16 @@ def _cast(scene: Scene, dyn: dict, origins, dirs) -> dict:
   take(np.where(dy > 0, (scene.height - oy) / np.maximum(dy, 1e-9), np.inf).astype(np.float32),
        CEILING, zeros)
 
-  n_prims = len(scene.box_lo) + len(scene.cyl_r) + dyn["box_lo"].shape[1] + len(dyn["sph_r"])
+  for f, vis in enumerate(visible):   # static boxes: one frame at a time, culled
+    if len(vis):
+      t_new, idx = _slab(origins[f:f + 1], inv[f:f + 1], scene.box_lo[vis][None], scene.box_hi[vis][None])
+      take_rows(f, t_new[0], BOX, vis[idx[0]])
+  n_prims = len(scene.cyl_r) + dyn["box_lo"].shape[1] + len(dyn["sph_r"])
   frames_per_chunk = max(1, _MAX_PAIRS // max(1, p * n_prims))
   for f0 in range(0, n, frames_per_chunk):
     f = slice(f0, min(n, f0 + frames_per_chunk))
     o, d, iv = origins[f], dirs[f], inv[f]
     parts = []
-    if len(scene.box_lo):
-      parts.append((BOX, _slab(o, iv, scene.box_lo[None], scene.box_hi[None])))
     if len(scene.cyl_r):
       cyl = np.stack([scene.cyl_xz[:, 0], np.zeros_like(scene.cyl_r), scene.cyl_xz[:, 1]], -1)
       parts.append((CYLINDER, _spheres(o, d, cyl[None], scene.cyl_r, planar=True)))
@@ -223,63 +253,92 @@ def _soft(x, sharpness):
   return 0.5 + 0.5 * np.clip(x * sharpness, -1.0, 1.0)
 
 
-def _pattern(kind: int, u, v, s, local):
-  """Pattern mix m in [0, 1] (0 = colour 1) and a brightness tint, for one pattern kind.
+def _fade(footprint, period):
+  """Contrast kept for a pattern detail of size ``period`` seen with a pixel ``footprint``.
+
+  1 while the detail spans several pixels, 0 once it would alias; so distant or grazing
+  surfaces show the pattern's average colour instead of sampling noise (a cheap prefilter
+  that views at similar distances agree on).
+  """
+  return np.clip(1.5 - 2.5 * footprint / period, 0.0, 1.0)
+
+
+def _pattern(kind: int, u, v, s, local, footprint):
+  """Pattern mix m in [0, 1] (0 = colour 1) and a brightness tint of colour 1, for one kind.
 
   Args:
     kind: pattern id (layout.PLAIN ...).
     u, v: (N,) surface coordinates (m). s: (N,) pattern scale (m).
     local: (N, 3) object-local point (used by OCTANTS).
+    footprint: (N,) size of the pixel on the surface (m).
   """
   one = np.ones_like(u)
   if kind == layout.PLAIN:
     return 0.0 * u, one
   if kind == layout.CHECKER:
-    return _soft(np.sin(np.pi * u / s) * np.sin(np.pi * v / s), 4.0), one
+    m = _soft(np.sin(np.pi * u / s) * np.sin(np.pi * v / s), 4.0)
+    return 0.5 + (m - 0.5) * _fade(footprint, s), one
   if kind == layout.STRIPES:
-    return _soft(np.sin(2 * np.pi * u / s), 3.0), one
+    m = _soft(np.sin(2 * np.pi * u / s), 2.0)
+    return 0.5 + (m - 0.5) * _fade(footprint, s / 2), one
   if kind == layout.NOISE:
-    return _value_noise(u / s, v / s, 7) * 0.7 + _value_noise(2.3 * u / s, 2.3 * v / s, 8) * 0.3, one
+    lo = _value_noise(u / s, v / s, 7) - 0.5
+    hi = _value_noise(2.3 * u / s, 2.3 * v / s, 8) - 0.5
+    return 0.5 + 0.8 * lo * _fade(footprint, s) + 0.4 * hi * _fade(footprint, s / 2.3), one
   if kind in (layout.BRICKS, layout.PLANKS):
     # Bricks: rows of height s/2, alternate rows shifted by half a brick. Planks: long rows.
     bw, bh = (s, s / 2) if kind == layout.BRICKS else (3 * s, s / 2)
-    row = np.floor(v / bh)
-    shift = (row.astype(np.int64) % 2) * 0.5 * bw + (kind == layout.PLANKS) * _hash(
-        row.astype(np.int64), 0 * row.astype(np.int64), 3) * bw
+    row = np.floor(v / bh).astype(np.int64)
+    shift = (row % 2) * 0.5 * bw + (kind == layout.PLANKS) * _hash(row, 0 * row, 3) * bw
     uu = (u + shift) / bw
     col = np.floor(uu)
     fu, fv = uu - col, v / bh - row
     gap = np.minimum(np.minimum(fu, 1 - fu) * bw, np.minimum(fv, 1 - fv) * bh)
-    tint = 0.85 + 0.3 * _hash(col.astype(np.int64), row.astype(np.int64), 5)
-    return 1.0 - np.clip(gap / 0.02, 0.0, 1.0), tint
+    mortar = 1.0 - np.clip(gap / 0.035, 0.0, 1.0)    # 1 on the joints, fading out over 3.5 cm
+    # Per-brick tint only on colour 1, so it meets the joints continuously.
+    tint = 1.0 + (0.3 * _hash(col.astype(np.int64), row, 5) - 0.15) * _fade(footprint, bh)
+    return 0.2 + (mortar - 0.2) * _fade(footprint, 0.1), tint
   if kind == layout.OCTANTS:
     r = np.linalg.norm(local, axis=-1) + 1e-6
     return _soft(local[:, 0] * local[:, 1] * local[:, 2] / r ** 3, 12.0), one
   raise ValueError(f"unknown pattern {kind}")
 
 
-def _poster_colour(shape: int, a, b, c1, c2):
-  """Poster colours at normalised poster coordinates a, b in [0, 1] (N,): frame, background, emblem."""
+def _poster_colour(shape: int, a, b, half, edge, c1, c2):
+  """Emblem-on-background colours with a dark frame, edges blurred over ``edge``.
+
+  Args:
+    shape: emblem id. a, b: (N,) normalised poster coordinates in [0, 1].
+    half: poster half-size (m), turns normalised distances into metres.
+    edge: (N,) blur width (m), at least the pixel footprint, so edges sample stably.
+    c1, c2: (3,) background and emblem colours.
+  Returns:
+    (N, 3) colours and (N,) coverage of the poster (0 outside, 1 well inside).
+  """
   x, y = 2 * a - 1, 2 * b - 1
   r = np.hypot(x, y)
-  emblem = {
-      layout.DISC: r < 0.55,
-      layout.RING: (r > 0.3) & (r < 0.6),
-      layout.DIAMOND: np.abs(x) + np.abs(y) < 0.65,
-      layout.CROSS: ((np.abs(x) < 0.18) | (np.abs(y) < 0.18)) & (np.maximum(np.abs(x), np.abs(y)) < 0.7),
-      layout.TRIANGLE: (y > -0.55) & (np.abs(x) < 0.6 * (0.6 - y) / 1.15),
-      layout.BARS: (np.floor(a * 4) % 2 == 0) & (np.abs(y) < 0.7),
+  box = lambda size: size - np.maximum(np.abs(x), np.abs(y))   # signed distance to a square
+  q = np.mod(a * 4, 2.0)
+  sd = {
+      layout.DISC: 0.55 - r,
+      layout.RING: np.minimum(r - 0.3, 0.6 - r),
+      layout.DIAMOND: (0.65 - np.abs(x) - np.abs(y)) / np.sqrt(2),
+      layout.CROSS: np.minimum(np.maximum(0.18 - np.abs(x), 0.18 - np.abs(y)), box(0.7)),
+      layout.TRIANGLE: np.minimum(y + 0.55, 0.6 * (0.6 - y) / 1.15 - np.abs(x)),
+      layout.BARS: np.minimum(np.where(q < 1, np.minimum(q, 1 - q), -np.minimum(q - 1, 2 - q)) / 2,
+                              0.7 - np.abs(y)),
   }[shape]
-  col = np.where(emblem[:, None], c2[None], c1[None])
-  frame = np.maximum(np.abs(x), np.abs(y)) > 0.88
-  return np.where(frame[:, None], np.float32(0.12), col)
+  cover = lambda dist: np.clip(dist * half / edge + 0.5, 0.0, 1.0)[:, None]
+  col = c1[None] + (c2 - c1)[None] * cover(sd)
+  col = col + (np.float32(0.12) - col) * cover(-box(0.88))   # dark frame
+  return col, cover(box(1.0))[:, 0]
 
 
 # ----------------------------------------------------------------------------- shading
 
 
-def _shade(scene: Scene, dyn: dict, origins, dirs, hit: dict) -> np.ndarray:
-  """(T * P, 3) uint8 colours of the hits."""
+def _shade(scene: Scene, dyn: dict, origins, dirs, focal, hit: dict) -> np.ndarray:
+  """(T * P, 3) uint8 colours of the hits; ``focal`` (T,) is each frame's focal length (pixels)."""
   n, p = dirs.shape[:2]
   t = np.minimum(hit["t"], FAR).reshape(-1)
   kind, index = hit["kind"].reshape(-1), hit["index"].reshape(-1)
@@ -341,6 +400,10 @@ def _shade(scene: Scene, dyn: dict, origins, dirs, hit: dict) -> np.ndarray:
   mat[kind == FLOOR] = scene.region_mats[region[kind == FLOOR], 1]
   mat[kind == CEILING] = scene.region_mats[region[kind == CEILING], 2]
 
+  # Pixel size on the surface: z-depth / focal length, stretched at grazing angles.
+  cos = np.abs((normal * d).sum(-1)) / np.linalg.norm(d, axis=-1)
+  footprint = t / focal[frame] / np.maximum(cos, 0.2)
+
   # Surface (u, v): the two coordinates across the face's normal axis.
   u = np.where(axis == 0, local[:, 2], local[:, 0])
   v = np.where(axis == 1, local[:, 2], local[:, 1])
@@ -349,11 +412,11 @@ def _shade(scene: Scene, dyn: dict, origins, dirs, hit: dict) -> np.ndarray:
   for kd in np.unique(pattern):
     sel = np.flatnonzero(pattern == kd)
     m_ids = mat[sel]
-    mix, tint = _pattern(int(kd), u[sel], v[sel], scene.mat_scale[m_ids], local[sel])
-    c = scene.mat_c1[m_ids] * (1 - mix[:, None]) + scene.mat_c2[m_ids] * mix[:, None]
-    albedo[sel] = c * tint[:, None]
-  grain = 0.92 + 0.16 * _value_noise(u / 0.37, v / 0.37, 11)   # subtle, breaks up flat areas
-  albedo *= grain[:, None]
+    mix, tint = _pattern(int(kd), u[sel], v[sel], scene.mat_scale[m_ids], local[sel], footprint[sel])
+    albedo[sel] = (scene.mat_c1[m_ids] * (tint * (1 - mix))[:, None]
+                   + scene.mat_c2[m_ids] * mix[:, None])
+  grain = 1.0 + 0.16 * (_value_noise(u / 0.37, v / 0.37, 11) - 0.5) * _fade(footprint, 0.37)
+  albedo *= grain[:, None]   # subtle, breaks up flat areas
 
   sel = np.flatnonzero(arch_wall)
   for q in range(len(scene.poster_axis)):
@@ -362,12 +425,16 @@ def _shade(scene: Scene, dyn: dict, origins, dirs, hit: dict) -> np.ndarray:
     lo, hi = scene.poster_lo[q], scene.poster_hi[q]
     on = ((axis[sel] == ax) & (normal[sel, ax] == scene.poster_sign[q])
           & (np.abs(pts[sel, ax] - scene.poster_plane[q]) < 1e-3)
-          & (along > lo[0]) & (along < hi[0]) & (pts[sel, 1] > lo[1]) & (pts[sel, 1] < hi[1]))
+          & (along > lo[0] - 0.1) & (along < hi[0] + 0.1) & (pts[sel, 1] > lo[1] - 0.1)
+          & (pts[sel, 1] < hi[1] + 0.1))   # a margin for the blurred edge
     if on.any():
       s = sel[on]
       a = (along[on] - lo[0]) / (hi[0] - lo[0])
       b = (pts[s, 1] - lo[1]) / (hi[1] - lo[1])
-      albedo[s] = _poster_colour(int(scene.poster_shape[q]), a, b, scene.poster_c1[q], scene.poster_c2[q])
+      half = 0.25 * ((hi - lo).sum())
+      col, cover = _poster_colour(int(scene.poster_shape[q]), a, b, half, np.maximum(footprint[s], 0.01),
+                                  scene.poster_c1[q], scene.poster_c2[q])
+      albedo[s] += (col - albedo[s]) * cover[:, None]
 
   # Lambert: fixed sun direction + the region's ceiling light with distance falloff; both
   # depend on the surface point only (no view-dependent terms).
