@@ -224,19 +224,19 @@ def rollout_episode(seed: int, num_frames: int, height: int, width: int, *, maze
   s = _SUPERSAMPLE
   env = getattr(tasks, f"memory_maze_{maze_size}x{maze_size}")(
       seed=int(seed), global_observables=True, target_color_in_image=False)
-  # The env's own camera observation would cost a second render per step (about half the
-  # step time); frames are rendered below at the requested size instead.
-  env.task.observables["walker/egocentric_camera"].enabled = False
-  remap = env
-  while not isinstance(remap, wrappers.RemapObservationWrapper):
-    remap = remap.env
-  remap.mapping.pop("image")
-  mjcf_visual = env.task.root_entity.mjcf_model.visual
-  mjcf_visual.quality.offsamples = 0  # see the module docstring
-  offscreen = mjcf_visual.get_children("global")
-  offscreen.offwidth = max(640, s * width)  # MuJoCo's default buffer is 640 x 480
-  offscreen.offheight = max(480, s * height)
   try:
+    # The env's own camera observation would cost a second render per step (about half the
+    # step time); frames are rendered below at the requested size instead.
+    env.task.observables["walker/egocentric_camera"].enabled = False
+    remap = env
+    while not isinstance(remap, wrappers.RemapObservationWrapper):
+      remap = remap.env
+    remap.mapping.pop("image")
+    mjcf_visual = env.task.root_entity.mjcf_model.visual
+    mjcf_visual.quality.offsamples = 0  # see the module docstring
+    offscreen = mjcf_visual.get_children("global")
+    offscreen.offwidth = max(640, s * width)  # MuJoCo's default buffer is 640 x 480
+    offscreen.offheight = max(480, s * height)
     step = env.reset()
     physics = env.physics
     cam = physics.model.name2id(_CAMERA, "camera")
