@@ -600,7 +600,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         jax.profiler.stop_trace()
       if t_last is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(metrics)
-        t_last, step_last, pending = time.perf_counter(), step, []
+        t_last, step_last = time.perf_counter(), step
       if step % config.train.log_every == 0 or step == total:
         last = _log(config, writer, pending, step, step_last, t_last, total, step_flops, peak)
         t_last, step_last, pending = time.perf_counter(), step, []

@@ -1,0 +1,197 @@
+"""Training: tiny smoke run, state sharding, sharded == unsharded step, non-finite handling."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from experiments import tiny_cpu
+from mirage_jax import geometry, metrics_log, sharding, train
+from mirage_jax.models import autoencoder
+
+
+def synthetic_clip(seed: int, frames: int = 12, size: int = 16) -> dict:
+  """A posed clip: the camera walks along an arc looking at the origin."""
+  rng = np.random.default_rng(seed)
+  K = geometry.intrinsics_from_fov(60.0, size, size)
+  angles = np.linspace(0.0, 0.8, frames) + seed
+  poses = np.stack([geometry.look_at([2 * np.cos(a), 0.2, 2 * np.sin(a)], [0, 0, 0])
+                    for a in angles]).astype(np.float32)
+  return dict(frames=rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8),
+              depths=rng.uniform(1.0, 3.0, (frames, size, size)).astype(np.float32),
+              intrinsics=np.repeat(K[None], frames, 0), poses_c2w=poses, fps=np.float32(10))
+
+
+def synthetic_sources(n: int = 8) -> dict:
+  clips = [synthetic_clip(i) for i in range(n)]
+  return {"train": clips, "validation": clips[:2]}
+
+
+def tiny_config(stage: str = "autoencoder"):
+  c = tiny_cpu.get_config(stage)
+  c.data.update(resolution=(16, 16), batch_size=8, read_threads=0, read_buffer_size=1)
+  c.autoencoder.base_channels = 8
+  c.denoiser.model.update(embed_dim=32, num_layers=2, num_heads=2, control_layers=1,
+                          cond_dim=0, time_freq_dim=32)
+  c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
+  c.train.update(steps=10, log_every=1, peak_tflops_per_device=1.0)
+  c.checkpoint.update(every=5, keep=2)
+  return c
+
+
+def read_jsonl(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def random_frozen_autoencoder(config) -> dict:
+  model = autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(1))
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def test_smoke_train_loss_decreases_and_logs(tmp_path):
+  workdir = str(tmp_path)
+  last = train.train_and_evaluate(tiny_config(), workdir, synthetic_sources())
+  rows = read_jsonl(workdir)
+  assert [r["step"] for r in rows] == list(range(1, 11))
+  losses = [r["loss"] for r in rows]
+  assert np.mean(losses[-3:]) < np.mean(losses[:3])
+  for key in ("grad_norm", "learning_rate", "step_time_s", "examples_per_s", "mfu"):
+    assert np.isfinite(last[key]) and last[key] >= 0, key
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  scalars = metrics_log.read_events(os.path.join(workdir, "tensorboard", events[0]))
+  assert [s for s, _ in scalars] == list(range(1, 11))
+  assert scalars[-1][1]["loss"] == pytest.approx(losses[-1], rel=1e-6)
+  assert json.load(open(os.path.join(workdir, "config.json")))["stage"] == "autoencoder"
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
+
+
+def _mesh_config(config, **mesh):
+  config = config.copy_and_resolve_references()
+  config.mesh = {**dict(data=1, fsdp=1, context=1, tensor=1), **mesh}
+  return config
+
+
+def test_big_weights_are_split_across_fsdp_and_tensor():
+  config = _mesh_config(tiny_config("denoiser"), fsdp=4, tensor=2)
+  stage = train.DenoiserStage(config, random_frozen_autoencoder(config))
+  mesh = train.build_mesh(config)
+  setup = train.make_setup(config, stage, mesh)
+  state = train.init_state(config, stage, setup)
+  big = {path: x for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
+         if x.size >= 32 * 32}
+  assert big
+  both = 0
+  for path, x in big.items():
+    axes = {a for entry in x.sharding.spec if entry for a in
+            ((entry,) if isinstance(entry, str) else entry)}
+    assert axes, f"{jax.tree_util.keystr(path)} is replicated"
+    shard = x.addressable_shards[0].data
+    assert shard.size * math.prod(mesh.shape[a] for a in axes) == x.size
+    both += axes >= {"fsdp", "tensor"}
+  assert both >= len(big) // 2  # attention / MLP matrices use both axes
+  # Adam moments shard like their params.
+  mu = state["opt_state"][1][0].mu
+  for (path, p), m in zip(jax.tree_util.tree_leaves_with_path(state["params"]),
+                          jax.tree.leaves(mu)):
+    assert m.sharding == p.sharding, jax.tree_util.keystr(path)
+
+
+def _one_step(config, batch_np, frozen):
+  stage = train.make_stage(config, frozen=frozen)
+  mesh = train.build_mesh(config, jax.devices()[:math.prod(
+      v for v in config.mesh.values() if v > 0)])
+  setup = train.make_setup(config, stage, mesh)
+  state = train.init_state(config, stage, setup)
+  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  batch = {k: jax.device_put(batch_np[k], specs[k].sharding) for k in stage.fields}
+  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  frozen = jax.device_put(stage.frozen, jax.sharding.NamedSharding(mesh, PartitionSpec()))
+  with setup.context():
+    state, m1 = step(state, batch, frozen)
+    state, m2 = step(state, batch, frozen)
+  return jax.device_get((m1, m2, state["params"]))
+
+
+def _batch(config):
+  from data_pipelines import pipeline
+  it = pipeline.from_config(synthetic_sources()["train"], config.data)
+  return next(iter(it))
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "denoiser"])
+def test_sharded_step_matches_unsharded(stage):
+  base = tiny_config(stage)
+  frozen = random_frozen_autoencoder(base) if stage == "denoiser" else None
+  batch = _batch(base)
+  m_ref = _one_step(_mesh_config(base, fsdp=1), batch, frozen)
+  m_sh = _one_step(_mesh_config(base, data=2, fsdp=2, tensor=2), batch, frozen)
+  for a, b in zip(m_ref[:2], m_sh[:2]):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
+    # Sharded reductions sum in another order: float32 round-off, not a different result.
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=2e-3)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=2e-5),
+               m_ref[2], m_sh[2])
+  if stage == "denoiser":
+    assert 0 < m_ref[0]["memory_coverage"] <= 1  # memory from earlier frames reaches targets
+
+
+def test_nonfinite_step_leaves_state_unchanged():
+  config = _mesh_config(tiny_config(), fsdp=8)
+  stage = train.make_stage(config)
+  mesh = train.build_mesh(config)
+  setup = train.make_setup(config, stage, mesh)
+  state = train.init_state(config, stage, setup)
+  before = jax.device_get(state)
+  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  batch_np = _batch(config)
+  batch_np["frames"][0, 0, 0, 0, 0] = np.nan
+  batch = {k: jax.device_put(batch_np[k], specs[k].sharding) for k in stage.fields}
+  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  with setup.context():
+    state, metrics = step(state, batch, {})
+  assert int(metrics["nonfinite"]) == 1
+  after = jax.device_get(state)
+  assert int(after["step"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, after["params"], before["params"])
+  jax.tree.map(np.testing.assert_array_equal, after["opt_state"], before["opt_state"])
+
+
+def test_nonfinite_halt_names_the_step(tmp_path):
+  config = tiny_config()
+  config.train.update(nonfinite="halt", steps=4)
+  config.optimizer.update(learning_rate=1e30, warmup_steps=0, grad_clip_norm=0.0)
+  with pytest.raises(FloatingPointError, match=r"^step [2-4]: non-finite"):
+    train.train_and_evaluate(config, str(tmp_path), synthetic_sources())
+
+
+def test_analytic_flops_match_xla_cost_analysis():
+  # The denoiser's analytic count vs XLA on one device, no remat (recompute is not "model" FLOPs).
+  config = _mesh_config(tiny_config("denoiser"), fsdp=1)
+  config.denoiser.model.update(embed_dim=64, num_heads=4, remat="none")
+  frozen = random_frozen_autoencoder(config)
+  stage = train.make_stage(config, frozen=frozen)
+  mesh = train.build_mesh(config, jax.devices()[:1])
+  setup = train.make_setup(config, stage, mesh)
+  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  frozen_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+  with setup.context():
+    cost = step.lower(setup.abstract, specs, frozen_abs).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = stage.step_flops(config.data.batch_size)
+  assert abs(analytic - cost["flops"]) / cost["flops"] < 0.10, (analytic, cost["flops"])
+
+
+def test_jaxpr_flops_counts_matmuls_and_scans():
+  x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+  w = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+  assert train.jaxpr_flops(lambda a, b: a @ b, x, w) == 2 * 4 * 8 * 16
+  scanned = lambda a, b: jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=3)[1]
+  assert train.jaxpr_flops(scanned, x, w) == 3 * 2 * 4 * 8 * 16
