@@ -167,7 +167,10 @@ def _walk(planner: _Planner, start_cell, goal_cell, parent=None) -> np.ndarray:
   elif short.any():
     last = np.flatnonzero(~short)[-1]
     yaw[short & (np.arange(len(pts)) > last)] = yaw[last]
-  return np.concatenate([pts, np.unwrap(yaw)[:, None], np.zeros((len(pts), 1))], -1)
+  # Average the heading over ~0.6 m of path so sharp corners do not jerk the view.
+  k = int(0.3 / 0.02)
+  yaw = np.convolve(np.pad(np.unwrap(yaw), k, mode="edge"), np.ones(2 * k + 1) / (2 * k + 1), "valid")
+  return np.concatenate([pts, yaw[:, None], np.zeros((len(pts), 1))], -1)
 
 
 def _truncate(states: np.ndarray, frac: float) -> np.ndarray:
