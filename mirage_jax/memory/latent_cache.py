@@ -12,8 +12,9 @@ position are a *recency-weighted* mean (weight ``recency_decay ** age_in_frames`
 newest view dominates and averaging does not blur view-dependent detail). When more voxels
 exist than slots, the least recently seen ones (then the least observed) are evicted.
 A read splats every voxel's mean point into the target camera with a z-buffer (the closest
-voxel wins each latent cell), each voxel covering the cells its projected square reaches
-(up to ``splat_radius`` pixels around its centre) so neighbouring voxels leave no holes.
+voxel wins each latent cell); cells left empty then take the closest neighbouring voxel
+whose projected square reaches them (up to ``splat_radius`` cells away), so voxels that
+project larger than a latent pixel (a camera close to a wall) leave no holes.
 """
 
 from __future__ import annotations
@@ -217,14 +218,17 @@ def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
   """Z-buffer splat of points into one camera: the closest point wins each cell.
 
   Ties in depth go to the point with the larger index (the newer one in append buffers).
+  With ``half_size``, points have square footprints that fill holes: an empty cell takes
+  the closest neighbouring winner (up to ``max_radius`` cells away) whose projected square
+  contains the cell's centre. Filling works on the image, after the z-buffer, so its cost
+  does not grow with the number of points.
 
   Args:
     points: (N, 3) world points. values: (N, C) carried to the image. valid: (N,) bool.
     K: (3, 3) intrinsics of the (height, width) grid. c2w: (4, 4).
     near: points with camera depth <= near are skipped.
-    half_size: optional (N,) half extent in pixels of each point's square footprint; a
-      point also covers neighbouring cells whose centres fall inside it, up to
-      ``max_radius`` cells away. None (or max_radius 0) splats the centre cell only.
+    half_size: optional (N,) half extent in pixels of each point's footprint.
+    max_radius: farthest footprint reach in cells (0 = centre cells only).
   Returns:
     image (height, width, C) with zeros where empty, coverage (height, width) bool,
     depth (height, width) of the winning points (0 where empty).
@@ -233,33 +237,51 @@ def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
   uv, z = geometry.project_points(points, K, c2w)
   ok = valid & (z > near) & jnp.all(jnp.isfinite(uv), axis=-1)
   # Clip before the int cast: points near the camera plane project to huge coordinates.
-  u = jnp.clip(uv[:, 0], -2.0 - max_radius, width + 2.0 + max_radius)
-  v = jnp.clip(uv[:, 1], -2.0 - max_radius, height + 2.0 + max_radius)
-  iu, iv = jnp.floor(u).astype(jnp.int32), jnp.floor(v).astype(jnp.int32)
-  radius = max_radius if half_size is not None else 0
-  offsets = [(du, dv) for dv in range(-radius, radius + 1) for du in range(-radius, radius + 1)]
-  cells, hit = [], []
-  for du, dv in offsets:
-    cu, cv = iu + du, iv + dv
-    inside = ok & (cu >= 0) & (cu < width) & (cv >= 0) & (cv < height)
-    if (du, dv) != (0, 0):
-      inside &= (jnp.abs(cu + 0.5 - u) <= half_size) & (jnp.abs(cv + 0.5 - v) <= half_size)
-    cells.append(jnp.where(inside, cv * width + cu, height * width))
-    hit.append(inside)
-  cells = jnp.concatenate(cells)
-  hit = jnp.concatenate(hit)
-  zz = jnp.tile(jnp.where(ok, z, jnp.inf), len(offsets))
-  ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), len(offsets))
-  # Cell height*width is a dump for misses, cut off at the end.
-  zmin = jnp.full((height * width + 1,), jnp.inf, z.dtype).at[cells].min(zz)
-  winner = hit & (zz <= zmin[cells])
+  iu = jnp.floor(jnp.clip(uv[:, 0], -2.0, width + 2.0)).astype(jnp.int32)
+  iv = jnp.floor(jnp.clip(uv[:, 1], -2.0, height + 2.0)).astype(jnp.int32)
+  ok &= (iu >= 0) & (iu < width) & (iv >= 0) & (iv < height)
+  cells = jnp.where(ok, iv * width + iu, height * width)  # last cell: a dump for misses
+  z = jnp.where(ok, z, jnp.inf)
+  zmin = jnp.full((height * width + 1,), jnp.inf, z.dtype).at[cells].min(z)
+  winner = ok & (z <= zmin[cells])
+  ids = jnp.arange(n, dtype=jnp.int32)
   best = jnp.full((height * width + 1,), -1, jnp.int32).at[cells].max(jnp.where(winner, ids, -1))
-  best = best[:-1]
+  best = best[:-1].reshape(height, width)
+  zbest = zmin[:-1].reshape(height, width)
+  if half_size is not None and max_radius > 0:
+    best, zbest = _fill_holes(best, zbest, uv, half_size, max_radius)
   covered = best >= 0
-  image = jnp.where(covered[:, None], values[jnp.maximum(best, 0)], 0)
-  depth = jnp.where(covered, zmin[:-1], 0.0)
-  return (image.reshape(height, width, -1), covered.reshape(height, width),
-          depth.reshape(height, width))
+  image = jnp.where(covered[..., None], values[jnp.maximum(best, 0)], 0)
+  return image, covered, jnp.where(covered, zbest, 0.0)
+
+
+def _fill_holes(best, zbest, uv, half_size, max_radius: int):
+  """Empty cells take the closest neighbouring winner whose footprint covers them.
+
+  Args:
+    best: (h, w) int32 winning point per cell (-1 empty). zbest: (h, w) its depth.
+    uv: (N, 2) projected points. half_size: (N,) footprint half extent in pixels.
+  Returns:
+    best, zbest (h, w) with holes filled where a footprint reaches.
+  """
+  h, w = best.shape
+  r = max_radius
+  pad = lambda a, v: jnp.pad(a, r, constant_values=v)
+  nb_best, nb_z = pad(best, -1), pad(zbest, jnp.inf)
+  centre = jnp.stack(jnp.meshgrid(jnp.arange(w) + 0.5, jnp.arange(h) + 0.5, indexing="xy"), -1)
+  fill, fill_z = jnp.full_like(best, -1), jnp.full_like(zbest, jnp.inf)
+  for dv in range(-r, r + 1):
+    for du in range(-r, r + 1):
+      if (du, dv) == (0, 0):
+        continue
+      nb = nb_best[r + dv:r + dv + h, r + du:r + du + w]
+      nz = nb_z[r + dv:r + dv + h, r + du:r + du + w]
+      idx = jnp.maximum(nb, 0)
+      reach = jnp.all(jnp.abs(centre - uv[idx]) <= half_size[idx][..., None], axis=-1)
+      take = (nb >= 0) & reach & (nz < fill_z)
+      fill, fill_z = jnp.where(take, nb, fill), jnp.where(take, nz, fill_z)
+  hole = best < 0
+  return jnp.where(hole, fill, best), jnp.where(hole, fill_z, zbest)
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -391,9 +413,9 @@ def voxel_write(state: VoxelState, latents, depth, intrinsics, c2w, static_mask,
 def voxel_read(state: VoxelState, intrinsics, c2w):
   """Splats the voxel table into F target cameras at latent resolution.
 
-  Each voxel covers the latent cells whose centres fall inside its projected square
-  (``voxel_size * f / z`` pixels wide, at most ``splat_radius`` cells from its centre cell);
-  the closest voxel wins each cell.
+  The closest voxel centre wins each cell; empty cells then take the closest neighbouring
+  voxel (at most ``splat_radius`` cells away) whose projected square (``voxel_size * f / z``
+  pixels wide) contains the cell centre.
 
   Args:
     intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
