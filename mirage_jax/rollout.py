@@ -1,0 +1,213 @@
+"""Chunked generation: first frame + camera trajectory -> RGB-D frames.
+
+Per chunk of ``target_frames`` cameras (static shapes, so a trajectory of any length reuses
+the same three compiled functions):
+
+  1. read     the memory into the chunk's cameras -> projected latents + coverage;
+  2. denoise  from noise with the DiT, conditioned on memory, Plücker rays and the last
+              ``context_frames`` generated latents (clean, t = 0), then decode RGB-D;
+  3. write    the new latents back into memory with the *generated* depth (no external depth
+              model), leaving out pixels marked dynamic.
+
+The memory backend (``voxel`` ours, ``mirage`` the reference's append-only cloud, the
+baselines) is chosen by name; training builds its conditioning with the same
+``memory_config`` + write/read (``train.DenoiserStage``), so the model is trained as it is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mirage_jax import diffusion, geometry
+from mirage_jax import memory as memory_lib
+from mirage_jax.errors import InputError
+from mirage_jax.models import autoencoder
+
+
+def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.MemoryConfig:
+  """The memory settings of ``config`` at the model's image and latent resolution."""
+  res = tuple(config.data.resolution)
+  factor = autoencoder.downsample_factor(config.autoencoder)
+  settings = dict(config.memory.settings, image_height=res[0], image_width=res[1],
+                  latent_height=res[0] // factor, latent_width=res[1] // factor,
+                  latent_channels=config.autoencoder.latent_channels)
+  settings.update(overrides)
+  return memory_lib.memory_config(settings)
+
+
+@dataclasses.dataclass
+class ChunkTiming:
+  memory_seconds: float  # read + write
+  chunk_seconds: float  # read + denoise + decode + write
+  cache_bytes: int
+
+
+class Rollout:
+  """Generates along trajectories with one autoencoder, one denoiser and one memory backend.
+
+  Args:
+    config: the denoiser's training config (sizes, sampler, memory settings).
+    ae: the trained autoencoder. dn: the trained denoiser.
+    backend: memory backend name (default ``config.memory.backend``).
+    memory_overrides: fields of ``MemoryConfig`` to change (e.g. ``capacity``).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Module,
+               backend: str | None = None, **memory_overrides):
+    self.config = config
+    d = config.denoiser
+    self.chunk = int(d.target_frames)
+    self.num_context = int(d.context_frames)
+    self.latent_scale = float(d.latent_scale)
+    self.sampler = config.get("sampler", ml_collections.ConfigDict(
+        dict(num_steps=10, method="euler", shift=1.0)))
+    self.backend_name = backend or config.memory.backend
+    self.memory_cfg = memory_config(config, **memory_overrides)
+    self.image_hw = (self.memory_cfg.image_height, self.memory_cfg.image_width)
+    self.latent_hw = (self.memory_cfg.latent_height, self.memory_cfg.latent_width)
+    self.ae_graphdef, self.ae_state = nnx.split(ae)
+    self.dn_graphdef, self.dn_state = nnx.split(dn)
+    self.backend = memory_lib.get_backend(self.backend_name, encode_fn=self._encode_rgb)
+    self._read = jax.jit(self.backend.read)
+    self._write = jax.jit(self.backend.write)
+    self._encode = jax.jit(self._encode_impl)
+    self._denoise = jax.jit(self._denoise_impl)
+
+  # --------------------------------------------------------------------------- pieces
+
+  def _encode_impl(self, ae_state, frames, depths):
+    """frames (F, H, W, 3) in [-1, 1], depths (F, H, W) -> scaled latents (F, h, w, C)."""
+    ae = nnx.merge(self.ae_graphdef, ae_state)
+    mean, _ = ae.encode(frames, depths)
+    return mean * self.latent_scale
+
+  def _encode_rgb(self, rgb01):
+    """rgb_points' re-encoder: rendered rgb (F, H, W, 3) in [0, 1] -> latents (F, h, w, C).
+
+    The RGB cloud carries no depth channel, so the encoder sees a constant 2 m depth: the
+    baseline pays for re-encoding as Spatia/Voyager do, with the RGB content only.
+    """
+    depth = jnp.full(rgb01.shape[:-1], 2.0, jnp.float32)
+    return self._encode_impl(self.ae_state, rgb01 * 2.0 - 1.0, depth)
+
+  def _rays(self, K, c2w):
+    """Image intrinsics (F, 3, 3), c2w (F, 4, 4) -> Plücker rays (F, h, w, 6) at latent size."""
+    K_lat = memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
+    return geometry.plucker_rays(K_lat, c2w, *self.latent_hw)
+
+  def _denoise_impl(self, ae_state, dn_state, memory, coverage, K, c2w, context, context_K,
+                    context_c2w, rng):
+    """One chunk from noise.
+
+    Args:
+      memory: (T, h, w, C) read latents; coverage (T, h, w) bool.
+      K, c2w: (T, 3, 3), (T, 4, 4) target cameras.
+      context: (Nc, h, w, C) clean latents with cameras context_K (Nc, 3, 3), context_c2w.
+    Returns:
+      latents (T, h, w, C), rgb (T, H, W, 3) in [-1, 1], depth (T, H, W) metric.
+    """
+    dn = nnx.merge(self.dn_graphdef, dn_state)
+    rays, ctx_rays = self._rays(K, c2w)[None], self._rays(context_K, context_c2w)[None]
+    mem = memory.astype(jnp.float32)[None]
+    cov = coverage.astype(jnp.float32)[None]
+
+    def velocity(x, t, conditioned=True):
+      m, c = (mem, cov) if conditioned else (jnp.zeros_like(mem), jnp.zeros_like(cov))
+      tt = jnp.full(x.shape[:2], t, jnp.float32)
+      return dn(x, tt, rays, m, c, context[None], ctx_rays)
+
+    noise = jax.random.normal(rng, (1,) + memory.shape, jnp.float32)
+    s = self.sampler
+    guidance = s.get("guidance_scale", 0.0) or None
+    latents = diffusion.sample(velocity, noise, int(s.num_steps), s.method, float(s.shift),
+                               guidance)[0]
+    ae = nnx.merge(self.ae_graphdef, ae_state)
+    rgb, depth = ae.decode(latents / self.latent_scale)
+    return latents, rgb, depth
+
+  # --------------------------------------------------------------------------- driver
+
+  def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
+               poses_c2w: np.ndarray, *, seed: int = 0, progress: bool = True,
+               keep_coverage: bool = True) -> dict[str, Any]:
+    """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
+
+    Args:
+      first_frame: (H, W, 3) uint8 or float in [-1, 1].
+      first_depth: (H, W) metric depth of the first frame (> 0).
+      intrinsics: (T, 3, 3) at the model's image resolution. poses_c2w: (T, 4, 4) OpenCV.
+      seed: sampling seed.
+    Returns:
+      dict with frames (T, H, W, 3) uint8 (frame 0 = the decoded first frame), depths
+      (T, H, W) float32, coverage (T, h, w) float32 (memory coverage of each generated frame;
+      frame 0: 1), timings: list of ChunkTiming, cache_bytes (after the last chunk).
+    """
+    h, w = self.image_hw
+    T = poses_c2w.shape[0]
+    if first_frame.shape[:2] != (h, w) or first_depth.shape != (h, w):
+      raise InputError("generate", "first_frame", f"expected ({h}, {w}) to match the model, got "
+                       f"{first_frame.shape[:2]} and depth {first_depth.shape}")
+    if intrinsics.shape != (T, 3, 3):
+      raise InputError("generate", "intrinsics", f"expected ({T}, 3, 3), got {intrinsics.shape}")
+    geometry.check_poses(poses_c2w, "generate")
+    frame0 = np.asarray(first_frame)
+    if frame0.dtype == np.uint8:
+      frame0 = frame0.astype(np.float32) / 127.5 - 1.0
+    K = jnp.asarray(intrinsics, jnp.float32)
+    c2w = jnp.asarray(poses_c2w, jnp.float32)
+
+    lat0 = self._encode(self.ae_state, jnp.asarray(frame0)[None], jnp.asarray(first_depth)[None])
+    state = self.backend.init(self.memory_cfg)
+    state = self._write(state, lat0, jnp.asarray(first_depth, jnp.float32)[None], K[:1], c2w[:1],
+                        jnp.ones((1, h, w), bool), jnp.zeros((1,), jnp.int32),
+                        rgb=(jnp.asarray(frame0)[None] + 1.0) / 2.0)
+    rgb0, depth0 = nnx.merge(self.ae_graphdef, self.ae_state).decode(lat0 / self.latent_scale)
+    # Context: the last generated latents; at the start, the first frame repeated.
+    nc = self.num_context
+    ctx = jnp.repeat(lat0, nc, axis=0)
+    ctx_K, ctx_c2w = jnp.repeat(K[:1], nc, axis=0), jnp.repeat(c2w[:1], nc, axis=0)
+
+    frames, depths, coverage, timings = [rgb0], [depth0], [np.ones((1,) + self.latent_hw, np.float32)], []
+    rng = jax.random.key(seed)
+    starts = range(1, T, self.chunk)
+    for start in tqdm(starts, desc=f"generate [{self.backend_name}]", disable=not progress,
+                      unit="chunk"):
+      n = min(self.chunk, T - start)
+      # Pad the last chunk with its last camera; padded frames are never written.
+      idx = np.minimum(np.arange(start, start + self.chunk), T - 1)
+      Kc, c2wc = K[idx], c2w[idx]
+      t0 = time.perf_counter()
+      mem, cov = jax.block_until_ready(self._read(state, Kc, c2wc))
+      t_read = time.perf_counter() - t0
+      rng, sub = jax.random.split(rng)
+      lat, rgb, depth = jax.block_until_ready(
+          self._denoise(self.ae_state, self.dn_state, mem, cov, Kc, c2wc, ctx, ctx_K, ctx_c2w, sub))
+      t1 = time.perf_counter()
+      static = jnp.broadcast_to((jnp.arange(self.chunk) < n)[:, None, None], (self.chunk, h, w))
+      state = jax.block_until_ready(self._write(
+          state, lat, depth, Kc, c2wc, static, jnp.asarray(idx, jnp.int32), rgb=(rgb + 1.0) / 2.0))
+      t_write = time.perf_counter() - t1
+      timings.append(ChunkTiming(t_read + t_write, time.perf_counter() - t0,
+                                 int(self.backend.nbytes(state))))
+      frames.append(rgb[:n]), depths.append(depth[:n]), coverage.append(np.asarray(cov[:n], np.float32))
+      ctx = jnp.concatenate([ctx, lat[:n]], 0)[-nc:] if nc else ctx
+      ctx_K = jnp.concatenate([ctx_K, Kc[:n]], 0)[-nc:] if nc else ctx_K
+      ctx_c2w = jnp.concatenate([ctx_c2w, c2wc[:n]], 0)[-nc:] if nc else ctx_c2w
+
+    rgb_all = np.concatenate([np.asarray(f) for f in frames], 0)
+    return dict(
+        frames=np.round((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
+        depths=np.concatenate([np.asarray(d) for d in depths], 0).astype(np.float32),
+        coverage=np.concatenate(coverage, 0),
+        timings=timings,
+        cache_bytes=int(self.backend.nbytes(state)),
+    )
