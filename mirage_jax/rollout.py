@@ -44,6 +44,24 @@ def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.
   return memory_lib.memory_config(settings)
 
 
+def load_world_model(denoiser_export: str, autoencoder_export: str | None = None
+                     ) -> tuple[ml_collections.ConfigDict, nnx.Module, nnx.Module]:
+  """(config, autoencoder, denoiser) of a denoiser export (``python -m mirage_jax.export``).
+
+  The autoencoder comes from ``autoencoder_export`` or else from the path the denoiser was
+  trained with (``config.denoiser.autoencoder_checkpoint``).
+  """
+  from mirage_jax import export  # pylint: disable=g-import-not-at-top
+  dn, config = export.load_model(denoiser_export)
+  if config.stage != "denoiser":
+    raise InputError(denoiser_export, "stage", f"expected a denoiser export, got {config.stage!r}")
+  ae_path = autoencoder_export or config.denoiser.autoencoder_checkpoint
+  ae, ae_config = export.load_model(ae_path)
+  if ae_config.stage != "autoencoder" or ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
+    raise InputError(ae_path, "autoencoder", "not the autoencoder this denoiser was trained with")
+  return config, ae, dn
+
+
 @dataclasses.dataclass
 class ChunkTiming:
   memory_seconds: float  # read + write
