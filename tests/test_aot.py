@@ -1,0 +1,29 @@
+"""AOT: the real train step compiles for a small TPU topology on this CPU host (needs libtpu)."""
+
+import importlib.util
+
+import pytest
+
+from tests.test_train import tiny_config
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu not installed (pip install -e .[tpu])")
+
+
+def test_compile_for_v5e_2x2():
+  from mirage_jax import aot
+  config = tiny_config()
+  config.mesh = dict(data=1, fsdp=2, context=1, tensor=2)
+  report = aot.compile_report(config, "v5e:2x2")
+  assert report["devices"] == 4
+  assert report["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 2}
+  assert 0 < report["memory_per_device_gib"] < report["hbm_per_device_gib"] and report["fits"]
+  assert report["xla_tflops_per_device"] > 0 and report["analytic_tflops_per_device"] > 0
+  assert 0 < report["roofline_mfu"] <= 1
+
+
+def test_unknown_topology_is_an_input_error():
+  from mirage_jax import aot
+  from mirage_jax.errors import InputError
+  with pytest.raises(InputError, match="topology"):
+    aot.topology_devices("v9x:2x2")
