@@ -98,28 +98,6 @@ def test_voxel_reads_back_closely_at_the_written_pose():
   assert np.median(err) < 0.02 and err.mean() < 0.1
 
 
-@pytest.mark.parametrize("name", [n for n in BACKEND_NAMES if n != "none"])
-def test_looking_away_reads_an_empty_mask(name):
-  be = backend(name)
-  fr = make_frames([0.0, 0.05])
-  state = be.write(be.init(config(capacity=capacity_for(name))), **fr)
-  _, cov = be.read(state, fr["intrinsics"], fr["c2w"])
-  assert np.asarray(cov).mean() > 0.5
-  away = jnp.asarray(np.stack([orbit_pose(np.pi), orbit_pose(np.pi + 0.05)]))
-  lat, cov = be.read(state, fr["intrinsics"], away)
-  assert not np.asarray(cov).any()
-  assert not np.asarray(lat).any()
-
-
-def test_none_backend_remembers_nothing():
-  be = backend("none")
-  fr = make_frames([0.0])
-  state = be.write(be.init(config()), **fr)
-  lat, cov = be.read(state, fr["intrinsics"], fr["c2w"])
-  assert not np.asarray(cov).any() and not np.asarray(lat).any()
-  assert be.nbytes(state) == 0
-
-
 def test_voxel_merge_prefers_the_newest_view():
   fr_a, fr_b = make_frames([0.3], seed=1), make_frames([0.3], seed=2, first_index=1)
   for decay, expect in [(0.0, fr_b["latents"]), (1.0, 0.5 * (fr_a["latents"] + fr_b["latents"]))]:
@@ -186,10 +164,11 @@ def test_voxel_bytes_stop_growing_on_a_loop_while_mirage_grows_linearly():
 
 
 def _history(angles):
+  """Latent-resolution world points (S, h*w, 3) of cameras at the orbit angles."""
   c2w = np.stack([orbit_pose(a) for a in angles])
   K_lat = np.asarray(geometry.scale_intrinsics(K_IMG, LW / W, LH / H))
   depth = np.stack([box_room_depth(p, K_lat, LH, LW) for p in c2w])
-  pts = np.asarray(geometry.unproject_depth(depth, K_lat, c2w)).reshape(len(angles), -1, 3)
+  pts = np.asarray(jax.jit(geometry.unproject_depth)(depth, K_lat, c2w)).reshape(len(angles), -1, 3)
   return jnp.asarray(pts), jnp.ones(pts.shape[:2], bool), K_lat
 
 
@@ -198,7 +177,8 @@ def test_voxel_iou_retrieval_picks_the_frames_that_saw_the_target():
   pts, valid, K_lat = _history(angles)
   ids = jnp.arange(100, 112, dtype=jnp.int32)
   t_pts, t_valid, _ = _history([angles[5] + 0.1])
-  idx, scores = jax.jit(retrieval.select_reference_frames)(t_pts[0], t_valid[0], pts, valid, ids)
+  select = jax.jit(retrieval.select_reference_frames)
+  idx, scores = select(t_pts[0], t_valid[0], pts, valid, ids)
   idx, scores = np.asarray(idx), np.asarray(scores)
   assert idx[0] == 105
   assert set(idx[idx >= 0]) <= {104, 105, 106}
@@ -206,32 +186,34 @@ def test_voxel_iou_retrieval_picks_the_frames_that_saw_the_target():
   assert np.all((idx >= 0) == (scores >= retrieval.IOU_THRESHOLD))
   # The target's visible set can also come from memory points inside its frustum.
   flat = pts.reshape(-1, 3)
-  vis = retrieval.visible_points(flat, jnp.ones(flat.shape[0], bool), jnp.asarray(K_lat),
-                                 jnp.asarray(orbit_pose(angles[5] + 0.1)), LH, LW)
-  idx2, _ = retrieval.select_reference_frames(flat, vis, pts, valid, ids)
+  vis = jax.jit(retrieval.visible_points, static_argnums=(4, 5))(
+      flat, jnp.ones(flat.shape[0], bool), jnp.asarray(K_lat), jnp.asarray(orbit_pose(angles[5] + 0.1)), LH, LW)
+  idx2, _ = jax.jit(retrieval.select_reference_frames)(flat, vis, pts, valid, ids)
   assert int(idx2[0]) == 105
 
 
 def test_iou_of_identical_sets_is_one_and_disjoint_is_zero():
   pts, valid, _ = _history([0.0, np.pi])
-  iou = np.asarray(retrieval.voxel_iou(pts[0], valid[0], pts, valid))
+  voxel_iou = jax.jit(retrieval.voxel_iou)
+  iou = np.asarray(voxel_iou(pts[0], valid[0], pts, valid))
   np.testing.assert_allclose(iou, [1.0, 0.0])
-  iou = np.asarray(retrieval.voxel_iou(pts[0], jnp.zeros_like(valid[0]), pts, valid))
+  iou = np.asarray(voxel_iou(pts[0], jnp.zeros_like(valid[0]), pts, valid))
   np.testing.assert_array_equal(iou, [0.0, 0.0])
 
 
 def test_frame_bank_retrieves_by_frustum_overlap():
   be = backend("frame_bank")
+  retrieve = jax.jit(baselines.frame_bank_retrieve, static_argnums=3)
   angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
   state = be.write(be.init(config(capacity=8)), **make_frames(angles, first_index=10))
   target = jnp.asarray(orbit_pose(angles[3] + 0.05))[None]
-  idx, scores, lat = baselines.frame_bank_retrieve(state, jnp.asarray(K_IMG)[None], target, 3)
+  idx, scores, lat = retrieve(state, jnp.asarray(K_IMG)[None], target, 3)
   assert int(idx[0, 0]) == 13 and float(scores[0, 0]) > 0.8
   np.testing.assert_array_equal(np.asarray(lat[0, 0]), np.asarray(state.latents[3]))
   away = jnp.asarray(orbit_pose(angles[3] + np.pi))[None]
   far = be.init(config(capacity=8))
   far = be.write(far, **make_frames([angles[3]], first_index=10))
-  idx, _, lat = baselines.frame_bank_retrieve(far, jnp.asarray(K_IMG)[None], away, 2)
+  idx, _, lat = retrieve(far, jnp.asarray(K_IMG)[None], away, 2)
   np.testing.assert_array_equal(np.asarray(idx), [[-1, -1]])
   assert not np.asarray(lat).any()
 
@@ -240,18 +222,25 @@ def test_frame_bank_retrieves_by_frustum_overlap():
 
 
 @pytest.mark.parametrize("name", BACKEND_NAMES)
-def test_empty_memory_and_all_masked_writes(name):
+def test_empty_masked_seen_and_looking_away(name):
   be = backend(name)
   state = be.init(config(capacity=capacity_for(name)))
-  fr = make_frames([0.0, 0.1])
+  fr = make_frames([0.0, 0.05])
   lat, cov = be.read(state, fr["intrinsics"], fr["c2w"])
   assert lat.shape == (2, LH, LW, C) and cov.shape == (2, LH, LW)
   assert not np.asarray(cov).any() and not np.asarray(lat).any()
-  fr["static_mask"] = jnp.zeros_like(fr["static_mask"])
-  state = be.write(state, **fr)
+  masked = be.write(state, **dict(fr, static_mask=jnp.zeros_like(fr["static_mask"])))
   if name != "frame_bank":  # a frame bank stores whole frames, masked or not
-    assert be.nbytes(state) == 0
-  assert not np.asarray(be.read(state, fr["intrinsics"], fr["c2w"])[1]).any()
+    assert be.nbytes(masked) == 0
+  assert not np.asarray(be.read(masked, fr["intrinsics"], fr["c2w"])[1]).any()
+  state = be.write(state, **fr)
+  _, cov = be.read(state, fr["intrinsics"], fr["c2w"])
+  assert np.asarray(cov).mean() > 0.5 or name == "none"
+  assert (be.nbytes(state) > 0) == (name != "none")
+  # Turned 180 degrees: everything in memory is behind the camera.
+  away = jnp.asarray(np.stack([orbit_pose(np.pi), orbit_pose(np.pi + 0.05)]))
+  lat, cov = be.read(state, fr["intrinsics"], away)
+  assert not np.asarray(cov).any() and not np.asarray(lat).any()
 
 
 @pytest.mark.parametrize("name", BACKEND_NAMES)
@@ -328,7 +317,7 @@ def test_jit_vmap_is_batch_order_equivariant(name):
   np.testing.assert_allclose(np.asarray(lat1, np.float32), np.asarray(lat[1], np.float32), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["voxel", "mirage", "frame_bank"])
+@pytest.mark.parametrize("name", ["voxel", "mirage"])
 def test_runs_sharded_over_eight_devices(name):
   assert jax.device_count() == 8
   mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -338,8 +327,10 @@ def test_runs_sharded_over_eight_devices(name):
   shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
   run = jax.jit(_step(be, cfg))
   lat, cov = run(jax.tree.map(shard, fr), shard(target))
-  assert lat.sharding.spec == P("data") or lat.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), lat.ndim)
-  lat_ref, cov_ref = jax.jit(_step(be, cfg))(fr, target)
-  np.testing.assert_array_equal(np.asarray(cov), np.asarray(cov_ref))
-  np.testing.assert_allclose(np.asarray(lat, np.float32), np.asarray(lat_ref, np.float32), atol=1e-6)
+  assert lat.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), lat.ndim)
   assert np.asarray(cov).mean() > 0.9
+  for i in (0, 5):  # same as one scene at a time, unsharded
+    one = jax.tree.map(lambda x: x[i], fr)
+    lat_i, cov_i = be.read(be.write(be.init(cfg), **one), one["intrinsics"], target[i])
+    np.testing.assert_array_equal(np.asarray(cov[i]), np.asarray(cov_i))
+    np.testing.assert_allclose(np.asarray(lat[i], np.float32), np.asarray(lat_i, np.float32), atol=1e-6)

@@ -214,20 +214,20 @@ def ring_slots(head, valid, capacity: int):
 
 
 def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
-          half_size=None, max_radius: int = 0):
+          footprint: float = 0.0, max_radius: int = 0):
   """Z-buffer splat of points into one camera: the closest point wins each cell.
 
   Ties in depth go to the point with the larger index (the newer one in append buffers).
-  With ``half_size``, points have square footprints that fill holes: an empty cell takes
-  the closest neighbouring winner (up to ``max_radius`` cells away) whose projected square
-  contains the cell's centre. Filling works on the image, after the z-buffer, so its cost
+  With a ``footprint``, points are world-space squares of that edge facing the camera, and
+  they fill holes: an empty cell takes the closest neighbouring winner (up to
+  ``max_radius`` cells away) whose projected square contains the cell's centre. Filling works on the image, after the z-buffer, so its cost
   does not grow with the number of points.
 
   Args:
     points: (N, 3) world points. values: (N, C) carried to the image. valid: (N,) bool.
     K: (3, 3) intrinsics of the (height, width) grid. c2w: (4, 4).
     near: points with camera depth <= near are skipped.
-    half_size: optional (N,) half extent in pixels of each point's footprint.
+    footprint: world-space edge of each point's square (0 = centre cells only).
     max_radius: farthest footprint reach in cells (0 = centre cells only).
   Returns:
     image (height, width, C) with zeros where empty, coverage (height, width) bool,
@@ -248,7 +248,8 @@ def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
   best = jnp.full((height * width + 1,), -1, jnp.int32).at[cells].max(jnp.where(winner, ids, -1))
   best = best[:-1].reshape(height, width)
   zbest = zmin[:-1].reshape(height, width)
-  if half_size is not None and max_radius > 0:
+  if footprint > 0 and max_radius > 0:
+    half_size = 0.5 * footprint * 0.5 * (K[0, 0] + K[1, 1]) / jnp.maximum(z, near)
     best, zbest = _fill_holes(best, zbest, uv, half_size, max_radius)
   covered = best >= 0
   image = jnp.where(covered[..., None], values[jnp.maximum(best, 0)], 0)
@@ -426,12 +427,9 @@ def voxel_read(state: VoxelState, intrinsics, c2w):
   K = latent_intrinsics(cfg, intrinsics)
 
   def one(K1, c2w1):
-    _, z = geometry.project_points(state.points, K1, c2w1)
-    focal = 0.5 * (K1[0, 0] + K1[1, 1])
-    half = 0.5 * cfg.voxel_size * focal / jnp.maximum(z, cfg.near)
     image, covered, _ = splat(state.points, state.features, state.occupied, K1, c2w1,
                               cfg.latent_height, cfg.latent_width, cfg.near,
-                              half_size=half, max_radius=cfg.splat_radius)
+                              footprint=cfg.voxel_size, max_radius=cfg.splat_radius)
     return image, covered
 
   return jax.vmap(one)(K, c2w)
