@@ -22,23 +22,36 @@ def _ae_cfg():
   return cfg
 
 
+def _init(make):
+  """(graphdef, params) of ``make()``, initialised in one jitted call (fast on CPU)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  return graphdef, jax.jit(lambda: nnx.split(make())[1])()
+
+
 def _ae_batch(b=2, h=16, w=16):
-  k1, k2 = jax.random.split(jax.random.key(1))
-  # Smooth images so a tiny VAE can fit them quickly.
-  frames = jnp.tanh(jax.image.resize(jax.random.normal(k1, (b, 4, 4, 3)), (b, h, w, 3), "linear"))
-  depth = jnp.exp(jax.image.resize(jax.random.normal(k2, (b, 4, 4)), (b, h, w), "linear"))
+  rng = np.random.default_rng(1)
+  # Smooth images (4x4 blocks) so a tiny VAE can fit them quickly.
+  up = lambda a: np.repeat(np.repeat(a, h // 4, axis=1), w // 4, axis=2)
+  frames = np.tanh(up(rng.normal(size=(b, 4, 4, 3)))).astype(np.float32)
+  depth = np.exp(up(rng.normal(size=(b, 4, 4)))).astype(np.float32)
   return {"frames": frames, "depths": depth}
 
 
 def test_autoencoder_shapes_and_positive_depth():
   cfg = _ae_cfg()
-  model = ae.Autoencoder(cfg, nnx.Rngs(0))
+  graphdef, params = _init(lambda: ae.Autoencoder(cfg, nnx.Rngs(0)))
   batch = _ae_batch()
-  mean, logvar = model.encode(batch["frames"], batch["depths"])
+
+  @jax.jit
+  def round_trip(params, batch):
+    model = nnx.merge(graphdef, params)
+    mean, logvar = model.encode(batch["frames"], batch["depths"])
+    return (mean, logvar) + model.decode(mean)
+
+  mean, logvar, rgb, depth = round_trip(params, batch)
   f = ae.downsample_factor(cfg)
   assert f == 4
   assert mean.shape == logvar.shape == (2, 16 // f, 16 // f, cfg.latent_channels)
-  rgb, depth = model.decode(mean)
   assert rgb.shape == (2, 16, 16, 3) and depth.shape == (2, 16, 16)
   assert jnp.all(depth > 0) and jnp.all(jnp.abs(rgb) <= 1)
 
@@ -60,10 +73,9 @@ def test_kl_closed_form():
 
 def test_autoencoder_overfits_one_batch():
   cfg = _ae_cfg()
-  model = ae.Autoencoder(cfg, nnx.Rngs(0))
+  graphdef, params = _init(lambda: ae.Autoencoder(cfg, nnx.Rngs(0)))
   batch = _ae_batch()
   opt = optax.adam(3e-3)
-  graphdef, params = nnx.split(model)
   opt_state = opt.init(params)
 
   @jax.jit
@@ -104,42 +116,54 @@ def _dn_cfg(**kw):
 
 
 def _dn_inputs(cfg, b=2, t=2, nc=1, h=4, w=4, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 8)
+  rng = np.random.default_rng(seed)
   c = cfg.latent_channels
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
   return dict(
-      x=jax.random.normal(ks[0], (b, t, h, w, c)),
-      t=jax.random.uniform(ks[1], (b, t)),
-      rays=jax.random.normal(ks[2], (b, t, h, w, 6)),
-      memory=jax.random.normal(ks[3], (b, t, h, w, c)),
-      coverage=(jax.random.uniform(ks[4], (b, t, h, w)) > 0.5).astype(jnp.float32),
-      context=jax.random.normal(ks[5], (b, nc, h, w, c)),
-      context_rays=jax.random.normal(ks[6], (b, nc, h, w, 6)),
-      cond=jax.random.normal(ks[7], (b, 3, cfg.cond_dim)))
+      x=normal(b, t, h, w, c),
+      t=rng.uniform(size=(b, t)).astype(np.float32),
+      rays=normal(b, t, h, w, 6),
+      memory=normal(b, t, h, w, c),
+      coverage=(rng.uniform(size=(b, t, h, w)) > 0.5).astype(np.float32),
+      context=normal(b, nc, h, w, c),
+      context_rays=normal(b, nc, h, w, 6),
+      cond=normal(b, 3, cfg.cond_dim))
 
 
 def _apply(graphdef, params, inputs):
   return nnx.merge(graphdef, params)(**inputs)
 
 
-def _train(cfg, steps=4):
+def _live_params(cfg, seed=0):
+  """Init params plus small noise, so zero-initialised layers are live (no training needed)."""
+  graphdef, params = _init(lambda: dn.Denoiser(cfg, nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  return graphdef, jax.tree.map(
+      lambda x: x + 0.05 * rng.normal(size=x.shape).astype(np.float32), params)
+
+
+def _train(cfg, steps=3):
   """A few Adam steps regressing a random target, so zero-init layers become live."""
-  model = dn.Denoiser(cfg, nnx.Rngs(0))
-  graphdef, params = nnx.split(model)
+  graphdef, params = _init(lambda: dn.Denoiser(cfg, nnx.Rngs(0)))
   inputs = _dn_inputs(cfg)
-  target = jax.random.normal(jax.random.key(9), inputs["x"].shape)
+  target = np.random.default_rng(9).normal(size=inputs["x"].shape).astype(np.float32)
   opt = optax.adam(1e-2)
   opt_state = opt.init(params)
 
   @jax.jit
   def step(params, opt_state):
-    loss, grads = jax.value_and_grad(
-        lambda p: jnp.mean(jnp.square(_apply(graphdef, p, inputs) - target)))(params)
+    def loss_fn(p):
+      out = _apply(graphdef, p, inputs)
+      return jnp.mean(jnp.square(out - target)), out
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, out
 
+  outputs = []
   for _ in range(steps):
-    params, opt_state, _ = step(params, opt_state)
-  return graphdef, params, inputs
+    params, opt_state, out = step(params, opt_state)
+    outputs.append(out)
+  return graphdef, params, inputs, outputs
 
 
 @pytest.fixture(scope="module", params=["concat", "control"])
@@ -148,18 +172,16 @@ def trained(request):
   return (cfg,) + _train(cfg)
 
 
-@pytest.mark.parametrize("mode", ["concat", "control"])
-def test_denoiser_shape_and_zero_output_at_init(mode):
-  cfg = _dn_cfg(memory_conditioning=mode)
-  model = dn.Denoiser(cfg, nnx.Rngs(0))
-  inputs = _dn_inputs(cfg)
-  out = model(**inputs)
+def test_denoiser_shape_and_zero_output_at_init(trained):
+  cfg, _, _, inputs, outputs = trained
+  out = outputs[0]  # output of the step-0 forward pass, at init
   assert out.shape == inputs["x"].shape and out.dtype == jnp.float32
   assert float(jnp.abs(out).max()) == 0.0
+  assert float(jnp.abs(outputs[-1]).max()) > 0.0
 
 
 def test_context_memory_time_and_cond_all_reach_the_output(trained):
-  cfg, graphdef, params, inputs = trained
+  cfg, graphdef, params, inputs, _ = trained
   f = jax.jit(lambda inp: _apply(graphdef, params, inp))
   base = f(inputs)
   assert float(jnp.abs(base).max()) > 0
@@ -174,22 +196,26 @@ def test_context_memory_time_and_cond_all_reach_the_output(trained):
                  coverage=jnp.zeros_like(inputs["coverage"])) > 1e-4
   assert changed(cond=jnp.zeros_like(inputs["cond"])) > 1e-4
   # Per-frame times: changing frame 1's time changes frame 1's output.
-  t2 = inputs["t"].at[:, 1].set(1.0 - inputs["t"][:, 1])
+  t2 = inputs["t"].copy()
+  t2[:, 1] = 1.0 - t2[:, 1]
   out = f({**inputs, "t": t2})
   assert float(jnp.abs(out[:, 1] - base[:, 1]).max()) > 1e-4
   # Examples are independent.
-  out = f({**inputs, "x": inputs["x"].at[1].add(1.0)})
+  x2 = inputs["x"].copy()
+  x2[1] += 1.0
+  out = f({**inputs, "x": x2})
   np.testing.assert_allclose(out[0], base[0], atol=1e-6)
 
 
 def test_scan_loop_and_remat_agree():
-  cfg = _dn_cfg(memory_conditioning="control")
-  graphdef, params, inputs = _train(cfg, steps=2)
+  cfg = _dn_cfg(memory_conditioning="concat")
+  _, params = _live_params(cfg)
+  inputs = _dn_inputs(cfg)
   target = jnp.ones_like(inputs["x"])
 
   def value_and_grad(**over):
-    c = _dn_cfg(memory_conditioning="control", **over)
-    gd, _ = nnx.split(dn.Denoiser(c, nnx.Rngs(0)))
+    c = _dn_cfg(memory_conditioning="concat", **over)
+    gd, _ = nnx.split(nnx.eval_shape(lambda: dn.Denoiser(c, nnx.Rngs(0))))
     f = lambda p: jnp.mean(jnp.square(_apply(gd, p, inputs) - target))
     return jax.jit(jax.value_and_grad(f))(params)
 
@@ -203,10 +229,11 @@ def test_scan_loop_and_remat_agree():
 
 
 def test_bf16_compute_runs_and_tracks_f32():
-  cfg32 = _dn_cfg()
-  graphdef, params, inputs = _train(cfg32, steps=3)
-  gd16, _ = nnx.split(dn.Denoiser(_dn_cfg(dtype="bfloat16"), nnx.Rngs(0)))
-  out32 = _apply(graphdef, params, inputs)
+  graphdef, params = _live_params(_dn_cfg())
+  inputs = _dn_inputs(_dn_cfg())
+  gd16, _ = nnx.split(nnx.eval_shape(lambda: dn.Denoiser(_dn_cfg(dtype="bfloat16"),
+                                                         nnx.Rngs(0))))
+  out32 = jax.jit(lambda p: _apply(graphdef, p, inputs))(params)
   out16 = jax.jit(lambda p: _apply(gd16, p, inputs))(params)
   assert out16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out16)))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
@@ -216,8 +243,7 @@ def test_bf16_compute_runs_and_tracks_f32():
 
 def test_params_carry_logical_axes_and_shard_on_a_mesh():
   cfg = _dn_cfg(memory_conditioning="control")
-  model = dn.Denoiser(cfg, nnx.Rngs(0))
-  graphdef, params = nnx.split(model)
+  graphdef, params = _init(lambda: dn.Denoiser(cfg, nnx.Rngs(0)))
   specs = nnx.get_partition_spec(params)
   assert tuple(specs["blocks"]["fc1"]["kernel"].get_value()) == ("layers", "embed", "mlp")
   assert tuple(specs["blocks"]["attn"]["wq"].get_value()) == ("layers", "embed", "heads",
@@ -229,9 +255,10 @@ def test_params_carry_logical_axes_and_shard_on_a_mesh():
   assert not fc1.is_fully_replicated
   params_sharded = jax.device_put(params, shardings)
   inputs = _dn_inputs(cfg, b=4)
-  ref = _apply(graphdef, params, inputs)
+  f = jax.jit(lambda p, i: _apply(graphdef, p, i))
+  ref = f(params, inputs)
   with jax.set_mesh(mesh):
-    out = jax.jit(lambda p, i: _apply(graphdef, p, i))(params_sharded, inputs)
+    out = f(params_sharded, inputs)
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -250,8 +277,7 @@ def test_make_mesh_and_rules():
 @pytest.mark.parametrize("mode", ["concat", "control"])
 def test_flop_count_matches_xla(mode):
   cfg = _dn_cfg(memory_conditioning=mode, embed_dim=64, num_heads=4, scan_layers=False)
-  model = dn.Denoiser(cfg, nnx.Rngs(0))
-  graphdef, params = nnx.split(model)
+  graphdef, params = _init(lambda: dn.Denoiser(cfg, nnx.Rngs(0)))
   inputs = _dn_inputs(cfg, b=2, t=2, nc=2, h=8, w=8)
   compiled = jax.jit(lambda p, i: _apply(graphdef, p, i)).lower(params, inputs).compile()
   cost = compiled.cost_analysis()
