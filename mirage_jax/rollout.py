@@ -156,7 +156,8 @@ class Rollout:
 
   def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
                poses_c2w: np.ndarray, *, seed: int = 0, progress: bool = True,
-               keep_coverage: bool = True) -> dict[str, Any]:
+               keep_coverage: bool = True, oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,
+               initial_memory: Any = None) -> dict[str, Any]:
     """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
 
     Args:
@@ -164,6 +165,11 @@ class Rollout:
       first_depth: (H, W) metric depth of the first frame (> 0).
       intrinsics: (T, 3, 3) at the model's image resolution. poses_c2w: (T, 4, 4) OpenCV.
       seed: sampling seed.
+      oracle_frames: optional ground truth ``(frames (N, H, W, 3) uint8, depths (N, H, W))``,
+        N <= T: frames ``< N`` are written to memory encoded from these (with their depth)
+        instead of the generated ones (evaluation bounds); their encoding is not timed.
+      initial_memory: optional memory state of this backend to start from instead of an
+        empty one (the scaling benchmark pre-fills it); frame 0 is written into it.
     Returns:
       dict with frames (T, H, W, 3) uint8 (frame 0 = the decoded first frame), depths
       (T, H, W) float32, coverage (T, h, w) float32 (memory coverage of each generated frame;
@@ -184,7 +190,12 @@ class Rollout:
     c2w = jnp.asarray(poses_c2w, jnp.float32)
 
     lat0 = self._encode(self.ae_state, jnp.asarray(frame0)[None], jnp.asarray(first_depth)[None])
-    state = self.backend.init(self.memory_cfg)
+    if oracle_frames is not None:
+      gt_rgb, gt_depth = (np.asarray(a) for a in oracle_frames)
+      if gt_rgb.shape[1:] != (h, w, 3) or gt_depth.shape != gt_rgb.shape[:3] or len(gt_rgb) > T:
+        raise InputError("generate", "oracle_frames", f"expected (N <= {T}, {h}, {w}, 3) frames and "
+                         f"(N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
+    state = self.backend.init(self.memory_cfg) if initial_memory is None else initial_memory
     state = self._write(state, lat0, jnp.asarray(first_depth, jnp.float32)[None], K[:1], c2w[:1],
                         jnp.ones((1, h, w), bool), jnp.zeros((1,), jnp.int32),
                         rgb=(jnp.asarray(frame0)[None] + 1.0) / 2.0)
@@ -203,6 +214,12 @@ class Rollout:
       # Pad the last chunk with its last camera; padded frames are never written.
       idx = np.minimum(np.arange(start, start + self.chunk), T - 1)
       Kc, c2wc = K[idx], c2w[idx]
+      oracle = oracle_frames is not None and start < len(gt_rgb)
+      if oracle:  # padded with the last ground-truth frame; only frames < N are written from it
+        gi = np.minimum(idx, len(gt_rgb) - 1)
+        o_rgb = jnp.asarray(gt_rgb[gi], jnp.float32) / 127.5 - 1.0
+        o_depth = jnp.asarray(gt_depth[gi], jnp.float32)
+        o_lat = jax.block_until_ready(self._encode(self.ae_state, o_rgb, o_depth))
       t0 = time.perf_counter()
       mem, cov = jax.block_until_ready(self._read(state, Kc, c2wc))
       t_read = time.perf_counter() - t0
@@ -211,8 +228,13 @@ class Rollout:
           self._denoise(self.ae_state, self.dn_state, mem, cov, Kc, c2wc, ctx, ctx_K, ctx_c2w, sub))
       t1 = time.perf_counter()
       static = jnp.broadcast_to((jnp.arange(self.chunk) < n)[:, None, None], (self.chunk, h, w))
+      w_lat, w_rgb, w_depth = lat, rgb, depth
+      if oracle:  # a chunk straddling N mixes the two (no extra ops when it lies below N)
+        use = idx < len(gt_rgb)
+        pick = lambda o, g: o if use.all() else jnp.where(use.reshape((-1,) + (1,) * (o.ndim - 1)), o, g)
+        w_lat, w_rgb, w_depth = pick(o_lat, lat), pick(o_rgb, rgb), pick(o_depth, depth)
       state = jax.block_until_ready(self._write(
-          state, lat, depth, Kc, c2wc, static, jnp.asarray(idx, jnp.int32), rgb=(rgb + 1.0) / 2.0))
+          state, w_lat, w_depth, Kc, c2wc, static, jnp.asarray(idx, jnp.int32), rgb=(w_rgb + 1.0) / 2.0))
       t_write = time.perf_counter() - t1
       timings.append(ChunkTiming(t_read + t_write, time.perf_counter() - t0,
                                  int(self.backend.nbytes(state))))
