@@ -1,0 +1,397 @@
+"""Revisit-consistency benchmark: does a place look the same when the camera comes back?
+
+Protocol, per trajectory (a loop: the last part returns to places seen early):
+
+  1. Pair frames with the past: frame ``b`` is a *revisit* of frame ``a < b`` when their
+     poses are close (camera centres within ``max_distance`` metres and viewing directions
+     within ``max_angle_deg``, combined as in the input pipeline's revisit windows), they
+     are at least ``min_gap`` frames apart, and some frame between them is *not* close to
+     ``a`` (the camera went away and came back). Each revisit frame is paired with its
+     nearest such ``a`` (:func:`pair_revisits`).
+  2. Generate the whole trajectory from its first frame (+ depth) with every memory backend,
+     and score every generated frame against ground truth (PSNR, SSIM per frame), revisit
+     frames against ground truth and against the model's own first-visit generation (frame
+     ``a``), the generated clip's reprojection consistency with its own depth
+     (``metrics.geometric_consistency``), depth errors and memory coverage.
+  3. Rows beside the backends:
+       ``oracle``     the configured backend with memory written from ground truth (frames
+                      encoded by the autoencoder, ground-truth depth) instead of the
+                      generated frames: an upper bound on what memory can give;
+       ``none``       no memory: the lower bound (one of the backends);
+       ``composite``  no model: ground-truth RGB points of all earlier frames (lifted with
+                      ground-truth depth) splatted into the camera where they cover, the
+                      previous ground-truth frame elsewhere. It sees ground truth, so it is a
+                      reference for "copy from memory" rather than a generator; the design
+                      probe found a trained model below it.
+     Ground truth against itself gives the floor of the first-visit and geometric scores
+     (poses of a pair are close, not identical): ``reference`` in the results.
+
+Memory Maze variant (Po et al. 2025 give 400 context frames at 64x64 and generate the
+400-frame retrace): a ``retrace`` rollout of ``2 N`` frames whose first ``N`` frames are
+*context*: they are written into memory from ground truth (every row) and the scores are
+taken over the last ``N`` frames. Here ``N`` is small (e.g. 40) and the resolution is the
+model's; the clean-context latents of the first retrace chunk are still the model's own
+generation of the context frames (our rollout conditions on its own last chunk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from data_pipelines import pipeline
+from mirage_jax import geometry
+from mirage_jax import memory as memory_lib
+from mirage_jax.errors import InputError
+from mirage_jax.evaluation import metrics, video
+from mirage_jax.memory import baselines
+from mirage_jax.evaluation.scaling import capacity_for
+
+# Rows that are not memory backends.
+ORACLE, COMPOSITE = "oracle", "composite"
+# Scalar scores of a row (means over the frames they name).
+SCALARS = ("psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
+           "ssim_first_visit", "geometric_psnr", "geometric_fraction", "depth_abs_rel",
+           "depth_delta1", "coverage_revisit", "cache_bytes", "chunk_seconds", "memory_seconds")
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """One posed clip at the model's resolution.
+
+  Attributes:
+    name: identifies it in outputs (file-name safe).
+    frames: (T, H, W, 3) uint8. depths: (T, H, W) float32 metric z-depth.
+    intrinsics: (T, 3, 3). poses_c2w: (T, 4, 4). dynamic_masks: (T, H, W) uint8 (0 = static).
+    fps: frames per second of the videos.
+    context: frames ``< context`` are given (written to memory from ground truth) and not
+      scored; 0 for the plain protocol (only frame 0 is given).
+  """
+  name: str
+  frames: np.ndarray
+  depths: np.ndarray
+  intrinsics: np.ndarray
+  poses_c2w: np.ndarray
+  dynamic_masks: np.ndarray
+  fps: float = 10.0
+  context: int = 0
+
+
+# ----------------------------------------------------------------------------- inputs & outputs
+
+
+def fit_clip(clip: Mapping[str, np.ndarray], resolution: Sequence[int],
+             num_frames: int | None = None) -> dict[str, np.ndarray]:
+  """A clip's first ``num_frames`` frames resized to cover ``resolution`` and centre-cropped.
+
+  Uses the input pipeline's resize (area RGB, nearest depth and masks) so evaluation sees
+  frames prepared like the training windows; intrinsics follow the resize and crop.
+
+  Args:
+    clip: frames (T, H0, W0, 3) uint8, depths (T, H0, W0), intrinsics (T, 3, 3),
+      poses_c2w (T, 4, 4), optional dynamic_masks (T, H0, W0).
+    resolution: (H, W) of the model.
+    num_frames: keep this many frames (default all).
+  Returns:
+    frames (T', H, W, 3) uint8, depths (T', H, W), intrinsics (T', 3, 3), poses_c2w
+    (T', 4, 4), dynamic_masks (T', H, W) uint8.
+  """
+  t = len(clip["poses_c2w"]) if num_frames is None else min(int(num_frames), len(clip["poses_c2w"]))
+  masks = clip.get("dynamic_masks")
+  if masks is None:
+    masks = np.zeros(np.shape(clip["depths"]), np.uint8)
+  example = dict(frames=np.asarray(clip["frames"][:t]), depths=np.asarray(clip["depths"][:t], np.float32),
+                 intrinsics=np.asarray(clip["intrinsics"][:t], np.float32), dynamic_masks=np.asarray(masks[:t]))
+  out = pipeline.resize_and_crop(example, tuple(int(r) for r in resolution), None)
+  return dict(frames=np.clip(np.rint(out["frames"]), 0, 255).astype(np.uint8),
+              depths=np.asarray(out["depths"], np.float32), intrinsics=out["intrinsics"],
+              poses_c2w=np.asarray(clip["poses_c2w"][:t], np.float32),
+              dynamic_masks=np.asarray(out["dynamic_masks"], np.uint8))
+
+
+def prepare_output_dir(path: str, overwrite: bool, flag: str = "--output_dir") -> None:
+  """Creates ``path``; refuses an existing non-empty directory unless ``overwrite``.
+
+  With ``overwrite`` the files a run writes replace their namesakes (each atomically); other
+  files in the directory are left alone.
+  """
+  if not path:
+    raise InputError(flag, "output_dir", "required")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(flag, "output_dir", f"{path} exists and is not a directory")
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    raise InputError(flag, "output_dir", f"{path} exists and is not empty (pass --overwrite to "
+                     "replace its files)")
+  os.makedirs(path, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- pairing
+
+
+def pair_revisits(poses_c2w: np.ndarray, max_distance: float = 0.5, max_angle_deg: float = 30.0,
+                  min_gap: int = 4) -> np.ndarray:
+  """The first-visit frame each frame revisits (see the module docstring), or -1.
+
+  Args:
+    poses_c2w: (T, 4, 4) OpenCV camera-to-world.
+    max_distance: metres between camera centres, at most.
+    max_angle_deg: degrees between the two cameras' orientations, at most.
+    min_gap: frames between a revisit and its first visit, at least.
+  Returns:
+    (T,) int64: for frame b, the nearest earlier frame a it revisits, -1 when none.
+  """
+  poses = np.asarray(poses_c2w, np.float32)
+  dist, angle = (np.asarray(x, np.float64) for x in
+                 geometry.pose_distance(poses[:, None], poses[None, :]))
+  score = np.maximum(dist / max_distance, np.degrees(angle) / max_angle_deg)  # (T, T), [a, b]
+  t = len(poses)
+  # away[a, k]: frames in (a, k] not close to a; the camera left a between a and b when
+  # away[a, b - 1] > 0 (a camera standing still never revisits).
+  far = np.cumsum(score > 1.0, axis=1)
+  away = far - np.diagonal(far)[:, None]
+  a, b = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+  left = away[a, np.maximum(b - 1, 0)] > 0
+  ok = (b - a >= min_gap) & left & (score <= 1.0)
+  masked = np.where(ok, score, np.inf)
+  first = np.argmin(masked, axis=0)
+  return np.where(np.isfinite(masked.min(axis=0)), first, -1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_frames(frames: np.ndarray, truth: Trajectory, pairs: np.ndarray,
+                 depths: np.ndarray | None = None, coverage: np.ndarray | None = None
+                 ) -> dict[str, Any]:
+  """Scores one generated (or composited) clip against ground truth.
+
+  Frames ``< max(truth.context, 1)`` were given, not generated: they are left out of every
+  mean (but kept in the per-frame curves).
+
+  Args:
+    frames: (T, H, W, 3) uint8.
+    truth: the trajectory it follows.
+    pairs: (T,) first-visit frame of each frame, -1 for none (:func:`pair_revisits`).
+    depths: optional (T, H, W) generated depth (geometric and depth scores need it).
+    coverage: optional (T, h, w) memory coverage in [0, 1] at any integer-divisible size.
+  Returns:
+    dict of the scalar means named in ``SCALARS`` that apply (NaN when no frame applies,
+    e.g. no revisit frame) and per-frame ``psnr_per_frame``, ``ssim_per_frame`` (T,).
+  """
+  gen = np.asarray(frames, np.float32) / 255.0
+  gt = np.asarray(truth.frames, np.float32) / 255.0
+  t = len(gen)
+  scored = np.arange(t) >= max(truth.context, 1)
+  revisit = scored & (pairs >= 0)
+  psnr = np.asarray(metrics.psnr(gen, gt))
+  ssim = np.asarray(metrics.ssim(gen, gt))
+  mean = lambda x, m: float(np.nanmean(x[m])) if m.any() else float("nan")
+  out = dict(psnr_all=mean(psnr, scored), ssim_all=mean(ssim, scored),
+             psnr_revisit=mean(psnr, revisit), ssim_revisit=mean(ssim, revisit),
+             psnr_per_frame=psnr, ssim_per_frame=ssim)
+  rb = np.flatnonzero(revisit)
+  if rb.size:
+    out["psnr_first_visit"] = float(np.mean(metrics.psnr(gen[rb], gen[pairs[rb]])))
+    out["ssim_first_visit"] = float(np.mean(metrics.ssim(gen[rb], gen[pairs[rb]])))
+  else:
+    out["psnr_first_visit"] = out["ssim_first_visit"] = float("nan")
+  if depths is not None:
+    geo = metrics.geometric_consistency(gen, depths, truth.intrinsics, truth.poses_c2w)
+    out["geometric_psnr"] = float(metrics.frame_mean(geo["psnr"]))
+    out["geometric_fraction"] = float(metrics.frame_mean(geo["fraction"]))
+    err = metrics.depth_metrics(depths[scored], truth.depths[scored])
+    out["depth_abs_rel"] = float(metrics.frame_mean(err["abs_rel"]))
+    out["depth_delta1"] = float(metrics.frame_mean(err["delta1"]))
+  if coverage is not None:
+    out["coverage_revisit"] = mean(np.asarray(coverage, np.float32).mean(axis=(1, 2)), revisit)
+  return out
+
+
+def reference_scores(truth: Trajectory, pairs: np.ndarray) -> dict[str, float]:
+  """Ground truth scored like a generation: the floor of the first-visit and geometric scores."""
+  s = score_frames(truth.frames, truth, pairs, depths=truth.depths)
+  return {k: s[k] for k in ("psnr_first_visit", "ssim_first_visit", "geometric_psnr",
+                            "geometric_fraction")}
+
+
+def trivial_composite(truth: Trajectory, near: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+  """"Memory where covered, previous frame elsewhere", from ground truth.
+
+  Frame t is the z-buffered splat of the ground-truth RGB points of frames 0..t-1 (every
+  static pixel lifted with its ground-truth depth; the ``rgb_points`` backend's write and
+  render) where it covers, and ground-truth frame t-1 elsewhere. Frame 0 is ground truth.
+
+  Args:
+    truth: the trajectory (T frames at (H, W)).
+    near: splat near plane.
+  Returns:
+    frames (T, H, W, 3) uint8, coverage (T, H, W) bool (False for frame 0).
+  """
+  t, h, w = truth.depths.shape
+  cfg = memory_lib.MemoryConfig(image_height=h, image_width=w, latent_height=h, latent_width=w,
+                                latent_channels=1, capacity=t * h * w, near=near)
+  write = jax.jit(baselines.rgb_points_write)
+  render = jax.jit(baselines.rgb_points_render)
+  state = baselines.rgb_points_init(cfg)
+  out, cov = [truth.frames[0]], [np.zeros((h, w), bool)]
+  for i in range(t):
+    if i > 0:
+      splat, covered = render(state, truth.intrinsics[i:i + 1], truth.poses_c2w[i:i + 1])
+      covered = np.asarray(covered[0])
+      splat = video.as_uint8(np.asarray(splat[0]))
+      out.append(np.where(covered[..., None], splat, truth.frames[i - 1]))
+      cov.append(covered)
+    state = write(state, np.zeros((1, h, w, 1), np.float32), truth.depths[i:i + 1],
+                  truth.intrinsics[i:i + 1], truth.poses_c2w[i:i + 1],
+                  truth.dynamic_masks[i:i + 1] == 0, np.array([i], np.int32),
+                  rgb=truth.frames[i:i + 1].astype(np.float32) / 255.0)
+  return np.stack(out), np.stack(cov)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+class RevisitRunner:
+  """Generates and scores trajectories with each backend, the oracle and the composite.
+
+  One ``Rollout`` per row, built once (compiled once) and reused for every trajectory;
+  append-only backends get the capacity of the longest trajectory (``capacity_for``), the
+  voxel cache keeps its configured one.
+
+  Args:
+    config, ae, dn: the world model (``rollout.load_world_model``).
+    backends: memory backends to run (names of ``memory.BACKEND_NAMES``).
+    max_frames: the longest trajectory that will be run.
+    oracle: add the ``oracle`` row (the config's backend, memory from ground truth).
+    composite: add the ``composite`` row.
+    pairing: keyword arguments of :func:`pair_revisits`.
+  """
+
+  def __init__(self, config, ae, dn, backends: Sequence[str], max_frames: int, *,
+               oracle: bool = True, composite: bool = True,
+               pairing: Mapping[str, Any] | None = None):
+    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+    unknown = [b for b in backends if b not in memory_lib.BACKEND_NAMES]
+    if unknown:
+      raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: "
+                       f"{', '.join(memory_lib.BACKEND_NAMES)})")
+    base = rollout.memory_config(config)
+    make = lambda b: rollout.Rollout(config, ae, dn, backend=b,
+                                     **capacity_for(b, max_frames, base))
+    self.rows = {b: make(b) for b in backends}
+    self.oracle_backend = config.memory.backend
+    if oracle:
+      self.rows[ORACLE] = make(self.oracle_backend)
+    self.composite = composite
+    self.pairing = dict(pairing or {})
+    self.image_hw = (base.image_height, base.image_width)
+
+  @property
+  def row_names(self) -> list[str]:
+    return list(self.rows) + ([COMPOSITE] if self.composite else [])
+
+  def run(self, truth: Trajectory, *, seed: int = 0, video_dir: str | None = None,
+          progress: bool = False) -> dict[str, Any]:
+    """Scores every row on one trajectory (and writes its side-by-side videos).
+
+    Args:
+      truth: a trajectory at the model's resolution.
+      seed: sampling seed (the same for every row).
+      video_dir: if set, writes ``<video_dir>/<truth.name>/<row>.mp4``: generated | ground
+        truth | memory coverage.
+    Returns:
+      dict: ``num_frames``, ``context``, ``pairs`` (T,), ``revisit_frames`` (count),
+      ``reference`` (ground truth's own scores), ``rows``: row -> scores (see
+      :func:`score_frames`).
+    """
+    if truth.frames.shape[1:3] != self.image_hw:
+      raise InputError(truth.name, "frames", f"expected the model's resolution {self.image_hw}, "
+                       f"got {truth.frames.shape[1:3]}")
+    pairs = pair_revisits(truth.poses_c2w, **self.pairing)
+    rows = {}
+    given = (truth.frames[:truth.context], truth.depths[:truth.context]) if truth.context else None
+    for name, r in self.rows.items():
+      oracle = (truth.frames, truth.depths) if name == ORACLE else given
+      out = r.generate(truth.frames[0], truth.depths[0], truth.intrinsics, truth.poses_c2w,
+                       seed=seed, progress=progress, oracle_frames=oracle)
+      scores = score_frames(out["frames"], truth, pairs, out["depths"], out["coverage"])
+      steady = out["timings"][1:] or out["timings"]  # the first chunk includes compilation
+      scores.update(cache_bytes=out["cache_bytes"],
+                    chunk_seconds=float(np.mean([c.chunk_seconds for c in steady])),
+                    memory_seconds=float(np.mean([c.memory_seconds for c in steady])))
+      if name == ORACLE:
+        scores["backend"] = self.oracle_backend
+      rows[name] = scores
+      if video_dir:
+        _write_panel(video_dir, truth, name, out["frames"], out["coverage"])
+    if self.composite:
+      frames, covered = trivial_composite(truth)
+      rows[COMPOSITE] = score_frames(frames, truth, pairs, coverage=covered)
+      if video_dir:
+        _write_panel(video_dir, truth, COMPOSITE, frames, covered)
+    return dict(num_frames=len(truth.frames), context=truth.context, pairs=pairs,
+                revisit_frames=int(np.sum((pairs >= 0) & (np.arange(len(pairs)) >= max(truth.context, 1)))),
+                reference=reference_scores(truth, pairs), rows=rows)
+
+
+def _write_panel(video_dir: str, truth: Trajectory, row: str, frames: np.ndarray,
+                 coverage: np.ndarray) -> None:
+  """generated | ground truth | coverage, upscaled to at least 128 pixels high, as MP4."""
+  h = truth.frames.shape[1]
+  cov = np.asarray(coverage, np.float32)
+  cov = video.upscale(cov[..., None], h // cov.shape[1])[..., 0] > 0.5
+  panel = video.side_by_side([frames, truth.frames, video.mask_to_rgb(cov)])
+  directory = os.path.join(video_dir, truth.name)
+  os.makedirs(directory, exist_ok=True)
+  video.write_mp4(os.path.join(directory, f"{row}.mp4"), video.upscale(panel, max(1, 128 // h)),
+                  fps=truth.fps)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize(results: Mapping[str, Mapping[str, Any]]) -> tuple[dict, dict]:
+  """Means over trajectories of each row's scalars, and mean per-frame curves.
+
+  Args:
+    results: trajectory name -> the dict :meth:`RevisitRunner.run` returned (or its JSON
+      round trip, where NaN became None).
+  Returns:
+    summary: row -> {scalar: mean over trajectories (NaN-skipping)} plus ``reference`` (the
+    ground-truth floor) and ``revisit_frames`` (total); curves: row -> {"psnr": (T,),
+    "ssim": (T,)} means over trajectories, shorter ones padded with NaN.
+  """
+  as_float = lambda v: np.nan if v is None else float(v)
+  rows = {}
+  for res in results.values():
+    for row in res["rows"]:
+      rows.setdefault(row, None)
+  summary, curves = {}, {}
+  for row in rows:
+    per = [res["rows"][row] for res in results.values() if row in res["rows"]]
+    summary[row] = {k: _nanmean([as_float(p[k]) for p in per]) for k in SCALARS if k in per[0]}
+    t = max(len(p["psnr_per_frame"]) for p in per)
+    curves[row] = {}
+    for key in ("psnr", "ssim"):
+      stack = np.full((len(per), t), np.nan)
+      for i, p in enumerate(per):
+        v = np.array([as_float(x) for x in p[f"{key}_per_frame"]])
+        stack[i, :len(v)] = v
+      curves[row][key] = _nanmean(stack, axis=0)
+  refs = [res["reference"] for res in results.values()]
+  summary["reference"] = {k: _nanmean([as_float(r[k]) for r in refs]) for k in refs[0]} if refs else {}
+  summary["revisit_frames"] = int(sum(res["revisit_frames"] for res in results.values()))
+  return summary, curves
+
+
+def _nanmean(x, axis=None):
+  """Mean ignoring NaN; NaN (without a warning) where every value is NaN."""
+  x = np.asarray(x, np.float64)
+  count = np.sum(~np.isnan(x), axis=axis)
+  total = np.nansum(x, axis=axis)
+  return np.where(count > 0, total / np.maximum(count, 1), np.nan) if axis is not None else (
+      float(total / count) if count else float("nan"))

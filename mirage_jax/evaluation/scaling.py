@@ -1,0 +1,154 @@
+"""Cost-scaling benchmark: cache bytes and time per chunk against trajectory length.
+
+For each memory backend and each trajectory length L, one run measures:
+
+  cache_bytes               live bytes of the memory after all L frames are in it;
+  memory_seconds_per_chunk  memory read + write of one chunk (``ChunkTiming.memory_seconds``);
+  chunk_seconds             one whole chunk: read + denoise + decode + write.
+
+The camera circles the centre of a closed box room (6 x 3 x 6 m) looking outward, repeating
+the same poses every ``period`` frames (a loop path: after one period the whole room has
+been seen), so a memory that grows with the scene's extent stops growing while an
+append-only one grows with L. Depth is exact (ray-box intersection), so nothing is
+rendered. Capacities: append-only backends (``mirage``, ``rgb_points``, ``frame_bank``)
+get exactly what L frames need (no eviction, and their per-chunk cost is that of a cloud
+of L frames); ``voxel`` keeps its configured, bounded capacity.
+
+To keep long trajectories affordable (4096 frames on a CPU), the first
+``L - 1 - (timed_chunks + 1) * chunk`` frames go through the memory *write only* (random
+latents: write cost does not depend on their values; frames before the timed segment get
+negative frame indices so the segment is the newest); the rest is a real rollout from that
+memory (``Rollout.generate(initial_memory=...)``) of one warm-up chunk (compilation, not
+reported) and ``timed_chunks`` timed chunks, whose writes use the known geometry
+(``oracle_frames``: exact depth and the frames' encoding, encoded outside the timed span),
+so cache sizes do not depend on an untrained model's depth. Times are means over the timed
+chunks on whatever device runs it, one trajectory per backend, without batching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mirage_jax import geometry
+from mirage_jax.errors import InputError
+
+ROOM_LO = (-3.0, 0.0, -3.0)  # y up, floor at 0, like the procedural scenes
+ROOM_HI = (3.0, 3.0, 3.0)
+
+
+def capacity_for(backend: str, num_frames: int, cfg) -> dict[str, int]:
+  """Memory overrides so an append-only backend holds ``num_frames`` frames without eviction.
+
+  Args:
+    backend: memory backend name. num_frames: frames that will be written.
+    cfg: the ``MemoryConfig`` (image and latent sizes).
+  Returns:
+    ``{"capacity": n}`` for ``mirage`` (latent pixels), ``rgb_points`` (image pixels) and
+    ``frame_bank`` (frames); ``{}`` for the others (``voxel`` stays bounded).
+  """
+  per_frame = {"mirage": cfg.latent_height * cfg.latent_width,
+               "rgb_points": cfg.image_height * cfg.image_width, "frame_bank": 1}
+  return {"capacity": int(num_frames) * per_frame[backend]} if backend in per_frame else {}
+
+
+def loop_trajectory(num_frames: int, period: int, height: int, width: int,
+                    fov_y_deg: float = 75.0, radius: float = 1.0, eye_height: float = 1.5
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """A camera on a circle around the room's centre looking outward, exactly periodic.
+
+  Returns:
+    intrinsics (T, 3, 3) and poses_c2w (T, 4, 4) float32; frame k has frame k % period's pose.
+  """
+  if period < 1 or num_frames < 1:
+    raise InputError("--scaling_period", "period", f"period and length must be >= 1, got "
+                     f"{period} and {num_frames}")
+  loop = []
+  for a in 2.0 * np.pi * np.arange(period) / period:
+    eye = np.array([radius * np.cos(a), eye_height, radius * np.sin(a)])
+    loop.append(geometry.look_at(eye, eye + np.array([np.cos(a), 0.0, np.sin(a)]), up=(0, 1, 0)))
+  # Indexing one period (not recomputing angles) makes every lap bit-identical.
+  poses = np.stack(loop)[np.arange(num_frames) % period]
+  K = np.repeat(geometry.intrinsics_from_fov(fov_y_deg, height, width)[None], num_frames, 0)
+  return K, poses.astype(np.float32)
+
+
+def box_depth(intrinsics: np.ndarray, poses_c2w: np.ndarray, height: int, width: int,
+              lo: Sequence[float] = ROOM_LO, hi: Sequence[float] = ROOM_HI) -> np.ndarray:
+  """Exact z-depth of the inside of an axis-aligned box seen from cameras inside it.
+
+  Args:
+    intrinsics: (T, 3, 3). poses_c2w: (T, 4, 4), camera centres inside the box.
+  Returns:
+    (T, H, W) float32 z-depth.
+  """
+  rays = np.asarray(geometry.camera_rays(np.asarray(intrinsics, np.float32), height, width))  # z = 1
+  d = np.einsum("tij,thwj->thwi", poses_c2w[:, :3, :3], rays)
+  o = poses_c2w[:, None, None, :3, 3]
+  with np.errstate(divide="ignore"):
+    # The ray parameter of a z = 1 camera ray is its z-depth; the exit wall is the nearest.
+    wall = np.where(d > 0, (np.asarray(hi) - o) / d, np.where(d < 0, (np.asarray(lo) - o) / d, np.inf))
+  return wall.min(axis=-1).astype(np.float32)
+
+
+def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int], *,
+                timed_chunks: int = 2, period: int = 64, prefill_block: int = 32, seed: int = 0,
+                progress: bool = False) -> list[dict[str, Any]]:
+  """Measures every (backend, length) as described in the module docstring.
+
+  Args:
+    config, ae, dn: the world model (``rollout.load_world_model``).
+    backends: memory backend names. lengths: trajectory lengths in frames.
+    timed_chunks: chunks timed at the end of each trajectory (after one warm-up chunk).
+    period: frames per loop of the camera path.
+    prefill_block: frames per memory write while pre-filling.
+    seed: sampling and random-latent seed.
+  Returns:
+    entries in the ``scaling.json`` schema (``report.SCALING_FIELDS``), backend-major.
+  """
+  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+  chunk = int(config.denoiser.target_frames)
+  generated = 1 + (timed_chunks + 1) * chunk
+  if timed_chunks < 1:
+    raise InputError("--timed_chunks", "timed_chunks", f"must be >= 1, got {timed_chunks}")
+  short = [n for n in lengths if n < generated]
+  if short:
+    raise InputError("--lengths", "lengths", f"{short[0]} frames is shorter than the timed segment "
+                     f"(1 + {timed_chunks + 1} chunks of {chunk} = {generated} frames)")
+  base = rollout.memory_config(config)
+  h, w = base.image_height, base.image_width
+  K, poses = loop_trajectory(max(lengths), period, h, w)
+  depths = box_depth(K, poses, h, w)
+  rng = np.random.default_rng(seed)
+  colours = rng.integers(0, 256, (period, h, w, 3), dtype=np.uint8)  # one per loop position
+  latents = rng.normal(size=(prefill_block, base.latent_height, base.latent_width,
+                             base.latent_channels)).astype(np.float32)
+  entries = []
+  bar = tqdm(total=len(backends) * len(lengths), desc="scaling", disable=not progress)
+  for backend in backends:
+    r = rollout.Rollout(config, ae, dn, backend=backend)
+    write = jax.jit(r.backend.write, donate_argnums=0)  # pre-fill in place
+    for n in sorted(lengths):
+      cfg = dataclasses.replace(r.memory_cfg, **capacity_for(backend, n, r.memory_cfg))
+      state = r.backend.init(cfg)
+      start = n - generated
+      for b0 in range(0, start, prefill_block):
+        idx = np.arange(b0, min(b0 + prefill_block, start))
+        state = write(state, latents[:len(idx)], depths[idx], K[idx], poses[idx],
+                      np.ones((len(idx), h, w), bool), (idx - start).astype(np.int32),
+                      rgb=colours[idx % period].astype(np.float32) / 255.0)
+      seg = np.arange(start, n)
+      rgb = colours[seg % period]
+      out = r.generate(rgb[0], depths[start], K[seg], poses[seg], seed=seed, progress=False,
+                       oracle_frames=(rgb, depths[seg]), initial_memory=state)
+      timed = out["timings"][1:]
+      entries.append(dict(backend=backend, frames=int(n), cache_bytes=int(out["cache_bytes"]),
+                          memory_seconds_per_chunk=float(np.mean([t.memory_seconds for t in timed])),
+                          chunk_seconds=float(np.mean([t.chunk_seconds for t in timed]))))
+      bar.update(1)
+  bar.close()
+  return entries

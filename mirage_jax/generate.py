@@ -1,0 +1,102 @@
+"""Generates a video along a posed clip's camera path, from its first frame and depth.
+
+  python -m mirage_jax.generate --checkpoint=runs/tiny_dit_export \\
+      --geometry_path=clip/geometry.npz --output_dir=out/clip [--memory=voxel] [--num_frames=N]
+
+The input is the reference's ``geometry.npz`` (see ``data_pipelines/files.py``): only frame
+0 (RGB + depth) and every frame's camera are used. Frame 0 and the intrinsics are resized
+to cover the model's resolution and centre-cropped (the input pipeline's resize).
+
+Outputs in ``--output_dir`` (refused if it exists and is not empty, unless ``--overwrite``;
+every file written under a temporary name, then renamed):
+
+  video.mp4, video.gif   the generated frames (frame 0 is the autoencoded first frame);
+  depth.npz              ``depths (T, H, W)`` generated z-depth, ``intrinsics (T, 3, 3)`` at
+                         the model's resolution, ``poses_c2w (T, 4, 4)``;
+  depth.mp4              the depth, colour-mapped with one range for the whole clip;
+  timings.json           per chunk: memory seconds (read + write), whole-chunk seconds, cache
+                         bytes after it; totals. The first chunk includes compilation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from mirage_jax.errors import InputError, run_cli
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
+_AUTOENCODER = flags.DEFINE_string("autoencoder", None,
+                                   "Autoencoder export (default: the one the denoiser was trained with).")
+_GEOMETRY = flags.DEFINE_string("geometry_path", None, "geometry.npz with frame 0, depth and the cameras.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where the outputs go.")
+_MEMORY = flags.DEFINE_string("memory", None, "Memory backend (default: the training config's).")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Frames to generate along (default: all).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_FPS = flags.DEFINE_float("fps", None, "Video frame rate (default: the file's fps).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non-empty --output_dir.")
+
+
+def _main() -> int:
+  for flag, value in (("--checkpoint", _CHECKPOINT.value), ("--geometry_path", _GEOMETRY.value)):
+    if not value:
+      raise InputError(flag, flag[2:], "required")
+  if _NUM_FRAMES.value is not None and _NUM_FRAMES.value < 2:
+    raise InputError("--num_frames", "num_frames", f"need at least 2, got {_NUM_FRAMES.value}")
+  # Imports after the flag checks: JAX and the models take seconds to load.
+  from data_pipelines import files  # pylint: disable=g-import-not-at-top
+  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
+
+  revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
+  clip = files.load_geometry_npz(_GEOMETRY.value)
+  if not clip["has_depth"]:
+    raise InputError(_GEOMETRY.value, "has_depth", "the first frame's depth is needed (the file has none)")
+  if len(clip["poses_c2w"]) < 2:
+    raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
+  fps = _FPS.value or float(clip["fps"])
+  config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
+  clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)
+  backend = _MEMORY.value or config.memory.backend
+  num_frames = len(clip["poses_c2w"])
+  r = rollout.Rollout(config, ae, dn, backend=backend,
+                      **scaling.capacity_for(backend, num_frames, rollout.memory_config(config)))
+  start = time.perf_counter()
+  out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
+                   seed=_SEED.value)
+  total = time.perf_counter() - start
+
+  directory = _OUTPUT.value
+  video.write_mp4(os.path.join(directory, "video.mp4"), out["frames"], fps=fps)
+  video.write_gif(os.path.join(directory, "video.gif"), out["frames"], fps=fps)
+  video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
+  with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
+                          poses_c2w=clip["poses_c2w"])
+  chunks = [dict(memory_seconds=c.memory_seconds, chunk_seconds=c.chunk_seconds,
+                 cache_bytes=c.cache_bytes) for c in out["timings"]]
+  steady = chunks[1:] or chunks
+  report.write_metrics_json(os.path.join(directory, "timings.json"), dict(
+      checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
+      num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
+      seed=_SEED.value, cache_bytes=out["cache_bytes"], total_seconds=total,
+      seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
+      memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),
+      chunks=chunks))
+  print(f"generated {num_frames} frames with memory={backend} in {total:.1f} s "
+        f"(cache {out['cache_bytes']} bytes) -> {directory}")
+  return 0
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  run_cli(_main)
+
+
+if __name__ == "__main__":
+  app.run(main)
