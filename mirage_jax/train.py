@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -429,7 +430,8 @@ def load_frozen_autoencoder(config: ml_collections.ConfigDict) -> Any:
     raise InputError("config.denoiser.autoencoder_checkpoint", "autoencoder_checkpoint",
                      "the denoiser stage needs a stage-1 export (python -m mirage_jax.export)")
   params, ae_config, _ = ckpt_lib.load_export(path)
-  if ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
+  # Compare as JSON (the export's config went through JSON: tuples became lists).
+  if json.loads(ae_config.autoencoder.to_json()) != json.loads(config.autoencoder.to_json()):
     raise InputError(path, "autoencoder", "the export's autoencoder config differs from "
                      "config.autoencoder")
   return jax.tree.map(lambda x: x.astype(jnp.float32), params)
@@ -605,8 +607,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last = _log(config, writer, pending, step, step_last, t_last, total, step_flops, peak)
         t_last, step_last, pending = time.perf_counter(), step, []
       if config.eval.every and (step % config.eval.every == 0 or step == total):
+        t_eval = time.perf_counter()
         writer.write_scalars(step, evaluate(config, stage, setup, eval_step, state, frozen,
                                             sources["validation"]))
+        t_last += time.perf_counter() - t_eval  # keep evals out of the step time
       if preemption.reached(step):
         checkpointer.save(step, state, train_iter, config)
         checkpointer.wait()
