@@ -1,4 +1,4 @@
-"""Autoencoder and denoiser: shapes, init, conditioning wiring, scan/remat, bf16, sharding, FLOPs."""
+"""Autoencoder and denoiser: shapes, init, conditioning, scan/remat, bf16, sharding, FLOPs."""
 
 import jax
 import jax.numpy as jnp

@@ -48,7 +48,7 @@ _VARIANTS = {
 
 
 def denoiser_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-  """Size preset: 'tiny' (~2M params), 'base' (~190M), 'pod' (~2.4B)."""
+  """Size preset: 'tiny' (~2.3M params), 'base' (~213M), 'pod' (~2.8B)."""
   if variant not in _VARIANTS:
     raise ValueError(f"unknown denoiser variant {variant!r}; known: {sorted(_VARIANTS)}")
   d, n_layers, heads, control, memory = _VARIANTS[variant]
@@ -101,8 +101,9 @@ class Attention(nnx.Module):
                            param_dtype)
     self.wo = layers.param(rngs, nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
                            (heads, dh, d), ("heads", "head_dim", "embed"), param_dtype)
-    self.q_norm = layers.RMSNorm(dh, "head_dim", rngs=rngs, param_dtype=param_dtype) if qk_norm else None
-    self.k_norm = layers.RMSNorm(dh, "head_dim", rngs=rngs, param_dtype=param_dtype) if qk_norm else None
+    norm = lambda: layers.RMSNorm(dh, "head_dim", rngs=rngs, param_dtype=param_dtype)
+    self.q_norm = norm() if qk_norm else None
+    self.k_norm = norm() if qk_norm else None
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, kv: jax.Array) -> jax.Array:
