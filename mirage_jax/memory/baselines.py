@@ -19,7 +19,7 @@ from flax import struct
 
 from mirage_jax import geometry
 from mirage_jax.errors import InputError
-from mirage_jax.memory.latent_cache import (MemoryConfig, check_frames, latent_intrinsics,
+from mirage_jax.memory.latent_cache import (MemoryConfig, check_frames, depth_at, latent_intrinsics,
                                             lift_frames, live_bytes, memory_config, ring_slots,
                                             splat)
 
@@ -152,14 +152,17 @@ class FrameBankState:
 
   Attributes:
     latents: (S, h, w, C) feature_dtype.
-    points: (S, h, w, 3) float32 world points of every latent pixel.
+    depth: (S, h, w) float32 z-depth at latent resolution.
+    intrinsics: (S, 3, 3) float32 of the latent resolution. c2w: (S, 4, 4) float32.
     point_valid: (S, h, w) bool static pixels with usable depth.
     frame: (S,) int32 frame index (-1 in empty slots).
     valid: (S,) bool live slots.
     head: () int32 frames written so far.
   """
   latents: jax.Array
-  points: jax.Array
+  depth: jax.Array
+  intrinsics: jax.Array
+  c2w: jax.Array
   point_valid: jax.Array
   frame: jax.Array
   valid: jax.Array
@@ -172,14 +175,16 @@ def frame_bank_init(cfg) -> FrameBankState:
   cfg = memory_config(cfg)
   s, h, w, c = cfg.capacity, cfg.latent_height, cfg.latent_width, cfg.latent_channels
   return FrameBankState(latents=jnp.zeros((s, h, w, c), cfg.dtype),
-                        points=jnp.zeros((s, h, w, 3), jnp.float32),
+                        depth=jnp.ones((s, h, w), jnp.float32),
+                        intrinsics=jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), (s, 3, 3)),
+                        c2w=jnp.broadcast_to(jnp.eye(4, dtype=jnp.float32), (s, 4, 4)),
                         point_valid=jnp.zeros((s, h, w), bool), frame=jnp.full((s,), -1, jnp.int32),
                         valid=jnp.zeros((s,), bool), head=jnp.zeros((), jnp.int32), cfg=cfg)
 
 
 def frame_bank_write(state: FrameBankState, latents, depth, intrinsics, c2w, static_mask,
                      frame_index, rgb=None) -> FrameBankState:
-  """Stores F frames (latents, lifted latent-resolution points) in the ring buffer.
+  """Stores F frames (latents, latent-resolution depth, camera) in the ring buffer.
 
   Args: as ``mirage_write``.
   Returns:
@@ -188,14 +193,23 @@ def frame_bank_write(state: FrameBankState, latents, depth, intrinsics, c2w, sta
   del rgb
   cfg = state.cfg
   check_frames(cfg, latents, depth, intrinsics, c2w, static_mask, frame_index)
-  pts, pvalid = lift_frames(cfg, depth, intrinsics, c2w, static_mask, cfg.latent_height, cfg.latent_width)
+  h, w = cfg.latent_height, cfg.latent_width
+  _, pvalid = lift_frames(cfg, depth, intrinsics, c2w, static_mask, h, w)
   f = latents.shape[0]
   slots, head = ring_slots(state.head, jnp.ones((f,), bool), cfg.capacity)
   put = lambda a, x: a.at[slots].set(x, mode="drop")
-  return FrameBankState(latents=put(state.latents, latents.astype(cfg.dtype)), points=put(state.points, pts),
+  return FrameBankState(latents=put(state.latents, latents.astype(cfg.dtype)),
+                        depth=put(state.depth, depth_at(depth.astype(jnp.float32), h, w)),
+                        intrinsics=put(state.intrinsics, latent_intrinsics(cfg, intrinsics)),
+                        c2w=put(state.c2w, c2w.astype(jnp.float32)),
                         point_valid=put(state.point_valid, pvalid),
                         frame=put(state.frame, frame_index.astype(jnp.int32)),
                         valid=put(state.valid, jnp.ones((f,), bool)), head=head, cfg=cfg)
+
+
+def _bank_points(state: FrameBankState):
+  """(S, h, w, 3) world points of every stored latent pixel."""
+  return geometry.unproject_depth(state.depth, state.intrinsics, state.c2w)
 
 
 def frustum_overlap(state: FrameBankState, intrinsics, c2w):
@@ -208,8 +222,8 @@ def frustum_overlap(state: FrameBankState, intrinsics, c2w):
   """
   cfg = state.cfg
   K = latent_intrinsics(cfg, intrinsics)
-  s = state.points.shape[0]
-  uv, z = geometry.project_points(state.points.reshape(s, -1, 3), K[None], c2w[None])
+  s = state.depth.shape[0]
+  uv, z = geometry.project_points(_bank_points(state).reshape(s, -1, 3), K[None], c2w[None])
   inside = ((z > cfg.near) & (uv[..., 0] >= 0) & (uv[..., 0] < cfg.latent_width)
             & (uv[..., 1] >= 0) & (uv[..., 1] < cfg.latent_height))
   pv = state.point_valid.reshape(s, -1)
@@ -253,7 +267,8 @@ def frame_bank_read(state: FrameBankState, intrinsics, c2w):
     scores, slot = jax.lax.top_k(frustum_overlap(state, K_img, c2w1), 1)
     slot = slot[0]
     valid = state.point_valid[slot].reshape(-1) & (scores[0] > 0)
-    image, covered, _ = splat(state.points[slot].reshape(-1, 3),
+    points = geometry.unproject_depth(state.depth[slot], state.intrinsics[slot], state.c2w[slot])
+    image, covered, _ = splat(points.reshape(-1, 3),
                               state.latents[slot].reshape(-1, cfg.latent_channels), valid, K1, c2w1,
                               cfg.latent_height, cfg.latent_width, cfg.near)
     return image, covered
