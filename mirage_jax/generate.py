@@ -51,12 +51,12 @@ def _main() -> int:
   from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
 
-  revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
   clip = files.load_geometry_npz(_GEOMETRY.value)
   if not clip["has_depth"]:
     raise InputError(_GEOMETRY.value, "has_depth", "the first frame's depth is needed (the file has none)")
   if len(clip["poses_c2w"]) < 2:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
+  revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
   fps = _FPS.value or float(clip["fps"])
   config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
   clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)

@@ -125,3 +125,4 @@ def test_bad_geometry_file_is_one_line_error(export, geometry_npz, tmp_path):
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith(f"error: {bad}: field 'poses_c2w'")
   assert "Traceback" not in result.stderr
+  assert not (tmp_path / "out").exists()  # nothing created for a run that never started

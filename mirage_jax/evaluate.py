@@ -1,0 +1,266 @@
+"""Batched evaluation of a world-model export: revisit consistency or cost scaling.
+
+  python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=revisit \\
+      --data_dir=data --output_dir=out/revisit [--backends=none,mirage,voxel] [--num_trajectories=8]
+  python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=revisit \\
+      --procedural_seeds=100000:100008 --num_frames=48 --output_dir=out/revisit_heldout
+  python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=scaling \\
+      --output_dir=out/scaling [--lengths=64,256,1024,4096]
+
+Revisit (``evaluation/revisit.py`` has the protocol): trajectories are the ``--split`` of a
+built dataset (``--data_dir``/``--dataset``, resized to the model's resolution), or loop
+clips rendered on the fly from ``--procedural_seeds=a:b`` (pick seeds the training dataset
+did not use: it used ``first_seed .. first_seed + num_clips - 1``). With
+``--memory_maze_context=N`` (needs the memory_maze extra) ``--num_trajectories`` Memory Maze
+retrace rollouts of 2N frames are scored as well, N of them given as context.
+
+Several processes (``jax.distributed``, same flags as ``mirage_jax.main``): trajectory i
+runs on process ``i % process_count`` (each trajectory is one sequential rollout, so the
+work splits by trajectory, not inside one); each process writes its results to
+``parts/process_<k>.json`` and its videos, all processes meet at a barrier, and process 0
+merges the parts into ``metrics.json`` and the plots. ``--output_dir`` must therefore be on a
+file system every process sees. Scaling runs on process 0 only (it is a timing benchmark).
+
+Outputs in ``--output_dir`` (refused if non-empty unless ``--overwrite``; files are written
+atomically):
+
+  metrics.json            every number: per trajectory and row, summaries, per-frame curves
+                          (revisit), or the scaling entries and protocol (scaling);
+  quality_vs_frame.png    mean PSNR against frame index per row (revisit), also
+  ssim_vs_frame.png       SSIM; memory_maze_*.png for the Memory Maze variant;
+  videos/<traj>/<row>.mp4 generated | ground truth | memory coverage (revisit);
+  parts/process_<k>.json  each process's results (revisit);
+  scaling.json            the scaling entries (``report`` schema) and
+  cost_vs_length.png      their plot (scaling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from mirage_jax import distributed
+from mirage_jax.errors import InputError, run_cli
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
+_AUTOENCODER = flags.DEFINE_string("autoencoder", None,
+                                   "Autoencoder export (default: the one the denoiser was trained with).")
+_BENCHMARK = flags.DEFINE_enum("benchmark", None, ["revisit", "scaling"], "Which benchmark.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where the report goes.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non-empty --output_dir.")
+_BACKENDS = flags.DEFINE_list("backends", ["none", "frame_bank", "rgb_points", "mirage", "voxel"],
+                              "Memory backends to compare.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every backend).")
+# Revisit.
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Built datasets (python -m data_pipelines.build).")
+_DATASET = flags.DEFINE_string("dataset", "procedural_rooms", "Dataset name under --data_dir.")
+_CONFIG_NAME = flags.DEFINE_string("config_name", "default", "Dataset config name.")
+_SPLIT = flags.DEFINE_string("split", "test", "Dataset split.")
+_SEEDS = flags.DEFINE_string("procedural_seeds", None,
+                             "a:b renders loop clips of seeds a..b-1 instead of reading --data_dir.")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", None,
+                                   "Frames per trajectory (procedural: rendered, default 48; dataset: "
+                                   "first frames kept, default all).")
+_NUM_TRAJ = flags.DEFINE_integer("num_trajectories", None, "Trajectories to evaluate (default all).")
+_ORACLE = flags.DEFINE_bool("oracle", True, "Add the oracle row (memory written from ground truth).")
+_COMPOSITE = flags.DEFINE_bool("composite", True, "Add the trivial composite row.")
+_VIDEOS = flags.DEFINE_bool("videos", True, "Write side-by-side videos.")
+_MAZE = flags.DEFINE_integer("memory_maze_context", 0,
+                             "N > 0: also score Memory Maze retraces of 2N frames with N given.")
+_DISTANCE = flags.DEFINE_float("revisit_distance", 0.5, "Metres between a revisit and its first visit.")
+_ANGLE = flags.DEFINE_float("revisit_angle_deg", 30.0, "Degrees between a revisit and its first visit.")
+_GAP = flags.DEFINE_integer("min_revisit_gap", 4, "Frames between a revisit and its first visit.")
+# Scaling.
+_LENGTHS = flags.DEFINE_list("lengths", ["64", "256", "1024", "4096"], "Trajectory lengths (frames).")
+_TIMED = flags.DEFINE_integer("timed_chunks", 2, "Chunks timed at the end of each length.")
+_PERIOD = flags.DEFINE_integer("scaling_period", 64, "Frames per loop of the scaling camera path.")
+# Multi-process.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (else $MIRAGE_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (else $MIRAGE_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (else $MIRAGE_PROCESS_ID).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", None, ["off", "auto"],
+                                 "'auto': let JAX detect the cluster; else $MIRAGE_DISTRIBUTED.")
+
+_TABLE = ("row", "psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
+          "geometric_psnr", "coverage_revisit", "cache_bytes", "chunk_seconds")
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+def _seed_range(text: str) -> range:
+  try:
+    a, b = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise InputError("--procedural_seeds", "procedural_seeds", f"expected a:b, got {text!r}") from None
+  if not 0 <= a < b:
+    raise InputError("--procedural_seeds", "procedural_seeds", f"need 0 <= a < b, got {text!r}")
+  return range(a, b)
+
+
+def _trajectory_loaders(resolution) -> list:
+  """A loader per trajectory, in order; each returns a ``revisit.Trajectory``."""
+  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
+  h, w = resolution
+  if _SEEDS.value:
+    from data_pipelines import procedural  # pylint: disable=g-import-not-at-top
+    num_frames = _NUM_FRAMES.value or 48
+
+    def render(seed):
+      clip = procedural.render_clip(seed, num_frames, h, w, trajectory="loop")
+      return revisit.Trajectory(name=f"seed{seed}", fps=float(clip["fps"]),
+                                **revisit.fit_clip(clip, (h, w)))
+    loaders = [lambda s=s: render(s) for s in _seed_range(_SEEDS.value)]
+  elif _DATA_DIR.value:
+    source = builders.load(_DATA_DIR.value, _DATASET.value, _CONFIG_NAME.value).as_data_source(_SPLIT.value)
+
+    def read(i):
+      clip = builders.record_to_clip(source[i])
+      if not clip["has_depth"]:
+        raise InputError(_DATA_DIR.value, "has_depth", f"record {i} ({clip['clip_id']}) has no depth")
+      return revisit.Trajectory(name=f"{i:04d}_{clip['clip_id']}", fps=float(clip["fps"]),
+                                **revisit.fit_clip(clip, (h, w), _NUM_FRAMES.value))
+    loaders = [lambda i=i: read(i) for i in range(len(source))]
+  else:
+    raise InputError("--data_dir", "data_dir", "give --data_dir (a built dataset) or --procedural_seeds=a:b")
+  return loaders[:_NUM_TRAJ.value] if _NUM_TRAJ.value else loaders
+
+
+def _memory_maze_loaders(resolution) -> list:
+  """Loaders of Memory Maze retraces: 2N frames, the first N given as context."""
+  n = _MAZE.value
+  if n <= 0:
+    return []
+  from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
+  if not memory_maze.is_available():
+    raise InputError("--memory_maze_context", "memory_maze", "needs the memory_maze extra "
+                     "(pip install -e '.[memory_maze]', Debian's libosmesa6, MUJOCO_GL=osmesa)")
+  h, w = resolution
+
+  def roll(seed):
+    clip = memory_maze.rollout_clip(seed, 2 * n, h, w, policy="retrace")
+    return revisit.Trajectory(name=f"maze{seed}", fps=float(clip["fps"]), context=n,
+                              **revisit.fit_clip(clip, (h, w)))
+  return [lambda s=s: roll(s) for s in range(_SEED.value, _SEED.value + (_NUM_TRAJ.value or 4))]
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _revisit(config, ae, dn) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import report, revisit  # pylint: disable=g-import-not-at-top
+  out = _OUTPUT.value
+  resolution = tuple(config.data.resolution)
+  groups = {"revisit": _trajectory_loaders(resolution), "memory_maze": _memory_maze_loaders(resolution)}
+  k, count = jax.process_index(), jax.process_count()
+  # Trajectory i runs on process i % count; each loads only its own.
+  mine = {g: [load() for i, load in enumerate(loaders) if i % count == k] for g, loaders in groups.items()}
+  lengths = [len(t.frames) for ts in mine.values() for t in ts]
+  results = {g: {} for g in groups}
+  if lengths:
+    runner = revisit.RevisitRunner(
+        config, ae, dn, _BACKENDS.value, max(lengths), oracle=_ORACLE.value, composite=_COMPOSITE.value,
+        pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value))
+    video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
+    for group, trajs in mine.items():
+      for t in trajs:
+        results[group][t.name] = runner.run(t, seed=_SEED.value, video_dir=video_dir)
+        print(f"[process {k}] {group} {t.name}: done", flush=True)
+  os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+  report.write_metrics_json(os.path.join(out, "parts", f"process_{k}.json"), results)
+  if count > 1:
+    multihost_utils.sync_global_devices("mirage_jax.evaluate: parts written")
+  if k != 0:
+    return
+
+  merged = {g: {} for g in groups}
+  for i in range(count):
+    with open(os.path.join(out, "parts", f"process_{i}.json")) as f:
+      for g, res in json.load(f).items():
+        merged[g].update(res)
+  metrics = dict(benchmark="revisit", checkpoint=_CHECKPOINT.value, backends=_BACKENDS.value,
+                 seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
+                 oracle_backend=config.memory.backend,
+                 pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
+                 source=_SEEDS.value and f"procedural loop seeds {_SEEDS.value}" or
+                 f"{_DATA_DIR.value}/{_DATASET.value}/{_CONFIG_NAME.value}:{_SPLIT.value}")
+  for group, res in merged.items():
+    if not res:
+      continue
+    summary, curves = revisit.summarize(res)
+    prefix = "" if group == "revisit" else f"{group}_"
+    metrics[group] = dict(summary=summary, curves=curves, trajectories=res)
+    report.plot_quality_vs_frame(os.path.join(out, f"{prefix}quality_vs_frame.png"),
+                                 {r: c["psnr"] for r, c in curves.items()}, title=f"{group}: PSNR vs ground truth")
+    report.plot_quality_vs_frame(os.path.join(out, f"{prefix}ssim_vs_frame.png"),
+                                 {r: c["ssim"] for r, c in curves.items()}, ylabel="SSIM",
+                                 title=f"{group}: SSIM vs ground truth")
+    rows = [dict(row=r, **{c: s.get(c) for c in _TABLE[1:]}) for r, s in summary.items()
+            if r not in ("reference", "revisit_frames")]
+    print(f"\n{group}: {len(res)} trajectories, {summary['revisit_frames']} revisit frames; "
+          f"ground truth floor: {summary['reference']}")
+    print(report.format_table(rows, _TABLE, ".3f"))
+  report.write_metrics_json(os.path.join(out, "metrics.json"), metrics)
+
+
+def _scaling(config, ae, dn) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import report, scaling  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  try:
+    lengths = [int(x) for x in _LENGTHS.value]
+  except ValueError:
+    raise InputError("--lengths", "lengths", f"expected integers, got {_LENGTHS.value}") from None
+  entries = scaling.run_scaling(config, ae, dn, _BACKENDS.value, lengths, timed_chunks=_TIMED.value,
+                                period=_PERIOD.value, seed=_SEED.value, progress=True)
+  out = _OUTPUT.value
+  report.write_scaling_json(os.path.join(out, "scaling.json"), entries)
+  report.plot_cost_vs_length(os.path.join(out, "cost_vs_length.png"), entries,
+                             title="cost vs trajectory length")
+  report.write_metrics_json(os.path.join(out, "metrics.json"), dict(
+      benchmark="scaling", checkpoint=_CHECKPOINT.value, backends=_BACKENDS.value, lengths=lengths,
+      resolution=list(config.data.resolution), chunk_frames=int(config.denoiser.target_frames),
+      timed_chunks=_TIMED.value, period=_PERIOD.value, voxel_capacity=int(config.memory.settings.capacity),
+      device=str(jax.devices()[0].device_kind), entries=entries))
+  print(report.format_table(entries, list(report.SCALING_FIELDS), ".4f"))
+
+
+def _main() -> int:
+  for flag, value in (("--checkpoint", _CHECKPOINT.value), ("--benchmark", _BENCHMARK.value),
+                      ("--output_dir", _OUTPUT.value)):
+    if not value:
+      raise InputError(flag, flag[2:], "required")
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
+  unknown = [b for b in _BACKENDS.value if b not in memory.BACKEND_NAMES]
+  if unknown:
+    raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: {', '.join(memory.BACKEND_NAMES)})")
+  if jax.process_index() == 0:
+    revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
+  if jax.process_count() > 1:  # no process writes before process 0 has checked the directory
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("mirage_jax.evaluate: output dir ready")
+  config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
+  (_revisit if _BENCHMARK.value == "revisit" else _scaling)(config, ae, dn)
+  return 0
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  run_cli(_main)
+
+
+if __name__ == "__main__":
+  app.run(main)
