@@ -12,7 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mirage_jax import geometry
 from mirage_jax.errors import InputError
-from mirage_jax.memory import BACKEND_NAMES, MemoryConfig, get_backend, memory_config, retrieval
+from mirage_jax.memory import (BACKEND_NAMES, MemoryConfig, get_backend, init_batch, memory_config,
+                               retrieval)
 from mirage_jax.memory import baselines
 
 H, W, LH, LW, C = 16, 16, 8, 8, 4
@@ -321,16 +322,17 @@ def test_jit_vmap_is_batch_order_equivariant(name):
 def test_runs_sharded_over_eight_devices(name):
   assert jax.device_count() == 8
   mesh = Mesh(np.array(jax.devices()), ("data",))
+  batch_sharding = NamedSharding(mesh, P("data"))
   be, cfg = backend(name), config(capacity=capacity_for(name))
-  fr = _batch(8)
-  target = fr["c2w"]
-  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
-  run = jax.jit(_step(be, cfg))
-  lat, cov = run(jax.tree.map(shard, fr), shard(target))
-  assert lat.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), lat.ndim)
+  fr = jax.device_put(_batch(8), batch_sharding)
+  state = jax.device_put(init_batch(be, cfg, 8), batch_sharding)
+  state = jax.jit(jax.vmap(be.write))(state, **fr)
+  lat, cov = jax.jit(jax.vmap(be.read))(state, fr["intrinsics"], fr["c2w"])
+  for x in jax.tree.leaves(state) + [lat, cov]:  # state and reads stay split over the batch
+    assert x.sharding.is_equivalent_to(batch_sharding, x.ndim)
   assert np.asarray(cov).mean() > 0.9
   for i in (0, 5):  # same as one scene at a time, unsharded
-    one = jax.tree.map(lambda x: x[i], fr)
-    lat_i, cov_i = be.read(be.write(be.init(cfg), **one), one["intrinsics"], target[i])
+    one = jax.tree.map(lambda x: np.asarray(x[i]), fr)
+    lat_i, cov_i = be.read(be.write(be.init(cfg), **one), one["intrinsics"], one["c2w"])
     np.testing.assert_array_equal(np.asarray(cov[i]), np.asarray(cov_i))
     np.testing.assert_allclose(np.asarray(lat[i], np.float32), np.asarray(lat_i, np.float32), atol=1e-6)

@@ -27,7 +27,10 @@ keeps the same three arguments for every backend. ``frame_bank`` additionally of
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
 
 from mirage_jax.errors import InputError
 from mirage_jax.memory import baselines, latent_cache, retrieval
@@ -77,4 +80,12 @@ def get_backend(name: str, *, encode_fn: Callable | None = None) -> Backend:
   return Backend(name, init, write, read, nbytes, capacity_bytes)
 
 
-__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "get_backend", "memory_config", "retrieval"]
+def init_batch(backend: Backend, cfg: Any, batch: int):
+  """``batch`` empty states stacked on a new leading axis (vmap write/read over it)."""
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), backend.init(cfg))
+
+
+frame_bank_retrieve = baselines.frame_bank_retrieve
+
+__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "frame_bank_retrieve", "get_backend",
+           "init_batch", "memory_config", "retrieval"]
