@@ -14,6 +14,7 @@ FLOPs are the model's.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
@@ -38,6 +39,8 @@ CHIPS = {
 
 def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   """Devices of a TPU topology like ``v5e:2x2`` (compile-only; needs libtpu)."""
+  # Compile-only: no chip is opened, so other processes holding libtpu's lock do not matter.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip = topology.split(":")[0]
   if chip not in CHIPS:

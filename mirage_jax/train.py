@@ -536,6 +536,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The metrics of the last logged step.
   """
+  if config.train.nonfinite not in ("skip", "halt"):
+    raise InputError("config.train.nonfinite", "nonfinite",
+                     f"expected 'skip' or 'halt', got {config.train.nonfinite!r}")
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
   if primary:
