@@ -57,6 +57,18 @@ def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
   return noise - x0
 
 
+def velocity_from_x0(x_t: jax.Array, x0: jax.Array, t: jax.Array, t_min: float = 1e-3) -> jax.Array:
+  """The velocity an x0 estimate implies: ``v = (x_t - x0) / t`` (t clamped to ``t_min``).
+
+  With it an Euler step ``t -> t'`` is ``x0 + (t' / t) (x_t - x0)``, and the last step to
+  t = 0 returns the x0 estimate itself.
+
+  Args:
+    x_t, x0: (B, T, ...). t: (B, T) or (B,).
+  """
+  return (x_t - x0) / jnp.maximum(_expand(t, x_t), t_min)
+
+
 def time_weight(t: jax.Array, weighting: str) -> jax.Array:
   """Loss weight per time: 'uniform' (1) or 'logit_normal' (SD3-style bell around t = 0.5).
 

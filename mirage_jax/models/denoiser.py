@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mirage_jax import diffusion
 from mirage_jax.models import layers
 from mirage_jax.sharding import constrain
 
@@ -349,6 +350,44 @@ class Denoiser(nnx.Module):
     h = (layers.layer_norm(h) * (1 + scale) + shift).reshape(b, nt * rows * cols, -1)
     out = self.final(h)
     return self._unpatchify(out, nt, hh, ww).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- parameterisations
+
+PREDICTIONS = ("velocity", "x0_prior")
+
+
+def memory_prior(memory: jax.Array, coverage: jax.Array, context: jax.Array) -> jax.Array:
+  """The trivial composite: memory where covered, else the last context frame.
+
+  Args:
+    memory: (B, T, h, w, C); coverage: (B, T, h, w) in {0, 1}; context: (B, Nc, h, w, C).
+  Returns:
+    (B, T, h, w, C) prior estimate of the clean target latents.
+  """
+  fallback = context[:, -1:] if context.shape[1] else jnp.zeros_like(memory[:, :1])
+  cov = coverage[..., None].astype(memory.dtype)
+  return cov * memory + (1.0 - cov) * fallback.astype(memory.dtype)
+
+
+def predict(model: Denoiser, prediction: str, x, t, rays, memory, coverage, context,
+            context_rays, cond=None) -> tuple[jax.Array, jax.Array]:
+  """(velocity, x0) estimates for the noisy targets ``x`` (B, T, h, w, C) at times t (B, T).
+
+  'velocity': the network predicts the flow velocity (the reference's parameterisation).
+  'x0_prior': the network predicts a residual on :func:`memory_prior`, so a fresh model
+  (zero output head) already reproduces the composite "memory where covered, previous frame
+  elsewhere" that a probe found hard to beat (DESIGN.md); training learns the correction.
+  Sample it with Euler (its velocity is undefined at t = 0, where Heun's corrector looks).
+  """
+  out = model(x, t, rays, memory, coverage, context, context_rays, cond)
+  te = t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+  if prediction == "velocity":
+    return out, x - te * out
+  if prediction == "x0_prior":
+    x0 = memory_prior(memory, coverage, context) + out
+    return diffusion.velocity_from_x0(x, x0, t), x0
+  raise ValueError(f"unknown prediction {prediction!r}; known: {PREDICTIONS}")
 
 
 # ----------------------------------------------------------------------------- FLOPs
