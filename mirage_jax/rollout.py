@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mirage_jax import diffusion, geometry
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
-from mirage_jax.models import autoencoder
+from mirage_jax.models import autoencoder, denoiser
 
 
 def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.MemoryConfig:
@@ -88,6 +88,10 @@ class Rollout:
     self.latent_scale = float(d.latent_scale)
     self.sampler = config.get("sampler", ml_collections.ConfigDict(
         dict(num_steps=10, method="euler", shift=1.0)))
+    self.prediction = d.get("prediction", "velocity")
+    if self.prediction == "x0_prior" and self.sampler.method != "euler":
+      raise InputError("config.sampler", "method", "prediction='x0_prior' samples with 'euler' "
+                       f"(its velocity is undefined at t = 0), got {self.sampler.method!r}")
     self.backend_name = backend or config.memory.backend
     self.memory_cfg = memory_config(config, **memory_overrides)
     self.image_hw = (self.memory_cfg.image_height, self.memory_cfg.image_width)
@@ -141,7 +145,7 @@ class Rollout:
     def velocity(x, t, conditioned=True):
       m, c = (mem, cov) if conditioned else (jnp.zeros_like(mem), jnp.zeros_like(cov))
       tt = jnp.full(x.shape[:2], t, jnp.float32)
-      return dn(x, tt, rays, m, c, context[None], ctx_rays)
+      return denoiser.predict(dn, self.prediction, x, tt, rays, m, c, context[None], ctx_rays)[0]
 
     noise = jax.random.normal(rng, (1,) + memory.shape, jnp.float32)
     s = self.sampler
