@@ -71,7 +71,8 @@ def get_backend(name: str, *, encode_fn: Callable | None = None) -> Backend:
       latents (F, h, w, C), the autoencoder's encoder.
   """
   if name not in _BACKENDS:
-    raise InputError("memory config", "backend", f"unknown memory backend {name!r} (known: {', '.join(BACKEND_NAMES)})")
+    raise InputError("memory config", "backend",
+                     f"unknown memory backend {name!r} (known: {', '.join(BACKEND_NAMES)})")
   init, write, read, nbytes = _BACKENDS[name]
   if name == "rgb_points":
     if encode_fn is None:

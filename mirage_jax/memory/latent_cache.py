@@ -171,7 +171,8 @@ def mask_at(mask, height: int, width: int):
     return mask.reshape(f, height, mh // height, width, mw // width).all(axis=(2, 4))
   if height % mh == 0 and width % mw == 0:
     return jnp.repeat(jnp.repeat(mask, height // mh, axis=1), width // mw, axis=2)
-  raise InputError("memory.write", "static_mask", f"cannot resize {(mh, mw)} to {(height, width)} by an integer factor")
+  raise InputError("memory.write", "static_mask",
+                   f"cannot resize {(mh, mw)} to {(height, width)} by an integer factor")
 
 
 def lift_frames(cfg: MemoryConfig, depth, intrinsics, c2w, static_mask, height: int, width: int):
@@ -220,8 +221,9 @@ def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
   Ties in depth go to the point with the larger index (the newer one in append buffers).
   With a ``footprint``, points are world-space squares of that edge facing the camera, and
   they fill holes: an empty cell takes the closest neighbouring winner (up to
-  ``max_radius`` cells away) whose projected square contains the cell's centre. Filling works on the image, after the z-buffer, so its cost
-  does not grow with the number of points.
+  ``max_radius`` cells away) whose projected square contains the cell's centre. Filling
+  works on the image, after the z-buffer, so its cost does not grow with the number of
+  points.
 
   Args:
     points: (N, 3) world points. values: (N, C) carried to the image. valid: (N,) bool.
