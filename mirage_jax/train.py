@@ -57,11 +57,10 @@ class Stage(Protocol):
   """What a training stage provides (see ``make_stage``)."""
 
   fields: tuple[str, ...]  # batch fields the loss reads
+  frozen: Any  # non-trained params the loss needs (pytree; {} if none)
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
     """The trainable model."""
-
-  frozen: Any  # non-trained params the loss needs (pytree; {} if none)
 
   def loss(self, model: nnx.Module, frozen: Any, batch: Batch, rng: jax.Array
            ) -> tuple[jax.Array, dict]:

@@ -27,3 +27,17 @@ def test_unknown_topology_is_an_input_error():
   from mirage_jax.errors import InputError
   with pytest.raises(InputError, match="topology"):
     aot.topology_devices("v9x:2x2")
+
+
+def test_hybrid_mesh_puts_dcn_axis_across_slices():
+  from mirage_jax import aot, train
+  config = tiny_config()
+  config.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)
+  config.dcn_mesh = dict(data=2, fsdp=1, context=1, tensor=1)
+  devices = aot.topology_devices("v5e:2x2", num_slices=2)
+  mesh = train.build_mesh(config, devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+  grid = mesh.devices.reshape(2, 4)
+  for row in range(2):  # fsdp (ICI) stays inside one slice; data (DCN) spans the two
+    assert len({d.slice_index for d in grid[row]}) == 1
+  assert grid[0, 0].slice_index != grid[1, 0].slice_index
