@@ -3,12 +3,13 @@
   python -m mirage_jax.aot --config=experiments/pod_v5p_128.py:denoiser --topology=v5p:4x4x4
 
 Uses libtpu's compiler through ``jax.experimental.topologies`` (``pip install -e .[tpu]``).
-Reports per-device memory (against the chip's HBM), per-device FLOPs from XLA's cost
-analysis beside the analytic count, and a roofline estimate of the step time and MFU:
-``time >= max(flops / peak, bytes accessed / HBM bandwidth)`` per device, so the MFU printed
-is an upper bound (communication is not modelled). XLA counts a scanned layer stack's body
-once, so with ``scan_layers`` its FLOPs and bytes are per-layer-stack undercounts; the analytic
-FLOPs are the model's.
+Reports per-device memory (against the chip's HBM), per-device FLOPs (XLA's cost analysis,
+the model's analytic count, and the matmul FLOPs the step executes: backward and remat
+recompute included), and a roofline estimate of the step time and MFU:
+``time >= max(executed FLOPs / peak, bytes accessed / HBM bandwidth)`` per device, so the MFU
+printed (analytic FLOPs / peak / time) is an upper bound: communication is not modelled.
+XLA's cost analysis counts a scanned layer stack's body once, so with ``scan_layers`` its
+FLOPs and bytes undercount.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in batch.items()})
   with setup.context():
     compiled = step.lower(setup.abstract, batch, frozen_abstract).compile()
+    # Matmul FLOPs the step really runs (backward and remat recompute included, scans times
+    # their length): what the chip must execute, beside the model's own FLOPs.
+    executed = train.jaxpr_flops(step, setup.abstract, batch, frozen_abstract)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -90,9 +94,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   analytic = stage.step_flops(config.data.batch_size) / n
   xla_flops = float(cost.get("flops", 0.0))
   bytes_accessed = float(cost.get("bytes accessed", 0.0))
-  # XLA's cost analysis counts a while loop's body once (scanned layers), so the compute
-  # time takes the larger of the two counts; bytes accessed has the same undercount.
-  time_s = max(max(xla_flops, analytic) / (peak_tflops * 1e12), bytes_accessed / (hbm_gbs * 1e9))
+  # XLA's cost analysis counts a while loop's body once (scanned layers), so compute time
+  # comes from the executed count; bytes accessed has the same undercount (a lower bound).
+  time_s = max(executed / n / (peak_tflops * 1e12), bytes_accessed / (hbm_gbs * 1e9))
   params = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
   return {
       "topology": topology, "num_slices": num_slices, "devices": n,
@@ -106,6 +110,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
           "temporaries": mem.temp_size_in_bytes / 2**30},
       "hbm_per_device_gib": hbm_gib, "fits": per_device_bytes <= hbm_gib * 2**30,
       "xla_tflops_per_device": xla_flops / 1e12, "analytic_tflops_per_device": analytic / 1e12,
+      "executed_tflops_per_device": executed / n / 1e12,
       "bytes_accessed_per_device_gb": bytes_accessed / 1e9,
       "roofline_step_time_s": time_s,
       "roofline_mfu": analytic / (peak_tflops * 1e12) / time_s if time_s > 0 else 0.0,
