@@ -11,8 +11,9 @@ Revisit (``evaluation/revisit.py`` has the protocol): trajectories are the ``--s
 built dataset (``--data_dir``/``--dataset``, resized to the model's resolution), or loop
 clips rendered on the fly from ``--procedural_seeds=a:b`` (pick seeds the training dataset
 did not use: it used ``first_seed .. first_seed + num_clips - 1``). With
-``--memory_maze_context=N`` (needs the memory_maze extra) ``--num_trajectories`` Memory Maze
-retrace rollouts of 2N frames are scored as well, N of them given as context.
+``--memory_maze_context=N`` (needs the memory_maze extra), Memory Maze retrace rollouts of
+2N frames (``--memory_maze_seeds``, at most ``--num_trajectories``) are scored as well: the
+first N given as context (written into memory from ground truth), the last N scored.
 
 Several processes (``jax.distributed``, same flags as ``mirage_jax.main``): trajectory i
 runs on process ``i % process_count`` (each trajectory is one sequential rollout, so the
@@ -70,6 +71,9 @@ _COMPOSITE = flags.DEFINE_bool("composite", True, "Add the trivial composite row
 _VIDEOS = flags.DEFINE_bool("videos", True, "Write side-by-side videos.")
 _MAZE = flags.DEFINE_integer("memory_maze_context", 0,
                              "N > 0: also score Memory Maze retraces of 2N frames with N given.")
+_MAZE_SEEDS = flags.DEFINE_string("memory_maze_seeds", "1000000:1000004",
+                                  "a:b maze seeds for --memory_maze_context (held out of datasets "
+                                  "built from seed 0); --num_trajectories caps them too.")
 _DISTANCE = flags.DEFINE_float("revisit_distance", 0.5, "Metres between a revisit and its first visit.")
 _ANGLE = flags.DEFINE_float("revisit_angle_deg", 30.0, "Degrees between a revisit and its first visit.")
 _GAP = flags.DEFINE_integer("min_revisit_gap", 4, "Frames between a revisit and its first visit.")
@@ -92,13 +96,13 @@ _TABLE = ("row", "psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_f
 # ----------------------------------------------------------------------------- trajectories
 
 
-def _seed_range(text: str) -> range:
+def _seed_range(text: str, flag: str) -> range:
   try:
     a, b = (int(x) for x in text.split(":"))
   except ValueError:
-    raise InputError("--procedural_seeds", "procedural_seeds", f"expected a:b, got {text!r}") from None
+    raise InputError(f"--{flag}", flag, f"expected a:b, got {text!r}") from None
   if not 0 <= a < b:
-    raise InputError("--procedural_seeds", "procedural_seeds", f"need 0 <= a < b, got {text!r}")
+    raise InputError(f"--{flag}", flag, f"need 0 <= a < b, got {text!r}")
   return range(a, b)
 
 
@@ -115,7 +119,7 @@ def _trajectory_loaders(resolution) -> list:
       clip = procedural.render_clip(seed, num_frames, h, w, trajectory="loop")
       return revisit.Trajectory(name=f"seed{seed}", fps=float(clip["fps"]),
                                 **revisit.fit_clip(clip, (h, w)))
-    loaders = [lambda s=s: render(s) for s in _seed_range(_SEEDS.value)]
+    loaders = [lambda s=s: render(s) for s in _seed_range(_SEEDS.value, "procedural_seeds")]
   elif _DATA_DIR.value:
     source = builders.load(_DATA_DIR.value, _DATASET.value, _CONFIG_NAME.value).as_data_source(_SPLIT.value)
 
@@ -147,7 +151,8 @@ def _memory_maze_loaders(resolution) -> list:
     clip = memory_maze.rollout_clip(seed, 2 * n, h, w, policy="retrace")
     return revisit.Trajectory(name=f"maze{seed}", fps=float(clip["fps"]), context=n,
                               **revisit.fit_clip(clip, (h, w)))
-  return [lambda s=s: roll(s) for s in range(_SEED.value, _SEED.value + (_NUM_TRAJ.value or 4))]
+  loaders = [lambda s=s: roll(s) for s in _seed_range(_MAZE_SEEDS.value, "memory_maze_seeds")]
+  return loaders[:_NUM_TRAJ.value] if _NUM_TRAJ.value else loaders
 
 
 # ----------------------------------------------------------------------------- benchmarks

@@ -51,6 +51,12 @@ from mirage_jax.evaluation import metrics, video
 from mirage_jax.memory import baselines
 from mirage_jax.evaluation.scaling import capacity_for
 
+# Jitted once: eager metrics compile op by op, which costs seconds per new shape.
+_psnr = jax.jit(metrics.psnr)
+_ssim = jax.jit(metrics.ssim)
+_geometric = jax.jit(metrics.geometric_consistency)
+_depth_metrics = jax.jit(metrics.depth_metrics)
+
 # Rows that are not memory backends.
 ORACLE, COMPOSITE = "oracle", "composite"
 # Scalar scores of a row (means over the frames they name).
@@ -187,25 +193,21 @@ def score_frames(frames: np.ndarray, truth: Trajectory, pairs: np.ndarray,
   t = len(gen)
   scored = np.arange(t) >= max(truth.context, 1)
   revisit = scored & (pairs >= 0)
-  psnr = np.asarray(metrics.psnr(gen, gt))
-  ssim = np.asarray(metrics.ssim(gen, gt))
-  mean = lambda x, m: float(np.nanmean(x[m])) if m.any() else float("nan")
+  mean = lambda x, m: _nanmean(np.asarray(x)[m])
+  psnr, ssim = np.asarray(_psnr(gen, gt)), np.asarray(_ssim(gen, gt))
+  # Every frame against its pair (frame 0 where none), kept for revisit frames: one shape.
+  first = gen[np.maximum(pairs, 0)]
   out = dict(psnr_all=mean(psnr, scored), ssim_all=mean(ssim, scored),
              psnr_revisit=mean(psnr, revisit), ssim_revisit=mean(ssim, revisit),
+             psnr_first_visit=mean(_psnr(gen, first), revisit),
+             ssim_first_visit=mean(_ssim(gen, first), revisit),
              psnr_per_frame=psnr, ssim_per_frame=ssim)
-  rb = np.flatnonzero(revisit)
-  if rb.size:
-    out["psnr_first_visit"] = float(np.mean(metrics.psnr(gen[rb], gen[pairs[rb]])))
-    out["ssim_first_visit"] = float(np.mean(metrics.ssim(gen[rb], gen[pairs[rb]])))
-  else:
-    out["psnr_first_visit"] = out["ssim_first_visit"] = float("nan")
   if depths is not None:
-    geo = metrics.geometric_consistency(gen, depths, truth.intrinsics, truth.poses_c2w)
-    out["geometric_psnr"] = float(metrics.frame_mean(geo["psnr"]))
-    out["geometric_fraction"] = float(metrics.frame_mean(geo["fraction"]))
-    err = metrics.depth_metrics(depths[scored], truth.depths[scored])
-    out["depth_abs_rel"] = float(metrics.frame_mean(err["abs_rel"]))
-    out["depth_delta1"] = float(metrics.frame_mean(err["delta1"]))
+    depths = np.asarray(depths, np.float32)
+    geo = _geometric(gen, depths, truth.intrinsics, truth.poses_c2w)
+    err = _depth_metrics(depths, truth.depths)
+    out.update(geometric_psnr=_nanmean(geo["psnr"]), geometric_fraction=_nanmean(geo["fraction"]),
+               depth_abs_rel=mean(err["abs_rel"], scored), depth_delta1=mean(err["delta1"], scored))
   if coverage is not None:
     out["coverage_revisit"] = mean(np.asarray(coverage, np.float32).mean(axis=(1, 2)), revisit)
   return out
