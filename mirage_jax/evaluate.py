@@ -191,6 +191,7 @@ def _revisit(config, ae, dn) -> None:
     with open(os.path.join(out, "parts", f"process_{i}.json")) as f:
       for g, res in json.load(f).items():
         merged[g].update(res)
+  merged = {g: dict(sorted(res.items())) for g, res in merged.items()}  # independent of process count
   metrics = dict(benchmark="revisit", checkpoint=_CHECKPOINT.value, backends=_BACKENDS.value,
                  seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
                  oracle_backend=config.memory.backend,

@@ -1,5 +1,6 @@
 """Evaluation: revisit pairing, the revisit runner (backends, oracle, composite), cost scaling, CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -116,6 +117,13 @@ def test_revisit_runner_scores_every_row(world, loop_clip, tmp_path):
   assert summary["revisit_frames"] == 2 * res["revisit_frames"]
   np.testing.assert_allclose(summary["mirage"]["psnr_revisit"], rows["mirage"]["psnr_revisit"], rtol=1e-6)
   assert curves["oracle"]["psnr"].shape == (24,)
+
+  # Memory Maze style: the first 9 frames are context (memory from ground truth; the chunk
+  # of frames 9-10 straddles the boundary) and only later frames are scored.
+  res = runner.run(dataclasses.replace(loop_clip, context=9))
+  row = res["rows"]["mirage"]
+  np.testing.assert_allclose(row["psnr_all"], np.mean(row["psnr_per_frame"][9:]), rtol=1e-6)
+  assert res["revisit_frames"] == int(np.sum(res["pairs"][9:] >= 0))
 
 
 # ----------------------------------------------------------------------------- scaling

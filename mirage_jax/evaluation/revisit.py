@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from data_pipelines import pipeline
-from mirage_jax import geometry
+from mirage_jax import geometry, rollout
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import metrics, video
@@ -56,6 +56,8 @@ _psnr = jax.jit(metrics.psnr)
 _ssim = jax.jit(metrics.ssim)
 _geometric = jax.jit(metrics.geometric_consistency)
 _depth_metrics = jax.jit(metrics.depth_metrics)
+_rgb_write = jax.jit(baselines.rgb_points_write)
+_rgb_render = jax.jit(baselines.rgb_points_render)
 
 # Rows that are not memory backends.
 ORACLE, COMPOSITE = "oracle", "composite"
@@ -236,18 +238,16 @@ def trivial_composite(truth: Trajectory, near: float = 1e-3) -> tuple[np.ndarray
   t, h, w = truth.depths.shape
   cfg = memory_lib.MemoryConfig(image_height=h, image_width=w, latent_height=h, latent_width=w,
                                 latent_channels=1, capacity=t * h * w, near=near)
-  write = jax.jit(baselines.rgb_points_write)
-  render = jax.jit(baselines.rgb_points_render)
   state = baselines.rgb_points_init(cfg)
   out, cov = [truth.frames[0]], [np.zeros((h, w), bool)]
   for i in range(t):
     if i > 0:
-      splat, covered = render(state, truth.intrinsics[i:i + 1], truth.poses_c2w[i:i + 1])
+      splat, covered = _rgb_render(state, truth.intrinsics[i:i + 1], truth.poses_c2w[i:i + 1])
       covered = np.asarray(covered[0])
       splat = video.as_uint8(np.asarray(splat[0]))
       out.append(np.where(covered[..., None], splat, truth.frames[i - 1]))
       cov.append(covered)
-    state = write(state, np.zeros((1, h, w, 1), np.float32), truth.depths[i:i + 1],
+    state = _rgb_write(state, np.zeros((1, h, w, 1), np.float32), truth.depths[i:i + 1],
                   truth.intrinsics[i:i + 1], truth.poses_c2w[i:i + 1],
                   truth.dynamic_masks[i:i + 1] == 0, np.array([i], np.int32),
                   rgb=truth.frames[i:i + 1].astype(np.float32) / 255.0)
@@ -276,7 +276,6 @@ class RevisitRunner:
   def __init__(self, config, ae, dn, backends: Sequence[str], max_frames: int, *,
                oracle: bool = True, composite: bool = True,
                pairing: Mapping[str, Any] | None = None):
-    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
     unknown = [b for b in backends if b not in memory_lib.BACKEND_NAMES]
     if unknown:
       raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: "
@@ -291,10 +290,7 @@ class RevisitRunner:
     self.composite = composite
     self.pairing = dict(pairing or {})
     self.image_hw = (base.image_height, base.image_width)
-
-  @property
-  def row_names(self) -> list[str]:
-    return list(self.rows) + ([COMPOSITE] if self.composite else [])
+    self.max_frames = int(max_frames)
 
   def run(self, truth: Trajectory, *, seed: int = 0, video_dir: str | None = None,
           progress: bool = False) -> dict[str, Any]:
@@ -313,6 +309,9 @@ class RevisitRunner:
     if truth.frames.shape[1:3] != self.image_hw:
       raise InputError(truth.name, "frames", f"expected the model's resolution {self.image_hw}, "
                        f"got {truth.frames.shape[1:3]}")
+    if len(truth.frames) > self.max_frames:  # append-only memories would start evicting
+      raise InputError(truth.name, "frames", f"{len(truth.frames)} frames, more than the "
+                       f"runner's max_frames={self.max_frames}")
     pairs = pair_revisits(truth.poses_c2w, **self.pairing)
     rows = {}
     given = (truth.frames[:truth.context], truth.depths[:truth.context]) if truth.context else None

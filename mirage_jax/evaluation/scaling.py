@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mirage_jax import geometry
+from mirage_jax import geometry, rollout
 from mirage_jax.errors import InputError
 
 ROOM_LO = (-3.0, 0.0, -3.0)  # y up, floor at 0, like the procedural scenes
@@ -110,7 +110,6 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
   Returns:
     entries in the ``scaling.json`` schema (``report.SCALING_FIELDS``), backend-major.
   """
-  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
   chunk = int(config.denoiser.target_frames)
   generated = 1 + (timed_chunks + 1) * chunk
   if timed_chunks < 1:
