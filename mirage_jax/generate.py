@@ -48,9 +48,12 @@ def _main() -> int:
     raise InputError("--num_frames", "num_frames", f"need at least 2, got {_NUM_FRAMES.value}")
   # Imports after the flag checks: JAX and the models take seconds to load.
   from data_pipelines import files  # pylint: disable=g-import-not-at-top
-  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
 
+  if _MEMORY.value is not None and _MEMORY.value not in memory.BACKEND_NAMES:
+    raise InputError("--memory", "memory", f"unknown backend {_MEMORY.value!r} (known: "
+                     f"{', '.join(memory.BACKEND_NAMES)})")
   clip = files.load_geometry_npz(_GEOMETRY.value)
   if not clip["has_depth"]:
     raise InputError(_GEOMETRY.value, "has_depth", "the first frame's depth is needed (the file has none)")
