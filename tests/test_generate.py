@@ -40,7 +40,8 @@ def save_tiny_export(directory: str) -> str:
   _save_export(ae_path, autoencoder.Autoencoder(ae_config.autoencoder, nnx.Rngs(0)), ae_config)
   config = tiny_cpu.get_config("denoiser")
   config.denoiser.autoencoder_checkpoint = ae_path
-  config.sampler = ml_collections.ConfigDict(dict(num_steps=1, method="euler", shift=1.0))
+  config.sampler = ml_collections.ConfigDict(dict(num_steps=1, method="euler", shift=1.0,
+                                                 guidance_scale=0.0))
   dn_path = os.path.join(directory, "dn_export")
   _save_export(dn_path, denoiser.Denoiser(config.denoiser.model, nnx.Rngs(1)), config)
   return dn_path
