@@ -45,6 +45,11 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.denoiser.latent_scale = 1.0
   c.denoiser.time_shift = 1.0
   c.denoiser.time_weighting = "uniform"
+  c.denoiser.prediction = "velocity"  # 'velocity' (the reference) | 'x0_prior' (see denoiser.predict)
+
+  # Sampler of the rollout (the reference: 20 Euler steps with shift 5, no guidance).
+  c.sampler = ml_collections.ConfigDict(dict(num_steps=20, method="euler", shift=5.0,
+                                             guidance_scale=0.0))
 
   c.memory = ml_collections.ConfigDict()
   c.memory.backend = "voxel"

@@ -7,7 +7,8 @@ def get_config(stage=None):
   c = common.base_config(stage)
   c.data.build.update(num_clips=24, frames_per_clip=24, resolution=32)
   c.data.update(resolution=(32, 32), batch_size=8, num_frames=1, stride=2, read_threads=1)
-  c.denoiser.update(memory_frames=3, context_frames=1, target_frames=2)
+  c.denoiser.update(memory_frames=3, context_frames=1, target_frames=2, prediction="x0_prior")
+  c.sampler.update(num_steps=8, shift=1.0)
   c.memory.settings.capacity = 2048
   c.optimizer.update(learning_rate=2e-3, warmup_steps=20)
   c.train.update(steps=300, log_every=25)

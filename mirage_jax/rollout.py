@@ -86,9 +86,8 @@ class Rollout:
     self.chunk = int(d.target_frames)
     self.num_context = int(d.context_frames)
     self.latent_scale = float(d.latent_scale)
-    self.sampler = config.get("sampler", ml_collections.ConfigDict(
-        dict(num_steps=10, method="euler", shift=1.0)))
-    self.prediction = d.get("prediction", "velocity")
+    self.sampler = config.sampler
+    self.prediction = d.prediction
     if self.prediction == "x0_prior" and self.sampler.method != "euler":
       raise InputError("config.sampler", "method", "prediction='x0_prior' samples with 'euler' "
                        f"(its velocity is undefined at t = 0), got {self.sampler.method!r}")
@@ -149,7 +148,7 @@ class Rollout:
 
     noise = jax.random.normal(rng, (1,) + memory.shape, jnp.float32)
     s = self.sampler
-    guidance = s.get("guidance_scale", 0.0) or None
+    guidance = s.guidance_scale or None
     latents = diffusion.sample(velocity, noise, int(s.num_steps), s.method, float(s.shift),
                                guidance)[0]
     ae = nnx.merge(self.ae_graphdef, ae_state)

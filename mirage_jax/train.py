@@ -44,6 +44,7 @@ from mirage_jax import distributed
 from mirage_jax import geometry
 from mirage_jax import memory as memory_lib
 from mirage_jax import metrics_log
+from mirage_jax import rollout
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
 from mirage_jax.models import autoencoder
@@ -347,10 +348,7 @@ class DenoiserStage:
     if not 0 <= d.context_frames <= d.memory_frames:
       raise InputError("config.denoiser", "context_frames", "must be in [0, memory_frames]")
     self.memory = memory_lib.get_backend(config.memory.backend)
-    self.memory_cfg = memory_lib.memory_config(dict(
-        config.memory.settings, image_height=res[0], image_width=res[1],
-        latent_height=self.latent_hw[0], latent_width=self.latent_hw[1],
-        latent_channels=config.autoencoder.latent_channels))
+    self.memory_cfg = rollout.memory_config(config)  # the rollout's settings, exactly
     self.ae_graphdef = nnx.graphdef(nnx.eval_shape(
         lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))))
     self.frozen = frozen
@@ -393,10 +391,17 @@ class DenoiserStage:
     t_rng, n_rng = jax.random.split(rng)
     t = diffusion.sample_time(t_rng, x0.shape[:2], d.time_shift)
     noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
-    pred = model(diffusion.add_noise(x0, noise, t), t, cond["rays"], cond["memory"],
-                 cond["coverage"], cond["context"], cond["context_rays"])
-    loss = diffusion.flow_matching_loss(pred, x0, noise, t, weighting=d.time_weighting)
-    return loss, {"memory_coverage": cond["coverage"].mean()}
+    velocity, x0_pred = denoiser.predict(
+        model, d.prediction, diffusion.add_noise(x0, noise, t), t, cond["rays"],
+        cond["memory"], cond["coverage"], cond["context"], cond["context_rays"])
+    if d.prediction == "x0_prior":  # x0 regression (= velocity loss weighted by t^2)
+      loss = jnp.mean(jnp.square(x0_pred - x0))
+    else:
+      loss = diffusion.flow_matching_loss(velocity, x0, noise, t, weighting=d.time_weighting)
+    prior_mse = jnp.mean(jnp.square(denoiser.memory_prior(cond["memory"], cond["coverage"],
+                                                          cond["context"]) - x0))
+    return loss, {"memory_coverage": cond["coverage"].mean(), "prior_mse": prior_mse,
+                  "x0_mse": jnp.mean(jnp.square(x0_pred - x0))}
 
   def step_flops(self, batch_size: int) -> float:
     d, data = self.config.denoiser, self.config.data
