@@ -16,7 +16,10 @@ interrupted training run resumes from its last checkpoint):
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import time
 
 from absl import app, flags, logging
@@ -28,6 +31,9 @@ _CONFIG = flags.DEFINE_string("config", "experiments/tiny_cpu.py",
                               "Experiment config file; its get_config(stage) gives both stages.")
 _BACKENDS = flags.DEFINE_list("backends", ["none", "mirage", "voxel"], "Memory backends to compare.")
 _NUM_TRAJECTORIES = flags.DEFINE_integer("num_trajectories", 8, "Held-out loop trajectories to score.")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", 48, "Frames per held-out loop trajectory.")
+_HELDOUT_SEED = flags.DEFINE_integer("heldout_seed", 100_000, "First seed of the held-out loops "
+                                     "(the training dataset uses seeds from 0).")
 _LENGTHS = flags.DEFINE_list("lengths", ["64", "1024"], "Trajectory lengths for the cost table.")
 _AE_STEPS = flags.DEFINE_integer("autoencoder_steps", None, "Override the config's autoencoder steps.")
 _DN_STEPS = flags.DEFINE_integer("denoiser_steps", None, "Override the config's denoiser steps.")
@@ -95,9 +101,76 @@ def _main() -> int:
   dn_export = train_and_export(dn_config, workdir, "denoiser")
 
   _banner("4/4 evaluation")
-  from mirage_jax.evaluation import job  # pylint: disable=g-import-not-at-top
-  job.run(dn_export, os.path.join(workdir, "eval"), backends=_BACKENDS.value,
-          num_trajectories=_NUM_TRAJECTORIES.value, lengths=[int(x) for x in _LENGTHS.value])
+  eval_dir = os.path.join(workdir, "eval")
+  backends = ",".join(_BACKENDS.value)
+  first = _HELDOUT_SEED.value
+  _evaluate(["--benchmark=revisit", f"--checkpoint={dn_export}", f"--backends={backends}",
+             f"--procedural_seeds={first}:{first + _NUM_TRAJECTORIES.value}",
+             f"--num_frames={_NUM_FRAMES.value}"], os.path.join(eval_dir, "revisit"))
+  _evaluate(["--benchmark=scaling", f"--checkpoint={dn_export}", f"--backends={backends}",
+             f"--lengths={','.join(_LENGTHS.value)}"], os.path.join(eval_dir, "scaling"))
+  print_claims(eval_dir)
+  return 0
+
+
+def _evaluate(args: list[str], output_dir: str) -> None:
+  """Runs ``mirage_jax.evaluate`` into ``output_dir`` unless it already finished there."""
+  if os.path.exists(os.path.join(output_dir, "metrics.json")):
+    print(f"reusing {output_dir}")
+    return
+  cmd = [sys.executable, "-m", "mirage_jax.evaluate", f"--output_dir={output_dir}", "--overwrite", *args]
+  print(" ".join(cmd[1:]), flush=True)
+  subprocess.run(cmd, check=True)
+
+
+def print_claims(eval_dir: str) -> dict[str, bool]:
+  """Prints the revisit and cost table of the main job and checks the project's claims.
+
+  Claims (held-out procedural loop trajectories): voxel's revisit PSNR beats none by >= 4 dB;
+  voxel is within 1 dB of mirage with a >= 10x smaller cache at the longest length; voxel's
+  time per chunk at the longest length is within 20% of the shortest.
+  """
+  from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(eval_dir, "revisit", "metrics.json")) as f:
+    summary = json.load(f)["revisit"]["summary"]
+  entries = report.read_scaling_json(os.path.join(eval_dir, "scaling", "scaling.json"))
+  lengths = sorted({e["frames"] for e in entries})
+  cost = {(e["backend"], e["frames"]): e for e in entries}
+  rows = []
+  for row, s in summary.items():
+    if not isinstance(s, dict) or "psnr_revisit" not in s:
+      continue
+    line = dict(row=row, psnr_revisit=s.get("psnr_revisit"), ssim_revisit=s.get("ssim_revisit"),
+                psnr_all=s.get("psnr_all"))
+    for n in lengths:
+      if (row, n) in cost:
+        line[f"cache_MB@{n}"] = cost[row, n]["cache_bytes"] / 1e6
+        line[f"s/chunk@{n}"] = cost[row, n]["chunk_seconds"]
+    rows.append(line)
+  columns = ["row", "psnr_revisit", "ssim_revisit", "psnr_all"]
+  columns += [f"cache_MB@{n}" for n in lengths] + [f"s/chunk@{n}" for n in lengths]
+  print("\n" + report.format_table(rows, columns, ".3f"))
+
+  psnr = lambda b: summary.get(b, {}).get("psnr_revisit") or float("nan")
+  claims = {}
+  if {"voxel", "none"} <= set(summary):
+    claims["voxel revisit PSNR >= none + 4 dB"] = psnr("voxel") >= psnr("none") + 4.0
+  if {"voxel", "mirage"} <= set(summary):
+    claims["voxel revisit PSNR within 1 dB of mirage"] = abs(psnr("voxel") - psnr("mirage")) <= 1.0
+  lo, hi = lengths[0], lengths[-1]
+  if ("voxel", hi) in cost and ("mirage", hi) in cost:
+    claims[f"voxel cache >= 10x smaller than mirage at {hi} frames"] = (
+        10 * cost["voxel", hi]["cache_bytes"] <= cost["mirage", hi]["cache_bytes"])
+  if ("voxel", lo) in cost and ("voxel", hi) in cost and lo != hi:
+    claims[f"voxel time per chunk at {hi} within 20% of {lo} frames"] = (
+        cost["voxel", hi]["chunk_seconds"] <= 1.2 * cost["voxel", lo]["chunk_seconds"])
+  for claim, ok in claims.items():
+    print(f"  [{'PASS' if ok else 'FAIL'}] {claim}")
+  print(f"\nvideos: {os.path.join(eval_dir, 'revisit', 'videos')}/<trajectory>/<row>.mp4")
+  print(f"plots:  {os.path.join(eval_dir, 'revisit', 'quality_vs_frame.png')}, "
+        f"{os.path.join(eval_dir, 'scaling', 'cost_vs_length.png')}")
+  return claims
+
   return 0
 
 
