@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging as std_logging
 import os
 import subprocess
 import sys
@@ -177,7 +178,10 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  # INFO carries training progress (loss, ETA); the libraries' INFO chatter is not ours.
+  logging.set_verbosity(logging.INFO)
+  for name in ("orbax", "tensorflow_datasets", "jax", "grain"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
   run_cli(_main)
 
 
