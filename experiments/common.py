@@ -55,7 +55,7 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.memory.backend = "voxel"
   c.memory.settings = ml_collections.ConfigDict(dict(
       capacity=4096, feature_dtype="bfloat16", voxel_size=0.05, recency_decay=0.5,
-      splat_radius=1, near=1e-3))
+      splat_radius=1, near=1e-3, depth_tolerance=0.2))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8,

@@ -14,7 +14,7 @@ from mirage_jax import geometry
 from mirage_jax.errors import InputError
 from mirage_jax.memory import (BACKEND_NAMES, MemoryConfig, get_backend, init_batch, memory_config,
                                retrieval)
-from mirage_jax.memory import baselines
+from mirage_jax.memory import baselines, latent_cache
 
 H, W, LH, LW, C = 16, 16, 8, 8, 4
 HALF = np.array([2.0, 1.5, 2.5])  # box room half extents (x, y, z), centred at the origin
@@ -336,3 +336,20 @@ def test_runs_sharded_over_eight_devices(name):
     lat_i, cov_i = be.read(be.write(be.init(cfg), **one), one["intrinsics"], one["c2w"])
     np.testing.assert_array_equal(np.asarray(cov[i]), np.asarray(cov_i))
     np.testing.assert_allclose(np.asarray(lat[i], np.float32), np.asarray(lat_i, np.float32), atol=1e-6)
+
+
+def test_splat_depth_band_prefers_priority_over_a_hair_closer_point():
+  """Two points on one surface in one cell: the exact z-buffer takes the closer, the depth
+  band takes the higher priority (the voxel read's most recently seen)."""
+  K = np.array([[2.0, 0, 1.0], [0, 2.0, 1.0], [0, 0, 1]], np.float32)  # 2x2 image
+  c2w = np.eye(4, dtype=np.float32)
+  points = jnp.array([[-0.1, -0.1, 1.00], [-0.1, -0.1, 1.02], [-0.1, -0.1, 2.0]])
+  values = jnp.array([[1.0], [2.0], [3.0]])
+  valid = jnp.ones(3, bool)
+  priority = jnp.array([0, 5, 9], jnp.int32)  # the far point is newest but another surface
+  exact, _, _ = latent_cache.splat(points, values, valid, K, c2w, 2, 2, 1e-3)
+  band, covered, depth = latent_cache.splat(points, values, valid, K, c2w, 2, 2, 1e-3,
+                                            priority=priority, depth_tolerance=0.05)
+  assert float(exact[0, 0, 0]) == 1.0
+  assert float(band[0, 0, 0]) == 2.0 and bool(covered[0, 0])
+  assert abs(float(depth[0, 0]) - 1.02) < 1e-5

@@ -53,6 +53,8 @@ class MemoryConfig:
     splat_radius: largest footprint radius in latent pixels a voxel may cover on read
       (0 = centre pixel only).
     near: points with camera depth <= near are not written or splatted (keep it tiny).
+    depth_tolerance: voxel read: voxels within this relative depth of a cell's closest one
+      count as the same surface, and the most recently seen of them wins the cell.
   """
   image_height: int
   image_width: int
@@ -65,6 +67,7 @@ class MemoryConfig:
   recency_decay: float = 0.5
   splat_radius: int = 1
   near: float = 1e-3
+  depth_tolerance: float = 0.0
 
   def __post_init__(self):
     for name in ("image_height", "image_width", "latent_height", "latent_width",
@@ -83,6 +86,8 @@ class MemoryConfig:
       raise InputError(_WHERE, "splat_radius", f"must be an integer >= 0, got {self.splat_radius!r}")
     if not self.near > 0:
       raise InputError(_WHERE, "near", f"must be > 0, got {self.near}")
+    if not self.depth_tolerance >= 0:
+      raise InputError(_WHERE, "depth_tolerance", f"must be >= 0, got {self.depth_tolerance}")
 
   @property
   def dtype(self):
@@ -215,10 +220,15 @@ def ring_slots(head, valid, capacity: int):
 
 
 def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
-          footprint: float = 0.0, max_radius: int = 0):
+          footprint: float = 0.0, max_radius: int = 0, priority=None,
+          depth_tolerance: float = 0.0):
   """Z-buffer splat of points into one camera: the closest point wins each cell.
 
   Ties in depth go to the point with the larger index (the newer one in append buffers).
+  With ``priority`` and a ``depth_tolerance``, every point within ``(1 + depth_tolerance)``
+  of a cell's closest depth is on the same surface, and the highest priority among them
+  wins (e.g. the most recently seen): one view's content per cell instead of whichever of
+  many views' points happens to be a hair closer, which blurs (DESIGN.md probe).
   With a ``footprint``, points are world-space squares of that edge facing the camera, and
   they fill holes: an empty cell takes the closest neighbouring winner (up to
   ``max_radius`` cells away) whose projected square contains the cell's centre. Filling
@@ -231,6 +241,8 @@ def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
     near: points with camera depth <= near are skipped.
     footprint: world-space edge of each point's square (0 = centre cells only).
     max_radius: farthest footprint reach in cells (0 = centre cells only).
+    priority: (N,) int32 or None (= index order).
+    depth_tolerance: relative depth band treated as one surface (0 = exact z-buffer).
   Returns:
     image (height, width, C) with zeros where empty, coverage (height, width) bool,
     depth (height, width) of the winning points (0 where empty).
@@ -245,11 +257,16 @@ def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
   cells = jnp.where(ok, iv * width + iu, height * width)  # last cell: a dump for misses
   z = jnp.where(ok, z, jnp.inf)
   zmin = jnp.full((height * width + 1,), jnp.inf, z.dtype).at[cells].min(z)
-  winner = ok & (z <= zmin[cells])
+  winner = ok & (z <= zmin[cells] * (1.0 + depth_tolerance))
   ids = jnp.arange(n, dtype=jnp.int32)
+  if priority is not None:
+    low = jnp.iinfo(jnp.int32).min
+    top = jnp.full((height * width + 1,), low, jnp.int32).at[cells].max(
+        jnp.where(winner, priority.astype(jnp.int32), low))
+    winner &= priority == top[cells]
   best = jnp.full((height * width + 1,), -1, jnp.int32).at[cells].max(jnp.where(winner, ids, -1))
   best = best[:-1].reshape(height, width)
-  zbest = zmin[:-1].reshape(height, width)
+  zbest = jnp.where(best >= 0, z[jnp.maximum(best, 0)], jnp.inf)
   if footprint > 0 and max_radius > 0:
     half_size = 0.5 * footprint * 0.5 * (K[0, 0] + K[1, 1]) / jnp.maximum(z, near)
     best, zbest = _fill_holes(best, zbest, uv, half_size, max_radius)
@@ -431,7 +448,8 @@ def voxel_read(state: VoxelState, intrinsics, c2w):
   def one(K1, c2w1):
     image, covered, _ = splat(state.points, state.features, state.occupied, K1, c2w1,
                               cfg.latent_height, cfg.latent_width, cfg.near,
-                              footprint=cfg.voxel_size, max_radius=cfg.splat_radius)
+                              footprint=cfg.voxel_size, max_radius=cfg.splat_radius,
+                              priority=state.last_seen, depth_tolerance=cfg.depth_tolerance)
     return image, covered
 
   return jax.vmap(one)(K, c2w)
