@@ -175,13 +175,20 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
   return 0
 
 
+class _OurInfoOnly(std_logging.Filter):
+  """Passes warnings and errors, and INFO records from this project's own modules."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    ours = os.sep + "mirage_jax" + os.sep in record.pathname
+    return record.levelno >= std_logging.WARNING or ours
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # INFO carries training progress (loss, ETA); the libraries' INFO chatter is not ours.
   logging.set_verbosity(logging.INFO)
-  for name in ("orbax", "tensorflow_datasets", "jax", "grain"):
-    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  logging.get_absl_handler().addFilter(_OurInfoOnly())
   run_cli(_main)
 
 
