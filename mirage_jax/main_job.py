@@ -128,7 +128,7 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
   """Prints the revisit and cost table of the main job and checks the project's claims.
 
   Claims (held-out procedural loop trajectories): voxel's revisit PSNR beats none by >= 4 dB;
-  voxel is within 1 dB of mirage with a >= 10x smaller cache at the longest length; voxel's
+  voxel is at most 1 dB below mirage with a >= 10x smaller cache at the longest length; voxel's
   time per chunk at the longest length is within 20% of the shortest.
   """
   from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
@@ -157,7 +157,8 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
   if {"voxel", "none"} <= set(summary):
     claims["voxel revisit PSNR >= none + 4 dB"] = psnr("voxel") >= psnr("none") + 4.0
   if {"voxel", "mirage"} <= set(summary):
-    claims["voxel revisit PSNR within 1 dB of mirage"] = abs(psnr("voxel") - psnr("mirage")) <= 1.0
+    # "Within 1 dB of the reference's cache" bounds the loss; doing better is allowed.
+    claims["voxel revisit PSNR >= mirage - 1 dB"] = psnr("voxel") >= psnr("mirage") - 1.0
   lo, hi = lengths[0], lengths[-1]
   if ("voxel", hi) in cost and ("mirage", hi) in cost:
     claims[f"voxel cache >= 10x smaller than mirage at {hi} frames"] = (
