@@ -543,11 +543,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.train.nonfinite not in ("skip", "halt"):
     raise InputError("config.train.nonfinite", "nonfinite",
                      f"expected 'skip' or 'halt', got {config.train.nonfinite!r}")
-  os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  try:  # an unusable workdir fails here, named, before any work
+    os.makedirs(workdir, exist_ok=True)
+    if primary:  # temporary name, then rename: a killed run never leaves half a file
+      tmp = os.path.join(workdir, f".config.json.{os.getpid()}.tmp")
+      with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(tmp, os.path.join(workdir, "config.json"))
+  except OSError as e:
+    raise InputError(workdir, "workdir", f"cannot write there ({e.strerror or e})") from e
 
   # ----------------------------------------------------------------------- mesh
   mesh = build_mesh(config)
@@ -591,6 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ----------------------------------------------------------------------- loop
   total = config.train.steps
   pending: list[dict] = []  # per-step metrics still on device (no host sync between logs)
+  pending_clips: list[np.ndarray] = []  # clip_index of each pending step's batch (names a bad one)
   last = {}
   t_last, step_last = None, start
   step = start
@@ -604,6 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, metrics = train_step(state, batch, frozen)
       step += 1
       pending.append(metrics)
+      pending_clips.append(local["clip_index"])
       if profile_steps and step == profile_start + profile_steps:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -611,14 +618,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         jax.block_until_ready(metrics)
         t_last, step_last = time.perf_counter(), step
       if step % config.train.log_every == 0 or step == total:
-        last = _log(config, writer, pending, step, step_last, t_last, total, step_flops, peak)
-        t_last, step_last, pending = time.perf_counter(), step, []
+        last = _log(config, writer, pending, pending_clips, step, step_last, t_last, total,
+                    step_flops, peak)
+        t_last, step_last, pending, pending_clips = time.perf_counter(), step, [], []
       if config.eval.every and (step % config.eval.every == 0 or step == total):
         t_eval = time.perf_counter()
         writer.write_scalars(step, evaluate(config, stage, setup, eval_step, state, frozen,
                                             sources["validation"]))
         t_last += time.perf_counter() - t_eval  # keep evals out of the step time
-      if preemption.reached(step):
+      preempted = preemption.reached(step)
+      if (pending and config.train.nonfinite == "halt" and (preempted or (
+          config.checkpoint.every and step % config.checkpoint.every == 0))):
+        _nonfinite_steps(config, jax.device_get(pending), pending_clips, step)  # never save past one
+      if preempted:
         checkpointer.save(step, state, train_iter, config)
         checkpointer.wait()
         logging.warning("preempted: saved step %d, exiting", step)
@@ -634,18 +646,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return last
 
 
-def _log(config, writer, pending, step, step_last, t_last, total, step_flops, peak) -> dict:
+def _nonfinite_steps(config, host: list[dict], clips: list[np.ndarray], step: int) -> list[int]:
+  """The steps among ``host`` (metrics of the steps ending at ``step``) that were not finite.
+
+  Args:
+    clips: per step, the clip_index (B_local,) of this process's part of its batch.
+  Raises:
+    FloatingPointError: there is one and ``config.train.nonfinite == 'halt'``; names the
+      first such step and its batch.
+  """
+  first = step - len(host) + 1
+  bad = [first + i for i, m in enumerate(host) if m["nonfinite"]]
+  if bad and config.train.nonfinite == "halt":
+    clip_index = np.asarray(clips[bad[0] - first]).tolist()
+    raise FloatingPointError(
+        f"step {bad[0]}: non-finite loss or gradient norm on the batch of clip_index "
+        f"{clip_index} (config.train.nonfinite='halt'; the state was left unchanged and no "
+        f"checkpoint was saved after step {bad[0] - 1})")
+  return bad
+
+
+def _log(config, writer, pending, clips, step, step_last, t_last, total, step_flops,
+         peak) -> dict:
   """Averages the pending per-step metrics, adds throughput and MFU, writes and logs them.
 
   Raises:
-    FloatingPointError: a step had a non-finite loss or gradient and
-      ``config.train.nonfinite == 'halt'`` (names the first such step).
+    FloatingPointError: see ``_nonfinite_steps`` (``clips``: each pending step's clip_index).
   """
   host = jax.device_get(pending)
-  bad = [step - len(host) + 1 + i for i, m in enumerate(host) if m["nonfinite"]]
-  if bad and config.train.nonfinite == "halt":
-    raise FloatingPointError(f"step {bad[0]}: non-finite loss or gradient norm "
-                             "(config.train.nonfinite='halt'; the state was left unchanged)")
+  bad = _nonfinite_steps(config, host, clips, step)
   finite = [m for m in host if not m["nonfinite"]] or host
   out = {k: float(np.mean([m[k] for m in finite])) for k in host[-1] if k != "nonfinite"}
   out["nonfinite_steps"] = float(len(bad))

@@ -1,0 +1,302 @@
+"""Fault injection: the trainer (``python -m mirage_jax.main``) killed and restarted.
+
+A campaign runs the tiny trainer as a subprocess and interrupts it again and again:
+SIGKILL at a random moment, SIGKILL while an async checkpoint save is being written (a
+``<step>.orbax-checkpoint-tmp`` folder exists), SIGTERM (must save and exit 0); after each
+fault it restarts the same command. At the end every step's loss, the final train state and
+the data iterator's position must equal an uninterrupted run's, bit for bit, and every
+checkpoint left on disk must restore.
+
+Runs use one CPU device and a persistent compilation cache shared by the module, so only
+the first run compiles. ``benchmarks/bench_faults.py`` runs a longer campaign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mirage_jax import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# The tiny config at 16x16 on a 10-clip procedural dataset; checkpoints every 2 steps.
+DATASET = dict(num_clips=10, frames_per_clip=6, resolution=16)
+
+
+def trainer_command(workdir: Path, data_dir: Path, steps: int = STEPS, *extra: str) -> list[str]:
+  """``python -m mirage_jax.main`` with the tiny config shrunk for fault tests."""
+  build = [f"--config.data.build.{k}={v}" for k, v in DATASET.items()]
+  return [sys.executable, "-m", "mirage_jax.main", "--config=experiments/tiny_cpu.py",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *build,
+          "--config.data.resolution=(16, 16)", "--config.data.read_threads=0",
+          "--config.data.read_buffer_size=1", "--config.autoencoder.base_channels=8",
+          f"--config.train.steps={steps}", "--config.train.log_every=1",
+          "--config.train.tensorboard=False", "--config.train.peak_tflops_per_device=1.0",
+          "--config.checkpoint.every=2", "--config.checkpoint.keep=3", *extra]
+
+
+def trainer_env(cache_dir: Path) -> dict[str, str]:
+  """One CPU device; compiled programs cached on disk so restarts skip compilation."""
+  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def build_dataset(data_dir: Path) -> None:
+  """The procedural dataset the trainer command reads (built once, reused by every run)."""
+  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+  builders.prepare(builders.make_builder("procedural_rooms", str(data_dir), **DATASET))
+
+
+# ----------------------------------------------------------------------------- reading a workdir
+
+
+def logged(workdir: Path) -> dict[int, dict]:
+  """metrics.jsonl by step; a step logged again after a restart keeps its last record."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return {}
+  rows = {}
+  for line in path.read_text().splitlines():
+    row = json.loads(line)  # a half-written line would fail here
+    rows[row["step"]] = row
+  return rows
+
+
+def last_logged_step(workdir: Path) -> int:
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines()
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def complete_steps(workdir: Path) -> list[int]:
+  """Steps with a finished checkpoint (Orbax renames the temporary folder at the end)."""
+  folder = workdir / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def saves_in_progress(workdir: Path) -> set[tuple[str, int]]:
+  """(name, inode) of the temporary folders of checkpoint saves under way (or killed)."""
+  folder = workdir / "checkpoints"
+  if not folder.is_dir():
+    return set()
+  found = set()
+  for p in folder.iterdir():
+    try:
+      if p.name.endswith(TMP_SUFFIX):
+        found.add((p.name, p.stat().st_ino))
+    except FileNotFoundError:  # renamed into place meanwhile
+      pass
+  return found
+
+
+def load_checkpoint(workdir: Path, step: int) -> tuple[dict, str]:
+  """(train state as NumPy, data iterator state as text) of one checkpoint; fails if corrupt."""
+  step_dir = workdir / "checkpoints" / str(step)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    path = (step_dir / checkpoint.STATE).absolute()
+    meta = ckptr.metadata(path)
+    abstract = checkpoint._replicated_abstract(checkpoint._tree(meta.item_metadata))  # pylint: disable=protected-access
+    state = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=checkpoint._restore_args(abstract)))  # pylint: disable=protected-access
+  data = "".join(p.read_text() for p in sorted((step_dir / checkpoint.DATA).glob("*.json")))
+  assert data, f"{step_dir}: no data iterator state"
+  return jax.tree.map(np.asarray, state), data
+
+
+# ----------------------------------------------------------------------------- the campaign
+
+
+@dataclasses.dataclass
+class Fault:
+  """One interruption: ``kind`` once the run has logged ``after_step`` (+ ``delay`` s).
+
+  kind: "kill" (SIGKILL), "kill_saving" (SIGKILL as soon as a new checkpoint save is being
+  written) or "term" (SIGTERM: the trainer must save and exit 0).
+  """
+  kind: str
+  after_step: int
+  delay: float = 0.0
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What one faulted run did, and whether the restart after it resumed correctly."""
+  fault: Fault
+  injected: bool = False  # the signal reached a running trainer
+  during_save: bool = False  # a checkpoint save was left unfinished by the kill
+  latest_before_restart: int | None = None
+  resumed_from: int | None = None  # from the next run's log (None: started afresh)
+
+  @property
+  def resumed_correctly(self) -> bool:
+    return self.resumed_from == self.latest_before_restart
+
+
+def random_faults(count: int, steps: int, seed: int) -> list[Fault]:
+  """``count`` faults at increasing steps, kinds and delays drawn from ``seed``."""
+  rng = random.Random(seed)
+  faults = []
+  for point in sorted(rng.randint(0, steps - 2) for _ in range(count)):
+    kind = rng.choice(["kill", "kill_saving", "term"])
+    # SIGTERM before the trainer's handler is installed would just end it: wait for step 1.
+    faults.append(Fault(kind, max(point, 1) if kind == "term" else point,
+                        round(rng.uniform(0.0, 0.3), 3)))
+  return faults
+
+
+def _interrupt(proc: subprocess.Popen, workdir: Path, fault: Fault, steps: int) -> Outcome:
+  """Waits for the fault's moment, signals the trainer (unless it finished first), waits."""
+  outcome = Outcome(fault)
+  old_saves = saves_in_progress(workdir)  # left over from earlier kills
+  fire_at = None
+  while proc.poll() is None:
+    if last_logged_step(workdir) >= fault.after_step:
+      if fault.kind == "kill_saving":
+        if saves_in_progress(workdir) - old_saves:
+          proc.send_signal(signal.SIGKILL)
+          break
+      else:
+        fire_at = fire_at or time.monotonic() + fault.delay
+        if time.monotonic() >= fire_at:
+          proc.send_signal(signal.SIGKILL if fault.kind == "kill" else signal.SIGTERM)
+          break
+    time.sleep(0.002)
+  rc = proc.wait()
+  finished = last_logged_step(workdir) == steps
+  if fault.kind == "term":
+    # The handler is gone once the loop is over: a late SIGTERM just ends a finished run.
+    assert rc == 0 or finished and rc == -signal.SIGTERM, f"SIGTERM: exit status {rc}"
+    outcome.injected = not finished
+    if outcome.injected:  # saved at the step it stopped at
+      assert complete_steps(workdir)[-1:] == [last_logged_step(workdir)], complete_steps(workdir)
+  else:
+    outcome.injected = rc == -signal.SIGKILL
+  outcome.during_save = bool(saves_in_progress(workdir) - old_saves)
+  outcome.latest_before_restart = (complete_steps(workdir) or [None])[-1]
+  return outcome
+
+
+def run_campaign(workdir: Path, data_dir: Path, env: dict, faults: list[Fault],
+                 logs: Path, steps: int = STEPS) -> list[Outcome]:
+  """Runs the trainer, interrupting it with each fault in turn, then lets it finish.
+
+  Returns:
+    One outcome per fault. Raises AssertionError when the last run does not finish cleanly
+    or a SIGTERM does not lead to a checkpoint and exit status 0.
+  """
+  logs.mkdir(parents=True, exist_ok=True)
+  outcomes: list[Outcome] = []
+  for attempt in range(len(faults) + 1):
+    log = logs / f"run{attempt}.txt"
+    with open(log, "w") as f:
+      proc = subprocess.Popen(trainer_command(workdir, data_dir, steps), cwd=ROOT, env=env,
+                              stdout=f, stderr=subprocess.STDOUT)
+    try:
+      if attempt < len(faults):
+        outcomes.append(_interrupt(proc, workdir, faults[attempt], steps))
+      else:
+        assert proc.wait() == 0, log.read_text()[-3000:]
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if attempt:  # where this run says it resumed from
+      found = re.search(r"resumed from step (\d+)", log.read_text())
+      outcomes[attempt - 1].resumed_from = int(found.group(1)) if found else None
+  return outcomes
+
+
+def check_against(reference: Path, workdir: Path, steps: int = STEPS) -> dict[str, int]:
+  """Compares a faulted workdir with the uninterrupted one; returns counts of problems."""
+  ref, got = logged(reference), logged(workdir)
+  wrong_losses = sum(got.get(s, {}).get("loss") != ref[s]["loss"] for s in range(1, steps + 1))
+  corrupt = 0
+  for step in complete_steps(workdir):
+    try:
+      load_checkpoint(workdir, step)
+    except Exception:  # pylint: disable=broad-except
+      corrupt += 1
+  final_ref, final_got = load_checkpoint(reference, steps), load_checkpoint(workdir, steps)
+  state_differs = int(any(jax.tree.leaves(jax.tree.map(
+      lambda a, b: not np.array_equal(a, b), final_ref[0], final_got[0]))))
+  return dict(wrong_or_missing_losses=wrong_losses, corrupt_checkpoints=corrupt,
+              final_state_differs=state_differs,
+              data_position_differs=int(final_ref[1] != final_got[1]))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A built dataset, a compilation cache and one uninterrupted reference run."""
+  root = tmp_path_factory.mktemp("faults")
+  data_dir, env = root / "data", trainer_env(root / "jax_cache")
+  build_dataset(data_dir)
+  reference = root / "reference"
+  done = subprocess.run(trainer_command(reference, data_dir), cwd=ROOT, env=env,
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return root, data_dir, env, reference
+
+
+def test_killed_and_restarted_training_equals_an_uninterrupted_run(setup):
+  root, data_dir, env, reference = setup
+  assert sorted(logged(reference)) == list(range(1, STEPS + 1))
+  faults = [Fault("kill", 1, 0.05), Fault("kill_saving", 4), Fault("term", 6, 0.1),
+            Fault("kill_saving", 8)]
+  workdir = root / "faulted"
+  outcomes = run_campaign(workdir, data_dir, env, faults, root / "logs")
+  for o in outcomes:
+    assert o.injected, o
+    assert o.resumed_correctly, o
+  # At least one kill landed while an async save was being written, and the restart
+  # ignored that unfinished checkpoint.
+  assert any(o.during_save for o in outcomes if o.fault.kind == "kill_saving"), outcomes
+  problems = check_against(reference, workdir)
+  assert problems == dict(wrong_or_missing_losses=0, corrupt_checkpoints=0,
+                          final_state_differs=0, data_position_differs=0)
+
+
+def test_halt_on_nonfinite_names_step_and_batch_and_keeps_the_last_good_checkpoint(setup):
+  root, data_dir, env, _ = setup
+  workdir = root / "halt"
+  # A huge learning rate overflows the parameters at step 1, so step 2 is not finite.
+  # Checkpoints every step but metrics only every 4: the halt must come before step 2's save.
+  cmd = trainer_command(workdir, data_dir, STEPS, "--config.train.nonfinite=halt",
+                        "--config.optimizer.learning_rate=1e30",
+                        "--config.optimizer.warmup_steps=0",
+                        "--config.optimizer.grad_clip_norm=0.0",
+                        "--config.checkpoint.every=1", "--config.train.log_every=4")
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert done.returncode != 0
+  found = re.search(r"FloatingPointError: step (\d+): non-finite loss or gradient norm on "
+                    r"the batch of clip_index \[([\d, ]+)\]", done.stderr)
+  assert found, done.stderr[-3000:]
+  bad_step = int(found.group(1))
+  assert bad_step == 2
+  clip_index = [int(i) for i in found.group(2).split(",")]
+  assert len(clip_index) == 8 and all(0 <= i < 8 for i in clip_index)  # train records
+  assert complete_steps(workdir) == [1]
+  state, _ = load_checkpoint(workdir, 1)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
