@@ -42,6 +42,13 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.denoiser.memory_frames = 4  # earlier frames written into memory
   c.denoiser.context_frames = 2  # last memory frames also given clean (t = 0)
   c.denoiser.target_frames = 4  # the chunk the loss is on
+  # Retrieved reference frames, put before the last context_frames in the clean context
+  # (the reference uses 4): earlier frames picked by voxel IoU with the target cameras'
+  # visible points (rollout.retrieve_references); 0 = off. Training retrieves among the
+  # memory frames, so reference_frames <= memory_frames.
+  c.denoiser.reference_frames = 0
+  c.denoiser.reference_bank = 16  # rollout: ring buffer of past latent frames retrieved from
+  c.denoiser.reference_stride = 1  # rollout: bank every Nth frame of each chunk
   c.denoiser.latent_scale = 1.0
   c.denoiser.time_shift = 1.0
   c.denoiser.time_weighting = "uniform"

@@ -4,14 +4,21 @@ Per chunk of ``target_frames`` cameras (static shapes, so a trajectory of any le
 the same three compiled functions):
 
   1. read     the memory into the chunk's cameras -> projected latents + coverage;
-  2. denoise  from noise with the DiT, conditioned on memory, Plücker rays and the last
-              ``context_frames`` generated latents (clean, t = 0), then decode RGB-D;
+  2. denoise  from noise with the DiT, conditioned on memory, Plücker rays and clean context
+              (t = 0): ``reference_frames`` earlier latents retrieved by voxel IoU (the
+              reference's rule, :func:`retrieve_references`), then the last
+              ``context_frames`` generated latents; then decode RGB-D;
   3. write    the new latents back into memory with the *generated* depth (no external depth
-              model), leaving out pixels marked dynamic.
+              model), leaving out pixels marked dynamic, and into the reference bank.
+
+The reference bank is a fixed-capacity ring buffer of past latent frames (the ``frame_bank``
+backend's state, ``reference_bank`` frames, every ``reference_stride``-th frame of each
+chunk), so memory and retrieval cost per chunk do not grow with the trajectory.
 
 The memory backend (``voxel`` ours, ``mirage`` the reference's append-only cloud, the
 baselines) is chosen by name; training builds its conditioning with the same
-``memory_config`` + write/read (``train.DenoiserStage``), so the model is trained as it is run.
+``memory_config`` + write/read and the same reference retrieval (``train.DenoiserStage``),
+so the model is trained as it is run.
 """
 
 from __future__ import annotations
@@ -62,6 +69,88 @@ def load_world_model(denoiser_export: str, autoencoder_export: str | None = None
   return config, ae, dn
 
 
+# ----------------------------------------------------------------------------- reference frames
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSettings:
+  """``config.denoiser``'s reference-frame fields (see experiments/common.py).
+
+  Attributes:
+    frames: k retrieved references put before the last frames in the context (0 = off).
+    bank: rollout's ring-buffer capacity in frames.
+    stride: rollout banks every ``stride``-th frame of each chunk.
+  """
+  frames: int
+  bank: int
+  stride: int
+
+
+def reference_settings(config: ml_collections.ConfigDict) -> ReferenceSettings:
+  """The reference fields of ``config.denoiser``, checked.
+
+  Exports made before these fields existed lack them: they read as "off", which is how
+  those models were trained.
+  """
+  d = config.denoiser
+  r = ReferenceSettings(int(d.get("reference_frames", 0)), int(d.get("reference_bank", 1)),
+                        int(d.get("reference_stride", 1)))
+  if r.frames < 0:
+    raise InputError("config.denoiser", "reference_frames", f"must be >= 0, got {r.frames}")
+  if r.frames and r.bank < r.frames:
+    raise InputError("config.denoiser", "reference_bank",
+                     f"must be >= reference_frames ({r.frames}), got {r.bank}")
+  if not 1 <= r.stride <= int(d.target_frames):
+    raise InputError("config.denoiser", "reference_stride",
+                     f"must be in [1, target_frames = {d.target_frames}], got {r.stride}")
+  return r
+
+
+def reference_bank_init(cfg: memory_lib.MemoryConfig, capacity: int):
+  """Empty bank of ``capacity`` latent frames (a ``frame_bank`` state; write with
+  ``memory.baselines.frame_bank_write``)."""
+  return memory_lib.baselines.frame_bank_init(dataclasses.replace(cfg, capacity=capacity))
+
+
+def retrieve_references(bank, eligible, target_K, target_c2w, k: int):
+  """The top-k bank frames for a chunk by voxel IoU (the reference's rule), static shapes.
+
+  The chunk's visible set is every bank point (all live frames, eligible or not) inside
+  the frustum of any target camera; each eligible frame scores the voxel IoU (voxel 0.1 m)
+  of that set with its own points, and the k best with IoU >= 0.04 are kept
+  (``memory.retrieval``). Fallback: a slot with no frame above the threshold takes the
+  newest live bank frame (at rollout and in training, the last context frame or close to
+  it), which adds no stale content and keeps k static.
+
+  Args:
+    bank: ``FrameBankState`` of S frames (latents (S, h, w, C), latent-resolution depth,
+      intrinsics, c2w, point_valid, frame ids, valid).
+    eligible: (S,) bool frames that may be picked (e.g. not already in the context).
+    target_K: (T, 3, 3) of the image resolution. target_c2w: (T, 4, 4).
+    k: static, 1 <= k <= S.
+  Returns:
+    latents (k, h, w, C) float32; intrinsics (k, 3, 3) of the image resolution;
+    c2w (k, 4, 4); slots (k,) int32 bank slots, best first; found (k,) bool whether the
+    slot passed the threshold (False: fallback).
+  """
+  cfg = bank.cfg
+  s, h, w = bank.depth.shape
+  points = geometry.unproject_depth(bank.depth, bank.intrinsics, bank.c2w).reshape(s, h * w, 3)
+  valid = (bank.point_valid & bank.valid[:, None, None]).reshape(s, h * w)
+  flat_p, flat_v = points.reshape(-1, 3), valid.reshape(-1)
+  K_lat = memory_lib.latent_cache.latent_intrinsics(cfg, target_K)
+  seen = jax.vmap(lambda K1, c1: memory_lib.retrieval.visible_points(
+      flat_p, flat_v, K1, c1, h, w, cfg.near))(K_lat, target_c2w).any(0)
+  ids = jnp.where(eligible & bank.valid, jnp.arange(s, dtype=jnp.int32), -1)
+  picks, _ = memory_lib.retrieval.select_reference_frames(flat_p, seen, points, valid, ids, k=k)
+  found = picks >= 0
+  newest = jnp.argmax(jnp.where(bank.valid, bank.frame, -1)).astype(jnp.int32)
+  slots = jnp.where(found, picks, newest)
+  K_img = geometry.scale_intrinsics(bank.intrinsics[slots], cfg.image_width / cfg.latent_width,
+                                    cfg.image_height / cfg.latent_height)
+  return bank.latents[slots].astype(jnp.float32), K_img, bank.c2w[slots], slots, found
+
+
 @dataclasses.dataclass
 class ChunkTiming:
   memory_seconds: float  # read + write
@@ -102,6 +191,10 @@ class Rollout:
     self._write = jax.jit(self.backend.write)
     self._encode = jax.jit(self._encode_impl)
     self._denoise = jax.jit(self._denoise_impl)
+    self.refs = reference_settings(config)
+    if self.refs.frames:
+      self._bank_write = jax.jit(memory_lib.baselines.frame_bank_write)
+      self._retrieve = jax.jit(self._retrieve_impl)
 
   # --------------------------------------------------------------------------- pieces
 
@@ -124,6 +217,16 @@ class Rollout:
     """Image intrinsics (F, 3, 3), c2w (F, 4, 4) -> Plücker rays (F, h, w, 6) at latent size."""
     K_lat = memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
     return geometry.plucker_rays(K_lat, c2w, *self.latent_hw)
+
+  def _retrieve_impl(self, bank, start, K, c2w):
+    """References for the chunk starting at frame ``start`` () int32 (traced: no recompile).
+
+    Frames ``>= start - context_frames`` are the recent context already, so not eligible.
+    Returns latents (k, h, w, C), intrinsics (k, 3, 3), c2w (k, 4, 4).
+    """
+    eligible = bank.frame < start - self.num_context
+    lat, ref_K, ref_c2w, _, _ = retrieve_references(bank, eligible, K, c2w, self.refs.frames)
+    return lat, ref_K, ref_c2w
 
   def _denoise_impl(self, ae_state, dn_state, memory, coverage, K, c2w, context, context_K,
                     context_c2w, rng):
@@ -163,6 +266,9 @@ class Rollout:
                initial_memory: Any = None) -> dict[str, Any]:
     """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
 
+    With ``config.denoiser.reference_frames`` = k > 0 each chunk's context is k references
+    retrieved from the reference bank, then the last ``context_frames`` latents.
+
     Args:
       first_frame: (H, W, 3) uint8 or float in [-1, 1].
       first_depth: (H, W) metric depth of the first frame (> 0).
@@ -176,7 +282,9 @@ class Rollout:
     Returns:
       dict with frames (T, H, W, 3) uint8 (frame 0 = the decoded first frame), depths
       (T, H, W) float32, coverage (T, h, w) float32 (memory coverage of each generated frame;
-      frame 0: 1), timings: list of ChunkTiming, cache_bytes (after the last chunk).
+      frame 0: 1), timings: list of ChunkTiming, cache_bytes (after the last chunk),
+      reference_bytes (bytes of the frames in the reference bank after the last chunk; 0
+      without references). Reference retrieval and bank writes are timed as memory.
     """
     h, w = self.image_hw
     T = poses_c2w.shape[0]
@@ -207,6 +315,11 @@ class Rollout:
     nc = self.num_context
     ctx = jnp.repeat(lat0, nc, axis=0)
     ctx_K, ctx_c2w = jnp.repeat(K[:1], nc, axis=0), jnp.repeat(c2w[:1], nc, axis=0)
+    bank, stride = None, self.refs.stride
+    if self.refs.frames:
+      bank = self._bank_write(reference_bank_init(self.memory_cfg, self.refs.bank), lat0,
+                              jnp.asarray(first_depth, jnp.float32)[None], K[:1], c2w[:1],
+                              jnp.ones((1, h, w), bool), jnp.zeros((1,), jnp.int32))
 
     frames, depths, coverage, timings = [rgb0], [depth0], [np.ones((1,) + self.latent_hw, np.float32)], []
     rng = jax.random.key(seed)
@@ -225,10 +338,15 @@ class Rollout:
         o_lat = jax.block_until_ready(self._encode(self.ae_state, o_rgb, o_depth))
       t0 = time.perf_counter()
       mem, cov = jax.block_until_ready(self._read(state, Kc, c2wc))
+      full_ctx, full_K, full_c2w = ctx, ctx_K, ctx_c2w
+      if bank is not None:  # references first: memory_prior falls back on the last frame
+        refs = jax.block_until_ready(self._retrieve(bank, jnp.int32(start), Kc, c2wc))
+        full_ctx, full_K, full_c2w = (jnp.concatenate([r, c], 0) for r, c in
+                                      zip(refs, (ctx, ctx_K, ctx_c2w)))
       t_read = time.perf_counter() - t0
       rng, sub = jax.random.split(rng)
-      lat, rgb, depth = jax.block_until_ready(
-          self._denoise(self.ae_state, self.dn_state, mem, cov, Kc, c2wc, ctx, ctx_K, ctx_c2w, sub))
+      lat, rgb, depth = jax.block_until_ready(self._denoise(
+          self.ae_state, self.dn_state, mem, cov, Kc, c2wc, full_ctx, full_K, full_c2w, sub))
       t1 = time.perf_counter()
       static = jnp.broadcast_to((jnp.arange(self.chunk) < n)[:, None, None], (self.chunk, h, w))
       w_lat, w_rgb, w_depth = lat, rgb, depth
@@ -238,6 +356,10 @@ class Rollout:
         w_lat, w_rgb, w_depth = pick(o_lat, lat), pick(o_rgb, rgb), pick(o_depth, depth)
       state = jax.block_until_ready(self._write(
           state, w_lat, w_depth, Kc, c2wc, static, jnp.asarray(idx, jnp.int32), rgb=(w_rgb + 1.0) / 2.0))
+      if bank is not None:  # the last chunk's padded frames may enter; nothing reads them
+        bank = jax.block_until_ready(self._bank_write(
+            bank, w_lat[::stride], w_depth[::stride], Kc[::stride], c2wc[::stride],
+            static[::stride], jnp.asarray(idx[::stride], jnp.int32)))
       t_write = time.perf_counter() - t1
       timings.append(ChunkTiming(t_read + t_write, time.perf_counter() - t0,
                                  int(self.backend.nbytes(state))))
@@ -253,4 +375,5 @@ class Rollout:
         coverage=np.concatenate(coverage, 0),
         timings=timings,
         cache_bytes=int(self.backend.nbytes(state)),
+        reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
     )

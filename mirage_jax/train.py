@@ -329,8 +329,10 @@ class DenoiserStage:
 
   A window of ``T = memory_frames + target_frames`` frames: the first ``memory_frames`` are
   encoded by the frozen autoencoder and written into the memory (``config.memory``), whose
-  read into each target camera conditions the denoiser; the last ``context_frames`` of them
-  are also given as clean context (t = 0).
+  read into each target camera conditions the denoiser. Clean context (t = 0): the
+  ``reference_frames`` memory frames that the rollout's rule retrieves for the targets
+  (``rollout.retrieve_references`` on a bank of the memory frames, the last
+  ``context_frames`` not eligible), then the last ``context_frames`` memory frames.
   """
 
   fields = ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks")
@@ -347,6 +349,10 @@ class DenoiserStage:
                        f"({config.data.num_frames})")
     if not 0 <= d.context_frames <= d.memory_frames:
       raise InputError("config.denoiser", "context_frames", "must be in [0, memory_frames]")
+    self.refs = rollout.reference_settings(config)
+    if self.refs.frames > d.memory_frames:
+      raise InputError("config.denoiser", "reference_frames",
+                       f"must be <= memory_frames ({d.memory_frames}), got {self.refs.frames}")
     self.memory = memory_lib.get_backend(config.memory.backend)
     self.memory_cfg = rollout.memory_config(config)  # the rollout's settings, exactly
     self.ae_graphdef = nnx.graphdef(nnx.eval_shape(
@@ -367,21 +373,35 @@ class DenoiserStage:
   def _condition(self, latents, batch):
     """Memory written from the memory frames, read into the targets; rays; context."""
     d = self.config.denoiser
-    m, nc = d.memory_frames, d.context_frames
+    m, nc, k = d.memory_frames, d.context_frames, self.refs.frames
     hh, ww = self.latent_hw
+    frame_ids = jnp.arange(m, dtype=jnp.int32)
 
     def one_clip(lat, depth, K, c2w, dyn):
+      static = dyn[:m] == 0
       state = self.memory.init(self.memory_cfg)
-      state = self.memory.write(state, lat[:m], depth[:m], K[:m], c2w[:m], dyn[:m] == 0,
-                                jnp.arange(m, dtype=jnp.int32))
-      return self.memory.read(state, K[m:], c2w[m:])
+      state = self.memory.write(state, lat[:m], depth[:m], K[:m], c2w[:m], static, frame_ids)
+      mem, coverage = self.memory.read(state, K[m:], c2w[m:])
+      if not k:
+        return mem, coverage, ()
+      bank = memory_lib.baselines.frame_bank_write(rollout.reference_bank_init(self.memory_cfg, m),
+                                                   lat[:m], depth[:m], K[:m], c2w[:m], static,
+                                                   frame_ids)
+      return mem, coverage, rollout.retrieve_references(bank, bank.frame < m - nc, K[m:], c2w[m:],
+                                                        k)[:3]
 
-    mem, coverage = jax.vmap(one_clip)(latents, batch["depths"], batch["intrinsics"],
-                                       batch["poses_c2w"], batch["dynamic_masks"])
-    K_lat = memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, batch["intrinsics"])
-    rays = geometry.plucker_rays(K_lat, batch["poses_c2w"], hh, ww)  # (B, T, h, w, 6)
+    mem, coverage, refs = jax.vmap(one_clip)(latents, batch["depths"], batch["intrinsics"],
+                                             batch["poses_c2w"], batch["dynamic_masks"])
+    lat_K = lambda K: memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
+    rays = geometry.plucker_rays(lat_K(batch["intrinsics"]), batch["poses_c2w"], hh, ww)  # (B, T, h, w, 6)
+    context, context_rays = latents[:, m - nc:m], rays[:, m - nc:m]
+    if k:  # references first: memory_prior falls back on the last context frame, as in rollout
+      ref_lat, ref_K, ref_c2w = refs  # (B, k, h, w, C), (B, k, 3, 3), (B, k, 4, 4)
+      context = jnp.concatenate([ref_lat.astype(latents.dtype), context], 1)
+      context_rays = jnp.concatenate([geometry.plucker_rays(lat_K(ref_K), ref_c2w, hh, ww),
+                                      context_rays], 1)
     return dict(memory=mem.astype(jnp.float32), coverage=coverage.astype(jnp.float32),
-                rays=rays[:, m:], context=latents[:, m - nc:m], context_rays=rays[:, m - nc:m])
+                rays=rays[:, m:], context=context, context_rays=context_rays)
 
   def loss(self, model, frozen, batch: Batch, rng):
     d = self.config.denoiser
@@ -406,7 +426,8 @@ class DenoiserStage:
   def step_flops(self, batch_size: int) -> float:
     d, data = self.config.denoiser, self.config.data
     hh, ww = self.latent_hw
-    dit = denoiser.denoiser_flops(d.model, batch_size, d.target_frames, d.context_frames, hh, ww)
+    dit = denoiser.denoiser_flops(d.model, batch_size, d.target_frames,
+                                  d.context_frames + self.refs.frames, hh, ww)
     h, w = data.resolution
     n = batch_size * data.num_frames
     encode = model_flops(lambda: autoencoder.Autoencoder(self.config.autoencoder, nnx.Rngs(0)),
