@@ -336,7 +336,11 @@ def prepare(builder: _ClipsBuilder) -> bool:
   if check_same_params(builder):
     return True
   builder.num_clips()  # Fails early on bad inputs (posed_files: the source folder).
-  builder.download_and_prepare(file_format=FILE_FORMAT)
+  try:
+    builder.download_and_prepare(file_format=FILE_FORMAT)
+  except OSError as e:  # data_dir is a file, read-only, full, ...
+    raise InputError(builder.data_path, "data_dir", f"cannot build the dataset there "
+                     f"({type(e).__name__}: {e})") from e
   return False
 
 

@@ -103,10 +103,10 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     archive = np.load(path, allow_pickle=False)
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise InputError(path, "file", f"not a readable npz archive ({type(e).__name__}: {e})") from e
+  if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load gives a bare array for .npy data
+    raise InputError(path, "file", "a single .npy array, expected an npz archive")
   arrays = {}
   with archive:
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-      raise InputError(path, "file", "a single .npy array, expected an npz archive")
     for key in archive.files:
       try:
         arrays[key] = archive[key]

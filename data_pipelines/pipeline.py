@@ -250,7 +250,12 @@ class _MakeExample:
   def __call__(self, position: int, record_index: int) -> dict[str, np.ndarray]:
     """Example for the ``position``-th draw (across epochs), from source record ``record_index``."""
     where = f"clip source record {record_index}"
-    clip = clip_lib.validate_clip(self.source[record_index], where)
+    try:
+      record = self.source[record_index]
+    except Exception as e:  # pylint: disable=broad-except  # each source fails its own way
+      raise InputError(where, "record", f"unreadable, truncated or corrupt dataset file "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+    clip = clip_lib.validate_clip(record, where)
     num_frames, stride = self.window_kwargs["num_frames"], self.window_kwargs["stride"]
     needed = (num_frames - 1) * stride + 1
     if len(clip["frames"]) < needed:

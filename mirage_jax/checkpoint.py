@@ -15,11 +15,13 @@ and :func:`load_export` is the loader the evaluation and generation commands use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import jax
@@ -124,11 +126,16 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise InputError(str(self.manager.directory), "step", "no checkpoint to restore")
+    where = os.path.join(str(self.manager.directory), str(step))
+    with _unreadable_as_input_error(where, STATE):
+      saved = _tree(self.manager.item_metadata(step)[STATE])
+    _check_params_match(saved, abstract_state, where)
     items = {STATE: ocp.args.PyTreeRestore(item=abstract_state,
                                            restore_args=_restore_args(abstract_state))}
     if data_iter is not None:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    with _unreadable_as_input_error(where, ", ".join(items)):
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], step
 
   def restore_config(self, step: int | None = None) -> dict:
@@ -143,6 +150,43 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+@contextlib.contextmanager
+def _unreadable_as_input_error(where: str, field: str) -> Iterator[None]:
+  """Turns a failure to read a checkpoint (truncated, corrupt, missing item) into InputError."""
+  try:
+    yield
+  except InputError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore/JSON errors vary
+    raise InputError(where, field, f"unreadable checkpoint ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]})") from e
+
+
+def _check_params_match(saved: Any, abstract: Any, where: str) -> None:
+  """Raises InputError unless the saved params have the names and shapes of ``abstract``'s.
+
+  Args:
+    saved: metadata tree of a saved train state (``{"params": {...}, ...}``).
+    abstract: the train state this config builds (ShapeDtypeStructs).
+  """
+  # Saved metadata may key list entries by strings ('0'): compare paths as strings.
+  paths = lambda tree: {"".join(f"[{getattr(k, 'key', getattr(k, 'idx', k))!s}]" for k in p): x
+                        for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  have = paths(saved.get("params", {}) if isinstance(saved, dict) else {})
+  want = paths(abstract["params"])
+  hint = "(a checkpoint of another model config?)"
+  for key in sorted(want.keys() - have.keys()):
+    raise InputError(where, f"params{key}", f"the model this config builds has it, the "
+                     f"checkpoint does not {hint}")
+  for key in sorted(have.keys() - want.keys()):
+    raise InputError(where, f"params{key}", f"in the checkpoint, not in the model this config "
+                     f"builds {hint}")
+  for key in sorted(want):
+    if tuple(have[key].shape) != tuple(want[key].shape):
+      raise InputError(where, f"params{key}", f"saved shape {tuple(have[key].shape)}, the "
+                       f"config builds {tuple(want[key].shape)} {hint}")
 
 
 def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
@@ -213,12 +257,24 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     params = jax.tree.map(
         lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   manager.close()
-  os.makedirs(output)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(output, "params")), params)
-  with open(os.path.join(output, "config.json"), "w") as f:
-    json.dump({"config": restored[CONFIG], "step": int(step), "source": key,
-               "dtype": dtype}, f, indent=2)
+  # Written under a temporary name beside ``output``, renamed when complete: an export that
+  # dies leaves no ``output`` (and no half export that a rerun would refuse to replace).
+  tmp = os.path.join(os.path.dirname(os.path.abspath(output)),
+                     f".{os.path.basename(os.path.abspath(output))}.{os.getpid()}.tmp")
+  try:
+    os.makedirs(tmp)
+  except OSError as e:
+    raise InputError("--output", "output", f"cannot create {output} ({e.strerror or e})") from e
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), params)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump({"config": restored[CONFIG], "step": int(step), "source": key,
+                 "dtype": dtype}, f, indent=2)
+    os.rename(tmp, output)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return int(step)
 
 
@@ -235,14 +291,15 @@ def load_export(path: str, shardings: Any = None) -> tuple[Any, ml_collections.C
   meta_path = os.path.join(path, "config.json")
   if not os.path.exists(meta_path):
     raise InputError(path, "config.json", "not an export directory (missing config.json)")
-  with open(meta_path) as f:
+  with _unreadable_as_input_error(meta_path, "config.json"), open(meta_path) as f:
     meta = json.load(f)
+    config, step = ml_collections.ConfigDict(meta["config"]), int(meta["step"])
   params_dir = os.path.abspath(os.path.join(path, "params"))
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with _unreadable_as_input_error(path, "params"), ocp.PyTreeCheckpointer() as ckptr:
     abstract = _replicated_abstract(_tree(ckptr.metadata(params_dir).item_metadata))
     if shardings is not None:
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shardings)
     params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=_restore_args(abstract)))
-  return params, ml_collections.ConfigDict(meta["config"]), int(meta["step"])
+  return params, config, step

@@ -17,6 +17,30 @@ class InputError(ValueError):
     super().__init__(f"{where}: field '{field}': {problem}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """``app.run(main, flags_parser=parse_flags)``: a bad command line is one line and exit 2.
+
+  absl alone reports a bad flag value on two lines with status 1, and ml_collections raises
+  a traceback for a config override that names no field (``--config.data.bogus=1``).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: no such config field
+    key = str(e).strip("\"'")
+    names = [a.split("=")[0] for a in argv[1:] if key in a.split("=")[0].split(".")]
+    error = InputError(names[0] if names else "command line", key, "no such config field")
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything else comes from a flag value or the config file it names (a syntax error,
+    # get_config raising): keep the flag's own words and the last line of a traceback.
+    head, _, trace = str(e).partition("Traceback (most recent call last):")
+    last = [line for line in trace.splitlines() if line.strip()][-1:] or [f"({type(e).__name__})"]
+    error = InputError("command line", "flags", " ".join((head + " " + last[0]).split())
+                       if trace else f"{type(e).__name__}: {' '.join(head.split())}")
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
   """Run ``main``; an InputError becomes one line on stderr and exit status 2."""
   try:

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mirage_jax import distributed
-from mirage_jax.errors import InputError, run_cli
+from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:stage]).",
                                           lock_config=True)
@@ -29,9 +29,15 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", None, ["off", "auto"],
                                  "'auto': let JAX detect the cluster (TPU VM, GKE, Slurm); else $MIRAGE_DISTRIBUTED.")
 
 
-def _main() -> int:
+def _main(argv: list[str]) -> int:
+  if len(argv) > 1:  # absl leaves unknown positional words here; training would ignore them
+    raise InputError("command line", "arguments", f"unexpected {argv[1:]} (all options are --flags)")
   if _CONFIG.value is None:
     raise InputError("--config", "config", "required (e.g. experiments/tiny_cpu.py)")
+  try:  # config_flags defers a file that failed to load to the first read of a field
+    _CONFIG.value.get("stage")
+  except OSError as e:
+    raise InputError("--config", "config", " ".join(str(e).split())) from None
   if not _WORKDIR.value:
     raise InputError("--workdir", "workdir", "required")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -43,9 +49,8 @@ def _main() -> int:
 
 
 def main(argv) -> None:
-  del argv
-  run_cli(_main)
+  run_cli(lambda: _main(argv))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -502,6 +502,10 @@ def abstract_batch(config: ml_collections.ConfigDict, stage: Stage, mesh: Mesh,
             "intrinsics": ((b, t, 3, 3), jnp.float32), "poses_c2w": ((b, t, 4, 4), jnp.float32),
             "dynamic_masks": ((b, t, h, w), jnp.uint8)}
   axes = batch_axes(mesh, rules)
+  split = math.prod(mesh.shape[a] for a in jax.tree.leaves(axes))
+  if b % split:
+    raise InputError("config.data.batch_size", "batch_size", f"global batch {b} does not split "
+                     f"over the {split} devices of the batch mesh axes {axes}")
   return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=distributed.batch_sharding(
       mesh, axes, len(shapes[k][0]))) for k in stage.fields}
 

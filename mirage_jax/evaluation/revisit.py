@@ -134,7 +134,10 @@ def prepare_output_dir(path: str, overwrite: bool, flag: str = "--output_dir") -
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
     raise InputError(flag, "output_dir", f"{path} exists and is not empty (pass --overwrite to "
                      "replace its files)")
-  os.makedirs(path, exist_ok=True)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:  # a parent is a file, read-only, ...
+    raise InputError(flag, "output_dir", f"cannot create {path} ({e.strerror or e})") from e
 
 
 # ----------------------------------------------------------------------------- pairing
