@@ -393,7 +393,8 @@ class DenoiserStage:
     mem, coverage, refs = jax.vmap(one_clip)(latents, batch["depths"], batch["intrinsics"],
                                              batch["poses_c2w"], batch["dynamic_masks"])
     lat_K = lambda K: memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
-    rays = geometry.plucker_rays(lat_K(batch["intrinsics"]), batch["poses_c2w"], hh, ww)  # (B, T, h, w, 6)
+    # (B, T, h, w, 6)
+    rays = geometry.plucker_rays(lat_K(batch["intrinsics"]), batch["poses_c2w"], hh, ww)
     context, context_rays = latents[:, m - nc:m], rays[:, m - nc:m]
     if k:  # references first: memory_prior falls back on the last context frame, as in rollout
       ref_lat, ref_K, ref_c2w = refs  # (B, k, h, w, C), (B, k, 3, 3), (B, k, 4, 4)

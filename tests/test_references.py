@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import tiny_cpu
 from mirage_jax import geometry, rollout, train
 from mirage_jax.memory import baselines, latent_cache
 from mirage_jax.models import autoencoder, denoiser
-from tests.test_train import _batch, _mesh_config, _one_step, random_frozen_autoencoder, tiny_config
+from tests.test_train import _batch, _mesh_config, _one_step, tiny_config
 
 H = W = 32
 CFG = latent_cache.MemoryConfig(image_height=H, image_width=W, latent_height=16, latent_width=16,
@@ -40,10 +39,15 @@ def _bank(yaws=YAWS):
   s = len(yaws)
   poses = np.stack([_camera(y) for y in yaws])
   latents = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32)[:, None, None, None], (s, 16, 16, 4))
+  depths = jnp.asarray(np.stack([_box_depth(p) for p in poses]))
   return baselines.frame_bank_write(
-      rollout.reference_bank_init(CFG, s), latents, jnp.asarray(np.stack([_box_depth(p) for p in poses])),
-      jnp.asarray(np.repeat(K[None], s, 0)), jnp.asarray(poses), jnp.ones((s, H, W), bool),
-      jnp.arange(s, dtype=jnp.int32))
+      rollout.reference_bank_init(CFG, s), latents, depths, jnp.asarray(np.repeat(K[None], s, 0)),
+      jnp.asarray(poses), jnp.ones((s, H, W), bool), jnp.arange(s, dtype=jnp.int32))
+
+
+# One compiled retrieval for every check here: k = S (all bank frames ranked).
+_retrieve_all = jax.jit(lambda bank, eligible, K_, c2w: rollout.retrieve_references(
+    bank, eligible, K_, c2w, bank.frame.shape[0]))
 
 
 def _targets():
@@ -53,8 +57,7 @@ def _targets():
 def test_retrieval_picks_frames_that_saw_the_target_by_iou():
   bank = _bank()
   s = len(YAWS)
-  lat, ref_K, ref_c2w, slots, found = jax.jit(rollout.retrieve_references, static_argnums=4)(
-      bank, jnp.ones((s,), bool), *_targets(), s)
+  lat, ref_K, ref_c2w, slots, found = _retrieve_all(bank, jnp.ones((s,), bool), *_targets())
   # Best first; looking away (180) or at another wall (90) never passes; the sliver (65)
   # has a positive IoU below 0.04, so it is not kept either; the rest fall back.
   np.testing.assert_array_equal(slots[:4], [0, 3, 4, 5])
@@ -69,20 +72,20 @@ def test_retrieval_respects_eligibility_and_keeps_shapes_when_nothing_passes():
   bank = _bank()
   s = len(YAWS)
   not_first = jnp.arange(s) > 0
-  _, _, _, slots, found = rollout.retrieve_references(bank, not_first, *_targets(), 2)
-  np.testing.assert_array_equal(slots, [3, 4])
-  assert found.all()
+  _, _, _, slots, found = _retrieve_all(bank, not_first, *_targets())
+  np.testing.assert_array_equal(slots[:3], [3, 4, 5])
+  np.testing.assert_array_equal(found, [True] * 3 + [False] * (s - 3))
   # Only frames that saw nothing of the target are eligible: fallback in every slot.
   away = jnp.asarray([y in (180, 90) for y in YAWS])
-  lat, ref_K, ref_c2w, slots, found = rollout.retrieve_references(bank, away, *_targets(), 3)
-  assert lat.shape == (3, 16, 16, 4) and ref_K.shape == (3, 3, 3) and ref_c2w.shape == (3, 4, 4)
+  lat, ref_K, ref_c2w, slots, found = _retrieve_all(bank, away, *_targets())
+  assert lat.shape == (s, 16, 16, 4) and ref_K.shape == (s, 3, 3) and ref_c2w.shape == (s, 4, 4)
   assert not found.any()
-  np.testing.assert_array_equal(slots, [s - 1] * 3)
+  np.testing.assert_array_equal(slots, [s - 1] * s)
 
 
 @pytest.fixture(scope="module")
 def models():
-  config = tiny_cpu.get_config("denoiser")
+  config = tiny_config("denoiser")
   config.denoiser.update(reference_frames=1, reference_bank=4)
   ae = autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))
   dn = denoiser.Denoiser(config.denoiser.model, nnx.Rngs(1))
@@ -116,7 +119,8 @@ def test_rollout_with_references_fixed_bank_and_no_recompile(models):
     K_, poses = _trajectory(n, h, w)
     out = r.generate(frame0, depth0, K_, poses, progress=False)
     assert out["frames"].shape == (n, h, w, 3)
-    sizes.append([f._cache_size() for f in (r._read, denoise, r._write, r._retrieve, r._bank_write)])
+    fns = (r._read, denoise, r._write, r._retrieve, r._bank_write)
+    sizes.append([f._cache_size() for f in fns])
     ref_bytes.append(out["reference_bytes"])
     nc = config.denoiser.context_frames
     for i, (shape, ctx_c2w) in enumerate(seen):  # [1 reference, then the last nc frames]
@@ -131,11 +135,11 @@ def test_rollout_with_references_fixed_bank_and_no_recompile(models):
   assert ref_bytes[0] == ref_bytes[1] == baselines.frame_bank_nbytes(full)
 
 
-def test_denoiser_stage_trains_with_references():
+def test_denoiser_stage_trains_with_references(models):
   config = tiny_config("denoiser")
   config.denoiser.reference_frames = 1
   config.data.batch_size = 2
-  frozen = random_frozen_autoencoder(config)
+  frozen = nnx.state(models[1], nnx.Param).to_pure_dict()  # the same tiny autoencoder
   batch = _batch(config)
   m1, m2, _ = _one_step(_mesh_config(config, fsdp=1), batch, frozen)
   for m in (m1, m2):
@@ -145,8 +149,9 @@ def test_denoiser_stage_trains_with_references():
   d = config.denoiser
   m, nc = d.memory_frames, d.context_frames
   stage = train.DenoiserStage(config, frozen)
-  latents = jax.random.normal(jax.random.key(0), (config.data.batch_size, m + d.target_frames,
-                                                  *stage.latent_hw, config.autoencoder.latent_channels))
+  shape = (config.data.batch_size, m + d.target_frames, *stage.latent_hw,
+           config.autoencoder.latent_channels)
+  latents = jax.random.normal(jax.random.key(0), shape)
   cond = jax.jit(stage._condition)(latents, {k: jnp.asarray(batch[k]) for k in stage.fields})
   assert cond["context"].shape[1] == cond["context_rays"].shape[1] == 1 + nc
   np.testing.assert_array_equal(cond["context"][:, 1:], latents[:, m - nc:m])
