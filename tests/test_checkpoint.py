@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mirage_jax import checkpoint, export, train
+from mirage_jax.models import autoencoder
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,8 @@ def test_export_and_load_round_trip(run_a, tmp_path):
   assert step == 6
   # The exported model runs.
   rgb, depth = model.decode(np.zeros((1, 4, 4, config.autoencoder.latent_channels), np.float32))
-  assert rgb.shape == (1, 16, 16, 3) and np.all(np.asarray(depth) > 0)
+  f = autoencoder.downsample_factor(config.autoencoder)
+  assert rgb.shape == (1, 4 * f, 4 * f, 3) and np.all(np.asarray(depth) > 0)
   with pytest.raises(Exception, match="already exists"):
     checkpoint.export_params(run_a, out)
 
