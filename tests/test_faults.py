@@ -80,12 +80,25 @@ def logged(workdir: Path) -> dict[int, dict]:
   return rows
 
 
-def last_logged_step(workdir: Path) -> int:
+def metrics_size(workdir: Path) -> int:
+  path = workdir / "metrics.jsonl"
+  return path.stat().st_size if path.exists() else 0
+
+
+def logged_steps(workdir: Path, since: int = 0) -> list[int]:
+  """Steps of the complete lines of metrics.jsonl after byte ``since``, while it is written."""
   path = workdir / "metrics.jsonl"
   if not path.exists():
-    return 0
-  lines = path.read_text().splitlines()
-  return json.loads(lines[-1])["step"] if lines else 0
+    return []
+  with open(path) as f:
+    f.seek(since)
+    text = f.read()
+  lines = text[:text.rfind("\n") + 1].splitlines()  # a line being written has no newline yet
+  return [json.loads(line)["step"] for line in lines]
+
+
+def last_logged_step(workdir: Path) -> int:
+  return (logged_steps(workdir) or [0])[-1]
 
 
 def complete_steps(workdir: Path) -> list[int]:
@@ -128,13 +141,13 @@ def load_checkpoint(workdir: Path, step: int) -> tuple[dict, str]:
 
 @dataclasses.dataclass
 class Fault:
-  """One interruption: ``kind`` once the run has logged ``after_step`` (+ ``delay`` s).
+  """One interruption: ``kind`` once the run has logged ``after_steps`` steps (+ ``delay`` s).
 
   kind: "kill" (SIGKILL), "kill_saving" (SIGKILL as soon as a new checkpoint save is being
   written) or "term" (SIGTERM: the trainer must save and exit 0).
   """
   kind: str
-  after_step: int
+  after_steps: int  # steps this run logs first (0: SIGKILL while it starts up)
   delay: float = 0.0
 
 
@@ -152,25 +165,22 @@ class Outcome:
     return self.resumed_from == self.latest_before_restart
 
 
-def random_faults(count: int, steps: int, seed: int) -> list[Fault]:
-  """``count`` faults at increasing steps, kinds and delays drawn from ``seed``."""
+def random_faults(count: int, seed: int, max_steps: int = 3) -> list[Fault]:
+  """``count`` faults, kinds, steps (0..max_steps after each start) and delays from ``seed``."""
   rng = random.Random(seed)
-  faults = []
-  for point in sorted(rng.randint(0, steps - 2) for _ in range(count)):
-    kind = rng.choice(["kill", "kill_saving", "term"])
-    # SIGTERM before the trainer's handler is installed would just end it: wait for step 1.
-    faults.append(Fault(kind, max(point, 1) if kind == "term" else point,
-                        round(rng.uniform(0.0, 0.3), 3)))
-  return faults
+  return [Fault(rng.choice(["kill", "kill_saving", "term"]), rng.randint(0, max_steps),
+                round(rng.uniform(0.0, 0.3), 3)) for _ in range(count)]
 
 
 def _interrupt(proc: subprocess.Popen, workdir: Path, fault: Fault, steps: int) -> Outcome:
   """Waits for the fault's moment, signals the trainer (unless it finished first), waits."""
   outcome = Outcome(fault)
   old_saves = saves_in_progress(workdir)  # left over from earlier kills
+  old_lines = metrics_size(workdir)  # logged by earlier runs: this run's progress comes after
   fire_at = None
   while proc.poll() is None:
-    if last_logged_step(workdir) >= fault.after_step:
+    # SIGTERM waits for a step logged by this run: its handler is installed by then.
+    if len(logged_steps(workdir, old_lines)) >= max(fault.after_steps, fault.kind == "term"):
       if fault.kind == "kill_saving":
         if saves_in_progress(workdir) - old_saves:
           proc.send_signal(signal.SIGKILL)
@@ -263,8 +273,9 @@ def setup(tmp_path_factory):
 def test_killed_and_restarted_training_equals_an_uninterrupted_run(setup):
   root, data_dir, env, reference = setup
   assert sorted(logged(reference)) == list(range(1, STEPS + 1))
-  faults = [Fault("kill", 1, 0.05), Fault("kill_saving", 4), Fault("term", 6, 0.1),
-            Fault("kill_saving", 8)]
+  # After 1, 2, 2 and 2 steps of each run: SIGKILL, SIGKILL mid-save, SIGTERM, SIGKILL mid-save.
+  faults = [Fault("kill", 1, 0.05), Fault("kill_saving", 2), Fault("term", 2, 0.1),
+            Fault("kill_saving", 2)]
   workdir = root / "faulted"
   outcomes = run_campaign(workdir, data_dir, env, faults, root / "logs")
   for o in outcomes:
