@@ -30,7 +30,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
-from mirage_jax.errors import InputError, run_cli
+from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _DATASET = flags.DEFINE_string("dataset", None, "procedural_rooms | memory_maze | posed_files.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to build into.")
@@ -119,4 +119,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: run_cli(lambda: main(argv)))
+  app.run(lambda argv: run_cli(lambda: main(argv)), flags_parser=parse_flags)

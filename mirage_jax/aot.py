@@ -25,7 +25,7 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mirage_jax.errors import InputError, run_cli
+from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CONFIG = None  # defined in main() so importing this module defines no flags
 
@@ -139,4 +139,4 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:8x8, v5p:4x4x4.", required=True)
   flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN; set config.dcn_mesh).")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

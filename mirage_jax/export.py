@@ -15,7 +15,7 @@ from absl import app, flags
 from flax import nnx
 
 from mirage_jax import checkpoint
-from mirage_jax.errors import InputError, run_cli
+from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
 _OUTPUT = flags.DEFINE_string("output", None, "Export directory (must not exist).")
@@ -59,4 +59,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

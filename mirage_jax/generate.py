@@ -26,7 +26,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from mirage_jax.errors import InputError, run_cli
+from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
 _AUTOENCODER = flags.DEFINE_string("autoencoder", None,
@@ -102,4 +102,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

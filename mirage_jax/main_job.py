@@ -25,7 +25,7 @@ import time
 
 from absl import app, flags, logging
 
-from mirage_jax.errors import InputError, run_cli
+from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Everything this job writes goes here.")
 _CONFIG = flags.DEFINE_string("config", "experiments/tiny_cpu.py",
@@ -194,4 +194,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
