@@ -262,7 +262,7 @@ class Rollout:
 
   def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
                poses_c2w: np.ndarray, *, seed: int = 0, progress: bool = True,
-               keep_coverage: bool = True, oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,
+               oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,
                initial_memory: Any = None) -> dict[str, Any]:
     """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
 
