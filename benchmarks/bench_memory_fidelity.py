@@ -42,7 +42,7 @@ def main(argv):
   h, w = config.data.resolution
   n = _FRAMES.value
   a, b = (int(x) for x in _SEEDS.value.split(":"))
-  scores = []
+  scores, depth_error = [], []
   for seed in range(a, b):
     clip = procedural.render_clip(seed, n, h, w, trajectory="loop")
     frames = jnp.asarray(clip["frames"], jnp.float32) / 127.5 - 1.0
@@ -50,8 +50,9 @@ def main(argv):
     K, c2w = jnp.asarray(clip["intrinsics"]), jnp.asarray(clip["poses_c2w"])
     latents, _ = ae.encode(frames, depths)
     truth = (frames[-1:] + 1.0) / 2.0
-    recon, _ = ae.decode(latents[-1:])
-    row = [float(metrics.psnr((recon + 1.0) / 2.0, truth)[0])]
+    recon, recon_depth = ae.decode(latents)
+    depth_error.append(float(jnp.mean(metrics.depth_metrics(recon_depth, depths)["abs_rel"])))
+    row = [float(metrics.psnr((recon[-1:] + 1.0) / 2.0, truth)[0])]
     for name, overrides in VARIANTS:
       capacity = (n * h * w) if name == "mirage" else config.memory.settings.capacity
       backend = memory_lib.get_backend(name)
@@ -68,6 +69,7 @@ def main(argv):
   print(f"| autoencoder reconstruction (ceiling) | {mean[0]:.2f} |")
   for (name, overrides), value in zip(VARIANTS, mean[1:]):
     print(f"| {name} {overrides} | {value:.2f} |")
+  print(f"\nautoencoder depth abs-rel on these clips (all frames): {np.mean(depth_error):.4f}")
 
 
 if __name__ == "__main__":
