@@ -206,7 +206,9 @@ def score_frames(frames: np.ndarray, truth: Trajectory, pairs: np.ndarray,
              psnr_revisit=mean(psnr, revisit), ssim_revisit=mean(ssim, revisit),
              psnr_first_visit=mean(_psnr(gen, first), revisit),
              ssim_first_visit=mean(_ssim(gen, first), revisit),
-             psnr_per_frame=psnr, ssim_per_frame=ssim)
+             # Given frames (the first frame, context) are not generated: NaN, not 100 dB.
+             psnr_per_frame=np.where(scored, psnr, np.nan),
+             ssim_per_frame=np.where(scored, ssim, np.nan))
   if depths is not None:
     depths = np.asarray(depths, np.float32)
     geo = _geometric(gen, depths, truth.intrinsics, truth.poses_c2w)
