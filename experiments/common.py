@@ -60,6 +60,10 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
 
   c.memory = ml_collections.ConfigDict()
   c.memory.backend = "voxel"
+  # Backends whose rollout writes generated frames only where the memory read was empty:
+  # covered cells were copied from memory, so writing them back only adds drift (ours;
+  # the reference's `mirage` writes everything).
+  c.memory.write_new_only = ("voxel",)
   c.memory.settings = ml_collections.ConfigDict(dict(
       capacity=4096, feature_dtype="bfloat16", voxel_size=0.05, recency_decay=0.5,
       splat_radius=1, near=1e-3, depth_tolerance=0.2))

@@ -181,6 +181,8 @@ class Rollout:
       raise InputError("config.sampler", "method", "prediction='x0_prior' samples with 'euler' "
                        f"(its velocity is undefined at t = 0), got {self.sampler.method!r}")
     self.backend_name = backend or config.memory.backend
+    # Exports made before `memory.write_new_only` existed wrote everything.
+    self.write_new_only = self.backend_name in config.memory.get("write_new_only", ())
     self.memory_cfg = memory_config(config, **memory_overrides)
     self.image_hw = (self.memory_cfg.image_height, self.memory_cfg.image_width)
     self.latent_hw = (self.memory_cfg.latent_height, self.memory_cfg.latent_width)
@@ -349,6 +351,10 @@ class Rollout:
           self.ae_state, self.dn_state, mem, cov, Kc, c2wc, full_ctx, full_K, full_c2w, sub))
       t1 = time.perf_counter()
       static = jnp.broadcast_to((jnp.arange(self.chunk) < n)[:, None, None], (self.chunk, h, w))
+      if self.write_new_only and not oracle:
+        # Covered cells were copied from memory: writing them back only adds drift.
+        fy, fx = h // cov.shape[1], w // cov.shape[2]
+        static = static & ~jnp.repeat(jnp.repeat(cov, fy, axis=1), fx, axis=2)
       w_lat, w_rgb, w_depth = lat, rgb, depth
       if oracle:  # a chunk straddling N mixes the two (no extra ops when it lies below N)
         use = idx < len(gt_rgb)

@@ -66,3 +66,22 @@ def test_bad_first_frame_is_rejected(models):
   K, poses = _trajectory(4, 8, 8)
   with pytest.raises(Exception, match="first_frame"):
     r.generate(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.float32), K, poses, progress=False)
+
+
+def test_write_new_only_leaves_covered_cells_unwritten(models):
+  """Standing still: every generated cell is covered by frame 0, so nothing new is written."""
+  config, ae, dn = models
+  h, w = config.data.resolution
+  K = np.repeat(geometry.intrinsics_from_fov(70, h, w)[None], 5, 0)
+  poses = np.repeat(geometry.look_at([0, 1.5, 0], [0, 1.5, 3], up=(0, 1, 0))[None], 5, 0)
+  frame0 = np.zeros((h, w, 3), np.uint8)
+  depth0 = np.full((h, w), 2.0, np.float32)
+  bytes_after = {}
+  for new_only in ((), ("mirage",)):
+    c = config.copy_and_resolve_references()
+    c.memory.write_new_only = new_only
+    out = rollout.Rollout(c, ae, dn, backend="mirage", capacity=4096).generate(
+        frame0, depth0, K, poses, progress=False)
+    bytes_after[new_only] = out["cache_bytes"]
+  one_frame = bytes_after[()] // 5  # append-only: five frames written without the option
+  assert bytes_after[("mirage",)] == one_frame
