@@ -35,6 +35,23 @@ def _from_env(value, name: str, cast=str):
     raise InputError(f"${name}", name, f"cannot parse {raw!r}: {e}") from None
 
 
+def define_flags():
+  """Defines the multi-process flags of an entry point; returns ``init()`` that uses them.
+
+  ``--coordinator_address``, ``--num_processes``, ``--process_id`` (each else from the
+  environment, see :func:`initialize`) and ``--distributed=off|auto``.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  coordinator = flags.DEFINE_string("coordinator_address", None,
+                                    "host:port of process 0 (else $MIRAGE_COORDINATOR_ADDRESS).")
+  num_processes = flags.DEFINE_integer("num_processes", None,
+                                       "Processes in the job (else $MIRAGE_NUM_PROCESSES).")
+  process_id = flags.DEFINE_integer("process_id", None, "This process's id (else $MIRAGE_PROCESS_ID).")
+  mode = flags.DEFINE_enum("distributed", None, ["off", "auto"], "'auto': let JAX detect the "
+                           "cluster (TPU VM, GKE, Slurm); else $MIRAGE_DISTRIBUTED.")
+  return lambda: initialize(coordinator.value, num_processes.value, process_id.value, mode.value)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, mode: str | None = None) -> bool:
   """Starts ``jax.distributed`` when configured; returns True when it did.

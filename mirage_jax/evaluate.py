@@ -82,12 +82,7 @@ _LENGTHS = flags.DEFINE_list("lengths", ["64", "256", "1024", "4096"], "Trajecto
 _TIMED = flags.DEFINE_integer("timed_chunks", 2, "Chunks timed at the end of each length.")
 _PERIOD = flags.DEFINE_integer("scaling_period", 64, "Frames per loop of the scaling camera path.")
 # Multi-process.
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (else $MIRAGE_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (else $MIRAGE_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (else $MIRAGE_PROCESS_ID).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", None, ["off", "auto"],
-                                 "'auto': let JAX detect the cluster; else $MIRAGE_DISTRIBUTED.")
+_INIT_DISTRIBUTED = distributed.define_flags()
 
 _TABLE = ("row", "psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
           "geometric_psnr", "coverage_revisit", "cache_bytes", "chunk_seconds")
@@ -245,7 +240,7 @@ def _main() -> int:
                       ("--output_dir", _OUTPUT.value)):
     if not value:
       raise InputError(flag, flag[2:], "required")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+  _INIT_DISTRIBUTED()
   import jax  # pylint: disable=g-import-not-at-top
   from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top

@@ -21,12 +21,7 @@ from mirage_jax.errors import InputError, parse_flags, run_cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:stage]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 (else $MIRAGE_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (else $MIRAGE_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (else $MIRAGE_PROCESS_ID).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", None, ["off", "auto"],
-                                 "'auto': let JAX detect the cluster (TPU VM, GKE, Slurm); else $MIRAGE_DISTRIBUTED.")
+_INIT_DISTRIBUTED = distributed.define_flags()
 
 
 def _main(argv: list[str]) -> int:
@@ -40,8 +35,7 @@ def _main(argv: list[str]) -> int:
     raise InputError("--config", "config", " ".join(str(e).split())) from None
   if not _WORKDIR.value:
     raise InputError("--workdir", "workdir", "required")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         _DISTRIBUTED.value)
+  _INIT_DISTRIBUTED()
   from mirage_jax import train  # after jax.distributed: importing may touch backends
   logging.info("config:\n%s", _CONFIG.value)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
