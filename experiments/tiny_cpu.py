@@ -20,7 +20,7 @@ def get_config(stage=None):
   # view is not the best one, so no recency band (depth_tolerance 0) here.
   c.memory.settings.update(capacity=8192, voxel_size=0.1, depth_tolerance=0.0)
   c.optimizer.update(learning_rate=2e-3, warmup_steps=20)
-  c.train.update(steps=2000 if c.stage == "autoencoder" else 1200, log_every=50)
+  c.train.update(steps=2000 if c.stage == "autoencoder" else 2400, log_every=50)
   c.checkpoint.every = 100
   common.set_window(c)
   return c
