@@ -1,4 +1,4 @@
-"""Batched evaluation of a world-model export: revisit consistency or cost scaling.
+"""Batched evaluation of a world-model export: revisit consistency, cost scaling, moving objects.
 
   python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=revisit \\
       --data_dir=data --output_dir=out/revisit [--backends=none,mirage,voxel] [--num_trajectories=8]
@@ -6,6 +6,9 @@
       --procedural_seeds=100000:100008 --num_frames=48 --output_dir=out/revisit_heldout
   python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=scaling \\
       --output_dir=out/scaling [--lengths=64,256,1024,4096]
+  python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=objects \\
+      --output_dir=out/objects [--procedural_seeds=200000:200004] [--moving_objects=2] \\
+      [--object_rows=mirage,voxel,voxel+objects]
 
 Revisit (``evaluation/revisit.py`` has the protocol): trajectories are the ``--split`` of a
 built dataset (``--data_dir``/``--dataset``, resized to the model's resolution), or loop
@@ -22,6 +25,13 @@ work splits by trajectory, not inside one); each process writes its results to
 merges the parts into ``metrics.json`` and the plots. ``--output_dir`` must therefore be on a
 file system every process sees. Scaling runs on process 0 only (it is a timing benchmark).
 
+Objects (``evaluation/objects.py`` has the protocol): procedural loop clips of
+``--procedural_seeds`` (default 200000:200004, held out) with ``--moving_objects`` objects,
+``--num_frames`` long (default 48), the first ``--object_context`` frames given; each row of
+``--object_rows`` (``mirage``, ``voxel`` keeping predicted moving content out of its cache,
+``voxel+objects`` carrying it in object slots) scored for ghosting in the static region at
+revisits, object PSNR, position error, detection and identity at re-entry. Runs on process 0.
+
 Outputs in ``--output_dir`` (refused if non-empty unless ``--overwrite``; files are written
 atomically):
 
@@ -32,7 +42,8 @@ atomically):
   videos/<traj>/<row>.mp4 generated | ground truth | memory coverage (revisit);
   parts/process_<k>.json  each process's results (revisit);
   scaling.json            the scaling entries (``report`` schema) and
-  cost_vs_length.png      their plot (scaling).
+  cost_vs_length.png      their plot (scaling);
+  videos/<traj>/<row>.mp4 generated | ground truth | predicted dynamic mask (objects).
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ from mirage_jax.errors import InputError, parse_flags, run_cli
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
 _AUTOENCODER = flags.DEFINE_string("autoencoder", None,
                                    "Autoencoder export (default: the one the denoiser was trained with).")
-_BENCHMARK = flags.DEFINE_enum("benchmark", None, ["revisit", "scaling"], "Which benchmark.")
+_BENCHMARK = flags.DEFINE_enum("benchmark", None, ["revisit", "scaling", "objects"], "Which benchmark.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the report goes.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non-empty --output_dir.")
 _BACKENDS = flags.DEFINE_list("backends", ["none", "frame_bank", "rgb_points", "mirage", "voxel"],
@@ -61,7 +72,8 @@ _DATASET = flags.DEFINE_string("dataset", "procedural_rooms", "Dataset name unde
 _CONFIG_NAME = flags.DEFINE_string("config_name", "default", "Dataset config name.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split.")
 _SEEDS = flags.DEFINE_string("procedural_seeds", None,
-                             "a:b renders loop clips of seeds a..b-1 instead of reading --data_dir.")
+                             "a:b renders loop clips of seeds a..b-1 instead of reading --data_dir "
+                             "(objects: default 200000:200004).")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", None,
                                    "Frames per trajectory (procedural: rendered, default 48; dataset: "
                                    "first frames kept, default all).")
@@ -81,6 +93,14 @@ _GAP = flags.DEFINE_integer("min_revisit_gap", 4, "Frames between a revisit and 
 _LENGTHS = flags.DEFINE_list("lengths", ["64", "256", "1024", "4096"], "Trajectory lengths (frames).")
 _TIMED = flags.DEFINE_integer("timed_chunks", 2, "Chunks timed at the end of each length.")
 _PERIOD = flags.DEFINE_integer("scaling_period", 64, "Frames per loop of the scaling camera path.")
+# Objects.
+_OBJECT_ROWS = flags.DEFINE_list("object_rows", ["mirage", "voxel", "voxel+objects"],
+                                 "Rows of the objects benchmark (evaluation/objects.py ROWS).")
+_MOVING = flags.DEFINE_integer("moving_objects", 2, "Moving objects per clip (objects).")
+_OBJECT_CONTEXT = flags.DEFINE_integer("object_context", 4,
+                                       "Frames given from ground truth and not scored (objects).")
+_MIN_PIXELS = flags.DEFINE_integer("min_object_pixels", 4, "Pixels an object needs to count as visible.")
+_REENTRY_GAP = flags.DEFINE_integer("reentry_gap", 4, "Frames out of view before a re-entry, at least.")
 # Multi-process.
 _INIT_DISTRIBUTED = distributed.define_flags()
 
@@ -235,6 +255,52 @@ def _scaling(config, ae, dn) -> None:
   print(report.format_table(entries, list(report.SCALING_FIELDS), ".4f"))
 
 
+def _object_settings() -> tuple[range, int]:
+  """The objects benchmark's seeds and frame count; refuses bad object flags."""
+  from mirage_jax.evaluation import objects  # pylint: disable=g-import-not-at-top
+  objects.check_rows(_OBJECT_ROWS.value)
+  seeds = _seed_range(_SEEDS.value or "200000:200004", "procedural_seeds")
+  num_frames = _NUM_FRAMES.value or 48
+  for flag in (_MOVING, _MIN_PIXELS, _REENTRY_GAP, _OBJECT_CONTEXT):
+    if flag.value < 1:
+      raise InputError(f"--{flag.name}", flag.name, f"must be >= 1, got {flag.value}")
+  if _OBJECT_CONTEXT.value >= num_frames:
+    raise InputError("--object_context", "object_context",
+                     f"must be < --num_frames ({num_frames}), got {_OBJECT_CONTEXT.value}")
+  return (seeds[:_NUM_TRAJ.value] if _NUM_TRAJ.value else seeds), num_frames
+
+
+def _objects(config, ae, dn) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import objects, report  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  seeds, num_frames = _object_settings()
+  pairing = dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value)
+  runner = objects.ObjectsRunner(config, ae, dn, _OBJECT_ROWS.value, num_frames, pairing=pairing,
+                                 min_pixels=_MIN_PIXELS.value, gap=_REENTRY_GAP.value)
+  out = _OUTPUT.value
+  video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
+  results = {}
+  for seed in seeds:
+    clip = objects.render_object_clip(seed, num_frames, config.data.resolution, _MOVING.value,
+                                      _OBJECT_CONTEXT.value)
+    results[clip.truth.name] = runner.run(clip, seed=_SEED.value, video_dir=video_dir)
+    print(f"objects {clip.truth.name}: done", flush=True)
+  summary = objects.summarize(results)
+  report.write_metrics_json(os.path.join(out, "metrics.json"), dict(
+      benchmark="objects", checkpoint=_CHECKPOINT.value, rows=_OBJECT_ROWS.value, seed=_SEED.value,
+      resolution=list(config.data.resolution), chunk_frames=int(config.denoiser.target_frames),
+      source=f"procedural loop seeds {seeds.start}:{seeds.stop}", num_frames=num_frames,
+      moving_objects=_MOVING.value, context=_OBJECT_CONTEXT.value, pairing=pairing,
+      reentry=dict(min_object_pixels=_MIN_PIXELS.value, gap=_REENTRY_GAP.value, span=3),
+      summary=summary, trajectories=results))
+  print(f"\nobjects: {len(results)} trajectories, " +
+        ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in objects.COUNTS))
+  print(report.format_table([dict(row=r, **summary[r]) for r in _OBJECT_ROWS.value],
+                            ("row",) + objects.SCALARS, ".3f"))
+
+
 def _main() -> int:
   for flag, value in (("--checkpoint", _CHECKPOINT.value), ("--benchmark", _BENCHMARK.value),
                       ("--output_dir", _OUTPUT.value)):
@@ -247,13 +313,15 @@ def _main() -> int:
   unknown = [b for b in _BACKENDS.value if b not in memory.BACKEND_NAMES]
   if unknown:
     raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: {', '.join(memory.BACKEND_NAMES)})")
+  if _BENCHMARK.value == "objects":
+    _object_settings()  # refuse bad flags before loading the model
   if jax.process_index() == 0:
     revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
   if jax.process_count() > 1:  # no process writes before process 0 has checked the directory
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("mirage_jax.evaluate: output dir ready")
   config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
-  (_revisit if _BENCHMARK.value == "revisit" else _scaling)(config, ae, dn)
+  dict(revisit=_revisit, scaling=_scaling, objects=_objects)[_BENCHMARK.value](config, ae, dn)
   return 0
 
 
