@@ -11,6 +11,12 @@ at every range. The decoder predicts ``d_n`` and returns metric depth
 
 Per-frame (image) VAE: no temporal compression. Video latents are per-frame latents stacked
 on the time axis.
+
+Dynamic head (``dynamic_head_width`` > 0): a small conv net on the *latents* predicts, per
+latent cell, the logit that the cell shows moving content. It reads latents, not pixels, so
+the rollout can apply it to generated latents as well as to the encoded first frame; its
+loss does not reach the encoder (the latent space stays a pure reconstruction code). The
+rollout keeps cells it marks as moving out of the static memory (``rollout.Rollout``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ def autoencoder_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   cfg.kl_weight = 1e-6
   cfg.depth_weight = 1.0
   cfg.rgb_loss = "l1"  # 'l1' | 'l2'
+  cfg.dynamic_head_width = 32  # 0 = no dynamic head
+  cfg.dynamic_weight = 0.1  # weight of its loss (the head alone receives it)
+  cfg.dynamic_pos_weight = 4.0  # moving cells are rare: weight of the positive class
   cfg.dtype = "float32"
   cfg.param_dtype = "float32"
   return cfg
@@ -117,6 +126,21 @@ class Autoencoder(nnx.Module):
     self.dec_norm = nnx.GroupNorm(widths[0], num_groups=min(8, widths[0]), dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
     self.dec_out = layers.Conv(widths[0], 4, 3, **kw)
+    width = int(cfg.get("dynamic_head_width", 0))  # exports made before the head lack it
+    self.dynamic = None if not width else nnx.List([
+        layers.Conv(cfg.latent_channels, width, 3, **kw), layers.Conv(width, width, 3, **kw),
+        layers.Conv(width, 1, 3, **kw)])
+
+  @property
+  def has_dynamic_head(self) -> bool:
+    return self.dynamic is not None
+
+  def dynamic_logits(self, latents: jax.Array) -> jax.Array:
+    """Latents (B, h, w, latent_channels) (unscaled) -> logits (B, h, w) that a cell moves."""
+    h = latents
+    for i, layer in enumerate(self.dynamic):
+      h = layer(h) if i == 0 else layer(jax.nn.silu(h))
+    return h[..., 0].astype(jnp.float32)
 
   def encode(self, frames: jax.Array, depth: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Posterior parameters.
@@ -168,15 +192,50 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   return kl.reshape(kl.shape[0], -1).sum(-1).mean()
 
 
+def dynamic_target(masks: jax.Array, factor: int) -> jax.Array:
+  """Object-id masks (B, H, W) -> (B, H/f, W/f) bool: a cell moves if any of its pixels does.
+
+  Any, not most: a cell wrongly kept static puts part of an object into the static memory
+  (a ghost), a cell wrongly marked moving only leaves a hole that later views fill.
+  """
+  b, h, w = masks.shape
+  blocks = (masks > 0).reshape(b, h // factor, factor, w // factor, factor)
+  return blocks.any(axis=(2, 4))
+
+
+def dynamic_loss(model: Autoencoder, mean: jax.Array, masks: jax.Array) -> tuple[jax.Array, dict]:
+  """Class-weighted BCE of the dynamic head on stop-gradient latents.
+
+  Args:
+    mean: (B, h, w, C) posterior means. masks: (B, H, W) object ids (0 = static).
+  Returns:
+    (scalar loss, {dynamic_bce, dynamic_iou}): IoU of the thresholded prediction (1 when
+    neither prediction nor target has a moving cell).
+  """
+  cfg = model.cfg
+  target = dynamic_target(masks, downsample_factor(cfg))
+  logits = model.dynamic_logits(jax.lax.stop_gradient(mean))
+  pos = target.astype(jnp.float32)
+  bce = -(cfg.dynamic_pos_weight * pos * jax.nn.log_sigmoid(logits)
+          + (1.0 - pos) * jax.nn.log_sigmoid(-logits))
+  pred = logits > 0
+  inter, union = jnp.sum(pred & target), jnp.sum(pred | target)
+  iou = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+  return jnp.mean(bce), {"dynamic_bce": jnp.mean(bce), "dynamic_iou": iou}
+
+
 def loss(model: Autoencoder, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-  """VAE loss: RGB reconstruction + depth reconstruction (normalised space) + weighted KL.
+  """VAE loss: RGB reconstruction + depth reconstruction (normalised space) + weighted KL,
+  plus the dynamic head's weighted BCE when the model has the head.
 
   Args:
     model: the autoencoder.
-    batch: {'frames': (B, H, W, 3) float in [-1, 1], 'depths': (B, H, W) metric depth}.
+    batch: {'frames': (B, H, W, 3) float in [-1, 1], 'depths': (B, H, W) metric depth,
+      'dynamic_masks': (B, H, W) uint8 object ids (needed with the dynamic head)}.
     rng: PRNG key for the posterior sample.
   Returns:
-    (scalar loss, metrics dict of scalars: rgb, depth, kl, depth_abs_rel).
+    (scalar loss, metrics dict of scalars: rgb, depth, kl, depth_abs_rel[, dynamic_bce,
+    dynamic_iou]).
   """
   cfg = model.cfg
   frames, depth = batch["frames"], batch["depths"]
@@ -187,5 +246,9 @@ def loss(model: Autoencoder, batch: dict, rng: jax.Array) -> tuple[jax.Array, di
   kl = kl_divergence(mean, logvar)
   total = rgb_loss + cfg.depth_weight * depth_loss + cfg.kl_weight * kl
   abs_rel = jnp.mean(jnp.abs(denormalize_depth(depth_n, cfg) - depth) / depth)
-  return total, {"loss": total, "rgb": rgb_loss, "depth": depth_loss, "kl": kl,
-                 "depth_abs_rel": abs_rel}
+  metrics = {"rgb": rgb_loss, "depth": depth_loss, "kl": kl, "depth_abs_rel": abs_rel}
+  if model.has_dynamic_head:
+    dyn, dyn_metrics = dynamic_loss(model, mean, batch["dynamic_masks"])
+    total = total + cfg.dynamic_weight * dyn
+    metrics.update(dyn_metrics)
+  return total, {"loss": total, **metrics}
