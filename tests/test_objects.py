@@ -73,7 +73,7 @@ def test_write_read_back_full_resolution_inputs():
   lat[dyn] += np.arange(16 * C, dtype=np.float32).reshape(16, C) / 10  # distinctive per cell
   up = lambda a: np.repeat(np.repeat(a, 2, 0), 2, 1)
   args = clip([(lat, up(dep), up(dyn))])
-  det = objects.detect(CFG, args["latents"][0], args["depth"][0], args["intrinsics"][0],
+  det = jax.jit(objects.detect, static_argnums=0)(CFG, args["latents"][0], args["depth"][0], args["intrinsics"][0],
                        args["c2w"][0], args["dynamic"][0])
   assert int(det.valid.sum()) == 1 and int(det.cells[0]) == 16
   np.testing.assert_allclose(det.position[0], [0, 0, 4], atol=1e-5)
@@ -135,10 +135,13 @@ def test_retire_after_visible_misses_and_after_max_unseen():
   obj = [((0.0, 0.0, 4.0), 0.5, value(0))]
   state = observe(objects.init(CFG), **clip([scene(obj)]))
   empty = clip([scene([])])  # same camera, wall at 10 m behind the slot: it should be seen
+  compiled = []
   for t, alive in ((1, True), (2, False)):  # miss_limit = 2
     empty["frame_index"] = jnp.array([t], jnp.int32)
     state = observe(state, **empty)
     assert bool(state.valid.any()) == alive
+    compiled.append(observe._cache_size())
+  assert compiled[0] == compiled[1]  # later frames reuse the compiled step
   assert np.all(np.asarray(state.ident) == -1)
 
   cfg = dataclasses.replace(CFG, max_unseen=96)
@@ -178,6 +181,11 @@ def test_more_objects_than_slots_keeps_the_newest():
   assert sorted(np.asarray(state.ident).tolist()) == [2, 3]
   got = np.asarray(state.position)[np.argsort(state.ident)]
   np.testing.assert_allclose(got, [[-1, 1, 4], [1, 1, 4]], atol=1e-4)
+
+  # A new object takes the least recently seen slot (A: frame 0) and keeps B (frame 1).
+  cfg = dataclasses.replace(cfg, miss_limit=10)
+  state = observe(objects.init(cfg), **clip([scene(old), scene(old[1:]), scene(new[:1])]))
+  assert sorted(np.asarray(state.ident).tolist()) == [1, 2]
 
 
 def test_jit_vmap_matches_loop_and_chunking():
