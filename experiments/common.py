@@ -33,7 +33,8 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.data.dataset = "procedural_rooms"
   c.data.data_dir = "data"
   c.data.config_name = "default"
-  c.data.build = ml_collections.ConfigDict(dict(num_clips=32, frames_per_clip=32, resolution=64))
+  c.data.build = ml_collections.ConfigDict(dict(num_clips=32, frames_per_clip=32, resolution=64,
+                                                moving_objects=2))
 
   c.autoencoder = autoencoder.autoencoder_config("tiny")
   c.denoiser = ml_collections.ConfigDict()
@@ -64,9 +65,22 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   # covered cells were copied from memory, so writing them back only adds drift (ours;
   # the reference's `mirage` writes everything).
   c.memory.write_new_only = ("voxel",)
+  # Backends whose rollout keeps cells the autoencoder's dynamic head marks as moving out of
+  # the memory (ours; the reference's `mirage` writes generated moving content too).
+  c.memory.mask_dynamic = ("voxel",)
   c.memory.settings = ml_collections.ConfigDict(dict(
       capacity=4096, feature_dtype="bfloat16", voxel_size=0.05, recency_decay=0.5,
       splat_radius=1, near=1e-3, depth_tolerance=0.2))
+
+  # Object slots (mirage_jax/memory/objects.py): moving content carried per object, splatted
+  # over the memory read. Rollouts of these backends use them, and a denoiser trained with
+  # config.memory.backend among them sees the slots (from the memory frames' ground-truth
+  # masks) in its conditioning, as the rollout will show them.
+  c.objects = ml_collections.ConfigDict()
+  c.objects.backends = ("voxel",)
+  c.objects.settings = ml_collections.ConfigDict(dict(
+      slots=8, patch=4, max_detections=4, min_cells=1, match_distance=1.0,
+      velocity_smoothing=0.5, velocity_horizon=8.0, max_unseen=96, miss_limit=2, near=1e-3))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8,

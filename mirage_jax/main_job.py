@@ -9,8 +9,10 @@ interrupted training run resumes from its last checkpoint):
   2. train the RGB-D autoencoder, export it (``<workdir>/autoencoder_export``);
   3. train the denoiser on the frozen autoencoder, export it (``<workdir>/denoiser_export``);
   4. generate held-out loop trajectories with ``none``, ``mirage`` and ``voxel`` memory and
-     score revisits, then measure cache bytes and time per chunk vs trajectory length;
-     print the table and the paths of the videos and plots (``<workdir>/eval``).
+     score revisits, then measure cache bytes and time per chunk vs trajectory length, then
+     score held-out loops with moving objects (``mirage``, ``voxel`` without and with object
+     slots: ghosting, object re-entry); print the tables and the paths of the videos and
+     plots (``<workdir>/eval``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _NUM_FRAMES = flags.DEFINE_integer("num_frames", 48, "Frames per held-out loop t
 _HELDOUT_SEED = flags.DEFINE_integer("heldout_seed", 100_000, "First seed of the held-out loops "
                                      "(the training dataset uses seeds from 0).")
 _LENGTHS = flags.DEFINE_list("lengths", ["64", "1024"], "Trajectory lengths for the cost table.")
+_OBJECT_TRAJECTORIES = flags.DEFINE_integer("object_trajectories", 4,
+                                            "Held-out loops with moving objects to score (0 = skip).")
+_OBJECT_SEED = flags.DEFINE_integer("object_seed", 200_000, "First seed of those loops.")
 _AE_STEPS = flags.DEFINE_integer("autoencoder_steps", None, "Override the config's autoencoder steps.")
 _DN_STEPS = flags.DEFINE_integer("denoiser_steps", None, "Override the config's denoiser steps.")
 
@@ -110,6 +115,11 @@ def _main() -> int:
              f"--num_frames={_NUM_FRAMES.value}"], os.path.join(eval_dir, "revisit"))
   _evaluate(["--benchmark=scaling", f"--checkpoint={dn_export}", f"--backends={backends}",
              f"--lengths={','.join(_LENGTHS.value)}"], os.path.join(eval_dir, "scaling"))
+  if _OBJECT_TRAJECTORIES.value > 0:
+    first = _OBJECT_SEED.value
+    _evaluate(["--benchmark=objects", f"--checkpoint={dn_export}",
+               f"--procedural_seeds={first}:{first + _OBJECT_TRAJECTORIES.value}",
+               f"--num_frames={_NUM_FRAMES.value}"], os.path.join(eval_dir, "objects"))
   print_claims(eval_dir)
   return 0
 
@@ -166,14 +176,39 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
   if ("voxel", lo) in cost and ("voxel", hi) in cost and lo != hi:
     claims[f"voxel time per chunk at {hi} within 20% of {lo} frames"] = (
         cost["voxel", hi]["chunk_seconds"] <= 1.2 * cost["voxel", lo]["chunk_seconds"])
+  claims.update(_object_claims(os.path.join(eval_dir, "objects", "metrics.json")))
   for claim, ok in claims.items():
     print(f"  [{'PASS' if ok else 'FAIL'}] {claim}")
-  print(f"\nvideos: {os.path.join(eval_dir, 'revisit', 'videos')}/<trajectory>/<row>.mp4")
+  print(f"\nvideos: {os.path.join(eval_dir, '{revisit,objects}', 'videos')}/<trajectory>/<row>.mp4")
   print(f"plots:  {os.path.join(eval_dir, 'revisit', 'quality_vs_frame.png')}, "
         f"{os.path.join(eval_dir, 'scaling', 'cost_vs_length.png')}")
   return claims
 
-  return 0
+
+def _object_claims(path: str) -> dict[str, bool]:
+  """Prints the moving-objects table (if that benchmark ran) and returns its claims.
+
+  Claims: voxel keeps ghosts out (static-region revisit PSNR >= mirage's); object slots bring
+  objects back (object PSNR at re-entry and identity consistency above voxel without them).
+  """
+  if not os.path.exists(path):
+    return {}
+  from mirage_jax.evaluation import objects, report  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    summary = json.load(f)["summary"]
+  scores = {r: s for r, s in summary.items() if isinstance(s, dict)}
+  rows = [dict(row=r, **{c: s.get(c) for c in objects.SCALARS}) for r, s in scores.items()]
+  print("\nmoving objects: " + ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in objects.COUNTS))
+  print(report.format_table(rows, ["row", *objects.SCALARS], ".3f"))
+  get = lambda r, k: (scores.get(r, {}).get(k) or float("nan"))
+  claims = {}
+  if {"voxel", "mirage"} <= set(scores):
+    claims["objects: voxel static-region revisit PSNR >= mirage (no ghosts)"] = (
+        get("voxel", "static_psnr_revisit") >= get("mirage", "static_psnr_revisit"))
+  if {"voxel", "voxel+objects"} <= set(scores):
+    for key in ("object_psnr_reentry", "identity_consistency"):
+      claims[f"objects: voxel+objects {key} > voxel"] = get("voxel+objects", key) > get("voxel", key)
+  return claims
 
 
 class _OurInfoOnly(std_logging.Filter):

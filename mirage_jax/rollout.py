@@ -9,7 +9,18 @@ the same three compiled functions):
               reference's rule, :func:`retrieve_references`), then the last
               ``context_frames`` generated latents; then decode RGB-D;
   3. write    the new latents back into memory with the *generated* depth (no external depth
-              model), leaving out pixels marked dynamic, and into the reference bank.
+              model), leaving out cells the autoencoder's dynamic head marks as moving, and
+              into the reference bank.
+
+Moving content (``mask_dynamic``, ``object_slots``; defaults per backend in
+``config.memory.mask_dynamic`` and ``config.objects.backends``): cells predicted as moving
+never enter the static memory, so no ghost stays where an object used to be. With object
+slots (``memory/objects.py``) the moving cells of every given or generated frame update
+per-object slots (appearance + position + velocity, matched across chunks); before each
+chunk the slots are advanced to the chunk's frames and splatted into its cameras on top of
+the static memory read, so the denoiser sees where each object will be, in or out of the
+earlier views. The reference's released inference does neither: its ``mirage`` cache keeps
+whatever was generated, moving objects included.
 
 The reference bank is a fixed-capacity ring buffer of past latent frames (the ``frame_bank``
 backend's state, ``reference_bank`` frames, every ``reference_stride``-th frame of each
@@ -37,6 +48,7 @@ from tqdm import tqdm
 from mirage_jax import diffusion, geometry
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
+from mirage_jax.memory import objects as objects_lib
 from mirage_jax.models import autoencoder, denoiser
 
 
@@ -49,6 +61,31 @@ def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.
                   latent_channels=config.autoencoder.latent_channels)
   settings.update(overrides)
   return memory_lib.memory_config(settings)
+
+
+def object_config(config: ml_collections.ConfigDict) -> objects_lib.ObjectConfig:
+  """The object-slot settings of ``config.objects`` at the model's image and latent size."""
+  m = memory_config(config)
+  return objects_lib.object_config(dict(
+      config.objects.settings, image_height=m.image_height, image_width=m.image_width,
+      latent_height=m.latent_height, latent_width=m.latent_width,
+      latent_channels=m.latent_channels))
+
+
+def splat_objects(objects, memory, coverage, K, c2w, frame_index):
+  """Object slots advanced to ``frame_index`` and drawn over a static memory read.
+
+  Objects go on top: a moving object stands in free space, which the static memory leaves
+  empty or fills with what is behind it.
+
+  Args:
+    objects: ``memory.objects.ObjectState``. memory: (T, h, w, C) static read; coverage
+      (T, h, w) bool. K: (T, 3, 3) image intrinsics. c2w: (T, 4, 4). frame_index: (T,) int32.
+  Returns:
+    memory (T, h, w, C), coverage (T, h, w) bool.
+  """
+  lat, cov, _, _ = objects_lib.render(objects, K, c2w, frame_index)
+  return jnp.where(cov[..., None], lat.astype(memory.dtype), memory), coverage | cov
 
 
 def load_world_model(denoiser_export: str, autoencoder_export: str | None = None
@@ -165,11 +202,17 @@ class Rollout:
     config: the denoiser's training config (sizes, sampler, memory settings).
     ae: the trained autoencoder. dn: the trained denoiser.
     backend: memory backend name (default ``config.memory.backend``).
+    mask_dynamic: keep cells the autoencoder's dynamic head marks as moving out of the
+      static memory (default: the backend is in ``config.memory.mask_dynamic``); needs a
+      model with the head.
+    object_slots: carry moving content in object slots (default: the backend is in
+      ``config.objects.backends``); implies ``mask_dynamic``.
     memory_overrides: fields of ``MemoryConfig`` to change (e.g. ``capacity``).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Module,
-               backend: str | None = None, **memory_overrides):
+               backend: str | None = None, *, mask_dynamic: bool | None = None,
+               object_slots: bool | None = None, **memory_overrides):
     self.config = config
     d = config.denoiser
     self.chunk = int(d.target_frames)
@@ -184,6 +227,17 @@ class Rollout:
     # Exports made before `memory.write_new_only` existed wrote everything.
     self.write_new_only = self.backend_name in config.memory.get("write_new_only", ())
     self.memory_cfg = memory_config(config, **memory_overrides)
+    # Exports made before moving content was handled lack these fields: off, as trained.
+    objects_cfg = config.get("objects")
+    if object_slots is None:
+      object_slots = objects_cfg is not None and self.backend_name in objects_cfg.backends
+    if mask_dynamic is None:
+      mask_dynamic = object_slots or self.backend_name in config.memory.get("mask_dynamic", ())
+    if (mask_dynamic or object_slots) and not ae.has_dynamic_head:
+      raise InputError("generate", "mask_dynamic", "the autoencoder has no dynamic head "
+                       "(config.autoencoder.dynamic_head_width = 0): cannot tell moving content")
+    self.mask_dynamic, self.object_slots = bool(mask_dynamic or object_slots), bool(object_slots)
+    self.object_cfg = object_config(config) if self.object_slots else None
     self.image_hw = (self.memory_cfg.image_height, self.memory_cfg.image_width)
     self.latent_hw = (self.memory_cfg.latent_height, self.memory_cfg.latent_width)
     self.ae_graphdef, self.ae_state = nnx.split(ae)
@@ -192,6 +246,10 @@ class Rollout:
     self._read = jax.jit(self.backend.read)
     self._write = jax.jit(self.backend.write)
     self._encode = jax.jit(self._encode_impl)
+    self._dynamic = jax.jit(self._dynamic_impl)
+    if self.object_slots:
+      self._observe = jax.jit(objects_lib.observe)
+      self._render_objects = jax.jit(self._render_objects_impl)
     self._denoise = jax.jit(self._denoise_impl)
     self.refs = reference_settings(config)
     if self.refs.frames:
@@ -205,6 +263,28 @@ class Rollout:
     ae = nnx.merge(self.ae_graphdef, ae_state)
     mean, _ = ae.encode(frames, depths)
     return mean * self.latent_scale
+
+  def _dynamic_impl(self, ae_state, latents):
+    """Scaled latents (F, h, w, C) -> probability (F, h, w) that a cell shows moving content
+    (zeros without ``mask_dynamic``)."""
+    if not self.mask_dynamic:
+      return jnp.zeros(latents.shape[:3], jnp.float32)
+    ae = nnx.merge(self.ae_graphdef, ae_state)
+    return jax.nn.sigmoid(ae.dynamic_logits(latents / self.latent_scale))
+
+  def _render_objects_impl(self, objects, memory, coverage, K, c2w, frame_index):
+    """Object slots advanced to ``frame_index`` (T,) and splatted over the static read.
+
+    Args:
+      memory: (T, h, w, C) static read; coverage (T, h, w) bool. K (T, 3, 3), c2w (T, 4, 4).
+    Returns:
+      memory (T, h, w, C), coverage (T, h, w) (:func:`splat_objects`); positions (T, S, 3)
+      and idents (T, S) of the slots at each frame (-1 = empty).
+    """
+    memory, coverage = splat_objects(objects, memory, coverage, K, c2w, frame_index)
+    positions = jax.vmap(lambda f: objects_lib.predict(objects, f))(frame_index)
+    idents = jnp.broadcast_to(jnp.where(objects.valid, objects.ident, -1), positions.shape[:2])
+    return memory, coverage, positions, idents
 
   def _encode_rgb(self, rgb01):
     """rgb_points' re-encoder: rendered rgb (F, H, W, 3) in [0, 1] -> latents (F, h, w, C).
@@ -286,7 +366,11 @@ class Rollout:
       (T, H, W) float32, coverage (T, h, w) float32 (memory coverage of each generated frame;
       frame 0: 1), timings: list of ChunkTiming, cache_bytes (after the last chunk),
       reference_bytes (bytes of the frames in the reference bank after the last chunk; 0
-      without references). Reference retrieval and bank writes are timed as memory.
+      without references), dynamic (T, h, w) float32 the dynamic head's probability that a
+      cell moves (zeros without ``mask_dynamic``), object_positions (T, S, 3) float32 and
+      object_idents (T, S) int32 (-1 = empty) the slots at each frame, as the chunk's
+      conditioning saw them (S = 0 without object slots), object_bytes (the slots' state).
+      Reference retrieval, bank writes and object slots are timed as memory.
     """
     h, w = self.image_hw
     T = poses_c2w.shape[0]
@@ -308,10 +392,20 @@ class Rollout:
       if gt_rgb.shape[1:] != (h, w, 3) or gt_depth.shape != gt_rgb.shape[:3] or len(gt_rgb) > T:
         raise InputError("generate", "oracle_frames", f"expected (N <= {T}, {h}, {w}, 3) frames and "
                          f"(N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
+    depth0 = jnp.asarray(first_depth, jnp.float32)[None]
+    dyn0 = self._dynamic(self.ae_state, lat0)
+    static0, frame_ids0 = dyn0 < 0.5, jnp.zeros((1,), jnp.int32)
     state = self.backend.init(self.memory_cfg) if initial_memory is None else initial_memory
-    state = self._write(state, lat0, jnp.asarray(first_depth, jnp.float32)[None], K[:1], c2w[:1],
-                        jnp.ones((1, h, w), bool), jnp.zeros((1,), jnp.int32),
+    state = self._write(state, lat0, depth0, K[:1], c2w[:1], static0, frame_ids0,
                         rgb=(jnp.asarray(frame0)[None] + 1.0) / 2.0)
+    objects = None
+    if self.object_slots:
+      objects = self._observe(objects_lib.init(self.object_cfg), lat0, depth0, K[:1], c2w[:1],
+                              ~static0, frame_ids0)
+    positions, idents = [np.zeros((1, 0, 3))], [np.zeros((1, 0), np.int32)]  # (frames, S, ...)
+    if objects is not None:
+      positions = [np.asarray(objects_lib.predict(objects, 0))[None]]
+      idents = [np.asarray(jnp.where(objects.valid, objects.ident, -1))[None]]
     rgb0, depth0 = nnx.merge(self.ae_graphdef, self.ae_state).decode(lat0 / self.latent_scale)
     # Context: the last generated latents; at the start, the first frame repeated.
     nc = self.num_context
@@ -319,11 +413,11 @@ class Rollout:
     ctx_K, ctx_c2w = jnp.repeat(K[:1], nc, axis=0), jnp.repeat(c2w[:1], nc, axis=0)
     bank, stride = None, self.refs.stride
     if self.refs.frames:
-      bank = self._bank_write(reference_bank_init(self.memory_cfg, self.refs.bank), lat0,
-                              jnp.asarray(first_depth, jnp.float32)[None], K[:1], c2w[:1],
-                              jnp.ones((1, h, w), bool), jnp.zeros((1,), jnp.int32))
+      bank = self._bank_write(reference_bank_init(self.memory_cfg, self.refs.bank), lat0, depth0,
+                              K[:1], c2w[:1], static0, frame_ids0)
 
-    frames, depths, coverage, timings = [rgb0], [depth0], [np.ones((1,) + self.latent_hw, np.float32)], []
+    frames, depths, timings = [rgb0], [depth0], []
+    coverage, dynamic = [np.ones((1,) + self.latent_hw, np.float32)], [np.asarray(dyn0)]
     rng = jax.random.key(seed)
     starts = range(1, T, self.chunk)
     for start in tqdm(starts, desc=f"generate [{self.backend_name}]", disable=not progress,
@@ -340,6 +434,11 @@ class Rollout:
         o_lat = jax.block_until_ready(self._encode(self.ae_state, o_rgb, o_depth))
       t0 = time.perf_counter()
       mem, cov = jax.block_until_ready(self._read(state, Kc, c2wc))
+      frame_ids = jnp.asarray(idx, jnp.int32)
+      if objects is not None:
+        mem, cov, pos, ids = jax.block_until_ready(
+            self._render_objects(objects, mem, cov, Kc, c2wc, frame_ids))
+        positions.append(np.asarray(pos[:n])), idents.append(np.asarray(ids[:n]))
       full_ctx, full_K, full_c2w = ctx, ctx_K, ctx_c2w
       if bank is not None:  # references first: memory_prior falls back on the last frame
         refs = jax.block_until_ready(self._retrieve(bank, jnp.int32(start), Kc, c2wc))
@@ -350,26 +449,32 @@ class Rollout:
       lat, rgb, depth = jax.block_until_ready(self._denoise(
           self.ae_state, self.dn_state, mem, cov, Kc, c2wc, full_ctx, full_K, full_c2w, sub))
       t1 = time.perf_counter()
-      static = jnp.broadcast_to((jnp.arange(self.chunk) < n)[:, None, None], (self.chunk, h, w))
-      if self.write_new_only and not oracle:
-        # Covered cells were copied from memory: writing them back only adds drift.
-        fy, fx = h // cov.shape[1], w // cov.shape[2]
-        static = static & ~jnp.repeat(jnp.repeat(cov, fy, axis=1), fx, axis=2)
       w_lat, w_rgb, w_depth = lat, rgb, depth
       if oracle:  # a chunk straddling N mixes the two (no extra ops when it lies below N)
         use = idx < len(gt_rgb)
         pick = lambda o, g: o if use.all() else jnp.where(use.reshape((-1,) + (1,) * (o.ndim - 1)), o, g)
         w_lat, w_rgb, w_depth = pick(o_lat, lat), pick(o_rgb, rgb), pick(o_depth, depth)
+      real = (jnp.arange(self.chunk) < n)[:, None, None]  # padded frames are never written
+      dyn = self._dynamic(self.ae_state, lat)
+      moving = ((self._dynamic(self.ae_state, w_lat) if oracle else dyn) >= 0.5) & real
+      static = real & ~moving
+      if self.write_new_only and not oracle:
+        # Covered cells were copied from memory: writing them back only adds drift.
+        static = static & ~cov
       state = jax.block_until_ready(self._write(
-          state, w_lat, w_depth, Kc, c2wc, static, jnp.asarray(idx, jnp.int32), rgb=(w_rgb + 1.0) / 2.0))
+          state, w_lat, w_depth, Kc, c2wc, static, frame_ids, rgb=(w_rgb + 1.0) / 2.0))
+      if objects is not None:
+        objects = jax.block_until_ready(self._observe(objects, w_lat, w_depth, Kc, c2wc, moving,
+                                                      frame_ids))
       if bank is not None:  # the last chunk's padded frames may enter; nothing reads them
         bank = jax.block_until_ready(self._bank_write(
             bank, w_lat[::stride], w_depth[::stride], Kc[::stride], c2wc[::stride],
-            static[::stride], jnp.asarray(idx[::stride], jnp.int32)))
+            static[::stride], frame_ids[::stride]))
       t_write = time.perf_counter() - t1
       timings.append(ChunkTiming(t_read + t_write, time.perf_counter() - t0,
                                  int(self.backend.nbytes(state))))
       frames.append(rgb[:n]), depths.append(depth[:n]), coverage.append(np.asarray(cov[:n], np.float32))
+      dynamic.append(np.asarray(dyn[:n]))
       ctx = jnp.concatenate([ctx, lat[:n]], 0)[-nc:] if nc else ctx
       ctx_K = jnp.concatenate([ctx_K, Kc[:n]], 0)[-nc:] if nc else ctx_K
       ctx_c2w = jnp.concatenate([ctx_c2w, c2wc[:n]], 0)[-nc:] if nc else ctx_c2w
@@ -381,5 +486,11 @@ class Rollout:
         coverage=np.concatenate(coverage, 0),
         timings=timings,
         cache_bytes=int(self.backend.nbytes(state)),
+        dynamic=np.concatenate(dynamic, 0),
+        object_positions=(np.concatenate(positions, 0) if objects is not None
+                          else np.zeros((T, 0, 3))).astype(np.float32),
+        object_idents=(np.concatenate(idents, 0) if objects is not None
+                       else np.zeros((T, 0))).astype(np.int32),
+        object_bytes=objects_lib.nbytes(objects) if objects is not None else 0,
         reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
     )

@@ -43,6 +43,7 @@ from mirage_jax import diffusion
 from mirage_jax import distributed
 from mirage_jax import geometry
 from mirage_jax import memory as memory_lib
+from mirage_jax.memory import objects as objects_lib
 from mirage_jax import metrics_log
 from mirage_jax import rollout
 from mirage_jax import sharding
@@ -293,23 +294,22 @@ def _count(jaxpr) -> float:
 
 
 class AutoencoderStage:
-  """Stage 1: the RGB-D VAE on every frame of the windows."""
-
-  fields = ("frames", "depths")
+  """Stage 1: the RGB-D VAE (and its dynamic head) on every frame of the windows."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.frozen: dict = {}
+    self.fields = ("frames", "depths") + (
+        ("dynamic_masks",) if config.autoencoder.get("dynamic_head_width", 0) else ())
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
     return autoencoder.Autoencoder(self.config.autoencoder, rngs)
 
   def loss(self, model, frozen, batch: Batch, rng):
-    """batch: frames (B, T, H, W, 3) in [-1, 1], depths (B, T, H, W)."""
+    """batch: frames (B, T, H, W, 3) in [-1, 1], depths (B, T, H, W)[, dynamic_masks (B, T, H, W)]."""
     del frozen
     b, t, h, w, _ = batch["frames"].shape
-    flat = {"frames": batch["frames"].reshape(b * t, h, w, 3),
-            "depths": batch["depths"].reshape(b * t, h, w)}
+    flat = {k: v.reshape((b * t,) + v.shape[2:]) for k, v in batch.items() if k in self.fields}
     loss, aux = autoencoder.loss(model, flat, rng)
     aux.pop("loss", None)
     return loss, aux
@@ -341,7 +341,7 @@ class DenoiserStage:
     self.config = config
     d = config.denoiser
     res = config.data.resolution
-    factor = autoencoder.downsample_factor(config.autoencoder)
+    self.factor = factor = autoencoder.downsample_factor(config.autoencoder)
     self.latent_hw = (res[0] // factor, res[1] // factor)
     if d.memory_frames + d.target_frames != config.data.num_frames:
       raise InputError("config.denoiser", "target_frames", f"memory_frames ({d.memory_frames}) + "
@@ -355,6 +355,9 @@ class DenoiserStage:
                        f"must be <= memory_frames ({d.memory_frames}), got {self.refs.frames}")
     self.memory = memory_lib.get_backend(config.memory.backend)
     self.memory_cfg = rollout.memory_config(config)  # the rollout's settings, exactly
+    objects_cfg = config.get("objects")
+    self.object_cfg = (rollout.object_config(config) if objects_cfg is not None
+                       and config.memory.backend in objects_cfg.backends else None)
     self.ae_graphdef = nnx.graphdef(nnx.eval_shape(
         lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))))
     self.frozen = frozen
@@ -382,6 +385,12 @@ class DenoiserStage:
       state = self.memory.init(self.memory_cfg)
       state = self.memory.write(state, lat[:m], depth[:m], K[:m], c2w[:m], static, frame_ids)
       mem, coverage = self.memory.read(state, K[m:], c2w[m:])
+      if self.object_cfg is not None:  # the slots the rollout would hold after these frames
+        moving = autoencoder.dynamic_target(dyn[:m], self.factor)
+        objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat[:m], depth[:m], K[:m],
+                                      c2w[:m], moving, frame_ids)
+        target_ids = jnp.arange(m, lat.shape[0], dtype=jnp.int32)
+        mem, coverage = rollout.splat_objects(objects, mem, coverage, K[m:], c2w[m:], target_ids)
       if not k:
         return mem, coverage, ()
       bank = memory_lib.baselines.frame_bank_write(rollout.reference_bank_init(self.memory_cfg, m),

@@ -85,3 +85,49 @@ def test_write_new_only_leaves_covered_cells_unwritten(models):
     bytes_after[new_only] = out["cache_bytes"]
   one_frame = bytes_after[()] // 5  # append-only: five frames written without the option
   assert bytes_after[("mirage",)] == one_frame
+
+
+def _with_dynamic_head(ae, logit: float):
+  """A copy of ``ae`` whose dynamic head says ``logit`` for every cell."""
+  ae = nnx.clone(ae)
+  ae.dynamic[-1].bias.value = ae.dynamic[-1].bias.value * 0 + logit
+  return ae
+
+
+def test_cells_marked_moving_never_enter_the_static_memory(models):
+  config, ae, dn = models
+  h, w = config.data.resolution
+  K, poses = _trajectory(5, h, w)
+  frame0 = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+  depth0 = np.full((h, w), 3.0, np.float32)
+  moving = _with_dynamic_head(ae, 10.0)
+  out = rollout.Rollout(config, moving, dn, "voxel", object_slots=False).generate(
+      frame0, depth0, K, poses, progress=False)
+  assert out["dynamic"].shape == (5,) + out["coverage"].shape[1:] and out["dynamic"].min() > 0.5
+  assert out["cache_bytes"] == 0  # every cell moves: nothing is static
+  assert out["object_positions"].shape == (5, 0, 3)
+  # The reference's behaviour: everything written, moving or not.
+  ref = rollout.Rollout(config, moving, dn, "voxel", mask_dynamic=False, object_slots=False).generate(
+      frame0, depth0, K, poses, progress=False)
+  assert ref["cache_bytes"] > 0 and ref["dynamic"].max() == 0
+
+
+def test_object_slots_carry_moving_content_into_later_chunks(models):
+  """A moving region in the first frame becomes a slot that conditions the next chunk."""
+  config, ae, dn = models
+  h, w = config.data.resolution
+  K = np.repeat(geometry.intrinsics_from_fov(70, h, w)[None], 5, 0)
+  poses = np.repeat(geometry.look_at([0, 1.5, 0], [0, 1.5, 3], up=(0, 1, 0))[None], 5, 0)
+  frame0 = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+  depth0 = np.full((h, w), 3.0, np.float32)
+  # Everything moves, so the static memory stays empty and only a slot can cover frame 1.
+  out = rollout.Rollout(config, _with_dynamic_head(ae, 10.0), dn, "voxel",
+                        object_slots=True).generate(frame0, depth0, K, poses, progress=False)
+  assert out["cache_bytes"] == 0 and out["object_bytes"] > 0
+  assert (out["object_idents"][1] >= 0).sum() == 1  # one object, the whole frame
+  np.testing.assert_allclose(out["object_positions"][1][out["object_idents"][1] >= 0][0],
+                             [0.0, 1.5, 3.0], atol=0.3)
+  assert out["coverage"][1].mean() > 0.9
+  none = rollout.Rollout(config, _with_dynamic_head(ae, 10.0), dn, "voxel",
+                         object_slots=False).generate(frame0, depth0, K, poses, progress=False)
+  assert none["coverage"][1].max() == 0

@@ -127,9 +127,14 @@ class Autoencoder(nnx.Module):
                                   param_dtype=param_dtype, rngs=rngs)
     self.dec_out = layers.Conv(widths[0], 4, 3, **kw)
     width = int(cfg.get("dynamic_head_width", 0))  # exports made before the head lack it
-    self.dynamic = None if not width else nnx.List([
-        layers.Conv(cfg.latent_channels, width, 3, **kw), layers.Conv(width, width, 3, **kw),
-        layers.Conv(width, 1, 3, **kw)])
+    head = None
+    if width:
+      logits = layers.Conv(width, 1, 3, zero_init=True, **kw)
+      # Start at the prior "1% of cells move": an untrained head keeps everything static.
+      logits.bias.value = jnp.full((1,), -math.log(99.0), param_dtype)
+      head = nnx.List([layers.Conv(cfg.latent_channels, width, 3, **kw),
+                       layers.Conv(width, width, 3, **kw), logits])
+    self.dynamic = nnx.data(head)
 
   @property
   def has_dynamic_head(self) -> bool:
