@@ -162,7 +162,7 @@ def test_evaluate_cli_objects_and_refusal(tmp_path):
   summary = metrics["summary"]
   for row in ("mirage", "voxel", "voxel+objects"):
     assert set(summary[row]) == set(objects.SCALARS)
-    assert summary[row]["cache_bytes"] > 0
+    assert summary[row]["cache_bytes"] > 0 and math.isfinite(summary[row]["static_psnr_all"])
     assert (out / "videos" / "seed200000" / f"{row}.mp4").stat().st_size > 0
   assert "object_psnr_reentry" in result.stdout  # the table
 
