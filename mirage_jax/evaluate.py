@@ -7,7 +7,7 @@
   python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=scaling \\
       --output_dir=out/scaling [--lengths=64,256,1024,4096]
   python -m mirage_jax.evaluate --checkpoint=EXPORT --benchmark=objects \\
-      --output_dir=out/objects [--procedural_seeds=200000:200004] [--moving_objects=2] \\
+      --output_dir=out/objects [--procedural_seeds=200000:200008] [--moving_objects=2] \\
       [--object_rows=mirage,voxel,voxel+objects]
 
 Revisit (``evaluation/revisit.py`` has the protocol): trajectories are the ``--split`` of a
@@ -26,8 +26,8 @@ merges the parts into ``metrics.json`` and the plots. ``--output_dir`` must ther
 file system every process sees. Scaling runs on process 0 only (it is a timing benchmark).
 
 Objects (``evaluation/objects.py`` has the protocol): procedural loop clips of
-``--procedural_seeds`` (default 200000:200004, held out) with ``--moving_objects`` objects,
-``--num_frames`` long (default 48), the first ``--object_context`` frames given; each row of
+``--procedural_seeds`` (default 200000:200008, held out) with ``--moving_objects`` objects,
+``--num_frames`` long (default 96), the first ``--object_context`` frames given; each row of
 ``--object_rows`` (``mirage``, ``voxel`` keeping predicted moving content out of its cache,
 ``voxel+objects`` carrying it in object slots) scored for ghosting in the static region at
 revisits, object PSNR, position error, detection and identity at re-entry. Runs on process 0.
@@ -73,7 +73,7 @@ _CONFIG_NAME = flags.DEFINE_string("config_name", "default", "Dataset config nam
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split.")
 _SEEDS = flags.DEFINE_string("procedural_seeds", None,
                              "a:b renders loop clips of seeds a..b-1 instead of reading --data_dir "
-                             "(objects: default 200000:200004).")
+                             "(objects: default 200000:200008).")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", None,
                                    "Frames per trajectory (procedural: rendered, default 48; dataset: "
                                    "first frames kept, default all).")
@@ -259,8 +259,9 @@ def _object_settings() -> tuple[range, int]:
   """The objects benchmark's seeds and frame count; refuses bad object flags."""
   from mirage_jax.evaluation import objects  # pylint: disable=g-import-not-at-top
   objects.check_rows(_OBJECT_ROWS.value)
-  seeds = _seed_range(_SEEDS.value or "200000:200004", "procedural_seeds")
-  num_frames = _NUM_FRAMES.value or 48
+  # 96-frame loops: at 48 frames half of the clips have no re-entry at all.
+  seeds = _seed_range(_SEEDS.value or "200000:200008", "procedural_seeds")
+  num_frames = _NUM_FRAMES.value or 96
   for flag in (_MOVING, _MIN_PIXELS, _REENTRY_GAP, _OBJECT_CONTEXT):
     if flag.value < 1:
       raise InputError(f"--{flag.name}", flag.name, f"must be >= 1, got {flag.value}")

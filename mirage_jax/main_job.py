@@ -38,7 +38,7 @@ _NUM_FRAMES = flags.DEFINE_integer("num_frames", 48, "Frames per held-out loop t
 _HELDOUT_SEED = flags.DEFINE_integer("heldout_seed", 100_000, "First seed of the held-out loops "
                                      "(the training dataset uses seeds from 0).")
 _LENGTHS = flags.DEFINE_list("lengths", ["64", "1024"], "Trajectory lengths for the cost table.")
-_OBJECT_TRAJECTORIES = flags.DEFINE_integer("object_trajectories", 4,
+_OBJECT_TRAJECTORIES = flags.DEFINE_integer("object_trajectories", 8,
                                             "Held-out loops with moving objects to score (0 = skip).")
 _OBJECT_SEED = flags.DEFINE_integer("object_seed", 200_000, "First seed of those loops.")
 _AE_STEPS = flags.DEFINE_integer("autoencoder_steps", None, "Override the config's autoencoder steps.")
@@ -118,8 +118,8 @@ def _main() -> int:
   if _OBJECT_TRAJECTORIES.value > 0:
     first = _OBJECT_SEED.value
     _evaluate(["--benchmark=objects", f"--checkpoint={dn_export}",
-               f"--procedural_seeds={first}:{first + _OBJECT_TRAJECTORIES.value}",
-               f"--num_frames={_NUM_FRAMES.value}"], os.path.join(eval_dir, "objects"))
+               f"--procedural_seeds={first}:{first + _OBJECT_TRAJECTORIES.value}"],
+              os.path.join(eval_dir, "objects"))
   print_claims(eval_dir)
   return 0
 

@@ -266,10 +266,10 @@ class Rollout:
 
   def _dynamic_impl(self, ae_state, latents):
     """Scaled latents (F, h, w, C) -> probability (F, h, w) that a cell shows moving content
-    (zeros without ``mask_dynamic``)."""
-    if not self.mask_dynamic:
-      return jnp.zeros(latents.shape[:3], jnp.float32)
+    (zeros for a model without the dynamic head)."""
     ae = nnx.merge(self.ae_graphdef, ae_state)
+    if not ae.has_dynamic_head:
+      return jnp.zeros(latents.shape[:3], jnp.float32)
     return jax.nn.sigmoid(ae.dynamic_logits(latents / self.latent_scale))
 
   def _render_objects_impl(self, objects, memory, coverage, K, c2w, frame_index):
@@ -367,7 +367,8 @@ class Rollout:
       frame 0: 1), timings: list of ChunkTiming, cache_bytes (after the last chunk),
       reference_bytes (bytes of the frames in the reference bank after the last chunk; 0
       without references), dynamic (T, h, w) float32 the dynamic head's probability that a
-      cell moves (zeros without ``mask_dynamic``), object_positions (T, S, 3) float32 and
+      cell moves (zeros for a model without the head; computed with or without
+      ``mask_dynamic``, which only decides what is written), object_positions (T, S, 3) float32 and
       object_idents (T, S) int32 (-1 = empty) the slots at each frame, as the chunk's
       conditioning saw them (S = 0 without object slots), object_bytes (the slots' state).
       Reference retrieval, bank writes and object slots are timed as memory.
@@ -394,7 +395,8 @@ class Rollout:
                          f"(N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
     depth0 = jnp.asarray(first_depth, jnp.float32)[None]
     dyn0 = self._dynamic(self.ae_state, lat0)
-    static0, frame_ids0 = dyn0 < 0.5, jnp.zeros((1,), jnp.int32)
+    static0 = (dyn0 < 0.5) | (not self.mask_dynamic)
+    frame_ids0 = jnp.zeros((1,), jnp.int32)
     state = self.backend.init(self.memory_cfg) if initial_memory is None else initial_memory
     state = self._write(state, lat0, depth0, K[:1], c2w[:1], static0, frame_ids0,
                         rgb=(jnp.asarray(frame0)[None] + 1.0) / 2.0)
@@ -457,7 +459,7 @@ class Rollout:
       real = (jnp.arange(self.chunk) < n)[:, None, None]  # padded frames are never written
       dyn = self._dynamic(self.ae_state, lat)
       moving = ((self._dynamic(self.ae_state, w_lat) if oracle else dyn) >= 0.5) & real
-      static = real & ~moving
+      static = real & ~moving if self.mask_dynamic else real
       if self.write_new_only and not oracle:
         # Covered cells were copied from memory: writing them back only adds drift.
         static = static & ~cov

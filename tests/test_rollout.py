@@ -109,7 +109,7 @@ def test_cells_marked_moving_never_enter_the_static_memory(models):
   # The reference's behaviour: everything written, moving or not.
   ref = rollout.Rollout(config, moving, dn, "voxel", mask_dynamic=False, object_slots=False).generate(
       frame0, depth0, K, poses, progress=False)
-  assert ref["cache_bytes"] > 0 and ref["dynamic"].max() == 0
+  assert ref["cache_bytes"] > 0 and ref["dynamic"].min() > 0.5  # predicted, not used
 
 
 def test_object_slots_carry_moving_content_into_later_chunks(models):

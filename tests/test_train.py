@@ -201,3 +201,33 @@ def test_jaxpr_flops_counts_matmuls_and_scans():
   assert train.jaxpr_flops(lambda a, b: a @ b, x, w) == 2 * 4 * 8 * 16
   scanned = lambda a, b: jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=3)[1]
   assert train.jaxpr_flops(scanned, x, w) == 3 * 2 * 4 * 8 * 16
+
+
+def test_denoiser_stage_conditions_on_object_slots():
+  """Moving memory frames stay out of the static memory, but their slot covers the targets."""
+  config = tiny_config("denoiser")
+  config.data.batch_size = 2
+  stage = train.DenoiserStage(config, random_frozen_autoencoder(config))
+  d = config.denoiser
+  t = d.memory_frames + d.target_frames
+  h, w = config.data.resolution
+  # A camera standing still in front of a wall that is moving as a whole.
+  c2w = np.broadcast_to(geometry.look_at([0, 0, 0], [0, 0, 1]), (2, t, 4, 4))
+  batch = dict(depths=jnp.full((2, t, h, w), 2.0), poses_c2w=jnp.asarray(c2w, jnp.float32),
+               intrinsics=jnp.broadcast_to(jnp.asarray(geometry.intrinsics_from_fov(60, h, w)),
+                                           (2, t, 3, 3)),
+               dynamic_masks=jnp.ones((2, t, h, w), jnp.uint8))
+  # Frame f's latents are all f, so which frame a slot holds is plain to see.
+  latents = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32)[None, :, None, None, None],
+                             (2, t, *stage.latent_hw, 8))
+  cond = jax.jit(stage._condition)(latents, batch)
+  assert float(cond["coverage"].mean()) > 0.9
+  # The slot holds the last memory frame's latents, drawn where it was seen.
+  last = latents[:, d.memory_frames - 1]
+  err = jnp.abs(cond["memory"][:, 0] - last) * cond["coverage"][:, 0, ..., None]
+  assert float(err.max()) < 1e-3 and float(last.min()) > 0
+
+  config.objects.backends = ()  # no slots: nothing static was seen
+  cond = jax.jit(train.DenoiserStage(config, random_frozen_autoencoder(config))._condition)(
+      latents, batch)
+  assert float(cond["coverage"].max()) == 0
