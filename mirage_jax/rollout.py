@@ -459,7 +459,7 @@ class Rollout:
       real = (jnp.arange(self.chunk) < n)[:, None, None]  # padded frames are never written
       dyn = self._dynamic(self.ae_state, lat)
       moving = ((self._dynamic(self.ae_state, w_lat) if oracle else dyn) >= 0.5) & real
-      static = real & ~moving if self.mask_dynamic else real
+      static = real & ~(moving & self.mask_dynamic)
       if self.write_new_only and not oracle:
         # Covered cells were copied from memory: writing them back only adds drift.
         static = static & ~cov
