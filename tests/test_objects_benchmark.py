@@ -172,3 +172,18 @@ def test_evaluate_cli_objects_and_refusal(tmp_path):
   assert bad.stderr.strip().splitlines() == [
       "error: --object_rows: field 'object_rows': unknown 'rgb' (known: mirage, voxel, voxel+objects)"]
   assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_slot_position_error_uses_the_nearest_live_slot():
+  clip = _synthetic_clip()
+  dynamic = (clip.truth.dynamic_masks > 0).astype(np.float32)
+  out = _rollout(clip.truth.frames, dynamic, clip)
+  s = objects.score_objects(out, clip, np.full(T, -1))
+  assert math.isnan(s["slot_position_error_m"])  # a row without slots
+  # Slot 0 is 0.3 m off object 1, slot 1 is empty (its position must be ignored), slot 2 far.
+  positions = np.zeros((T, 3, 3), np.float32)
+  positions[:, 0] = clip.object_tracks[0] + np.array([0.3, 0.0, 0.0])
+  positions[:, 2] = clip.object_tracks[0] + 5.0
+  out.update(object_positions=positions, object_idents=np.tile([[4, -1, 7]], (T, 1)))
+  s = objects.score_objects(out, clip, np.full(T, -1))
+  assert s["slot_position_error_m"] == pytest.approx(0.3, abs=1e-5)

@@ -31,6 +31,9 @@ Scores of a row on one trajectory (NaN when no frame applies):
                            lifted with the generated depth to a 3D centroid; error = distance
                            from object k's ground-truth centre to the nearest centroid (over
                            detected frames); a frame with no component is a miss.
+  ``slot_position_error_m`` rows with object slots, on re-entry frames: distance from object
+                           k's ground-truth centre to the nearest slot's predicted position
+                           (the state the chunk was conditioned on), over frames with a slot.
   ``identity_consistency`` per re-entry frame, the mean generated colour under object k's
                            ground-truth mask is nearest to object k's own mean colour (over
                            all its ground-truth pixels in the clip), rather than another
@@ -69,7 +72,8 @@ ROWS = {
     "voxel+objects": dict(backend="voxel", mask_dynamic=True, object_slots=True),
 }
 SCALARS = ("static_psnr_revisit", "static_psnr_all", "object_psnr_reentry", "object_position_error_m",
-           "object_detection_rate", "identity_consistency", "cache_bytes", "chunk_seconds")
+           "object_detection_rate", "slot_position_error_m", "identity_consistency", "cache_bytes",
+           "chunk_seconds")
 COUNTS = ("revisit_frames", "reentry_events", "reentry_frames")
 
 
@@ -218,8 +222,9 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
   """Scores one rollout on one trajectory (the module docstring defines each score).
 
   Args:
-    out: the rollout's ``frames`` (T, H, W, 3) uint8, ``depths`` (T, H, W) and ``dynamic``
-      (T, h, w) probabilities.
+    out: the rollout's ``frames`` (T, H, W, 3) uint8, ``depths`` (T, H, W), ``dynamic``
+      (T, h, w) probabilities and optional ``object_positions`` (T, S, 3) with
+      ``object_idents`` (T, S) (-1 = empty slot).
     clip: the ground truth.
     pairs: (T,) first-visit frame of each frame, -1 for none.
     min_pixels, gap, span: re-entry events and frames (:func:`reentry_events`).
@@ -240,7 +245,8 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
   events = reentry_events(visible, first, gap)
   frames = reentry_frames(visible, events, span)
 
-  psnr, errors, detected, consistent = [], [], [], []
+  psnr, errors, detected, consistent, slot_errors = [], [], [], [], []
+  slots, idents = out.get("object_positions"), out.get("object_idents")
   colours = mean_colours(truth.frames, masks, num)
   for k, i in frames:
     region = masks[i] == k + 1
@@ -249,10 +255,14 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
     detected.append(len(centroids) > 0)
     if len(centroids):
       errors.append(float(np.linalg.norm(centroids - clip.object_tracks[k, i], axis=-1).min()))
+    if slots is not None and (idents[i] >= 0).any():
+      live = np.asarray(slots[i])[np.asarray(idents[i]) >= 0]
+      slot_errors.append(float(np.linalg.norm(live - clip.object_tracks[k, i], axis=-1).min()))
     consistent.append(identity_consistent(out["frames"][i], region, k, colours, clip.background[i]))
   return dict(static_psnr_revisit=_nanmean(static[revisits]), static_psnr_all=_nanmean(static[scored]),
               object_psnr_reentry=_nanmean(psnr), object_position_error_m=_nanmean(errors),
-              object_detection_rate=_nanmean(detected), identity_consistency=_nanmean(consistent),
+              object_detection_rate=_nanmean(detected), slot_position_error_m=_nanmean(slot_errors),
+              identity_consistency=_nanmean(consistent),
               revisit_frames=int(revisits.sum()), reentry_events=len(events), reentry_frames=len(frames))
 
 
