@@ -1,7 +1,8 @@
 """Generates a video along a posed clip's camera path, from its first frame and depth.
 
   python -m mirage_jax.generate --checkpoint=runs/tiny_dit_export \\
-      --geometry_path=clip/geometry.npz --output_dir=out/clip [--memory=voxel] [--num_frames=N]
+      --geometry_path=clip/geometry.npz --output_dir=out/clip [--memory=voxel] [--num_frames=N] \\
+      [--[no]mask_dynamic] [--[no]object_slots]
 
 The input is the reference's ``geometry.npz`` (see ``data_pipelines/files.py``): only frame
 0 (RGB + depth) and every frame's camera are used. Frame 0 and the intrinsics are resized
@@ -14,6 +15,10 @@ every file written under a temporary name, then renamed):
   depth.npz              ``depths (T, H, W)`` generated z-depth, ``intrinsics (T, 3, 3)`` at
                          the model's resolution, ``poses_c2w (T, 4, 4)``;
   depth.mp4              the depth, colour-mapped with one range for the whole clip;
+  objects.npz            ``dynamic (T, h, w)`` the dynamic head's probability that a latent
+                         cell moves, ``object_positions (T, S, 3)`` and ``object_idents
+                         (T, S)`` (-1 = empty) of the object slots at each frame (S = 0
+                         without slots);
   timings.json           per chunk: memory seconds (read + write), whole-chunk seconds, cache
                          bytes after it; totals. The first chunk includes compilation.
 """
@@ -36,6 +41,10 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the outputs go.")
 _MEMORY = flags.DEFINE_string("memory", None, "Memory backend (default: the training config's).")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Frames to generate along (default: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_MASK_DYNAMIC = flags.DEFINE_bool("mask_dynamic", None, "Keep predicted moving content out of the "
+                                  "static memory (default: config.memory.mask_dynamic).")
+_OBJECT_SLOTS = flags.DEFINE_bool("object_slots", None, "Carry moving content in object slots "
+                                  "(default: config.objects.backends).")
 _FPS = flags.DEFINE_float("fps", None, "Video frame rate (default: the file's fps).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non-empty --output_dir.")
 
@@ -65,7 +74,8 @@ def _main() -> int:
   clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)
   backend = _MEMORY.value or config.memory.backend
   num_frames = len(clip["poses_c2w"])
-  r = rollout.Rollout(config, ae, dn, backend=backend,
+  r = rollout.Rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
+                      object_slots=_OBJECT_SLOTS.value,
                       **scaling.capacity_for(backend, num_frames, rollout.memory_config(config)))
   start = time.perf_counter()
   out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
@@ -80,13 +90,18 @@ def _main() -> int:
     with open(tmp, "wb") as f:
       np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
                           poses_c2w=clip["poses_c2w"])
+  with report.atomic_output(os.path.join(directory, "objects.npz")) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, dynamic=out["dynamic"], object_positions=out["object_positions"],
+                          object_idents=out["object_idents"])
   chunks = [dict(memory_seconds=c.memory_seconds, chunk_seconds=c.chunk_seconds,
                  cache_bytes=c.cache_bytes) for c in out["timings"]]
   steady = chunks[1:] or chunks
   report.write_metrics_json(os.path.join(directory, "timings.json"), dict(
       checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
       num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
-      seed=_SEED.value, cache_bytes=out["cache_bytes"], total_seconds=total,
+      seed=_SEED.value, mask_dynamic=r.mask_dynamic, object_slots=r.object_slots,
+      cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
       seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
       memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),
       chunks=chunks))

@@ -70,9 +70,10 @@ def geometry_npz(tmp_path_factory):
 def test_generate_end_to_end(export, geometry_npz, tmp_path):
   out = tmp_path / "out"
   result = run_cli("mirage_jax.generate", f"--checkpoint={export}", f"--geometry_path={geometry_npz}",
-                   f"--output_dir={out}", "--memory=mirage", "--num_frames=5")
+                   f"--output_dir={out}", "--memory=mirage", "--num_frames=5", "--object_slots")
   assert result.returncode == 0, result.stderr
-  assert sorted(os.listdir(out)) == ["depth.mp4", "depth.npz", "timings.json", "video.gif", "video.mp4"]
+  assert sorted(os.listdir(out)) == ["depth.mp4", "depth.npz", "objects.npz", "timings.json",
+                                     "video.gif", "video.mp4"]
   frames = iio.imread(out / "video.mp4", index=None)
   assert frames.shape == (5, 32, 32, 3)
   assert iio.imread(out / "video.gif", index=None).shape[1:3] == (32, 32)
@@ -83,8 +84,12 @@ def test_generate_end_to_end(export, geometry_npz, tmp_path):
   s = 38 / 48
   np.testing.assert_allclose(depth["intrinsics"][0, 0, 0], K[0, 0] * s, rtol=1e-5)
   np.testing.assert_allclose(depth["intrinsics"][0, 0, 2], K[0, 2] * s - 3, rtol=1e-5)
+  objects = np.load(out / "objects.npz")
+  assert objects["dynamic"].shape == (5, 16, 16)
+  assert objects["object_positions"].shape == (5, 8, 3) and objects["object_idents"].shape == (5, 8)
   timings = json.loads((out / "timings.json").read_text())
   assert timings["backend"] == "mirage" and timings["num_frames"] == 5
+  assert timings["object_slots"] and timings["mask_dynamic"]  # slots keep moving content out
   assert len(timings["chunks"]) == 2  # 4 generated frames in chunks of 2
   for chunk in timings["chunks"]:
     assert chunk["chunk_seconds"] > 0 and 0 < chunk["memory_seconds"] < chunk["chunk_seconds"]
