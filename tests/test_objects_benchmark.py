@@ -1,5 +1,6 @@
 """Moving-objects benchmark: re-entry events, per-frame scores on synthetic clips, the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -131,12 +132,13 @@ def test_detection_error_and_identity_swap():
 
 def test_summary_means_over_trajectories_and_adds_counts():
   rows = lambda v: {"voxel": dict({k: v for k in objects.SCALARS})}
-  results = {"a": dict(rows=rows(1.0), revisit_frames=2, reentry_events=1, reentry_frames=3),
-             "b": dict(rows=rows(None), revisit_frames=1, reentry_events=0, reentry_frames=0),
-             "c": dict(rows=rows(3.0), revisit_frames=0, reentry_events=2, reentry_frames=4)}
+  counts = lambda *n: dict(zip(("revisit_frames", "ghost_frames", "reentry_events", "reentry_frames"), n))
+  results = {"a": dict(rows=rows(1.0), **counts(2, 5, 1, 3)),
+             "b": dict(rows=rows(None), **counts(1, 0, 0, 0)),
+             "c": dict(rows=rows(3.0), **counts(0, 1, 2, 4))}
   s = objects.summarize(results)
   assert s["voxel"]["object_psnr_reentry"] == 2.0  # None (NaN in JSON) is skipped
-  assert (s["revisit_frames"], s["reentry_events"], s["reentry_frames"]) == (3, 3, 7)
+  assert (s["revisit_frames"], s["ghost_frames"], s["reentry_events"], s["reentry_frames"]) == (3, 6, 3, 7)
 
 
 def test_unknown_row_is_refused():
@@ -187,3 +189,39 @@ def test_slot_position_error_uses_the_nearest_live_slot():
   out.update(object_positions=positions, object_idents=np.tile([[4, -1, 7]], (T, 1)))
   s = objects.score_objects(out, clip, np.full(T, -1))
   assert s["slot_position_error_m"] == pytest.approx(0.3, abs=1e-5)
+
+
+def _clip_with_objects_in_front() -> objects.ObjectClip:
+  """The synthetic clip with the objects 0.5 m in front of the wall."""
+  clip = _synthetic_clip()
+  depths = np.where(clip.truth.dynamic_masks > 0, DEPTH - 0.5, DEPTH).astype(np.float32)
+  return objects.ObjectClip(dataclasses.replace(clip.truth, depths=depths), clip.background,
+                            clip.object_tracks)
+
+
+def test_ghost_region_is_where_objects_stood_before():
+  t = _clip_with_objects_in_front().truth
+  ghost = objects.ghost_regions(t.dynamic_masks, t.depths, t.intrinsics, t.poses_c2w)
+  # A still camera: the region is every earlier footprint, minus what objects cover now.
+  footprints = np.logical_or.accumulate(t.dynamic_masks > 0, axis=0)
+  expected = np.zeros_like(ghost)
+  expected[1:] = footprints[:-1] & (t.dynamic_masks[1:] == 0)
+  np.testing.assert_array_equal(ghost, expected)
+  assert ghost[6].sum() > 0  # object 1 slid right, then left the view
+  # Objects on the surface itself hide nothing.
+  flat = _synthetic_clip().truth
+  assert not objects.ghost_regions(flat.dynamic_masks, flat.depths, flat.intrinsics,
+                                   flat.poses_c2w).any()
+
+
+def test_a_ghost_lowers_ghost_psnr():
+  clip = _clip_with_objects_in_front()
+  dynamic = (clip.truth.dynamic_masks > 0).astype(np.float32)
+  clean = objects.score_objects(_rollout(clip.truth.frames, dynamic, clip), clip, np.full(T, -1))
+  assert clean["ghost_frames"] > 0 and clean["ghost_psnr"] == pytest.approx(100.0)
+  ghosted = clip.truth.frames.copy()
+  for t in range(4, T):  # every scored frame keeps object 1 where it stood at frame 1
+    old = (clip.truth.dynamic_masks[1] == 1) & (clip.truth.dynamic_masks[t] == 0)
+    ghosted[t][old] = clip.truth.frames[1][old]
+  ghost = objects.score_objects(_rollout(ghosted, dynamic, clip), clip, np.full(T, -1))
+  assert ghost["ghost_psnr"] < 30.0

@@ -20,6 +20,11 @@ Scores of a row on one trajectory (NaN when no frame applies):
                            (``revisit.pair_revisits``): a ghost of an object left in memory
                            where it used to be lowers it. ``static_psnr_all``: every scored
                            frame.
+  ``ghost_psnr``           PSNR over the *ghost region* of every scored frame: static pixels
+                           whose surface point was hidden behind a moving object in some
+                           earlier frame (:func:`ghost_regions`), i.e. where a memory that
+                           kept the object would show it after it left. Frames with fewer
+                           than ``min_pixels`` such pixels are left out.
   ``object_psnr_reentry``  re-entry events (:func:`reentry_events`): object k visible (at
                            least ``min_pixels`` pixels) at frame ``b >= context`` after at
                            least ``gap`` frames not visible, and visible before that. Frames
@@ -71,10 +76,10 @@ ROWS = {
     "voxel": dict(backend="voxel", mask_dynamic=True, object_slots=False),
     "voxel+objects": dict(backend="voxel", mask_dynamic=True, object_slots=True),
 }
-SCALARS = ("static_psnr_revisit", "static_psnr_all", "object_psnr_reentry", "object_position_error_m",
+SCALARS = ("static_psnr_revisit", "static_psnr_all", "ghost_psnr", "object_psnr_reentry", "object_position_error_m",
            "object_detection_rate", "slot_position_error_m", "identity_consistency", "cache_bytes",
            "chunk_seconds")
-COUNTS = ("revisit_frames", "reentry_events", "reentry_frames")
+COUNTS = ("revisit_frames", "ghost_frames", "reentry_events", "reentry_frames")
 
 
 @dataclasses.dataclass
@@ -153,6 +158,39 @@ def reentry_frames(visible: np.ndarray, events: Sequence[tuple[int, int]], span:
   """Sorted unique (k, t) with t in b .. b + span - 1 of an event (k, b) and k visible at t."""
   t_max = visible.shape[1]
   return sorted({(k, t) for k, b in events for t in range(b, min(b + span, t_max)) if visible[k, t]})
+
+
+def ghost_regions(masks: np.ndarray, depths: np.ndarray, intrinsics: np.ndarray,
+                  poses_c2w: np.ndarray, margin: float = 0.05) -> np.ndarray:
+  """Static pixels whose surface point a moving object hid in an earlier frame.
+
+  Pixel p of frame b is in the region if it is static at b and its ground-truth point,
+  projected into some frame t < b, lands inside that frame on an object pixel that is
+  nearer than the point by more than ``margin`` (the object stood in front of it).
+
+  Args:
+    masks: (T, H, W) object ids (0 = static). depths: (T, H, W) ground-truth z-depth.
+    intrinsics: (T, 3, 3). poses_c2w: (T, 4, 4).
+    margin: metres the object must be in front of the point.
+  Returns:
+    (T, H, W) bool (frame 0 is all False).
+  """
+  t, h, w = masks.shape
+  points = np.asarray(geometry.unproject_depth(np.asarray(depths, np.float32),
+                                               np.asarray(intrinsics, np.float32),
+                                               np.asarray(poses_c2w, np.float32))).reshape(t, h * w, 3)
+  hidden = np.zeros((t, h * w), bool)
+  for b in range(1, t):
+    # Every earlier frame at once: (b, H*W) projections of frame b's points.
+    uv, z = (np.asarray(a) for a in geometry.project_points(
+        np.broadcast_to(points[b], (b, h * w, 3)), intrinsics[:b], poses_c2w[:b]))
+    u, v = np.floor(uv[..., 0]).astype(int), np.floor(uv[..., 1]).astype(int)
+    inside = (z > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    uc, vc = np.clip(u, 0, w - 1), np.clip(v, 0, h - 1)
+    earlier = np.arange(b)[:, None]
+    occluded = (masks[earlier, vc, uc] > 0) & (depths[earlier, vc, uc] < z - margin)
+    hidden[b] = (inside & occluded).any(axis=0)
+  return hidden.reshape(t, h, w) & (np.asarray(masks) == 0)
 
 
 # ----------------------------------------------------------------------------- per-frame scores
@@ -240,6 +278,9 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
   scored = np.arange(t) >= first
   revisits = scored & (np.asarray(pairs) >= 0)
   static = np.asarray(_masked_psnr(gen, gt, masks == 0))
+  ghost = ghost_regions(masks, truth.depths, truth.intrinsics, truth.poses_c2w)
+  ghost_frames = scored & (ghost.sum(axis=(1, 2)) >= min_pixels)
+  ghost_psnr = np.asarray(_masked_psnr(gen, gt, ghost))
   num = len(clip.object_tracks)
   visible = object_visibility(masks, num, min_pixels)
   events = reentry_events(visible, first, gap)
@@ -260,6 +301,7 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
       slot_errors.append(float(np.linalg.norm(live - clip.object_tracks[k, i], axis=-1).min()))
     consistent.append(identity_consistent(out["frames"][i], region, k, colours, clip.background[i]))
   return dict(static_psnr_revisit=_nanmean(static[revisits]), static_psnr_all=_nanmean(static[scored]),
+              ghost_psnr=_nanmean(ghost_psnr[ghost_frames]), ghost_frames=int(ghost_frames.sum()),
               object_psnr_reentry=_nanmean(psnr), object_position_error_m=_nanmean(errors),
               object_detection_rate=_nanmean(detected), slot_position_error_m=_nanmean(slot_errors),
               identity_consistency=_nanmean(consistent),
