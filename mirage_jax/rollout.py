@@ -15,8 +15,9 @@ the same three compiled functions):
 Moving content (``mask_dynamic``, ``object_slots``; defaults per backend in
 ``config.memory.mask_dynamic`` and ``config.objects.backends``): cells predicted as moving
 never enter the static memory, so no ghost stays where an object used to be. With object
-slots (``memory/objects.py``) the moving cells of every given or generated frame update
-per-object slots (appearance + position + velocity, matched across chunks); before each
+slots (``memory/objects.py``) the moving cells of the given frames (frame 0, oracle frames)
+open and update per-object slots (appearance + position + velocity, matched across chunks)
+and generated frames move matched tracks on; before each
 chunk the slots are advanced to the chunk's frames and splatted into its cameras on top of
 the static memory read, so the denoiser sees where each object will be, in or out of the
 earlier views. The reference's released inference does neither: its ``mirage`` cache keeps
@@ -466,8 +467,9 @@ class Rollout:
       state = jax.block_until_ready(self._write(
           state, w_lat, w_depth, Kc, c2wc, static, frame_ids, rgb=(w_rgb + 1.0) / 2.0))
       if objects is not None:
+        observed = jnp.asarray(idx < len(gt_rgb)) if oracle else jnp.zeros((self.chunk,), bool)
         objects = jax.block_until_ready(self._observe(objects, w_lat, w_depth, Kc, c2wc, moving,
-                                                      frame_ids))
+                                                      frame_ids, observed))
       if bank is not None:  # the last chunk's padded frames may enter; nothing reads them
         bank = jax.block_until_ready(self._bank_write(
             bank, w_lat[::stride], w_depth[::stride], Kc[::stride], c2wc[::stride],

@@ -221,3 +221,24 @@ def test_bad_config_and_shapes():
   with pytest.raises(InputError, match="dynamic"):
     args = clip([scene([])])
     objects.observe(objects.init(CFG), **{**args, "dynamic": args["dynamic"][:, :5]})
+
+
+def test_generated_frames_neither_open_nor_retire_slots():
+  """observed=False: no miss counted, no slot opened, the observed look kept; the track moves."""
+  cfg = dataclasses.replace(CFG, miss_limit=1)
+  state = observe(objects.init(cfg), **clip([scene([((0.0, 0.0, 4.0), 0.5, value(0))])]))
+  generated = dict(observed=jnp.array([False]))
+  # In view but not detected: an observed frame retires the slot, a generated one does not.
+  empty = clip([scene([])])
+  empty["frame_index"] = jnp.array([1], jnp.int32)
+  assert not bool(observe(state, **empty).valid.any())
+  assert int(observe(state, **empty, **generated).valid.sum()) == 1
+  # The object moved 0.2 m and a second one appeared: only an observed frame opens a slot.
+  moved = clip([scene([((0.2, 0.0, 4.0), 0.5, value(5)), ((-1.0, 0.0, 4.0), 0.3, value(1))])])
+  moved["frame_index"] = jnp.array([1], jnp.int32)
+  assert int(observe(state, **moved).valid.sum()) == 2
+  out = observe(state, **moved, **generated)
+  assert int(out.valid.sum()) == 1 and int(out.next_ident) == 1
+  live = np.asarray(out.valid)
+  np.testing.assert_allclose(np.asarray(out.position)[live][0], [0.2, 0.0, 4.0], atol=0.06)  # cells
+  np.testing.assert_array_equal(np.asarray(out.appearance)[live], np.asarray(state.appearance)[live])

@@ -341,7 +341,7 @@ def _visible(cfg: ObjectConfig, positions, radius, depth, K, c2w):
 def _observe_frame(state: ObjectState, frame):
   """One frame of ``observe``; ``frame`` holds one frame of each of its arrays."""
   cfg = state.cfg
-  latents, depth, intrinsics, c2w, dynamic, t = frame
+  latents, depth, intrinsics, c2w, dynamic, t, observed = frame
   det = detect(cfg, latents, depth, intrinsics, c2w, dynamic)
   pred = predict(state, t)
   dist = jnp.linalg.norm(pred[:, None] - det.position[None], axis=-1)  # (S, M)
@@ -357,16 +357,19 @@ def _observe_frame(state: ObjectState, frame):
   if_matched = lambda new, old: jnp.where(matched.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
   velocity = if_matched(a * step + (1 - a) * state.velocity, state.velocity)
   position = if_matched(det.position[j], state.position)
-  radius, appearance, alpha = (if_matched(x[j], y) for x, y in ((det.radius, state.radius),
-                                                         (det.appearance, state.appearance),
-                                                         (det.alpha, state.alpha)))
+  # A generated frame moves the track on but keeps the observed look (no drift of appearance).
+  relook = matched & observed
+  looks = lambda new, old: jnp.where(relook.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+  radius, appearance, alpha = (looks(x[j], y) for x, y in ((det.radius, state.radius),
+                                                           (det.appearance, state.appearance),
+                                                           (det.alpha, state.alpha)))
   last_seen = jnp.where(matched, t, state.last_seen)
 
   # Unmatched slots that should have been seen count a miss; stale slots retire.
   K = latent_intrinsics(cfg, intrinsics)
   d = depth_at(depth[None].astype(jnp.float32), cfg.latent_height, cfg.latent_width)[0]
   seen = _visible(cfg, pred, state.radius, d, K, c2w)
-  misses = jnp.where(matched, 0, state.misses + (state.valid & seen).astype(jnp.int32))
+  misses = jnp.where(matched, 0, state.misses + (state.valid & seen & observed).astype(jnp.int32))
   valid = state.valid & (misses < cfg.miss_limit) & (t - last_seen <= cfg.max_unseen)
 
   # Unmatched detections (largest first) open slots: free ones first, then the least recently
@@ -375,7 +378,8 @@ def _observe_frame(state: ObjectState, frame):
   top = jnp.iinfo(jnp.int32).max
   key = jnp.where(matched, top, jnp.where(valid, last_seen, jnp.iinfo(jnp.int32).min))
   order = jnp.argsort(key, stable=True)
-  fresh = det.valid & ~jnp.any(match[:, None] == jnp.arange(cfg.max_detections)[None], axis=0)
+  fresh = det.valid & observed & ~jnp.any(match[:, None] == jnp.arange(cfg.max_detections)[None],
+                                          axis=0)
   rank = jnp.cumsum(fresh) - 1
   take = fresh & (rank < jnp.sum(~matched))
   target = jnp.where(take, order[jnp.minimum(rank, s - 1)], s)
@@ -398,14 +402,16 @@ def _check(cfg: ObjectConfig, where: str, f: int, **arrays):
   h, w, c = cfg.latent_height, cfg.latent_width, cfg.latent_channels
   full, small = (f, cfg.image_height, cfg.image_width), (f, h, w)
   allowed = {"latents": [(f, h, w, c)], "depth": [full, small], "intrinsics": [(f, 3, 3)],
-             "c2w": [(f, 4, 4)], "dynamic": [full, small], "frame_index": [(f,)]}
+             "c2w": [(f, 4, 4)], "dynamic": [full, small], "frame_index": [(f,)],
+             "observed": [(f,)]}
   for name, array in arrays.items():
     if tuple(array.shape) not in allowed[name]:
       raise InputError(where, name, f"expected shape {' or '.join(map(str, allowed[name]))}, "
                        f"got {tuple(array.shape)}")
 
 
-def observe(state: ObjectState, latents, depth, intrinsics, c2w, dynamic, frame_index) -> ObjectState:
+def observe(state: ObjectState, latents, depth, intrinsics, c2w, dynamic, frame_index,
+            observed=None) -> ObjectState:
   """Folds F frames, in order, into the slots.
 
   Per frame: detect; predict the slots to the frame; match greedily (closest pair first,
@@ -415,18 +421,25 @@ def observe(state: ObjectState, latents, depth, intrinsics, c2w, dynamic, frame_
   frame, not behind observed depth) counts a miss and retires at ``miss_limit``; slots
   unseen for more than ``max_unseen`` frames retire.
 
+  A frame that was generated, not observed, only moves matched tracks on (position,
+  velocity, last seen): the model's own output neither opens slots (a hallucinated blob is
+  not an object anyone saw), nor retires them (a missed re-draw is not evidence the object
+  left), nor replaces their appearance (generation would drift it).
+
   Args:
     latents: (F, h, w, C). depth: (F, H, W) or (F, h, w) metric z-depth.
     intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
     dynamic: (F, H, W) or (F, h, w) bool, True where content moves.
     frame_index: (F,) int frame numbers.
+    observed: (F,) bool, False for generated frames (default: all observed).
   Returns:
     The new state.
   """
   f = latents.shape[0]
+  observed = jnp.ones((f,), bool) if observed is None else jnp.asarray(observed, bool)
   _check(state.cfg, "objects.observe", f, latents=latents, depth=depth, intrinsics=intrinsics,
-         c2w=c2w, dynamic=dynamic, frame_index=frame_index)
-  frames = (latents, depth, intrinsics, c2w, dynamic, jnp.asarray(frame_index, jnp.int32))
+         c2w=c2w, dynamic=dynamic, frame_index=frame_index, observed=observed)
+  frames = (latents, depth, intrinsics, c2w, dynamic, jnp.asarray(frame_index, jnp.int32), observed)
   state, _ = jax.lax.scan(_observe_frame, state, frames)
   return state
 
