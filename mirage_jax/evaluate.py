@@ -27,7 +27,8 @@ file system every process sees. Scaling runs on process 0 only (it is a timing b
 
 Objects (``evaluation/objects.py`` has the protocol): procedural loop clips of
 ``--procedural_seeds`` (default 200000:200008, held out) with ``--moving_objects`` objects,
-``--num_frames`` long (default 96), the first ``--object_context`` frames given; each row of
+``--num_frames`` long (default 96), the first ``--object_context`` frames given (default
+half); each row of
 ``--object_rows`` (``mirage``, ``voxel`` keeping predicted moving content out of its cache,
 ``voxel+objects`` carrying it in object slots) scored for ghosting in the static region at
 revisits, object PSNR, position error, detection and identity at re-entry. Runs on process 0.
@@ -97,8 +98,9 @@ _PERIOD = flags.DEFINE_integer("scaling_period", 64, "Frames per loop of the sca
 _OBJECT_ROWS = flags.DEFINE_list("object_rows", ["mirage", "voxel", "voxel+objects"],
                                  "Rows of the objects benchmark (evaluation/objects.py ROWS).")
 _MOVING = flags.DEFINE_integer("moving_objects", 2, "Moving objects per clip (objects).")
-_OBJECT_CONTEXT = flags.DEFINE_integer("object_context", 4,
-                                       "Frames given from ground truth and not scored (objects).")
+_OBJECT_CONTEXT = flags.DEFINE_integer(
+    "object_context", None, "Frames given from ground truth and not scored (objects; default: "
+    "the first half, so the memory has watched the objects move before it must recall the room).")
 _MIN_PIXELS = flags.DEFINE_integer("min_object_pixels", 4, "Pixels an object needs to count as visible.")
 _REENTRY_GAP = flags.DEFINE_integer("reentry_gap", 4, "Frames out of view before a re-entry, at least.")
 # Multi-process.
@@ -255,20 +257,21 @@ def _scaling(config, ae, dn) -> None:
   print(report.format_table(entries, list(report.SCALING_FIELDS), ".4f"))
 
 
-def _object_settings() -> tuple[range, int]:
-  """The objects benchmark's seeds and frame count; refuses bad object flags."""
+def _object_settings() -> tuple[range, int, int]:
+  """The objects benchmark's seeds, frame count and context; refuses bad object flags."""
   from mirage_jax.evaluation import objects  # pylint: disable=g-import-not-at-top
   objects.check_rows(_OBJECT_ROWS.value)
   # 96-frame loops: at 48 frames half of the clips have no re-entry at all.
   seeds = _seed_range(_SEEDS.value or "200000:200008", "procedural_seeds")
   num_frames = _NUM_FRAMES.value or 96
+  context = num_frames // 2 if _OBJECT_CONTEXT.value is None else _OBJECT_CONTEXT.value
   for flag in (_MOVING, _MIN_PIXELS, _REENTRY_GAP, _OBJECT_CONTEXT):
-    if flag.value < 1:
+    if flag.value is not None and flag.value < 1:
       raise InputError(f"--{flag.name}", flag.name, f"must be >= 1, got {flag.value}")
-  if _OBJECT_CONTEXT.value >= num_frames:
+  if context >= num_frames:
     raise InputError("--object_context", "object_context",
-                     f"must be < --num_frames ({num_frames}), got {_OBJECT_CONTEXT.value}")
-  return (seeds[:_NUM_TRAJ.value] if _NUM_TRAJ.value else seeds), num_frames
+                     f"must be < --num_frames ({num_frames}), got {context}")
+  return (seeds[:_NUM_TRAJ.value] if _NUM_TRAJ.value else seeds), num_frames, context
 
 
 def _objects(config, ae, dn) -> None:
@@ -276,7 +279,7 @@ def _objects(config, ae, dn) -> None:
   from mirage_jax.evaluation import objects, report  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  seeds, num_frames = _object_settings()
+  seeds, num_frames, context = _object_settings()
   pairing = dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value)
   runner = objects.ObjectsRunner(config, ae, dn, _OBJECT_ROWS.value, num_frames, pairing=pairing,
                                  min_pixels=_MIN_PIXELS.value, gap=_REENTRY_GAP.value)
@@ -285,7 +288,7 @@ def _objects(config, ae, dn) -> None:
   results = {}
   for seed in seeds:
     clip = objects.render_object_clip(seed, num_frames, config.data.resolution, _MOVING.value,
-                                      _OBJECT_CONTEXT.value)
+                                      context)
     results[clip.truth.name] = runner.run(clip, seed=_SEED.value, video_dir=video_dir)
     print(f"objects {clip.truth.name}: done", flush=True)
   summary = objects.summarize(results)
@@ -293,7 +296,7 @@ def _objects(config, ae, dn) -> None:
       benchmark="objects", checkpoint=_CHECKPOINT.value, rows=_OBJECT_ROWS.value, seed=_SEED.value,
       resolution=list(config.data.resolution), chunk_frames=int(config.denoiser.target_frames),
       source=f"procedural loop seeds {seeds.start}:{seeds.stop}", num_frames=num_frames,
-      moving_objects=_MOVING.value, context=_OBJECT_CONTEXT.value, pairing=pairing,
+      moving_objects=_MOVING.value, context=context, pairing=pairing,
       reentry=dict(min_object_pixels=_MIN_PIXELS.value, gap=_REENTRY_GAP.value, span=3),
       summary=summary, trajectories=results))
   print(f"\nobjects: {len(results)} trajectories, " +

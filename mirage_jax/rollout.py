@@ -238,6 +238,7 @@ class Rollout:
       raise InputError("generate", "mask_dynamic", "the autoencoder has no dynamic head "
                        "(config.autoencoder.dynamic_head_width = 0): cannot tell moving content")
     self.mask_dynamic, self.object_slots = bool(mask_dynamic or object_slots), bool(object_slots)
+    self.dynamic_threshold = float(config.memory.get("dynamic_threshold", 0.5))
     self.object_cfg = object_config(config) if self.object_slots else None
     self.image_hw = (self.memory_cfg.image_height, self.memory_cfg.image_width)
     self.latent_hw = (self.memory_cfg.latent_height, self.memory_cfg.latent_width)
@@ -396,7 +397,7 @@ class Rollout:
                          f"(N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
     depth0 = jnp.asarray(first_depth, jnp.float32)[None]
     dyn0 = self._dynamic(self.ae_state, lat0)
-    static0 = (dyn0 < 0.5) | (not self.mask_dynamic)
+    static0 = (dyn0 < self.dynamic_threshold) | (not self.mask_dynamic)
     frame_ids0 = jnp.zeros((1,), jnp.int32)
     state = self.backend.init(self.memory_cfg) if initial_memory is None else initial_memory
     state = self._write(state, lat0, depth0, K[:1], c2w[:1], static0, frame_ids0,
@@ -459,7 +460,7 @@ class Rollout:
         w_lat, w_rgb, w_depth = pick(o_lat, lat), pick(o_rgb, rgb), pick(o_depth, depth)
       real = (jnp.arange(self.chunk) < n)[:, None, None]  # padded frames are never written
       dyn = self._dynamic(self.ae_state, lat)
-      moving = ((self._dynamic(self.ae_state, w_lat) if oracle else dyn) >= 0.5) & real
+      moving = ((self._dynamic(self.ae_state, w_lat) if oracle else dyn) >= self.dynamic_threshold) & real
       static = real & ~(moving & self.mask_dynamic)
       if self.write_new_only and not oracle:
         # Covered cells were copied from memory: writing them back only adds drift.
