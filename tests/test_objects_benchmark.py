@@ -225,3 +225,20 @@ def test_a_ghost_lowers_ghost_psnr():
     ghosted[t][old] = clip.truth.frames[1][old]
   ghost = objects.score_objects(_rollout(ghosted, dynamic, clip), clip, np.full(T, -1))
   assert ghost["ghost_psnr"] < 30.0
+
+
+def test_slot_identity_kept_across_an_observed_exit_and_reentry():
+  visible = np.array([[1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1]], bool)  # re-entries at 5 and 11
+  tracks = np.zeros((1, 12, 3), np.float32)
+  positions = np.full((12, 2, 3), 9.0, np.float32)  # slot 1 is always far away
+  positions[:, 0] = 0.3
+  idents = np.tile(np.array([[3, 8]], np.int32), (12, 1))
+  kw = dict(visible=visible, tracks=tracks, positions=positions, gap=3)
+  assert objects.slot_identity_kept(idents=idents, last=12, **kw) == [True, True]
+  assert objects.slot_identity_kept(idents=idents, last=8, **kw) == [True]  # 11 was generated
+  swapped = idents.copy()
+  swapped[5:, 0] = 4  # a new slot took the object back at frame 5
+  assert objects.slot_identity_kept(idents=swapped, last=12, **kw) == [False, True]
+  lost = idents.copy()
+  lost[11, 0] = -1  # nothing within the gate at frame 11
+  assert objects.slot_identity_kept(idents=lost, last=12, **kw) == [True, False]

@@ -39,6 +39,11 @@ Scores of a row on one trajectory (NaN when no frame applies):
   ``slot_position_error_m`` rows with object slots, on re-entry frames: distance from object
                            k's ground-truth centre to the nearest slot's predicted position
                            (the state the chunk was conditioned on), over frames with a slot.
+  ``slot_identity_kept``   rows with object slots, re-entries within the *given* frames (the
+                           tracker's own test: it observes the object leave and come back):
+                           the fraction where the slot nearest object k (within
+                           ``SLOT_GATE_M``) at re-entry has the ident of the slot nearest it
+                           at its last visible frame before; no slot there counts as lost.
   ``identity_consistency`` per re-entry frame, the mean generated colour under object k's
                            ground-truth mask is nearest to object k's own mean colour (over
                            all its ground-truth pixels in the clip), rather than another
@@ -77,8 +82,9 @@ ROWS = {
     "voxel+objects": dict(backend="voxel", mask_dynamic=True, object_slots=True),
 }
 SCALARS = ("static_psnr_revisit", "static_psnr_all", "ghost_psnr", "object_psnr_reentry", "object_position_error_m",
-           "object_detection_rate", "slot_position_error_m", "identity_consistency", "cache_bytes",
-           "chunk_seconds")
+           "object_detection_rate", "slot_position_error_m", "slot_identity_kept", "identity_consistency",
+           "cache_bytes", "chunk_seconds")
+SLOT_GATE_M = 1.0  # metres between an object and the slot said to hold it
 COUNTS = ("revisit_frames", "ghost_frames", "reentry_events", "reentry_frames")
 
 
@@ -151,6 +157,32 @@ def reentry_events(visible: np.ndarray, first: int, gap: int) -> list[tuple[int,
       if vis[b] and not vis[b - gap:b].any() and vis[:b - gap].any():
         events.append((k, b))
   return events
+
+
+def slot_identity_kept(visible: np.ndarray, tracks: np.ndarray, positions: np.ndarray,
+                       idents: np.ndarray, last: int, gap: int) -> list[bool]:
+  """Per re-entry event at a frame ``< last``: whether the slot holding the object kept its ident.
+
+  Args:
+    visible: (K, T) bool. tracks: (K, T, 3) ground-truth centres. positions: (T, S, 3) slot
+      positions each frame was conditioned on; idents (T, S) (-1 = empty).
+    last: events at frames >= last are left out (generated frames: no observation).
+    gap: as in :func:`reentry_events`.
+  """
+  def holder(k, t):
+    live = idents[t] >= 0
+    if not live.any():
+      return -1
+    dist = np.linalg.norm(positions[t][live] - tracks[k, t], axis=-1)
+    return int(idents[t][live][np.argmin(dist)]) if dist.min() <= SLOT_GATE_M else -1
+
+  kept = []
+  for k, b in reentry_events(visible, 1, gap):
+    if b < last:
+      before = int(np.flatnonzero(visible[k, :b - gap])[-1])
+      now, then = holder(k, b), holder(k, before)
+      kept.append(now >= 0 and now == then)
+  return kept
 
 
 def reentry_frames(visible: np.ndarray, events: Sequence[tuple[int, int]], span: int = 3
@@ -288,6 +320,8 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
 
   psnr, errors, detected, consistent, slot_errors = [], [], [], [], []
   slots, idents = out.get("object_positions"), out.get("object_idents")
+  kept = [] if slots is None or not np.asarray(slots).shape[1] else slot_identity_kept(
+      visible, clip.object_tracks, np.asarray(slots), np.asarray(idents), first, gap)
   colours = mean_colours(truth.frames, masks, num)
   for k, i in frames:
     region = masks[i] == k + 1
@@ -304,6 +338,7 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
               ghost_psnr=_nanmean(ghost_psnr[ghost_frames]), ghost_frames=int(ghost_frames.sum()),
               object_psnr_reentry=_nanmean(psnr), object_position_error_m=_nanmean(errors),
               object_detection_rate=_nanmean(detected), slot_position_error_m=_nanmean(slot_errors),
+              slot_identity_kept=_nanmean(kept),
               identity_consistency=_nanmean(consistent),
               revisit_frames=int(revisits.sum()), reentry_events=len(events), reentry_frames=len(frames))
 
