@@ -33,7 +33,7 @@ from tests.fixtures_util import synthetic_clip
 from tests.test_train import synthetic_sources, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_DATASET = dict(num_clips=3, frames_per_clip=4, resolution=16)
+TINY_DATASET = dict(num_clips=3, frames_per_clip=4, resolution=16, moving_objects=2)
 
 
 # ----------------------------------------------------------------------------- makers

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # The tiny config at 16x16 on a 10-clip procedural dataset; checkpoints every 2 steps.
-DATASET = dict(num_clips=10, frames_per_clip=6, resolution=16)
+DATASET = dict(num_clips=10, frames_per_clip=6, resolution=16, moving_objects=0)
 
 
 def trainer_command(workdir: Path, data_dir: Path, steps: int = STEPS, *extra: str) -> list[str]:
