@@ -189,7 +189,8 @@ def _object_claims(path: str) -> dict[str, bool]:
   """Prints the moving-objects table (if that benchmark ran) and returns its claims.
 
   Claims: voxel keeps ghosts out (PSNR where objects stood before >= mirage's); object slots
-  bring objects back (object PSNR at re-entry and identity consistency above voxel without).
+  bring objects back (object PSNR at re-entry +0.5 dB and identity consistency +0.1 over voxel
+  without them: margins above the noise of a few dozen re-entry frames).
   """
   if not os.path.exists(path):
     return {}
@@ -206,8 +207,9 @@ def _object_claims(path: str) -> dict[str, bool]:
     claims["objects: voxel ghost-region PSNR >= mirage (no ghosts)"] = (
         get("voxel", "ghost_psnr") >= get("mirage", "ghost_psnr"))
   if {"voxel", "voxel+objects"} <= set(scores):
-    for key in ("object_psnr_reentry", "identity_consistency"):
-      claims[f"objects: voxel+objects {key} > voxel"] = get("voxel+objects", key) > get("voxel", key)
+    for key, margin in (("object_psnr_reentry", 0.5), ("identity_consistency", 0.1)):
+      claims[f"objects: voxel+objects {key} >= voxel + {margin}"] = (
+          get("voxel+objects", key) >= get("voxel", key) + margin)
   return claims
 
 
