@@ -186,31 +186,17 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
 
 
 def _object_claims(path: str) -> dict[str, bool]:
-  """Prints the moving-objects table (if that benchmark ran) and returns its claims.
-
-  Claims: voxel keeps ghosts out (PSNR where objects stood before >= mirage's); object slots
-  bring objects back (object PSNR at re-entry +0.5 dB and identity consistency +0.1 over voxel
-  without them: margins above the noise of a few dozen re-entry frames).
-  """
+  """Prints the moving-objects table (if that benchmark ran) and returns its claims."""
   if not os.path.exists(path):
     return {}
   from mirage_jax.evaluation import objects, report  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     summary = json.load(f)["summary"]
-  scores = {r: s for r, s in summary.items() if isinstance(s, dict)}
-  rows = [dict(row=r, **{c: s.get(c) for c in objects.SCALARS}) for r, s in scores.items()]
+  rows = [dict(row=r, **{c: s.get(c) for c in objects.SCALARS}) for r, s in summary.items()
+          if isinstance(s, dict)]
   print("\nmoving objects: " + ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in objects.COUNTS))
   print(report.format_table(rows, ["row", *objects.SCALARS], ".3f"))
-  get = lambda r, k: (scores.get(r, {}).get(k) or float("nan"))
-  claims = {}
-  if {"voxel", "mirage"} <= set(scores):
-    claims["objects: voxel ghost-region PSNR >= mirage (no ghosts)"] = (
-        get("voxel", "ghost_psnr") >= get("mirage", "ghost_psnr"))
-  if {"voxel", "voxel+objects"} <= set(scores):
-    for key, margin in (("object_psnr_reentry", 0.5), ("identity_consistency", 0.1)):
-      claims[f"objects: voxel+objects {key} >= voxel + {margin}"] = (
-          get("voxel+objects", key) >= get("voxel", key) + margin)
-  return claims
+  return objects.claims(summary)
 
 
 class _OurInfoOnly(std_logging.Filter):

@@ -17,11 +17,11 @@ Moving content (``mask_dynamic``, ``object_slots``; defaults per backend in
 never enter the static memory, so no ghost stays where an object used to be. With object
 slots (``memory/objects.py``) the moving cells of the given frames (frame 0, oracle frames)
 open and update per-object slots (appearance + position + velocity, matched across chunks)
-and generated frames move matched tracks on; before each
-chunk the slots are advanced to the chunk's frames and splatted into its cameras on top of
-the static memory read, so the denoiser sees where each object will be, in or out of the
-earlier views. The reference's released inference does neither: its ``mirage`` cache keeps
-whatever was generated, moving objects included.
+and generated frames move matched tracks on; before each chunk the slots are advanced to
+the chunk's frames and splatted into its cameras on top of the static memory read, so the
+denoiser sees where each object will be, in or out of the earlier views. The reference's
+released inference does neither: its ``mirage`` cache keeps whatever was generated, moving
+objects included.
 
 The reference bank is a fixed-capacity ring buffer of past latent frames (the ``frame_bank``
 backend's state, ``reference_bank`` frames, every ``reference_stride``-th frame of each
@@ -370,8 +370,8 @@ class Rollout:
       reference_bytes (bytes of the frames in the reference bank after the last chunk; 0
       without references), dynamic (T, h, w) float32 the dynamic head's probability that a
       cell moves (zeros for a model without the head; computed with or without
-      ``mask_dynamic``, which only decides what is written), object_positions (T, S, 3) float32 and
-      object_idents (T, S) int32 (-1 = empty) the slots at each frame, as the chunk's
+      ``mask_dynamic``, which only decides what is written), object_positions (T, S, 3)
+      float32 and object_idents (T, S) int32 (-1 = empty) the slots at each frame, as the chunk's
       conditioning saw them (S = 0 without object slots), object_bytes (the slots' state).
       Reference retrieval, bank writes and object slots are timed as memory.
     """
@@ -395,17 +395,17 @@ class Rollout:
       if gt_rgb.shape[1:] != (h, w, 3) or gt_depth.shape != gt_rgb.shape[:3] or len(gt_rgb) > T:
         raise InputError("generate", "oracle_frames", f"expected (N <= {T}, {h}, {w}, 3) frames and "
                          f"(N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
-    depth0 = jnp.asarray(first_depth, jnp.float32)[None]
+    given_depth0 = jnp.asarray(first_depth, jnp.float32)[None]
     dyn0 = self._dynamic(self.ae_state, lat0)
     static0 = (dyn0 < self.dynamic_threshold) | (not self.mask_dynamic)
     frame_ids0 = jnp.zeros((1,), jnp.int32)
     state = self.backend.init(self.memory_cfg) if initial_memory is None else initial_memory
-    state = self._write(state, lat0, depth0, K[:1], c2w[:1], static0, frame_ids0,
+    state = self._write(state, lat0, given_depth0, K[:1], c2w[:1], static0, frame_ids0,
                         rgb=(jnp.asarray(frame0)[None] + 1.0) / 2.0)
     objects = None
     if self.object_slots:
-      objects = self._observe(objects_lib.init(self.object_cfg), lat0, depth0, K[:1], c2w[:1],
-                              ~static0, frame_ids0)
+      objects = self._observe(objects_lib.init(self.object_cfg), lat0, given_depth0, K[:1],
+                              c2w[:1], ~static0, frame_ids0)
     positions, idents = [np.zeros((1, 0, 3))], [np.zeros((1, 0), np.int32)]  # (frames, S, ...)
     if objects is not None:
       positions = [np.asarray(objects_lib.predict(objects, 0))[None]]
@@ -417,8 +417,8 @@ class Rollout:
     ctx_K, ctx_c2w = jnp.repeat(K[:1], nc, axis=0), jnp.repeat(c2w[:1], nc, axis=0)
     bank, stride = None, self.refs.stride
     if self.refs.frames:
-      bank = self._bank_write(reference_bank_init(self.memory_cfg, self.refs.bank), lat0, depth0,
-                              K[:1], c2w[:1], static0, frame_ids0)
+      bank = self._bank_write(reference_bank_init(self.memory_cfg, self.refs.bank), lat0,
+                              given_depth0, K[:1], c2w[:1], static0, frame_ids0)
 
     frames, depths, timings = [rgb0], [depth0], []
     coverage, dynamic = [np.ones((1,) + self.latent_hw, np.float32)], [np.asarray(dyn0)]
@@ -460,7 +460,8 @@ class Rollout:
         w_lat, w_rgb, w_depth = pick(o_lat, lat), pick(o_rgb, rgb), pick(o_depth, depth)
       real = (jnp.arange(self.chunk) < n)[:, None, None]  # padded frames are never written
       dyn = self._dynamic(self.ae_state, lat)
-      moving = ((self._dynamic(self.ae_state, w_lat) if oracle else dyn) >= self.dynamic_threshold) & real
+      w_dyn = self._dynamic(self.ae_state, w_lat) if oracle else dyn
+      moving = (w_dyn >= self.dynamic_threshold) & real
       static = real & ~(moving & self.mask_dynamic)
       if self.write_new_only and not oracle:
         # Covered cells were copied from memory: writing them back only adds drift.

@@ -242,3 +242,15 @@ def test_slot_identity_kept_across_an_observed_exit_and_reentry():
   lost = idents.copy()
   lost[11, 0] = -1  # nothing within the gate at frame 11
   assert objects.slot_identity_kept(idents=lost, last=12, **kw) == [True, False]
+
+
+def test_claims_need_margins():
+  row = lambda ghost, psnr, ident: dict(ghost_psnr=ghost, object_psnr_reentry=psnr,
+                                        identity_consistency=ident)
+  counts = dict(revisit_frames=10, ghost_frames=8, reentry_events=2, reentry_frames=5)
+  summary = dict(counts, mirage=row(19.0, 16.0, 0.3), voxel=row(20.0, 16.0, 0.3),
+                 **{"voxel+objects": row(20.0, 16.4, 0.5)})
+  assert list(objects.claims(summary).values()) == [True, False, True]  # +0.4 dB < 0.5 dB
+  summary.update(voxel=row(18.0, 16.0, 0.3), **{"voxel+objects": row(18.0, 17.0, None)})
+  assert list(objects.claims(summary).values()) == [False, True, False]  # no score: no claim
+  assert objects.claims(dict(counts, voxel=row(1, 1, 1))) == {}

@@ -423,3 +423,23 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                                 if row in res["rows"]]) for k in SCALARS} for row in rows}
   summary.update({c: int(sum(res[c] for res in results.values())) for c in COUNTS})
   return summary
+
+
+def claims(summary: Mapping[str, Any]) -> dict[str, bool]:
+  """The project's moving-objects claims on a :func:`summarize` result (rows it lacks: none).
+
+  Voxel keeps ghosts out (ghost-region PSNR >= the reference's cache); object slots bring
+  objects back (object PSNR at re-entry +0.5 dB and identity consistency +0.1 over voxel
+  without them: margins above the noise of a few dozen re-entry frames).
+  """
+  scores = {r: s for r, s in summary.items() if isinstance(s, dict)}
+  get = lambda r, k: np.nan if scores[r].get(k) is None else float(scores[r][k])
+  out = {}
+  if {"voxel", "mirage"} <= set(scores):
+    out["objects: voxel ghost-region PSNR >= mirage (no ghosts)"] = (
+        get("voxel", "ghost_psnr") >= get("mirage", "ghost_psnr"))
+  if {"voxel", "voxel+objects"} <= set(scores):
+    for key, margin in (("object_psnr_reentry", 0.5), ("identity_consistency", 0.1)):
+      out[f"objects: voxel+objects {key} >= voxel + {margin}"] = (
+          get("voxel+objects", key) >= get("voxel", key) + margin)
+  return out
