@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable, TypeVar
+
+_T = TypeVar("_T")
 
 
 class InputError(ValueError):
@@ -15,6 +19,27 @@ class InputError(ValueError):
   def __init__(self, where: str, field: str, problem: str):
     self.where, self.field, self.problem = str(where), field, problem
     super().__init__(f"{where}: field '{field}': {problem}")
+
+
+def settings_dataclass(cls: type[_T], settings: Any, where: str) -> _T:
+  """A frozen settings dataclass ``cls`` from itself, an ``ml_collections.ConfigDict`` or a
+  mapping; an unknown or missing field is an ``InputError`` at ``where``."""
+  if isinstance(settings, cls):
+    return settings
+  if hasattr(settings, "to_dict"):
+    settings = settings.to_dict()
+  if not isinstance(settings, Mapping):
+    raise InputError(where, "<config>", f"expected a {cls.__name__}, ConfigDict or dict, got "
+                     f"{type(settings).__name__}")
+  fields = dataclasses.fields(cls)
+  known = {f.name for f in fields}
+  unknown = sorted(set(settings) - known)
+  if unknown:
+    raise InputError(where, unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
+  missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in settings]
+  if missing:
+    raise InputError(where, missing[0], "missing")
+  return cls(**dict(settings))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ project larger than a latent pixel (a camera close to a wall) leave no holes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 
 from mirage_jax import geometry
-from mirage_jax.errors import InputError
+from mirage_jax.errors import InputError, settings_dataclass
 
 _WHERE = "memory config"
 
@@ -96,21 +96,7 @@ class MemoryConfig:
 
 def memory_config(cfg: Any) -> MemoryConfig:
   """A ``MemoryConfig`` from itself, an ``ml_collections.ConfigDict`` or a mapping."""
-  if isinstance(cfg, MemoryConfig):
-    return cfg
-  if hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
-  if not isinstance(cfg, Mapping):
-    raise InputError(_WHERE, "<config>", f"expected a MemoryConfig, ConfigDict or dict, got {type(cfg).__name__}")
-  known = {f.name for f in dataclasses.fields(MemoryConfig)}
-  unknown = sorted(set(cfg) - known)
-  if unknown:
-    raise InputError(_WHERE, unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
-  missing = sorted(f.name for f in dataclasses.fields(MemoryConfig)
-                   if f.default is dataclasses.MISSING and f.name not in cfg)
-  if missing:
-    raise InputError(_WHERE, missing[0], "missing")
-  return MemoryConfig(**dict(cfg))
+  return settings_dataclass(MemoryConfig, cfg, _WHERE)
 
 
 # ----------------------------------------------------------------------------- write helpers

@@ -18,7 +18,7 @@ over clips and do not recompile as trajectories get longer. Shapes: ``S = cfg.sl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ import numpy as np
 from flax import struct
 
 from mirage_jax import geometry
-from mirage_jax.errors import InputError
+from mirage_jax.errors import InputError, settings_dataclass
 from mirage_jax.memory.latent_cache import depth_at, latent_intrinsics, live_bytes, mask_at
 
 _WHERE = "config.objects"
@@ -88,21 +88,7 @@ class ObjectConfig:
 
 def object_config(settings: Any) -> ObjectConfig:
   """An ``ObjectConfig`` from itself, an ``ml_collections.ConfigDict`` or a mapping."""
-  if isinstance(settings, ObjectConfig):
-    return settings
-  if hasattr(settings, "to_dict"):
-    settings = settings.to_dict()
-  if not isinstance(settings, Mapping):
-    raise InputError(_WHERE, "<config>", f"expected a mapping, got {type(settings).__name__}")
-  fields = dataclasses.fields(ObjectConfig)
-  known = {f.name for f in fields}
-  unknown = sorted(set(settings) - known)
-  if unknown:
-    raise InputError(_WHERE, unknown[0], f"unknown field (known: {', '.join(sorted(known))})")
-  missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in settings]
-  if missing:
-    raise InputError(_WHERE, missing[0], "missing")
-  return ObjectConfig(**dict(settings))
+  return settings_dataclass(ObjectConfig, settings, _WHERE)
 
 
 # ----------------------------------------------------------------------------- state
