@@ -9,6 +9,7 @@ from flax import nnx
 from mirage_jax import geometry, rollout, train
 from mirage_jax.memory import baselines, latent_cache
 from mirage_jax.models import autoencoder, denoiser
+from tests.test_rollout import _trajectory
 from tests.test_train import _batch, _mesh_config, _one_step, tiny_config
 
 H = W = 32
@@ -90,14 +91,6 @@ def models():
   ae = autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))
   dn = denoiser.Denoiser(config.denoiser.model, nnx.Rngs(1))
   return config, ae, dn
-
-
-def _trajectory(n, h, w):
-  """Out along +x and back."""
-  K_ = np.repeat(geometry.intrinsics_from_fov(70, h, w)[None], n, 0)
-  xs = np.concatenate([np.linspace(0, 0.6, n // 2), np.linspace(0.6, 0, n - n // 2)])
-  poses = np.stack([geometry.look_at([x, 1.5, 0], [x, 1.5, 3], up=(0, 1, 0)) for x in xs])
-  return K_, poses.astype(np.float32)
 
 
 def test_rollout_with_references_fixed_bank_and_no_recompile(models):
