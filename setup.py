@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+    # Numerical oracles for the Wan2.2 parity tests (tests only, never imported at run time).
+    # torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB CUDA build.
+    "oracle": ["torch==2.13.0", "diffusers==0.42.1"],
     # Needs Debian's libosmesa6 and MUJOCO_GL=osmesa for headless rendering.
     "memory_maze": ["memory-maze==1.0.3", "dm-control==1.0.50", "mujoco==3.17.0", "gym"],
     "tpu": ["libtpu==0.0.52"],
