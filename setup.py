@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-# Versions verified together on 2026-11-21 (see ../shared/DESIGN.md and BENCHMARKS.md).
+# Versions verified together on 2026-11-21 (see BENCHMARKS.md).
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
