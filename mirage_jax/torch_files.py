@@ -1,0 +1,730 @@
+"""The released weight files, read and written without torch: safetensors and torch ``.pth``.
+
+Three readers share one interface (:class:`WeightFile`): ``keys()``, ``shape(key)``,
+``dtype(key)``, ``file_of(key)`` (the file that holds it, for messages) and ``read(key)``,
+which returns one tensor as an owned numpy array. Headers are read and checked when a file
+is opened (a truncated file or a malformed header is an :class:`InputError` before any tensor
+is read); tensors are read one at a time from a short-lived ``mmap`` of their byte range, so
+reading a model costs the memory of one tensor, not of the file.
+
+* :class:`SafetensorsFile`: one ``.safetensors`` file.
+* :class:`ShardedSafetensors`: ``*.safetensors.index.json`` with a ``weight_map`` key -> shard.
+* :class:`PthFile`: a ``torch.save`` zip (``<name>/data.pkl`` + ``<name>/data/<n>``). Its
+  pickle goes through a restricted unpickler that resolves only the globals a plain tensor
+  state dict uses, each to a function of ours; anything else (an object, a class, a
+  ``__reduce__`` payload) is refused by name before it can run.
+
+:func:`open_weights` picks the reader for a path; :func:`write_safetensors` writes a file
+tensor by tensor (header first), atomically.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from mirage_jax.errors import InputError
+
+# safetensors dtype names <-> numpy.
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# The safetensors library refuses headers above 100 MB; so do we (a corrupt length field
+# would otherwise ask for gigabytes).
+_MAX_HEADER = 100 * 1024 * 1024
+
+# torch's typed storage classes (the pickle names the storage's class, which carries the
+# element type) -> numpy. ``UntypedStorage`` is raw bytes.
+_TORCH_STORAGES: dict[str, np.dtype] = {
+    "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+
+
+def _read_range(fileobj, start: int, length: int) -> np.ndarray:
+  """``length`` bytes at ``start`` of an open file, as an owned uint8 array.
+
+  A short-lived mmap of just that range: the pages leave the process with the unmap, so
+  reading tensor after tensor does not grow the resident set by the file's size.
+  """
+  if length == 0:
+    return np.empty((0,), np.uint8)
+  base = start - start % mmap.ALLOCATIONGRANULARITY
+  with mmap.mmap(fileobj.fileno(), length + (start - base), access=mmap.ACCESS_READ,
+                 offset=base) as m:
+    view = np.frombuffer(m, np.uint8, count=length, offset=start - base)
+    out = view.copy()
+    del view  # the mmap refuses to close while a view exports its buffer
+  return out
+
+
+class WeightFile:
+  """Tensors by key from a weights file (or a set of them): the readers' common interface."""
+
+  path: str
+
+  def keys(self) -> list[str]:
+    raise NotImplementedError
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def dtype(self, key: str) -> np.dtype:
+    raise NotImplementedError
+
+  def file_of(self, key: str) -> str:
+    """The file that holds ``key`` (a shard of a sharded checkpoint), for messages."""
+    del key
+    return self.path
+
+  def read(self, key: str) -> np.ndarray:
+    """The tensor ``key`` in its stored dtype and shape (an owned, contiguous array)."""
+    raise NotImplementedError
+
+  def nbytes(self, key: str) -> int:
+    return int(math.prod(self.shape(key))) * self.dtype(key).itemsize
+
+  def __contains__(self, key: str) -> bool:
+    return key in set(self.keys())
+
+  def __len__(self) -> int:
+    return len(self.keys())
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+class SafetensorsFile(WeightFile):
+  """One ``.safetensors`` file: 8-byte little-endian header length, JSON header, data.
+
+  Args:
+    path: the file. Its header is read and checked now: every tensor's dtype, shape and
+      byte range (inside the file, of the size its shape needs).
+  Raises:
+    InputError: naming the file (and the key) for a missing, truncated or malformed file.
+  """
+
+  def __init__(self, path: str):
+    self.path = str(path)
+    try:
+      self._f = open(self.path, "rb")
+    except OSError as e:
+      raise InputError(self.path, "file", f"cannot open ({e.strerror or e})") from e
+    try:
+      self._entries, self.metadata, self._data_start = self._parse_header()
+    except BaseException:
+      self._f.close()
+      raise
+
+  def _parse_header(self):
+    size = os.fstat(self._f.fileno()).st_size
+    head = self._f.read(8)
+    if len(head) < 8:
+      raise InputError(self.path, "header", f"not a safetensors file ({size} bytes, shorter "
+                       "than the 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+      raise InputError(self.path, "header", f"header length {n} does not fit the file "
+                       f"({size} bytes): truncated or not a safetensors file")
+    try:
+      header = json.loads(self._f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise InputError(self.path, "header", f"malformed JSON header ({e})") from e
+    if not isinstance(header, dict):
+      raise InputError(self.path, "header", f"header is a {type(header).__name__}, not an "
+                       "object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    entries = {}
+    for key, entry in header.items():
+      entries[key] = self._check_entry(key, entry, data_size)
+    return entries, metadata, 8 + n
+
+  def _check_entry(self, key: str, entry: Any, data_size: int):
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+      raise InputError(self.path, key, "malformed header entry (needs dtype, shape, "
+                       f"data_offsets): {str(entry)[:200]}")
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+      raise InputError(self.path, key, f"unknown dtype {entry['dtype']!r} (known: "
+                       f"{', '.join(_ST_DTYPES)})")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if (not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+      raise InputError(self.path, key, f"malformed shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]):
+      raise InputError(self.path, key, f"malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    need = math.prod(shape) * dtype.itemsize
+    if end - begin != need:
+      raise InputError(self.path, key, f"data_offsets {offsets} hold {end - begin} bytes, "
+                       f"shape {tuple(shape)} {entry['dtype']} needs {need}")
+    if end > data_size:
+      raise InputError(self.path, key, f"truncated: the header puts this tensor at data bytes "
+                       f"[{begin}, {end}), the file holds {data_size} data bytes")
+    return tuple(shape), dtype, begin, end
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._entries
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._entry(key)[0]
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._entry(key)[1]
+
+  def _entry(self, key: str):
+    try:
+      return self._entries[key]
+    except KeyError:
+      raise InputError(self.path, key, "no such tensor in the file") from None
+
+  def read(self, key: str) -> np.ndarray:
+    shape, dtype, begin, end = self._entry(key)
+    try:
+      raw = _read_range(self._f, self._data_start + begin, end - begin)
+    except (OSError, ValueError) as e:  # the file shrank since it was opened
+      raise InputError(self.path, key, f"cannot read ({e})") from e
+    return raw.view(dtype).reshape(shape)
+
+  def close(self) -> None:
+    self._f.close()
+
+
+class ShardedSafetensors(WeightFile):
+  """A sharded checkpoint: ``<name>.safetensors.index.json`` with ``{"weight_map": {key:
+  shard file}}``, shards beside it.
+
+  Every shard is opened (its header checked) and every key of the index must be in the
+  shard it is mapped to.
+
+  Raises:
+    InputError: a missing shard (naming the shard and a key it should hold), a malformed
+      index, or a key the shard lacks.
+  """
+
+  def __init__(self, index_path: str):
+    self.path = str(index_path)
+    try:
+      with open(self.path) as f:
+        index = json.load(f)
+    except OSError as e:
+      raise InputError(self.path, "file", f"cannot open ({e.strerror or e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise InputError(self.path, "weight_map", f"malformed JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                   for v in weight_map.values()):
+      raise InputError(self.path, "weight_map", "missing or not a {key: shard file} object")
+    directory = os.path.dirname(os.path.abspath(self.path))
+    self._map: dict[str, str] = {}
+    self._shards: dict[str, SafetensorsFile] = {}
+    try:
+      by_shard: dict[str, list[str]] = collections.defaultdict(list)
+      for key, shard in weight_map.items():
+        by_shard[shard].append(key)
+      for shard, keys in sorted(by_shard.items()):
+        shard_path = os.path.join(directory, shard)
+        if os.path.basename(shard) != shard:
+          raise InputError(self.path, keys[0], f"shard {shard!r} is not a file name beside "
+                           "the index")
+        if not os.path.exists(shard_path):
+          raise InputError(shard_path, keys[0], f"missing shard: {self.path} maps "
+                           f"{len(keys)} tensors to it")
+        self._shards[shard] = SafetensorsFile(shard_path)
+        for key in keys:
+          if key not in self._shards[shard]:
+            raise InputError(shard_path, key, f"not in the shard {self.path} maps it to")
+          self._map[key] = shard
+    except BaseException:
+      self.close()
+      raise
+
+  def keys(self) -> list[str]:
+    return list(self._map)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._map
+
+  def _shard(self, key: str) -> SafetensorsFile:
+    if key not in self._map:
+      raise InputError(self.path, key, "no such tensor in the index")
+    return self._shards[self._map[key]]
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._shard(key).shape(key)
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._shard(key).dtype(key)
+
+  def file_of(self, key: str) -> str:
+    return self._shard(key).path
+
+  def read(self, key: str) -> np.ndarray:
+    return self._shard(key).read(key)
+
+  def close(self) -> None:
+    for shard in self._shards.values():
+      shard.close()
+
+
+class MergedWeights(WeightFile):
+  """Several weight files seen as one (e.g. unsharded ``*.safetensors`` parts in a folder).
+
+  Raises:
+    InputError: a key present in two of them (naming the second file and the key).
+  """
+
+  def __init__(self, parts: Iterable[WeightFile], path: str):
+    self.path = str(path)
+    self._parts = list(parts)
+    self._owner: dict[str, WeightFile] = {}
+    for part in self._parts:
+      for key in part.keys():
+        if key in self._owner:
+          raise InputError(part.file_of(key), key, "also in "
+                           f"{self._owner[key].file_of(key)}: which one is meant?")
+        self._owner[key] = part
+
+  def keys(self) -> list[str]:
+    return list(self._owner)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._owner
+
+  def _part(self, key: str) -> WeightFile:
+    if key not in self._owner:
+      raise InputError(self.path, key, "no such tensor")
+    return self._owner[key]
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._part(key).shape(key)
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._part(key).dtype(key)
+
+  def file_of(self, key: str) -> str:
+    return self._part(key).file_of(key)
+
+  def read(self, key: str) -> np.ndarray:
+    return self._part(key).read(key)
+
+  def close(self) -> None:
+    for part in self._parts:
+      part.close()
+
+
+def _header_json(items: list[tuple[str, tuple[int, ...], np.dtype]],
+                 metadata: Mapping[str, str] | None) -> tuple[bytes, list[tuple[int, int]]]:
+  header: dict[str, Any] = {}
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  offsets, at = [], 0
+  for key, shape, dtype in items:
+    n = math.prod(shape) * dtype.itemsize
+    header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + n]}
+    offsets.append((at, at + n))
+    at += n
+  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+  return raw, offsets
+
+
+def write_safetensors(path: str, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None,
+                      progress: Callable[[str, int], None] | None = None) -> None:
+  """Writes ``tensors`` as one ``.safetensors`` file, one tensor at a time, atomically.
+
+  Args:
+    path: the file (written as ``.<name>.<pid>.tmp`` beside it, renamed when complete).
+    tensors: ``{key: array}``; an array may be any object with ``shape`` and ``dtype`` that
+      ``np.asarray`` turns into the data (e.g. a lazy tensor of a reader, or
+      :class:`LazyArray`), materialised only when its turn comes.
+    metadata: optional ``__metadata__`` strings.
+    progress: called with (key, bytes) after each tensor is written.
+  Raises:
+    ValueError: a dtype safetensors has no name for, or data of another shape than declared.
+  """
+  items = []
+  for key, value in tensors.items():
+    dtype = np.dtype(value.dtype)
+    if dtype not in _ST_NAMES:
+      raise ValueError(f"{key}: safetensors has no dtype for {dtype}")
+    items.append((str(key), tuple(int(d) for d in value.shape), dtype))
+  header, _ = _header_json(items, metadata)
+  path = os.path.abspath(path)
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(header)))
+      f.write(header)
+      for key, shape, dtype in items:
+        data = np.asarray(tensors[key])
+        if not data.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
+          data = data.copy(order="C")
+        if data.shape != shape or data.dtype != dtype:
+          raise ValueError(f"{key}: declared {shape} {dtype}, got {data.shape} {data.dtype}")
+        f.write(memoryview(data.reshape(-1).view(np.uint8)))
+        if progress is not None:
+          progress(key, data.nbytes)
+        del data
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+class LazyArray:
+  """``shape`` + ``dtype`` now, the data when ``np.asarray`` asks (for :func:`write_safetensors`)."""
+
+  def __init__(self, shape: tuple[int, ...], dtype: Any, make: Callable[[], np.ndarray]):
+    self.shape, self.dtype, self._make = tuple(shape), np.dtype(dtype), make
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    x = np.asarray(self._make())
+    return x if dtype is None else x.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- torch .pth
+
+
+class _StorageType:
+  """Stands for a ``torch.<X>Storage`` class named by the pickle: just its element type."""
+
+  __slots__ = ("name", "dtype")
+
+  def __init__(self, name: str, dtype: np.dtype):
+    self.name, self.dtype = name, dtype
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError(f"BUILD on the storage type {self.name}")
+
+
+class _Storage:
+  """A storage record of the zip (``data/<key>``), ``numel`` elements of ``dtype``."""
+
+  __slots__ = ("key", "dtype", "numel")
+
+  def __init__(self, key: str, dtype: np.dtype, numel: int):
+    self.key, self.dtype, self.numel = key, dtype, numel
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError("BUILD on a storage")
+
+
+class _PthTensor:
+  """What the pickle describes for one tensor: a strided view of a storage."""
+
+  __slots__ = ("storage", "offset", "shape", "stride")
+
+  def __init__(self, storage: _Storage, offset: int, shape: tuple[int, ...],
+               stride: tuple[int, ...]):
+    self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError("BUILD on a tensor")
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+  strides, n = [], 1
+  for d in reversed(shape):
+    strides.append(n)
+    n *= d
+  return tuple(reversed(strides))
+
+
+def _int_tuple(x: Any, what: str) -> tuple[int, ...]:
+  if not isinstance(x, (tuple, list)) or not all(
+      isinstance(v, int) and not isinstance(v, bool) for v in x):
+    raise pickle.UnpicklingError(f"{what} is not a tuple of ints: {str(x)[:100]}")
+  return tuple(x)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+  """Our stand-in for ``torch._utils._rebuild_tensor_v2``: records the view, reads nothing."""
+  del requires_grad, backward_hooks, metadata
+  if not isinstance(storage, _Storage):
+    raise pickle.UnpicklingError(f"tensor over a {type(storage).__name__}, not a storage")
+  if not isinstance(storage_offset, int) or storage_offset < 0:
+    raise pickle.UnpicklingError(f"bad storage offset {storage_offset!r}")
+  size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+  if len(size) != len(stride) or any(d < 0 for d in size) or any(s < 0 for s in stride):
+    raise pickle.UnpicklingError(f"bad size/stride {size}/{stride}")
+  return _PthTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+  """``torch._utils._rebuild_parameter``: an ``nn.Parameter`` is its tensor here."""
+  del requires_grad, backward_hooks
+  if not isinstance(data, _PthTensor):
+    raise pickle.UnpicklingError(f"parameter over a {type(data).__name__}, not a tensor")
+  return data
+
+
+# The only globals a plain tensor state dict names, each resolved to something of ours.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    **{("torch", name): _StorageType(name, dt) for name, dt in _TORCH_STORAGES.items()},
+    ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickles a tensor state dict; any other global is refused before it is called."""
+
+  def __init__(self, file, where: str):
+    super().__init__(file)
+    self._where = where
+    self.refused: str | None = None
+
+  def find_class(self, module: str, name: str):
+    allowed = _ALLOWED_GLOBALS.get((module, name))
+    if allowed is None:
+      self.refused = f"{module}.{name}"
+      raise pickle.UnpicklingError(f"global {module}.{name} refused")
+    return allowed
+
+  def persistent_load(self, pid):
+    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+        or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
+        or not isinstance(pid[4], int) or pid[4] < 0):
+      raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:200]}")
+    return _Storage(pid[2], pid[1].dtype, pid[4])
+
+
+class PthFile(WeightFile):
+  """A ``torch.save`` file of a tensor state dict, read without torch and without running
+  pickled code.
+
+  The dict may sit under ``"model_state"`` (the reference's VAE loader unwraps that key;
+  other containers are refused). Tensors are read lazily, one at a time, honouring each
+  view's storage offset, size and stride (views and shared storages come out as torch
+  would give them).
+
+  Raises:
+    InputError: naming the file and the offending global, key or record: not a torch zip
+      file, a legacy (pre-1.6) file, a pickle that names anything but tensors, a value that
+      is not a tensor, a view outside its storage, a truncated member.
+  """
+
+  def __init__(self, path: str):
+    self.path = str(path)
+    try:
+      self._zip = zipfile.ZipFile(self.path)
+    except OSError as e:
+      raise InputError(self.path, "file", f"cannot open ({e.strerror or e})") from e
+    except zipfile.BadZipFile as e:
+      with open(self.path, "rb") as f:
+        legacy = f.read(2) == b"\x80\x02"
+      raise InputError(self.path, "file", "a legacy (pre torch 1.6) pickle file: not read; "
+                       "re-save it with torch.save in a current torch" if legacy else
+                       f"not a torch zip file ({e})") from e
+    try:
+      self._f = open(self.path, "rb")
+      self._prefix = self._find_prefix()
+      self._tensors = self._unpickle()
+      self._members: dict[str, zipfile.ZipInfo] = {}
+      for key, t in self._tensors.items():
+        self._check_tensor(key, t)
+    except BaseException:
+      self.close()
+      raise
+
+  def _find_prefix(self) -> str:
+    pkls = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkls) != 1:
+      raise InputError(self.path, "data.pkl", f"not a torch.save zip (found {len(pkls)} "
+                       "'<name>/data.pkl' records)")
+    prefix = pkls[0][:-len("data.pkl")]
+    order = (self._zip.read(prefix + "byteorder").decode().strip()
+             if prefix + "byteorder" in self._zip.namelist() else "little")
+    if order not in ("little", "big"):
+      raise InputError(self.path, "byteorder", f"unknown byte order {order!r}")
+    self._byteorder = "<" if order == "little" else ">"
+    return prefix
+
+  def _unpickle(self) -> dict[str, _PthTensor]:
+    with self._zip.open(self._prefix + "data.pkl") as f:
+      unpickler = _RestrictedUnpickler(f, self.path)
+      try:
+        obj = unpickler.load()
+      except Exception as e:  # pylint: disable=broad-except  # any malformed pickle
+        if unpickler.refused:
+          raise InputError(self.path, unpickler.refused, "the pickle names this global; only "
+                           "plain tensor state dicts are read (nothing was executed)") from e
+        raise InputError(self.path, "data.pkl", f"not a tensor state dict ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model_state"), dict):
+      obj = obj["model_state"]
+    if not isinstance(obj, dict):
+      raise InputError(self.path, "data.pkl", f"holds a {type(obj).__name__}, not a state dict")
+    for key, value in obj.items():
+      if not isinstance(key, str):
+        raise InputError(self.path, str(key), f"a {type(key).__name__} key (state dict keys "
+                         "are strings)")
+      if not isinstance(value, _PthTensor):
+        raise InputError(self.path, key, f"a {type(value).__name__}, not a tensor (nested "
+                         "containers other than 'model_state' are not read)")
+    return dict(obj)
+
+  def _member(self, key: str, storage: _Storage) -> zipfile.ZipInfo:
+    name = f"{self._prefix}data/{storage.key}"
+    try:
+      return self._zip.getinfo(name)
+    except KeyError:
+      raise InputError(self.path, key, f"its storage record {name} is missing") from None
+
+  def _check_tensor(self, key: str, t: _PthTensor) -> None:
+    info = self._member(key, t.storage)
+    itemsize = t.storage.dtype.itemsize
+    if info.file_size < t.storage.numel * itemsize:
+      raise InputError(self.path, key, f"storage {info.filename} holds {info.file_size} "
+                       f"bytes, {t.storage.numel} elements need {t.storage.numel * itemsize}")
+    if math.prod(t.shape) > 0:
+      last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+      if last >= t.storage.numel:
+        raise InputError(self.path, key, f"view (offset {t.offset}, size {t.shape}, stride "
+                         f"{t.stride}) reaches element {last} of a {t.storage.numel}-element "
+                         "storage")
+
+  def keys(self) -> list[str]:
+    return list(self._tensors)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._tensors
+
+  def _tensor(self, key: str) -> _PthTensor:
+    try:
+      return self._tensors[key]
+    except KeyError:
+      raise InputError(self.path, key, "no such tensor in the file") from None
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._tensor(key).shape
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._tensor(key).storage.dtype
+
+  def _data_offset(self, info: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes start in the file (after its local header)."""
+    self._f.seek(info.header_offset)
+    local = self._f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+      raise InputError(self.path, info.filename, "bad zip local header (truncated file?)")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+  def read(self, key: str) -> np.ndarray:
+    t = self._tensor(key)
+    dtype = t.storage.dtype
+    itemsize = dtype.itemsize
+    if math.prod(t.shape) == 0:
+      return np.empty(t.shape, t.storage.dtype)
+    # Only the elements the view spans are read.
+    last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+    start, length = t.offset * itemsize, (last + 1 - t.offset) * itemsize
+    info = self._member(key, t.storage)
+    try:
+      if info.compress_type == zipfile.ZIP_STORED:
+        raw = _read_range(self._f, self._data_offset(info) + start, length)
+      else:  # torch never compresses; a re-zipped file still reads, through zipfile
+        with self._zip.open(info) as f:
+          f.seek(start)
+          raw = np.frombuffer(bytearray(f.read(length)), np.uint8)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      raise InputError(self.path, key, f"cannot read its storage ({e})") from e
+    if self._byteorder == ">" and itemsize > 1:
+      raw = raw.view(f"u{itemsize}").byteswap()
+    flat = raw.view(dtype)
+    if t.stride == _contiguous_strides(t.shape):
+      return flat.reshape(t.shape)
+    view = np.lib.stride_tricks.as_strided(
+        flat, shape=t.shape, strides=tuple(s * itemsize for s in t.stride), writeable=False)
+    return np.ascontiguousarray(view)
+
+  def close(self) -> None:
+    if getattr(self, "_f", None) is not None:
+      self._f.close()
+    self._zip.close()
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def open_weights(path: str) -> WeightFile:
+  """The reader for ``path``: ``*.safetensors``, ``*.safetensors.index.json``, ``*.pth`` /
+  ``*.pt`` / ``*.bin`` (torch zip), or a folder of ``*.safetensors`` (its index JSON if it
+  has one, else every ``.safetensors`` file in it).
+
+  Raises:
+    InputError: a path that does not exist or is none of these.
+  """
+  path = str(path)
+  if os.path.isdir(path):
+    names = sorted(os.listdir(path))
+    index = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(index) > 1:
+      raise InputError(path, "index", f"several index files: {', '.join(index)}")
+    if index:
+      return ShardedSafetensors(os.path.join(path, index[0]))
+    parts = [n for n in names if n.endswith(".safetensors")]
+    if not parts:
+      raise InputError(path, "weights", "no .safetensors file (or index) in the folder")
+    return MergedWeights([SafetensorsFile(os.path.join(path, n)) for n in parts], path)
+  if not os.path.exists(path):
+    raise InputError(path, "file", "does not exist")
+  if path.endswith(".safetensors.index.json"):
+    return ShardedSafetensors(path)
+  if path.endswith(".safetensors"):
+    return SafetensorsFile(path)
+  if path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+    return PthFile(path)
+  raise InputError(path, "file", "unknown weights format (expected .safetensors, "
+                   ".safetensors.index.json or a torch .pth)")
+
+
+def iter_tensors(weights: WeightFile) -> Iterator[tuple[str, np.ndarray]]:
+  """(key, tensor) for every key, one tensor in memory at a time."""
+  for key in weights.keys():
+    yield key, weights.read(key)
