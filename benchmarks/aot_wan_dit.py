@@ -1,0 +1,153 @@
+"""AOT-compiles one Wan2.2-TI2V-5B DiT forward (+ VACE) for a TPU topology on this CPU host.
+
+  python benchmarks/aot_wan_dit.py --topology=v5p:2x2x1 [--height=704 --width=1280
+      --frames=33 --references=4 --preceding=2 --batch=1 --mesh=fsdp:4]
+
+The shape is Mirage's inference call: ``references`` retrieved latent frames, the 33-frame
+target chunk (9 latent frames) and ``preceding`` latent frames, at 704x1280 (44x80 latent,
+880 tokens a frame), 512 text tokens, with the VACE branch on the non-reference frames.
+Nothing is allocated: the model is abstract (``nnx.eval_shape``) and compiled by libtpu
+(``pip install -e .[tpu]``). Prints per-chip memory from XLA's memory analysis and the
+forward FLOPs three ways: the closed-form count below, the matmul/conv FLOPs of the traced
+jaxpr (``train.jaxpr_flops``, scans times their length) and XLA's cost analysis (which
+counts a scanned layer stack's body once, so it undercounts by about the layer count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from mirage_jax import aot, sharding, train  # noqa: E402
+from mirage_jax.models import wan_dit  # noqa: E402
+
+flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for.")
+flags.DEFINE_string("mesh", "fsdp:-1", "Mesh axes as name:size,... (data, fsdp, context, tensor).")
+flags.DEFINE_integer("height", 704, "Video height in pixels.")
+flags.DEFINE_integer("width", 1280, "Video width in pixels.")
+flags.DEFINE_integer("frames", 33, "Target video frames (1 + 4k).")
+flags.DEFINE_integer("references", 4, "Retrieved reference latent frames.")
+flags.DEFINE_integer("preceding", 2, "Preceding latent frames.")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("text_tokens", 512, "Text tokens.")
+flags.DEFINE_bool("vace", True, "Run the VACE branch.")
+flags.DEFINE_string("param_dtype", "bfloat16", "Stored parameter dtype (an inference export).")
+FLAGS = flags.FLAGS
+
+
+def forward_flops(cfg, *, batch: int, frames: int, references: int, tokens_per_frame: int,
+                  text_tokens: int, vace: bool) -> float:
+  """Closed-form FLOPs (2 per multiply-add) of the matmuls of one forward.
+
+  Per block and token: q, k, v, o (4 d^2), cross-attention q, o (2 d^2), FFN (2 d f), the
+  attention itself (2 L d for scores and values) and cross-attention (2 Lt d); per block
+  once: the text k, v projections (2 Lt d^2). Plus the patch embedding, the head, the text
+  embedding MLP and, for VACE, its blocks on the non-reference tokens with their
+  before/after projections and the 96-channel patch embedding.
+  """
+  d, f, lt = cfg.dim, cfg.ffn_dim, text_tokens
+  patch = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+
+  def blocks(n_blocks, length):
+    per_token = 4 * d * d + 2 * d * d + 2 * d * f + 2 * length * d + 2 * lt * d
+    return n_blocks * (length * per_token + lt * 2 * d * d)
+
+  length = frames * tokens_per_frame
+  macs = blocks(cfg.num_layers, length)
+  macs += length * cfg.in_channels * patch * d  # patch embedding
+  macs += length * d * cfg.out_channels * patch  # head
+  macs += lt * (cfg.text_dim * d + d * d)  # text embedding
+  if vace:
+    n_vace = len(cfg.vace_layers)
+    vace_length = (frames - references) * tokens_per_frame
+    macs += blocks(n_vace, vace_length)
+    macs += vace_length * (cfg.vace_in_channels * patch * d + d * d * (n_vace + 1))
+  return 2.0 * batch * macs
+
+
+def main(argv) -> None:
+  del argv
+  cfg = wan_dit.wan_dit_config("ti2v_5b")
+  cfg.vace = FLAGS.vace
+  cfg.param_dtype = FLAGS.param_dtype
+  devices = aot.topology_devices(FLAGS.topology)
+  mesh_shape = {a: 1 for a in sharding.MESH_AXES}
+  for item in FLAGS.mesh.split(","):
+    name, size = item.split(":")
+    mesh_shape[name] = int(size)
+  mesh = sharding.make_mesh(mesh_shape, devices, where="--mesh")
+  rules = sharding.DEFAULT_LOGICAL_RULES
+
+  lat_t = (FLAGS.frames - 1) // 4 + 1
+  frames = FLAGS.references + lat_t + FLAGS.preceding
+  h, w = FLAGS.height // 16, FLAGS.width // 16
+  tokens_per_frame = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+
+  model = nnx.eval_shape(lambda: wan_dit.WanDiT(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model)
+  specs = nnx.get_partition_spec(params)
+  param_shardings = sharding.logical_to_sharding(specs, mesh, rules, params)
+  abstract_params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, param_shardings)
+  # The batch splits over the data axes where it divides them (batch 1: replicated).
+  act = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(
+      mesh, sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, mesh,
+                                     shape)))
+  latents = act(FLAGS.batch, frames, h, w, cfg.in_channels)
+  timesteps = jax.ShapeDtypeStruct((FLAGS.batch, frames), jnp.float32,
+                                   sharding=NamedSharding(mesh, PartitionSpec()))
+  text = act(FLAGS.batch, FLAGS.text_tokens, cfg.text_dim)
+  vace_ctx = act(FLAGS.batch, frames - FLAGS.references, h, w, cfg.vace_in_channels)
+
+  def forward(state, latents, timesteps, text, vace_ctx):
+    net = nnx.merge(graphdef, state)
+    return net(latents, timesteps, text, num_reference=FLAGS.references,
+               vace_context=vace_ctx if FLAGS.vace else None)
+
+  args = (abstract_params, latents, timesteps, text, vace_ctx)
+  with jax.set_mesh(mesh), sharding.use_rules(rules):
+    compiled = jax.jit(forward).lower(*args).compile()
+    traced = train.jaxpr_flops(forward, *args)
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  n = len(devices)
+  per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  analytic = forward_flops(cfg, batch=FLAGS.batch, frames=frames, references=FLAGS.references,
+                           tokens_per_frame=tokens_per_frame, text_tokens=FLAGS.text_tokens,
+                           vace=FLAGS.vace)
+  hbm_gib, peak_tflops, _ = aot.CHIPS[FLAGS.topology.split(":")[0]]
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  report = {
+      "topology": FLAGS.topology, "chips": n, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "shape": {"batch": FLAGS.batch, "latent_frames": frames, "references": FLAGS.references,
+                "target_latent_frames": lat_t, "preceding": FLAGS.preceding,
+                "latent_hw": [h, w], "tokens": frames * tokens_per_frame,
+                "text_tokens": FLAGS.text_tokens, "vace": FLAGS.vace},
+      "params": int(n_params),
+      "memory_per_chip_gib": per_chip / 2**30,
+      "memory_breakdown_gib": {"arguments": mem.argument_size_in_bytes / 2**30,
+                               "outputs": mem.output_size_in_bytes / 2**30,
+                               "temporaries": mem.temp_size_in_bytes / 2**30},
+      "hbm_per_chip_gib": hbm_gib,
+      "analytic_tflops_total": analytic / 1e12,
+      "traced_matmul_tflops_total": traced / 1e12,
+      "traced_over_analytic": traced / analytic,
+      "xla_cost_tflops_per_chip": float(cost.get("flops", 0.0)) / 1e12,
+      "roofline_forward_s_at_peak": analytic / n / (peak_tflops * 1e12),
+  }
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
