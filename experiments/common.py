@@ -55,7 +55,9 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.denoiser.time_weighting = "uniform"
   c.denoiser.prediction = "velocity"  # 'velocity' (the reference) | 'x0_prior' (see denoiser.predict)
 
-  # Sampler of the rollout (the reference: 20 Euler steps with shift 5, no guidance).
+  # Sampler of the rollout: euler | heun | unipc (the reference: FlowUniPC, order 2, 20 steps,
+  # shift 5, no guidance; experiments/wan22_ti2v_5b.py uses it).  The small family samples
+  # with Euler, as it was trained and measured.
   c.sampler = ml_collections.ConfigDict(dict(num_steps=20, method="euler", shift=5.0,
                                              guidance_scale=0.0))
 
