@@ -270,6 +270,10 @@ class ShardedSafetensors(WeightFile):
           if key not in self._shards[shard]:
             raise InputError(shard_path, key, f"not in the shard {self.path} maps it to")
           self._map[key] = shard
+        # A loader that reads whole shards would take it too: it cannot pass unnoticed.
+        for key in self._shards[shard].keys():
+          if key not in self._map or self._map[key] != shard:
+            raise InputError(shard_path, key, f"in the shard, not in {self.path}'s weight_map")
     except BaseException:
       self.close()
       raise

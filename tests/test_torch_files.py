@@ -320,3 +320,13 @@ def test_folder_of_parts_duplicate_key(tmp_path):
   with pytest.raises(InputError, match="also in") as e:
     torch_files.open_weights(str(tmp_path))
   assert e.value.field == "w"
+
+
+def test_shard_key_not_in_index(tmp_path):
+  index, arrays = _sharded(tmp_path)
+  shard = tmp_path / "model-00001-of-00002.safetensors"
+  torch_files.write_safetensors(str(shard), {**{k: arrays[k] for k in ("blocks.0.w", "blocks.1.w")},
+                                             "stray": np.ones(2, np.float32)})
+  with pytest.raises(InputError, match="not in") as e:
+    torch_files.open_weights(index)
+  assert e.value.where == str(shard) and e.value.field == "stray"

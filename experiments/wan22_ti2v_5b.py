@@ -1,0 +1,49 @@
+"""Wan2.2-TI2V-5B (DiT + VACE + LoRA, Wan2.2 VAE): the reference's model at its own sizes.
+
+  --config=experiments/wan22_ti2v_5b.py[:<stage>[,tiny]]
+
+``<stage>`` is 'autoencoder' or 'denoiser' (default); ',tiny' picks the test-size variant of
+both networks. The weights come from the released files through
+``python -m mirage_jax.convert_wan`` (it writes both exports with this config). Training and
+generation do not drive this family yet: the config carries the sizes and the reference's
+numbers.
+"""
+
+from experiments import common
+from mirage_jax.models import wan_dit, wan_vae
+
+VARIANTS = ("ti2v_5b", "tiny")
+
+
+def parse_arg(arg: str | None) -> tuple[str, str]:
+  """``'<stage>[,<variant>]'`` -> (stage, variant); defaults 'denoiser', 'ti2v_5b'."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  stage = parts[0] if parts else "denoiser"
+  variant = parts[1] if len(parts) > 1 else "ti2v_5b"
+  if stage not in common.STAGES or variant not in VARIANTS or len(parts) > 2:
+    raise ValueError(f"config argument must be '<stage>[,<variant>]' with stage in "
+                     f"{common.STAGES} and variant in {VARIANTS}, got {arg!r}")
+  return stage, variant
+
+
+def get_config(arg=None):
+  stage, variant = parse_arg(arg)
+  c = common.base_config(stage)
+  c.variant = variant
+  c.autoencoder = wan_vae.wan_vae_config(variant)
+  c.denoiser.model = wan_dit.wan_dit_config(variant)
+  # The reference's sampler: FlowUniPC (order 2), 20 steps, shift 5, no guidance.
+  c.sampler.update(method="unipc", num_steps=20, shift=5.0, guidance_scale=0.0)
+  # Its training: sigma ~ U(0, 1) shifted by 5; AdamW(0.9, 0.999) at a constant 1e-5,
+  # weight decay 0.01, gradient clip 1.0, seed 3407, one clip per device step.
+  c.denoiser.update(time_shift=5.0, time_weighting="uniform", prediction="velocity")
+  c.optimizer.update(learning_rate=1e-5, end_learning_rate=1e-5, warmup_steps=0, b1=0.9,
+                     b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0)
+  c.seed = 3407
+  if variant == "ti2v_5b":
+    # Clips of the reference: 1280x704 (latent 80x44).
+    c.data.update(resolution=(704, 1280), batch_size=1)
+  else:
+    c.data.update(resolution=(32, 32), batch_size=2)
+  common.set_window(c)
+  return c
