@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging as std_logging
 import math
 import os
 import shutil
@@ -71,8 +72,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool("to_reference", False, "Write an export's VACE/LoRA as the reference's "
                     "safetensors instead.", flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "--to_reference: the DiT export.", flag_values=fv)
-  flags.DEFINE_integer("save_batch_mb", 256, "Params written per Orbax save (MB); a larger "
+  flags.DEFINE_float("save_batch_mb", 256, "Params written per Orbax save (MB); a larger "
                        "parameter is written alone.", flag_values=fv)
+  flags.DEFINE_bool("compress", True, "zstd-compress the stored params (--nocompress: larger "
+                    "files, a lower peak memory).", flag_values=fv)
 
 
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -117,9 +120,15 @@ class _Progress:
   def __init__(self, what: str, total: int, every: float = 10.0):
     self.what, self.total, self.every = what, total, every
     self.done = self.bytes = 0
-    self.start = self._last = time.perf_counter()
+    self.start = self._last = None
+
+  def begin(self) -> None:
+    """Starts the clock (at the first read, not when the work was planned)."""
+    if self.start is None:
+      self.start = self._last = time.perf_counter()
 
   def add(self, nbytes: int, n: int = 1) -> None:
+    self.begin()
     self.done += n
     self.bytes += nbytes
     now = time.perf_counter()
@@ -231,7 +240,7 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def write_params(params_dir: str, leaves: Iterable[tuple[tuple[str, ...], tuple[int, ...],
                                                           Callable[[], np.ndarray]]],
-                 dtype: np.dtype, batch_bytes: int) -> None:
+                 dtype: np.dtype, batch_bytes: int, compress: bool = True) -> None:
   """Writes params one group of leaves at a time as the Orbax PyTree ``load_export`` reads.
 
   Orbax's partial save (``orbax.checkpoint.experimental.v1.partial``, 0.12.8) adds leaves to
@@ -245,8 +254,16 @@ def write_params(params_dir: str, leaves: Iterable[tuple[tuple[str, ...], tuple[
       the leaf's turn comes.
     dtype: stored dtype.
     batch_bytes: leaves per save up to this size (a larger leaf goes alone).
+    compress: zstd-compress the chunks (Orbax's default; f32 made from bf16 halves on
+      disk, but the compressed copy of a leaf is held until its save commits).
   """
+  from orbax.checkpoint.experimental import v1 as ocp_v1  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  ctx = ocp_v1.Context()
+  # Each save returns before its leaves are dropped and nothing writes to them meanwhile:
+  # Orbax's defensive host copy would only double the peak.
+  ctx.memory.deepcopy_host_arrays = False
+  ctx.array.saving.use_compression = bool(compress)
   init_ns = time.time_ns()
   staging = params_dir + ".partial"
   batch: dict[tuple[str, ...], np.ndarray] = {}
@@ -255,7 +272,8 @@ def write_params(params_dir: str, leaves: Iterable[tuple[tuple[str, ...], tuple[
   def flush():
     nonlocal batch, size
     if batch:
-      partial.save(staging, _nest(batch))
+      with ctx:
+        partial.save(staging, _nest(batch))
     batch, size = {}, 0
 
   for path, shape, make in leaves:
@@ -268,7 +286,8 @@ def write_params(params_dir: str, leaves: Iterable[tuple[tuple[str, ...], tuple[
     batch[path] = value.astype(dtype, copy=False)
     size += nbytes
   flush()
-  partial.finalize(staging)
+  with ctx:
+    partial.finalize(staging)
   os.rename(os.path.join(staging, "state"), params_dir)
   shutil.rmtree(staging)
   # What ``PyTreeCheckpointer.save`` leaves beside the tree (the v1 layout keeps it a level
@@ -289,23 +308,32 @@ def _stacked_maker(t, read: Callable[[str], np.ndarray], dtype: np.dtype,
   """make() of one param: each original tensor read, mapped to our slice, stacked."""
 
   def make() -> np.ndarray:
+    progress.begin()
     out = np.empty(t.param_shape, dtype)
     for i, key in enumerate(t.keys):
       x = read(key)
       progress.add(x.nbytes)
-      ours = t.to_ours(x)
-      if t.stacked:
-        out[i] = ours
-      else:
-        out[...] = ours
-      del x, ours
+      _assign(t, out[i] if t.stacked else out, x)
+      del x
     return out
   return make
 
 
-def _write_export(path: str, leaves: list, dtype: np.dtype, meta: dict, batch_bytes: int):
+def _assign(t, dest: np.ndarray, original: np.ndarray) -> None:
+  """``dest[...] = t.to_ours(original)`` (cast to dest's dtype) without a transposed temporary:
+  ``dest`` (contiguous) is viewed in the permuted original shape and written through."""
+  if original.shape != tuple(t.original_shape):
+    raise ValueError(f"{t.keys[0]}: {original.shape}, expected {tuple(t.original_shape)}")
+  permuted = original.shape if t.perm is None else tuple(original.shape[p] for p in t.perm)
+  view = dest.view()
+  view.shape = permuted  # raises rather than copy: dest is contiguous
+  view[...] = original if t.perm is None else np.transpose(original, t.perm)
+
+
+def _write_export(path: str, leaves: list, dtype: np.dtype, meta: dict, batch_bytes: int,
+                  compress: bool):
   os.makedirs(path)
-  write_params(os.path.join(path, "params"), leaves, dtype, batch_bytes)
+  write_params(os.path.join(path, "params"), leaves, dtype, batch_bytes, compress)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(meta, f, indent=2)
 
@@ -321,7 +349,8 @@ def _config(stage: str, variant: str):
 def convert(output: str, *, dit: str, vae: str, vace: str | None = None,
             lora: str | None = None, variant: str = "ti2v_5b", dtype: str | None = None,
             merge_lora: bool = False, lora_rank: int | None = None,
-            lora_alpha: float | None = None, batch_mb: int = 256) -> dict:
+            lora_alpha: float | None = None, batch_mb: float = 256, compress: bool = True,
+            configs: tuple[Any, Any] | None = None) -> dict:
   """Released files -> ``<output>/vae`` and ``<output>/dit`` exports (see the module doc).
 
   Args:
@@ -333,6 +362,10 @@ def convert(output: str, *, dit: str, vae: str, vace: str | None = None,
     merge_lora: fold the LoRA into the base kernels (``wan_dit.merge_lora``).
     lora_rank, lora_alpha: the LoRA's (default: the variant's).
     batch_mb: params per Orbax save (MB).
+    compress: zstd-compress the stored params (see :func:`write_params`).
+    configs: (autoencoder-stage, denoiser-stage) experiment configs to convert into instead
+      of ``experiments/wan22_ti2v_5b.py``'s for ``variant`` (e.g. fewer layers, to
+      benchmark at full width).
   Returns:
     A summary: tensors and bytes read, seconds.
   Raises:
@@ -347,8 +380,10 @@ def convert(output: str, *, dit: str, vae: str, vace: str | None = None,
     raise InputError("--merge_lora", "merge_lora", "needs --lora")
   dtype_np = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
 
-  vae_config = _config("autoencoder", variant)
-  dit_config = _config("denoiser", variant)
+  if configs is None:
+    vae_config, dit_config = _config("autoencoder", variant), _config("denoiser", variant)
+  else:
+    vae_config, dit_config = (copy.deepcopy(c) for c in configs)
   cfg = dit_config.denoiser.model
   cfg.vace = bool(vace)
   if lora:
@@ -410,10 +445,12 @@ def convert(output: str, *, dit: str, vae: str, vace: str | None = None,
       base = {"step": 0, "source": "wan2.2 release", "dtype": dtype or "float32",
               "conversion": conversion}
       _write_export(os.path.join(tmp, "vae"), vae_leaves, dtype_np,
-                    {"config": json.loads(vae_config.to_json()), **base}, batch_mb << 20)
+                    {"config": json.loads(vae_config.to_json()), **base}, int(batch_mb * 2**20),
+                    compress)
       dit_config.denoiser.autoencoder_checkpoint = os.path.join(output, "vae")
       _write_export(os.path.join(tmp, "dit"), dit_leaves, dtype_np,
-                    {"config": json.loads(dit_config.to_json()), **base}, batch_mb << 20)
+                    {"config": json.loads(dit_config.to_json()), **base}, int(batch_mb * 2**20),
+                    compress)
       os.rename(tmp, output)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -439,10 +476,23 @@ def _dit_leaves(layout: dict, read: Callable[[str], np.ndarray], dtype: np.dtype
       continue
     base = path[:-1]
     if merge and path[-1] == "kernel" and base + ("lora_a",) in layout:
-      def make(path=path, base=base):
-        parts = {p: _stacked_maker(layout[p], read, np.dtype(np.float32), progress)()
-                 for p in (path, base + ("lora_a",), base + ("lora_b",))}
-        return wan_dit.merge_lora(parts, cfg)[path]
+      def make(path=path, base=base, t=t):
+        # Layer by layer: the merge's float32 temporaries stay the size of one slice.
+        progress.begin()
+        ta, tb = layout[base + ("lora_a",)], layout[base + ("lora_b",)]
+        out = np.empty(t.param_shape, dtype)
+        for i in range(len(t.keys)):
+          parts = {}
+          for p, ti in ((path, t), (base + ("lora_a",), ta), (base + ("lora_b",), tb)):
+            x = read(ti.keys[i])
+            progress.add(x.nbytes)
+            parts[p] = ti.to_ours(x).astype(np.float32)
+          merged = wan_dit.merge_lora(parts, cfg)[path]
+          if t.stacked:
+            out[i] = merged
+          else:
+            out[...] = merged
+        return out
       leaves.append((path, t.param_shape, make))
     else:
       leaves.append((path, t.param_shape, _stacked_maker(t, read, dtype, progress)))
@@ -580,16 +630,23 @@ def run(fv: flags.FlagValues) -> int:
   summary = convert(fv.output, dit=dit, vae=vae, vace=fv.vace, lora=fv.lora,
                     variant=fv.variant, dtype=fv.dtype, merge_lora=fv.merge_lora,
                     lora_rank=fv.lora_rank, lora_alpha=fv.lora_alpha,
-                    batch_mb=fv.save_batch_mb)
+                    batch_mb=fv.save_batch_mb, compress=fv.compress)
   print(f"wrote {fv.output}/vae and {fv.output}/dit ({summary['seconds']:.1f} s, "
         f"LoRA: {summary['lora']})")
   return 0
+
+
+def _quiet_orbax(record) -> bool:
+  """absl handler filter: Orbax logs a dozen INFO lines per save, which would bury the
+  progress lines; its warnings and errors still pass."""
+  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def main(argv) -> None:
   del argv
   # The conversion is host work: keep JAX (Orbax imports it) off any accelerator.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   run_cli(lambda: run(flags.FLAGS))
 
 

@@ -416,7 +416,7 @@ def write_safetensors(path: str, tensors: Mapping[str, Any],
 
 
 class LazyArray:
-  """``shape`` + ``dtype`` now, the data when ``np.asarray`` asks (for :func:`write_safetensors`)."""
+  """``shape`` + ``dtype`` now, the data when ``np.asarray`` asks (:func:`write_safetensors`)."""
 
   def __init__(self, shape: tuple[int, ...], dtype: Any, make: Callable[[], np.ndarray]):
     self.shape, self.dtype, self._make = tuple(shape), np.dtype(dtype), make
