@@ -588,6 +588,21 @@ def _blend_tiles(run: Callable[[tuple[int, int, int, int]], jax.Array],
 # ----------------------------------------------------------------------------- model
 
 
+# Compiled entry points. Tiles of one shape share one compiled encoder/decoder (a 1280x704
+# clip has 6 tiles of 4 shapes); under an outer jit these become nested calls.
+@nnx.jit(static_argnames=("chunked",))
+def jit_encode(model: "WanVAE", video: jax.Array, chunked: bool = True) -> jax.Array:
+  """``model.encode(video, chunked=chunked)`` compiled (normalised latents)."""
+  return model.encode(video, chunked=chunked)
+
+
+@nnx.jit(static_argnames=("chunked", "clamp"))
+def jit_decode(model: "WanVAE", latents: jax.Array, chunked: bool = True,
+               clamp: bool = True) -> jax.Array:
+  """``model.decode(latents, chunked=chunked, clamp=clamp)`` compiled (normalised latents)."""
+  return model.decode(latents, chunked=chunked, clamp=clamp)
+
+
 class WanVAE(nnx.Module):
   """The Wan2.2 VAE. See the module docstring for the layout and the chunked execution."""
 
@@ -734,8 +749,8 @@ class WanVAE(nnx.Module):
     b, t, h, w, _ = video.shape
     rows, cols = h // f, w // f
     tasks = tile_tasks(rows, cols, size, stride)
-    run = lambda k: self.encode(video[:, :, k[0] * f:k[1] * f, k[2] * f:k[3] * f],
-                                chunked=chunked)
+    run = lambda k: jit_encode(self, video[:, :, k[0] * f:k[1] * f, k[2] * f:k[3] * f],
+                               chunked=chunked)
     out_shape = (b, (t - 1) // temporal_factor(self.cfg) + 1, rows, cols, self.cfg.z_dim)
     border = (size[0] - stride[0], size[1] - stride[1])
     return _blend_tiles(run, tasks, out_shape, 1, border)
@@ -760,8 +775,8 @@ class WanVAE(nnx.Module):
     f = spatial_factor(self.cfg)
     b, t, rows, cols, _ = latents.shape
     tasks = tile_tasks(rows, cols, size, stride)
-    run = lambda k: self.decode(latents[:, :, k[0]:k[1], k[2]:k[3]], chunked=chunked,
-                                clamp=False)
+    run = lambda k: jit_decode(self, latents[:, :, k[0]:k[1], k[2]:k[3]], chunked=chunked,
+                               clamp=False)
     out_shape = (b, 4 * t - 3, rows * f, cols * f, self.cfg.in_channels)
     border = ((size[0] - stride[0]) * f, (size[1] - stride[1]) * f)
     return jnp.clip(_blend_tiles(run, tasks, out_shape, f, border), -1.0, 1.0)
@@ -882,7 +897,17 @@ def load_original(model: WanVAE, get: Callable[[str], Any]) -> None:
     get: ``original key -> array`` in the original naming and shape (e.g. ``sd.__getitem__``
       with torch tensors converted by ``np.asarray``).
   """
-  arrays = ol.load_params(original_layout(model.cfg), get)
+  layout = original_layout(model.cfg)
+  shapes = {k: t.original_shape for t in layout.values() for k in t.keys}
+
+  def checked(key):
+    value = np.asarray(get(key))
+    if value.shape != shapes[key]:
+      raise InputError("WanVAE.load_original", key,
+                       f"shape {value.shape}, expected {shapes[key]}")
+    return value
+
+  arrays = ol.load_params(layout, checked)
   state = nnx.state(model, nnx.Param)
   flat = []
   seen = set()
@@ -900,3 +925,11 @@ def load_original(model: WanVAE, get: Callable[[str], Any]) -> None:
   if extra:
     raise InputError("WanVAE.load_original", "/".join(extra[0]), "not a parameter of the model")
   nnx.update(model, nnx.State.from_flat_path(flat))
+
+
+def from_original(cfg, get: Callable[[str], Any]) -> WanVAE:
+  """A WanVAE built without random initialisation and filled from an original state dict
+  (see :func:`load_original`)."""
+  model = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
+  load_original(model, get)
+  return model
