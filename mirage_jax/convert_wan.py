@@ -535,6 +535,9 @@ def to_reference(checkpoint: str, output: str, dtype: str | None = None) -> dict
   groups = {g: [(p, t) for p, t in layout.items() if wan_dit.key_group(t.keys[0]) == g]
             for g in ("vace", "lora")}
   groups = {g: items for g, items in groups.items() if items}
+  if meta.get("conversion", {}).get("lora") == "merged":
+    logging.warning("%s: the LoRA was merged into the base weights at conversion; the "
+                    "reference's lora.safetensors cannot express that (not written)", checkpoint)
   if not groups:
     raise InputError(checkpoint, "params", "the export has no VACE and no LoRA params "
                      f"(lora: {meta.get('conversion', {}).get('lora', 'none')})")

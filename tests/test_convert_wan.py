@@ -16,7 +16,7 @@ from absl import flags
 from flax import nnx
 
 from mirage_jax import checkpoint, convert_wan, torch_files
-from mirage_jax.errors import run_cli
+from mirage_jax.errors import InputError, run_cli
 from mirage_jax.models import original_layout, wan_dit, wan_vae
 
 torch = pytest.importorskip("torch")
@@ -174,6 +174,32 @@ def test_round_trip_to_reference(release, converted, tmp_path):
   lora = load_file(str(out / "lora.safetensors"))
   assert all(k.startswith("pipe.dit.blocks.") for k in lora)
   assert _cli("--to_reference", f"--checkpoint={converted / 'dit'}", f"--output={out}") == 2
+
+
+def test_to_reference_refuses_other_exports(converted, tmp_path):
+  with pytest.raises(InputError) as e:
+    convert_wan.to_reference(str(converted / "vae"), str(tmp_path / "ref"))
+  assert e.value.where.endswith("config.json") and "not a Wan DiT export" in str(e.value)
+  assert not (tmp_path / "ref").exists()
+
+
+def test_experiment_config_from_the_command_line():
+  """``--config=experiments/wan22_ti2v_5b.py:<stage>[,tiny]`` as the training CLIs parse it."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  sizes = {}
+  for arg in ("denoiser,tiny", "autoencoder", ""):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+    fv(["x", f"--config={ROOT / 'experiments' / 'wan22_ti2v_5b.py'}" + (f":{arg}" if arg else "")])
+    c = fv.config
+    sizes[arg] = (c.stage, c.denoiser.model.dim, c.denoiser.model.num_layers,
+                  c.autoencoder.encoder_dim)
+    assert c.sampler.num_steps == 20 and c.sampler.shift == 5.0
+    assert (c.optimizer.learning_rate, c.optimizer.weight_decay,
+            c.optimizer.grad_clip_norm) == (1e-5, 0.01, 1.0)
+  assert sizes == {"denoiser,tiny": ("denoiser", 48, 4, 16),
+                   "autoencoder": ("autoencoder", 3072, 30, 160),
+                   "": ("denoiser", 3072, 30, 160)}
 
 
 def test_merge_lora(release, tmp_path):
