@@ -268,6 +268,17 @@ def test_lora_forward_equals_merged_base():
     np.testing.assert_allclose(merged_flat[tuple(map(str, p))], np.asarray(v.get_value()),
                                rtol=1e-6, atol=1e-6)
   assert set(merged_flat) == {tuple(map(str, p)) for p, _ in nnx.to_flat_state(merged)}
+  # One layer's slices at a time (no stacked axis), as a streaming converter merges.
+  q = ("blocks", "self_attn", "o")
+  for i in range(cfg.num_layers):
+    one = {q + (n,): flat[q + (n,)][i] for n in ("kernel", "lora_a", "lora_b", "bias")}
+    np.testing.assert_allclose(wan_dit.merge_lora(one, cfg)[q + ("kernel",)],
+                               merged_flat[q + ("kernel",)][i], rtol=1e-6, atol=1e-6)
+  # A nested dict of arrays.
+  nested = wan_dit.merge_lora(nnx.state(model, nnx.Param).to_pure_dict(), cfg)
+  np.testing.assert_allclose(nested["blocks"]["ffn_out"]["kernel"],
+                             merged_flat[("blocks", "ffn_out", "kernel")], rtol=1e-6, atol=1e-6)
+  assert "lora_a" not in nested["blocks"]["ffn_out"]
 
 
 def test_lora_dropout_only_in_training():
@@ -474,3 +485,28 @@ def test_layout_roundtrip():
     for i, k in enumerate(t.keys):
       ours = params[path][i] if t.stacked else params[path]
       np.testing.assert_array_equal(t.to_original(ours), weights[k])
+
+
+def test_shards_on_a_mesh_with_the_same_output():
+  from mirage_jax import sharding
+  cfg = _tiny(lora_rank=4)
+  model = _with_random_lora(cfg, seed=16)
+  graphdef, params = nnx.split(model, nnx.Param)
+  specs = nnx.get_partition_spec(params)
+  assert tuple(specs["blocks"]["self_attn"]["q"]["kernel"].get_value()) == (
+      "layers", "embed", "heads", "head_dim")
+  assert tuple(specs["blocks"]["ffn_in"]["lora_b"].get_value()) == ("layers", None, "mlp")
+  mesh = sharding.make_mesh({"fsdp": 2, "context": 2, "tensor": 2})
+  shardings = sharding.logical_to_sharding(specs, mesh, shapes=params)
+  ffn = shardings["blocks"]["ffn_in"]["kernel"].get_value()
+  assert ffn.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  sharded = jax.device_put(params, shardings)
+  latents, text, vace = _inputs(cfg, seed=17, b=2, f=5, hh=6, ww=4)
+  args = (jnp.asarray(latents), jnp.asarray([[0.0, 0.0, 0.0, 800.0, 800.0]] * 2),
+          jnp.asarray(text), jnp.asarray(vace[:, 1:]))
+  f = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a[:3], num_reference=1, vace_context=a[3]))
+  ref = f(params, *args)
+  with jax.set_mesh(mesh):
+    out = f(sharded, *args)
+  err, scale = _max_err(out, ref)
+  assert err <= 1e-5 * scale
