@@ -357,3 +357,29 @@ def test_bad_inputs_are_input_errors(setup):
     wv.wan_vae_config("huge")
   with pytest.raises(InputError, match="shape"):
     wv.load_original(m, lambda k: np.zeros((1,), np.float32))
+  with pytest.raises(InputError, match="missing"):
+    wv.load_original(m, {}.__getitem__)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_shards_on_a_mesh_with_the_same_output(setup):
+  from mirage_jax import sharding
+  model = setup["model"]
+  graphdef, params = nnx.split(model, nnx.Param)
+  specs = nnx.get_partition_spec(params)
+  conv = specs["encoder"]["levels"][1]["blocks"][0]["conv1"]["kernel"].get_value()
+  assert tuple(conv) == (None, None, None, "conv_in", "conv_out")
+  mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+  shardings = sharding.logical_to_sharding(specs, mesh, shapes=params)
+  sh = shardings["encoder"]["levels"][1]["blocks"][0]["conv1"]["kernel"].get_value()
+  assert sh.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp", "tensor")
+  sharded = jax.device_put(params, shardings)
+  video = jnp.asarray(setup["video"][:, :5].repeat(2, axis=0))  # B = 2, T = 5: one scan step
+  ref = np.asarray(wv.jit_encode(model, video))
+  f = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v))
+  with jax.set_mesh(mesh):
+    out = np.asarray(f(sharded, video))
+  err, scale = _rel_err(out, ref)
+  assert err <= 1e-5 * scale

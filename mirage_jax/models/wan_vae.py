@@ -893,15 +893,19 @@ def load_original(model: WanVAE, get: Callable[[str], Any]) -> None:
   """Fills ``model``'s parameters in place from an original state dict.
 
   Args:
-    model: a WanVAE (may be abstract only if its Variables can take arrays).
-    get: ``original key -> array`` in the original naming and shape (e.g. ``sd.__getitem__``
-      with torch tensors converted by ``np.asarray``).
+    model: a WanVAE, concrete or abstract (``nnx.eval_shape``, see :func:`from_original`).
+    get: ``original key -> array-like`` in the original naming and shape (e.g.
+      ``sd.__getitem__`` of a dict of numpy arrays); a missing key (KeyError) or a wrong
+      shape is an InputError naming the key.
   """
   layout = original_layout(model.cfg)
   shapes = {k: t.original_shape for t in layout.values() for k in t.keys}
 
   def checked(key):
-    value = np.asarray(get(key))
+    try:
+      value = np.asarray(get(key))
+    except KeyError:
+      raise InputError("WanVAE.load_original", key, "missing from the original weights") from None
     if value.shape != shapes[key]:
       raise InputError("WanVAE.load_original", key,
                        f"shape {value.shape}, expected {shapes[key]}")
