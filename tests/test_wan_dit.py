@@ -6,6 +6,11 @@ in the ORIGINAL (DiffSynth) naming from ``wan_dit.original_layout``, loaded into
 ``original_layout.load_params`` and into diffusers through its own
 ``convert_wan_transformer_to_diffusers``. Pass criterion: max abs error <= 1e-4 * max|oracle|
 in float32. Full-size checks run on abstract shapes only (``nnx.eval_shape``, torch meta).
+
+Measured (CPU, float32, run with ``-s`` to print them): DiT with per-token timesteps max abs
+err 2.8e-5 at output scale 4.58 (6.0e-6 relative); VACE 1.2e-5 at 4.59 (2.7e-6); time
+embedding vs float64 4.3e-7 (a plain float32 ``cos(t f)``: 5.9e-5); LoRA forward vs merged
+base ~5e-7 relative. diffusers itself computes the time embedding in float32.
 """
 
 from __future__ import annotations
