@@ -21,7 +21,8 @@ to whichever backend is configured; backends ignore what they do not use (only
 image back into latents is bound once by ``get_backend(..., encode_fn=...)``, so ``read``
 keeps the same three arguments for every backend. ``frame_bank`` additionally offers
 ``retrieve`` (see ``baselines.frame_bank_retrieve``); voxel-IoU reference frames are in
-``retrieval``.
+``retrieval``. ``latent_frame_indices`` says which video frame's pose and depth go with each
+Wan latent frame (the reference's pairing).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def init_batch(backend: Backend, cfg: Any, batch: int):
 
 
 frame_bank_retrieve = baselines.frame_bank_retrieve
+latent_frame_indices = baselines.latent_frame_indices
 
 __all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "frame_bank_retrieve", "get_backend",
-           "init_batch", "memory_config", "retrieval"]
+           "init_batch", "latent_frame_indices", "memory_config", "retrieval"]
