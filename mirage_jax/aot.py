@@ -67,7 +67,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   devices = topology_devices(topology, num_slices)
   mesh = train.build_mesh(config, devices)
   frozen = None
-  if config.stage == "denoiser":
+  if config.stage == "denoiser" and config.denoiser.model.get("family") == "wan":
+    frozen = "abstract"  # the frozen Wan base: shapes only, FSDP-sharded (WanStage)
+  elif config.stage == "denoiser":
     # Shapes only: the frozen autoencoder is an input of the step, never materialised here.
     ae = nnx.eval_shape(lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0)))
     frozen = nnx.state(ae, nnx.Param).to_pure_dict()
@@ -75,8 +77,12 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   setup = train.make_setup(config, stage, mesh)
   batch = train.abstract_batch(config, stage, mesh, setup.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
+  frozen_sharding = setup.frozen_sharding()
+  if isinstance(frozen_sharding, NamedSharding):
+    frozen_sharding = jax.tree.map(lambda _: replicated, stage.frozen)
   frozen_abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), stage.frozen)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), stage.frozen,
+      frozen_sharding)
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in batch.items()})
   with setup.context():
     compiled = step.lower(setup.abstract, batch, frozen_abstract).compile()

@@ -165,3 +165,137 @@ def caption_or_empty(text: jax.Array, empty: jax.Array, drop: jax.Array) -> jax.
 
 __all__ = ["add_noise", "assemble", "caption_or_empty", "control_latents", "flow_loss",
            "frame_timesteps", "sample_sigmas", "shift_sigma", "splat_memory", "vace_context"]
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def memory_config(config):
+  """The memory settings of a Wan-family ``config`` (``config.memory.settings``) at the
+  reference's geometry: latent cells of 16 x 16 pixels of ``config.data.resolution``, 48
+  channels. (``rollout.memory_config`` reads the small autoencoder's factor.)"""
+  from mirage_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  h, w = (int(r) for r in config.data.resolution)
+  return memory_lib.memory_config(dict(
+      config.memory.settings, image_height=h, image_width=w, latent_height=h // 16,
+      latent_width=w // 16, latent_channels=LATENT_CHANNELS))
+
+
+def read_export_config(path: str):
+  """The training config stored with an export (``mirage_jax.export`` / ``convert_wan``)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  meta_path = os.path.join(path, "config.json")
+  if not path or not os.path.isdir(path):
+    raise InputError(path or "<empty>", "base_checkpoint", "no such export directory")
+  if not os.path.exists(meta_path):
+    raise InputError(path, "config.json", "not an export directory (missing config.json)")
+  try:
+    with open(meta_path) as f:
+      return ml_collections.ConfigDict(json.load(f)["config"])
+  except (OSError, ValueError, KeyError) as e:
+    raise InputError(meta_path, "config", f"unreadable export config ({e})") from e
+
+
+# Fields that must agree between a base export and the model trained on it.
+_SAME_MODEL = ("dim", "num_layers", "num_heads", "ffn_dim", "text_dim", "in_channels",
+               "out_channels", "freq_dim", "patch_size")
+
+
+def export_chain(path: str, model_cfg) -> list[tuple[str, Any]]:
+  """[(export path, its config)] from the root base to ``path``: a fine-tune export points
+  at the export it was trained on through ``denoiser.base_checkpoint``.
+
+  Raises:
+    InputError: naming the export's config.json and the field: not a Wan DiT export, another
+      model (a different size), a cycle.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  chain, seen = [], set()
+  while path:
+    real = os.path.realpath(path)
+    if real in seen:
+      raise InputError(path, "denoiser.base_checkpoint", "the exports point at each other")
+    seen.add(real)
+    cfg = read_export_config(path)
+    where = os.path.join(path, "config.json")
+    model = cfg.get("denoiser", {}).get("model", {}) if cfg.get("denoiser") else {}
+    if cfg.get("stage") != "denoiser" or model.get("family") != "wan":
+      raise InputError(where, "denoiser.model.family", f"not a Wan DiT export (stage "
+                       f"{cfg.get('stage')!r}, family {model.get('family')!r})")
+    for field in _SAME_MODEL:
+      a, b = model.get(field), model_cfg.get(field)
+      if (tuple(a) if isinstance(a, (list, tuple)) else a) != (
+          tuple(b) if isinstance(b, (list, tuple)) else b):
+        raise InputError(where, f"denoiser.model.{field}", f"{a!r} in the export, {b!r} in "
+                         "the config: an export of another model")
+    chain.append((path, cfg))
+    path = cfg.denoiser.get("base_checkpoint", "")
+  return chain[::-1]
+
+
+def flat_paths(tree) -> dict[tuple[str, ...], Any]:
+  """Nested dict -> {path tuple: leaf}."""
+  out = {}
+
+  def walk(prefix, node):
+    if isinstance(node, dict) or hasattr(node, "items"):
+      for k, v in node.items():
+        walk(prefix + (str(k),), v)
+    else:
+      out[prefix] = node
+  walk((), tree)
+  return out
+
+
+def nest(flat: dict[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
+
+
+def load_dit_params(path: str, model_cfg, abstract: dict[tuple[str, ...], Any]
+                    ) -> dict[tuple[str, ...], jax.Array]:
+  """Params of a Wan DiT export and the exports it builds on, later ones overriding.
+
+  Args:
+    path: a ``convert_wan`` DiT export or a fine-tune export of one.
+    model_cfg: the WanDiT config they must fit.
+    abstract: {param path: ShapeDtypeStruct with sharding} of the model; each stored param is
+      restored straight into that sharding (no host copy of the whole model) and cast to
+      its dtype.
+  Returns:
+    {param path: array} of every param found (a subset of ``abstract``).
+  Raises:
+    InputError: naming the export and the param: one the model lacks, another shape.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mirage_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  out: dict = {}
+  for export, _ in export_chain(path, model_cfg):
+    params_dir = os.path.abspath(os.path.join(export, "params"))
+    try:
+      with ocp.PyTreeCheckpointer() as ckptr:
+        stored = flat_paths(ckpt_lib._tree(ckptr.metadata(params_dir).item_metadata))  # pylint: disable=protected-access
+    except Exception as e:  # pylint: disable=broad-except
+      raise InputError(export, "params", f"unreadable ({type(e).__name__}: {e})") from e
+    shardings = {}
+    for p, m in stored.items():
+      name = "/".join(p)
+      if p not in abstract:
+        raise InputError(export, name, "a param the configured model does not have (an "
+                         "export of another model?)")
+      if tuple(m.shape) != tuple(abstract[p].shape):
+        raise InputError(export, name, f"shape {tuple(m.shape)}, the model's is "
+                         f"{tuple(abstract[p].shape)}")
+      shardings[p] = abstract[p].sharding
+    params, _, _ = ckpt_lib.load_export(export, nest(shardings))
+    for p, v in flat_paths(params).items():
+      out[p] = v.astype(abstract[p].dtype) if v.dtype != abstract[p].dtype else v
+  return out

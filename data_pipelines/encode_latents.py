@@ -1,0 +1,385 @@
+r"""Pre-encodes a built posed-clip dataset into Wan latent clips, once.
+
+  python -m data_pipelines.encode_latents --data_dir=DIR --dataset=procedural_rooms \
+      --vae=EXPORT/vae --output_dir=LATENTS [--resolution=704,1280 --target_frames=33 \
+      --preceding_frames=8 --num_references=0 --windows_per_clip=1 \
+      --text_embeddings=captions.npz --empty_text=empty.npy]
+  # N processes (machines sharing the folders): --num_processes=N --process_index=k each
+
+Each window of ``preceding_frames + target_frames`` video frames becomes one record
+(``data_pipelines.latent_clips`` documents the format): the target and preceding frames are
+encoded as two videos by the Wan VAE (the preceding part uses its first ``1 + 4 k`` frames,
+as the reference's causal encoder does), references as single images. Encoding is jitted and
+its batch of videos split over this process's local devices; process k of N takes the source
+records ``i % N == k`` and writes its own ``<split>-k-of-N.array_record``. Process 0 also writes
+``metadata.json``, ``control_latents.npy`` (the VACE control channels for this window's latent
+frames) and ``empty_text.npy`` (from ``--empty_text``; without it training uses zeros, an
+approximation of the umT5 embedding of "").
+
+Captions: ``--text_embeddings`` is an ``.npz`` of ``clip_id -> (Lt, D)`` embeddings (umT5-xxl:
+512 x 4096; no text encoder runs here). Clips without one get ``has_text = False``.
+
+References (``--num_references`` R > 0): among the clip's frames outside the window (every
+2nd, as the reference's candidates), the R with the largest voxel IoU (voxels of 0.1 m, the
+reference's 10 x scene voxel) between their depth points and the target frames' points. The
+reference keeps only candidates above IoU 0.04 and so has a variable count; here R is fixed
+(the best R, whatever their IoU) so batches have one shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data_pipelines import clip as clip_lib
+from data_pipelines import latent_clips
+from data_pipelines import pipeline
+from mirage_jax.errors import InputError, parse_flags, run_cli
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir of the built posed-clip dataset.",
+                      flag_values=fv)
+  flags.DEFINE_string("dataset", "procedural_rooms", "Dataset name in --data_dir.",
+                      flag_values=fv)
+  flags.DEFINE_string("config_name", "default", "Dataset config name.", flag_values=fv)
+  flags.DEFINE_string("vae", None, "Wan VAE export (convert_wan's EXPORT/vae).", flag_values=fv)
+  flags.DEFINE_string("output_dir", None, "Latent dataset folder to write.", flag_values=fv)
+  flags.DEFINE_list("resolution", None, "H,W of the encoded frames (multiples of 16; default: "
+                    "the source's, which must be multiples of 16).", flag_values=fv)
+  flags.DEFINE_integer("target_frames", 33, "Target video frames (1 + 4 k).", flag_values=fv)
+  flags.DEFINE_integer("preceding_frames", 8, "Preceding video frames (>= 1).", flag_values=fv)
+  flags.DEFINE_integer("num_references", 0, "Reference frames per window.", flag_values=fv)
+  flags.DEFINE_integer("windows_per_clip", 1, "Windows per clip (consecutive, not "
+                       "overlapping, from the clip's start).", flag_values=fv)
+  flags.DEFINE_list("splits", ["train", "validation"], "Splits to encode.", flag_values=fv)
+  flags.DEFINE_string("text_embeddings", "", ".npz of clip_id -> (Lt, D) caption embeddings.",
+                      flag_values=fv)
+  flags.DEFINE_string("empty_text", "", ".npy (Lt, D): the empty prompt's embedding.",
+                      flag_values=fv)
+  flags.DEFINE_integer("text_len", 512, "Lt when no embeddings are given.", flag_values=fv)
+  flags.DEFINE_integer("text_dim", 4096, "D when no embeddings are given.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", 1, "Processes sharing the work.", flag_values=fv)
+  flags.DEFINE_integer("process_index", 0, "This process, in [0, num_processes).",
+                       flag_values=fv)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _linear_taps(n: int, size: int):
+  """Rows/cols and weights of a linear resize n -> size (half-pixel centres, no antialias)."""
+  src = np.maximum((np.arange(size) + 0.5) * (n / size) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+  i1 = np.minimum(i0 + 1, n - 1)
+  w1 = (src - i0).astype(np.float32)
+  return i0, i1, 1.0 - w1, w1
+
+
+def resize_depth(depth: np.ndarray, h: int, w: int) -> np.ndarray:
+  """(F, H, W) -> (F, h, w) bilinear (as PyTorch's ``interpolate(align_corners=False)``)."""
+  r0, r1, a0, a1 = _linear_taps(depth.shape[1], h)
+  c0, c1, b0, b1 = _linear_taps(depth.shape[2], w)
+  tap = lambda r, c: depth[:, r][:, :, c]
+  return (a0[:, None] * b0[None] * tap(r0, c0) + a0[:, None] * b1[None] * tap(r0, c1)
+          + a1[:, None] * b0[None] * tap(r1, c0) + a1[:, None] * b1[None] * tap(r1, c1)
+          ).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+  """(F, H, W) -> (F, h, w) nearest (PyTorch's ``mode='nearest'``)."""
+  rows = np.minimum(np.floor(np.arange(h) * (mask.shape[1] / h)), mask.shape[1] - 1).astype(int)
+  cols = np.minimum(np.floor(np.arange(w) * (mask.shape[2] / w)), mask.shape[2] - 1).astype(int)
+  return mask[:, rows][:, :, cols]
+
+
+def _voxels(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray, voxel: float) -> set:
+  """Voxel keys of the world points of one frame's depth (any resolution)."""
+  h, w = depth.shape
+  v, u = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+  x = (u - K[0, 2]) / K[0, 0] * depth
+  y = (v - K[1, 2]) / K[1, 1] * depth
+  cam = np.stack([x, y, depth], -1).reshape(-1, 3)
+  ok = np.isfinite(cam).all(-1) & (cam[:, 2] > 0)
+  world = cam[ok] @ c2w[:3, :3].T + c2w[:3, 3]
+  return set(map(tuple, np.floor(world / voxel).astype(np.int64)))
+
+
+def select_references(depths, K, c2w, candidates, targets, num: int, voxel: float = 0.1):
+  """The ``num`` candidate frames of largest voxel IoU with the union of the target frames."""
+  target = set().union(*(_voxels(depths[i], K[i], c2w[i], voxel) for i in targets))
+  scores = []
+  for c in candidates:
+    vox = _voxels(depths[c], K[c], c2w[c], voxel)
+    union = len(vox | target)
+    scores.append(len(vox & target) / union if union else 0.0)
+  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+  picked = [candidates[i] for i in order[:num]]
+  while len(picked) < num:  # fewer candidates than asked: repeat the best
+    picked.append(picked[-1] if picked else targets[0])
+  return picked
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def load_vae(path: str):
+  """(WanVAE, its export config) of a ``convert_wan`` VAE export."""
+  from mirage_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
+  if not path or not os.path.isdir(path):
+    raise InputError(path or "--vae", "vae", "not found: a Wan VAE export (convert_wan's "
+                     "EXPORT/vae) is required")
+  params, config, _ = ckpt_lib.load_export(path)
+  if config.get("stage") != "autoencoder" or config.autoencoder.get("family") != "wan":
+    raise InputError(os.path.join(path, "config.json"), "autoencoder.family",
+                     f"not a Wan VAE export (stage {config.get('stage')!r}, family "
+                     f"{config.autoencoder.get('family')!r})")
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: wan_vae.WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state), config
+
+
+class Encoder:
+  """Batches of videos -> normalised latents, jitted, the batch split over local devices."""
+
+  def __init__(self, vae):
+    self.vae = vae
+    graphdef, state = nnx.split(vae)
+    devices = jax.local_devices()
+    self.mesh = Mesh(np.asarray(devices), ("batch",))
+    self.n = len(devices)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
+    self.state = jax.device_put(state, replicated)
+    self._fn = jax.jit(lambda s, v: nnx.merge(graphdef, s).encode(v),
+                       in_shardings=(replicated, self.batch_sharding),
+                       out_shardings=self.batch_sharding)
+
+  def __call__(self, videos: np.ndarray) -> np.ndarray:
+    """(N, T, H, W, 3) in [-1, 1] -> (N, T_lat, h, w, 48) float32 (N padded internally)."""
+    n = videos.shape[0]
+    pad = (-n) % self.n
+    if pad:
+      videos = np.concatenate([videos, np.repeat(videos[-1:], pad, 0)], 0)
+    out = self._fn(self.state, jax.device_put(videos, self.batch_sharding))
+    return np.asarray(out)[:n]
+
+
+def _window_starts(num_frames: int, length: int, count: int) -> list[int]:
+  return [i * length for i in range(count) if (i + 1) * length <= num_frames]
+
+
+def _prepare(record, where: str, resolution) -> dict[str, np.ndarray]:
+  clip = clip_lib.validate_clip(record, where)
+  ex = {k: clip[k] for k in ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks")}
+  h, w = clip["depths"].shape[1:]
+  res = tuple(resolution) if resolution else (h, w)
+  if res[0] % 16 or res[1] % 16:
+    raise InputError("--resolution", "resolution", f"{res} must be multiples of 16 (the Wan "
+                     "VAE's 16x downsampling)")
+  if res != (h, w):
+    ex = pipeline.resize_and_crop(ex, res, None)
+  ex["frames"] = np.clip(np.asarray(ex["frames"], np.float32) / 127.5 - 1.0, -1.0, 1.0)
+  ex["clip_id"] = str(record.get("clip_id", b"") if not isinstance(record.get("clip_id"), bytes)
+                      else record["clip_id"].decode())
+  return ex
+
+
+def encode_split(source, split: str, encoder: Encoder, *, output_dir: str, resolution,
+                 target_frames: int, preceding_frames: int, num_references: int,
+                 windows_per_clip: int, texts: dict, text_shape: tuple[int, int],
+                 num_processes: int, process_index: int) -> int:
+  """Encodes this process's share of ``source`` into its ArrayRecord file; returns records."""
+  from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
+  from mirage_jax.memory import baselines  # pylint: disable=g-import-not-at-top
+  length = preceding_frames + target_frames
+  pre_used = 1 + 4 * ((preceding_frames - 1) // 4)  # what the causal encoder consumes
+  path = latent_clips.shard_path(output_dir, split, process_index, num_processes)
+  tmp = path + ".tmp"
+  writer = arm.ArrayRecordWriter(tmp, "group_size:1")
+  count = 0
+  for index in range(process_index, len(source), num_processes):
+    where = f"{split} record {index}"
+    ex = _prepare(source[index], where, resolution)
+    t_all = ex["frames"].shape[0]
+    starts = _window_starts(t_all, length, windows_per_clip)
+    if not starts:
+      raise InputError(where, "frames", f"clip has {t_all} frames; a window needs {length}")
+    for s in starts:
+      pre = np.arange(s, s + preceding_frames)
+      tgt = np.arange(s + preceding_frames, s + length)
+      # Latent k of a chunk pairs with its video frame 4 k (the reference's pairing).
+      tgt_ids = tgt[baselines.latent_frame_indices(target_frames)]
+      pre_ids = pre[baselines.latent_frame_indices(pre_used)]
+      ids = np.concatenate([tgt_ids, pre_ids])
+      videos_t = ex["frames"][tgt][None]
+      videos_p = ex["frames"][pre[:pre_used]][None]
+      tgt_lat = encoder(videos_t)[0]
+      pre_lat = encoder(videos_p)[0]
+      hh, ww = tgt_lat.shape[1:3]
+      if num_references:
+        window = set(range(s, s + length))
+        cands = [i for i in range(0, t_all, 2) if i not in window]
+        refs = select_references(ex["depths"], ex["intrinsics"], ex["poses_c2w"], cands,
+                                 list(tgt_ids), num_references)
+        ref_lat = encoder(ex["frames"][np.asarray(refs)][:, None])[:, 0]
+      else:
+        refs = []
+        ref_lat = np.zeros((0, hh, ww, tgt_lat.shape[-1]), np.float32)
+      static = ((ex["dynamic_masks"][ids] == 0) & np.isfinite(ex["depths"][ids])
+                & (ex["depths"][ids] > 0))
+      text = texts.get(ex["clip_id"])
+      refs = np.asarray(refs, np.int64)
+      record = {
+          "target_latents": tgt_lat.astype(_BF16),
+          "preceding_latents": pre_lat.astype(_BF16),
+          "reference_latents": ref_lat.astype(_BF16),
+          "depths": resize_depth(ex["depths"][ids].astype(np.float32), hh, ww),
+          "static_masks": resize_mask(static, hh, ww).astype(np.uint8),
+          "intrinsics": ex["intrinsics"][ids].astype(np.float32),
+          "poses_c2w": ex["poses_c2w"][ids].astype(np.float32),
+          "ref_intrinsics": ex["intrinsics"][refs].astype(np.float32).reshape(-1, 3, 3),
+          "ref_poses_c2w": ex["poses_c2w"][refs].astype(np.float32).reshape(-1, 4, 4),
+          "text": (np.asarray(text).astype(_BF16) if text is not None
+                   else np.zeros(text_shape, _BF16)),
+          "has_text": np.bool_(text is not None),
+          "clip_index": np.int32(index),
+      }
+      if record["text"].shape != tuple(text_shape):
+        raise InputError(ex["clip_id"], "text_embeddings", f"shape {record['text'].shape}, "
+                         f"expected {tuple(text_shape)}")
+      writer.write(latent_clips.encode_record(record))
+      count += 1
+  writer.close()
+  os.replace(tmp, path)
+  return count
+
+
+def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: str,
+        resolution=None, target_frames: int = 33, preceding_frames: int = 8,
+        num_references: int = 0, windows_per_clip: int = 1,
+        splits=("train", "validation"), text_embeddings: str = "", empty_text: str = "",
+        text_len: int = 512, text_dim: int = 4096, num_processes: int = 1,
+        process_index: int = 0, sources: dict | None = None) -> dict[str, int]:
+  """Encodes the dataset (see the module docstring); ``sources`` overrides the TFDS splits.
+
+  Returns: {split: records written by this process}.
+  """
+  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+  if not output_dir:
+    raise InputError("--output_dir", "output_dir", "is required")
+  if target_frames < 5 or (target_frames - 1) % 4:
+    raise InputError("--target_frames", "target_frames", f"must be 1 + 4 k with k >= 1, got "
+                     f"{target_frames}")
+  if preceding_frames < 1 or num_references < 0 or windows_per_clip < 1:
+    raise InputError("--preceding_frames", "preceding_frames", "need preceding_frames >= 1, "
+                     "num_references >= 0, windows_per_clip >= 1")
+  if not 0 <= process_index < num_processes:
+    raise InputError("--process_index", "process_index", f"not in [0, {num_processes})")
+  model, _ = load_vae(vae)
+  texts: dict[str, np.ndarray] = {}
+  if text_embeddings:
+    try:
+      with np.load(text_embeddings, allow_pickle=False) as z:
+        texts = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+      raise InputError(text_embeddings, "text_embeddings", f"unreadable .npz ({e})") from e
+    if texts:
+      text_len, text_dim = next(iter(texts.values())).shape
+  empty = None
+  if empty_text:
+    try:
+      empty = np.load(empty_text, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise InputError(empty_text, "empty_text", f"unreadable .npy ({e})") from e
+    if empty.shape != (text_len, text_dim):
+      raise InputError(empty_text, "empty_text", f"shape {empty.shape}, expected "
+                       f"{(text_len, text_dim)}")
+  if sources is None:
+    builder = builders.load(data_dir, dataset, config_name)
+    sources = {s: builder.as_data_source(s) for s in splits}
+  os.makedirs(output_dir, exist_ok=True)
+  encoder = Encoder(model)
+  counts = {}
+  for split in splits:
+    t0 = time.perf_counter()
+    counts[split] = encode_split(
+        sources[split], split, encoder, output_dir=output_dir, resolution=resolution,
+        target_frames=target_frames, preceding_frames=preceding_frames,
+        num_references=num_references, windows_per_clip=windows_per_clip, texts=texts,
+        text_shape=(text_len, text_dim), num_processes=num_processes,
+        process_index=process_index)
+    logging.info("%s: %d latent clips in %.1f s", split, counts[split], time.perf_counter() - t0)
+  if process_index == 0:
+    pre_used = 1 + 4 * ((preceding_frames - 1) // 4)
+    lat_t, lat_p = (target_frames - 1) // 4 + 1, (pre_used - 1) // 4 + 1
+    first = None
+    for split in splits:
+      path = latent_clips.shard_path(output_dir, split, process_index, num_processes)
+      from array_record.python import array_record_data_source as ards  # pylint: disable=g-import-not-at-top
+      src = ards.ArrayRecordDataSource([path])
+      if len(src):
+        first = latent_clips.decode_record(src[0])
+        break
+    if first is None:
+      raise InputError(output_dir, "records", "nothing was encoded")
+    hh, ww = first["target_latents"].shape[1:3]
+    control = np.asarray(_control(model, lat_t + lat_p, hh, ww))
+    np.save(os.path.join(output_dir, latent_clips.CONTROL), control)
+    if empty is not None:
+      np.save(os.path.join(output_dir, latent_clips.EMPTY_TEXT), empty.astype(np.float32))
+    meta = dict(source=dict(data_dir=str(data_dir), dataset=dataset, config_name=config_name),
+                vae=os.path.abspath(vae), resolution=[hh * 16, ww * 16], latent_hw=[hh, ww],
+                target_frames=target_frames, preceding_frames=preceding_frames,
+                target_latent_frames=lat_t, preceding_latent_frames=lat_p,
+                num_references=num_references, text_len=text_len, text_dim=text_dim,
+                intrinsics="pixels of the encoded images", num_processes=num_processes,
+                frame_pairing="latent k of a chunk starting at video frame s uses frame s + 4k")
+    tmp = os.path.join(output_dir, latent_clips.METADATA + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(output_dir, latent_clips.METADATA))
+  return counts
+
+
+def _control(vae, frames: int, h: int, w: int):
+  from mirage_jax import wan_mirage  # pylint: disable=g-import-not-at-top
+  return wan_mirage.control_latents(vae, frames, h, w)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise InputError("command line", "arguments", f"unexpected {argv[1:]}")
+  f = flags.FLAGS
+  for name in ("data_dir", "vae", "output_dir"):
+    if not f[name].value:
+      raise InputError(f"--{name}", name, "is required")
+  res = [int(x) for x in f.resolution] if f.resolution else None
+  counts = run(data_dir=f.data_dir, dataset=f.dataset, config_name=f.config_name, vae=f.vae,
+               output_dir=f.output_dir, resolution=res, target_frames=f.target_frames,
+               preceding_frames=f.preceding_frames, num_references=f.num_references,
+               windows_per_clip=f.windows_per_clip, splits=tuple(f.splits),
+               text_embeddings=f.text_embeddings, empty_text=f.empty_text,
+               text_len=f.text_len, text_dim=f.text_dim, num_processes=f.num_processes,
+               process_index=f.process_index)
+  print(f"wrote {counts} latent clips to {f.output_dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(lambda argv: run_cli(lambda: main(argv)), flags_parser=parse_flags)

@@ -1,0 +1,96 @@
+"""Mirage on Wan2.2-TI2V-5B: fine-tuning VACE and LoRA on a frozen Wan base (the reference's
+recipe), at the reference's shapes, sharded over a pod.
+
+  --config=experiments/mirage_wan22_5b.py[:<variant>[,<mesh>]]
+
+``<variant>``: 'ti2v_5b' (default: 704x1280 clips, 33 target + 8 preceding video frames =
+9 + 2 latent frames, 8 references) or 'tiny' (the test-size networks of the same family,
+64x64 frames, trains on CPU). ``<mesh>``: 'v5p_128' (64 chips, default for ti2v_5b) or
+'v5e_256' (256 chips); the tiny variant uses every local device as FSDP.
+
+Pipeline: ``python -m mirage_jax.convert_wan`` (released files -> ``EXPORT/vae``,
+``EXPORT/dit``), ``python -m data_pipelines.encode_latents --vae=EXPORT/vae`` (posed clips ->
+latent clips), then ``python -m mirage_jax.main --config=...:ti2v_5b
+--config.denoiser.base_checkpoint=EXPORT/dit --config.data.data_dir=LATENTS``; the second
+stage (``--config.denoiser.train_stages=lora``) takes the first stage's export as its base.
+Every field can be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+from experiments import wan22_ti2v_5b
+
+MESHES = {
+    # v5p-128 = 64 chips (95 GiB HBM each): FSDP over all of them, one clip per chip.
+    "v5p_128": dict(mesh=dict(data=1, fsdp=64, context=1, tensor=1), batch_size=64),
+    # v5e-256 = 256 chips (16 GiB each): FSDP 64 x context 4 (the 16.7k-token sequence split
+    # over 4 chips), one clip per 4 chips.
+    "v5e_256": dict(mesh=dict(data=1, fsdp=64, context=4, tensor=1), batch_size=64),
+}
+
+
+def parse_arg(arg: str | None) -> tuple[str, str | None]:
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  variant = parts[0] if parts else "ti2v_5b"
+  mesh = parts[1] if len(parts) > 1 else ("v5p_128" if variant == "ti2v_5b" else None)
+  if variant not in wan22_ti2v_5b.VARIANTS or (mesh is not None and mesh not in MESHES) or len(parts) > 2:
+    raise ValueError(f"config argument must be '<variant>[,<mesh>]' with variant in "
+                     f"{wan22_ti2v_5b.VARIANTS} and mesh in {tuple(MESHES)}, got {arg!r}")
+  return variant, mesh
+
+
+def get_config(arg=None):
+  variant, mesh = parse_arg(arg)
+  c = wan22_ti2v_5b.get_config(f"denoiser,{variant}")
+  d = c.denoiser
+  d.base_checkpoint = ""  # a convert_wan DiT export (or a fine-tune export of one)
+  d.train_stages = ("vace",)  # the reference's --stage: ('vace',), then ('lora',)
+  d.target_frames = 33  # video frames (1 + 4 k): 9 latent frames
+  d.preceding_frames = 8  # video frames before the target: 2 latent frames
+  d.reference_frames = 8  # latent frames, each an image encoded alone
+  d.text_len = 512  # umT5 tokens
+  d.empty_text = ""  # .npy (text_len, text_dim); default: the latent dataset's, else zeros
+  d.caption_dropout = 0.1
+  d.first_frame_clean = True
+  d.memory_write = "first_target"  # the reference's: the clean first target latent
+  d.vace_coverage = False  # ours: a 97th VACE channel (1 in holes); off for released weights
+  d.model.lora_dropout = 0.05
+  c.memory.backend = "mirage"
+  c.optimizer.ema_decay = 0.0  # the reference keeps no EMA (the export is then the params)
+  c.data.dataset = "wan_latents"
+  c.data.data_dir = "data/wan_latents"
+  c.data.shuffle = True
+  if variant == "ti2v_5b":
+    c.data.resolution = (704, 1280)
+    c.train.steps = 10000
+    c.train.log_every = 10
+    c.checkpoint.every = 1000
+    m = MESHES[mesh]
+    c.mesh = m["mesh"]
+    c.data.batch_size = m["batch_size"]
+  else:
+    c.data.resolution = (64, 64)
+    c.data.batch_size = 2
+    # Batch over 2 devices (FSDP), the rest of the host's devices on the tensor axis.
+    c.mesh = dict(data=1, fsdp=2, context=1, tensor=-1)
+    d.target_frames = 9  # 3 latent frames
+    d.preceding_frames = 5  # 2 latent frames
+    d.reference_frames = 0
+    d.text_len = 8
+    d.model.lora_rank = 4
+    d.model.lora_alpha = 4.0
+    d.train_stages = ("vace", "lora")
+    c.train.steps = 200
+    c.train.log_every = 20
+    c.train.tensorboard = False
+    c.checkpoint.update(every=100, keep=2, async_save=False)
+    c.optimizer.learning_rate = 1e-3  # tiny random base: a visible fall in a few hundred steps
+    c.optimizer.end_learning_rate = 1e-3
+  h, w = c.data.resolution
+  lat_p = (d.preceding_frames - 1) // 4 + 1
+  # Room for every source latent cell the memory is written from.
+  c.memory.settings.capacity = (h // 16) * (w // 16) * (1 + lat_p)
+  c.memory.settings.feature_dtype = "float32"
+  c.data.num_frames = d.target_frames + d.preceding_frames  # video frames per window (info)
+
+  return c
