@@ -13,7 +13,6 @@ Ours is compiled and run once before timing; both report the median of ``--repea
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -27,24 +26,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mirage_jax.errors import InputError, run_cli  # noqa: E402
-from mirage_jax.models import wan_dit  # noqa: E402
-
-
-def _random_weights(cfg, rng) -> dict[str, np.ndarray]:
-  out = {}
-  for t in wan_dit.original_layout(cfg).values():
-    for k in t.keys:
-      shape = t.original_shape
-      if k.endswith("modulation"):
-        x = rng.standard_normal(shape) / math.sqrt(cfg.dim)
-      elif "norm" in k and k.endswith(".weight"):
-        x = 1.0 + 0.1 * rng.standard_normal(shape)
-      elif k.endswith(".bias"):
-        x = 0.1 * rng.standard_normal(shape)
-      else:
-        x = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-      out[k] = x.astype(np.float32)
-  return out
+from mirage_jax.models import original_layout, wan_dit  # noqa: E402
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -78,7 +60,7 @@ def main() -> int:
   cfg = wan_dit.wan_dit_config("tiny")
   cfg.vace = args.vace
   rng = np.random.default_rng(0)
-  weights = _random_weights(cfg, rng)
+  weights = original_layout.random_original(wan_dit.original_layout(cfg), 0)
   ours = nnx.eval_shape(lambda: wan_dit.WanDiT(cfg, rngs=nnx.Rngs(0)))
   wan_dit.load_original(ours, weights.__getitem__)
   kw = dict(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_heads,

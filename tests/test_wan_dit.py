@@ -45,26 +45,9 @@ def _tiny(**overrides):
 
 
 def _random_original(cfg, seed: int, groups=("dit", "vace")) -> dict[str, np.ndarray]:
-  """Random tensors for every original key of ``cfg``'s layout, at sensible scales."""
-  rng = np.random.default_rng(seed)
-  shapes = {}
-  for t in wan_dit.original_layout(cfg).values():
-    for k in t.keys:
-      if wan_dit.key_group(k) in groups:
-        shapes[k] = t.original_shape
-  out = {}
-  for k in sorted(shapes):
-    shape = shapes[k]
-    if k.endswith("modulation"):
-      x = rng.standard_normal(shape) / math.sqrt(cfg.dim)
-    elif "norm" in k and k.endswith(".weight"):
-      x = 1.0 + 0.2 * rng.standard_normal(shape)
-    elif k.endswith(".bias"):
-      x = 0.1 * rng.standard_normal(shape)
-    else:  # weights (out, in, ...)
-      x = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-    out[k] = x.astype(np.float32)
-  return out
+  """Random tensors for every original key of ``cfg``'s layout in ``groups``."""
+  return original_layout.random_original(wan_dit.original_layout(cfg), seed,
+                                         keep=lambda k: wan_dit.key_group(k) in groups)
 
 
 def _abstract(cfg) -> wan_dit.WanDiT:

@@ -10,7 +10,6 @@ for this VAE). Parity criterion: max abs error <= 1e-4 * max |oracle| in float32
 
 from __future__ import annotations
 
-import math
 import re
 
 import jax
@@ -84,25 +83,12 @@ def _diffusers_kwargs(cfg) -> dict:
               latents_std=list(cfg.latents_std))
 
 
-def _original_keys(layout) -> dict[str, tuple[int, ...]]:
-  return {k: t.original_shape for t in layout.values() for k in t.keys}
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 
 def _random_original(cfg, seed: int) -> dict[str, np.ndarray]:
   """Random weights in the original naming and shapes, scaled so activations stay O(1)."""
-  rng = np.random.default_rng(seed)
-  sd = {}
-  for key, shape in sorted(_original_keys(wv.original_layout(cfg)).items()):
-    if key.endswith(".gamma"):
-      v = 1.0 + 0.2 * rng.standard_normal(shape)
-    elif key.endswith(".bias"):
-      v = 0.05 * rng.standard_normal(shape)
-    else:
-      v = rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))
-    sd[key] = v.astype(np.float32)
+  sd = ol.random_original(wv.original_layout(cfg), seed)
   # Keep most decoded pixels inside the [-1, 1] clamp, so decode parity is not trivial.
   sd["decoder.head.2.weight"] *= 0.5
   return sd
@@ -309,7 +295,7 @@ def test_full_size_layout_and_diffusers_names():
   layout = wv.original_layout(cfg)
   assert set(layout) == set(params)
   assert all(layout[p].param_shape == params[p] for p in params)
-  originals = _original_keys(layout)
+  originals = ol.original_shapes(layout)
   assert len(originals) == 196
   assert sum(int(np.prod(s)) for s in originals.values()) == 704_688_668
   assert sum(int(np.prod(s)) for s in params.values()) == 704_688_668

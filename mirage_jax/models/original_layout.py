@@ -95,3 +95,40 @@ def load_params(layout: dict[ParamPath, OriginalTensor], get) -> dict[ParamPath,
     slices = [t.to_ours(np.asarray(get(k))) for k in t.keys]
     out[path] = np.stack(slices) if t.stacked else slices[0]
   return out
+
+
+def original_shapes(layout: dict[ParamPath, OriginalTensor]) -> dict[str, tuple[int, ...]]:
+  """``{original key: original shape}`` of every tensor a layout reads."""
+  return {k: t.original_shape for t in layout.values() for k in t.keys}
+
+
+def random_original(layout: dict[ParamPath, OriginalTensor], seed: int,
+                    keep=lambda key: True) -> dict[str, np.ndarray]:
+  """Random f32 weights in the original naming and shapes (tests, benchmarks, tiny
+  "pretrained" models), scaled so activations stay O(1) through any depth.
+
+  Weights are (out, in, *kernel) as PyTorch stores them, so fan-in is the product of all but
+  the first dimension; norm gains sit near 1 and biases near 0, but are never exactly 1 or 0,
+  so a gain or bias loaded into the wrong place changes the output.
+
+  Args:
+    layout: ``original_layout(cfg)`` of a model.
+    seed: numpy seed; keys are drawn in sorted order, so the result depends only on it and
+      on the set of keys kept.
+    keep: ``key -> bool`` filter (e.g. one file's keys).
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, shape in sorted(original_shapes(layout).items()):
+    if not keep(key):
+      continue
+    if key.endswith("modulation"):  # added to a time projection of unit scale
+      x = rng.standard_normal(shape) / np.sqrt(shape[-1])
+    elif key.endswith(".gamma") or ("norm" in key and key.endswith(".weight")):
+      x = 1.0 + 0.2 * rng.standard_normal(shape)
+    elif key.endswith(".bias"):
+      x = 0.1 * rng.standard_normal(shape)
+    else:
+      x = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[1:]))))
+    out[key] = x.astype(np.float32)
+  return out
