@@ -299,3 +299,42 @@ def load_dit_params(path: str, model_cfg, abstract: dict[tuple[str, ...], Any]
     for p, v in flat_paths(params).items():
       out[p] = v.astype(abstract[p].dtype) if v.dtype != abstract[p].dtype else v
   return out
+
+
+def load_dit(path: str, shardings_fn=None):
+  """The whole WanDiT of an export: a ``convert_wan`` DiT export, or a fine-tune export
+  (``python -m mirage_jax.export`` of a Wan run: only its trained VACE/LoRA params, plus
+  ``denoiser.base_checkpoint`` naming the export it was trained on, followed to the root).
+
+  Args:
+    path: the export folder.
+    shardings_fn: optional ``abstract nnx.State -> NamedSharding pytree`` (same structure as
+      ``State.to_pure_dict()``) to restore each param into; default one local device.
+  Returns:
+    (WanDiT with every param loaded, the export's config).
+  Raises:
+    InputError: not a Wan DiT export, another model, or a param found in none of the chain.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mirage_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+  config = read_export_config(path)
+  export_chain(path, config.get("denoiser", {}).get("model", {}))  # checks family first
+  model_cfg = config.denoiser.model
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: wan_dit.WanDiT(model_cfg,
+                                                                    rngs=nnx.Rngs(0))))
+  pure = state.to_pure_dict()
+  if shardings_fn is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, pure)
+  else:
+    shardings = shardings_fn(state)
+  flat_a, flat_s = flat_paths(pure), flat_paths(shardings)
+  abstract = {p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_s[p])
+              for p, a in flat_a.items()}
+  loaded = load_dit_params(path, model_cfg, abstract)
+  missing = sorted(set(abstract) - set(loaded))
+  if missing:
+    raise InputError(path, "/".join(missing[0]), f"found in none of the exports it builds on "
+                     f"({len(missing)} params missing)")
+  nnx.replace_by_pure_dict(state, nest(loaded))
+  return nnx.merge(graphdef, state), config
