@@ -1,0 +1,272 @@
+"""Wan-family fine-tuning on CPU: a tiny random "pretrained" Wan2.2 converted by convert_wan,
+a procedural dataset pre-encoded to latent clips, VACE + LoRA trained on the frozen base."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipelines import build, encode_latents, latent_clips
+from experiments import mirage_wan22_5b
+from mirage_jax import checkpoint, convert_wan, memory, torch_files, train, wan_mirage
+from mirage_jax.errors import InputError
+from mirage_jax.models import wan_dit, wan_vae
+
+torch = pytest.importorskip("torch")
+
+TARGET, PRECEDING = 9, 5  # video frames: 3 + 2 latent frames
+
+
+def _rand(rng, shape):
+  """PyTorch-like init scale (a standard normal base blows up through 4 layers)."""
+  if len(shape) >= 2:
+    return (rng.uniform(-1, 1, shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+  return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """Released-layout random tiny Wan2.2 (no VACE, no LoRA) -> exports; 8 procedural clips ->
+  latent clips."""
+  d = tmp_path_factory.mktemp("wan_world")
+  rng = np.random.default_rng(0)
+  cfg = wan_dit.wan_dit_config("tiny")
+  cfg.vace, cfg.lora_rank = False, 0
+  release = d / "release"
+  release.mkdir()
+  dit = {k: _rand(rng, t.original_shape) for t in wan_dit.original_layout(cfg).values()
+         for k in t.keys}
+  torch_files.write_safetensors(str(release / convert_wan.DIT_FILE), dit)
+  vae = {k: _rand(rng, t.original_shape)
+         for t in wan_vae.original_layout(wan_vae.wan_vae_config("tiny")).values() for k in t.keys}
+  torch.save({k: torch.from_numpy(v) for k, v in vae.items()}, str(release / convert_wan.VAE_FILE))
+  convert_wan.convert(str(d / "export"), dit=str(release / convert_wan.DIT_FILE),
+                      vae=str(release / convert_wan.VAE_FILE), variant="tiny")
+  build.build("procedural_rooms", str(d / "data"), num_clips=8, frames_per_clip=16,
+              resolution=64)
+  counts = encode_latents.run(
+      data_dir=str(d / "data"), dataset="procedural_rooms", config_name="default",
+      vae=str(d / "export" / "vae"), output_dir=str(d / "latents"), target_frames=TARGET,
+      preceding_frames=PRECEDING, text_len=8, text_dim=32)
+  return dict(dir=d, counts=counts, base=str(d / "export" / "dit"),
+              vae=str(d / "export" / "vae"), latents=str(d / "latents"))
+
+
+def _config(world, **train_kw):
+  c = mirage_wan22_5b.get_config("tiny")
+  c.denoiser.base_checkpoint = world["base"]
+  c.data.data_dir = world["latents"]
+  c.train.update(**train_kw)
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_vace_context_timesteps_noise_and_loss():
+  mem = jnp.full((2, 3, 2, 2, 48), 7.0)
+  control = jnp.arange(3 * 2 * 2 * 48, dtype=jnp.float32).reshape(3, 2, 2, 48)
+  ctx = wan_mirage.vace_context(mem, control)
+  assert ctx.shape == (2, 3, 2, 2, 96)
+  np.testing.assert_array_equal(ctx[..., :48], 7.0)  # memory first, as the reference
+  np.testing.assert_array_equal(ctx[1, ..., 48:], control)
+  cov = jnp.zeros((2, 3, 2, 2), bool).at[0, 0, 0, 0].set(True)
+  hole = wan_mirage.vace_context(mem, control, cov)[..., 96]
+  assert hole[0, 0, 0, 0] == 0 and hole.sum() == 2 * 3 * 4 - 1
+
+  sig = wan_mirage.sample_sigmas(jax.random.key(0), 4000, 3, shift=5.0)
+  assert np.all(sig[:, 0] == 0) and np.all((sig[:, 1:] > 0) & (sig[:, 1:] < 1))
+  # E[5s / (1 + 4s)], s ~ U(0, 1) = 5/4 - 5 ln(5) / 16.
+  np.testing.assert_allclose(float(sig[:, 1:].mean()), 1.25 - 5 * np.log(5) / 16, atol=0.01)
+  t = wan_mirage.frame_timesteps(sig[:2], num_reference=2, num_preceding=1)
+  assert t.shape == (2, 6)
+  np.testing.assert_array_equal(t[:, :3], 0.0)
+  np.testing.assert_array_equal(t[:, 5], 0.0)
+  np.testing.assert_allclose(t[:, 3:5], 1000 * sig[:2, 1:], rtol=1e-6)
+
+  x0 = jax.random.normal(jax.random.key(1), (2, 3, 2, 2, 48))
+  noise = jax.random.normal(jax.random.key(2), x0.shape)
+  s = jnp.array([[0.0, 0.5, 1.0], [0.0, 0.25, 0.75]])
+  noisy = wan_mirage.add_noise(x0, noise, s)
+  np.testing.assert_array_equal(noisy[:, 0], x0[:, 0])
+  np.testing.assert_allclose(noisy[0, 2], noise[0, 2], atol=1e-6)
+  perfect = noise - x0
+  assert float(wan_mirage.flow_loss(perfect.at[:, 0].add(100.0), x0, noise)) < 1e-10
+  assert float(wan_mirage.flow_loss(perfect.at[:, 1].add(1.0), x0, noise)) == pytest.approx(0.5)
+
+
+def test_control_latents_are_the_encoded_all_ones_video(world):
+  vae, _ = encode_latents.load_vae(world["vae"])
+  control = wan_mirage.control_latents(vae, 3, 4, 4)
+  direct = vae.encode(jnp.ones((1, 9, 64, 64, 3)))[0]
+  np.testing.assert_allclose(control, direct, rtol=1e-5, atol=1e-5)
+  stored = np.load(os.path.join(world["latents"], latent_clips.CONTROL))
+  assert stored.shape == (5, 4, 4, 48)  # 3 target + 2 preceding latent frames
+  np.testing.assert_allclose(stored[:3], control, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_latent_clips_match_a_direct_encoding(world):
+  from data_pipelines import builders
+  assert world["counts"] == {"train": 6, "validation": 1}
+  src = latent_clips.LatentClips(world["latents"], "train")
+  assert len(src) == 6 and src.metadata["latent_hw"] == [4, 4]
+  rec = src[0]
+  assert rec["target_latents"].shape == (3, 4, 4, 48)
+  assert rec["preceding_latents"].shape == (2, 4, 4, 48)
+  assert rec["depths"].shape == (5, 4, 4) and rec["intrinsics"].shape == (5, 3, 3)
+  assert not rec["has_text"] and rec["text"].shape == (8, 32)
+  clip = builders.record_to_clip(builders.load(str(world["dir"] / "data"), "procedural_rooms")
+                                 .as_data_source("train")[int(rec["clip_index"])])
+  vae, _ = encode_latents.load_vae(world["vae"])
+  frames = clip["frames"].astype(np.float32) / 127.5 - 1.0
+  want = np.asarray(vae.encode(jnp.asarray(frames[PRECEDING:PRECEDING + TARGET][None]))[0])
+  np.testing.assert_allclose(rec["target_latents"].astype(np.float32), want, atol=0.05 * (
+      1 + np.abs(want).max()))  # stored in bf16
+  # Latent k pairs with video frame 4k of its chunk: target 5, 9, 13; preceding 0, 4.
+  ids = [5, 9, 13, 0, 4]
+  np.testing.assert_array_equal(rec["poses_c2w"], clip["poses_c2w"][ids])
+  depth = encode_latents.resize_depth(clip["depths"][ids], 4, 4)
+  np.testing.assert_allclose(rec["depths"], depth, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_loss_falls(world, tmp_path):
+  workdir = str(tmp_path / "run")
+  out = train.train_and_evaluate(_config(world, steps=200, log_every=20), workdir)
+  losses = [m["loss"] for m in _metrics(workdir)]
+  assert len(losses) == 10 and np.isfinite(losses).all()
+  assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
+  assert out["memory_coverage"] > 0.5  # the first target frame's splat covers the others
+
+  # The export holds the trained params only and points at the base; load_dit rebuilds the
+  # whole DiT from both.
+  export = str(tmp_path / "export")
+  checkpoint.export_params(workdir, export)
+  params, cfg, _ = checkpoint.load_export(export)
+  assert cfg.denoiser.base_checkpoint == world["base"]
+  flat = wan_mirage.flat_paths(params)
+  assert all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in flat)
+  model, _ = wan_mirage.load_dit(export)
+  base, _, _ = checkpoint.load_export(world["base"])
+  state = wan_mirage.flat_paths(nnx.state(model, nnx.Param).to_pure_dict())
+  for p, v in wan_mirage.flat_paths(base).items():
+    np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
+  for p, v in flat.items():
+    np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
+
+
+def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
+  config = _config(world)
+  mesh = train.build_mesh(config)
+  stage = train.make_stage(config)
+  assert isinstance(stage, train.WanStage)
+  stage.load_frozen(mesh, train.logical_rules(config))
+  setup = train.make_setup(config, stage, mesh)
+  trainable = wan_mirage.flat_paths(setup.abstract["params"])
+  assert trainable and all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in trainable)
+  n_train = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
+  n_base = sum(x.size for x in jax.tree.leaves(stage.frozen["base"]))
+  moments = [x for x in jax.tree.leaves(setup.abstract["opt_state"]) if x.ndim]
+  assert sum(x.size for x in moments) == 2 * n_train  # Adam mu, nu of the trainable only
+  # The frozen base is FSDP-sharded like params, not replicated.
+  kernel = stage.frozen["base"]["blocks"]["ffn_in"]["kernel"]
+  assert not kernel.sharding.is_fully_replicated
+  before = jax.tree.map(np.asarray, stage.frozen["base"])
+  state = train.init_state(config, stage, setup)
+  src = latent_clips.LatentClips(world["latents"], "train")
+  it = train.make_input(config, src, split="train")
+  shapes = train.abstract_batch(config, stage, mesh, setup.rules)
+  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in shapes.items()})
+  axes = train.batch_axes(mesh, setup.rules)
+  from mirage_jax import distributed
+  frozen = jax.device_put(stage.frozen, setup.frozen_sharding())
+  p0 = jax.tree.map(np.asarray, state["params"])
+  for _ in range(3):
+    local = next(it)
+    batch = distributed.global_batch({k: local[k] for k in stage.fields}, mesh, axes)
+    with setup.context():
+      state, metrics = step(state, batch, frozen)
+  assert np.isfinite(float(metrics["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, frozen["base"]))
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), p0, state["params"])
+  assert all(jax.tree.leaves(changed["vace"]))
+  assert n_base > 0 and n_train > 0
+
+
+def test_exact_resume(world, tmp_path):
+  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+  kw = dict(log_every=2)
+  train.train_and_evaluate(_config(world, steps=8, **kw), straight)
+  config = _config(world, steps=4, **kw)
+  config.checkpoint.every = 4
+  train.train_and_evaluate(config, resumed)
+  train.train_and_evaluate(_config(world, steps=8, **kw), resumed)
+  ma, mb = _metrics(straight), _metrics(resumed)
+  assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=0, abs=0)
+  out_a, out_b = str(tmp_path / "ea"), str(tmp_path / "eb")
+  checkpoint.export_params(straight, out_a, use_ema=False)
+  checkpoint.export_params(resumed, out_b, use_ema=False)
+  pa, _, _ = checkpoint.load_export(out_a)
+  pb, _, _ = checkpoint.load_export(out_b)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), pa, pb)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _stage_error(config) -> InputError:
+  mesh = train.build_mesh(config)
+  with pytest.raises(InputError) as e:
+    stage = train.make_stage(config)
+    stage.load_frozen(mesh, train.logical_rules(config))
+  assert "\n" not in str(e.value)
+  return e.value
+
+
+def test_bad_inputs(world, tmp_path):
+  c = _config(world)
+  c.denoiser.base_checkpoint = ""
+  assert _stage_error(c).field == "base_checkpoint"
+  c.denoiser.base_checkpoint = str(tmp_path / "nowhere")
+  e = _stage_error(c)
+  assert "nowhere" in str(e)
+  c.denoiser.base_checkpoint = world["vae"]  # a VAE export, not a DiT
+  e = _stage_error(c)
+  assert e.where.endswith("config.json") and e.field == "denoiser.model.family"
+  # A DiT export of another model: same family, other width.
+  other = tmp_path / "other"
+  meta = json.loads((Path(world["base"]) / "config.json").read_text())
+  meta["config"]["denoiser"]["model"]["dim"] = 96
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps(meta))
+  os.symlink(Path(world["base"]) / "params", other / "params")
+  c.denoiser.base_checkpoint = str(other)
+  e = _stage_error(c)
+  assert e.field == "denoiser.model.dim" and str(other) in e.where
+  c = _config(world)
+  c.denoiser.train_stages = ("bogus",)
+  assert _stage_error(c).field == "train_stages"
+  # A latent dataset of other shapes than the config's.
+  c = _config(world, steps=1)
+  c.denoiser.target_frames = 13
+  with pytest.raises(InputError, match="target_frames"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  with pytest.raises(InputError, match="encode_latents"):
+    latent_clips.LatentClips(str(tmp_path), "train")
