@@ -18,6 +18,14 @@ did not use: it used ``first_seed .. first_seed + num_clips - 1``). With
 2N frames (``--memory_maze_seeds``, at most ``--num_trajectories``) are scored as well: the
 first N given as context (written into memory from ground truth), the last N scored.
 
+A Wan-family export (``config.denoiser.model.family == 'wan'``, ``mirage_jax/wan_rollout.py``)
+runs the revisit benchmark through the same rows: every row generates with the Wan DiT +
+VACE (the backend's read in the VACE slot), writing each latent with the trajectory's
+ground-truth depth of its frame (the reference's depth model is not available); it has no
+generated depth, so its rows carry no geometric or depth scores. ``--caption_embedding``,
+``--empty_text_embedding`` and ``--guidance_scale`` are as in ``mirage_jax.generate``. The
+scaling and objects benchmarks and the Memory Maze rows run the small family only.
+
 Several processes (``jax.distributed``, same flags as ``mirage_jax.main``): trajectory i
 runs on process ``i % process_count`` (each trajectory is one sequential rollout, so the
 work splits by trajectory, not inside one); each process writes its results to
@@ -103,6 +111,13 @@ _OBJECT_CONTEXT = flags.DEFINE_integer(
     "the first half, so the memory has watched the objects move before it must recall the room).")
 _MIN_PIXELS = flags.DEFINE_integer("min_object_pixels", 4, "Pixels an object needs to count as visible.")
 _REENTRY_GAP = flags.DEFINE_integer("reentry_gap", 4, "Frames out of view before a re-entry, at least.")
+# Wan family (see mirage_jax/generate.py): text of every trajectory and CFG.
+_CAPTION = flags.DEFINE_string("caption_embedding", None, "Wan: a caption's umT5 embedding for every "
+                               "trajectory, .npy (Lt <= 512, text_dim) (default: the empty prompt).")
+_EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty prompt's umT5 "
+                                  "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
+                               "(default: config.sampler, 0 = off).")
 # Multi-process.
 _INIT_DISTRIBUTED = distributed.define_flags()
 
@@ -190,7 +205,8 @@ def _revisit(config, ae, dn) -> None:
   if lengths:
     runner = revisit.RevisitRunner(
         config, ae, dn, _BACKENDS.value, max(lengths), oracle=_ORACLE.value, composite=_COMPOSITE.value,
-        pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value))
+        pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
+        wan_options=_wan_options(config))
     video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
     for group, trajs in mine.items():
       for t in trajs:
@@ -232,6 +248,14 @@ def _revisit(config, ae, dn) -> None:
           f"ground truth floor: {summary['reference']}")
     print(report.format_table(rows, _TABLE, ".3f"))
   report.write_metrics_json(os.path.join(out, "metrics.json"), metrics)
+
+
+def _wan_options(config) -> dict | None:
+  """WanRollout's text/CFG options of a Wan-family model (None for the small family)."""
+  from mirage_jax import rollout, wan_rollout  # pylint: disable=g-import-not-at-top
+  if rollout.model_family(config) != "wan":
+    return None
+  return wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)
 
 
 def _scaling(config, ae, dn) -> None:
@@ -319,6 +343,21 @@ def _main() -> int:
     raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: {', '.join(memory.BACKEND_NAMES)})")
   if _BENCHMARK.value == "objects":
     _object_settings()  # refuse bad flags before loading the model
+  # The family decides which flags apply; checked before the (slow) model load.
+  family = rollout.model_family(rollout.export_config(_CHECKPOINT.value))
+  wan_flag = next((f.name for f in (_CAPTION, _EMPTY_TEXT, _GUIDANCE) if f.value is not None), None)
+  if family != "wan" and wan_flag:
+    raise InputError(f"--{wan_flag}", wan_flag, f"only the Wan family takes it; "
+                     f"{_CHECKPOINT.value} is of family {family!r}")
+  if family == "wan" and _BENCHMARK.value != "revisit":
+    raise InputError("--benchmark", "benchmark", f"{_BENCHMARK.value!r} runs the small family "
+                     "only; a Wan-family export runs --benchmark=revisit")
+  if family == "wan" and _MAZE.value:
+    raise InputError("--memory_maze_context", "memory_maze_context",
+                     "Memory Maze context rows are not run for the Wan family")
+  for flag in (_CAPTION, _EMPTY_TEXT):
+    if flag.value is not None and not os.path.isfile(flag.value):
+      raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
   if jax.process_index() == 0:
     revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
   if jax.process_count() > 1:  # no process writes before process 0 has checked the directory

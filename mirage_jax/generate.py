@@ -8,17 +8,36 @@ The input is the reference's ``geometry.npz`` (see ``data_pipelines/files.py``):
 0 (RGB + depth) and every frame's camera are used. Frame 0 and the intrinsics are resized
 to cover the model's resolution and centre-cropped (the input pipeline's resize).
 
+The export's config picks the model family (``config.denoiser.model.family``):
+
+* small (ours, RGB-D autoencoder): as above; the memory is written with generated depth.
+* wan (Wan2.2 DiT + VACE + Wan VAE, ``python -m mirage_jax.convert_wan``; the rollout is
+  ``mirage_jax/wan_rollout.py``): chunks of 33 then 32 new video frames, FlowUniPC (20 steps,
+  shift 5) without CFG unless ``--guidance_scale`` > 0. The Wan VAE decodes RGB only and the
+  reference's depth model (MapAnything) is not available, so every new latent is written into
+  the memory with the file's depth of its video frame: a file without depth is refused.
+  ``--caption_embedding`` is the caption's umT5 embedding, a ``.npy`` of shape (Lt <= 512,
+  text_dim); without it the empty prompt is used, whose embedding is ``--empty_text_embedding``
+  (the same shape) or all zeros when that is not given (also the CFG negative).
+
+      python -m mirage_jax.generate --checkpoint=runs/wan_export/dit \\
+          --geometry_path=clip/geometry.npz --output_dir=out/wan --memory=mirage \\
+          [--caption_embedding=caption.npy] [--empty_text_embedding=empty.npy] [--guidance_scale=5]
+
 Outputs in ``--output_dir`` (refused if it exists and is not empty, unless ``--overwrite``;
 every file written under a temporary name, then renamed):
 
   video.mp4, video.gif   the generated frames (frame 0 is the autoencoded first frame);
   depth.npz              ``depths (T, H, W)`` generated z-depth, ``intrinsics (T, 3, 3)`` at
-                         the model's resolution, ``poses_c2w (T, 4, 4)``;
-  depth.mp4              the depth, colour-mapped with one range for the whole clip;
+                         the model's resolution, ``poses_c2w (T, 4, 4)`` (small family);
+  depth.mp4              the depth, colour-mapped with one range for the whole clip (small);
   objects.npz            ``dynamic (T, h, w)`` the dynamic head's probability that a latent
                          cell moves, ``object_positions (T, S, 3)`` and ``object_idents
                          (T, S)`` (-1 = empty) of the object slots at each frame (S = 0
-                         without slots);
+                         without slots) (small);
+  cameras.npz            (wan, which generates no depth) ``intrinsics (T, 3, 3)``,
+                         ``poses_c2w (T, 4, 4)``, ``latent_frames (L,)`` the video frame each
+                         latent written into the memory stands for, ``coverage (T, h, w)``;
   timings.json           per chunk: memory seconds (read + write), whole-chunk seconds, cache
                          bytes after it; totals. The first chunk includes compilation.
 """
@@ -47,6 +66,28 @@ _OBJECT_SLOTS = flags.DEFINE_bool("object_slots", None, "Carry moving content in
                                   "(default: config.objects.backends).")
 _FPS = flags.DEFINE_float("fps", None, "Video frame rate (default: the file's fps).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non-empty --output_dir.")
+# Wan family only.
+_CAPTION = flags.DEFINE_string("caption_embedding", None, "Wan: the caption's umT5 embedding, "
+                               ".npy (Lt <= 512, text_dim) (default: the empty prompt).")
+_EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty prompt's umT5 "
+                                  "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
+                               "(negative prompt: the empty one; default: config.sampler, 0 = off).")
+
+
+def wan_flags_given() -> str | None:
+  """The first Wan-only flag set on the command line (for refusing it on the small family)."""
+  for flag in (_CAPTION, _EMPTY_TEXT, _GUIDANCE):
+    if flag.value is not None:
+      return flag.name
+  return None
+
+
+def check_text_files(*flag_values) -> None:
+  """Refuses a missing embedding file before the model is loaded (seconds)."""
+  for flag in flag_values:
+    if flag.value is not None and not os.path.isfile(flag.value):
+      raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
 
 
 def _main() -> int:
@@ -57,43 +98,62 @@ def _main() -> int:
     raise InputError("--num_frames", "num_frames", f"need at least 2, got {_NUM_FRAMES.value}")
   # Imports after the flag checks: JAX and the models take seconds to load.
   from data_pipelines import files  # pylint: disable=g-import-not-at-top
-  from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax import memory, rollout, wan_rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
 
   if _MEMORY.value is not None and _MEMORY.value not in memory.BACKEND_NAMES:
     raise InputError("--memory", "memory", f"unknown backend {_MEMORY.value!r} (known: "
                      f"{', '.join(memory.BACKEND_NAMES)})")
+  check_text_files(_CAPTION, _EMPTY_TEXT)
   clip = files.load_geometry_npz(_GEOMETRY.value)
+  config = rollout.export_config(_CHECKPOINT.value)
+  wan = rollout.model_family(config) == "wan"
+  if not wan and wan_flags_given():
+    flag = wan_flags_given()
+    raise InputError(f"--{flag}", flag, f"only the Wan family takes it; {_CHECKPOINT.value} is "
+                     f"of family {rollout.model_family(config)!r}")
   if not clip["has_depth"]:
-    raise InputError(_GEOMETRY.value, "has_depth", "the first frame's depth is needed (the file has none)")
+    raise InputError(_GEOMETRY.value, "has_depth", (
+        "the Wan rollout writes every generated frame into the memory with the file's depth "
+        "(there is no depth model here), and the file has none") if wan else
+        "the first frame's depth is needed (the file has none)")
   if len(clip["poses_c2w"]) < 2:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
+  options = (wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)
+             if wan else None)
   revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
   fps = _FPS.value or float(clip["fps"])
   config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
   clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)
   backend = _MEMORY.value or config.memory.backend
   num_frames = len(clip["poses_c2w"])
-  r = rollout.Rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
-                      object_slots=_OBJECT_SLOTS.value,
-                      **scaling.capacity_for(backend, num_frames, rollout.memory_config(config)))
+  r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
+                           object_slots=_OBJECT_SLOTS.value, wan_options=options,
+                           **scaling.capacity_for(backend, num_frames, rollout.memory_config(config)))
   start = time.perf_counter()
+  extra = dict(depths=clip["depths"]) if wan else {}
   out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
-                   seed=_SEED.value)
+                   seed=_SEED.value, **extra)
   total = time.perf_counter() - start
 
   directory = _OUTPUT.value
   video.write_mp4(os.path.join(directory, "video.mp4"), out["frames"], fps=fps)
   video.write_gif(os.path.join(directory, "video.gif"), out["frames"], fps=fps)
-  video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
-  with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:
-    with open(tmp, "wb") as f:
-      np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
-                          poses_c2w=clip["poses_c2w"])
-  with report.atomic_output(os.path.join(directory, "objects.npz")) as tmp:
-    with open(tmp, "wb") as f:
-      np.savez_compressed(f, dynamic=out["dynamic"], object_positions=out["object_positions"],
-                          object_idents=out["object_idents"])
+  if wan:
+    with report.atomic_output(os.path.join(directory, "cameras.npz")) as tmp:
+      with open(tmp, "wb") as f:
+        np.savez_compressed(f, intrinsics=clip["intrinsics"], poses_c2w=clip["poses_c2w"],
+                            latent_frames=out["latent_frames"], coverage=out["coverage"])
+  else:
+    video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
+    with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:
+      with open(tmp, "wb") as f:
+        np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
+                            poses_c2w=clip["poses_c2w"])
+    with report.atomic_output(os.path.join(directory, "objects.npz")) as tmp:
+      with open(tmp, "wb") as f:
+        np.savez_compressed(f, dynamic=out["dynamic"], object_positions=out["object_positions"],
+                            object_idents=out["object_idents"])
   chunks = [dict(memory_seconds=c.memory_seconds, chunk_seconds=c.chunk_seconds,
                  cache_bytes=c.cache_bytes) for c in out["timings"]]
   steady = chunks[1:] or chunks
@@ -101,6 +161,10 @@ def _main() -> int:
       checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
       num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
       seed=_SEED.value, mask_dynamic=r.mask_dynamic, object_slots=r.object_slots,
+      family=rollout.model_family(config),
+      **(dict(num_references=out["num_references"], guidance_scale=r.guidance_scale or 0.0,
+              caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value)
+         if wan else {}),
       cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
       seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
       memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),

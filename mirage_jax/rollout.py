@@ -53,8 +53,17 @@ from mirage_jax.memory import objects as objects_lib
 from mirage_jax.models import autoencoder, denoiser
 
 
+def model_family(config: ml_collections.ConfigDict) -> str:
+  """'wan' (Wan2.2 DiT + VACE + Wan VAE, ``mirage_jax/wan_rollout.py``) or 'small' (ours),
+  from ``config.denoiser.model.family`` (configs without the field are the small family)."""
+  return config.denoiser.model.get("family", "small")
+
+
 def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.MemoryConfig:
   """The memory settings of ``config`` at the model's image and latent resolution."""
+  if model_family(config) == "wan":
+    from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+    return wan_rollout.memory_config(config, **overrides)
   res = tuple(config.data.resolution)
   factor = autoencoder.downsample_factor(config.autoencoder)
   settings = dict(config.memory.settings, image_height=res[0], image_width=res[1],
@@ -94,17 +103,67 @@ def load_world_model(denoiser_export: str, autoencoder_export: str | None = None
   """(config, autoencoder, denoiser) of a denoiser export (``python -m mirage_jax.export``).
 
   The autoencoder comes from ``autoencoder_export`` or else from the path the denoiser was
-  trained with (``config.denoiser.autoencoder_checkpoint``).
+  trained with (``config.denoiser.autoencoder_checkpoint``). The export's config picks the
+  family (:func:`model_family`): a Wan-family export (``python -m mirage_jax.convert_wan``)
+  gives (config, WanVAE, WanDiT), to be run by :func:`make_rollout`.
   """
   from mirage_jax import export  # pylint: disable=g-import-not-at-top
-  dn, config = export.load_model(denoiser_export)
+  config = export_config(denoiser_export)
   if config.stage != "denoiser":
     raise InputError(denoiser_export, "stage", f"expected a denoiser export, got {config.stage!r}")
+  if model_family(config) == "wan":
+    from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+    return wan_rollout.load_wan_world_model(denoiser_export, autoencoder_export)
+  dn, config = export.load_model(denoiser_export)
   ae_path = autoencoder_export or config.denoiser.autoencoder_checkpoint
+  ae_family = export_config(ae_path).autoencoder.get("family", "small")
+  if ae_family != "small":
+    raise InputError(ae_path, "autoencoder.family", f"the denoiser {denoiser_export} is of the "
+                     f"small family and needs its RGB-D autoencoder, this export is {ae_family!r}")
   ae, ae_config = export.load_model(ae_path)
   if ae_config.stage != "autoencoder" or ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
     raise InputError(ae_path, "autoencoder", "not the autoencoder this denoiser was trained with")
   return config, ae, dn
+
+
+def export_config(path: str) -> ml_collections.ConfigDict:
+  """The training config of an export (its ``config.json``), without loading the params."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  meta_path = os.path.join(path, "config.json")
+  if not os.path.isfile(meta_path):
+    raise InputError(path, "config.json", "not an export directory (missing config.json)")
+  try:
+    with open(meta_path) as f:
+      return ml_collections.ConfigDict(json.load(f)["config"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise InputError(meta_path, "config", f"unreadable ({e})") from None
+
+
+def make_rollout(config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Module,
+                 backend: str | None = None, *, wan_options: dict | None = None, **kwargs):
+  """The rollout of the export's family: :class:`Rollout` (small) or
+  ``wan_rollout.WanRollout`` (Wan; ``wan_options``: text, empty_text, guidance_scale).
+
+  ``kwargs`` are the memory overrides and, for the small family, mask_dynamic/object_slots.
+  Asking the Wan family for moving-content handling is refused (it has none yet).
+  """
+  if model_family(config) == "wan":
+    from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+    for flag in ("mask_dynamic", "object_slots"):
+      if kwargs.pop(flag, None):
+        raise InputError(f"--{flag}", flag, "the Wan family does not handle moving content yet")
+    return wan_rollout.WanRollout(config, ae, dn, backend, **(wan_options or {}), **kwargs)
+  if wan_options and any(v is not None for v in wan_options.values()):
+    given = next(k for k, v in wan_options.items() if v is not None)
+    raise InputError(f"--{_WAN_FLAGS.get(given, given)}", _WAN_FLAGS.get(given, given),
+                     "only the Wan family takes it; this export is of the small family")
+  return Rollout(config, ae, dn, backend, **kwargs)
+
+
+# The command-line flag of each Wan option (for the errors of make_rollout).
+_WAN_FLAGS = {"text": "caption_embedding", "empty_text": "empty_text_embedding",
+              "guidance_scale": "guidance_scale"}
 
 
 # ----------------------------------------------------------------------------- reference frames
@@ -214,6 +273,9 @@ class Rollout:
   def __init__(self, config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Module,
                backend: str | None = None, *, mask_dynamic: bool | None = None,
                object_slots: bool | None = None, **memory_overrides):
+    if model_family(config) != "small":
+      raise InputError("config.denoiser.model", "family", f"{model_family(config)!r} exports run "
+                       "through rollout.make_rollout (Rollout is the small family's)")
     self.config = config
     d = config.denoiser
     self.chunk = int(d.target_frames)

@@ -270,9 +270,10 @@ class RevisitRunner:
   voxel cache keeps its configured one.
 
   Args:
-    config, ae, dn: the world model (``rollout.load_world_model``).
+    config, ae, dn: the world model (``rollout.load_world_model``), either family.
     backends: memory backends to run (names of ``memory.BACKEND_NAMES``).
     max_frames: the longest trajectory that will be run.
+    wan_options: for a Wan-family model, ``WanRollout``'s text, empty_text, guidance_scale.
     oracle: add the ``oracle`` row (the config's backend, memory from ground truth).
     composite: add the ``composite`` row.
     pairing: keyword arguments of :func:`pair_revisits`.
@@ -280,14 +281,16 @@ class RevisitRunner:
 
   def __init__(self, config, ae, dn, backends: Sequence[str], max_frames: int, *,
                oracle: bool = True, composite: bool = True,
-               pairing: Mapping[str, Any] | None = None):
+               pairing: Mapping[str, Any] | None = None,
+               wan_options: Mapping[str, Any] | None = None):
     unknown = [b for b in backends if b not in memory_lib.BACKEND_NAMES]
     if unknown:
       raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: "
                        f"{', '.join(memory_lib.BACKEND_NAMES)})")
     base = rollout.memory_config(config)
-    make = lambda b: rollout.Rollout(config, ae, dn, backend=b,
-                                     **capacity_for(b, max_frames, base))
+    make = lambda b: rollout.make_rollout(config, ae, dn, backend=b,
+                                          wan_options=dict(wan_options or {}),
+                                          **capacity_for(b, max_frames, base))
     self.rows = {b: make(b) for b in backends}
     self.oracle_backend = config.memory.backend
     if oracle:
@@ -322,8 +325,10 @@ class RevisitRunner:
     given = (truth.frames[:truth.context], truth.depths[:truth.context]) if truth.context else None
     for name, r in self.rows.items():
       oracle = (truth.frames, truth.depths) if name == ORACLE else given
+      # The Wan rollout writes every latent with its frame's given depth (no depth model).
+      extra = dict(depths=truth.depths) if getattr(r, "needs_depths", False) else {}
       out = r.generate(truth.frames[0], truth.depths[0], truth.intrinsics, truth.poses_c2w,
-                       seed=seed, progress=progress, oracle_frames=oracle)
+                       seed=seed, progress=progress, oracle_frames=oracle, **extra)
       scores = score_frames(out["frames"], truth, pairs, out["depths"], out["coverage"])
       steady = out["timings"][1:] or out["timings"]  # the first chunk includes compilation
       scores.update(cache_bytes=out["cache_bytes"],

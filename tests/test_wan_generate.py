@@ -1,0 +1,312 @@
+"""Generation and evaluation with a Wan-family export (tiny, random, made by convert_wan).
+
+The export is converted from random weights in the released (original) layout, with the
+reference's chunking (33 video frames, then 32 new) at 64x64 (latent 4x4) and 2 sampler
+steps to keep CPU time low; trajectories of 37 = 1 + 4 * 9 frames take two chunks, the
+second padded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipelines import files, procedural
+from mirage_jax import convert_wan, rollout, torch_files, wan_rollout
+from mirage_jax.evaluation import revisit
+from mirage_jax.models import original_layout, wan_dit, wan_vae
+from tests.test_generate import save_tiny_export
+
+torch = pytest.importorskip("torch")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RES = 64
+NUM_FRAMES = 37  # chunk 0: frames 0..32 (9 latents); chunk 1: 33..36 (1 real latent of 8)
+
+
+def _configs():
+  from experiments import wan22_ti2v_5b  # pylint: disable=g-import-not-at-top
+  out = []
+  for stage in ("autoencoder", "denoiser"):
+    c = wan22_ti2v_5b.get_config(f"{stage},tiny")
+    c.data.resolution = (RES, RES)
+    c.denoiser.target_frames = 33
+    c.denoiser.preceding_frames = 8
+    c.denoiser.reference_frames = 2
+    c.denoiser.reference_bank = 16
+    c.sampler.num_steps = 2
+    c.memory.backend = "voxel"
+    out.append(c)
+  return tuple(out)
+
+
+def make_wan_export(directory: str, seed: int = 0) -> str:
+  """Random tiny Wan2.2 files in the original naming -> ``convert_wan`` -> exports; returns
+  the DiT export's path (its VAE export beside it)."""
+  cfg = wan_dit.wan_dit_config("tiny")
+  dit_layout = wan_dit.original_layout(cfg)
+  for group in ("dit", "vace"):
+    torch_files.write_safetensors(
+        os.path.join(directory, f"{group}.safetensors"),
+        original_layout.random_original(dit_layout, seed,
+                                        keep=lambda k, g=group: wan_dit.key_group(k) == g))
+  vae = original_layout.random_original(
+      wan_vae.original_layout(wan_vae.wan_vae_config("tiny")), seed + 1)
+  torch.save({k: torch.from_numpy(v) for k, v in vae.items()}, os.path.join(directory, "vae.pth"))
+  out = os.path.join(directory, "export")
+  convert_wan.convert(out, dit=os.path.join(directory, "dit.safetensors"),
+                      vae=os.path.join(directory, "vae.pth"),
+                      vace=os.path.join(directory, "vace.safetensors"), variant="tiny",
+                      configs=_configs())
+  return os.path.join(out, "dit")
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=None)
+
+
+def _one_line_error(result, where: str, field: str) -> None:
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith(f"error: {where}: field '{field}'"), lines[-1]
+  assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+  return make_wan_export(str(tmp_path_factory.mktemp("wan")))
+
+
+@pytest.fixture(scope="module")
+def world(export):
+  return rollout.load_world_model(export)
+
+
+@pytest.fixture(scope="module")
+def clip():
+  c = procedural.render_clip(100001, NUM_FRAMES, RES, RES, trajectory="loop")
+  return revisit.fit_clip(c, (RES, RES))
+
+
+@pytest.fixture(scope="module")
+def geometry_npz(tmp_path_factory):
+  c = procedural.render_clip(7, NUM_FRAMES, RES, RES, trajectory="loop")
+  path = tmp_path_factory.mktemp("clip") / "geometry.npz"
+  files.save_geometry_npz(path, c)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def mirage_rollout(world):
+  config, vae, dit = world
+  return rollout.make_rollout(config, vae, dit, "mirage", capacity=NUM_FRAMES * 16)
+
+
+def _generate(r, clip, **kw):
+  return r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
+                    depths=clip["depths"], progress=False, **kw)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_load_dispatches_on_family(world):
+  config, vae, dit = world
+  assert rollout.model_family(config) == "wan"
+  assert isinstance(vae, wan_vae.WanVAE) and isinstance(dit, wan_dit.WanDiT)
+  assert dit.vace is not None
+  m = rollout.memory_config(config)
+  assert (m.image_height, m.latent_height, m.latent_channels) == (RES, RES // 16, 48)
+  st = wan_rollout.wan_settings(config)
+  assert (st.chunk_frames, st.latents, st.new_frames, st.preceding_latents) == (33, 9, 32, 2)
+  r = rollout.make_rollout(config, vae, dit, "mirage")
+  assert [list(p) for p in r.plan(NUM_FRAMES)] == [list(range(0, 33, 4)), list(range(32, 65, 4))]
+  with pytest.raises(Exception, match="family"):
+    rollout.Rollout(config, vae, dit)  # the small family's class refuses a Wan config
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_generate_cli_end_to_end(export, geometry_npz, tmp_path):
+  out = tmp_path / "out"
+  result = run_cli("mirage_jax.generate", f"--checkpoint={export}",
+                   f"--geometry_path={geometry_npz}", f"--output_dir={out}", "--memory=mirage")
+  assert result.returncode == 0, result.stderr
+  assert sorted(os.listdir(out)) == ["cameras.npz", "timings.json", "video.gif", "video.mp4"]
+  frames = iio.imread(out / "video.mp4", index=None)
+  assert frames.shape == (NUM_FRAMES, RES, RES, 3)
+  timings = json.loads((out / "timings.json").read_text())
+  assert timings["family"] == "wan" and timings["backend"] == "mirage"
+  assert timings["chunk_frames"] == 33 and len(timings["chunks"]) == 2
+  assert timings["guidance_scale"] == 0.0  # no CFG by default
+  assert timings["num_references"][0] == 0 and 0 <= timings["num_references"][1] <= 2
+  cams = np.load(out / "cameras.npz")
+  # Every generated latent written at the last frame of its group: 0, 4, ..., 32 (chunk 0),
+  # then 36 (the only real latent of the padded chunk 1).
+  np.testing.assert_array_equal(cams["latent_frames"], list(range(0, 33, 4)) + [36])
+  cov = cams["coverage"]
+  assert cov.shape == (NUM_FRAMES, RES // 16, RES // 16) and cov[0].min() == 1.0
+  assert np.all((cov >= 0) & (cov <= 1)) and cov[1:].mean() > 0  # the memory was read
+  # Append-only cloud: the first frame (16 latent cells), 9 latents, then 1 more latent.
+  c0, c1 = timings["chunks"][0]["cache_bytes"], timings["chunks"][1]["cache_bytes"]
+  assert c1 == timings["cache_bytes"] and c0 > 0
+  assert c1 * 10 == c0 * 11
+
+
+def test_evaluate_revisit_cli(export, tmp_path):
+  out = tmp_path / "eval"
+  result = run_cli("mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=revisit",
+                   "--procedural_seeds=100001:100002", f"--num_frames={NUM_FRAMES}",
+                   "--backends=none,mirage", f"--output_dir={out}", "--novideos")
+  assert result.returncode == 0, result.stderr
+  metrics = json.loads((out / "metrics.json").read_text())
+  rows = metrics["revisit"]["summary"]
+  assert {"none", "mirage", "oracle", "composite"} <= set(rows)
+  traj = metrics["revisit"]["trajectories"]["seed100001"]
+  assert traj["num_frames"] == NUM_FRAMES and traj["revisit_frames"] > 0
+  for row in ("none", "mirage", "oracle"):
+    scores = traj["rows"][row]
+    assert np.isfinite(scores["psnr_all"]) and 0 <= scores["ssim_all"] <= 1
+    assert "geometric_psnr" not in scores  # the Wan VAE generates no depth to score
+  assert traj["rows"]["none"]["coverage_revisit"] == 0.0
+  assert traj["rows"]["mirage"]["coverage_revisit"] > 0.0
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_memory_reaches_the_dit_through_vace(world, mirage_rollout, clip):
+  config, vae, dit = world
+  r = mirage_rollout
+  first = r.encode(clip["frames"][:1])[0]
+  rng = np.random.default_rng(0)
+  empty = jnp.zeros((9, 4, 4, 48))
+  full = jnp.asarray(rng.standard_normal((9, 4, 4, 48)), jnp.float32)
+  # The VACE input is [memory | control]: the memory's 48 channels, then the same control.
+  v0, v1 = r.vace_input(empty), r.vace_input(full)
+  assert v0.shape == (1, 9, 4, 4, 96)
+  np.testing.assert_array_equal(v1[0, ..., :48], full)
+  np.testing.assert_array_equal(v0[..., 48:], v1[..., 48:])
+  key = jax.random.key(3)
+  a = r.sample_chunk(key, first, empty)
+  b = r.sample_chunk(key, first, full)
+  assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+  np.testing.assert_array_equal(a[0], first)  # the clean first latent is kept
+  assert float(jnp.max(jnp.abs(a[1:] - b[1:]))) > 1e-3  # the memory changes the sample
+
+  # With every VACE after_proj zero the hints are zero: the memory cannot matter.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(dit)
+  dead = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+  proj = dead.vace.blocks.after_proj
+  proj.kernel.set_value(jnp.zeros_like(proj.kernel.get_value()))
+  proj.bias.set_value(jnp.zeros_like(proj.bias.get_value()))
+  r0 = rollout.make_rollout(config, vae, dead, "mirage")
+  a0, b0 = r0.sample_chunk(key, first, empty), r0.sample_chunk(key, first, full)
+  np.testing.assert_array_equal(a0, b0)
+  assert float(jnp.max(jnp.abs(a0[1:] - a[1:]))) > 1e-3  # and the hints did matter before
+
+
+def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
+  config, vae, dit = world
+  r = mirage_rollout
+  out = _generate(r, clip, seed=0)
+  again = _generate(r, clip, seed=0)
+  other = _generate(r, clip, seed=1)
+  assert out["frames"].shape == (NUM_FRAMES, RES, RES, 3) and out["depths"] is None
+  np.testing.assert_array_equal(out["frames"], again["frames"])
+  assert np.abs(out["frames"].astype(int) - other["frames"].astype(int)).max() > 0
+  # Frame 0 is the decoded first-frame latent (decoded alone here, first of 9 in the chunk:
+  # another compiled program, so the last float bit may differ and flip a truncation).
+  lat0 = r.encode(clip["frames"][:1])
+  rgb0 = np.asarray(r.decode(lat0))[0]
+  want = np.floor((np.clip(rgb0, -1, 1) + 1) * 127.5).astype(int)
+  assert np.abs(out["frames"][0].astype(int) - want).max() <= 1
+  assert np.mean(out["frames"][0] == want) > 0.99
+  assert np.all(np.isfinite(rgb0))
+  # Memory: chunk 0 read only the first frame's points, chunk 1 reads what chunk 0 wrote.
+  assert out["timings"][1].cache_bytes > out["timings"][0].cache_bytes
+  # Without memory nothing is covered and the frames differ from the mirage row's.
+  none = _generate(rollout.make_rollout(config, vae, dit, "none"), clip, seed=0)
+  assert none["coverage"][1:].max() == 0.0 and out["coverage"][1:].max() > 0.0
+  assert np.abs(none["frames"].astype(int) - out["frames"].astype(int)).max() > 0
+
+
+def test_cfg_uses_the_empty_prompt(world, clip):
+  config, vae, dit = world
+  text = np.random.default_rng(1).standard_normal((7, int(config.denoiser.model.text_dim)))
+  base = rollout.make_rollout(config, vae, dit, "mirage", wan_options=dict(text=text))
+  cfg = rollout.make_rollout(config, vae, dit, "mirage",
+                             wan_options=dict(text=text, guidance_scale=3.0))
+  assert base.guidance_scale is None and cfg.guidance_scale == 3.0
+  np.testing.assert_array_equal(base.text[0, :7], text.astype(np.float32))
+  assert not np.any(base.text[0, 7:]) and not np.any(base.empty_text)  # zero-padded, zeros
+  first = base.encode(clip["frames"][:1])[0]
+  scene = jnp.zeros((9, 4, 4, 48))
+  key = jax.random.key(0)
+  a, b = base.sample_chunk(key, first, scene), cfg.sample_chunk(key, first, scene)
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+  # CFG with the caption equal to the empty prompt is the conditional prediction again.
+  same = rollout.make_rollout(config, vae, dit, "mirage",
+                              wan_options=dict(text=text, empty_text=text, guidance_scale=3.0))
+  np.testing.assert_allclose(same.sample_chunk(key, first, scene), a, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+  return save_tiny_export(str(tmp_path_factory.mktemp("small")))
+
+
+def test_bad_inputs_are_one_line(export, small_export, geometry_npz, tmp_path):
+  out = str(tmp_path / "out")
+  gen = lambda *a: run_cli("mirage_jax.generate", f"--geometry_path={geometry_npz}",
+                           f"--output_dir={out}", *a)
+  caption = tmp_path / "caption.npy"
+  np.save(caption, np.zeros((5, 32), np.float32))
+  # A Wan-only flag on a small-family export.
+  _one_line_error(gen(f"--checkpoint={small_export}", f"--caption_embedding={caption}"),
+                  "--caption_embedding", "caption_embedding")
+  _one_line_error(gen(f"--checkpoint={small_export}", "--guidance_scale=2"),
+                  "--guidance_scale", "guidance_scale")
+  # A missing caption file, one of the wrong text width.
+  missing = tmp_path / "nope.npy"
+  _one_line_error(gen(f"--checkpoint={export}", f"--caption_embedding={missing}"),
+                  str(missing), "caption_embedding")
+  wide = tmp_path / "wide.npy"
+  np.save(wide, np.zeros((5, 33), np.float32))
+  _one_line_error(gen(f"--checkpoint={export}", f"--empty_text_embedding={wide}"),
+                  str(wide), "empty_text_embedding")
+  # The small family's autoencoder under a Wan DiT, and the other way round.
+  small_ae = rollout.export_config(small_export).denoiser.autoencoder_checkpoint
+  _one_line_error(gen(f"--checkpoint={export}", f"--autoencoder={small_ae}"),
+                  small_ae, "autoencoder.family")
+  wan_vae_export = os.path.join(os.path.dirname(export), "vae")
+  _one_line_error(gen(f"--checkpoint={small_export}", f"--autoencoder={wan_vae_export}"),
+                  wan_vae_export, "autoencoder.family")
+  # Moving-content handling the Wan family does not have.
+  _one_line_error(gen(f"--checkpoint={export}", "--object_slots"), "--object_slots", "object_slots")
+  # No depth in the file: the Wan rollout has nothing to write its memory with.
+  no_depth = tmp_path / "no_depth.npz"
+  data = dict(np.load(geometry_npz))
+  data["has_depth"] = np.bool_(False)
+  np.savez(no_depth, **data)
+  _one_line_error(gen(f"--checkpoint={export}", f"--geometry_path={no_depth}"),
+                  str(no_depth), "has_depth")
+  # evaluate: the small family's benchmarks refuse a Wan export before loading it.
+  ev = run_cli("mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=scaling",
+               f"--output_dir={tmp_path / 'ev'}")
+  _one_line_error(ev, "--benchmark", "benchmark")
