@@ -1,7 +1,7 @@
 """The Wan2.2-TI2V-5B DiT with Mirage's VACE branch and LoRA adapters, in Flax NNX.
 
-A port of the reference's networks (DiffSynth ``WanModel`` + ``VaceWanModel`` + PEFT LoRA,
-``/work/shared/WAN_SPEC.md``) with the same math, so the released weights load through
+A port of the reference's networks (DiffSynth ``WanModel`` + ``VaceWanModel`` + PEFT LoRA in
+github.com/microsoft/LatentSpatialMemory) with the same math, so the released weights load through
 :func:`original_layout` and give the reference's outputs.
 
 Token sequence. Latent frames ``(B, F, H, W, C)`` are cut into (1, 2, 2) patches, tokens in
