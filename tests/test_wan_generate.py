@@ -227,6 +227,8 @@ def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
   assert out["frames"].shape == (NUM_FRAMES, RES, RES, 3) and out["depths"] is None
   np.testing.assert_array_equal(out["frames"], again["frames"])
   assert np.abs(out["frames"].astype(int) - other["frames"].astype(int)).max() > 0
+  # Static shapes: chunk 0 (R = P = 0) and later chunks (P = 2, R <= 2) compile once each.
+  assert r._sample._cache_size() <= 2 + r.settings.max_references  # pylint: disable=protected-access
   # Frame 0 is the decoded first-frame latent (decoded alone here, first of 9 in the chunk:
   # another compiled program, so the last float bit may differ and flip a truncation).
   lat0 = r.encode(clip["frames"][:1])
@@ -241,6 +243,44 @@ def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
   none = _generate(rollout.make_rollout(config, vae, dit, "none"), clip, seed=0)
   assert none["coverage"][1:].max() == 0.0 and out["coverage"][1:].max() > 0.0
   assert np.abs(none["frames"].astype(int) - out["frames"].astype(int)).max() > 0
+
+
+def test_chunks_chain_as_the_reference(world, clip):
+  """What each chunk is given: chunk 1 starts from chunk 0's last latent, its preceding
+  latents are the two before it with the memory reads they were generated with, and its
+  memory read sees what chunk 0 wrote (the denoiser replaced by a recorder)."""
+  config, vae, dit = world
+  r = rollout.make_rollout(config, vae, dit, "mirage", capacity=NUM_FRAMES * 16)
+  calls = []
+
+  def record(rng, first, scene, *, references=None, preceding=None, preceding_scene=None):
+    lat = jax.random.normal(rng, (9, 4, 4, 48)).at[0].set(first)
+    calls.append(dict(first=first, scene=scene, references=references, preceding=preceding,
+                      preceding_scene=preceding_scene, out=lat))
+    return lat
+
+  r.sample_chunk = record
+  out = _generate(r, clip, seed=0)
+  c0, c1 = calls
+  np.testing.assert_array_equal(c0["first"], r.encode(clip["frames"][:1])[0])
+  assert c0["references"] is None and c0["preceding"] is None
+  # Chunk 0 reads only the first frame's points: its own camera is fully covered.
+  assert np.all(np.asarray(c0["scene"][0]) != 0)
+  np.testing.assert_array_equal(c1["first"], c0["out"][8])
+  np.testing.assert_array_equal(c1["preceding"], c0["out"][6:8])
+  np.testing.assert_array_equal(c1["preceding_scene"], c0["scene"][6:8])
+  # Chunk 1's memory reads are cells of the latents written so far (the first frame and
+  # chunk 0's nine, stored as feature_dtype), and chunk 0's writes changed what is read.
+  dtype = jnp.dtype(rollout.memory_config(config).feature_dtype)
+  written = np.asarray(jnp.concatenate([c0["first"][None], c0["out"]]).astype(dtype)
+                       .astype(jnp.float32)).reshape(-1, 48)
+  cells = np.asarray(c1["scene"]).reshape(-1, 48)
+  cells = cells[np.any(cells != 0, axis=1)]
+  assert len(cells) > 0
+  assert all(np.any(np.all(written == c, axis=1)) for c in cells)
+  assert np.any(np.asarray(c1["scene"][0]) != np.asarray(c0["scene"][8]))  # same camera, more memory
+  assert c1["references"] is None or 1 <= len(c1["references"]) <= 2
+  assert out["num_references"] == [0, 0 if c1["references"] is None else len(c1["references"])]
 
 
 def test_cfg_uses_the_empty_prompt(world, clip):
