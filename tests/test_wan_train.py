@@ -110,7 +110,7 @@ def test_vace_context_timesteps_noise_and_loss():
 def test_control_latents_are_the_encoded_all_ones_video(world):
   vae, _ = encode_latents.load_vae(world["vae"])
   control = wan_mirage.control_latents(vae, 3, 4, 4)
-  direct = vae.encode(jnp.ones((1, 9, 64, 64, 3)))[0]
+  direct = wan_vae.jit_encode(vae, jnp.ones((1, 9, 64, 64, 3)), chunked=False)[0]
   np.testing.assert_allclose(control, direct, rtol=1e-5, atol=1e-5)
   stored = np.load(os.path.join(world["latents"], latent_clips.CONTROL))
   assert stored.shape == (5, 4, 4, 48)  # 3 target + 2 preceding latent frames
@@ -134,7 +134,7 @@ def test_latent_clips_match_a_direct_encoding(world):
                                  .as_data_source("train")[int(rec["clip_index"])])
   vae, _ = encode_latents.load_vae(world["vae"])
   frames = clip["frames"].astype(np.float32) / 127.5 - 1.0
-  want = np.asarray(vae.encode(jnp.asarray(frames[PRECEDING:PRECEDING + TARGET][None]))[0])
+  want = np.asarray(wan_vae.jit_encode(vae, jnp.asarray(frames[PRECEDING:PRECEDING + TARGET][None]))[0])
   np.testing.assert_allclose(rec["target_latents"].astype(np.float32), want, atol=0.05 * (
       1 + np.abs(want).max()))  # stored in bf16
   # Latent k pairs with video frame 4k of its chunk: target 5, 9, 13; preceding 0, 4.
@@ -149,9 +149,9 @@ def test_latent_clips_match_a_direct_encoding(world):
 
 def test_train_loss_falls(world, tmp_path):
   workdir = str(tmp_path / "run")
-  out = train.train_and_evaluate(_config(world, steps=200, log_every=20), workdir)
+  out = train.train_and_evaluate(_config(world, steps=120, log_every=20), workdir)
   losses = [m["loss"] for m in _metrics(workdir)]
-  assert len(losses) == 10 and np.isfinite(losses).all()
+  assert len(losses) == 6 and np.isfinite(losses).all()
   assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
   assert out["memory_coverage"] > 0.5  # the first target frame's splat covers the others
 
