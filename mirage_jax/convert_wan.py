@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
+from flax import traverse_util
 
 from mirage_jax import torch_files
 from mirage_jax.errors import InputError, parse_flags, run_cli
@@ -228,16 +229,6 @@ def _open(path: str, flag: str) -> torch_files.WeightFile:
 # ----------------------------------------------------------------------------- writing
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = value
-  return tree
-
-
 def write_params(params_dir: str, leaves: Iterable[tuple[tuple[str, ...], tuple[int, ...],
                                                           Callable[[], np.ndarray]]],
                  dtype: np.dtype, batch_bytes: int, compress: bool = True) -> None:
@@ -273,7 +264,7 @@ def write_params(params_dir: str, leaves: Iterable[tuple[tuple[str, ...], tuple[
     nonlocal batch, size
     if batch:
       with ctx:
-        partial.save(staging, _nest(batch))
+        partial.save(staging, traverse_util.unflatten_dict(batch))
     batch, size = {}, 0
 
   for path, shape, make in leaves:
@@ -576,8 +567,8 @@ def to_reference(checkpoint: str, output: str, dtype: str | None = None) -> dict
       node = saved
       for k in path:
         node = node[k]
-      item = _nest({path: np.zeros((), np.float32)})
-      args = _nest({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+      item = traverse_util.unflatten_dict({path: np.zeros((), np.float32)})
+      args = traverse_util.unflatten_dict({path: ocp.RestoreArgs(restore_type=np.ndarray)})
       restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
           item=item, restore_args=args, partial_restore=True))
       for k in path:

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from mirage_jax.errors import InputError
 from mirage_jax.models import layers
@@ -722,13 +722,7 @@ def merge_lora(state_or_params, cfg):
     return out
   if is_state:
     return nnx.State.from_flat_path(out)
-  nested: dict = {}
-  for path, v in out.items():
-    node = nested
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return nested
+  return traverse_util.unflatten_dict(out)
 
 
 # ----------------------------------------------------------------------------- layout
