@@ -1,7 +1,7 @@
 """Mirage on the Wan2.2 backbone: what training and generation share for the Wan family.
 
 The reference's sequence of latent frames along time is ``[reference R | target T |
-preceding P]`` (WAN_SPEC.md). This module holds the pieces that turn memory reads, latents
+preceding P]`` (the reference's ``model_fn_wan_video``). This module holds the pieces that turn memory reads, latents
 and noise levels into the DiT's inputs, with the reference's conventions:
 
 * VACE input (96 channels per latent frame of target + preceding): first the 48 channels of
@@ -250,13 +250,8 @@ def flat_paths(tree) -> dict[tuple[str, ...], Any]:
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
+  """{path tuple: leaf} -> nested dict (the inverse of :func:`flat_paths`)."""
+  return traverse_util.unflatten_dict(flat)
 
 
 def load_dit_params(path: str, model_cfg, abstract: dict[tuple[str, ...], Any]
