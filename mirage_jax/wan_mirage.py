@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from mirage_jax.errors import InputError
 
