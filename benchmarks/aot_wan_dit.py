@@ -1,6 +1,6 @@
 """AOT-compiles one Wan2.2-TI2V-5B DiT forward (+ VACE) for a TPU topology on this CPU host.
 
-  python benchmarks/aot_wan_dit.py --topology=v5p:2x2x1 [--height=704 --width=1280
+  python benchmarks/aot_wan_dit.py --topology=v5p:2x2x1 [--backward] [--height=704 --width=1280
       --frames=33 --references=4 --preceding=2 --batch=1 --mesh=fsdp:4]
 
 The shape is Mirage's inference call: ``references`` retrieved latent frames, the 33-frame
@@ -41,6 +41,10 @@ flags.DEFINE_integer("batch", 1, "Batch size.")
 flags.DEFINE_integer("text_tokens", 512, "Text tokens.")
 flags.DEFINE_bool("vace", True, "Run the VACE branch.")
 flags.DEFINE_string("param_dtype", "bfloat16", "Stored parameter dtype (an inference export).")
+flags.DEFINE_bool("backward", False, "Compile forward + backward w.r.t. the trainable params "
+                  "(VACE + LoRA) instead of the forward alone.")
+flags.DEFINE_string("remat", None, "Override the config's remat policy.")
+flags.DEFINE_bool("scan_layers", True, "Scan the layer stacks.")
 FLAGS = flags.FLAGS
 
 
@@ -79,6 +83,9 @@ def main(argv) -> None:
   cfg = wan_dit.wan_dit_config("ti2v_5b")
   cfg.vace = FLAGS.vace
   cfg.param_dtype = FLAGS.param_dtype
+  cfg.scan_layers = FLAGS.scan_layers
+  if FLAGS.remat is not None:
+    cfg.remat = FLAGS.remat
   devices = aot.topology_devices(FLAGS.topology)
   mesh_shape = {a: 1 for a in sharding.MESH_AXES}
   for item in FLAGS.mesh.split(","):
@@ -112,6 +119,19 @@ def main(argv) -> None:
     net = nnx.merge(graphdef, state)
     return net(latents, timesteps, text, num_reference=FLAGS.references,
                vace_context=vace_ctx if FLAGS.vace else None)
+
+  if FLAGS.backward:
+    trainable = wan_dit.trainable_filter(cfg)
+    call = forward
+
+    def forward(state, latents, timesteps, text, vace_ctx):  # noqa: F811
+      train_state, frozen_state = state.filter(trainable, ...)
+
+      def loss(train_state):
+        merged = nnx.merge_state(train_state, frozen_state)
+        out = call(merged, latents, timesteps, text, vace_ctx)
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+      return jax.grad(loss)(train_state)
 
   args = (abstract_params, latents, timesteps, text, vace_ctx)
   with jax.set_mesh(mesh), sharding.use_rules(rules):
