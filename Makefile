@@ -19,6 +19,7 @@ venv: $(VENV)/.installed
 main: venv
 	$(BIN)/python -m mirage_jax.main_job --workdir=runs/tiny
 
-# CPU tests with 8 fake devices (set in tests/conftest.py).
+# CPU tests with 8 fake devices (set in tests/conftest.py); the diffusers/torch oracles must
+# be installed (the parity tests would otherwise skip).
 test: venv
-	$(BIN)/python -m pytest -q -x -n 2 tests
+	MIRAGE_REQUIRE_ORACLES=1 $(BIN)/python -m pytest -q -x -n 2 tests

@@ -5,3 +5,16 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def pytest_sessionstart(session):
+  """``make test`` (and so CI) sets MIRAGE_REQUIRE_ORACLES=1: the Wan parity tests skip when
+  torch/diffusers are absent, which there would hide a broken install, so it is an error."""
+  del session
+  if os.environ.get("MIRAGE_REQUIRE_ORACLES") == "1":
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    missing = [m for m in ("torch", "diffusers", "safetensors")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+      raise RuntimeError(f"MIRAGE_REQUIRE_ORACLES=1 but {', '.join(missing)} not installed "
+                         "(pip install -e '.[dev,oracle]')")
