@@ -13,6 +13,17 @@ interrupted training run resumes from its last checkpoint):
      score held-out loops with moving objects (``mirage``, ``voxel`` without and with object
      slots: ghosting, object re-entry); print the tables and the paths of the videos and
      plots (``<workdir>/eval``).
+
+``--family=wan`` runs the Wan-family pipeline instead (tiny networks, CPU):
+
+  python -m mirage_jax.main_job --family=wan --workdir=runs/wan_tiny [--denoiser_steps=200]
+
+  1. random "pretrained" Wan2.2 files in the released layout (DiT and VAE safetensors,
+     ``<workdir>/release``), converted by ``convert_wan`` (``<workdir>/wan_export/{dit,vae}``);
+  2. the procedural dataset, encoded to latent clips by the converted VAE (``<workdir>/latents``);
+  3. VACE + LoRA fine-tuned on the frozen base (``experiments/mirage_wan22_5b.py:tiny``),
+     exported; the loss curve is printed;
+  4. held-out loop trajectories generated and scored by the revisit benchmark; its table.
 """
 
 from __future__ import annotations
@@ -43,6 +54,12 @@ _OBJECT_TRAJECTORIES = flags.DEFINE_integer("object_trajectories", 8,
 _OBJECT_SEED = flags.DEFINE_integer("object_seed", 200_000, "First seed of those loops.")
 _AE_STEPS = flags.DEFINE_integer("autoencoder_steps", None, "Override the config's autoencoder steps.")
 _DN_STEPS = flags.DEFINE_integer("denoiser_steps", None, "Override the config's denoiser steps.")
+_FAMILY = flags.DEFINE_enum("family", "small", ["small", "wan"],
+                            "'small': the RGB-D autoencoder + denoiser pipeline (--config); 'wan': "
+                            "the tiny Wan2.2 fine-tuning pipeline (experiments/mirage_wan22_5b.py:tiny).")
+_WAN_CLIPS = flags.DEFINE_integer("wan_clips", 8, "--family=wan: procedural training clips.")
+_WAN_SAMPLER_STEPS = flags.DEFINE_integer("wan_sampler_steps", None, "--family=wan: sampler "
+                                          "steps of the exported model (default: the config's).")
 
 
 def load_configs(path: str, workdir: str):
@@ -92,6 +109,8 @@ def train_and_export(config, workdir: str, name: str) -> str:
 def _main() -> int:
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
+  if _FAMILY.value == "wan":
+    return _main_wan(workdir)
   ae_config, dn_config = load_configs(_CONFIG.value, workdir)
 
   _banner("1/4 dataset")
@@ -134,6 +153,119 @@ def _evaluate(args: list[str], output_dir: str) -> None:
   subprocess.run(cmd, check=True)
 
 
+def _main_wan(workdir: str) -> int:
+  """``--family=wan`` (see the module docstring): random release files -> convert_wan ->
+  latent clips -> VACE + LoRA fine-tune -> export -> revisit benchmark."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from data_pipelines import build, encode_latents, latent_clips
+  from experiments import mirage_wan22_5b
+  from mirage_jax import convert_wan, torch_files
+  from mirage_jax.models import original_layout, wan_dit, wan_vae
+  # pylint: enable=g-import-not-at-top
+  config = mirage_wan22_5b.get_config("tiny")
+  d = config.denoiser
+  if _DN_STEPS.value:
+    config.train.steps = _DN_STEPS.value
+  if _WAN_SAMPLER_STEPS.value:
+    config.sampler.num_steps = _WAN_SAMPLER_STEPS.value
+  if jax.device_count() < config.mesh.fsdp:  # a plain CPU process has one device
+    config.mesh = dict(data=1, fsdp=1, context=1, tensor=-1)
+
+  _banner("1/4 random 'pretrained' Wan2.2 (released layout) -> convert_wan")
+  export = os.path.join(workdir, "wan_export")
+  if os.path.isdir(export):
+    print(f"reusing {export}")
+  else:
+    release = os.path.join(workdir, "release")
+    os.makedirs(release, exist_ok=True)
+    # No VACE file: the fine-tune trains VACE from scratch on the plain base, as the reference.
+    dit = original_layout.random_original(
+        wan_dit.original_layout(wan_dit.wan_dit_config("tiny")), 0,
+        keep=lambda k: wan_dit.key_group(k) == "dit")
+    vae = original_layout.random_original(
+        wan_vae.original_layout(wan_vae.wan_vae_config("tiny")), 1)
+    dit_file = os.path.join(release, convert_wan.DIT_FILE)
+    vae_file = os.path.join(release, "Wan2.2_VAE.safetensors")  # the released .pth's tensors
+    torch_files.write_safetensors(dit_file, dit)
+    torch_files.write_safetensors(vae_file, vae)
+    print(f"wrote {len(dit)} DiT and {len(vae)} VAE tensors under {release}")
+    summary = convert_wan.convert(export, dit=dit_file, vae=vae_file, variant="tiny")
+    print(f"converted -> {export}: " + ", ".join(f"{k}={v}" for k, v in summary.items()
+                                                 if not isinstance(v, dict)))
+
+  _banner("2/4 procedural dataset -> latent clips")
+  data_dir, latents = os.path.join(workdir, "data"), os.path.join(workdir, "latents")
+  h, w = config.data.resolution
+  builder, reused = build.build("procedural_rooms", data_dir, num_clips=_WAN_CLIPS.value,
+                                frames_per_clip=d.target_frames + d.preceding_frames + 2,
+                                resolution=h)
+  print(("reused " if reused else "built ") + builder.data_dir)
+  if os.path.exists(os.path.join(latents, latent_clips.METADATA)):
+    print(f"reusing {latents}")
+  else:
+    counts = encode_latents.run(
+        data_dir=data_dir, dataset="procedural_rooms", config_name="default",
+        vae=os.path.join(export, "vae"), output_dir=latents, target_frames=d.target_frames,
+        preceding_frames=d.preceding_frames, text_len=d.text_len, text_dim=d.model.text_dim)
+    print(f"latent clips {counts} -> {latents}")
+
+  _banner("3/4 fine-tune VACE + LoRA on the frozen base")
+  d.base_checkpoint = os.path.abspath(os.path.join(export, "dit"))
+  config.data.data_dir = os.path.abspath(latents)
+  dn_export = train_and_export(config, workdir, "denoiser")
+  losses = print_loss_curve(os.path.join(workdir, "denoiser", "metrics.jsonl"))
+
+  _banner("4/4 revisit benchmark")
+  revisit_dir = os.path.join(workdir, "eval", "revisit")
+  first = _HELDOUT_SEED.value
+  _evaluate(["--benchmark=revisit", f"--checkpoint={dn_export}",
+             f"--backends={','.join(_BACKENDS.value)}",
+             f"--procedural_seeds={first}:{first + _NUM_TRAJECTORIES.value}",
+             f"--num_frames={_NUM_FRAMES.value}"], revisit_dir)
+  print_revisit_table(revisit_dir)
+  if len(losses) >= 2:
+    print(f"  [{'PASS' if losses[-1] < losses[0] else 'FAIL'}] training loss falls "
+          f"({losses[0]:.4g} -> {losses[-1]:.4g})")
+  print(f"\nvideos: {os.path.join(revisit_dir, 'videos')}/<trajectory>/<row>.mp4")
+  return 0
+
+
+def print_loss_curve(metrics_jsonl: str) -> list[float]:
+  """Prints the logged (step, loss) of a training run; returns the losses."""
+  with open(metrics_jsonl) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  records = [r for r in records if "loss" in r]
+  print("loss curve: " + ", ".join(f"{r.get('step', '?')}:{r['loss']:.4g}" for r in records))
+  return [r["loss"] for r in records]
+
+
+def revisit_rows(summary: dict, cost: dict | None = None, lengths=()) -> list[dict]:
+  """Table rows of a revisit summary, with the scaling cost columns where ``cost`` has them."""
+  cost = cost or {}
+  rows = []
+  for row, s in summary.items():
+    if not isinstance(s, dict) or "psnr_revisit" not in s:
+      continue
+    line = dict(row=row, psnr_revisit=s.get("psnr_revisit"), ssim_revisit=s.get("ssim_revisit"),
+                psnr_all=s.get("psnr_all"))
+    for n in lengths:
+      if (row, n) in cost:
+        line[f"cache_MB@{n}"] = cost[row, n]["cache_bytes"] / 1e6
+        line[f"s/chunk@{n}"] = cost[row, n]["chunk_seconds"]
+    rows.append(line)
+  return rows
+
+
+def print_revisit_table(revisit_dir: str) -> list[dict]:
+  """Prints the revisit benchmark's table (``<revisit_dir>/metrics.json``); returns its rows."""
+  from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(revisit_dir, "metrics.json")) as f:
+    rows = revisit_rows(json.load(f)["revisit"]["summary"])
+  print("\n" + report.format_table(rows, ["row", "psnr_revisit", "ssim_revisit", "psnr_all"], ".3f"))
+  return rows
+
+
 def print_claims(eval_dir: str) -> dict[str, bool]:
   """Prints the revisit and cost table of the main job and checks the project's claims.
 
@@ -147,17 +279,7 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
   entries = report.read_scaling_json(os.path.join(eval_dir, "scaling", "scaling.json"))
   lengths = sorted({e["frames"] for e in entries})
   cost = {(e["backend"], e["frames"]): e for e in entries}
-  rows = []
-  for row, s in summary.items():
-    if not isinstance(s, dict) or "psnr_revisit" not in s:
-      continue
-    line = dict(row=row, psnr_revisit=s.get("psnr_revisit"), ssim_revisit=s.get("ssim_revisit"),
-                psnr_all=s.get("psnr_all"))
-    for n in lengths:
-      if (row, n) in cost:
-        line[f"cache_MB@{n}"] = cost[row, n]["cache_bytes"] / 1e6
-        line[f"s/chunk@{n}"] = cost[row, n]["chunk_seconds"]
-    rows.append(line)
+  rows = revisit_rows(summary, cost, lengths)
   columns = ["row", "psnr_revisit", "ssim_revisit", "psnr_all"]
   columns += [f"cache_MB@{n}" for n in lengths] + [f"s/chunk@{n}" for n in lengths]
   print("\n" + report.format_table(rows, columns, ".3f"))
