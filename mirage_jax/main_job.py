@@ -190,9 +190,8 @@ def _main_wan(workdir: str) -> int:
     torch_files.write_safetensors(dit_file, dit)
     torch_files.write_safetensors(vae_file, vae)
     print(f"wrote {len(dit)} DiT and {len(vae)} VAE tensors under {release}")
-    summary = convert_wan.convert(export, dit=dit_file, vae=vae_file, variant="tiny")
-    print(f"converted -> {export}: " + ", ".join(f"{k}={v}" for k, v in summary.items()
-                                                 if not isinstance(v, dict)))
+    convert_wan.convert(export, dit=dit_file, vae=vae_file, variant="tiny")
+    print(f"converted -> {export}/{{dit,vae}}")
 
   _banner("2/4 procedural dataset -> latent clips")
   data_dir, latents = os.path.join(workdir, "data"), os.path.join(workdir, "latents")
