@@ -25,7 +25,6 @@ Frames are never resized: a video whose size differs from the depth maps is an e
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -34,6 +33,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from data_pipelines.clip import Clip, validate_clip
+from mirage_jax.atomic import atomic_output
 from mirage_jax.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".avi")
@@ -179,15 +179,9 @@ def save_geometry_npz(path: str | os.PathLike, clip: Clip) -> None:
   if "has_depth" in clip:
     checked["has_depth"] = np.bool_(clip["has_depth"])
   path.parent.mkdir(parents=True, exist_ok=True)
-  # The temp file lives in the same folder so the rename stays on one file system.
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
+  with atomic_output(path) as tmp:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
       np.savez_compressed(f, **checked)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 # ----------------------------------------------------------------------------- RealEstate10K

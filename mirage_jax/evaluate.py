@@ -33,7 +33,7 @@ work splits by trajectory, not inside one); each process writes its results to
 merges the parts into ``metrics.json`` and the plots. ``--output_dir`` must therefore be on a
 file system every process sees. Scaling runs on process 0 only (it is a timing benchmark).
 
-Objects (``evaluation/objects.py`` has the protocol): procedural loop clips of
+Objects (``evaluation/objects_benchmark.py`` has the protocol): procedural loop clips of
 ``--procedural_seeds`` (default 200000:200008, held out) with ``--moving_objects`` objects,
 ``--num_frames`` long (default 96), the first ``--object_context`` frames given (default
 half); each row of
@@ -104,7 +104,7 @@ _TIMED = flags.DEFINE_integer("timed_chunks", 2, "Chunks timed at the end of eac
 _PERIOD = flags.DEFINE_integer("scaling_period", 64, "Frames per loop of the scaling camera path.")
 # Objects.
 _OBJECT_ROWS = flags.DEFINE_list("object_rows", ["mirage", "voxel", "voxel+objects"],
-                                 "Rows of the objects benchmark (evaluation/objects.py ROWS).")
+                                 "Rows of the objects benchmark (evaluation/objects_benchmark.py ROWS).")
 _MOVING = flags.DEFINE_integer("moving_objects", 2, "Moving objects per clip (objects).")
 _OBJECT_CONTEXT = flags.DEFINE_integer(
     "object_context", None, "Frames given from ground truth and not scored (objects; default: "
@@ -283,8 +283,8 @@ def _scaling(config, ae, dn) -> None:
 
 def _object_settings() -> tuple[range, int, int]:
   """The objects benchmark's seeds, frame count and context; refuses bad object flags."""
-  from mirage_jax.evaluation import objects  # pylint: disable=g-import-not-at-top
-  objects.check_rows(_OBJECT_ROWS.value)
+  from mirage_jax.evaluation import objects_benchmark  # pylint: disable=g-import-not-at-top
+  objects_benchmark.check_rows(_OBJECT_ROWS.value)
   # 96-frame loops: at 48 frames half of the clips have no re-entry at all.
   seeds = _seed_range(_SEEDS.value or "200000:200008", "procedural_seeds")
   num_frames = _NUM_FRAMES.value or 96
@@ -300,22 +300,23 @@ def _object_settings() -> tuple[range, int, int]:
 
 def _objects(config, ae, dn) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from mirage_jax.evaluation import objects, report  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import objects_benchmark, report  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
   seeds, num_frames, context = _object_settings()
   pairing = dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value)
-  runner = objects.ObjectsRunner(config, ae, dn, _OBJECT_ROWS.value, num_frames, pairing=pairing,
-                                 min_pixels=_MIN_PIXELS.value, gap=_REENTRY_GAP.value)
+  runner = objects_benchmark.ObjectsRunner(config, ae, dn, _OBJECT_ROWS.value, num_frames,
+                                           pairing=pairing, min_pixels=_MIN_PIXELS.value,
+                                           gap=_REENTRY_GAP.value)
   out = _OUTPUT.value
   video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
   results = {}
   for seed in seeds:
-    clip = objects.render_object_clip(seed, num_frames, config.data.resolution, _MOVING.value,
-                                      context)
+    clip = objects_benchmark.render_object_clip(seed, num_frames, config.data.resolution,
+                                                _MOVING.value, context)
     results[clip.truth.name] = runner.run(clip, seed=_SEED.value, video_dir=video_dir)
     print(f"objects {clip.truth.name}: done", flush=True)
-  summary = objects.summarize(results)
+  summary = objects_benchmark.summarize(results)
   report.write_metrics_json(os.path.join(out, "metrics.json"), dict(
       benchmark="objects", checkpoint=_CHECKPOINT.value, rows=_OBJECT_ROWS.value, seed=_SEED.value,
       resolution=list(config.data.resolution), chunk_frames=int(config.denoiser.target_frames),
@@ -324,9 +325,9 @@ def _objects(config, ae, dn) -> None:
       reentry=dict(min_object_pixels=_MIN_PIXELS.value, gap=_REENTRY_GAP.value, span=3),
       summary=summary, trajectories=results))
   print(f"\nobjects: {len(results)} trajectories, " +
-        ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in objects.COUNTS))
+        ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in objects_benchmark.COUNTS))
   print(report.format_table([dict(row=r, **summary[r]) for r in _OBJECT_ROWS.value],
-                            ("row",) + objects.SCALARS, ".3f"))
+                            ("row",) + objects_benchmark.SCALARS, ".3f"))
 
 
 def _main() -> int:

@@ -310,14 +310,15 @@ def _object_claims(path: str) -> dict[str, bool]:
   """Prints the moving-objects table (if that benchmark ran) and returns its claims."""
   if not os.path.exists(path):
     return {}
-  from mirage_jax.evaluation import objects, report  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import objects_benchmark, report  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     summary = json.load(f)["summary"]
-  rows = [dict(row=r, **{c: s.get(c) for c in objects.SCALARS}) for r, s in summary.items()
-          if isinstance(s, dict)]
-  print("\nmoving objects: " + ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in objects.COUNTS))
-  print(report.format_table(rows, ["row", *objects.SCALARS], ".3f"))
-  return objects.claims(summary)
+  rows = [dict(row=r, **{c: s.get(c) for c in objects_benchmark.SCALARS})
+          for r, s in summary.items() if isinstance(s, dict)]
+  print("\nmoving objects: " + ", ".join(f"{summary[c]} {c.replace('_', ' ')}"
+                                         for c in objects_benchmark.COUNTS))
+  print(report.format_table(rows, ["row", *objects_benchmark.SCALARS], ".3f"))
+  return objects_benchmark.claims(summary)
 
 
 class _OurInfoOnly(std_logging.Filter):

@@ -265,3 +265,25 @@ def test_plot_cost_vs_length(tmp_path):
   with pytest.raises(InputError):
     report.plot_cost_vs_length(tmp_path / "bad.png", [{"backend": "ours"}])
   assert not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_outputs_get_the_mode_of_a_plain_write(tmp_path, umask):
+  """mkstemp's 0600 must not stick: the file gets 0666 & ~umask, like open(path, "w")."""
+  from data_pipelines import files  # pylint: disable=g-import-not-at-top
+  old = os.umask(umask)
+  try:
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    report.write_metrics_json(tmp_path / "m.json", {"a": 1.0})
+    video.write_gif(tmp_path / "v.gif", _frames(2))
+    clip = dict(frames=_frames(2, 8, 8), depths=np.ones((2, 8, 8), np.float32),
+                intrinsics=np.tile(np.array([[8, 0, 4], [0, 8, 4], [0, 0, 1]], np.float32), (2, 1, 1)),
+                poses_c2w=np.tile(np.eye(4, dtype=np.float32), (2, 1, 1)), fps=np.float32(10))
+    files.save_geometry_npz(tmp_path / "geometry.npz", clip)
+  finally:
+    os.umask(old)
+  expected = 0o666 & ~umask
+  assert plain.stat().st_mode & 0o777 == expected
+  for name in ("m.json", "v.gif", "geometry.npz"):
+    assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

@@ -1,8 +1,8 @@
 """Report outputs: metrics JSON, the scaling-benchmark file, console tables and plots.
 
-Every file is written atomically (:func:`atomic_output`): to a temporary name in the target
-directory, then ``os.replace``d into place, so a reader never sees a half-written file and a
-failed write leaves any previous file untouched.
+Every file is written atomically (``mirage_jax.atomic.atomic_output``, re-exported here): to a
+temporary name in the target directory, then ``os.replace``d into place, so a reader never
+sees a half-written file and a failed write leaves any previous file untouched.
 
 Plots use matplotlib's object API (``Figure`` + the Agg canvas ``savefig`` picks for PNG),
 not pyplot, so no global backend or figure state is touched.
@@ -17,16 +17,15 @@ not pyplot, so no global backend or figure state is touched.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from mirage_jax.atomic import atomic_output  # noqa: F401 (re-exported: report.atomic_output)
 from mirage_jax.errors import InputError
 
 SCALING_FIELDS = {
@@ -36,37 +35,6 @@ SCALING_FIELDS = {
     "memory_seconds_per_chunk": float,
     "chunk_seconds": float,
 }
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temporary path beside ``path``; on success it replaces ``path``.
-
-  The temporary name keeps ``path``'s extension (writers pick formats by it). On any
-  exception the temporary file is removed and ``path`` is left as it was.
-
-  Raises:
-    InputError: the directory does not exist or is not writable.
-  """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  base, ext = os.path.splitext(os.path.basename(path))
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=directory)
-  except OSError as e:
-    raise InputError(path, "path", f"cannot create a file in {directory}: "
-                     f"{e.strerror or e}") from e
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 # ----------------------------------------------------------------------------- JSON
