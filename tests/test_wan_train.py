@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import jax
@@ -210,13 +211,31 @@ def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
   assert n_base > 0 and n_train > 0
 
 
-def test_exact_resume(world, tmp_path):
+def test_exact_resume_after_sigterm(world, tmp_path, monkeypatch):
+  """A SIGTERM mid-run saves at the next step and returns; the rerun continues exactly."""
   straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
   kw = dict(log_every=2)
   train.train_and_evaluate(_config(world, steps=8, **kw), straight)
-  config = _config(world, steps=4, **kw)
-  config.checkpoint.every = 4
-  train.train_and_evaluate(config, resumed)
+  reached = checkpoint.PreemptionFlag.reached
+
+  # A real signal through the real handler, at a fixed step (a log step, so the two runs'
+  # metrics lines average the same steps as the straight run's).
+  def sigterm_at_step_4(self, step):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return reached(self, step)
+
+  handler = signal.getsignal(signal.SIGTERM)
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.PreemptionFlag, "reached", sigterm_at_step_4)
+    config = _config(world, steps=8, **kw)
+    config.checkpoint.every = 100  # only the preemption saves
+    train.train_and_evaluate(config, resumed)
+  ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), every=1, keep=1)
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+  assert len(_metrics(resumed)) == 2  # stopped at step 4, not run to the end
+  assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is uninstalled
   train.train_and_evaluate(_config(world, steps=8, **kw), resumed)
   ma, mb = _metrics(straight), _metrics(resumed)
   assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=0, abs=0)
