@@ -31,6 +31,7 @@ import ml_collections
 from flax import nnx
 
 from mirage_jax import diffusion
+from mirage_jax.models import attention as attention_lib
 from mirage_jax.models import layers
 from mirage_jax.sharding import constrain
 
@@ -69,10 +70,26 @@ def denoiser_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   cfg.max_patch_cols = 64
   cfg.qk_norm = True
   cfg.scan_layers = True
+  cfg.attention = "auto"  # attention.IMPLS: 'auto' = Pallas splash on TPU, XLA elsewhere
   cfg.remat = "none" if variant == "tiny" else "dots_with_no_batch_dims_saveable"
-  cfg.dtype = "float32" if variant == "tiny" else "bfloat16"
+  cfg.precision = "f32" if variant == "tiny" else "bf16"  # see PRECISIONS
   cfg.param_dtype = "float32"
   return cfg
+
+
+# precision -> (compute dtype of the matmuls, dtype of the residual stream between blocks).
+PRECISIONS = {"f32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16"),
+              "f32_residual": ("bfloat16", "float32")}
+
+
+def precision_dtypes(cfg) -> tuple[jnp.dtype, jnp.dtype]:
+  """(compute, residual) dtypes of ``cfg.precision``; configs from before that field give
+  both as their ``dtype``."""
+  if "precision" not in cfg:
+    return (jnp.dtype(cfg.dtype),) * 2
+  if cfg.precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
+  return tuple(jnp.dtype(d) for d in PRECISIONS[cfg.precision])
 
 
 def _validate(cfg) -> None:
@@ -92,7 +109,7 @@ class Attention(nnx.Module):
   """Multi-head attention; heads shard over the 'heads' logical axis."""
 
   def __init__(self, d: int, heads: int, kv_dim: int, qk_norm: bool, *, rngs: nnx.Rngs,
-               dtype, param_dtype):
+               dtype, param_dtype, impl: str = "auto"):
     dh = d // heads
     init = nnx.initializers.lecun_normal()
     self.wq = layers.param(rngs, init, (d, heads, dh), ("embed", "heads", "head_dim"), param_dtype)
@@ -106,6 +123,7 @@ class Attention(nnx.Module):
     self.q_norm = norm() if qk_norm else None
     self.k_norm = norm() if qk_norm else None
     self.dtype = dtype
+    self.impl = attention_lib.check_impl(impl)
 
   def __call__(self, x: jax.Array, kv: jax.Array) -> jax.Array:
     """x: (B, N, d) queries; kv: (B, M, kv_dim) keys/values source -> (B, N, d)."""
@@ -117,7 +135,7 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = constrain(q, ("batch", "tokens", "act_heads", None))
-    o = jax.nn.dot_product_attention(q, k, v)
+    o = attention_lib.attention(q, k, v, impl=self.impl)
     o = constrain(o, ("batch", "tokens", "act_heads", None))
     return jnp.einsum("bnhk,hkd->bnd", o, c(self.wo))
 
@@ -130,12 +148,15 @@ class Block(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     # shift/scale/gate for attention and MLP, zero-init so the block starts as identity.
     self.modulation = layers.Dense(d, 6 * d, ("embed", "mlp"), zero_init=True, **kw)
-    self.attn = Attention(d, cfg.num_heads, d, cfg.qk_norm, **kw)
-    self.cross = Attention(d, cfg.num_heads, d, cfg.qk_norm, **kw) if cfg.cond_dim else None
+    # Exports written before the field existed lack it.
+    impl = cfg.get("attention", "auto")
+    self.attn = Attention(d, cfg.num_heads, d, cfg.qk_norm, impl=impl, **kw)
+    self.cross = (Attention(d, cfg.num_heads, d, cfg.qk_norm, impl=impl, **kw)
+                  if cfg.cond_dim else None)
     hidden = int(d * cfg.mlp_ratio)
     self.fc1 = layers.Dense(d, hidden, ("embed", "mlp"), **kw)
     self.fc2 = layers.Dense(hidden, d, ("mlp", "embed"), **kw)
-    self.dtype = dtype
+    self.residual_dtype = precision_dtypes(cfg)[1]
 
   def __call__(self, h: jax.Array, ada: jax.Array, cond: jax.Array | None) -> jax.Array:
     """One block.
@@ -161,7 +182,7 @@ class Block(nnx.Module):
     x = tokens(per_frame(layers.layer_norm(h)) * (1 + scale2) + shift2)
     x = constrain(jax.nn.gelu(self.fc1(x)), ("batch", "tokens", "act_mlp"))
     h = h + tokens(gate2 * per_frame(self.fc2(x)))
-    return constrain(h.astype(self.dtype), _TOKENS)
+    return constrain(h.astype(self.residual_dtype), _TOKENS)
 
 
 class ControlBlock(nnx.Module):
@@ -195,7 +216,8 @@ class Denoiser(nnx.Module):
   def __init__(self, cfg, rngs: nnx.Rngs):
     _validate(cfg)
     self.cfg = cfg
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dtype, self.residual_dtype = precision_dtypes(cfg)
+    param_dtype = jnp.dtype(cfg.param_dtype)
     d, p, c = cfg.embed_dim, cfg.patch_size, cfg.latent_channels
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     concat = cfg.memory_conditioning == "concat"
@@ -314,7 +336,8 @@ class Denoiser(nnx.Module):
            + self.col_pos[:cols][None, None, :])  # (F, rows, cols, d)
     kind = jnp.concatenate([jnp.zeros((nc,), jnp.int32), jnp.ones((nt,), jnp.int32)])
     pos = pos + self.frame_type[...][kind][:, None, None]
-    h = h + pos.reshape(1, nf * rows * cols, -1).astype(dt)
+    h = (h.astype(self.residual_dtype)
+         + pos.reshape(1, nf * rows * cols, -1).astype(self.residual_dtype))
     h = constrain(h, _TOKENS)
 
     t_all = jnp.concatenate([jnp.zeros((b, nc), t.dtype), t], axis=1)  # (B, F)

@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from mirage_jax.errors import InputError
+from mirage_jax.models import attention as attention_lib
 from mirage_jax.models import layers
 from mirage_jax.models import original_layout as ol
 from mirage_jax.sharding import constrain
@@ -84,6 +85,7 @@ def wan_dit_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   cfg.vace_scale = 1.0
   cfg.lora_dropout = 0.05
   cfg.scan_layers = True
+  cfg.attention = "auto"  # attention.IMPLS: 'auto' = Pallas splash on TPU, XLA elsewhere
   cfg.param_dtype = "float32"
   if variant == "ti2v_5b":
     cfg.dim = 3072
@@ -335,6 +337,8 @@ class Attention(nnx.Module):
     self.norm_k = layers.param(rngs, ones, (heads, hd), ("heads", "head_dim"), param_dtype)
     self.eps = cfg.eps
     self.dtype = dtype
+    # Exports written before the field existed lack it.
+    self.impl = attention_lib.check_impl(cfg.get("attention", "auto"))
 
   def _rms(self, x: jax.Array, scale: nnx.Param) -> jax.Array:
     # Over (heads, head_dim) = the whole dim; normalised in f32, cast, then scaled (the
@@ -355,7 +359,7 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, _HEADS)
-    o = jax.nn.dot_product_attention(q, k, v)
+    o = attention_lib.attention(q, k, v, impl=self.impl)
     o = constrain(o, _HEADS)
     return self.o(o, keys[3])
 

@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from mirage_jax.errors import InputError
+from mirage_jax.models import attention as attention_lib
 from mirage_jax.models import layers
 from mirage_jax.models import original_layout as ol
 from mirage_jax.sharding import constrain
@@ -111,6 +112,7 @@ def wan_vae_config(variant: str = "ti2v_5b") -> ml_collections.ConfigDict:
   cfg.latents_std = LATENTS_STD
   cfg.tile_size = (30, 52)  # latent rows, cols (Mirage inference)
   cfg.tile_stride = (15, 26)
+  cfg.attention = "auto"  # attention.IMPLS (the middle blocks' per-frame attention)
   cfg.dtype = "float32"
   cfg.param_dtype = "float32"
   return cfg
@@ -251,19 +253,20 @@ class ResBlock(nnx.Module):
 class FrameAttention(nnx.Module):
   """Single-head self-attention over the H*W cells of each frame, residual."""
 
-  def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm = ChannelRMSNorm(ch, **kw)
     self.qkv = _pointwise(ch, 3 * ch, **kw)
     self.proj = _pointwise(ch, ch, **kw)
     self.dtype = dtype
+    self.impl = attention_lib.check_impl(impl)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, T, H, W, C) -> same shape."""
     b, t, h, w, c = x.shape
     x = x.astype(self.dtype)
     qkv = self.qkv(self.norm(x)).reshape(b * t, h * w, 3, 1, c)  # channels: q | k | v
-    o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    o = attention_lib.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.impl)
     return x + self.proj(o.reshape(b, t, h, w, c))
 
 
@@ -423,10 +426,10 @@ class UpLevel(nnx.Module):
 class _Middle(nnx.Module):
   """Res block, per-frame attention, res block."""
 
-  def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.res1 = ResBlock(ch, ch, **kw)
-    self.attn = FrameAttention(ch, **kw)
+    self.attn = FrameAttention(ch, impl=impl, **kw)
     self.res2 = ResBlock(ch, ch, **kw)
 
   def __call__(self, x, cache):
@@ -448,7 +451,7 @@ class Encoder(nnx.Module):
         DownLevel(dims[i], dims[i + 1], cfg.encoder_res_blocks, down=i != n - 1,
                   temporal=i != n - 1 and bool(cfg.temporal_downsample[i]), **kw)
         for i in range(n)])
-    self.middle = _Middle(dims[-1], **kw)
+    self.middle = _Middle(dims[-1], impl=cfg.get("attention", "auto"), **kw)
     self.norm_out = ChannelRMSNorm(dims[-1], **kw)
     self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, **kw)
 
@@ -478,7 +481,7 @@ class Decoder(nnx.Module):
     n = len(mult)
     temporal_up = tuple(cfg.temporal_downsample)[::-1]
     self.conv_in = CausalConv3d(cfg.z_dim, dims[0], **kw)
-    self.middle = _Middle(dims[0], **kw)
+    self.middle = _Middle(dims[0], impl=cfg.get("attention", "auto"), **kw)
     self.levels = nnx.List([
         UpLevel(dims[i], dims[i + 1], cfg.decoder_res_blocks, up=i != n - 1,
                 temporal=i != n - 1 and bool(temporal_up[i]), **kw)

@@ -1,0 +1,248 @@
+"""Multi-head attention kernels and context parallelism: the one home for softmax attention.
+
+Every model calls :func:`attention` with ``(B, L, H, D)`` queries, keys and values; the
+implementation is a config field (``model.attention``):
+
+  * ``'xla'``: ``jax.nn.dot_product_attention`` (XLA's path; materialises the
+    ``(B, H, Lq, Lk)`` scores, fine for short sequences and the CPU).
+  * ``'chunked'``: pure JAX, a ``lax.scan`` over key blocks with an online softmax and a
+    hand-written backward (``jax.custom_vjp``) that recomputes each block's scores from the
+    saved log-sum-exp, so neither pass holds more than ``(B, H, Lq, block)`` scores. Runs on
+    any backend.
+  * ``'splash'``: jax's Pallas TPU splash-attention kernel
+    (``jax.experimental.pallas.ops.tpu.splash_attention``); TPU only.
+  * ``'auto'``: ``'splash'`` when the computation is for TPU (the mesh's devices, else the
+    default backend), ``'xla'`` elsewhere.
+
+Sequence lengths need not divide a block size (Wan's 13,200 tokens do not): the chunked path
+pads the keys and masks them out; the splash path pads queries and keys to the block size
+and gives padded keys their own segment id, so no real query attends to them.
+
+Context parallelism. Under a mesh whose ``context`` axis shards the query tokens (the
+``tokens`` logical axis), attention runs inside ``shard_map``: each device keeps its query
+block and all-gathers the keys and values over ``context`` (when they are sharded that way;
+a short text sequence for cross-attention is not), then runs the chosen kernel locally. The
+splash kernel always runs inside ``shard_map`` (a Pallas call cannot be partitioned by XLA's
+SPMD pass), with the batch over the data axes and heads over ``tensor`` as the logical rules
+say.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from mirage_jax import sharding
+
+IMPLS = ("auto", "xla", "chunked", "splash")
+_HEADS = ("batch", "tokens", "act_heads", None)
+_LANES = 128  # splash block sizes are multiples of the TPU lane width
+
+
+def check_impl(impl: str, where: str = "model.attention") -> str:
+  """``impl`` if it names an implementation, else an ``InputError`` at ``where``."""
+  if impl not in IMPLS:
+    from mirage_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+    raise InputError(where, "attention", f"unknown implementation {impl!r}; known: {IMPLS}")
+  return impl
+
+
+def resolve(impl: str) -> str:
+  """'auto' -> 'splash' when compiling for TPU (mesh devices, else default backend), else 'xla'."""
+  if impl != "auto":
+    return impl
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = device.platform if device is not None else jax.default_backend()
+  return "splash" if platform == "tpu" else "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
+              block_size: int = 512) -> jax.Array:
+  """Softmax attention ``softmax(q k^T / sqrt(D)) v``, no mask.
+
+  Args:
+    q: (B, Lq, H, D) queries.
+    k: (B, Lk, H, D) keys.
+    v: (B, Lk, H, D) values.
+    impl: one of ``IMPLS`` (see the module docstring).
+    block_size: key block of 'chunked'; largest query/key block of 'splash' (multiple of 128).
+  Returns:
+    (B, Lq, H, D) in ``q.dtype``.
+  """
+  impl = resolve(check_impl(impl))
+  local = functools.partial(_local, impl=impl, block_size=block_size)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  q_spec = sharding.logical_to_spec(_HEADS, None, mesh, q.shape)
+  kv_spec = sharding.logical_to_spec(_HEADS, None, mesh, k.shape)
+  if not _axes(q_spec[1]) and impl != "splash":
+    return local(q, k, v)  # XLA's SPMD partitioner handles batch / head sharding
+  # Keys and values use the queries' batch and head sharding; their tokens stay as the rules
+  # put them (context-sharded self-attention keys are gathered below).
+  kv_spec = PartitionSpec(q_spec[0], kv_spec[1], q_spec[2], None)
+  gather = _axes(kv_spec[1])
+
+  def body(q, k, v):
+    if gather:
+      k = jax.lax.all_gather(k, gather, axis=1, tiled=True)
+      v = jax.lax.all_gather(v, gather, axis=1, tiled=True)
+    return local(q, k, v)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _local(q, k, v, *, impl: str, block_size: int) -> jax.Array:
+  if impl == "xla":
+    return jax.nn.dot_product_attention(q, k, v)
+  if impl == "chunked":
+    return chunked_attention(q, k, v, block_size)
+  if impl == "splash":
+    return splash_attention(q, k, v, block_size)
+  raise ValueError(f"attention: unknown implementation {impl!r}")
+
+
+# ----------------------------------------------------------------------------- chunked
+
+
+def _key_blocks(x: jax.Array, block: int) -> jax.Array:
+  """(B, Lk, H, D) -> (nb, B, block, H, D), zero-padded to nb * block keys."""
+  b, n, h, d = x.shape
+  nb = -(-n // block)
+  x = jnp.pad(x, ((0, 0), (0, nb * block - n), (0, 0), (0, 0)))
+  return jnp.moveaxis(x.reshape(b, nb, block, h, d), 1, 0)
+
+
+def _block_scores(q, kb, i, block, n_keys, scale):
+  """Scaled scores (B, H, Lq, block) in f32 of key block ``i``; padded keys at -inf."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kb, preferred_element_type=jnp.float32) * scale
+  valid = i * block + jnp.arange(block) < n_keys
+  return jnp.where(valid, s, -jnp.inf)
+
+
+def _chunked_forward(q, k, v, block):
+  n_keys, scale = k.shape[1], 1.0 / math.sqrt(q.shape[-1])
+  b, lq, h, d = q.shape
+  kbs, vbs = _key_blocks(k, block), _key_blocks(v, block)
+
+  def step(carry, xs):
+    o, m, l = carry
+    i, kb, vb = xs
+    s = _block_scores(q, kb, i, block, n_keys, scale)
+    m_new = jnp.maximum(m, s.max(-1))  # finite: block 0 always holds a real key
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    l = l * alpha + p.sum(-1)
+    pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+    o = o * jnp.swapaxes(alpha, 1, 2)[..., None] + pv
+    return (o, m_new, l), None
+
+  init = (jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32),
+          jnp.zeros((b, h, lq), jnp.float32))
+  (o, m, l), _ = jax.lax.scan(step, init, (jnp.arange(kbs.shape[0]), kbs, vbs))
+  out = (o / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype)
+  return out, m + jnp.log(l)  # lse: (B, H, Lq)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(q, k, v, block):
+  return _chunked_forward(q, k, v, block)[0]
+
+
+def _chunked_fwd(q, k, v, block):
+  out, lse = _chunked_forward(q, k, v, block)
+  return out, (q, k, v, out, lse)
+
+
+def _chunked_bwd(block, residuals, do):
+  q, k, v, out, lse = residuals
+  n_keys, scale = k.shape[1], 1.0 / math.sqrt(q.shape[-1])
+  # delta_i = sum_j p_ij dp_ij = do_i . o_i
+  delta = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)
+  kbs, vbs = _key_blocks(k, block), _key_blocks(v, block)
+
+  def step(dq, xs):
+    i, kb, vb = xs
+    p = jnp.exp(_block_scores(q, kb, i, block, n_keys, scale) - lse[..., None])
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(do.dtype), do,
+                    preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", do, vb, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+    dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kb, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q, preferred_element_type=jnp.float32)
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32),
+                              (jnp.arange(kbs.shape[0]), kbs, vbs))
+  unblock = lambda x, like: jnp.moveaxis(x, 0, 1).reshape(
+      like.shape[0], -1, *like.shape[2:])[:, :like.shape[1]].astype(like.dtype)
+  return dq.astype(q.dtype), unblock(dk, k), unblock(dv, v)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 512
+                      ) -> jax.Array:
+  """Blockwise attention with an online softmax; never holds the (Lq, Lk) scores.
+
+  Args:
+    q: (B, Lq, H, D); k, v: (B, Lk, H, D).
+    block_size: keys per block (the last block is padded and masked).
+  Returns:
+    (B, Lq, H, D) in ``q.dtype``; its gradient recomputes each block's scores.
+  """
+  return _chunked(q, k, v, int(min(block_size, k.shape[1])))
+
+
+# ----------------------------------------------------------------------------- splash
+
+
+def _splash_block(n: int, largest: int) -> int:
+  """A multiple of 128 no larger than ``largest`` (nor than ``n`` rounded up to 128)."""
+  return max(_LANES, min(largest // _LANES * _LANES, -(-n // _LANES) * _LANES))
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 512
+                     ) -> jax.Array:
+  """The Pallas TPU splash kernel on one device's arrays (TPU only).
+
+  Args:
+    q: (B, Lq, H, D); k, v: (B, Lk, H, D). Any lengths: both are padded to their block
+      size, padded keys take segment id 1 (real queries and padded queries have id 0, so
+      every query row keeps real keys and none sees a padded one).
+    block_size: largest block (rounded down to a multiple of 128).
+  Returns:
+    (B, Lq, H, D) in ``q.dtype``.
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as sk, splash_attention_mask as sm)
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  bq, bkv = _splash_block(lq, block_size), _splash_block(lk, block_size)
+  lq_pad, lk_pad = -(-lq // bq) * bq, -(-lk // bkv) * bkv
+  # The kernel takes (H, L, D) per example and does not scale the scores.
+  heads_first = lambda x, n: jnp.pad(jnp.swapaxes(x, 1, 2),
+                                     ((0, 0), (0, 0), (0, n - x.shape[1]), (0, 0)))
+  qh = heads_first(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), lq_pad)
+  kh, vh = heads_first(k, lk_pad), heads_first(v, lk_pad)
+  mask = sm.MultiHeadMask([sm.FullMask((lq_pad, lk_pad)) for _ in range(h)])
+  blocks = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                         block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                         block_kv_dq=bkv)
+  kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1)
+  segments = sk.SegmentIds(q=jnp.zeros((lq_pad,), jnp.int32),
+                           kv=jnp.asarray(np.arange(lk_pad) >= lk, jnp.int32))
+  out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(qh, kh, vh)
+  return jnp.swapaxes(out[:, :, :lq], 1, 2).astype(q.dtype)
