@@ -21,10 +21,15 @@ INSTALL_REQUIRES = [
     "imageio-ffmpeg>=0.5",
     "matplotlib>=3.8",
     "dm-pix==0.4.5",
+    "tensorboardX==2.6.5",  # TensorBoard event files (metrics_log)
+    "pillow>=10",
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+    # tensorboard: its event-file reader checks what metrics_log wrote; websockets drives
+    # headless Chromium over the DevTools protocol (the index.html report test).
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "tensorboard==2.21.0",
+            "websockets>=13"],
     # Numerical oracles for the Wan2.2 parity tests (tests only, never imported at run time).
     # torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB CUDA build.
     "oracle": ["torch==2.13.0", "diffusers==0.42.1"],

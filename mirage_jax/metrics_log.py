@@ -1,94 +1,43 @@
-"""Training metrics to JSONL (always) and TensorBoard event files (no TensorFlow needed).
+"""Training metrics to JSONL (always) and TensorBoard event files (through ``tensorboardX``).
 
-TensorBoard reads ``tfevents`` files: a sequence of length-prefixed, CRC32C-checked records,
-each an ``Event`` protocol buffer. Scalars need only four proto fields, so they are encoded
-here by hand rather than pulling in TensorFlow or tensorboardX.
+Scalars go to ``<workdir>/metrics.jsonl`` and TensorBoard; images and videos (e.g. the
+side-by-side training-time rollouts) to TensorBoard only. A video is stored the way
+TensorBoard shows videos: an image summary whose encoded image is an animated GIF (what
+``tensorboardX``'s ``add_video`` writes, encoded here with Pillow instead of moviepy), so it
+plays in TensorBoard's image dashboard.
+
+Reading back (:func:`read_events`, :func:`read_tags`) uses TensorBoard's own event-file loader
+(the ``tensorboard`` package, in the ``dev`` extra): what it reads, TensorBoard shows.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import socket
-import struct
-import time
 from typing import Mapping
 
-# ----------------------------------------------------------------------------- CRC32C
+import numpy as np
+from PIL import Image
+import tensorboardX
+from tensorboardX import summary as tbx_summary
+from tensorboardX.proto.summary_pb2 import Summary
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for n in range(256):
-    c = n
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli polynomial, reflected
-    table.append(c)
-  return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli) of ``data``, as TFRecord framing uses."""
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ----------------------------------------------------------------------------- protobuf
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(byte | 0x80)
-    else:
-      out.append(byte)
-      return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           scalars: Mapping[str, float] | None = None) -> bytes:
-  """Serialized ``tensorflow.Event``: wall_time=1 (double), step=2, file_version=3, summary=5."""
-  msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-  if file_version is not None:
-    msg += _field_bytes(3, file_version.encode())
-  if scalars:
-    # Summary.value=1 (repeated Value); Value.tag=1 (string), Value.simple_value=2 (float).
-    values = b"".join(
-        _field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", float(v)))
-        for tag, v in scalars.items())
-    msg += _field_bytes(5, values)
-  return msg
-
-
-def _record(data: bytes) -> bytes:
-  length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-# ----------------------------------------------------------------------------- writer
+def _gif_bytes(frames: np.ndarray, fps: float) -> bytes:
+  """uint8 frames (T, H, W, 3) as a looping animated GIF."""
+  images = [Image.fromarray(f) for f in frames]
+  buffer = io.BytesIO()
+  images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
+                 duration=max(1, round(1000.0 / fps)), loop=0)
+  return buffer.getvalue()
 
 
 class MetricsWriter:
-  """Writes scalar metrics to ``<workdir>/metrics.jsonl`` and ``<workdir>/tensorboard/``.
+  """Writes metrics to ``<workdir>/metrics.jsonl`` and ``<workdir>/tensorboard/``.
 
-  Only process 0 writes (every process computes the same global metrics).
+  Only process 0 writes (every process computes the same global metrics). Every write is
+  flushed, so a crashed run keeps what it logged.
   """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
@@ -99,12 +48,11 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
-      tb_dir = os.path.join(workdir, "tensorboard")
-      os.makedirs(tb_dir, exist_ok=True)
-      name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-      self._events = open(os.path.join(tb_dir, name), "ab")
-      self._events.write(_record(_event(time.time(), 0, file_version="brain.Event:2")))
-      self._events.flush()
+      self._events = tensorboardX.FileWriter(os.path.join(workdir, "tensorboard"))
+
+  def _add(self, step: int, summary: Summary) -> None:
+    self._events.add_summary(summary, int(step))
+    self._events.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """Appends one JSON line ``{"step": step, **scalars}`` and one TensorBoard event."""
@@ -114,79 +62,73 @@ class MetricsWriter:
     self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     self._jsonl.flush()
     if self._events is not None:
-      self._events.write(_record(_event(time.time(), int(step), scalars=values)))
-      self._events.flush()
+      self._add(step, Summary(value=[v for tag, x in values.items()
+                                     for v in tbx_summary.scalar(tag, x).value]))
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """TensorBoard images: tag -> uint8 (H, W, 3)."""
+    if not self.enabled or self._events is None:
+      return
+    for tag, image in images.items():
+      self._add(step, tbx_summary.image(tag, np.asarray(image, np.uint8), dataformats="HWC"))
+
+  def write_videos(self, step: int, videos: Mapping[str, np.ndarray], fps: float = 8.0) -> None:
+    """TensorBoard videos (animated GIFs in image summaries): tag -> uint8 (T, H, W, 3)."""
+    if not self.enabled or self._events is None:
+      return
+    for tag, frames in videos.items():
+      frames = np.asarray(frames, np.uint8)
+      _, h, w, c = frames.shape
+      image = Summary.Image(height=h, width=w, colorspace=c,
+                            encoded_image_string=_gif_bytes(frames, fps))
+      self._add(step, Summary(value=[Summary.Value(tag=tag, image=image)]))
 
   def close(self) -> None:
-    for f in (self._jsonl, self._events):
-      if f is not None:
-        f.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._events is not None:
+      self._events.close()
     self._jsonl = self._events = None
 
 
+def _events(path: str):
+  # TensorBoard's own reader (the ``tensorboard`` package, ``dev`` extra): a run-time import
+  # so training never needs it.
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  return event_file_loader.LegacyEventFileLoader(path).Load()  # events as written (no migration)
+
+
 def read_events(path: str) -> list[tuple[int, dict[str, float]]]:
-  """Reads back scalar events written by :class:`MetricsWriter`, checking every CRC.
+  """Reads back the scalar events of an event file with TensorBoard's loader.
 
   Returns:
     ``(step, {tag: value})`` per event that holds scalars, in file order.
   """
   out = []
-  with open(path, "rb") as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):
-    header = data[pos:pos + 8]
-    (length,) = struct.unpack("<Q", header)
-    (crc_len,) = struct.unpack("<I", data[pos + 8:pos + 12])
-    body = data[pos + 12:pos + 12 + length]
-    (crc_body,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-    if crc_len != _masked_crc(header) or crc_body != _masked_crc(body):
-      raise ValueError(f"{path}: corrupt record at byte {pos}")
-    pos += 16 + length
-    step, scalars = _parse_event(body)
+  for event in _events(path):
+    scalars = {v.tag: v.simple_value for v in event.summary.value
+               if v.WhichOneof("value") == "simple_value"}
     if scalars:
-      out.append((step, scalars))
+      out.append((int(event.step), scalars))
   return out
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-  n = shift = 0
-  while True:
-    b = buf[pos]
-    pos += 1
-    n |= (b & 0x7F) << shift
-    shift += 7
-    if not b & 0x80:
-      return n, pos
+def read_tags(path: str) -> dict[str, dict[str, list[int]]]:
+  """Which tags an event file holds, by kind, with their steps.
 
-
-def _fields(buf: bytes):
-  """Yields ``(field_number, wire_type, value)`` of a serialized proto message."""
-  pos = 0
-  while pos < len(buf):
-    key, pos = _read_varint(buf, pos)
-    number, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _read_varint(buf, pos)
-    elif wire == 1:
-      value, pos = buf[pos:pos + 8], pos + 8
-    elif wire == 5:
-      value, pos = buf[pos:pos + 4], pos + 4
-    elif wire == 2:
-      length, pos = _read_varint(buf, pos)
-      value, pos = buf[pos:pos + length], pos + length
-    else:
-      raise ValueError(f"unsupported wire type {wire}")
-    yield number, wire, value
-
-
-def _parse_event(buf: bytes) -> tuple[int, dict[str, float]]:
-  step, scalars = 0, {}
-  for number, _, value in _fields(buf):
-    if number == 2:
-      step = value
-    elif number == 5:
-      for _, _, v in _fields(value):
-        fields = {n: x for n, _, x in _fields(v)}
-        scalars[fields[1].decode()] = struct.unpack("<f", fields[2])[0]
-  return step, scalars
+  Returns:
+    ``{"scalars": {tag: [step, ...]}, "images": {...}, "videos": {...}}``; videos are the
+    image summaries whose encoded image is a GIF.
+  """
+  out = {"scalars": {}, "images": {}, "videos": {}}
+  for event in _events(path):
+    for v in event.summary.value:
+      kind = v.WhichOneof("value")
+      if kind == "simple_value":
+        key = "scalars"
+      elif kind == "image":
+        key = "videos" if v.image.encoded_image_string[:4] == b"GIF8" else "images"
+      else:
+        continue
+      out[key].setdefault(v.tag, []).append(int(event.step))
+  return out
