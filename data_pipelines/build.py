@@ -1,18 +1,17 @@
-r"""Builds a posed-clip dataset (TFDS, ArrayRecord) from a renderer or files on disk.
+r"""Builds a posed-clip dataset (TFDS, ArrayRecord) from a renderer or files on disk, on Beam.
 
-One process:
+In this process (Beam's DirectRunner, one worker):
 
   python -m data_pipelines.build --dataset=procedural_rooms --data_dir=DIR --num_clips=N \
       [--frames_per_clip=64 --resolution=64 --moving_objects=0 --config_name=default]
 
-Several processes (or machines sharing DIR): run shard k of n in each, then merge once:
+On several local processes, or on a cluster (README: "Dataset builds on Beam"):
 
-  python -m data_pipelines.build ... --num_shards=4 --shard_index=k    # k = 0..3, in parallel
-  python -m data_pipelines.build ... --num_shards=4 --merge
+  ... --beam_runner=DirectRunner \
+      --beam_options=direct_num_workers=8,direct_running_mode=multi_processing
+  ... --beam_runner=DataflowRunner --beam_options=project=P,region=R,temp_location=gs://B/tmp,...
 
-Shard k renders the clips with ``index % n == k`` into ``DIR/_shards/k-of-n``; the merge copies
-their records (no rendering) into ``DIR/<dataset>/<config_name>/<version>``, equal to a
-one-process build. The shard folders stay; delete them once the merge is done.
+Every runner and worker count writes the same records (data_pipelines/builders.py).
 
 Files on disk: ``--dataset=posed_files --source_dir=FOLDER`` (geometry.npz / RealEstate10K
 .txt; --num_clips=0 takes every file).
@@ -25,7 +24,7 @@ with other parameters at the same place is an error and is left untouched.
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from typing import Sequence
 
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -43,52 +42,28 @@ _TRAJECTORY = flags.DEFINE_string("trajectory", "loop", "Camera path (procedural
 _MAZE_SIZE = flags.DEFINE_integer("maze_size", 9, "Maze size (memory_maze).")
 _FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "Clip i is rendered with seed first_seed + i.")
 _SOURCE_DIR = flags.DEFINE_string("source_dir", "", "Folder of clip files (posed_files).")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Split the build over this many processes.")
-_SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This process's shard in [0, num_shards).")
-_MERGE = flags.DEFINE_bool("merge", False, "Merge the num_shards finished shards into the dataset.")
+_BEAM_RUNNER = flags.DEFINE_string(
+    "beam_runner", "", "Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, "
+    "...); empty: Beam's DirectRunner in this process.")
+_BEAM_OPTIONS = flags.DEFINE_list(
+    "beam_options", [], "Beam pipeline options, comma-separated name=value (e.g. "
+    "direct_num_workers=2,direct_running_mode=multi_processing or project=...,region=...).")
 
 
-def shard_data_dir(data_dir: str, shard_index: int, num_shards: int) -> str:
-  """Where shard ``shard_index`` of ``num_shards`` is built."""
-  return str(Path(data_dir) / "_shards" / f"{shard_index}-of-{num_shards}")
-
-
-def build(dataset: str, data_dir: str, config_name: str = "default", *, num_shards: int = 1,
-          shard_index: int = 0, merge: bool = False, progress: bool = False,
-          **params) -> tuple[tfds.core.DatasetBuilder, bool]:
-  """Builds, reuses or merges one dataset (see the module docstring).
+def build(dataset: str, data_dir: str, config_name: str = "default", *, beam_runner: str = "",
+          beam_options: Sequence[str] = (), **params) -> tuple[tfds.core.DatasetBuilder, bool]:
+  """Builds or reuses one dataset (see the module docstring).
 
   Args:
     dataset, data_dir, config_name: which dataset, where.
-    num_shards, shard_index, merge: build shard ``shard_index`` of ``num_shards`` alone, or
-      merge the finished shards (``merge``), or the whole dataset (``num_shards == 1``).
-    progress: show a tqdm bar over the clips.
+    beam_runner, beam_options: where the clips are made (``builders.beam_options``).
     **params: ClipsConfig fields (num_clips, frames_per_clip, resolution, ...).
   Returns:
-    (builder of the dataset or shard built, True if an existing complete one was reused).
+    (builder of the dataset, True if an existing complete one was reused).
   """
   from data_pipelines import builders  # pylint: disable=g-import-not-at-top
-
-  if num_shards < 1 or not 0 <= shard_index < num_shards:
-    raise InputError("--shard_index", "shard_index",
-                     f"expected 0 <= shard_index < num_shards, got {shard_index} of {num_shards}")
-
-  def make(where, **kwargs):
-    return builders.make_builder(dataset, where, config_name, progress=progress, **params, **kwargs)
-
-  if merge:
-    shards = [make(shard_data_dir(data_dir, i, num_shards), shard=(i, num_shards)) for i in range(num_shards)]
-    builder = make(data_dir, merge_from=[str(s.data_path) for s in shards])
-    if not builders.check_same_params(builder):  # Not merged before: all shards must be done.
-      for i, shard in enumerate(shards):
-        if not builders.check_same_params(shard):
-          raise InputError(shard.data_path, "shard", f"missing or incomplete: run "
-                           f"--shard_index={i} --num_shards={num_shards} first")
-  elif num_shards > 1:
-    builder = make(shard_data_dir(data_dir, shard_index, num_shards), shard=(shard_index, num_shards))
-  else:
-    builder = make(data_dir)
-  return builder, builders.prepare(builder)
+  builder = builders.make_builder(dataset, data_dir, config_name, **params)
+  return builder, builders.prepare(builder, beam_runner, beam_options)
 
 
 def main(argv: list[str]) -> int:
@@ -98,17 +73,17 @@ def main(argv: list[str]) -> int:
   for flag in (_DATASET, _DATA_DIR):
     if not flag.value:
       raise InputError(f"--{flag.name}", flag.name, "is required")
-  tfds.disable_progress_bar()  # One bar of our own over the clips instead of TFDS's per split.
+  tfds.disable_progress_bar()
   if not flags.FLAGS["verbosity"].present:  # TFDS logs routine notes as warnings: keep stderr for errors.
     logging.set_verbosity(logging.ERROR)
   start = time.perf_counter()
   builder, reused = build(
-      _DATASET.value, _DATA_DIR.value, _CONFIG_NAME.value, num_shards=_NUM_SHARDS.value,
-      shard_index=_SHARD_INDEX.value, merge=_MERGE.value, progress=True,
+      _DATASET.value, _DATA_DIR.value, _CONFIG_NAME.value, beam_runner=_BEAM_RUNNER.value,
+      beam_options=_BEAM_OPTIONS.value,
       num_clips=_NUM_CLIPS.value, frames_per_clip=_FRAMES.value, resolution=_RESOLUTION.value,
       moving_objects=_MOVING.value, trajectory=_TRAJECTORY.value, maze_size=_MAZE_SIZE.value,
       first_seed=_FIRST_SEED.value, source_dir=_SOURCE_DIR.value)
-  # A shard may lack a split (TFDS refuses empty ones).
+  # posed_files with fewer than 3 files lacks a split (TFDS refuses empty ones).
   sizes = ", ".join(f"{s} {builder.info.splits[s].num_examples}"
                     for s in ("train", "validation", "test") if s in builder.info.splits)
   if reused:

@@ -16,10 +16,11 @@ Splits: clip ``index`` in ``[0, num_clips)`` goes to ``test`` if it is among the
 those, else to ``train`` (a function of index and num_clips only, so every process and every
 shard agrees).
 
-Large builds: a shard ``(k, n)`` builds the clips with ``index % n == k`` into its own
-data_dir; ``merge_from`` builds the full dataset from the n shard datasets by copying their
-records (no rendering). Records are keyed by ``index``, and TFDS orders records by a hash of
-the key, so a merged dataset holds the same records in the same order as a one-process build.
+Generation runs on Apache Beam: each split is ``Create(indices) | Reshuffle | Map(make
+record)``, so the clips are rendered by whatever runner ``prepare`` is given (in process by
+default; ``--direct_num_workers`` processes, or Dataflow / Flink / Spark workers at scale).
+Records are keyed by ``index`` and TFDS orders them by a hash of the key, so every runner and
+worker count writes the same records in the same order.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ import functools
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
-from tqdm import tqdm
 
 from data_pipelines import files
 from data_pipelines.clip import Clip, validate_clip
@@ -118,7 +118,7 @@ def to_record(clip: Clip, clip_id: str, index: int) -> dict[str, Any]:
 
 
 class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
-  """Shared machinery: config params, splits, shards, merge, progress."""
+  """Shared machinery: config params, splits, the Beam transform of each split."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: posed clips with depth, poses, masks."}
@@ -132,24 +132,9 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
     # on Python >= 3.9; the class's source file is all it needs.
     return epath.Path(inspect.getfile(cls))
 
-  def __init__(self, *, shard: tuple[int, int] = (0, 1), merge_from: Sequence[str] = (),
-               progress: bool = False, **kwargs):
-    """Args as ``tfds.core.GeneratorBasedBuilder`` (data_dir, config), plus:
-
-    Args:
-      shard: (k, n): build only the clips with ``index % n == k``.
-      merge_from: data_dirs of the n shard builds to merge (instead of generating clips).
-      progress: show one tqdm bar over the clips.
-    """
-    self._shard, self._merge_from, self._progress = shard, list(merge_from), progress
-    super().__init__(**kwargs)
-
   def params(self) -> dict[str, Any]:
-    """The config fields that define the dataset, plus the shard when building one."""
-    out = {k: getattr(self.builder_config, k) for k in self.PARAMS}
-    if self._shard != (0, 1):
-      out["shard"] = list(self._shard)
-    return out
+    """The config fields that define the dataset."""
+    return {k: getattr(self.builder_config, k) for k in self.PARAMS}
 
   def _feature_sizes(self) -> tuple[int | None, int | None, int | None]:
     c = self.builder_config
@@ -164,53 +149,57 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
     )
 
   def num_clips(self) -> int:
-    """Clips in the whole dataset (all shards, all splits)."""
+    """Clips in the whole dataset (all splits)."""
     return self.builder_config.num_clips
 
-  def _make_clip(self, index: int) -> tuple[Clip, str]:
-    """Clip ``index`` (validated) and its clip_id."""
+  def clip_maker(self) -> Callable[[int], tuple[Clip, str]]:
+    """A picklable ``index -> (validated clip, clip_id)``; Beam ships it to the workers."""
     raise NotImplementedError
 
   def _split_generators(self, dl_manager):
     del dl_manager
     n = self.num_clips()
-    k, num_shards = self._shard
-    mine = [i for i in range(n) if i % num_shards == k]
-    if not mine:
-      raise InputError("--num_shards", "num_shards", f"shard {k} of {num_shards} gets none of the {n} clips")
-    bar = tqdm(total=len(mine), desc=f"{self.name}/{self.builder_config.name}", unit="clip",
-               disable=not self._progress)
-    by_split = {split: [i for i in mine if split_of(i, n) == split] for split in SPLITS}
-    # TFDS refuses empty splits; only a shard can have one, and the merge skips it.
-    return {split: self._generate_examples(split, indices, bar)
-            for split, indices in by_split.items() if indices}
+    make = self.clip_maker()
+    by_split = {split: [i for i in range(n) if split_of(i, n) == split] for split in SPLITS}
+    # TFDS refuses empty splits (posed_files with fewer than 3 files has some).
+    return {split: _records_transform(indices, make) for split, indices in by_split.items() if indices}
 
-  def _generate_examples(self, split: str, indices: list[int], bar) -> Iterator[tuple[int, dict]]:
-    if self._merge_from:
-      yield from self._merged_examples(split, bar)
-      return
-    for i in indices:
-      clip, clip_id = self._make_clip(i)
-      _advance(bar)
-      yield i, to_record(clip, clip_id, i)
-
-  def _merged_examples(self, split: str, bar) -> Iterator[tuple[int, dict]]:
-    for shard_dir in self._merge_from:
-      shard = tfds.builder_from_directory(shard_dir)
-      if split not in shard.info.splits:
-        continue
-      source = shard.as_data_source(split)
-      for j in range(len(source)):
-        record = dict(source[j])
-        _advance(bar)
-        yield int(record["index"]), record
+  def _generate_examples(self):
+    raise NotImplementedError("_split_generators returns the Beam transforms")
 
 
-def _advance(bar: tqdm) -> None:
-  """One clip done; the bar is shared by the splits, so it closes itself after the last."""
-  bar.update(1)
-  if bar.n >= bar.total:
-    bar.close()
+def _keyed_record(index: int, make: Callable[[int], tuple[Clip, str]]) -> tuple[int, dict]:
+  clip, clip_id = make(index)
+  return index, to_record(clip, clip_id, index)
+
+
+def _records_transform(indices: list[int], make: Callable[[int], tuple[Clip, str]]):
+  """Beam: () -> (index, record) of each clip index; Reshuffle spreads the clips over workers."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  return beam.Create(indices) | beam.Reshuffle() | beam.Map(_keyed_record, make)
+
+
+def _procedural_clip(index: int, *, name: str, first_seed: int, frames_per_clip: int,
+                     resolution: int, trajectory: str, moving_objects: int) -> tuple[Clip, str]:
+  from data_pipelines import procedural  # pylint: disable=g-import-not-at-top
+  seed = first_seed + index
+  clip = procedural.render_clip(seed, frames_per_clip, resolution, resolution,
+                                trajectory=trajectory, moving_objects=moving_objects)
+  return validate_clip(clip, f"{name} seed {seed}"), f"seed{seed}"
+
+
+def _memory_maze_clip(index: int, *, name: str, first_seed: int, frames_per_clip: int,
+                      resolution: int, maze_size: int) -> tuple[Clip, str]:
+  from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
+  seed = first_seed + index
+  clip = memory_maze.rollout_clip(seed, frames_per_clip, resolution, resolution,
+                                  maze_size=maze_size)
+  return validate_clip(clip, f"{name} seed {seed}"), f"seed{seed}"
+
+
+def _file_clip(index: int, *, root: str, paths: tuple[str, ...]) -> tuple[Clip, str]:
+  path = Path(paths[index])
+  return files.load_clip(path), files.clip_name(path, Path(root))
 
 
 class ProceduralRooms(_ClipsBuilder):
@@ -218,13 +207,11 @@ class ProceduralRooms(_ClipsBuilder):
 
   PARAMS = ("num_clips", "frames_per_clip", "resolution", "moving_objects", "trajectory", "first_seed")
 
-  def _make_clip(self, index):
-    from data_pipelines import procedural  # pylint: disable=g-import-not-at-top
+  def clip_maker(self):
     c = self.builder_config
-    seed = c.first_seed + index
-    clip = procedural.render_clip(seed, c.frames_per_clip, c.resolution, c.resolution,
-                                  trajectory=c.trajectory, moving_objects=c.moving_objects)
-    return validate_clip(clip, f"{self.name} seed {seed}"), f"seed{seed}"
+    return functools.partial(_procedural_clip, name=self.name, first_seed=c.first_seed,
+                             frames_per_clip=c.frames_per_clip, resolution=c.resolution,
+                             trajectory=c.trajectory, moving_objects=c.moving_objects)
 
 
 class MemoryMaze(_ClipsBuilder):
@@ -232,17 +219,16 @@ class MemoryMaze(_ClipsBuilder):
 
   PARAMS = ("num_clips", "frames_per_clip", "resolution", "maze_size", "first_seed")
 
-  def _make_clip(self, index):
-    try:
-      from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
+  def clip_maker(self):
+    try:  # Here, not on a worker: a missing extra is the user's one-line error.
+      from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError as e:
       raise InputError("--dataset", "memory_maze", f"needs the optional extra: pip install -e "
                        f"'.[memory_maze]' and Debian's libosmesa6 ({e})") from e
     c = self.builder_config
-    seed = c.first_seed + index
-    clip = memory_maze.rollout_clip(seed, c.frames_per_clip, c.resolution, c.resolution,
-                                    maze_size=c.maze_size)
-    return validate_clip(clip, f"{self.name} seed {seed}"), f"seed{seed}"
+    return functools.partial(_memory_maze_clip, name=self.name, first_seed=c.first_seed,
+                             frames_per_clip=c.frames_per_clip, resolution=c.resolution,
+                             maze_size=c.maze_size)
 
 
 class PosedFiles(_ClipsBuilder):
@@ -265,9 +251,10 @@ class PosedFiles(_ClipsBuilder):
   def num_clips(self):
     return len(self._paths)
 
-  def _make_clip(self, index):
-    path = self._paths[index]
-    return files.load_clip(path), files.clip_name(path, Path(self.builder_config.source_dir))
+  def clip_maker(self):
+    # Workers read the files by path: at scale the folder must be on storage they all see.
+    return functools.partial(_file_clip, root=self.builder_config.source_dir,
+                             paths=tuple(str(p) for p in self._paths))
 
 
 BUILDERS = {b.name: b for b in (ProceduralRooms, MemoryMaze, PosedFiles)}
@@ -279,15 +266,22 @@ BUILDERS = {b.name: b for b in (ProceduralRooms, MemoryMaze, PosedFiles)}
 def make_builder(dataset: str, data_dir: str, config_name: str = "default", **kwargs) -> _ClipsBuilder:
   """A builder for ``dataset`` (a key of BUILDERS) with a ClipsConfig from ``kwargs``.
 
-  ``kwargs`` holds ClipsConfig fields and the builder's own (shard, merge_from, progress).
+  ``kwargs`` holds ClipsConfig fields.
   """
   if dataset not in BUILDERS:
     raise InputError("--dataset", "dataset", f"unknown {dataset!r}; expected one of {sorted(BUILDERS)}")
-  own = {k: kwargs.pop(k) for k in ("shard", "merge_from", "progress") if k in kwargs}
   config = ClipsConfig(name=config_name, **kwargs)
   if dataset != "posed_files" and config.num_clips < 3:
     raise InputError("--num_clips", "num_clips", f"need at least 3 (one per split), got {config.num_clips}")
-  return BUILDERS[dataset](data_dir=data_dir, config=config, **own)
+  return BUILDERS[dataset](data_dir=data_dir, config=config)
+
+
+def build_command(builder: _ClipsBuilder) -> str:
+  """The ``data_pipelines.build`` command line that builds ``builder``'s dataset."""
+  args = [f"--dataset={builder.name}", f"--data_dir={builder.data_dir_root}",
+          f"--config_name={builder.builder_config.name}"]
+  args += [f"--{k}={v}" for k, v in builder.params().items()]
+  return "python -m data_pipelines.build " + " ".join(args)
 
 
 def stored_params(builder: tfds.core.DatasetBuilder) -> dict[str, Any] | None:
@@ -321,23 +315,77 @@ def check_same_params(builder: _ClipsBuilder) -> bool:
   return True
 
 
-def prepare(builder: _ClipsBuilder) -> bool:
-  """Builds the dataset unless the same one is already complete.
+# Runners that need more than apache-beam itself: a module to import and Beam's extra for it.
+_RUNNER_NEEDS = {
+    "DataflowRunner": ("apache_beam.runners.dataflow.internal.apiclient", "gcp"),
+}
+
+
+def beam_options(runner: str = "", options: Sequence[str] = ()) -> Any:
+  """Beam ``PipelineOptions`` for a build, validated before anything runs.
+
+  Args:
+    runner: a Beam runner name (``DirectRunner``, ``DataflowRunner``, ``FlinkRunner``,
+      ``SparkRunner``, ... or a fully qualified class); empty: Beam's DirectRunner in process.
+    options: Beam pipeline options, each ``--name=value`` or ``name=value`` (e.g.
+      ``direct_num_workers=2``, ``direct_running_mode=multi_processing``, ``project=...``).
+  Raises:
+    InputError: apache-beam, or what the runner needs, is not installed; the runner or an
+      option is unknown.
+  """
+  try:
+    import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise InputError("--beam_runner", "beam_runner", "dataset builds run on Apache Beam: pip "
+                     f"install -e '.[beam]' ({e})") from e
+  import importlib  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  flags = [o if o.startswith("--") else f"--{o}" for o in options if o]
+  if runner:
+    try:
+      beam.runners.create_runner(runner)
+    except (ValueError, ImportError, AttributeError) as e:
+      raise InputError("--beam_runner", "beam_runner", f"unknown or not installed {runner!r} "
+                       f"({str(e).splitlines()[0]})") from e
+    module, extra = _RUNNER_NEEDS.get(runner.rsplit(".", 1)[-1], (None, None))
+    if module:
+      try:
+        importlib.import_module(module)
+      except ImportError as e:
+        raise InputError("--beam_runner", "beam_runner", f"{runner} needs pip install "
+                         f"'apache-beam[{extra}]=={beam.__version__}' ({e})") from e
+    flags.append(f"--runner={runner}")
+  parsed = PipelineOptions(flags)
+  known = parsed.get_all_options()
+  unknown = sorted(set(parsed.get_all_options(retain_unknown_options=True)) - set(known))
+  if unknown:
+    raise InputError("--beam_options", ", ".join(unknown), "not a Beam pipeline option")
+  return parsed
+
+
+def prepare(builder: _ClipsBuilder, runner: str = "", options: Sequence[str] = ()) -> bool:
+  """Builds the dataset on Beam unless the same one is already complete.
 
   TFDS writes into a temporary folder and renames it into place at the end, so a build that
   dies leaves no complete-looking dataset.
 
+  Args:
+    builder: from ``make_builder``.
+    runner, options: the Beam runner and pipeline options (see ``beam_options``); by default
+      the clips are made in this process.
   Returns:
     True if an existing complete dataset was reused, False if it was built now.
   Raises:
     InputError: a complete dataset with other params already sits at the same path (it is
-      left untouched).
+      left untouched); bad Beam runner or options.
   """
+  pipeline_options = beam_options(runner, options)
   if check_same_params(builder):
     return True
   builder.num_clips()  # Fails early on bad inputs (posed_files: the source folder).
+  config = tfds.download.DownloadConfig(beam_options=pipeline_options)
   try:
-    builder.download_and_prepare(file_format=FILE_FORMAT)
+    builder.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
   except OSError as e:  # data_dir is a file, read-only, full, ...
     raise InputError(builder.data_path, "data_dir", f"cannot build the dataset there "
                      f"({type(e).__name__}: {e})") from e

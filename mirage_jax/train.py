@@ -33,7 +33,6 @@ from absl import logging
 from flax import nnx
 import jax.extend.core as jax_core
 from jax.experimental import mesh_utils
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import builders
@@ -807,19 +806,19 @@ def load_frozen_autoencoder(config: ml_collections.ConfigDict) -> Any:
 
 
 def make_sources(config: ml_collections.ConfigDict) -> dict[str, Sequence[Any]]:
-  """Train and validation record sources of ``config.data`` (built on first use).
+  """Train and validation record sources of ``config.data``, a dataset built beforehand.
 
-  Process 0 builds a missing dataset; the others wait for it at a barrier.
+  Training never builds data (a pod must not wait on one host rendering clips): a missing
+  dataset is an InputError that gives its ``data_pipelines.build`` command.
   """
   d = config.data
   if d.dataset == "wan_latents":  # pre-encoded by data_pipelines.encode_latents
     from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
     return {split: latent_clips.LatentClips(d.data_dir, split) for split in ("train", "validation")}
   builder = builders.make_builder(d.dataset, d.data_dir, d.config_name, **d.build.to_dict())
-  if jax.process_index() == 0:
-    builders.prepare(builder)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("dataset prepared")
+  if not builders.check_same_params(builder):
+    raise InputError(builder.data_path, "config.data", "no dataset built there; build it "
+                     f"first: {builders.build_command(builder)}")
   return {split: builder.as_data_source(split) for split in ("train", "validation")}
 
 

@@ -1,4 +1,4 @@
-"""TFDS builders and the build CLI: records, splits, reuse, refusal, atomicity, shards + merge."""
+"""TFDS builders on Beam and the build CLI: records, splits, reuse, refusal, atomicity, workers."""
 
 from __future__ import annotations
 
@@ -116,36 +116,86 @@ def test_build_that_dies_leaves_no_complete_dataset(tmp_path, fake_renderers):
   assert not reused
 
 
-def test_shards_then_merge_equal_a_single_build(tmp_path):
-  single, _ = build.build("procedural_rooms", str(tmp_path / "single"), **TINY)
-  sharded = str(tmp_path / "sharded")
-  # 4 shards of 6 clips: some shards have empty validation/test splits.
-  for k in range(3):
-    build.build("procedural_rooms", sharded, num_shards=4, shard_index=k, **TINY)
-  with pytest.raises(InputError, match=r"3-of-4.*field 'shard'.*--shard_index=3"):
-    build.build("procedural_rooms", sharded, num_shards=4, merge=True, **TINY)
-  build.build("procedural_rooms", sharded, num_shards=4, shard_index=3, **TINY)
-  merged, reused = build.build("procedural_rooms", sharded, num_shards=4, merge=True, **TINY)
-  assert not reused
-  assert merged.info.metadata["params"] == single.info.metadata["params"]
+def _content_digests(builder) -> dict[str, list[str]]:
+  """Per split, in stored order, a SHA-256 of each decoded record (every field's dtype, shape, bytes).
+
+  Decoded, not raw: the stored proto's map order depends on the writing process's hash seed.
+  """
+  out = {}
   for split in builders.SPLITS:
-    a, b = _records(merged, split), _records(single, split)
-    assert [r["clip_id"] for r in a] == [r["clip_id"] for r in b]  # Same order, too.
-    for ra, rb in zip(a, b):
-      for key in CLIP_FIELDS:
-        np.testing.assert_array_equal(ra[key], rb[key])
-  assert build.build("procedural_rooms", sharded, num_shards=4, merge=True, **TINY)[1]
+    source = builder.as_data_source(split)
+    digests = []
+    for i in range(len(source)):
+      h = hashlib.sha256()
+      for key, value in sorted(source[i].items()):
+        value = np.asarray(value)
+        h.update(f"{key}:{value.dtype}:{value.shape}:".encode())
+        h.update(value.tobytes())
+      digests.append(h.hexdigest())
+    out[split] = digests
+  return out
 
 
-def test_bad_shard_and_size_arguments(tmp_path):
-  with pytest.raises(InputError, match="shard_index"):
-    build.build("procedural_rooms", str(tmp_path), num_shards=2, shard_index=2, **TINY)
-  with pytest.raises(InputError, match="num_shards"):
-    build.build("procedural_rooms", str(tmp_path), num_shards=8, shard_index=7, **TINY)
+def test_two_beam_workers_write_the_records_of_one(tmp_path, monkeypatch):
+  monkeypatch.undo()  # The real renderer: worker processes do not see the test's stand-ins.
+  params = dict(num_clips=5, frames_per_clip=3, resolution=8, moving_objects=1)
+  one, _ = build.build("procedural_rooms", str(tmp_path / "one"), **params)
+  two, reused = build.build(
+      "procedural_rooms", str(tmp_path / "two"), beam_runner="DirectRunner",
+      beam_options=["direct_num_workers=2", "direct_running_mode=multi_processing"], **params)
+  assert not reused
+  assert two.info.metadata["params"] == one.info.metadata["params"]
+  a, b = _content_digests(one), _content_digests(two)
+  assert {s: len(d) for s, d in a.items()} == {"train": 3, "validation": 1, "test": 1}
+  assert a == b  # Same records in the same order.
+  assert len({d for ds in a.values() for d in ds}) == 5  # Distinct clips: the hash sees content.
+
+
+def test_bad_size_and_dataset_arguments(tmp_path):
   with pytest.raises(InputError, match="num_clips"):
     build.build("procedural_rooms", str(tmp_path), **{**TINY, "num_clips": 2})
   with pytest.raises(InputError, match="dataset"):
     build.build("no_such_dataset", str(tmp_path), **TINY)
+
+
+def test_bad_beam_runner_and_options_are_input_errors(tmp_path, monkeypatch):
+  cases = [(dict(beam_runner="NoSuchRunner"), "--beam_runner", "NoSuchRunner"),
+           (dict(beam_runner="no_such_package.Runner"), "--beam_runner", "no_such_package"),
+           (dict(beam_options=["no_such_option=1"]), "--beam_options", "no_such_option")]
+  for kwargs, where, text in cases:
+    with pytest.raises(InputError, match=where) as info:
+      build.build("procedural_rooms", str(tmp_path), **kwargs, **TINY)
+    assert text in str(info.value)
+  # A runner whose extra is missing (as DataflowRunner without apache-beam[gcp]).
+  monkeypatch.setitem(builders._RUNNER_NEEDS, "DirectRunner", ("no_such_module_for_beam", "gcp"))
+  with pytest.raises(InputError, match=r"DirectRunner needs pip install 'apache-beam\[gcp\]=="):
+    build.build("procedural_rooms", str(tmp_path), beam_runner="DirectRunner", **TINY)
+  # apache-beam itself missing.
+  monkeypatch.setitem(sys.modules, "apache_beam", None)
+  with pytest.raises(InputError, match=r"\.\[beam\]"):
+    build.build("procedural_rooms", str(tmp_path), **TINY)
+  assert not list(tmp_path.iterdir())  # Refused before anything was written.
+
+
+def test_training_refuses_a_missing_dataset_with_its_build_command(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top
+  from mirage_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_cpu.get_config("autoencoder")
+  with config.unlocked():
+    config.data.dataset, config.data.data_dir = "procedural_rooms", str(tmp_path / "data")
+    config.data.build.update(TINY)
+  with pytest.raises(InputError, match="no dataset built there") as info:
+    train.make_sources(config)
+  assert not (tmp_path / "data").exists()  # Training built nothing.
+  command = str(info.value).split("build it first: ", 1)[1].split()
+  assert command[:3] == ["python", "-m", "data_pipelines.build"]
+  with flagsaver.flagsaver():  # The command it gives builds exactly the dataset wanted.
+    flags.FLAGS.unparse_flags()
+    assert build.main(flags.FLAGS(["prog", *command[3:]])) == 0
+  sources = train.make_sources(config)
+  assert (len(sources["train"]), len(sources["validation"])) == (4, 1)
 
 
 def test_memory_maze_builder_passes_maze_size(tmp_path):
@@ -197,20 +247,25 @@ def test_cli_bad_flag_value_exits_non_zero(tmp_path):
       "error: --num_clips: field 'num_clips': need at least 3 (one per split), got 1"]
 
 
-def test_cli_main_builds_shards_and_merges(tmp_path, capsys):
+def test_cli_refuses_an_unknown_beam_runner_with_one_line(tmp_path):
+  result = _cli("--dataset=procedural_rooms", f"--data_dir={tmp_path}", "--beam_runner=NoSuchRunner")
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: --beam_runner: field 'beam_runner': unknown or not installed 'NoSuchRunner'"), result.stderr
+  assert not list(tmp_path.iterdir())
+
+
+def test_cli_main_builds_then_reuses(tmp_path, capsys):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
-  common = ["prog", "--dataset=procedural_rooms", f"--data_dir={tmp_path}", "--num_clips=6",
-            "--frames_per_clip=4", "--resolution=8", "--num_shards=2"]
+  args = ["prog", "--dataset=procedural_rooms", f"--data_dir={tmp_path}", "--num_clips=6",
+          "--frames_per_clip=4", "--resolution=8", "--beam_runner=DirectRunner"]
   with flagsaver.flagsaver():
-    for extra in ("--shard_index=0", "--shard_index=1", "--merge", "--merge"):
+    for _ in range(2):
       flags.FLAGS.unparse_flags()
-      argv = flags.FLAGS(common + [extra])
-      assert build.main(argv) == 0
+      assert build.main(flags.FLAGS(args)) == 0
   out = capsys.readouterr().out.splitlines()
   done = [line for line in out if line.startswith(("built", "reused"))]
-  # 6 clips: validation = {4} (shard 0), test = {5} (shard 1); a shard lists only its splits.
-  assert done[0].startswith(f"built {tmp_path}/_shards/0-of-2/procedural_rooms/default/1.0.0 (train 2, validation 1) ")
-  assert done[1].startswith(f"built {tmp_path}/_shards/1-of-2/procedural_rooms/default/1.0.0 (train 2, test 1) ")
-  assert done[2].startswith(f"built {tmp_path}/procedural_rooms/default/1.0.0 (train 4, validation 1, test 1)")
-  assert done[3].startswith("reused the complete dataset")
+  assert done[0].startswith(f"built {tmp_path}/procedural_rooms/default/1.0.0 (train 4, validation 1, test 1) ")
+  assert done[1].startswith("reused the complete dataset")
