@@ -2,20 +2,26 @@
 
 Data flow (one Grain ``MapDataset`` chain, random access until the very end):
 
-  record indices -> this process's shard -> shuffle (per epoch) -> repeat
-    -> per-example transform (window, resize + crop, normalise) -> batch (drop remainder)
+  record indices -> shuffle (per epoch) -> repeat: the *global* stream, position -> record
+    -> this shard's rows of each global batch, from batch ``start_step`` on
+    -> per-example transform (window, resize + crop, normalise) -> batch
     -> ``IterDataset`` (reader threads) -> optional worker processes (``mp_prefetch``)
 
-Every random choice of an example (window start, crop offset) comes from a generator seeded
-with ``(seed, position)``, where ``position`` counts examples across epochs. So the batches are
-a pure function of the arguments, the same for any number of worker processes, and
-``iterator.get_state()`` / ``set_state()`` (a small JSON-able dict of positions) resume them
-exactly. For Orbax, save the iterator with ``grain.checkpoint.CheckpointSave(iterator)`` and
-restore with ``grain.checkpoint.CheckpointRestore(iterator)`` (one JSON file per process).
+Global batch ``s`` holds the examples at global positions ``[s * batch_size, (s + 1) *
+batch_size)`` of one stream over all records, the same for every process count; shard ``k``
+of ``n`` takes rows ``[k * B / n, (k + 1) * B / n)`` of it (``global_rows``). Every random
+choice of an example (window start, crop offset) comes from a generator seeded with
+``(seed, global position)``, so no two rows of a batch share their draws, whichever process
+prepares them. The batches are thus a pure function of the arguments and of the step: a
+resumed run starts at ``start_step`` (the checkpoint's step) with any process or device count
+and needs no saved iterator state. ``iterator.get_state()`` / ``set_state()`` still work
+within one run (worker processes included).
 
 One example (a batch adds a leading ``B`` axis):
 
-  frames         (T, H, W, 3) float32  RGB in [-1, 1].
+  frames         (T, H, W, 3) float32  RGB in [-1, 1]; with ``frames_dtype='uint8'`` uint8
+                                       in [0, 255] (a quarter of the bytes to the device;
+                                       ``frames_to_float`` maps it to [-1, 1] there).
   depths         (T, H, W)    float32  metric z-depth, > 0.
   intrinsics     (T, 3, 3)    float32  pixels, matching the resized and cropped images.
   poses_c2w      (T, 4, 4)    float32  OpenCV camera-to-world.
@@ -46,6 +52,16 @@ from mirage_jax import geometry
 from mirage_jax.errors import InputError
 
 CROP_MODES = ("center", "random")
+FRAMES_DTYPES = ("float32", "uint8")
+
+
+def frames_to_float(frames):
+  """RGB in [0, 255] (uint8 or float; NumPy or JAX) -> float32 in [-1, 1].
+
+  The one conversion of the pipeline's float frames and of uint8 frames on the device, so
+  both give the same numbers.
+  """
+  return frames.astype(np.float32) / 127.5 - 1.0
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -65,11 +81,15 @@ def default_config() -> ml_collections.ConfigDict:
     revisit_angle_deg: degrees between viewing directions of a revisit pair, at most.
     min_revisit_gap: window frames between the two frames of a revisit pair, at least (>= 2).
     crop: "center" or "random".
-    shard_index, shard_count: this process's shard; None = jax.process_index() / count().
+    shard_index, shard_count: this process's rows of each global batch (shard k of n: rows
+      [k * B / n, (k + 1) * B / n)); None = jax.process_index() / count(). Processes
+      whose devices hold the same rows (a model axis across hosts) share a shard_index.
     worker_count: worker processes preparing batches; 0 = in this process.
     worker_buffer_size: batches each worker process prepares ahead.
     read_threads: threads preparing examples inside each process.
     read_buffer_size: batches buffered ahead inside each process.
+    frames_dtype: "float32" (RGB in [-1, 1]) or "uint8" (the resized RGB rounded to
+      [0, 255]; the consumer converts with ``frames_to_float``, e.g. inside a jitted step).
   """
   return ml_collections.ConfigDict(dict(
       num_frames=8, stride=1, resolution=(32, 32), batch_size=8, seed=0, shuffle=True,
@@ -77,7 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
       revisit_distance=0.5, revisit_angle_deg=30.0, min_revisit_gap=4, crop="center",
       shard_index=ml_collections.config_dict.placeholder(int),
       shard_count=ml_collections.config_dict.placeholder(int),
-      worker_count=0, worker_buffer_size=2, read_threads=2, read_buffer_size=4))
+      worker_count=0, worker_buffer_size=2, read_threads=2, read_buffer_size=4,
+      frames_dtype="float32"))
 
 
 # ----------------------------------------------------------------------------- windows
@@ -237,9 +258,11 @@ class _MakeExample:
 
   def __init__(self, source: Sequence[Any], *, seed: int, num_frames: int, stride: int,
                resolution: tuple[int, int], crop: str, require_revisit: bool,
-               revisit_distance: float, revisit_angle_deg: float, min_revisit_gap: int):
+               revisit_distance: float, revisit_angle_deg: float, min_revisit_gap: int,
+               uint8_frames: bool = False):
     self.source = source
     self.seed = seed
+    self.uint8_frames = uint8_frames
     self.resolution = resolution
     self.random_crop = crop == "random"
     self.window_kwargs = dict(
@@ -247,8 +270,9 @@ class _MakeExample:
         revisit_distance=revisit_distance, revisit_angle_deg=revisit_angle_deg,
         min_revisit_gap=min_revisit_gap)
 
-  def __call__(self, position: int, record_index: int) -> dict[str, np.ndarray]:
-    """Example for the ``position``-th draw (across epochs), from source record ``record_index``."""
+  def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Example of ``(global position, source record index)`` (see :func:`global_rows`)."""
+    position, record_index = item
     where = f"clip source record {record_index}"
     try:
       record = self.source[record_index]
@@ -266,7 +290,10 @@ class _MakeExample:
     example = {k: clip[k][idx] for k in ("frames", "depths", "intrinsics", "poses_c2w",
                                          "dynamic_masks")}
     example = resize_and_crop(example, self.resolution, rng if self.random_crop else None)
-    example["frames"] = np.clip(example["frames"] / 127.5 - 1.0, -1.0, 1.0).astype(np.float32)
+    if self.uint8_frames:
+      example["frames"] = np.clip(np.rint(example["frames"]), 0, 255).astype(np.uint8)
+    else:
+      example["frames"] = np.clip(frames_to_float(example["frames"]), -1.0, 1.0)
     example["is_revisit"] = np.bool_(is_revisit)
     example["clip_index"] = np.int32(record_index)
     return example
@@ -276,6 +303,47 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   """Keeps JAX in worker processes on the CPU (the accelerator belongs to the trainer)."""
   del worker_index, worker_count
   jax.config.update("jax_platforms", "cpu")
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+class _Rows:
+  """Local index -> (global position, record index) of one shard's rows (picklable)."""
+
+  def __init__(self, order: grain.MapDataset, batch_size: int, first_row: int, rows: int):
+    self.order, self.batch_size, self.first_row, self.rows = order, batch_size, first_row, rows
+
+  def __call__(self, j: int) -> tuple[int, int]:
+    position = (j // self.rows) * self.batch_size + self.first_row + j % self.rows
+    return position, int(self.order[position])
+
+
+def global_rows(num_records: int, *, batch_size: int, seed: int, shuffle: bool,
+                num_epochs: int | None, shard_index: int, shard_count: int,
+                start_step: int = 0) -> grain.MapDataset:
+  """This shard's rows of global batches ``start_step, start_step + 1, ...``.
+
+  The global stream visits the ``num_records`` records once per epoch (shuffled per epoch
+  when ``shuffle``); global batch ``s`` is its positions ``[s * batch_size, (s + 1) *
+  batch_size)`` (a last partial batch is dropped), and shard ``k`` of ``n`` takes rows
+  ``[k * batch_size / n, (k + 1) * batch_size / n)`` of each. Nothing depends on the
+  process count but the rows taken, so a run resized between checkpoints continues the same
+  stream.
+
+  Returns:
+    MapDataset of ``(global position, record index)`` int pairs, ``batch_size //
+    shard_count`` per batch, in batch-major order.
+  """
+  order = grain.MapDataset.range(num_records)
+  if shuffle:
+    order = order.shuffle(seed=seed)
+  order = order.repeat(num_epochs)
+  rows = batch_size // shard_count
+  num_batches = len(order) // batch_size  # sys.maxsize // batch_size when repeating forever
+  first = min(start_step, num_batches) * rows
+  return grain.MapDataset.range(first, num_batches * rows).map(
+      _Rows(order, batch_size, shard_index * rows, rows))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -288,18 +356,20 @@ def make_dataset(source: Sequence[Any], *, num_frames: int, stride: int,
                  min_revisit_gap: int = 4, crop: str = "center",
                  shard_index: int | None = None, shard_count: int | None = None,
                  worker_count: int = 0, worker_buffer_size: int = 2, read_threads: int = 2,
-                 read_buffer_size: int = 4, where: str = "make_dataset") -> grain.IterDataset:
+                 read_buffer_size: int = 4, start_step: int = 0, frames_dtype: str = "float32",
+                 where: str = "make_dataset") -> grain.IterDataset:
   """Grain dataset of batches of clip windows (fields documented in ``default_config``).
 
   Args:
     source: random-access clip records (``len`` and ``[i]`` giving dicts in the
       ``data_pipelines.clip`` format), e.g. ``tfds.builder(...).as_data_source(split)``.
       Must be picklable when ``worker_count > 0``.
+    start_step: the first global batch to yield (a resumed run's step).
     where: names the caller in error messages (a config path, say).
   Returns:
-    IterDataset of batch dicts, each field with a leading ``batch_size // shard_count`` axis
-    (see the module docstring). Records are split into ``shard_count`` equal contiguous
-    shards (the remainder is dropped, so every process yields the same number of batches).
+    IterDataset of batch dicts, each field with a leading ``batch_size // shard_count`` axis:
+    this shard's rows of global batches ``start_step, start_step + 1, ...`` (see the module
+    docstring and :func:`global_rows`).
   """
   if shard_index is None:
     shard_index = jax.process_index()
@@ -311,20 +381,19 @@ def make_dataset(source: Sequence[Any], *, num_frames: int, stride: int,
          revisit_angle_deg=revisit_angle_deg, min_revisit_gap=min_revisit_gap, crop=crop,
          shard_index=shard_index, shard_count=shard_count, worker_count=worker_count,
          worker_buffer_size=worker_buffer_size, read_threads=read_threads,
-         read_buffer_size=read_buffer_size)
-  per_shard = len(source) // shard_count
-  if per_shard == 0:
-    raise InputError(where, "shard_count", f"{len(source)} records cannot fill {shard_count} shards")
+         read_buffer_size=read_buffer_size, start_step=start_step, frames_dtype=frames_dtype)
+  if len(source) == 0:
+    raise InputError(where, "source", "no records")
   make_example = _MakeExample(
       source, seed=seed, num_frames=num_frames, stride=stride,
       resolution=(int(resolution[0]), int(resolution[1])), crop=crop,
+      uint8_frames=frames_dtype == "uint8",
       require_revisit=require_revisit, revisit_distance=revisit_distance,
       revisit_angle_deg=revisit_angle_deg, min_revisit_gap=min_revisit_gap)
-  ds = grain.MapDataset.range(shard_index * per_shard, (shard_index + 1) * per_shard)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
-  ds = ds.map_with_index(make_example)
+  ds = global_rows(len(source), batch_size=batch_size, seed=seed, shuffle=shuffle,
+                   num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+                   start_step=start_step)
+  ds = ds.map(make_example)
   ds = ds.batch(batch_size // shard_count, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=read_buffer_size))
@@ -345,8 +414,9 @@ def make_iterator(source: Sequence[Any], **kwargs) -> grain.DatasetIterator:
 
 
 def from_config(source: Sequence[Any], config: ml_collections.ConfigDict,
-                where: str = "config.data") -> grain.IterDataset:
-  """``make_dataset`` with every field of ``default_config`` read from ``config``.
+                where: str = "config.data", start_step: int = 0) -> grain.IterDataset:
+  """``make_dataset`` with every field of ``default_config`` read from ``config``, from
+  global batch ``start_step`` on.
 
   Fields of ``config`` outside ``default_config`` are ignored (a data config may also name the
   dataset and split); missing fields raise InputError.
@@ -356,7 +426,7 @@ def from_config(source: Sequence[Any], config: ml_collections.ConfigDict,
     if field not in config:
       raise InputError(where, field, "missing (see data_pipelines.pipeline.default_config)")
     kwargs[field] = config[field]
-  return make_dataset(source, where=where, **kwargs)
+  return make_dataset(source, where=where, start_step=start_step, **kwargs)
 
 
 def _check(where: str, **a) -> None:
@@ -374,6 +444,11 @@ def _check(where: str, **a) -> None:
     raise InputError(where, "seed", f"expected an integer in [0, 2**32), got {a['seed']!r}")
   if a["num_epochs"] is not None:
     positive_int("num_epochs")
+  if not isinstance(a["start_step"], (int, np.integer)) or a["start_step"] < 0:
+    raise InputError(where, "start_step", f"expected an integer >= 0, got {a['start_step']!r}")
+  if a["frames_dtype"] not in FRAMES_DTYPES:
+    raise InputError(where, "frames_dtype", f"expected one of {FRAMES_DTYPES}, got "
+                     f"{a['frames_dtype']!r}")
   if a["crop"] not in CROP_MODES:
     raise InputError(where, "crop", f"expected one of {CROP_MODES}, got {a['crop']!r}")
   if not 0 <= a["shard_index"] < a["shard_count"]:

@@ -23,6 +23,10 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.seed = 0
+  # JAX's persistent compilation cache: a restarted or resumed run (or another process of
+  # the same job) loads its compiled steps instead of compiling again; '' = off.
+  # $JAX_COMPILATION_CACHE_DIR, when set, wins (the test suite uses it).
+  c.compilation_cache_dir = "~/.cache/mirage_jax/xla"
 
   # Mesh (ICI, within a slice; one axis may be -1) x DCN (slices per axis; all 1 = one slice).
   c.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)
@@ -33,6 +37,9 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.data.dataset = "procedural_rooms"
   c.data.data_dir = "data"
   c.data.config_name = "default"
+  # Frames cross to the device as uint8 (a quarter of float32's bytes) and become [-1, 1]
+  # floats inside the jitted step (train.model_inputs).
+  c.data.frames_dtype = "uint8"
   c.data.build = ml_collections.ConfigDict(dict(num_clips=32, frames_per_clip=32, resolution=64,
                                                 moving_objects=2))
 
@@ -54,6 +61,10 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.denoiser.time_shift = 1.0
   c.denoiser.time_weighting = "uniform"
   c.denoiser.prediction = "velocity"  # 'velocity' (the reference) | 'x0_prior' (see denoiser.predict)
+  # Probability that a training example sees no memory (read and coverage zeroed): the
+  # unconditional branch of classifier-free guidance. 0 = never, and then generate/evaluate
+  # refuse sampler.guidance_scale > 0 (this family samples without guidance).
+  c.denoiser.cond_dropout = 0.0
 
   # Sampler of the rollout: euler | heun | unipc (the reference: FlowUniPC, order 2, 20 steps,
   # shift 5, no guidance; experiments/wan22_ti2v_5b.py uses it).  The small family samples
@@ -77,6 +88,9 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.memory.settings = ml_collections.ConfigDict(dict(
       capacity=4096, feature_dtype="bfloat16", voxel_size=0.05, recency_decay=0.5,
       splat_radius=1, near=1e-3, depth_tolerance=0.2))
+  # Training memory slots; 0 = what one window writes (its memory frames' points), at most
+  # settings.capacity (the rollout's, sized for whole trajectories).
+  c.memory.train_capacity = 0
 
   # Object slots (mirage_jax/memory/objects.py): moving content carried per object, splatted
   # over the memory read. Rollouts of these backends use them, and a denoiser trained with
@@ -90,14 +104,24 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8,
-      weight_decay=0.01, grad_clip_norm=1.0, ema_decay=0.999))
+      weight_decay=0.01, grad_clip_norm=1.0, ema_decay=0.999,
+      ema_warmup=True))  # EMA decay min(ema_decay, (1 + t) / (10 + t)) at step t
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=50,
       nonfinite="skip",  # 'skip': leave the state unchanged and go on; 'halt': raise
       tensorboard=True,
       peak_tflops_per_device=0.0,  # 0 = from the device kind (CPU: measured matmul)
-      profile_start=10, profile_steps=0))  # jax.profiler trace of these steps (0 = off)
+      profile_start=10, profile_steps=0,  # jax.profiler trace of these steps (0 = off)
+      prefetch=2,  # global batches placed on the mesh ahead of the step (0 = none)
+      # A train step serialised by `python -m mirage_jax.aot --save_executable=FILE` for
+      # this config and mesh, loaded instead of compiling ('' = compile here).
+      executable="",
+      microbatches=1,  # gradient accumulation: the global batch in this many scanned pieces
+      # Flow times of a chunk's target frames: 'per_frame' (independent), 'per_example' (one
+      # level for the chunk, as the sampler moves them) or 'mixed' (per example with
+      # probability noise_levels_mixed_prob).
+      noise_levels="per_frame", noise_levels_mixed_prob=0.5))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
   c.eval = ml_collections.ConfigDict(dict(every=0, batches=2))  # every 0 = no evals

@@ -10,12 +10,19 @@ recompute included), and a roofline estimate of the step time and MFU:
 printed (analytic FLOPs / peak / time) is an upper bound: communication is not modelled.
 XLA's cost analysis counts a scanned layer stack's body once, so with ``scan_layers`` its
 FLOPs and bytes undercount.
+
+Compile once, reuse: ``--save_executable=FILE`` also serialises the compiled step, which a
+run of the same config on that topology loads instead of compiling
+(``--config.train.executable=FILE``; :func:`load_executable` checks config, mesh, devices
+and JAX version first). Independently, every entry point that calls
+:func:`enable_compilation_cache` keeps its compiled executables in JAX's persistent cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import jax
@@ -23,6 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from flax import nnx
+from flax import traverse_util
+from jax.experimental import serialize_executable
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mirage_jax.errors import InputError, parse_flags, run_cli
@@ -54,17 +63,136 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   return list(desc.devices)
 
 
-def compile_report(config: ml_collections.ConfigDict, topology: str,
-                   num_slices: int = 1) -> dict[str, Any]:
-  """Lowers and compiles the train step of ``config`` on ``topology``; returns the report.
+# ----------------------------------------------------------------------------- compile cache
+
+# Below this compile time an executable is cheaper to rebuild than to read back (JAX's own
+# default); the test suite lowers it through $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS.
+CACHE_MIN_COMPILE_TIME_S = 1.0
+
+
+def enable_compilation_cache(directory: str | None,
+                             where: str = "config.compilation_cache_dir") -> str | None:
+  """Turns on JAX's persistent compilation cache in ``directory`` ('' or None: leave it off).
+
+  A directory already set (``$JAX_COMPILATION_CACHE_DIR``, or an earlier call) wins, so the
+  test suite and CI point every process, subprocesses included, at one cache. Call it before
+  the first compilation that should be cached. Entries are keyed by the computation, the
+  devices, the compile options and the JAX version, so a stale entry is never used.
 
   Returns:
-    dict with devices, mesh, params, per-device memory (bytes, fraction of HBM, fits),
-    per-device FLOPs (XLA and analytic), and roofline step time / MFU estimates.
+    The directory in use, or None.
+  Raises:
+    InputError: the directory cannot be created.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if not directory:
+    return None
+  path = os.path.abspath(os.path.expanduser(directory))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise InputError(where, "compilation_cache_dir", f"cannot create {path} "
+                     f"({e.strerror or e})") from None
+  jax.config.update("jax_compilation_cache_dir", path)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_S)
+  return path
+
+
+# ----------------------------------------------------------------------------- executables
+
+EXECUTABLE_FORMAT = "mirage_jax.aot.executable/1"
+# Config fields that never reach the compiled step: where files are, how often to log, save
+# or evaluate, how the host reads data, and the checkpoints whose params are step inputs.
+_RUN_ONLY_FIELDS = (
+    "compilation_cache_dir", "train.executable", "train.log_every", "train.tensorboard",
+    "train.profile_start", "train.profile_steps", "train.prefetch", "train.nonfinite",
+    "train.peak_tflops_per_device", "checkpoint.", "eval.", "data.data_dir", "data.dataset",
+    "data.config_name", "data.build.", "data.seed", "data.shuffle", "data.num_epochs",
+    "data.shard_index", "data.shard_count", "data.worker_count", "data.worker_buffer_size",
+    "data.read_threads", "data.read_buffer_size", "denoiser.autoencoder_checkpoint",
+    "denoiser.base_checkpoint", "denoiser.empty_text")
+
+
+def executable_key(config: ml_collections.ConfigDict, devices: list[Any],
+                   mesh_shape: dict[str, int]) -> dict[str, Any]:
+  """What a serialised train step depends on: the compiled config fields (flattened, as
+  JSON values), the device platform and count, the mesh and the JAX version."""
+  flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+  fields = {k: v for k, v in sorted(flat.items())
+            if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _RUN_ONLY_FIELDS)}
+  return {"config": fields, "platform": devices[0].platform, "devices": len(devices),
+          "mesh": {k: int(v) for k, v in mesh_shape.items()}, "jax": jax.__version__}
+
+
+def save_executable(compiled: jax.stages.Compiled, path: str, key: dict[str, Any]) -> int:
+  """Writes ``compiled`` (``jit(...).lower(...).compile()``) and its ``key`` to ``path``.
+
+  Returns:
+    Bytes written.
+  """
+  from mirage_jax.atomic import atomic_output  # pylint: disable=g-import-not-at-top
+  payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  blob = pickle.dumps({"format": EXECUTABLE_FORMAT, "key": key, "executable": payload,
+                       "in_tree": in_tree, "out_tree": out_tree})
+  with atomic_output(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(blob)
+  return len(blob)
+
+
+def load_executable(path: str, key: dict[str, Any], devices: list[Any],
+                    where: str = "config.train.executable") -> jax.stages.Compiled:
+  """The executable :func:`save_executable` wrote, loaded onto ``devices`` (the mesh's).
+
+  The file is trusted (it holds pickled code, as JAX's own cache does): load only your own.
+
+  Args:
+    key: :func:`executable_key` of this run; it must equal the saved one.
+  Raises:
+    InputError: unreadable, not such a file, or compiled for another config, mesh,
+      device platform or count, or JAX version (names the first fields that differ).
+  """
+  try:
+    with open(path, "rb") as f:
+      saved = pickle.load(f)
+  except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+    raise InputError(path, "executable", f"unreadable ({type(e).__name__}: {e})") from None
+  if not isinstance(saved, dict) or saved.get("format") != EXECUTABLE_FORMAT:
+    raise InputError(path, "executable", "not a train step written by python -m "
+                     "mirage_jax.aot --save_executable")
+  if saved["key"] != key:
+    old, new = saved["key"], key
+    diff = [k for k in ("platform", "devices", "mesh", "jax") if old.get(k) != new.get(k)]
+    diff += sorted(k for k in set(old["config"]) | set(new["config"])
+                   if old["config"].get(k, "<absent>") != new["config"].get(k, "<absent>"))
+    raise InputError(path, diff[0], f"compiled for another setup ({where}); differs in "
+                     f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}: recompile "
+                     "with python -m mirage_jax.aot --save_executable")
+  try:
+    return serialize_executable.deserialize_and_load(
+        saved["executable"], saved["in_tree"], saved["out_tree"],
+        backend=devices[0].client, execution_devices=devices)
+  except Exception as e:  # pylint: disable=broad-except  # the runtime refuses it its own way
+    raise InputError(path, "executable", f"cannot load it on these devices ({type(e).__name__}"
+                     f": {' '.join(str(e).split())[:200]})") from None
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) -> dict[str, Any]:
+  """Lowers and compiles the train step of ``config`` for ``devices`` (a topology's, or real).
+
+  Returns:
+    dict: ``compiled`` (jax.stages.Compiled), ``step`` (the jitted function), ``args``
+    (abstract state, batch, frozen), ``stage``, ``setup``, ``mesh``, ``key``
+    (:func:`executable_key`).
   """
   from mirage_jax import train  # pylint: disable=g-import-not-at-top
   from mirage_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
-  devices = topology_devices(topology, num_slices)
   mesh = train.build_mesh(config, devices)
   frozen = None
   if config.stage == "denoiser" and config.denoiser.model.get("family") == "wan":
@@ -86,9 +214,30 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in batch.items()})
   with setup.context():
     compiled = step.lower(setup.abstract, batch, frozen_abstract).compile()
+  return {"compiled": compiled, "step": step, "args": (setup.abstract, batch, frozen_abstract),
+          "stage": stage, "setup": setup, "mesh": mesh,
+          "key": executable_key(config, list(mesh.devices.flat), dict(mesh.shape))}
+
+
+def compile_report(config: ml_collections.ConfigDict, topology: str,
+                   num_slices: int = 1, save_executable_to: str | None = None) -> dict[str, Any]:
+  """Lowers and compiles the train step of ``config`` on ``topology``; returns the report.
+
+  Args:
+    save_executable_to: also serialise the compiled step there (:func:`save_executable`).
+  Returns:
+    dict with devices, mesh, params, per-device memory (bytes, fraction of HBM, fits),
+    per-device FLOPs (XLA and analytic), and roofline step time / MFU estimates.
+  """
+  from mirage_jax import train  # pylint: disable=g-import-not-at-top
+  devices = topology_devices(topology, num_slices)
+  built = compile_train_step(config, devices)
+  compiled, step, setup, stage = built["compiled"], built["step"], built["setup"], built["stage"]
+  mesh, args = built["mesh"], built["args"]
+  with setup.context():
     # Matmul FLOPs the step really runs (backward and remat recompute included, scans times
     # their length): what the chip must execute, beside the model's own FLOPs.
-    executed = train.jaxpr_flops(step, setup.abstract, batch, frozen_abstract)
+    executed = train.jaxpr_flops(step, *args)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -104,10 +253,17 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   # comes from the executed count; bytes accessed has the same undercount (a lower bound).
   time_s = max(executed / n / (peak_tflops * 1e12), bytes_accessed / (hbm_gbs * 1e9))
   params = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
+  saved = {}
+  if save_executable_to:
+    saved = {"executable": save_executable_to,
+             "executable_bytes": save_executable(compiled, save_executable_to, built["key"])}
   return {
-      "topology": topology, "num_slices": num_slices, "devices": n,
+      **saved, "topology": topology, "num_slices": num_slices, "devices": n,
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "stage": config.stage,
       "params": int(params), "global_batch": config.data.batch_size,
+      # models/attention.py; 'auto' compiles the Pallas splash kernel for TPU.
+      "attention": (config.denoiser.model if config.stage == "denoiser"
+                    else config.autoencoder).get("attention", "auto"),
       "frames": config.data.num_frames, "resolution": list(config.data.resolution),
       "memory_per_device_gib": per_device_bytes / 2**30,
       "memory_breakdown_gib": {
@@ -126,7 +282,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
 def _main() -> int:
   if _CONFIG.value is None:
     raise InputError("--config", "config", "required (e.g. experiments/pod_v5p_128.py)")
-  report = compile_report(_CONFIG.value, flags.FLAGS.topology, flags.FLAGS.num_slices)
+  enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir"))
+  report = compile_report(_CONFIG.value, flags.FLAGS.topology, flags.FLAGS.num_slices,
+                          flags.FLAGS.save_executable)
   print(json.dumps(report, indent=2))
   if not report["fits"]:
     print(f"does not fit: {report['memory_per_device_gib']:.1f} GiB per device > "
@@ -145,4 +303,6 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:8x8, v5p:4x4x4.", required=True)
   flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN; set config.dcn_mesh).")
+  flags.DEFINE_string("save_executable", None, "Also write the compiled train step here; a "
+                      "run on that topology loads it with --config.train.executable=FILE.")
   app.run(main, flags_parser=parse_flags)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import zlib
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import jax
@@ -37,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import builders
 from data_pipelines import pipeline
+from mirage_jax import aot
 from mirage_jax import checkpoint as ckpt_lib
 from mirage_jax import diffusion
 from mirage_jax import distributed
@@ -44,6 +46,7 @@ from mirage_jax import geometry
 from mirage_jax import memory as memory_lib
 from mirage_jax.memory import objects as objects_lib
 from mirage_jax import metrics_log
+from mirage_jax import prefetch
 from mirage_jax import rollout
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
@@ -129,17 +132,53 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
       decay_steps=max(total_steps, opt.warmup_steps + 1), end_value=opt.end_learning_rate)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, abstract_params: Any
+# Parameter names that never take weight decay, whatever their shape (Wan's per-head
+# q/k norm scales are (heads, head_dim)).
+_NO_DECAY_NAMES = ("bias", "scale", "norm")
+
+
+def decay_mask(abstract_params: Any, param_specs: Any = None) -> Any:
+  """True for the parameters weight decay applies to: kernels and embeddings.
+
+  A parameter decays when it has at least two dimensions besides the ``layers`` axis of a
+  scanned stack (from its logical axes in ``param_specs``; without them, all of its
+  dimensions count) and no path component names a bias, scale or norm. A stacked bias
+  (layers, d) therefore does not decay, a stacked kernel (layers, d, d) does.
+
+  Args:
+    abstract_params: nested dict of arrays / ShapeDtypeStructs.
+    param_specs: same structure, leaves the logical axis names (``nnx.get_partition_spec``)
+      or None.
+  Returns:
+    The same structure of bools.
+  """
+  def one(path, x, spec):
+    names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
+    if any(n in name for name in names for n in _NO_DECAY_NAMES):
+      return False
+    axes = tuple(spec) if spec is not None and len(tuple(spec)) == x.ndim else (None,) * x.ndim
+    return sum(a != "layers" for a in axes) >= 2
+
+  if param_specs is None:
+    return jax.tree_util.tree_map_with_path(lambda p, x: one(p, x, None), abstract_params)
+  specs = jax.tree.map(lambda a, s: s, abstract_params, param_specs,
+                       is_leaf=lambda x: x is None or sharding._is_spec(x))
+  return jax.tree_util.tree_map_with_path(one, abstract_params, specs,
+                                          is_leaf=lambda x: x is None or sharding._is_spec(x))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, abstract_params: Any,
+                   param_specs: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping; weight decay only on matrices (ndim >= 2)."""
+  """AdamW with global-norm clipping; weight decay as :func:`decay_mask` says."""
   opt = config.optimizer
   schedule = learning_rate_schedule(opt, config.train.steps)
-  decay_mask = jax.tree.map(lambda x: x.ndim >= 2, abstract_params)
+  mask = decay_mask(abstract_params, param_specs)
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                           weight_decay=opt.weight_decay, mask=decay_mask))
+                           weight_decay=opt.weight_decay, mask=mask))
   return optax.chain(*parts), schedule
 
 
@@ -177,11 +216,13 @@ def make_setup(config: ml_collections.ConfigDict, stage: Stage, mesh: Mesh) -> T
   rules = logical_rules(config)
   model = nnx.eval_shape(lambda: stage.build(nnx.Rngs(config.seed)))
   graphdef, params = split_trainable(stage, model)
-  # Logical names -> mesh axes; axes that do not divide a dimension are dropped.
+  # Logical names -> mesh axes; an axis that does not divide a dimension is an error unless
+  # the dimension is smaller than it (sharding.param_spec).
   param_specs = nnx.get_partition_spec(params).to_pure_dict()
   abstract_params = params.to_pure_dict()
-  param_shardings = sharding.logical_to_sharding(param_specs, mesh, rules, abstract_params)
-  tx, schedule = make_optimizer(config, abstract_params)
+  param_shardings = sharding.logical_to_sharding(param_specs, mesh, rules, abstract_params,
+                                                 params=True)
+  tx, schedule = make_optimizer(config, abstract_params, param_specs)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
   # Optimizer moments are shaped like the params and shard like them.
@@ -262,22 +303,56 @@ def make_train_step(config: ml_collections.ConfigDict, stage: Stage, setup: Trai
   A step whose loss or gradient norm is not finite leaves the state unchanged (apart from
   ``step``) and reports ``nonfinite = 1``; the loop then skips on or halts
   (``config.train.nonfinite``).
+
+  With ``config.train.microbatches`` = M > 1 the global batch is cut into M microbatches
+  (each device keeps its own examples) whose gradients a ``lax.scan`` averages, so only one
+  microbatch's activations are live at a time; microbatch i draws its noise from the step's
+  key folded with i. The EMA decay warms up as ``min(ema_decay, (1 + t) / (10 + t))`` at
+  step t (``config.optimizer.ema_warmup``), so it follows the params early instead of
+  holding on to the random init.
   """
   ema_decay = config.optimizer.ema_decay
+  ema_warmup = bool(config.optimizer.get("ema_warmup", False))
+  num_micro = microbatches(config, setup.mesh, setup.rules)
   seed_key = jax.random.key(config.seed)
+  axes = batch_axes(setup.mesh, setup.rules)
+
+  def grads_fn(params, batch, frozen, rng):
+    def loss_fn(params, batch, rng):
+      model = merge_model(stage, setup.graphdef, params, frozen)
+      return stage.loss(model, frozen, model_inputs(batch), rng)
+
+    grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro == 1:
+      return grad(params, batch, rng)
+
+    def split(x):  # (B, ...) -> (M, B / M, ...): each device's examples stay on it
+      x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, NamedSharding(
+          setup.mesh, PartitionSpec(None, axes, *([None] * (x.ndim - 2)))))
+
+    def body(acc, xs):
+      i, micro = xs
+      out, g = grad(params, micro, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, acc, (out, g)), None
+
+    micro = jax.tree.map(split, batch)
+    shapes = jax.eval_shape(grad, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
+    return jax.tree.map(lambda x: x / num_micro, total)
 
   def step_fn(state: State, batch: Batch, frozen: Any) -> tuple[State, dict]:
     rng = jax.random.fold_in(seed_key, state["step"])
-
-    def loss_fn(params):
-      model = merge_model(stage, setup.graphdef, params, frozen)
-      return stage.loss(model, frozen, batch, rng)
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, aux), grads = grads_fn(state["params"], batch, frozen, rng)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+    decay = ema_decay
+    if ema_warmup:
+      t = state["step"].astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
@@ -294,12 +369,40 @@ def make_train_step(config: ml_collections.ConfigDict, stage: Stage, setup: Trai
                  out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
 
 
+def microbatches(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> int:
+  """``config.train.microbatches`` (default 1), checked against the global batch.
+
+  Raises:
+    InputError: it is not >= 1, or the global batch does not split into that many
+      microbatches of whole per-device shares.
+  """
+  m = config.train.get("microbatches", 1)
+  if not isinstance(m, int) or m < 1:
+    raise InputError("config.train.microbatches", "microbatches", f"must be an integer >= 1, "
+                     f"got {m!r}")
+  split = math.prod(mesh.shape[a] for a in jax.tree.leaves(batch_axes(mesh, rules)))
+  b = config.data.batch_size
+  if b % (m * split):
+    raise InputError("config.train.microbatches", "microbatches", f"global batch {b} does not "
+                     f"split into {m} microbatches over the {split} devices of the batch axes")
+  return m
+
+
+def model_inputs(batch: Batch) -> Batch:
+  """The batch as the stages read it: uint8 frames (``config.data.frames_dtype``) become
+  float32 in [-1, 1] here, on the device, with the pipeline's own conversion."""
+  frames = batch.get("frames")
+  if frames is None or frames.dtype != jnp.uint8:
+    return batch
+  return dict(batch, frames=pipeline.frames_to_float(frames))
+
+
 def make_eval_step(stage: Stage, setup: TrainSetup, batch_shardings) -> Callable:
   """Jitted ``(ema params, batch, frozen, rng) -> metrics`` with the EMA weights."""
 
   def eval_fn(params, batch, frozen, rng):
     model = merge_model(stage, setup.graphdef, params, frozen)
-    loss, aux = stage.loss(model, frozen, batch, rng)
+    loss, aux = stage.loss(model, frozen, model_inputs(batch), rng)
     return {"loss": loss, **aux}
 
   replicated = NamedSharding(setup.mesh, PartitionSpec())
@@ -410,7 +513,15 @@ class DenoiserStage:
       raise InputError("config.denoiser", "reference_frames",
                        f"must be <= memory_frames ({d.memory_frames}), got {self.refs.frames}")
     self.memory = memory_lib.get_backend(config.memory.backend)
-    self.memory_cfg = rollout.memory_config(config)  # the rollout's settings, exactly
+    # The rollout's settings, but room for this window's points only (train_capacity).
+    self.memory_cfg = train_memory_config(config, rollout.memory_config(config),
+                                          d.memory_frames)
+    if not 0.0 <= d.get("cond_dropout", 0.0) < 1.0:
+      raise InputError("config.denoiser", "cond_dropout", f"must be in [0, 1), got "
+                       f"{d.cond_dropout}")
+    if config.train.get("noise_levels", "per_frame") not in diffusion.NOISE_LEVELS:
+      raise InputError("config.train", "noise_levels", f"expected one of "
+                       f"{diffusion.NOISE_LEVELS}, got {config.train.noise_levels!r}")
     objects_cfg = config.get("objects")
     self.object_cfg = (rollout.object_config(config) if objects_cfg is not None
                        and config.memory.backend in objects_cfg.backends else None)
@@ -420,6 +531,12 @@ class DenoiserStage:
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
     return denoiser.Denoiser(self.config.denoiser.model, rngs)
+
+  def load_frozen(self, mesh: Mesh, rules) -> None:
+    """Restores the frozen autoencoder straight into the step's (replicated) sharding on
+    ``mesh``: every process reads it from the export, none receives it from another."""
+    del rules
+    self.frozen = load_frozen_autoencoder(self.config, NamedSharding(mesh, PartitionSpec()))
 
   def _encode(self, frozen, frames, depths):
     """(B, T, H, W, 3), (B, T, H, W) -> scaled posterior-mean latents (B, T, h, w, C)."""
@@ -475,11 +592,18 @@ class DenoiserStage:
     cond = self._condition(latents, batch)
     x0 = latents[:, d.memory_frames:]
     t_rng, n_rng = jax.random.split(rng)
-    t = diffusion.sample_time(t_rng, x0.shape[:2], d.time_shift)
+    tr = self.config.train
+    t = diffusion.sample_levels(t_rng, *x0.shape[:2], d.time_shift,
+                                tr.get("noise_levels", "per_frame"),
+                                tr.get("noise_levels_mixed_prob", 0.5))
     noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
+    memory, coverage = cond["memory"], cond["coverage"]
+    if d.get("cond_dropout", 0.0) > 0:  # trains the unconditional branch guidance uses
+      memory, coverage = diffusion.drop_conditioning(jax.random.fold_in(rng, 2),
+                                                     d.cond_dropout, memory, coverage)
     velocity, x0_pred = denoiser.predict(
         model, d.prediction, diffusion.add_noise(x0, noise, t), t, cond["rays"],
-        cond["memory"], cond["coverage"], cond["context"], cond["context_rays"])
+        memory, coverage, cond["context"], cond["context_rays"])
     if d.prediction == "x0_prior":  # x0 regression (= velocity loss weighted by t^2)
       loss = jnp.mean(jnp.square(x0_pred - x0))
     else:
@@ -570,7 +694,8 @@ class WanStage:
                        f"{' + coverage 1' if d.vace_coverage else ''}); model has "
                        f"vace={self.cfg.vace}, vace_in_channels={self.cfg.vace_in_channels}")
     self.memory = memory_lib.get_backend(config.memory.backend)
-    self.memory_cfg = wan_mirage.memory_config(config)
+    self.memory_cfg = train_memory_config(config, wan_mirage.memory_config(config),
+                                          len(self._memory_sources()))
     model = nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
     self._graphdef_full, trainable, rest = nnx.split(model, self.trainable, ...)
     self.base_abstract = rest.to_pure_dict()
@@ -598,7 +723,8 @@ class WanStage:
   def frozen_shardings(self, mesh: Mesh, rules) -> dict:
     replicated = NamedSharding(mesh, PartitionSpec())
     with sharding.use_rules(rules):
-      base = sharding.logical_to_sharding(self.base_specs, mesh, rules, self.base_abstract)
+      base = sharding.logical_to_sharding(self.base_specs, mesh, rules, self.base_abstract,
+                                          params=True)
     return {"base": base, "control": replicated, "empty_text": replicated}
 
   def load_frozen(self, mesh: Mesh, rules) -> None:
@@ -718,13 +844,15 @@ class WanStage:
 
   # --------------------------------------------------------------------------- loss
 
+  def _memory_sources(self) -> list[int]:
+    """Indices into [target | preceding] latent frames the memory is written from."""
+    tl, pl = self.num_target, self.num_preceding
+    return {"first_target": [0], "preceding": list(range(tl, tl + pl)),
+            "both": [0] + list(range(tl, tl + pl))}[self.config.denoiser.memory_write]
+
   def memory_read(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(B, Tl + Pl, h, w, 48) memory read (zeros in holes) and coverage (B, Tl + Pl, h, w)."""
-    d = self.config.denoiser
-    tl = self.num_target
-    src = {"first_target": [0], "preceding": list(range(tl, tl + self.num_preceding)),
-           "both": [0] + list(range(tl, tl + self.num_preceding))}[d.memory_write]
-    src = np.asarray(src)
+    src = np.asarray(self._memory_sources())
     lat = jnp.concatenate([batch["target_latents"], batch["preceding_latents"]], axis=1)
 
     def one(lat, depth, static, K, c2w):
@@ -775,6 +903,26 @@ class WanStage:
     return 3.0 * fwd
 
 
+def train_memory_config(config: ml_collections.ConfigDict, cfg: memory_lib.MemoryConfig,
+                        num_frames: int) -> memory_lib.MemoryConfig:
+  """The rollout's memory settings ``cfg`` with a capacity for one training window.
+
+  A window writes ``num_frames`` frames, so it never needs more slots than their points
+  (latent pixels; image pixels for ``rgb_points``); the rollout's capacity (131,072 on the
+  pods) would only make every read splat empty slots. ``config.memory.train_capacity`` > 0
+  sets it; either way it is at most the rollout's, so training never holds more than the
+  rollout can.
+  """
+  from mirage_jax.evaluation import scaling  # pylint: disable=g-import-not-at-top
+  n = int(config.memory.get("train_capacity", 0))
+  if n < 0:
+    raise InputError("config.memory", "train_capacity", f"must be >= 0, got {n}")
+  if not n:
+    n = scaling.capacity_for(config.memory.backend, num_frames, cfg).get(
+        "capacity", num_frames * cfg.latent_height * cfg.latent_width)
+  return dataclasses.replace(cfg, capacity=min(n, cfg.capacity))
+
+
 def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
   """The stage named by ``config.stage``; the denoiser needs the frozen autoencoder params."""
   if config.stage == "autoencoder":
@@ -782,24 +930,36 @@ def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
   if config.stage == "denoiser" and config.denoiser.model.get("family") == "wan":
     return WanStage(config, frozen)
   if config.stage == "denoiser":
-    if frozen is None:
-      frozen = load_frozen_autoencoder(config)
+    if frozen is None:  # loaded by DenoiserStage.load_frozen(mesh), straight into its sharding
+      _autoencoder_export(config)
     return DenoiserStage(config, frozen)
   raise InputError("config.stage", "stage", f"expected 'autoencoder' or 'denoiser', got {config.stage!r}")
 
 
-def load_frozen_autoencoder(config: ml_collections.ConfigDict) -> Any:
-  """Params of the stage-1 export named by ``config.denoiser.autoencoder_checkpoint``."""
+def _autoencoder_export(config: ml_collections.ConfigDict) -> str:
   path = config.denoiser.autoencoder_checkpoint
   if not path:
     raise InputError("config.denoiser.autoencoder_checkpoint", "autoencoder_checkpoint",
                      "the denoiser stage needs a stage-1 export (python -m mirage_jax.export)")
-  params, ae_config, _ = ckpt_lib.load_export(path)
+  return path
+
+
+def load_frozen_autoencoder(config: ml_collections.ConfigDict,
+                            shardings: Any = None) -> Any:
+  """Params (float32) of the stage-1 export named by ``config.denoiser.autoencoder_checkpoint``.
+
+  Args:
+    shardings: where to restore them (one ``Sharding`` or a matching pytree; see
+      ``checkpoint.load_export``); each process reads only its shards, so a mesh-wide
+      sharding needs no cross-host transfer. Default: one local device.
+  """
+  path = _autoencoder_export(config)
+  params, ae_config, _ = ckpt_lib.load_export(path, shardings, dtype=jnp.float32)
   # Compare as JSON (the export's config went through JSON: tuples became lists).
   if json.loads(ae_config.autoencoder.to_json()) != json.loads(config.autoencoder.to_json()):
     raise InputError(path, "autoencoder", "the export's autoencoder config differs from "
                      "config.autoencoder")
-  return jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  return params
 
 
 # ============================================================================= input
@@ -822,29 +982,55 @@ def make_sources(config: ml_collections.ConfigDict) -> dict[str, Sequence[Any]]:
   return {split: builder.as_data_source(split) for split in ("train", "validation")}
 
 
-def make_input(config: ml_collections.ConfigDict, source: Sequence[Any], *, split: str):
-  """A checkpointable Grain iterator of this process's share of each global batch."""
+def make_input(config: ml_collections.ConfigDict, source: Sequence[Any], *, split: str,
+               start_step: int = 0, mesh: Mesh | None = None):
+  """A Grain iterator of this process's rows of global batches ``start_step, ...``.
+
+  The rows are those this process's devices hold on ``mesh`` (``distributed.process_shard``;
+  the same on processes that a model axis spans), unless ``config.data.shard_index`` /
+  ``shard_count`` are set; without a mesh, one equal share per process.
+  """
   data = config.data.copy_and_resolve_references()
   with data.unlocked():
     if split != "train":
       data.shuffle = False
       data.seed = config.data.seed + 1
+    if mesh is not None and data.shard_index is None and data.shard_count is None:
+      data.shard_index, data.shard_count = distributed.process_shard(
+          mesh, batch_axes(mesh, logical_rules(config)), data.batch_size)
+  where = f"config.data ({split})"
   if data.dataset == "wan_latents":
     from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
-    return iter(latent_clips.from_config(source, data, where=f"config.data ({split})"))
-  return iter(pipeline.from_config(source, data, where=f"config.data ({split})"))
+    return iter(latent_clips.from_config(source, data, where=where, start_step=start_step))
+  return iter(pipeline.from_config(source, data, where=where, start_step=start_step))
+
+
+def check_input_rows(config: ml_collections.ConfigDict, mesh: Mesh, num_records: int) -> None:
+  """Start-up check on all processes: each feeds the batch rows its devices hold (disjoint,
+  or identical across a model axis spanning hosts) from the same data stream."""
+  d = config.data
+  axes = batch_axes(mesh, logical_rules(config))
+  shard = ((d.shard_index, d.shard_count) if d.shard_index is not None
+           and d.shard_count is not None else distributed.process_shard(mesh, axes, d.batch_size))
+  stream = {k: v for k, v in json.loads(d.to_json_best_effort()).items()
+            if k not in ("shard_index", "shard_count", "worker_count", "read_threads",
+                         "read_buffer_size", "worker_buffer_size")}
+  fingerprint = zlib.crc32(json.dumps([stream, num_records], sort_keys=True).encode())
+  distributed.check_process_rows(mesh, axes, d.batch_size, shard, fingerprint)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, stage: Stage, mesh: Mesh,
                    rules) -> dict[str, jax.ShapeDtypeStruct]:
   """Global batch shapes of the stage's fields (as the pipeline yields them), with shardings.
 
-  frames (B, T, H, W, 3) float32, depths (B, T, H, W) float32, intrinsics (B, T, 3, 3),
-  poses_c2w (B, T, 4, 4) float32, dynamic_masks (B, T, H, W) uint8.
+  frames (B, T, H, W, 3) float32 (uint8 with ``config.data.frames_dtype='uint8'``), depths
+  (B, T, H, W) float32, intrinsics (B, T, 3, 3), poses_c2w (B, T, 4, 4) float32,
+  dynamic_masks (B, T, H, W) uint8.
   """
   d = config.data
   b, t, (h, w) = d.batch_size, d.num_frames, d.resolution
-  shapes = {"frames": ((b, t, h, w, 3), jnp.float32), "depths": ((b, t, h, w), jnp.float32),
+  frames_dtype = jnp.uint8 if d.get("frames_dtype", "float32") == "uint8" else jnp.float32
+  shapes = {"frames": ((b, t, h, w, 3), frames_dtype), "depths": ((b, t, h, w), jnp.float32),
             "intrinsics": ((b, t, 3, 3), jnp.float32), "poses_c2w": ((b, t, 4, 4), jnp.float32),
             "dynamic_masks": ((b, t, h, w), jnp.uint8)}
   if hasattr(stage, "batch_shapes"):
@@ -927,6 +1113,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except OSError as e:
     raise InputError(workdir, "workdir", f"cannot write there ({e.strerror or e})") from e
 
+  # Before anything compiles: a restarted run loads its executables from the cache.
+  aot.enable_compilation_cache(config.get("compilation_cache_dir"))
+
   # ----------------------------------------------------------------------- mesh
   mesh = build_mesh(config)
   rules = logical_rules(config)
@@ -934,7 +1123,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ----------------------------------------------------------------------- input
   sources = make_sources(config) if sources is None else sources
-  train_iter = make_input(config, sources["train"], split="train")
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  # The input position is the step (global batch s is the same examples for any process
+  # count), so a run resumes on other process or device counts without iterator state.
+  start = checkpointer.latest_step() or 0
+  train_iter = make_input(config, sources["train"], split="train", start_step=start, mesh=mesh)
+  check_input_rows(config, mesh, len(sources["train"]))
 
   # ----------------------------------------------------------------------- model & optimizer
   stage = make_stage(config)
@@ -945,14 +1141,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   setup = make_setup(config, stage, mesh)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract["params"]))
   logging.info("stage %s: %.2fM trainable parameters", config.stage, num_params / 1e6)
+  if primary:
+    logging.info("parameter shardings on mesh %s:\n%s", dict(mesh.shape),
+                 sharding.sharding_table(setup.abstract["params"], setup.shardings["params"]))
 
   # ----------------------------------------------------------------------- shard & transfer
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       every=config.checkpoint.every, keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
-  if checkpointer.latest_step() is not None:
-    state, start = checkpointer.restore(setup.abstract, train_iter)
-    logging.info("resumed from step %d", start)
+  if start:
+    state, start = checkpointer.restore(setup.abstract, step=start)
+    logging.info("resumed from step %d on %d processes", start, jax.process_count())
   else:
     state, start = init_state(config, stage, setup), 0
   batch_specs = abstract_batch(config, stage, mesh, rules)
@@ -962,6 +1158,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ----------------------------------------------------------------------- update step
   train_step = make_train_step(config, stage, setup, shardings)
+  if config.train.get("executable"):  # compiled ahead of time (python -m mirage_jax.aot)
+    devices = list(mesh.devices.flat)
+    train_step = aot.load_executable(config.train.executable,
+                                     aot.executable_key(config, devices, dict(mesh.shape)),
+                                     devices)
+    logging.info("train step loaded from %s", config.train.executable)
   eval_step = make_eval_step(stage, setup, shardings)
   step_flops = stage.step_flops(config.data.batch_size)
   peak = total_peak_tflops(config)
@@ -976,13 +1178,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending_clips: list[np.ndarray] = []  # clip_index of each pending step's batch (names a bad one)
   last = {}
   t_last, step_last = None, start
+  data_wait = 0.0  # seconds the loop waited for input since the last log
+  to_mesh = lambda local: distributed.global_batch({k: local[k] for k in stage.fields}, mesh,
+                                                   axes, config.data.batch_size)
+  depth = int(config.train.get("prefetch", 2))
+  batches = (prefetch.DevicePrefetch(train_iter, to_mesh, depth) if depth > 0
+             else ((local, to_mesh(local)) for local in train_iter))
   step = start
   try:
     while step < total:
       if profile_steps and step == profile_start:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      local = next(train_iter)
-      batch = distributed.global_batch({k: local[k] for k in stage.fields}, mesh, axes)
+      t_wait = time.perf_counter()
+      local, batch = next(batches)
+      data_wait += time.perf_counter() - t_wait
       with setup.context():
         state, metrics = train_step(state, batch, frozen)
       step += 1
@@ -993,11 +1202,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         jax.profiler.stop_trace()
       if t_last is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(metrics)
-        t_last, step_last = time.perf_counter(), step
+        t_last, step_last, data_wait = time.perf_counter(), step, 0.0
       if step % config.train.log_every == 0 or step == total:
         last = _log(config, writer, pending, pending_clips, step, step_last, t_last, total,
-                    step_flops, peak)
+                    step_flops, peak, data_wait)
         t_last, step_last, pending, pending_clips = time.perf_counter(), step, [], []
+        data_wait = 0.0
       if config.eval.every and (step % config.eval.every == 0 or step == total):
         t_eval = time.perf_counter()
         writer.write_scalars(step, evaluate(config, stage, setup, eval_step, state, frozen,
@@ -1008,14 +1218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           config.checkpoint.every and step % config.checkpoint.every == 0))):
         _nonfinite_steps(config, jax.device_get(pending), pending_clips, step)  # never save past one
       if preempted:
-        checkpointer.save(step, state, train_iter, config)
+        checkpointer.save(step, state, config)
         checkpointer.wait()
         logging.warning("preempted: saved step %d, exiting", step)
         break
-      checkpointer.save_if_due(step, state, train_iter, config)
+      checkpointer.save_if_due(step, state, config)
     else:
       if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, train_iter, config)
+        checkpointer.save(step, state, config)
   finally:
     checkpointer.close()
     writer.close()
@@ -1043,9 +1253,29 @@ def _nonfinite_steps(config, host: list[dict], clips: list[np.ndarray], step: in
   return bad
 
 
+def device_memory() -> dict[str, float]:
+  """Accelerator memory of this process's devices, where the backend reports it ({} on CPU):
+  the most any device has in use now and at its peak, and the fraction of its limit."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if not stats or any(not s or "bytes_in_use" not in s for s in stats):
+    return {}
+  out = {"hbm_bytes_in_use": float(max(s["bytes_in_use"] for s in stats))}
+  if all("peak_bytes_in_use" in s for s in stats):
+    out["hbm_peak_bytes"] = float(max(s["peak_bytes_in_use"] for s in stats))
+  if all(s.get("bytes_limit") for s in stats):
+    out["hbm_in_use_fraction"] = max(s["bytes_in_use"] / s["bytes_limit"] for s in stats)
+  return out
+
+
 def _log(config, writer, pending, clips, step, step_last, t_last, total, step_flops,
-         peak) -> dict:
+         peak, data_wait: float = 0.0) -> dict:
   """Averages the pending per-step metrics, adds throughput and MFU, writes and logs them.
+
+  Timings come from the host clock between log points (the steps run asynchronously, so no
+  step waits for the host): ``step_time_s`` is the wall time per step since the last log,
+  ``data_wait_s`` the part of it the loop spent waiting for input (``data_wait``: seconds
+  in all), ``mfu`` the analytic FLOPs over the peak; ``hbm_*`` where the backend reports
+  memory (:func:`device_memory`).
 
   Raises:
     FloatingPointError: see ``_nonfinite_steps`` (``clips``: each pending step's clip_index).
@@ -1063,26 +1293,31 @@ def _log(config, writer, pending, clips, step, step_last, t_last, total, step_fl
     out["tflops_per_s"] = step_flops / seconds / 1e12
     if peak > 0:
       out["mfu"] = out["tflops_per_s"] / peak
+    out["data_wait_s"] = data_wait / steps_done
     eta = _format_eta(seconds * (total - step))
   else:
     eta = "?"
+  out.update(device_memory())
   writer.write_scalars(step, out)
-  logging.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %s eta %s", step, total,
+  logging.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %s%s eta %s", step, total,
                out["loss"], out["grad_norm"], out["learning_rate"],
-               f"{out['step_time_s']:.3f}s/step mfu {out.get('mfu', 0):.1%}"
-               if "step_time_s" in out else "", eta)
+               f"{out['step_time_s']:.3f}s/step (data wait {out['data_wait_s']:.3f}s) mfu "
+               f"{out.get('mfu', 0):.1%}" if "step_time_s" in out else "",
+               f" hbm {out['hbm_bytes_in_use'] / 2**30:.2f} GiB"
+               if "hbm_bytes_in_use" in out else "", eta)
   return out
 
 
 def evaluate(config, stage: Stage, setup: TrainSetup, eval_step, state: State, frozen,
              source: Sequence[Any]) -> dict[str, float]:
   """Mean loss (and aux metrics) of the EMA params over ``config.eval.batches`` batches."""
-  it = make_input(config, source, split="validation")
+  it = make_input(config, source, split="validation", mesh=setup.mesh)
   axes = batch_axes(setup.mesh, setup.rules)
   results = []
   for i in range(config.eval.batches):
     local = next(it)
-    batch = distributed.global_batch({k: local[k] for k in stage.fields}, setup.mesh, axes)
+    batch = distributed.global_batch({k: local[k] for k in stage.fields}, setup.mesh, axes,
+                                     config.data.batch_size)
     with setup.context():
       results.append(eval_step(state["ema"], batch, frozen, jax.random.key(i)))
   host = jax.device_get(results)

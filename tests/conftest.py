@@ -5,6 +5,13 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent compilation cache for the whole suite: pytest-xdist workers and the CLI
+# subprocesses the tests start (they inherit the environment) compile the same steps, and a
+# second run of the suite starts warm. A fresh clone (CI) starts empty. Small executables are
+# cached too: here most compiles take well under JAX's default threshold of 1 s.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache", "tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 def pytest_sessionstart(session):
