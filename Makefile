@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: main test venv
+.PHONY: main test venv chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,13 @@ venv: $(VENV)/.installed
 main: venv
 	$(BIN)/python -m mirage_jax.main_job --workdir=runs/tiny
 
-# CPU tests with 8 fake devices (set in tests/conftest.py); the diffusers/torch oracles must
-# be installed (the parity tests would otherwise skip).
-test: venv
-	MIRAGE_REQUIRE_ORACLES=1 $(BIN)/python -m pytest -q -x -n 2 tests
+# Debian's Chromium for the index.html report test (installed when missing; needs root or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# CPU tests with 8 fake devices (set in tests/conftest.py); the diffusers/torch oracles and
+# Chromium must be installed (their tests would otherwise skip).
+test: venv chromium
+	MIRAGE_REQUIRE_ORACLES=1 MIRAGE_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q -x -n 2 tests

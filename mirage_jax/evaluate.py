@@ -44,11 +44,14 @@ revisits, object PSNR, position error, detection and identity at re-entry. Runs 
 Outputs in ``--output_dir`` (refused if non-empty unless ``--overwrite``; files are written
 atomically):
 
+  index.html              the report: claims PASS/FAIL, tables, plots, videos side by side,
+                          command and config (``evaluation/index_html.py``; static, offline);
   metrics.json            every number: per trajectory and row, summaries, per-frame curves
                           (revisit), or the scaling entries and protocol (scaling);
   quality_vs_frame.png    mean PSNR against frame index per row (revisit), also
   ssim_vs_frame.png       SSIM; memory_maze_*.png for the Memory Maze variant;
-  videos/<traj>/<row>.mp4 generated | ground truth | memory coverage (revisit);
+  videos/<traj>/<row>.mp4 generated | ground truth | memory coverage (revisit), and
+  videos/<traj>/ground_truth.mp4;
   parts/process_<k>.json  each process's results (revisit);
   scaling.json            the scaling entries (``report`` schema) and
   cost_vs_length.png      their plot (scaling);
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
@@ -366,6 +370,12 @@ def _main() -> int:
     multihost_utils.sync_global_devices("mirage_jax.evaluate: output dir ready")
   config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
   dict(revisit=_revisit, scaling=_scaling, objects=_objects)[_BENCHMARK.value](config, ae, dn)
+  if jax.process_index() == 0:
+    from mirage_jax.evaluation import index_html  # pylint: disable=g-import-not-at-top
+    page = index_html.write_index(_OUTPUT.value, command=["python", "-m", "mirage_jax.evaluate",
+                                                          *sys.argv[1:]],
+                                  config_json=config.to_json_best_effort(indent=2))
+    print(f"report: {page}")
   return 0
 
 

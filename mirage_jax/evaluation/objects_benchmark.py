@@ -382,7 +382,7 @@ class ObjectsRunner:
       clip: a trajectory at the model's resolution with ``context`` >= 1.
       seed: sampling seed (the same for every row).
       video_dir: if set, writes ``<video_dir>/<name>/<row>.mp4``: generated | ground truth |
-        predicted dynamic mask.
+        predicted dynamic mask, and ``ground_truth.mp4``.
     Returns:
       dict: ``num_frames``, ``context``, ``num_objects``, ``events`` [(k, b)], ``COUNTS``,
       ``rows``: row -> scores (``SCALARS``).
@@ -393,6 +393,8 @@ class ObjectsRunner:
                        f"max_frames={self.max_frames}")
     pairs = revisit.pair_revisits(truth.poses_c2w, **self.pairing)
     given = (truth.frames[:truth.context], truth.depths[:truth.context])
+    if video_dir:
+      revisit.write_truth_video(video_dir, truth)
     rows, counts = {}, {}
     for name, r in self.rows.items():
       out = r.generate(truth.frames[0], truth.depths[0], truth.intrinsics, truth.poses_c2w,

@@ -148,20 +148,22 @@ def read_scaling_json(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- tables
 
 
+def format_cell(value: Any, float_format: str = ".3f") -> str:
+  """One table cell: floats with ``float_format``; missing values and NaN as ``-``."""
+  if value is None:
+    return "-"
+  if isinstance(value, (float, np.floating)):
+    return "-" if math.isnan(value) else format(float(value), float_format)
+  return str(value)
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
                  float_format: str = ".3f") -> str:
   """Markdown table (also readable as plain text) of ``rows`` restricted to ``columns``.
 
   Floats use ``float_format``; missing values and NaN show as ``-``.
   """
-  def cell(value):
-    if value is None:
-      return "-"
-    if isinstance(value, (float, np.floating)):
-      return "-" if math.isnan(value) else format(float(value), float_format)
-    return str(value)
-
-  body = [[cell(row.get(c)) for c in columns] for row in rows]
+  body = [[format_cell(row.get(c), float_format) for c in columns] for row in rows]
   widths = [max([len(c)] + [len(r[k]) for r in body]) for k, c in enumerate(columns)]
   lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

@@ -61,6 +61,8 @@ _rgb_render = jax.jit(baselines.rgb_points_render)
 
 # Rows that are not memory backends.
 ORACLE, COMPOSITE = "oracle", "composite"
+# The ground-truth video beside the rows' videos (videos/<trajectory>/ground_truth.mp4).
+GROUND_TRUTH = "ground_truth"
 # Scalar scores of a row (means over the frames they name).
 SCALARS = ("psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
            "ssim_first_visit", "geometric_psnr", "geometric_fraction", "depth_abs_rel",
@@ -308,7 +310,7 @@ class RevisitRunner:
       truth: a trajectory at the model's resolution.
       seed: sampling seed (the same for every row).
       video_dir: if set, writes ``<video_dir>/<truth.name>/<row>.mp4``: generated | ground
-        truth | memory coverage.
+        truth | memory coverage, and ``ground_truth.mp4``.
     Returns:
       dict: ``num_frames``, ``context``, ``pairs`` (T,), ``revisit_frames`` (count),
       ``reference`` (ground truth's own scores), ``rows``: row -> scores (see
@@ -321,6 +323,8 @@ class RevisitRunner:
       raise InputError(truth.name, "frames", f"{len(truth.frames)} frames, more than the "
                        f"runner's max_frames={self.max_frames}")
     pairs = pair_revisits(truth.poses_c2w, **self.pairing)
+    if video_dir:
+      write_truth_video(video_dir, truth)
     rows = {}
     given = (truth.frames[:truth.context], truth.depths[:truth.context]) if truth.context else None
     for name, r in self.rows.items():
@@ -347,6 +351,15 @@ class RevisitRunner:
     return dict(num_frames=len(truth.frames), context=truth.context, pairs=pairs,
                 revisit_frames=int(np.sum((pairs >= 0) & (np.arange(len(pairs)) >= max(truth.context, 1)))),
                 reference=reference_scores(truth, pairs), rows=rows)
+
+
+def write_truth_video(video_dir: str, truth: Trajectory) -> None:
+  """``<video_dir>/<truth.name>/ground_truth.mp4``, at the panels' scale (the report's first column)."""
+  directory = os.path.join(video_dir, truth.name)
+  os.makedirs(directory, exist_ok=True)
+  h = truth.frames.shape[1]
+  video.write_mp4(os.path.join(directory, f"{GROUND_TRUTH}.mp4"),
+                  video.upscale(truth.frames, max(1, 128 // h)), fps=truth.fps)
 
 
 def _write_panel(video_dir: str, truth: Trajectory, row: str, frames: np.ndarray,
@@ -397,6 +410,21 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> tuple[dict, dict]:
   summary["reference"] = {k: _nanmean([as_float(r[k]) for r in refs]) for k in refs[0]} if refs else {}
   summary["revisit_frames"] = int(sum(res["revisit_frames"] for res in results.values()))
   return summary, curves
+
+
+def claims(summary: Mapping[str, Any]) -> dict[str, bool]:
+  """The project's revisit claims on a :func:`summarize` result (claims on absent rows: none).
+
+  Voxel's revisit PSNR beats no memory by >= 4 dB and is at most 1 dB below the reference's
+  cache (doing better is allowed).
+  """
+  psnr = lambda b: np.nan if summary[b].get("psnr_revisit") is None else float(summary[b]["psnr_revisit"])
+  out = {}
+  if {"voxel", "none"} <= set(summary):
+    out["voxel revisit PSNR >= none + 4 dB"] = psnr("voxel") >= psnr("none") + 4.0
+  if {"voxel", "mirage"} <= set(summary):
+    out["voxel revisit PSNR >= mirage - 1 dB"] = psnr("voxel") >= psnr("mirage") - 1.0
+  return out
 
 
 def _nanmean(x, axis=None):

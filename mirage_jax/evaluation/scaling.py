@@ -28,7 +28,7 @@ chunks on whatever device runs it, one trajectory per backend, without batching.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -151,3 +151,24 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
       bar.update(1)
   bar.close()
   return entries
+
+
+def claims(entries: Sequence[Mapping[str, Any]]) -> dict[str, bool]:
+  """The project's cost claims on scaling entries (``report`` schema; absent rows: none).
+
+  At the longest length voxel's cache is >= 10x smaller than mirage's, and voxel's time per
+  chunk is within 20% of its time at the shortest length.
+  """
+  cost = {(e["backend"], e["frames"]): e for e in entries}
+  lengths = sorted({e["frames"] for e in entries})
+  out = {}
+  if not lengths:
+    return out
+  lo, hi = lengths[0], lengths[-1]
+  if ("voxel", hi) in cost and ("mirage", hi) in cost:
+    out[f"voxel cache >= 10x smaller than mirage at {hi} frames"] = (
+        10 * cost["voxel", hi]["cache_bytes"] <= cost["mirage", hi]["cache_bytes"])
+  if ("voxel", lo) in cost and ("voxel", hi) in cost and lo != hi:
+    out[f"voxel time per chunk at {hi} within 20% of {lo} frames"] = (
+        cost["voxel", hi]["chunk_seconds"] <= 1.2 * cost["voxel", lo]["chunk_seconds"])
+  return out

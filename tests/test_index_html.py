@@ -1,0 +1,97 @@
+"""index.html of an evaluation: built from a tiny evaluation, opened in headless Chromium.
+
+Debian's ``chromium`` must be installed (``make test`` installs it and sets
+MIRAGE_REQUIRE_CHROMIUM=1, so there a missing browser fails instead of skipping).
+"""
+
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mirage_jax.evaluation import index_html, revisit, scaling
+from tests.chromium import Browser, find_chromium
+from tests.test_generate import run_cli, save_tiny_export
+
+
+def _chromium() -> str:
+  path = find_chromium()
+  if path is None:
+    if os.environ.get("MIRAGE_REQUIRE_CHROMIUM") == "1":
+      pytest.fail("MIRAGE_REQUIRE_CHROMIUM=1 but no chromium on PATH (apt-get install chromium)")
+    pytest.skip("no chromium on PATH (apt-get install chromium)")
+  return path
+
+
+def test_claims_follow_the_numbers():
+  row = lambda p: {"psnr_revisit": p}
+  assert revisit.claims(dict(none=row(10.0), voxel=row(14.5), mirage=row(15.0))) == {
+      "voxel revisit PSNR >= none + 4 dB": True, "voxel revisit PSNR >= mirage - 1 dB": True}
+  assert revisit.claims(dict(none=row(10.0), voxel=row(13.9), mirage=row(15.0))) == {
+      "voxel revisit PSNR >= none + 4 dB": False, "voxel revisit PSNR >= mirage - 1 dB": False}
+  assert revisit.claims(dict(none=row(10.0), voxel=row(None))) == {
+      "voxel revisit PSNR >= none + 4 dB": False}  # no score: not a pass
+  assert revisit.claims(dict(mirage=row(1.0))) == {}
+  e = lambda b, n, c, s: dict(backend=b, frames=n, cache_bytes=c, memory_seconds_per_chunk=0.0,
+                              chunk_seconds=s)
+  entries = [e("voxel", 64, 100, 1.0), e("voxel", 1024, 100, 1.1), e("mirage", 1024, 1000, 3.0)]
+  assert list(scaling.claims(entries).values()) == [True, True]
+  entries[1] = e("voxel", 1024, 101, 1.3)
+  assert list(scaling.claims(entries).values()) == [False, False]
+  assert scaling.claims([]) == {}
+
+
+@pytest.mark.slow
+def test_report_of_a_tiny_evaluation_plays_in_chromium(tmp_path):
+  binary = _chromium()
+  export = save_tiny_export(str(tmp_path / "export"))
+  out = tmp_path / "revisit"
+  result = run_cli("mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=revisit",
+                   "--procedural_seeds=100001:100002", "--num_frames=24",
+                   "--backends=none,mirage,voxel", "--nooracle", f"--output_dir={out}")
+  assert result.returncode == 0, result.stderr
+  page = out / "index.html"
+  assert f"report: {page}" in result.stdout
+  text = page.read_text()
+  # Every claim these rows allow, with its verdict; the command and config that made it.
+  assert len(re.findall(r'class="(?:pass|fail)">(?:PASS|FAIL)<', text)) == 2
+  assert "voxel revisit PSNR &gt;= none + 4 dB" in text and "--backends=none,mirage,voxel" in text
+  assert '&quot;stage&quot;: &quot;denoiser&quot;' in text
+  videos = re.findall(r'<video src="([^"]+)"', text)
+  assert videos == [f"videos/seed100001/{r}.mp4" for r in
+                    ("ground_truth", "none", "mirage", "voxel", "composite")]
+  assert "http://" not in text and "https://" not in text  # nothing fetched from a network
+
+  with Browser(binary) as browser:
+    browser.call("Emulation.setDeviceMetricsOverride", width=1200, height=900, deviceScaleFactor=1,
+                 mobile=False)
+    browser.load(page.as_uri())
+    media = browser.evaluate("""Promise.all([...document.querySelectorAll('video')].map(v =>
+        new Promise(done => {
+          const report = () => done({src: v.getAttribute('src'), duration: v.duration,
+                                     width: v.videoWidth, error: v.error && v.error.message});
+          if (v.readyState >= 1 || v.error) report();
+          else { v.addEventListener('loadedmetadata', report); v.addEventListener('error', report); }
+        })))""")
+    images = browser.evaluate("""Promise.all([...document.images].map(i => i.decode().then(
+        () => ({src: i.getAttribute('src'), width: i.naturalWidth}),
+        () => ({src: i.getAttribute('src'), width: 0}))))""")
+    # Decoding, not just metadata: a video advances when played.
+    played = browser.evaluate("""(async () => { const v = document.querySelector('video');
+        v.currentTime = 0; await v.play();
+        await new Promise(r => setTimeout(r, 500)); return v.currentTime; })()""")
+    browser.drain(0.5)
+    shot = np.asarray(Image.open(io.BytesIO(browser.screenshot())).convert("RGB"), np.float32)
+    problems = browser.problems()
+  assert problems == []
+  assert len(media) == 5
+  for m in media:
+    assert m["error"] is None and m["duration"] > 0 and m["width"] > 0, m
+  assert {i["src"] for i in images} == {"quality_vs_frame.png", "ssim_vs_frame.png"}
+  assert all(i["width"] > 0 for i in images), images
+  assert played > 0
+  assert shot.shape[:2] == (900, 1200) and shot.var() > 0
