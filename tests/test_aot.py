@@ -10,11 +10,20 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install -e .[tpu])")
 
 
-def test_compile_for_v5e_2x2():
-  from mirage_jax import aot
+def test_compile_for_v5e_2x2(tmp_path):
+  import jax
+  from mirage_jax import aot, train
+  from mirage_jax.errors import InputError
   config = tiny_config()
   config.mesh = dict(data=1, fsdp=2, context=1, tensor=2)
-  report = aot.compile_report(config, "v5e:2x2")
+  path = str(tmp_path / "v5e.jaxexe")
+  report = aot.compile_report(config, "v5e:2x2", save_executable_to=path)
+  assert report["executable_bytes"] > 0
+  # The TPU executable is for a TPU run of this config; this CPU host refuses it, named.
+  devices = jax.devices()[:4]
+  key = aot.executable_key(config, devices, dict(train.build_mesh(config, devices).shape))
+  with pytest.raises(InputError, match="platform"):
+    aot.load_executable(path, key, devices)
   assert report["devices"] == 4
   assert report["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 2}
   assert 0 < report["memory_per_device_gib"] < report["hbm_per_device_gib"] and report["fits"]
