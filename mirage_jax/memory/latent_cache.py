@@ -214,7 +214,7 @@ def splat(points, values, valid, K, c2w, height: int, width: int, near: float,
   With ``priority`` and a ``depth_tolerance``, every point within ``(1 + depth_tolerance)``
   of a cell's closest depth is on the same surface, and the highest priority among them
   wins (e.g. the most recently seen): one view's content per cell instead of whichever of
-  many views' points happens to be a hair closer, which blurs (DESIGN.md probe).
+  many views' points happens to be a hair closer, which blurs (docs/DESIGN.md probe).
   With a ``footprint``, points are world-space squares of that edge facing the camera, and
   they fill holes: an empty cell takes the closest neighbouring winner (up to
   ``max_radius`` cells away) whose projected square contains the cell's centre. Filling

@@ -400,7 +400,7 @@ def predict(model: Denoiser, prediction: str, x, t, rays, memory, coverage, cont
   'velocity': the network predicts the flow velocity (the reference's parameterisation).
   'x0_prior': the network predicts a residual on :func:`memory_prior`, so a fresh model
   (zero output head) already reproduces the composite "memory where covered, previous frame
-  elsewhere" that a probe found hard to beat (DESIGN.md); training learns the correction.
+  elsewhere" that a probe found hard to beat (docs/DESIGN.md); training learns the correction.
   Sample it with Euler (its velocity is undefined at t = 0, where Heun's corrector looks).
   """
   out = model(x, t, rays, memory, coverage, context, context_rays, cond)
