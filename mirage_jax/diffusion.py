@@ -43,6 +43,31 @@ def sample_time(rng: jax.Array, shape: tuple[int, ...], shift: float = 1.0) -> j
   return shift_time(u, shift)
 
 
+NOISE_LEVELS = ("per_frame", "per_example", "mixed")
+
+
+def sample_levels(rng: jax.Array, batch: int, frames: int, shift: float = 1.0,
+                  scheme: str = "per_frame", mixed_prob: float = 0.5) -> jax.Array:
+  """Training times of a chunk of ``frames`` target frames: :func:`sample_time` per frame
+  ('per_frame'), one per example shared by its frames ('per_example', as the sampler moves
+  them), or per example with probability ``mixed_prob`` and per frame otherwise ('mixed').
+
+  Returns:
+    (batch, frames) float32.
+  """
+  if scheme not in NOISE_LEVELS:
+    raise ValueError(f"unknown noise-level scheme {scheme!r}; known: {NOISE_LEVELS}")
+  if scheme == "per_frame":  # the same draw as before the other schemes existed
+    return sample_time(rng, (batch, frames), shift)
+  k_t, k_mix = jax.random.split(rng)
+  t = sample_time(k_t, (batch, frames), shift)
+  shared = jnp.broadcast_to(t[:, :1], t.shape)
+  if scheme == "per_example":
+    return shared
+  together = jax.random.uniform(k_mix, (batch, 1)) < mixed_prob
+  return jnp.where(together, shared, t)
+
+
 def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """``x_t = (1 - t) x0 + t noise``.
 

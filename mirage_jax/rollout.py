@@ -1,7 +1,8 @@
 """Chunked generation: first frame + camera trajectory -> RGB-D frames.
 
-Per chunk of ``target_frames`` cameras (static shapes, so a trajectory of any length reuses
-the same three compiled functions):
+Per chunk of ``target_frames`` cameras, ONE jitted call (:meth:`Rollout._chunk_impl`, static
+shapes, so a trajectory of any length reuses the same compiled step; nothing syncs with the
+host inside it):
 
   1. read     the memory into the chunk's cameras -> projected latents + coverage;
   2. denoise  from noise with the DiT, conditioned on memory, Plücker rays and clean context
@@ -27,6 +28,12 @@ The reference bank is a fixed-capacity ring buffer of past latent frames (the ``
 backend's state, ``reference_bank`` frames, every ``reference_stride``-th frame of each
 chunk), so memory and retrieval cost per chunk do not grow with the trajectory.
 
+Batching (:meth:`Rollout.generate_batch`): the chunk step is vmapped over trajectories and
+the trajectory axis is sharded over the mesh's batch axes (``data``, ``fsdp``); trajectories
+of different lengths are padded to the longest and a chunk past a trajectory's end changes
+nothing of its state (its outputs are dropped). Timing is its own mode (``timed``, the
+scaling benchmark): only then does the driver block after every chunk.
+
 The memory backend (``voxel`` ours, ``mirage`` the reference's append-only cloud, the
 baselines) is chosen by name; training builds its conditioning with the same
 ``memory_config`` + write/read and the same reference retrieval (``train.DenoiserStage``),
@@ -36,6 +43,8 @@ so the model is trained as it is run.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 from typing import Any
 
@@ -44,9 +53,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mirage_jax import diffusion, geometry
+from mirage_jax import diffusion, geometry, sharding
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.memory import objects as objects_lib
@@ -146,8 +156,11 @@ def make_rollout(config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Modu
   ``wan_rollout.WanRollout`` (Wan; ``wan_options``: text, empty_text, guidance_scale).
 
   ``kwargs`` are the memory overrides and, for the small family, mask_dynamic/object_slots.
-  Asking the Wan family for moving-content handling is refused (it has none yet).
+  Asking the Wan family for moving-content handling is refused (it has none yet), and so is
+  guidance for a model trained without conditioning dropout (:func:`check_guidance`).
   """
+  check_guidance(config, (wan_options or {}).get("guidance_scale")
+                 if model_family(config) == "wan" else None)
   if model_family(config) == "wan":
     from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
     for flag in ("mask_dynamic", "object_slots"):
@@ -159,6 +172,29 @@ def make_rollout(config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Modu
     raise InputError(f"--{_WAN_FLAGS.get(given, given)}", _WAN_FLAGS.get(given, given),
                      "only the Wan family takes it; this export is of the small family")
   return Rollout(config, ae, dn, backend, **kwargs)
+
+
+def check_guidance(config: ml_collections.ConfigDict, scale: float | None = None) -> None:
+  """Refuses classifier-free guidance when training never trained its unconditional branch.
+
+  ``scale``: the ``--guidance_scale`` flag, or None for the export's
+  ``config.sampler.guidance_scale``. The small family's unconditional branch (no memory) is
+  trained by ``denoiser.cond_dropout`` > 0; a Wan fine-tune's (the empty prompt) by
+  ``denoiser.caption_dropout`` > 0 (a converted base, without that field, keeps the released
+  model's own training).
+  """
+  flag = "--guidance_scale" if scale is not None else "config.sampler.guidance_scale"
+  scale = float(config.sampler.get("guidance_scale", 0.0) if scale is None else scale)
+  if scale <= 0:
+    return
+  d = config.denoiser
+  field = "caption_dropout" if model_family(config) == "wan" else "cond_dropout"
+  if model_family(config) == "wan" and field not in d:
+    return
+  if float(d.get(field, 0.0)) <= 0:
+    raise InputError(flag, "guidance_scale", f"{scale} needs an unconditional branch, and "
+                     f"this model was trained without one (config.denoiser.{field} = 0); "
+                     f"sample without guidance or train with {field} > 0")
 
 
 # The command-line flag of each Wan option (for the errors of make_rollout).
@@ -307,18 +343,8 @@ class Rollout:
     self.ae_graphdef, self.ae_state = nnx.split(ae)
     self.dn_graphdef, self.dn_state = nnx.split(dn)
     self.backend = memory_lib.get_backend(self.backend_name, encode_fn=self._encode_rgb)
-    self._read = jax.jit(self.backend.read)
-    self._write = jax.jit(self.backend.write)
-    self._encode = jax.jit(self._encode_impl)
-    self._dynamic = jax.jit(self._dynamic_impl)
-    if self.object_slots:
-      self._observe = jax.jit(objects_lib.observe)
-      self._render_objects = jax.jit(self._render_objects_impl)
-    self._denoise = jax.jit(self._denoise_impl)
     self.refs = reference_settings(config)
-    if self.refs.frames:
-      self._bank_write = jax.jit(memory_lib.baselines.frame_bank_write)
-      self._retrieve = jax.jit(self._retrieve_impl)
+    self._per_mesh: dict[Mesh, dict[str, Any]] = {}  # jitted functions (see _functions)
 
   # --------------------------------------------------------------------------- pieces
 
@@ -368,11 +394,13 @@ class Rollout:
     """References for the chunk starting at frame ``start`` () int32 (traced: no recompile).
 
     Frames ``>= start - context_frames`` are the recent context already, so not eligible.
-    Returns latents (k, h, w, C), intrinsics (k, 3, 3), c2w (k, 4, 4).
+    Returns latents (k, h, w, C), intrinsics (k, 3, 3), c2w (k, 4, 4), and frames (k,)
+    int32 the frame index of each (-1 where none passed and the newest frame stands in).
     """
     eligible = bank.frame < start - self.num_context
-    lat, ref_K, ref_c2w, _, _ = retrieve_references(bank, eligible, K, c2w, self.refs.frames)
-    return lat, ref_K, ref_c2w
+    lat, ref_K, ref_c2w, slots, found = retrieve_references(bank, eligible, K, c2w,
+                                                            self.refs.frames)
+    return lat, ref_K, ref_c2w, jnp.where(found, bank.frame[slots], -1)
 
   def _denoise_impl(self, ae_state, dn_state, memory, coverage, K, c2w, context, context_K,
                     context_c2w, rng):
@@ -404,13 +432,145 @@ class Rollout:
     rgb, depth = ae.decode(latents / self.latent_scale)
     return latents, rgb, depth
 
+  # --------------------------------------------------------------------------- one chunk step
+
+  def _start_impl(self, ae_state, state, frame0, depth0, K0, c2w0, rng):
+    """Frame 0 of one trajectory into the memories: the carry of :meth:`_chunk_impl`.
+
+    Args:
+      state: the memory state frame 0 is written into (empty or pre-filled).
+      frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric. K0: (3, 3). c2w0: (4, 4).
+      rng: (2,) uint32 key data of the trajectory's sampling key.
+    Returns:
+      carry: dict of memory, rng, ctx (Nc, h, w, C), ctx_K, ctx_c2w, and objects / bank
+      when used; frame 0's outputs: rgb (1, H, W, 3), depth (1, H, W), coverage (1, h, w),
+      dynamic (1, h, w), positions (1, S, 3), idents (1, S).
+    """
+    K, c2w, given = K0[None], c2w0[None], depth0[None]
+    lat0 = self._encode_impl(ae_state, frame0[None], given)
+    dyn0 = self._dynamic_impl(ae_state, lat0)
+    static0 = (dyn0 < self.dynamic_threshold) | (not self.mask_dynamic)
+    ids = jnp.zeros((1,), jnp.int32)
+    carry = dict(memory=self.backend.write(state, lat0, given, K, c2w, static0, ids,
+                                           rgb=(frame0[None] + 1.0) / 2.0), rng=rng)
+    positions, idents = jnp.zeros((1, 0, 3), jnp.float32), jnp.zeros((1, 0), jnp.int32)
+    if self.object_slots:
+      objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat0, given, K, c2w,
+                                    ~static0, ids)
+      positions = objects_lib.predict(objects, 0)[None]
+      idents = jnp.where(objects.valid, objects.ident, -1)[None]
+      carry["objects"] = objects
+    if self.refs.frames:
+      carry["bank"] = memory_lib.baselines.frame_bank_write(
+          reference_bank_init(self.memory_cfg, self.refs.bank), lat0, given, K, c2w, static0, ids)
+    # Context: the last generated latents; at the start, the first frame repeated.
+    nc = self.num_context
+    carry.update(ctx=jnp.repeat(lat0, nc, 0), ctx_K=jnp.repeat(K, nc, 0),
+                 ctx_c2w=jnp.repeat(c2w, nc, 0))
+    rgb0, d0 = nnx.merge(self.ae_graphdef, ae_state).decode(lat0 / self.latent_scale)
+    return carry, dict(rgb=rgb0, depth=d0, coverage=jnp.ones_like(dyn0), dynamic=dyn0,
+                       positions=positions, idents=idents)
+
+  def _chunk_impl(self, ae_state, dn_state, carry, chunk, *, oracle: bool):
+    """One chunk of one trajectory: read -> denoise (whole sampler) -> decode -> write.
+
+    Args:
+      carry: as :meth:`_start_impl` returns it.
+      chunk: K (F, 3, 3), c2w (F, 4, 4), frame (F,) int32 frame indices (a short chunk is
+        padded with its last camera), start () int32 first frame, real () int32 frames
+        that exist (padded frames are never written; 0: the trajectory has ended, nothing
+        changes). With ``oracle``: use (F,) bool frames written from ground truth, their
+        o_lat (F, h, w, C), o_rgb (F, H, W, 3) in [-1, 1], o_depth (F, H, W).
+      oracle: static; without it no frame is written from ground truth.
+    Returns:
+      the new carry; outputs: latents (F, h, w, C), rgb (F, H, W, 3) in [-1, 1], depth
+      (F, H, W), coverage (F, h, w) bool, dynamic (F, h, w), positions (F, S, 3), idents
+      (F, S), references (k,) frame index of each reference (-1 = fallback; k = 0 without).
+    """
+    Kc, c2wc, ids = chunk["K"], chunk["c2w"], chunk["frame"]
+    real = (jnp.arange(self.chunk) < chunk["real"])[:, None, None]
+    mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
+    positions = jnp.zeros((self.chunk, 0, 3), jnp.float32)
+    idents = jnp.zeros((self.chunk, 0), jnp.int32)
+    if self.object_slots:
+      mem, cov, positions, idents = self._render_objects_impl(carry["objects"], mem, cov, Kc,
+                                                              c2wc, ids)
+    ctx, ctx_K, ctx_c2w = carry["ctx"], carry["ctx_K"], carry["ctx_c2w"]
+    full = (ctx, ctx_K, ctx_c2w)
+    ref_frames = jnp.zeros((0,), jnp.int32)
+    if self.refs.frames:  # references first: memory_prior falls back on the last frame
+      *refs, ref_frames = self._retrieve_impl(carry["bank"], chunk["start"], Kc, c2wc)
+      full = tuple(jnp.concatenate([r, c], 0) for r, c in zip(refs, full))
+    key, sub = jax.random.split(jax.random.wrap_key_data(carry["rng"]))
+    lat, rgb, depth = self._denoise_impl(ae_state, dn_state, mem, cov, Kc, c2wc, *full, sub)
+    dyn = self._dynamic_impl(ae_state, lat)
+    w_lat, w_rgb, w_depth, w_dyn = lat, rgb, depth, dyn
+    if oracle:  # a chunk straddling N mixes the two
+      use = chunk["use"]
+      pick = lambda o, g: jnp.where(use.reshape((-1,) + (1,) * (o.ndim - 1)), o, g)
+      w_lat, w_rgb, w_depth = (pick(chunk[k], g) for k, g in
+                               (("o_lat", lat), ("o_rgb", rgb), ("o_depth", depth)))
+      w_dyn = self._dynamic_impl(ae_state, w_lat)
+    moving = (w_dyn >= self.dynamic_threshold) & real
+    static = real & ~(moving & self.mask_dynamic)
+    if self.write_new_only:
+      # Covered cells were copied from memory: writing them back only adds drift (unless
+      # the chunk is written from ground truth).
+      static = static & (~cov | use.any()) if oracle else static & ~cov
+    new = dict(carry, rng=jax.random.key_data(key), memory=self.backend.write(
+        carry["memory"], w_lat, w_depth, Kc, c2wc, static, ids, rgb=(w_rgb + 1.0) / 2.0))
+    if self.object_slots:
+      observed = use if oracle else jnp.zeros((self.chunk,), bool)
+      new["objects"] = objects_lib.observe(carry["objects"], w_lat, w_depth, Kc, c2wc, moving,
+                                           ids, observed)
+    if self.refs.frames:  # the last chunk's padded frames may enter; nothing reads them
+      s = self.refs.stride
+      new["bank"] = memory_lib.baselines.frame_bank_write(
+          carry["bank"], w_lat[::s], w_depth[::s], Kc[::s], c2wc[::s], static[::s], ids[::s])
+    if self.num_context:  # the last Nc of [context, the chunk's real frames]
+      new.update((k, jax.lax.dynamic_slice_in_dim(jnp.concatenate([c, x], 0), chunk["real"],
+                                                  self.num_context))
+                 for k, c, x in (("ctx", ctx, lat), ("ctx_K", ctx_K, Kc), ("ctx_c2w", ctx_c2w, c2wc)))
+    # A trajectory that has ended (shorter than others in its batch) keeps its state.
+    active = chunk["real"] > 0
+    new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, carry)
+    return new, dict(latents=lat, rgb=rgb, depth=depth, coverage=cov, dynamic=dyn,
+                     positions=positions, idents=idents, references=ref_frames)
+
+  def _functions(self, mesh: Mesh) -> dict[str, Any]:
+    """The jitted, trajectory-batched (vmapped) functions on ``mesh`` (built once per mesh).
+
+    The trajectory axis is sharded over the mesh's batch axes (``data``, ``fsdp``), the
+    parameters are replicated: trajectories are independent, so no collective runs.
+    """
+    if mesh not in self._per_mesh:
+      rep, bat = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
+      step = lambda oracle: jax.jit(
+          jax.vmap(functools.partial(self._chunk_impl, oracle=oracle), in_axes=(None, None, 0, 0)),
+          in_shardings=(rep, rep, bat, bat), out_shardings=bat)
+      write = lambda s, lat, d, K, c2w, m, f, rgb: self.backend.write(s, lat, d, K, c2w, m, f, rgb=rgb)
+      self._per_mesh[mesh] = dict(
+          params=jax.device_put((self.ae_state, self.dn_state), rep),
+          start=jax.jit(jax.vmap(self._start_impl, in_axes=(None,) + (0,) * 6),
+                        in_shardings=(rep,) + (bat,) * 6, out_shardings=bat),
+          step={False: step(False), True: step(True)},
+          encode=jax.jit(jax.vmap(self._encode_impl, in_axes=(None, 0, 0)),
+                         in_shardings=(rep, bat, bat), out_shardings=bat),
+          # Timed runs only (the scaling benchmark): the memory's share of a chunk.
+          read=jax.jit(jax.vmap(self.backend.read), in_shardings=bat, out_shardings=bat),
+          write=jax.jit(jax.vmap(write), in_shardings=bat, out_shardings=bat))
+    return self._per_mesh[mesh]
+
   # --------------------------------------------------------------------------- driver
 
   def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
                poses_c2w: np.ndarray, *, seed: int = 0, progress: bool = True,
                oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,
-               initial_memory: Any = None) -> dict[str, Any]:
+               initial_memory: Any = None, timed: bool = False) -> dict[str, Any]:
     """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
+
+    One trajectory of :meth:`generate_batch` (the same compiled chunk step, batch 1 on one
+    device).
 
     With ``config.denoiser.reference_frames`` = k > 0 each chunk's context is k references
     retrieved from the reference bank, then the last ``context_frames`` latents.
@@ -422,143 +582,239 @@ class Rollout:
       seed: sampling seed.
       oracle_frames: optional ground truth ``(frames (N, H, W, 3) uint8, depths (N, H, W))``,
         N <= T: frames ``< N`` are written to memory encoded from these (with their depth)
-        instead of the generated ones (evaluation bounds); their encoding is not timed.
+        instead of the generated ones (evaluation bounds); their encoding is outside the
+        chunk step.
       initial_memory: optional memory state of this backend to start from instead of an
         empty one (the scaling benchmark pre-fills it); frame 0 is written into it.
+      timed: block after every chunk and time it (the scaling benchmark); see
+        :meth:`generate_batch`.
     Returns:
       dict with frames (T, H, W, 3) uint8 (frame 0 = the decoded first frame), depths
       (T, H, W) float32, coverage (T, h, w) float32 (memory coverage of each generated frame;
-      frame 0: 1), timings: list of ChunkTiming, cache_bytes (after the last chunk),
-      reference_bytes (bytes of the frames in the reference bank after the last chunk; 0
-      without references), dynamic (T, h, w) float32 the dynamic head's probability that a
-      cell moves (zeros for a model without the head; computed with or without
+      frame 0: 1), chunk_seconds (wall seconds per chunk after the first, without a sync per
+      chunk), timings: list of ChunkTiming (``timed`` only, else empty), cache_bytes (after
+      the last chunk), reference_bytes (bytes of the frames in the reference bank after the
+      last chunk; 0 without references), references (chunks, k) int32 the frame index of
+      each chunk's retrieved references (-1: none passed, the newest banked frame was used;
+      k = 0 without references), dynamic (T, h, w) float32 the dynamic head's probability
+      that a cell moves (zeros for a model without the head; computed with or without
       ``mask_dynamic``, which only decides what is written), object_positions (T, S, 3)
-      float32 and object_idents (T, S) int32 (-1 = empty) the slots at each frame, as the chunk's
-      conditioning saw them (S = 0 without object slots), object_bytes (the slots' state).
-      Reference retrieval, bank writes and object slots are timed as memory.
+      float32 and object_idents (T, S) int32 (-1 = empty) the slots at each frame, as the
+      chunk's conditioning saw them (S = 0 without object slots), object_bytes (the slots'
+      state).
     """
+    return self.generate_batch([first_frame], [first_depth], [intrinsics], [poses_c2w],
+                               seeds=[seed], progress=progress, oracle_frames=[oracle_frames],
+                               initial_memory=initial_memory, timed=timed)[0]
+
+  def _check_trajectory(self, where: str, first_frame, first_depth, intrinsics, poses_c2w,
+                        oracle_frames) -> None:
     h, w = self.image_hw
     T = poses_c2w.shape[0]
     if first_frame.shape[:2] != (h, w) or first_depth.shape != (h, w):
-      raise InputError("generate", "first_frame", f"expected ({h}, {w}) to match the model, got "
+      raise InputError(where, "first_frame", f"expected ({h}, {w}) to match the model, got "
                        f"{first_frame.shape[:2]} and depth {first_depth.shape}")
     if intrinsics.shape != (T, 3, 3):
-      raise InputError("generate", "intrinsics", f"expected ({T}, 3, 3), got {intrinsics.shape}")
-    geometry.check_poses(poses_c2w, "generate")
-    frame0 = np.asarray(first_frame)
-    if frame0.dtype == np.uint8:
-      frame0 = frame0.astype(np.float32) / 127.5 - 1.0
-    K = jnp.asarray(intrinsics, jnp.float32)
-    c2w = jnp.asarray(poses_c2w, jnp.float32)
-
-    lat0 = self._encode(self.ae_state, jnp.asarray(frame0)[None], jnp.asarray(first_depth)[None])
+      raise InputError(where, "intrinsics", f"expected ({T}, 3, 3), got {intrinsics.shape}")
+    geometry.check_poses(poses_c2w, where)
     if oracle_frames is not None:
       gt_rgb, gt_depth = (np.asarray(a) for a in oracle_frames)
       if gt_rgb.shape[1:] != (h, w, 3) or gt_depth.shape != gt_rgb.shape[:3] or len(gt_rgb) > T:
-        raise InputError("generate", "oracle_frames", f"expected (N <= {T}, {h}, {w}, 3) frames and "
+        raise InputError(where, "oracle_frames", f"expected (N <= {T}, {h}, {w}, 3) frames and "
                          f"(N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
-    given_depth0 = jnp.asarray(first_depth, jnp.float32)[None]
-    dyn0 = self._dynamic(self.ae_state, lat0)
-    static0 = (dyn0 < self.dynamic_threshold) | (not self.mask_dynamic)
-    frame_ids0 = jnp.zeros((1,), jnp.int32)
-    state = self.backend.init(self.memory_cfg) if initial_memory is None else initial_memory
-    state = self._write(state, lat0, given_depth0, K[:1], c2w[:1], static0, frame_ids0,
-                        rgb=(jnp.asarray(frame0)[None] + 1.0) / 2.0)
-    objects = None
-    if self.object_slots:
-      objects = self._observe(objects_lib.init(self.object_cfg), lat0, given_depth0, K[:1],
-                              c2w[:1], ~static0, frame_ids0)
-    positions, idents = [np.zeros((1, 0, 3))], [np.zeros((1, 0), np.int32)]  # (frames, S, ...)
-    if objects is not None:
-      positions = [np.asarray(objects_lib.predict(objects, 0))[None]]
-      idents = [np.asarray(jnp.where(objects.valid, objects.ident, -1))[None]]
-    rgb0, depth0 = nnx.merge(self.ae_graphdef, self.ae_state).decode(lat0 / self.latent_scale)
-    # Context: the last generated latents; at the start, the first frame repeated.
-    nc = self.num_context
-    ctx = jnp.repeat(lat0, nc, axis=0)
-    ctx_K, ctx_c2w = jnp.repeat(K[:1], nc, axis=0), jnp.repeat(c2w[:1], nc, axis=0)
-    bank, stride = None, self.refs.stride
-    if self.refs.frames:
-      bank = self._bank_write(reference_bank_init(self.memory_cfg, self.refs.bank), lat0,
-                              given_depth0, K[:1], c2w[:1], static0, frame_ids0)
 
-    frames, depths, timings = [rgb0], [depth0], []
-    coverage, dynamic = [np.ones((1,) + self.latent_hw, np.float32)], [np.asarray(dyn0)]
-    rng = jax.random.key(seed)
-    starts = range(1, T, self.chunk)
-    for start in tqdm(starts, desc=f"generate [{self.backend_name}]", disable=not progress,
-                      unit="chunk"):
-      n = min(self.chunk, T - start)
-      # Pad the last chunk with its last camera; padded frames are never written.
-      idx = np.minimum(np.arange(start, start + self.chunk), T - 1)
-      Kc, c2wc = K[idx], c2w[idx]
-      oracle = oracle_frames is not None and start < len(gt_rgb)
-      if oracle:  # padded with the last ground-truth frame; only frames < N are written from it
-        gi = np.minimum(idx, len(gt_rgb) - 1)
-        o_rgb = jnp.asarray(gt_rgb[gi], jnp.float32) / 127.5 - 1.0
-        o_depth = jnp.asarray(gt_depth[gi], jnp.float32)
-        o_lat = jax.block_until_ready(self._encode(self.ae_state, o_rgb, o_depth))
-      t0 = time.perf_counter()
-      mem, cov = jax.block_until_ready(self._read(state, Kc, c2wc))
-      frame_ids = jnp.asarray(idx, jnp.int32)
-      if objects is not None:
-        mem, cov, pos, ids = jax.block_until_ready(
-            self._render_objects(objects, mem, cov, Kc, c2wc, frame_ids))
-        positions.append(np.asarray(pos[:n])), idents.append(np.asarray(ids[:n]))
-      full_ctx, full_K, full_c2w = ctx, ctx_K, ctx_c2w
-      if bank is not None:  # references first: memory_prior falls back on the last frame
-        refs = jax.block_until_ready(self._retrieve(bank, jnp.int32(start), Kc, c2wc))
-        full_ctx, full_K, full_c2w = (jnp.concatenate([r, c], 0) for r, c in
-                                      zip(refs, (ctx, ctx_K, ctx_c2w)))
-      t_read = time.perf_counter() - t0
-      rng, sub = jax.random.split(rng)
-      lat, rgb, depth = jax.block_until_ready(self._denoise(
-          self.ae_state, self.dn_state, mem, cov, Kc, c2wc, full_ctx, full_K, full_c2w, sub))
-      t1 = time.perf_counter()
-      w_lat, w_rgb, w_depth = lat, rgb, depth
-      if oracle:  # a chunk straddling N mixes the two (no extra ops when it lies below N)
-        use = idx < len(gt_rgb)
-        pick = lambda o, g: o if use.all() else jnp.where(use.reshape((-1,) + (1,) * (o.ndim - 1)), o, g)
-        w_lat, w_rgb, w_depth = pick(o_lat, lat), pick(o_rgb, rgb), pick(o_depth, depth)
-      real = (jnp.arange(self.chunk) < n)[:, None, None]  # padded frames are never written
-      dyn = self._dynamic(self.ae_state, lat)
-      w_dyn = self._dynamic(self.ae_state, w_lat) if oracle else dyn
-      moving = (w_dyn >= self.dynamic_threshold) & real
-      static = real & ~(moving & self.mask_dynamic)
-      if self.write_new_only and not oracle:
-        # Covered cells were copied from memory: writing them back only adds drift.
-        static = static & ~cov
-      state = jax.block_until_ready(self._write(
-          state, w_lat, w_depth, Kc, c2wc, static, frame_ids, rgb=(w_rgb + 1.0) / 2.0))
-      if objects is not None:
-        observed = jnp.asarray(idx < len(gt_rgb)) if oracle else jnp.zeros((self.chunk,), bool)
-        objects = jax.block_until_ready(self._observe(objects, w_lat, w_depth, Kc, c2wc, moving,
-                                                      frame_ids, observed))
-      if bank is not None:  # the last chunk's padded frames may enter; nothing reads them
-        bank = jax.block_until_ready(self._bank_write(
-            bank, w_lat[::stride], w_depth[::stride], Kc[::stride], c2wc[::stride],
-            static[::stride], frame_ids[::stride]))
-      t_write = time.perf_counter() - t1
-      timings.append(ChunkTiming(t_read + t_write, time.perf_counter() - t0,
-                                 int(self.backend.nbytes(state))))
-      frames.append(rgb[:n]), depths.append(depth[:n]), coverage.append(np.asarray(cov[:n], np.float32))
-      dynamic.append(np.asarray(dyn[:n]))
-      ctx = jnp.concatenate([ctx, lat[:n]], 0)[-nc:] if nc else ctx
-      ctx_K = jnp.concatenate([ctx_K, Kc[:n]], 0)[-nc:] if nc else ctx_K
-      ctx_c2w = jnp.concatenate([ctx_c2w, c2wc[:n]], 0)[-nc:] if nc else ctx_c2w
+  def generate_batch(self, first_frames, first_depths, intrinsics, poses_c2w, *,
+                     seeds: int | list[int] = 0, progress: bool = True, oracle_frames=None,
+                     initial_memory: Any = None, mesh: Mesh | None = None,
+                     timed: bool = False) -> list[dict[str, Any]]:
+    """Generates B trajectories at once: the chunk step vmapped over them, sharded on a mesh.
 
-    rgb_all = np.concatenate([np.asarray(f) for f in frames], 0)
-    return dict(
-        frames=np.round((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
-        depths=np.concatenate([np.asarray(d) for d in depths], 0).astype(np.float32),
-        coverage=np.concatenate(coverage, 0),
-        timings=timings,
-        cache_bytes=int(self.backend.nbytes(state)),
-        dynamic=np.concatenate(dynamic, 0),
-        object_positions=(np.concatenate(positions, 0) if objects is not None
-                          else np.zeros((T, 0, 3))).astype(np.float32),
-        object_idents=(np.concatenate(idents, 0) if objects is not None
-                       else np.zeros((T, 0))).astype(np.int32),
-        object_bytes=objects_lib.nbytes(objects) if objects is not None else 0,
-        reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
-    )
+    Per chunk, ONE jitted call advances every trajectory (memory read, the whole sampler,
+    decode, memory write) with no host sync inside. Trajectories of different lengths are
+    padded to the longest: a chunk past a trajectory's end changes nothing of its state and
+    its outputs are dropped, so results do not depend on the batch (up to float32 rounding)
+    and a batch of any lengths reuses the same compiled step.
+
+    Args:
+      first_frames: B arrays (H, W, 3) uint8 or float in [-1, 1]. first_depths: B (H, W).
+      intrinsics: B arrays (T_b, 3, 3). poses_c2w: B arrays (T_b, 4, 4).
+      seeds: the sampling seed of each trajectory (an int: the same for all).
+      oracle_frames: None, or B entries each None or ``(frames (N_b, H, W, 3) uint8,
+        depths (N_b, H, W))`` (see :meth:`generate`).
+      initial_memory: one memory state every trajectory starts from (see :meth:`generate`).
+      mesh: the trajectory axis is sharded over its batch axes (``data``, ``fsdp``; padded
+        with empty trajectories to a multiple of their size); default: a ``data`` mesh of
+        min(B, local devices) local devices (:func:`trajectory_mesh`).
+      timed: block after every chunk step and time it, then time the backend's read + write
+        of the chunk separately on the same state (the scaling benchmark): ``timings``.
+        Otherwise nothing blocks before the last chunk but one sync after the first chunk
+        (compilation), which ``chunk_seconds`` starts from.
+    Returns:
+      B dicts as :meth:`generate` returns.
+    """
+    B = len(poses_c2w)
+    seeds = [int(seeds)] * B if np.isscalar(seeds) else [int(s) for s in seeds]
+    oracle_frames = [None] * B if oracle_frames is None else list(oracle_frames)
+    if not (len(first_frames) == len(first_depths) == len(intrinsics) == len(seeds)
+            == len(oracle_frames) == B >= 1):
+      raise InputError("generate", "trajectories", "need as many first frames, depths, "
+                       "intrinsics, poses, seeds and oracle entries (at least one)")
+    frames0, depths0, Ks, poses = [], [], [], []
+    for b in range(B):
+      self._check_trajectory("generate" if B == 1 else f"generate[{b}]", first_frames[b],
+                             first_depths[b], intrinsics[b], poses_c2w[b], oracle_frames[b])
+      f0 = np.asarray(first_frames[b])
+      frames0.append(f0.astype(np.float32) / 127.5 - 1.0 if f0.dtype == np.uint8 else f0)
+      depths0.append(np.asarray(first_depths[b], np.float32))
+      Ks.append(np.asarray(intrinsics[b], np.float32))
+      poses.append(np.asarray(poses_c2w[b], np.float32))
+    lengths = np.array([len(p) for p in poses])
+    gts = [None if o is None else tuple(np.asarray(a) for a in o) for o in oracle_frames]
+    given = np.array([0 if g is None else len(g[0]) for g in gts])
+
+    mesh = trajectory_mesh(B) if mesh is None else mesh
+    shards = batch_shards(mesh)
+    pad = -B % shards  # empty trajectories: length 1, so every chunk of theirs is inactive
+    order = list(range(B)) + [0] * pad
+    lengths = np.concatenate([lengths, np.ones(pad, int)])
+    given = np.concatenate([given, np.zeros(pad, int)])
+    fns = self._functions(mesh)
+    bat = batch_sharding(mesh)
+    put = lambda x: jax.device_put(x, bat)
+    ae_state, dn_state = fns["params"]
+    F, T_max, Bp = self.chunk, int(lengths.max()), B + pad
+
+    if initial_memory is None:
+      state = memory_lib.init_batch(self.backend, self.memory_cfg, Bp)
+    else:
+      state = jax.tree.map(lambda x: jnp.broadcast_to(x, (Bp,) + x.shape), initial_memory)
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(seeds[b]))) for b in order])
+    carry, first = fns["start"](
+        ae_state, put(state), put(np.stack([frames0[b] for b in order])),
+        put(np.stack([depths0[b] for b in order])), put(np.stack([Ks[b][0] for b in order])),
+        put(np.stack([poses[b][0] for b in order])), put(keys))
+
+    has_oracle = bool(given.any())
+    starts = list(range(1, T_max, F))
+    outs, timings, real_counts = [], [[] for _ in range(Bp)], []
+    t_first = t_start = time.perf_counter()
+    for c, start in enumerate(tqdm(starts, desc=f"generate [{self.backend_name}] x{B}",
+                                   disable=not progress, unit="chunk")):
+      # Pad each trajectory's chunk with its last camera; padded frames are never written.
+      idx = np.minimum(start + np.arange(F)[None], lengths[:, None] - 1)  # (Bp, F)
+      real = np.clip(lengths - start, 0, F)
+      chunk = dict(K=np.stack([Ks[b][i] for b, i in zip(order, idx)]),
+                   c2w=np.stack([poses[b][i] for b, i in zip(order, idx)]),
+                   frame=idx.astype(np.int32), start=np.full((Bp,), start, np.int32),
+                   real=real.astype(np.int32))
+      if has_oracle:
+        chunk.update(self._oracle_chunk(fns, ae_state, gts, order, idx, given, put))
+      chunk = {k: put(v) for k, v in chunk.items()}
+      pre = carry["memory"]
+      if timed:
+        jax.block_until_ready(carry)
+        t0 = time.perf_counter()
+      carry, out = fns["step"][has_oracle](ae_state, dn_state, carry, chunk)
+      if timed:
+        jax.block_until_ready((carry, out))
+        chunk_seconds = time.perf_counter() - t0
+        memory_seconds = self._time_memory(fns, pre, chunk, out)
+        per_traj = jax.device_get(carry["memory"])
+        for b in range(Bp):
+          timings[b].append(ChunkTiming(memory_seconds, chunk_seconds, int(self.backend.nbytes(
+              jax.tree.map(lambda x, b=b: x[b], per_traj)))))
+      elif c == 0:  # one sync: the first chunk compiles, the others are timed together
+        jax.block_until_ready(carry)
+        t_first = time.perf_counter()
+      out.pop("latents")
+      outs.append(out)
+      real_counts.append(real)
+    first, outs, carry = jax.device_get((first, outs, carry))
+    t_end = time.perf_counter()
+    steady = (t_end - t_first) / (len(starts) - 1) if len(starts) > 1 else t_end - t_start
+
+    results = []
+    for b in range(B):
+      take = lambda x, b=b: x[b]
+      keep = [(o, n[b]) for o, n in zip(outs, real_counts) if n[b] > 0]
+      cat = lambda k, dtype, b=b, keep=keep: np.concatenate(
+          [first[k][b]] + [o[k][b][:n] for o, n in keep], 0).astype(dtype)
+      rgb_all = cat("rgb", np.float32)
+      objects = jax.tree.map(take, carry["objects"]) if self.object_slots else None
+      bank = jax.tree.map(take, carry["bank"]) if self.refs.frames else None
+      refs = [o["references"][b] for o, _ in keep]
+      results.append(dict(
+          frames=np.round((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
+          depths=cat("depth", np.float32),
+          coverage=cat("coverage", np.float32),
+          timings=timings[b],
+          chunk_seconds=float(steady),
+          cache_bytes=int(self.backend.nbytes(jax.tree.map(take, carry["memory"]))),
+          dynamic=cat("dynamic", np.float32),
+          object_positions=cat("positions", np.float32),
+          object_idents=cat("idents", np.int32),
+          object_bytes=objects_lib.nbytes(objects) if objects is not None else 0,
+          reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
+          references=(np.stack(refs) if refs else np.zeros((0, self.refs.frames))).astype(np.int32),
+      ))
+    return results
+
+  def _oracle_chunk(self, fns, ae_state, gts, order, idx, given, put) -> dict[str, np.ndarray]:
+    """The ground-truth inputs of a chunk: use (Bp, F), o_lat, o_rgb, o_depth (encoded here,
+    outside the step; zeros when no trajectory takes ground truth in this chunk)."""
+    h, w = self.image_hw
+    lh, lw = self.latent_hw
+    Bp, F = idx.shape
+    use = idx < given[:, None]
+    o_rgb = np.zeros((Bp, F, h, w, 3), np.float32)
+    o_depth = np.ones((Bp, F, h, w), np.float32)
+    for row, b in enumerate(order):
+      if given[row] and use[row].any():  # padded with the last ground-truth frame
+        gi = np.minimum(idx[row], given[row] - 1)
+        o_rgb[row] = gts[b][0][gi].astype(np.float32) / 127.5 - 1.0
+        o_depth[row] = gts[b][1][gi]
+    if use.any():
+      o_lat = fns["encode"](ae_state, put(o_rgb), put(o_depth))
+    else:
+      o_lat = np.zeros((Bp, F, lh, lw, self.memory_cfg.latent_channels), np.float32)
+    return dict(use=use, o_lat=o_lat, o_rgb=o_rgb, o_depth=o_depth)
+
+  def _time_memory(self, fns, state, chunk, out) -> float:
+    """Seconds of the backend's read + write of one chunk on ``state`` (blocked; the chunk
+    step fuses them with the denoiser, so they are timed again on their own)."""
+    lat, depth = out["latents"], out["depth"]
+    if "use" in chunk:  # what the step wrote: ground truth where given
+      pick = lambda o, g: jnp.where(chunk["use"].reshape(chunk["use"].shape + (1,) * (o.ndim - 2)), o, g)
+      lat, depth = pick(chunk["o_lat"], lat), pick(chunk["o_depth"], depth)
+    static = jnp.broadcast_to((jnp.arange(self.chunk)[None] < chunk["real"][:, None])[..., None, None],
+                              depth.shape)
+    rgb = (out["rgb"] + 1.0) / 2.0
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fns["read"](state, chunk["K"], chunk["c2w"]))
+    jax.block_until_ready(fns["write"](state, lat, depth, chunk["K"], chunk["c2w"], static,
+                                       chunk["frame"], rgb))
+    return time.perf_counter() - t0
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (trajectory) axis over the mesh's batch axes (the ``batch`` logical rule)."""
+  return NamedSharding(mesh, PartitionSpec(sharding.logical_to_spec(("batch",), None, mesh)[0]))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways :func:`batch_sharding` splits the trajectory axis."""
+  axes = sharding.logical_to_spec(("batch",), None, mesh)[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def trajectory_mesh(batch: int, devices=None) -> Mesh:
+  """A ``data`` mesh of min(batch, len(devices)) devices (default: this process's own).
+
+  Trajectories are independent, so a process batches its own over its own devices; several
+  processes split the trajectories between them (``mirage_jax.evaluate``).
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  n = max(1, min(int(batch), len(devices)))
+  return sharding.make_mesh({"data": n}, devices[:n], where="trajectory batch")

@@ -151,12 +151,64 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules=None, mesh: Mesh |
   return PartitionSpec(*out)
 
 
+def param_spec(name: str, logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+               rules=None) -> PartitionSpec:
+  """:func:`logical_to_spec` for a parameter, where a silent replicate would hide a mistake.
+
+  A mesh axis that does not divide the dimension it is assigned to is dropped only when the
+  dimension is smaller than the axes (e.g. 4 input channels over 8 devices: it cannot be
+  split at all); a dimension at least that large that does not divide (e.g. 1000 over 64) is
+  a config error: it would keep a full copy of the weight on every device.
+
+  Args:
+    name: the parameter's path, for the error message.
+    logical_axes, shape: one logical name (or None) and one size per dimension.
+    mesh: the device mesh (or anything with a ``shape`` mapping of axis sizes).
+  Raises:
+    InputError: naming the parameter, the dimension and the mesh axis.
+  """
+  table = dict(current_rules() if rules is None else rules)
+  used: set[str] = set()
+  for i, logical in enumerate(logical_axes):
+    target = table.get(logical) if logical is not None else None
+    kept = []
+    for a in () if target is None else ((target,) if isinstance(target, str) else target):
+      if a in used or a not in mesh.shape:
+        continue
+      size = math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]
+      if shape[i] % size and shape[i] >= size:
+        raise InputError("config.logical_rules", name, f"dimension {i} (size {shape[i]}, "
+                         f"logical '{logical}') does not split over mesh axis '{a}' "
+                         f"({size} devices); change config.mesh or the rule for '{logical}'")
+      if not shape[i] % size:
+        kept.append(a)
+    used.update(kept)
+  return logical_to_spec(logical_axes, rules, mesh, shape)
+
+
+def sharding_table(abstract: Any, shardings: Any) -> str:
+  """One line per array: path, shape, dtype and ``PartitionSpec`` (a start-up log).
+
+  Args:
+    abstract: pytree of arrays / ``ShapeDtypeStruct``s; shardings: same structure of
+      ``NamedSharding``s.
+  """
+  rows = [(jax.tree_util.keystr(path), str(tuple(x.shape)), str(x.dtype), str(s.spec))
+          for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract),
+                                  jax.tree.leaves(shardings))]
+  widths = [max([len(h)] + [len(r[i]) for r in rows])
+            for i, h in enumerate(("path", "shape", "dtype", "spec"))]
+  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+  return "\n".join([fmt(("path", "shape", "dtype", "spec"))] + [fmt(r) for r in rows])
+
+
 def _is_spec(x) -> bool:
   return isinstance(x, PartitionSpec) or (
       isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x))
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh, rules=None, shapes=None):
+def logical_to_sharding(logical_specs, mesh: Mesh, rules=None, shapes=None, *,
+                        params: bool = False):
   """Tree of logical specs -> tree of ``NamedSharding`` on ``mesh``.
 
   Args:
@@ -166,10 +218,17 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=None, shapes=None):
     rules: rules table (default: the current one).
     shapes: optional pytree of the same structure with arrays or ``ShapeDtypeStruct``s;
       used to drop mesh axes that do not divide a dimension.
+    params: the leaves are parameters: an axis that does not divide a dimension at least
+      its size is an error (:func:`param_spec`), not a silent replicate (needs ``shapes``).
   """
   if shapes is None:
     return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(s, rules, mesh)),
                         logical_specs, is_leaf=_is_spec)
+  if params:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s, x: NamedSharding(mesh, param_spec(
+            jax.tree_util.keystr(path), s, np.shape(x), mesh, rules)),
+        logical_specs, shapes, is_leaf=_is_spec)
   return jax.tree.map(
       lambda s, x: NamedSharding(mesh, logical_to_spec(s, rules, mesh, np.shape(x))),
       logical_specs, shapes, is_leaf=_is_spec)

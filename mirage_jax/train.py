@@ -50,6 +50,7 @@ from mirage_jax import prefetch
 from mirage_jax import rollout
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
+from mirage_jax.evaluation import training_rollouts
 from mirage_jax.models import autoencoder
 from mirage_jax.models import denoiser
 
@@ -1169,6 +1170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   peak = total_peak_tflops(config)
   writer = metrics_log.MetricsWriter(workdir, tensorboard=config.train.tensorboard,
                                      enabled=primary)
+  # Held-out revisit rollouts of the EMA weights at every eval (config.eval.rollouts > 0).
+  rollouts = (training_rollouts.TrainingRollouts(config)
+              if training_rollouts.check_config(config) and config.eval.every else None)
   preemption = ckpt_lib.PreemptionFlag()
   profile_start, profile_steps = config.train.profile_start, config.train.profile_steps
 
@@ -1212,6 +1216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t_eval = time.perf_counter()
         writer.write_scalars(step, evaluate(config, stage, setup, eval_step, state, frozen,
                                             sources["validation"]))
+        if rollouts is not None:
+          scalars, videos = eval_rollouts(rollouts, stage, setup, state)
+          writer.write_scalars(step, scalars)
+          writer.write_videos(step, videos, fps=rollouts.trajectories[0].fps)
         t_last += time.perf_counter() - t_eval  # keep evals out of the step time
       preempted = preemption.reached(step)
       if (pending and config.train.nonfinite == "halt" and (preempted or (
@@ -1306,6 +1314,20 @@ def _log(config, writer, pending, clips, step, step_last, t_last, total, step_fl
                f" hbm {out['hbm_bytes_in_use'] / 2**30:.2f} GiB"
                if "hbm_bytes_in_use" in out else "", eta)
   return out
+
+
+def eval_rollouts(rollouts, stage: Stage, setup: TrainSetup, state: State
+                  ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """``rollouts`` (``evaluation.training_rollouts``) of the EMA weights: (scalars, videos).
+
+  Every process gathers the weights to the host and runs the same rollouts (one trajectory
+  is one sequential rollout on one device); only process 0's writer writes.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  ema = multihost_utils.process_allgather(state["ema"], tiled=True)
+  dn = merge_model(stage, setup.graphdef, ema, None)
+  ae = nnx.merge(stage.ae_graphdef, nnx.State(stage.frozen))
+  return rollouts(ae, dn)
 
 
 def evaluate(config, stage: Stage, setup: TrainSetup, eval_step, state: State, frozen,

@@ -284,7 +284,7 @@ def test_scan_loop_and_remat_agree():
 def test_bf16_compute_runs_and_tracks_f32():
   graphdef, params = _live_params(_dn_cfg())
   inputs = _dn_inputs(_dn_cfg())
-  gd16, _ = nnx.split(nnx.eval_shape(lambda: dn.Denoiser(_dn_cfg(dtype="bfloat16"),
+  gd16, _ = nnx.split(nnx.eval_shape(lambda: dn.Denoiser(_dn_cfg(precision="bf16"),
                                                          nnx.Rngs(0))))
   out32 = jax.jit(lambda p: _apply(graphdef, p, inputs))(params)
   out16 = jax.jit(lambda p: _apply(gd16, p, inputs))(params)
