@@ -43,8 +43,14 @@ flags.DEFINE_bool("vace", True, "Run the VACE branch.")
 flags.DEFINE_string("param_dtype", "bfloat16", "Stored parameter dtype (an inference export).")
 flags.DEFINE_bool("backward", False, "Compile forward + backward w.r.t. the trainable params "
                   "(VACE + LoRA) instead of the forward alone.")
+flags.DEFINE_bool("generate", False, "Compile one generation chunk instead: the FlowUniPC "
+                  "sampler of the Wan rollout (DiT + VACE at every step) and the VAE decode of "
+                  "one latent tile (the rollout decodes the chunk tile by tile).")
+flags.DEFINE_integer("steps", 20, "Sampler steps (--generate).")
 flags.DEFINE_string("remat", None, "Override the config's remat policy.")
 flags.DEFINE_bool("scan_layers", True, "Scan the layer stacks.")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "chunked", "splash"],
+                  "Attention implementation (models/attention.py; 'auto' = splash on TPU).")
 FLAGS = flags.FLAGS
 
 
@@ -78,12 +84,91 @@ def forward_flops(cfg, *, batch: int, frames: int, references: int, tokens_per_f
   return 2.0 * batch * macs
 
 
+def _compiled_stats(fn, *args):
+  """(memory per chip in bytes, memory_analysis, XLA flops per chip, traced matmul flops)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  return per_chip, mem, float(cost.get("flops", 0.0)), train.jaxpr_flops(fn, *args)
+
+
+def generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
+                    tokens_per_frame) -> None:
+  """AOT of one generation chunk: ``WanRollout``'s sampler, then one VAE tile decode."""
+  from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
+  from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
+  config = mirage_wan22_5b.get_config("ti2v_5b")
+  config.denoiser.model = cfg
+  config.denoiser.update(target_frames=FLAGS.frames, reference_frames=FLAGS.references,
+                         preceding_frames=4 * FLAGS.preceding, text_len=FLAGS.text_tokens)
+  config.data.resolution = (FLAGS.height, FLAGS.width)
+  config.sampler.num_steps = FLAGS.steps
+  vae_cfg = config.autoencoder
+  vae_cfg.attention = FLAGS.attention
+  vae = nnx.eval_shape(lambda: wan_vae.WanVAE(vae_cfg, rngs=nnx.Rngs(0)))
+  # The rollout merges its own graphdef (same config) with the abstract sharded params.
+  ro = wan_rollout.WanRollout(config, vae, nnx.merge(graphdef, abstract_params))
+  c, r, p = cfg.in_channels, FLAGS.references, FLAGS.preceding
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(
+      mesh, PartitionSpec()))
+  text = f32(1, FLAGS.text_tokens, cfg.text_dim)
+  sample_args = (abstract_params, f32(1, lat_t, h, w, c), f32(1, 1, h, w, c),
+                 f32(1, r, h, w, c), f32(1, p, h, w, c), f32(1, lat_t + p, h, w, 2 * c), text,
+                 text)
+  tiles = wan_vae.tile_tasks(h, w, tuple(vae_cfg.tile_size), tuple(vae_cfg.tile_stride))
+  th, tw = min(h, vae_cfg.tile_size[0]), min(w, vae_cfg.tile_size[1])
+  vae_graphdef, vae_params = nnx.split(vae)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  vae_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                             sharding=replicated), vae_params)
+
+  def decode(state, latents):
+    return wan_vae.jit_decode(nnx.merge(vae_graphdef, state), latents, clamp=False)
+
+  with jax.set_mesh(mesh), sharding.use_rules(rules):
+    s_bytes, s_mem, s_xla, s_traced = _compiled_stats(ro._sample_impl, *sample_args)  # pylint: disable=protected-access
+    d_bytes, d_mem, d_xla, d_traced = _compiled_stats(decode, vae_abstract,
+                                                      f32(1, lat_t, th, tw, c))
+  n = mesh.size
+  frames = r + lat_t + p
+  forward = forward_flops(cfg, batch=1, frames=frames, references=r,
+                          tokens_per_frame=tokens_per_frame, text_tokens=FLAGS.text_tokens,
+                          vace=True)
+  passes = 2 if ro.guidance_scale else 1
+  hbm_gib, peak_tflops, _ = aot.CHIPS[FLAGS.topology.split(":")[0]]
+  report = {
+      "topology": FLAGS.topology, "chips": n, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "attention": FLAGS.attention, "steps": FLAGS.steps, "cfg_passes": passes,
+      "tokens": frames * tokens_per_frame,
+      "sampler": {
+          "memory_per_chip_gib": s_bytes / 2**30,
+          "temporaries_gib": s_mem.temp_size_in_bytes / 2**30,
+          "analytic_tflops_total": FLAGS.steps * passes * forward / 1e12,
+          "traced_matmul_tflops_total": s_traced / 1e12,
+          "xla_cost_tflops_per_chip_scan_bodies_once": s_xla / 1e12,
+          "at_peak_s": FLAGS.steps * passes * forward / n / (peak_tflops * 1e12)},
+      "decode_one_tile": {
+          "tile_latent_hw": [th, tw], "tiles_per_chunk": len(tiles),
+          "memory_per_chip_gib": d_bytes / 2**30,
+          "temporaries_gib": d_mem.temp_size_in_bytes / 2**30,
+          "traced_tflops_per_tile": d_traced / 1e12,
+          "xla_cost_tflops_per_chip": d_xla / 1e12},
+      "hbm_per_chip_gib": hbm_gib,
+  }
+  print(json.dumps(report, indent=2))
+
+
 def main(argv) -> None:
   del argv
   cfg = wan_dit.wan_dit_config("ti2v_5b")
   cfg.vace = FLAGS.vace
   cfg.param_dtype = FLAGS.param_dtype
   cfg.scan_layers = FLAGS.scan_layers
+  cfg.attention = FLAGS.attention
   if FLAGS.remat is not None:
     cfg.remat = FLAGS.remat
   devices = aot.topology_devices(FLAGS.topology)
@@ -114,6 +199,11 @@ def main(argv) -> None:
                                    sharding=NamedSharding(mesh, PartitionSpec()))
   text = act(FLAGS.batch, FLAGS.text_tokens, cfg.text_dim)
   vace_ctx = act(FLAGS.batch, frames - FLAGS.references, h, w, cfg.vace_in_channels)
+
+  if FLAGS.generate:
+    generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
+                    tokens_per_frame)
+    return
 
   def forward(state, latents, timesteps, text, vace_ctx):
     net = nnx.merge(graphdef, state)
@@ -154,7 +244,7 @@ def main(argv) -> None:
                 "target_latent_frames": lat_t, "preceding": FLAGS.preceding,
                 "latent_hw": [h, w], "tokens": frames * tokens_per_frame,
                 "text_tokens": FLAGS.text_tokens, "vace": FLAGS.vace},
-      "params": int(n_params),
+      "params": int(n_params), "attention": FLAGS.attention, "remat": cfg.remat,
       "memory_per_chip_gib": per_chip / 2**30,
       "memory_breakdown_gib": {"arguments": mem.argument_size_in_bytes / 2**30,
                                "outputs": mem.output_size_in_bytes / 2**30,
