@@ -25,10 +25,13 @@ worker count writes the same records in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -321,6 +324,18 @@ _RUNNER_NEEDS = {
 }
 
 
+@contextlib.contextmanager
+def _quiet_root_logging():
+  """Beam's imports log routine notes (optional GCP clients) that would bury one-line errors."""
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    root.setLevel(level)
+
+
 def beam_options(runner: str = "", options: Sequence[str] = ()) -> Any:
   """Beam ``PipelineOptions`` for a build, validated before anything runs.
 
@@ -333,27 +348,28 @@ def beam_options(runner: str = "", options: Sequence[str] = ()) -> Any:
     InputError: apache-beam, or what the runner needs, is not installed; the runner or an
       option is unknown.
   """
-  try:
-    import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise InputError("--beam_runner", "beam_runner", "dataset builds run on Apache Beam: pip "
-                     f"install -e '.[beam]' ({e})") from e
-  import importlib  # pylint: disable=g-import-not-at-top
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-  flags = [o if o.startswith("--") else f"--{o}" for o in options if o]
-  if runner:
+  with _quiet_root_logging():
     try:
-      beam.runners.create_runner(runner)
-    except (ValueError, ImportError, AttributeError) as e:
-      raise InputError("--beam_runner", "beam_runner", f"unknown or not installed {runner!r} "
-                       f"({str(e).splitlines()[0]})") from e
-    module, extra = _RUNNER_NEEDS.get(runner.rsplit(".", 1)[-1], (None, None))
-    if module:
+      import apache_beam as beam  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise InputError("--beam_runner", "beam_runner", "dataset builds run on Apache Beam: pip "
+                       f"install -e '.[beam]' ({e})") from e
+    if runner:
       try:
-        importlib.import_module(module)
+        beam.runners.create_runner(runner)
+      except (ValueError, ImportError, AttributeError) as e:
+        raise InputError("--beam_runner", "beam_runner", f"unknown or not installed "
+                         f"{runner!r} ({str(e).splitlines()[0]})") from e
+      module, extra = _RUNNER_NEEDS.get(runner.rsplit(".", 1)[-1], (None, None))
+      try:
+        if module:
+          importlib.import_module(module)
       except ImportError as e:
         raise InputError("--beam_runner", "beam_runner", f"{runner} needs pip install "
                          f"'apache-beam[{extra}]=={beam.__version__}' ({e})") from e
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  flags = [o if o.startswith("--") else f"--{o}" for o in options if o]
+  if runner:
     flags.append(f"--runner={runner}")
   parsed = PipelineOptions(flags)
   known = parsed.get_all_options()

@@ -3,18 +3,24 @@ r"""Pre-encodes a built posed-clip dataset into Wan latent clips, once.
   python -m data_pipelines.encode_latents --data_dir=DIR --dataset=procedural_rooms \
       --vae=EXPORT/vae --output_dir=LATENTS [--resolution=704,1280 --target_frames=33 \
       --preceding_frames=8 --num_references=0 --windows_per_clip=1 \
-      --text_embeddings=captions.npz --empty_text=empty.npy]
-  # N processes (machines sharing the folders): --num_processes=N --process_index=k each
+      --text_embeddings=captions.npz --empty_text=empty.npy --num_shards=1]
+  # On Beam workers (as data_pipelines.build): --beam_runner=... --beam_options=...
 
 Each window of ``preceding_frames + target_frames`` video frames becomes one record
 (``data_pipelines.latent_clips`` documents the format): the target and preceding frames are
 encoded as two videos by the Wan VAE (the preceding part uses its first ``1 + 4 k`` frames,
-as the reference's causal encoder does), references as single images. Encoding is jitted and
-its batch of videos split over this process's local devices; process k of N takes the source
-records ``i % N == k`` and writes its own ``<split>-k-of-N.array_record``. Process 0 also writes
-``metadata.json``, ``control_latents.npy`` (the VACE control channels for this window's latent
-frames) and ``empty_text.npy`` (from ``--empty_text``; without it training uses zeros, an
-approximation of the umT5 embedding of "").
+as the reference's causal encoder does), references as single images.
+
+The clips are encoded on Apache Beam: ``Create(indices) | Reshuffle | ParDo(encode)`` where each
+worker loads the VAE once (``DoFn.setup``) and opens the source dataset itself, so the same
+code runs in this process (default), on ``--direct_num_workers`` local processes, or on a
+cluster. Encoding is jitted and its batch of videos split over the worker's local devices.
+The records of clip ``i`` go to ``<split>-<k>-of-<n>.array_record`` with ``k = i % n``
+(``--num_shards`` n), in clip order: every runner and worker count writes the same files.
+This process then writes ``metadata.json`` (last: it marks the folder complete),
+``control_latents.npy`` (the VACE control channels for this window's latent frames) and
+``empty_text.npy`` (from ``--empty_text``; without it training uses zeros, an approximation of
+the umT5 embedding of "").
 
 Captions: ``--text_embeddings`` is an ``.npz`` of ``clip_id -> (Lt, D)`` embeddings (umT5-xxl:
 512 x 4096; no text encoder runs here). Clips without one get ``has_text = False``.
@@ -28,6 +34,7 @@ reference keeps only candidates above IoU 0.04 and so has a variable count; here
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -71,9 +78,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_integer("text_len", 512, "Lt when no embeddings are given.", flag_values=fv)
   flags.DEFINE_integer("text_dim", 4096, "D when no embeddings are given.", flag_values=fv)
-  flags.DEFINE_integer("num_processes", 1, "Processes sharing the work.", flag_values=fv)
-  flags.DEFINE_integer("process_index", 0, "This process, in [0, num_processes).",
-                       flag_values=fv)
+  flags.DEFINE_integer("num_shards", 1, "ArrayRecord files per split (a file's writer holds "
+                       "its records in memory: at scale, ~1000 clips per file).", flag_values=fv)
+  flags.DEFINE_string("beam_runner", "", "Beam runner (data_pipelines.build's); empty: in "
+                      "this process.", flag_values=fv)
+  flags.DEFINE_list("beam_options", [], "Beam pipeline options, name=value.", flag_values=fv)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -199,85 +208,123 @@ def _prepare(record, where: str, resolution) -> dict[str, np.ndarray]:
   return ex
 
 
-def encode_split(source, split: str, encoder: Encoder, *, output_dir: str, resolution,
-                 target_frames: int, preceding_frames: int, num_references: int,
-                 windows_per_clip: int, texts: dict, text_shape: tuple[int, int],
-                 num_processes: int, process_index: int) -> int:
-  """Encodes this process's share of ``source`` into its ArrayRecord file; returns records."""
-  from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
+def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
+                target_frames: int, preceding_frames: int, num_references: int,
+                windows_per_clip: int, texts: dict, text_shape: tuple[int, int]) -> list[bytes]:
+  """The encoded records (``latent_clips.encode_record``) of one source clip's windows."""
   from mirage_jax.memory import baselines  # pylint: disable=g-import-not-at-top
   length = preceding_frames + target_frames
   pre_used = 1 + 4 * ((preceding_frames - 1) // 4)  # what the causal encoder consumes
-  path = latent_clips.shard_path(output_dir, split, process_index, num_processes)
-  tmp = path + ".tmp"
-  writer = arm.ArrayRecordWriter(tmp, "group_size:1")
+  ex = _prepare(record, where, resolution)
+  t_all = ex["frames"].shape[0]
+  starts = _window_starts(t_all, length, windows_per_clip)
+  if not starts:
+    raise InputError(where, "frames", f"clip has {t_all} frames; a window needs {length}")
+  out = []
+  for s in starts:
+    pre = np.arange(s, s + preceding_frames)
+    tgt = np.arange(s + preceding_frames, s + length)
+    # Latent k of a chunk pairs with its video frame 4 k (the reference's pairing).
+    tgt_ids = tgt[baselines.latent_frame_indices(target_frames)]
+    pre_ids = pre[baselines.latent_frame_indices(pre_used)]
+    ids = np.concatenate([tgt_ids, pre_ids])
+    videos_t = ex["frames"][tgt][None]
+    videos_p = ex["frames"][pre[:pre_used]][None]
+    tgt_lat = encoder(videos_t)[0]
+    pre_lat = encoder(videos_p)[0]
+    hh, ww = tgt_lat.shape[1:3]
+    if num_references:
+      window = set(range(s, s + length))
+      cands = [i for i in range(0, t_all, 2) if i not in window]
+      refs = select_references(ex["depths"], ex["intrinsics"], ex["poses_c2w"], cands,
+                               list(tgt_ids), num_references)
+      ref_lat = encoder(ex["frames"][np.asarray(refs)][:, None])[:, 0]
+    else:
+      refs = []
+      ref_lat = np.zeros((0, hh, ww, tgt_lat.shape[-1]), np.float32)
+    static = ((ex["dynamic_masks"][ids] == 0) & np.isfinite(ex["depths"][ids])
+              & (ex["depths"][ids] > 0))
+    text = texts.get(ex["clip_id"])
+    refs = np.asarray(refs, np.int64)
+    record = {
+        "target_latents": tgt_lat.astype(_BF16),
+        "preceding_latents": pre_lat.astype(_BF16),
+        "reference_latents": ref_lat.astype(_BF16),
+        "depths": resize_depth(ex["depths"][ids].astype(np.float32), hh, ww),
+        "static_masks": resize_mask(static, hh, ww).astype(np.uint8),
+        "intrinsics": ex["intrinsics"][ids].astype(np.float32),
+        "poses_c2w": ex["poses_c2w"][ids].astype(np.float32),
+        "ref_intrinsics": ex["intrinsics"][refs].astype(np.float32).reshape(-1, 3, 3),
+        "ref_poses_c2w": ex["poses_c2w"][refs].astype(np.float32).reshape(-1, 4, 4),
+        "text": (np.asarray(text).astype(_BF16) if text is not None
+                 else np.zeros(text_shape, _BF16)),
+        "has_text": np.bool_(text is not None),
+        "clip_index": np.int32(index),
+    }
+    if record["text"].shape != tuple(text_shape):
+      raise InputError(ex["clip_id"], "text_embeddings", f"shape {record['text'].shape}, "
+                       f"expected {tuple(text_shape)}")
+    out.append(latent_clips.encode_record(record))
+  return out
+
+
+def _encode_fn(source_dir: tuple[str, str, str], split: str, vae: str, num_shards: int,
+               text_embeddings: str, settings: dict):
+  """A Beam DoFn: clip index -> (shard, (index, its records)); one VAE load per worker."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+
+  class EncodeClips(beam.DoFn):
+    """Holds only paths and settings: workers load the model and open the source."""
+
+    def setup(self):
+      from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+      self.encoder = Encoder(load_vae(vae)[0])
+      self.source = builders.load(*source_dir).as_data_source(split)
+      self.texts = _open_texts(text_embeddings)
+
+    def process(self, index):
+      records = encode_clip(self.source[index], index, f"{split} record {index}", self.encoder,
+                            texts=self.texts, **settings)
+      yield index % num_shards, (index, records)
+
+  return EncodeClips()
+
+
+def _write_shard(shard_and_clips, *, output_dir: str, split: str, num_shards: int) -> int:
+  """Writes one shard's records in clip order (tmp name, then rename); returns their count."""
+  from array_record.python import array_record_module as arm  # pylint: disable=g-import-not-at-top
+  shard, clips = shard_and_clips
+  path = latent_clips.shard_path(output_dir, split, shard, num_shards)
+  writer = arm.ArrayRecordWriter(path + ".tmp", "group_size:1")
   count = 0
-  for index in range(process_index, len(source), num_processes):
-    where = f"{split} record {index}"
-    ex = _prepare(source[index], where, resolution)
-    t_all = ex["frames"].shape[0]
-    starts = _window_starts(t_all, length, windows_per_clip)
-    if not starts:
-      raise InputError(where, "frames", f"clip has {t_all} frames; a window needs {length}")
-    for s in starts:
-      pre = np.arange(s, s + preceding_frames)
-      tgt = np.arange(s + preceding_frames, s + length)
-      # Latent k of a chunk pairs with its video frame 4 k (the reference's pairing).
-      tgt_ids = tgt[baselines.latent_frame_indices(target_frames)]
-      pre_ids = pre[baselines.latent_frame_indices(pre_used)]
-      ids = np.concatenate([tgt_ids, pre_ids])
-      videos_t = ex["frames"][tgt][None]
-      videos_p = ex["frames"][pre[:pre_used]][None]
-      tgt_lat = encoder(videos_t)[0]
-      pre_lat = encoder(videos_p)[0]
-      hh, ww = tgt_lat.shape[1:3]
-      if num_references:
-        window = set(range(s, s + length))
-        cands = [i for i in range(0, t_all, 2) if i not in window]
-        refs = select_references(ex["depths"], ex["intrinsics"], ex["poses_c2w"], cands,
-                                 list(tgt_ids), num_references)
-        ref_lat = encoder(ex["frames"][np.asarray(refs)][:, None])[:, 0]
-      else:
-        refs = []
-        ref_lat = np.zeros((0, hh, ww, tgt_lat.shape[-1]), np.float32)
-      static = ((ex["dynamic_masks"][ids] == 0) & np.isfinite(ex["depths"][ids])
-                & (ex["depths"][ids] > 0))
-      text = texts.get(ex["clip_id"])
-      refs = np.asarray(refs, np.int64)
-      record = {
-          "target_latents": tgt_lat.astype(_BF16),
-          "preceding_latents": pre_lat.astype(_BF16),
-          "reference_latents": ref_lat.astype(_BF16),
-          "depths": resize_depth(ex["depths"][ids].astype(np.float32), hh, ww),
-          "static_masks": resize_mask(static, hh, ww).astype(np.uint8),
-          "intrinsics": ex["intrinsics"][ids].astype(np.float32),
-          "poses_c2w": ex["poses_c2w"][ids].astype(np.float32),
-          "ref_intrinsics": ex["intrinsics"][refs].astype(np.float32).reshape(-1, 3, 3),
-          "ref_poses_c2w": ex["poses_c2w"][refs].astype(np.float32).reshape(-1, 4, 4),
-          "text": (np.asarray(text).astype(_BF16) if text is not None
-                   else np.zeros(text_shape, _BF16)),
-          "has_text": np.bool_(text is not None),
-          "clip_index": np.int32(index),
-      }
-      if record["text"].shape != tuple(text_shape):
-        raise InputError(ex["clip_id"], "text_embeddings", f"shape {record['text'].shape}, "
-                         f"expected {tuple(text_shape)}")
-      writer.write(latent_clips.encode_record(record))
+  for _, records in sorted(clips, key=lambda c: c[0]):
+    for record in records:
+      writer.write(record)
       count += 1
   writer.close()
-  os.replace(tmp, path)
+  os.replace(path + ".tmp", path)
   return count
+
+
+def _open_texts(path: str):
+  """The lazy ``clip_id -> (Lt, D)`` mapping of a ``--text_embeddings`` .npz ({} without)."""
+  if not path:
+    return {}
+  try:
+    return np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise InputError(path, "text_embeddings", f"unreadable .npz ({e})") from e
 
 
 def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: str,
         resolution=None, target_frames: int = 33, preceding_frames: int = 8,
         num_references: int = 0, windows_per_clip: int = 1,
         splits=("train", "validation"), text_embeddings: str = "", empty_text: str = "",
-        text_len: int = 512, text_dim: int = 4096, num_processes: int = 1,
-        process_index: int = 0, sources: dict | None = None) -> dict[str, int]:
-  """Encodes the dataset (see the module docstring); ``sources`` overrides the TFDS splits.
+        text_len: int = 512, text_dim: int = 4096, num_shards: int = 1,
+        beam_runner: str = "", beam_options=()) -> dict[str, int]:
+  """Encodes the dataset on Beam (see the module docstring).
 
-  Returns: {split: records written by this process}.
+  Returns: {split: records written}.
   """
   from data_pipelines import builders  # pylint: disable=g-import-not-at-top
   if not output_dir:
@@ -288,18 +335,16 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
   if preceding_frames < 1 or num_references < 0 or windows_per_clip < 1:
     raise InputError("--preceding_frames", "preceding_frames", "need preceding_frames >= 1, "
                      "num_references >= 0, windows_per_clip >= 1")
-  if not 0 <= process_index < num_processes:
-    raise InputError("--process_index", "process_index", f"not in [0, {num_processes})")
-  model, _ = load_vae(vae)
-  texts: dict[str, np.ndarray] = {}
-  if text_embeddings:
-    try:
-      with np.load(text_embeddings, allow_pickle=False) as z:
-        texts = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-      raise InputError(text_embeddings, "text_embeddings", f"unreadable .npz ({e})") from e
-    if texts:
-      text_len, text_dim = next(iter(texts.values())).shape
+  if num_shards < 1:
+    raise InputError("--num_shards", "num_shards", f"must be >= 1, got {num_shards}")
+  if os.path.exists(os.path.join(output_dir, latent_clips.METADATA)):
+    raise InputError(output_dir, "output_dir", "already holds complete latent clips; choose "
+                     "another --output_dir (nothing was changed)")
+  options = builders.beam_options(beam_runner, beam_options)
+  model, _ = load_vae(vae)  # Here too: a bad export is the user's one-line error.
+  texts = _open_texts(text_embeddings)
+  if texts:
+    text_len, text_dim = texts[next(iter(texts.keys()))].shape
   empty = None
   if empty_text:
     try:
@@ -309,50 +354,59 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
     if empty.shape != (text_len, text_dim):
       raise InputError(empty_text, "empty_text", f"shape {empty.shape}, expected "
                        f"{(text_len, text_dim)}")
-  if sources is None:
-    builder = builders.load(data_dir, dataset, config_name)
-    sources = {s: builder.as_data_source(s) for s in splits}
-  os.makedirs(output_dir, exist_ok=True)
-  encoder = Encoder(model)
-  counts = {}
-  for split in splits:
-    t0 = time.perf_counter()
-    counts[split] = encode_split(
-        sources[split], split, encoder, output_dir=output_dir, resolution=resolution,
-        target_frames=target_frames, preceding_frames=preceding_frames,
-        num_references=num_references, windows_per_clip=windows_per_clip, texts=texts,
-        text_shape=(text_len, text_dim), num_processes=num_processes,
-        process_index=process_index)
-    logging.info("%s: %d latent clips in %.1f s", split, counts[split], time.perf_counter() - t0)
-  if process_index == 0:
-    pre_used = 1 + 4 * ((preceding_frames - 1) // 4)
-    lat_t, lat_p = (target_frames - 1) // 4 + 1, (pre_used - 1) // 4 + 1
-    first = None
+  builder = builders.load(data_dir, dataset, config_name)
+  sizes = {s: builder.info.splits[s].num_examples for s in splits}
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(output_dir, "*.array_record*")):
+      os.remove(stale)  # Of an incomplete earlier run (no metadata.json): replaced below.
+  except OSError as e:
+    raise InputError(output_dir, "output_dir", f"cannot write there ({e})") from e
+  settings = dict(resolution=resolution, target_frames=target_frames,
+                  preceding_frames=preceding_frames, num_references=num_references,
+                  windows_per_clip=windows_per_clip, text_shape=(text_len, text_dim))
+  # Workers open the source themselves (a local folder must be one they all see).
+  source_dir = (data_dir if "://" in data_dir else os.path.abspath(data_dir), dataset, config_name)
+  t0 = time.perf_counter()
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  with beam.Pipeline(options=options) as p:
     for split in splits:
-      path = latent_clips.shard_path(output_dir, split, process_index, num_processes)
-      from array_record.python import array_record_data_source as ards  # pylint: disable=g-import-not-at-top
-      src = ards.ArrayRecordDataSource([path])
-      if len(src):
-        first = latent_clips.decode_record(src[0])
-        break
-    if first is None:
-      raise InputError(output_dir, "records", "nothing was encoded")
-    hh, ww = first["target_latents"].shape[1:3]
-    control = np.asarray(_control(model, lat_t + lat_p, hh, ww))
-    np.save(os.path.join(output_dir, latent_clips.CONTROL), control)
-    if empty is not None:
-      np.save(os.path.join(output_dir, latent_clips.EMPTY_TEXT), empty.astype(np.float32))
-    meta = dict(source=dict(data_dir=str(data_dir), dataset=dataset, config_name=config_name),
-                vae=os.path.abspath(vae), resolution=[hh * 16, ww * 16], latent_hw=[hh, ww],
-                target_frames=target_frames, preceding_frames=preceding_frames,
-                target_latent_frames=lat_t, preceding_latent_frames=lat_p,
-                num_references=num_references, text_len=text_len, text_dim=text_dim,
-                intrinsics="pixels of the encoded images", num_processes=num_processes,
-                frame_pairing="latent k of a chunk starting at video frame s uses frame s + 4k")
-    tmp = os.path.join(output_dir, latent_clips.METADATA + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(output_dir, latent_clips.METADATA))
+      fn = _encode_fn(source_dir, split, vae, num_shards, text_embeddings, settings)
+      _ = (p | f"{split}/clips" >> beam.Create(list(range(sizes[split])))
+           | f"{split}/spread" >> beam.Reshuffle()
+           | f"{split}/encode" >> beam.ParDo(fn)
+           | f"{split}/shards" >> beam.GroupByKey()
+           | f"{split}/write" >> beam.Map(_write_shard, output_dir=output_dir, split=split,
+                                          num_shards=num_shards))
+  from array_record.python import array_record_data_source as ards  # pylint: disable=g-import-not-at-top
+  counts, first = {}, None
+  for split in splits:
+    paths = sorted(glob.glob(os.path.join(output_dir, f"{split}-*.array_record")))
+    src = ards.ArrayRecordDataSource(paths) if paths else []
+    counts[split] = len(src)
+    if first is None and len(src):
+      first = latent_clips.decode_record(src[0])
+  logging.info("latent clips %s in %.1f s", counts, time.perf_counter() - t0)
+  if first is None:
+    raise InputError(output_dir, "records", "nothing was encoded")
+  pre_used = 1 + 4 * ((preceding_frames - 1) // 4)
+  lat_t, lat_p = (target_frames - 1) // 4 + 1, (pre_used - 1) // 4 + 1
+  hh, ww = first["target_latents"].shape[1:3]
+  control = np.asarray(_control(model, lat_t + lat_p, hh, ww))
+  np.save(os.path.join(output_dir, latent_clips.CONTROL), control)
+  if empty is not None:
+    np.save(os.path.join(output_dir, latent_clips.EMPTY_TEXT), empty.astype(np.float32))
+  meta = dict(source=dict(data_dir=str(data_dir), dataset=dataset, config_name=config_name),
+              vae=os.path.abspath(vae), resolution=[hh * 16, ww * 16], latent_hw=[hh, ww],
+              target_frames=target_frames, preceding_frames=preceding_frames,
+              target_latent_frames=lat_t, preceding_latent_frames=lat_p,
+              num_references=num_references, text_len=text_len, text_dim=text_dim,
+              intrinsics="pixels of the encoded images", num_shards=num_shards,
+              frame_pairing="latent k of a chunk starting at video frame s uses frame s + 4k")
+  tmp = os.path.join(output_dir, latent_clips.METADATA + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2)
+  os.replace(tmp, os.path.join(output_dir, latent_clips.METADATA))
   return counts
 
 
@@ -374,8 +428,8 @@ def main(argv) -> int:
                preceding_frames=f.preceding_frames, num_references=f.num_references,
                windows_per_clip=f.windows_per_clip, splits=tuple(f.splits),
                text_embeddings=f.text_embeddings, empty_text=f.empty_text,
-               text_len=f.text_len, text_dim=f.text_dim, num_processes=f.num_processes,
-               process_index=f.process_index)
+               text_len=f.text_len, text_dim=f.text_dim, num_shards=f.num_shards,
+               beam_runner=f.beam_runner, beam_options=f.beam_options)
   print(f"wrote {counts} latent clips to {f.output_dir}")
   return 0
 

@@ -136,6 +136,7 @@ def _content_digests(builder) -> dict[str, list[str]]:
   return out
 
 
+@pytest.mark.slow  # Starts Beam worker processes.
 def test_two_beam_workers_write_the_records_of_one(tmp_path, monkeypatch):
   monkeypatch.undo()  # The real renderer: worker processes do not see the test's stand-ins.
   params = dict(num_clips=5, frames_per_clip=3, resolution=8, moving_objects=1)
@@ -269,3 +270,55 @@ def test_cli_main_builds_then_reuses(tmp_path, capsys):
   done = [line for line in out if line.startswith(("built", "reused"))]
   assert done[0].startswith(f"built {tmp_path}/procedural_rooms/default/1.0.0 (train 4, validation 1, test 1) ")
   assert done[1].startswith("reused the complete dataset")
+
+
+def _latent_digests(folder: Path) -> dict[str, list[str]]:
+  """Per latent-clip file, a SHA-256 of each decoded record (.npz bytes hold zip timestamps)."""
+  from array_record.python import array_record_data_source as ards  # pylint: disable=g-import-not-at-top
+  from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(folder.glob("*.array_record")):
+    source = ards.ArrayRecordDataSource([str(path)])
+    digests = []
+    for i in range(len(source)):
+      h = hashlib.sha256()
+      for key, value in sorted(latent_clips.decode_record(source[i]).items()):
+        h.update(f"{key}:{value.dtype}:{value.shape}:".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+      digests.append(h.hexdigest())
+    out[path.name] = digests
+  return out
+
+
+@pytest.mark.slow  # Starts Beam worker processes.
+def test_latent_encoding_on_two_beam_workers_writes_the_files_of_one(tmp_path):
+  from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
+  from mirage_jax import convert_wan, torch_files  # pylint: disable=g-import-not-at-top
+  from mirage_jax.models import original_layout, wan_dit, wan_vae  # pylint: disable=g-import-not-at-top
+  release = tmp_path / "release"
+  release.mkdir()
+  dit = original_layout.random_original(wan_dit.original_layout(wan_dit.wan_dit_config("tiny")), 0,
+                                        keep=lambda k: wan_dit.key_group(k) == "dit")
+  vae = original_layout.random_original(wan_vae.original_layout(wan_vae.wan_vae_config("tiny")), 1)
+  torch_files.write_safetensors(str(release / "dit.safetensors"), dit)
+  torch_files.write_safetensors(str(release / "vae.safetensors"), vae)
+  convert_wan.convert(str(tmp_path / "export"), dit=str(release / "dit.safetensors"),
+                      vae=str(release / "vae.safetensors"), variant="tiny")
+  build.build("procedural_rooms", str(tmp_path / "data"), num_clips=5, frames_per_clip=6,
+              resolution=16)
+  common = dict(data_dir=str(tmp_path / "data"), dataset="procedural_rooms", config_name="default",
+                vae=str(tmp_path / "export" / "vae"), target_frames=5, preceding_frames=1,
+                text_len=2, text_dim=8, num_shards=2)
+  one = encode_latents.run(output_dir=str(tmp_path / "one"), **common)
+  two = encode_latents.run(output_dir=str(tmp_path / "two"), beam_runner="DirectRunner",
+                           beam_options=["direct_num_workers=2",
+                                         "direct_running_mode=multi_processing"], **common)
+  assert one == two == {"train": 3, "validation": 1}
+  a, b = _latent_digests(tmp_path / "one"), _latent_digests(tmp_path / "two")
+  # Clip i goes to file i % 2: train clips {0, 2} and {1}, validation clip 0.
+  assert {k: len(v) for k, v in a.items()} == {
+      "train-00000-of-00002.array_record": 2, "train-00001-of-00002.array_record": 1,
+      "validation-00000-of-00002.array_record": 1}
+  assert a == b
+  with pytest.raises(InputError, match="already holds complete latent clips"):
+    encode_latents.run(output_dir=str(tmp_path / "one"), **common)
