@@ -291,7 +291,7 @@ def stored_params(builder: tfds.core.DatasetBuilder) -> dict[str, Any] | None:
   """The params a complete dataset at ``builder.data_path`` was built with; None if absent."""
   if not builder.is_prepared():
     return None
-  metadata = Path(builder.data_path) / "metadata.json"
+  metadata = epath.Path(builder.data_path) / "metadata.json"  # epath: gs:// too
   if not metadata.is_file():
     raise InputError(builder.data_path, "metadata.json", "missing: not a dataset written by this code")
   return json.loads(metadata.read_text())["params"]
@@ -413,7 +413,7 @@ def load(data_dir: str, dataset: str, config_name: str = "default") -> tfds.core
 
   ``load(...).as_data_source(split)`` gives the records; the version is the newest on disk.
   """
-  root = Path(data_dir) / dataset / config_name
+  root = epath.Path(data_dir) / dataset / config_name
   versions = sorted(root.glob("*.*.*/dataset_info.json"), key=lambda p: tfds.core.Version(p.parent.name))
   if not versions:
     raise InputError(root, "dataset", "no complete dataset here (build it with data_pipelines.build)")
