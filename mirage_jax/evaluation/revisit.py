@@ -303,7 +303,7 @@ class RevisitRunner:
     self.max_frames = int(max_frames)
 
   def run(self, truth: Trajectory, *, seed: int = 0, video_dir: str | None = None,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, return_outputs: bool = False):
     """Scores every row on one trajectory (and writes its side-by-side videos).
 
     Args:
@@ -314,7 +314,8 @@ class RevisitRunner:
     Returns:
       dict: ``num_frames``, ``context``, ``pairs`` (T,), ``revisit_frames`` (count),
       ``reference`` (ground truth's own scores), ``rows``: row -> scores (see
-      :func:`score_frames`).
+      :func:`score_frames`). With ``return_outputs``: that and, per generated row, the
+      rollout's output (``Rollout.generate``).
     """
     if truth.frames.shape[1:3] != self.image_hw:
       raise InputError(truth.name, "frames", f"expected the model's resolution {self.image_hw}, "
@@ -325,7 +326,7 @@ class RevisitRunner:
     pairs = pair_revisits(truth.poses_c2w, **self.pairing)
     if video_dir:
       write_truth_video(video_dir, truth)
-    rows = {}
+    rows, outputs = {}, {}
     given = (truth.frames[:truth.context], truth.depths[:truth.context]) if truth.context else None
     for name, r in self.rows.items():
       oracle = (truth.frames, truth.depths) if name == ORACLE else given
@@ -341,6 +342,8 @@ class RevisitRunner:
       if name == ORACLE:
         scores["backend"] = self.oracle_backend
       rows[name] = scores
+      if return_outputs:
+        outputs[name] = out
       if video_dir:
         _write_panel(video_dir, truth, name, out["frames"], out["coverage"])
     if self.composite:
@@ -348,9 +351,10 @@ class RevisitRunner:
       rows[COMPOSITE] = score_frames(frames, truth, pairs, coverage=covered)
       if video_dir:
         _write_panel(video_dir, truth, COMPOSITE, frames, covered)
-    return dict(num_frames=len(truth.frames), context=truth.context, pairs=pairs,
-                revisit_frames=int(np.sum((pairs >= 0) & (np.arange(len(pairs)) >= max(truth.context, 1)))),
-                reference=reference_scores(truth, pairs), rows=rows)
+    result = dict(num_frames=len(truth.frames), context=truth.context, pairs=pairs,
+                  revisit_frames=int(np.sum((pairs >= 0) & (np.arange(len(pairs)) >= max(truth.context, 1)))),
+                  reference=reference_scores(truth, pairs), rows=rows)
+    return (result, outputs) if return_outputs else result
 
 
 def write_truth_video(video_dir: str, truth: Trajectory) -> None:
@@ -362,16 +366,26 @@ def write_truth_video(video_dir: str, truth: Trajectory) -> None:
                   video.upscale(truth.frames, max(1, 128 // h)), fps=truth.fps)
 
 
-def _write_panel(video_dir: str, truth: Trajectory, row: str, frames: np.ndarray,
-                 coverage: np.ndarray) -> None:
-  """generated | ground truth | coverage, upscaled to at least 128 pixels high, as MP4."""
+def panel(truth: Trajectory, frames: np.ndarray, coverage: np.ndarray) -> np.ndarray:
+  """generated | ground truth | coverage (or any per-cell mask), uint8 (T, H, 3 W + 4, 3).
+
+  Args:
+    frames: (T, H, W, 3) uint8. coverage: (T, h, w) in [0, 1] at an integer-divisible size.
+  """
   h = truth.frames.shape[1]
   cov = np.asarray(coverage, np.float32)
   cov = video.upscale(cov[..., None], h // cov.shape[1])[..., 0] > 0.5
-  panel = video.side_by_side([frames, truth.frames, video.mask_to_rgb(cov)])
+  return video.side_by_side([frames, truth.frames, video.mask_to_rgb(cov)])
+
+
+def _write_panel(video_dir: str, truth: Trajectory, row: str, frames: np.ndarray,
+                 coverage: np.ndarray) -> None:
+  """:func:`panel`, upscaled to at least 128 pixels high, as MP4."""
+  h = truth.frames.shape[1]
+  panel_frames = panel(truth, frames, coverage)
   directory = os.path.join(video_dir, truth.name)
   os.makedirs(directory, exist_ok=True)
-  video.write_mp4(os.path.join(directory, f"{row}.mp4"), video.upscale(panel, max(1, 128 // h)),
+  video.write_mp4(os.path.join(directory, f"{row}.mp4"), video.upscale(panel_frames, max(1, 128 // h)),
                   fps=truth.fps)
 
 
