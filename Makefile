@@ -26,6 +26,8 @@ chromium:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # CPU tests with 8 fake devices (set in tests/conftest.py); the diffusers/torch oracles and
-# Chromium must be installed (their tests would otherwise skip).
+# Chromium must be installed (their tests would otherwise skip). tests/conftest.py shares
+# one JAX compilation cache, .jax_cache/tests, among the workers and the CLI subprocesses
+# (empty in a fresh clone, so CI gains within one run; `rm -rf .jax_cache` clears it).
 test: venv chromium
 	MIRAGE_REQUIRE_ORACLES=1 MIRAGE_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q -x -n 2 tests
