@@ -5,7 +5,6 @@ MIRAGE_REQUIRE_CHROMIUM=1, so there a missing browser fails instead of skipping)
 """
 
 import io
-import json
 import os
 import re
 
@@ -95,3 +94,46 @@ def test_report_of_a_tiny_evaluation_plays_in_chromium(tmp_path):
   assert all(i["width"] > 0 for i in images), images
   assert played > 0
   assert shot.shape[:2] == (900, 1200) and shot.var() > 0
+
+
+def test_scaling_and_objects_pages(tmp_path):
+  """Pages of the other two benchmarks, from their metrics.json (no model run)."""
+  from mirage_jax.evaluation import objects_benchmark, report  # pylint: disable=g-import-not-at-top
+  e = lambda b, n, c: dict(backend=b, frames=n, cache_bytes=c, memory_seconds_per_chunk=0.01,
+                           chunk_seconds=0.5)
+  entries = [e("voxel", 64, 100), e("voxel", 1024, 100), e("mirage", 64, 80), e("mirage", 1024, 5000)]
+  (tmp_path / "scaling").mkdir()
+  report.write_metrics_json(tmp_path / "scaling" / "metrics.json", dict(benchmark="scaling", entries=entries))
+  report.plot_cost_vs_length(tmp_path / "scaling" / "cost_vs_length.png", entries)
+  text = open(index_html.write_index(str(tmp_path / "scaling"), command=["python", "x"])).read()
+  assert text.count(">PASS<") == 2 and text.count(">FAIL<") == 0
+  assert '<img class="plot" src="cost_vs_length.png"' in text and "<td>5000</td>" in text
+
+  row = lambda ghost, obj, ident: dict({k: 1.0 for k in objects_benchmark.SCALARS}, ghost_psnr=ghost,
+                                        object_psnr_reentry=obj, identity_consistency=ident)
+  summary = dict(mirage=row(20.0, 15.0, 0.5), voxel=row(22.0, 15.0, 0.5),
+                 **{"voxel+objects": row(22.0, 15.2, 0.9)},
+                 **{c: 3 for c in objects_benchmark.COUNTS})
+  out = tmp_path / "objects"
+  (out / "videos" / "seed1").mkdir(parents=True)
+  report.write_metrics_json(out / "metrics.json", dict(
+      benchmark="objects", rows=["mirage", "voxel", "voxel+objects"], summary=summary,
+      trajectories={"seed1": {}}))
+  for name in ("voxel+objects", "ground_truth", "mirage"):
+    (out / "videos" / "seed1" / f"{name}.mp4").write_bytes(b"x")
+  text = open(index_html.write_index(str(out))).read()
+  # Ghosts: PASS; slots: +0.2 dB object PSNR (FAIL, needs +0.5), +0.4 identity (PASS).
+  assert re.findall(r">(PASS|FAIL)</span> ([^<]+)<", text) == [
+      ("PASS", "objects: voxel ghost-region PSNR &gt;= mirage (no ghosts)"),
+      ("FAIL", "objects: voxel+objects object_psnr_reentry &gt;= voxel + 0.5"),
+      ("PASS", "objects: voxel+objects identity_consistency &gt;= voxel + 0.1")]
+  # Ground truth first, then the rows in the benchmark's order.
+  assert re.findall(r'<video src="([^"]+)"', text) == [
+      "videos/seed1/ground_truth.mp4", "videos/seed1/mirage.mp4", "videos/seed1/voxel%2Bobjects.mp4"]
+  assert oct(os.stat(out / "index.html").st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
