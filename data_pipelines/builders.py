@@ -13,8 +13,7 @@ access source of such dicts of NumPy arrays, ready for ``grain.MapDataset.source
 
 Splits: clip ``index`` in ``[0, num_clips)`` goes to ``test`` if it is among the last
 ``n_eval = max(1, num_clips // 10)`` indices, to ``validation`` if among the ``n_eval`` before
-those, else to ``train`` (a function of index and num_clips only, so every process and every
-shard agrees).
+those, else to ``train`` (a function of index and num_clips only, so every worker agrees).
 
 Generation runs on Apache Beam: each split is ``Create(indices) | Reshuffle | Map(make
 record)``, so the clips are rendered by whatever runner ``prepare`` is given (in process by
