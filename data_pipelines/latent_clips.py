@@ -45,6 +45,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from data_pipelines import pipeline
 from mirage_jax.errors import InputError
 
 METADATA = "metadata.json"
@@ -139,7 +140,9 @@ class _ToExample:
   def __init__(self, source):
     self.source = source
 
-  def __call__(self, record_index: int) -> dict[str, np.ndarray]:
+  def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Example of ``(global position, record index)`` (``pipeline.global_rows``)."""
+    _, record_index = item
     where = f"latent clip record {record_index}"
     try:
       r = self.source[record_index]
@@ -162,34 +165,34 @@ class _ToExample:
 def make_dataset(source: Sequence[Any], *, batch_size: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, shard_index: int | None = None,
                  shard_count: int | None = None, read_threads: int = 2,
-                 read_buffer_size: int = 4, where: str = "latent_clips") -> grain.IterDataset:
-  """Batches of latent clips (leading axis ``batch_size // shard_count``), checkpointable.
-
-  Shuffling is a pure function of (seed, epoch): ``get_state``/``set_state`` resume exactly.
+                 read_buffer_size: int = 4, start_step: int = 0,
+                 where: str = "latent_clips") -> grain.IterDataset:
+  """Batches of latent clips (leading axis ``batch_size // shard_count``): this shard's rows
+  of global batches ``start_step, start_step + 1, ...`` (``pipeline.global_rows``: the same
+  stream for any process count, so a resumed run starts from its step).
   """
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   if batch_size < 1 or batch_size % shard_count:
     raise InputError(where, "batch_size", f"global batch {batch_size} is not a positive "
                      f"multiple of shard_count={shard_count}")
-  per_shard = len(source) // shard_count
-  if per_shard == 0:
-    raise InputError(where, "shard_count", f"{len(source)} records cannot fill {shard_count} "
-                     "shards")
-  ds = grain.MapDataset.range(shard_index * per_shard, (shard_index + 1) * per_shard)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+  if len(source) == 0:
+    raise InputError(where, "source", "no records")
+  ds = pipeline.global_rows(len(source), batch_size=batch_size, seed=seed, shuffle=shuffle,
+                            num_epochs=num_epochs, shard_index=shard_index,
+                            shard_count=shard_count, start_step=start_step)
   ds = ds.map(_ToExample(source))
   ds = ds.batch(batch_size // shard_count, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=read_buffer_size))
 
 
-def from_config(source: Sequence[Any], config, where: str = "config.data") -> grain.IterDataset:
-  """:func:`make_dataset` with the fields of a ``config.data`` (window fields ignored)."""
+def from_config(source: Sequence[Any], config, where: str = "config.data",
+                start_step: int = 0) -> grain.IterDataset:
+  """:func:`make_dataset` with the fields of a ``config.data`` (window fields ignored), from
+  global batch ``start_step`` on."""
   return make_dataset(source, batch_size=config.batch_size, seed=config.seed,
                       shuffle=config.shuffle, num_epochs=config.num_epochs,
                       shard_index=config.shard_index, shard_count=config.shard_count,
                       read_threads=config.read_threads, read_buffer_size=config.read_buffer_size,
-                      where=where)
+                      start_step=start_step, where=where)

@@ -1,10 +1,14 @@
-"""Orbax checkpoints: train state + Grain iterator + config, preemption saves, params export.
+"""Orbax checkpoints: train state + config, preemption saves, params export.
 
 Layout of a training workdir::
 
   <workdir>/config.json            the resolved config (also saved in every checkpoint)
-  <workdir>/checkpoints/<step>/    items ``state`` (PyTree), ``data`` (Grain iterator state,
-                                   one JSON per process) and ``config`` (JSON)
+  <workdir>/checkpoints/<step>/    items ``state`` (PyTree) and ``config`` (JSON)
+
+The input position is not saved: it follows from the step (``data_pipelines.pipeline``: global
+batch ``s`` is the same examples for any process count), so a run resumes on another number
+of processes or devices. A ``data`` item (Grain iterator state, ``process_<i>-of-<n>.json``)
+in checkpoints written before that is ignored.
 
 An export (``python -m mirage_jax.export``) is a params-only Orbax PyTree plus the config::
 
@@ -73,7 +77,7 @@ class PreemptionFlag:
 
 
 class Checkpointer:
-  """A ``CheckpointManager`` with the three items of a training run.
+  """A ``CheckpointManager`` with the items of a training run (state and config).
 
   Args:
     directory: where step directories go (created).
@@ -92,33 +96,30 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iter: Any = None,
+  def save(self, step: int, state: Any,
            config: ml_collections.ConfigDict | None = None) -> None:
-    """Saves ``state`` (pytree of jax.Arrays), the iterator's position and the config."""
+    """Saves ``state`` (pytree of jax.Arrays) and the config (the input position is the step)."""
     items = {STATE: ocp.args.PyTreeSave(state)}
-    if data_iter is not None:
-      items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
     if config is not None:
       items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json()))
     self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
-  def save_if_due(self, step: int, state: Any, data_iter: Any = None,
+  def save_if_due(self, step: int, state: Any,
                   config: ml_collections.ConfigDict | None = None) -> bool:
     if self.every > 0 and step % self.every == 0 and step != self.latest_step():
-      self.save(step, state, data_iter, config)
+      self.save(step, state, config)
       return True
     return False
 
-  def restore(self, abstract_state: Any, data_iter: Any = None,
-              step: int | None = None) -> tuple[Any, int]:
-    """Restores the state into the shardings of ``abstract_state`` (and the iterator in place).
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+    """Restores the state into the shardings of ``abstract_state``.
 
     The target shardings may differ from the ones saved (another mesh, device or process
-    count): Orbax reads each shard's slice from the saved global arrays.
+    count): Orbax reads each shard's slice from the saved global arrays. The input resumes
+    from the returned step (a saved ``data`` item is not read).
 
     Args:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set.
-      data_iter: a Grain ``DatasetIterator`` to move to the saved position, or None.
       step: which step (default: the latest).
     Returns:
       (state, step).
@@ -132,8 +133,6 @@ class Checkpointer:
     _check_params_match(saved, abstract_state, where)
     items = {STATE: ocp.args.PyTreeRestore(item=abstract_state,
                                            restore_args=_restore_args(abstract_state))}
-    if data_iter is not None:
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     with _unreadable_as_input_error(where, ", ".join(items)):
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], step
@@ -278,13 +277,17 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
   return int(step)
 
 
-def load_export(path: str, shardings: Any = None) -> tuple[Any, ml_collections.ConfigDict, int]:
+def load_export(path: str, shardings: Any = None, dtype: Any = None
+                ) -> tuple[Any, ml_collections.ConfigDict, int]:
   """Loads an export written by :func:`export_params`.
 
   Args:
     path: export directory.
-    shardings: optional pytree of ``jax.sharding.Sharding`` matching the params, to place
-      each array directly (e.g. on an evaluation mesh); default: one local device.
+    shardings: optional pytree of ``jax.sharding.Sharding`` matching the params, or one
+      ``Sharding`` for all of them, to restore each array straight into it (e.g. a mesh
+      spanning several processes: each reads only its shards, nothing crosses hosts);
+      default: one local device.
+    dtype: optional dtype that floating params are cast to as they are read.
   Returns:
     (params pytree of jax.Arrays, config, step).
   """
@@ -297,9 +300,15 @@ def load_export(path: str, shardings: Any = None) -> tuple[Any, ml_collections.C
   params_dir = os.path.abspath(os.path.join(path, "params"))
   with _unreadable_as_input_error(path, "params"), ocp.PyTreeCheckpointer() as ckptr:
     abstract = _replicated_abstract(_tree(ckptr.metadata(params_dir).item_metadata))
+    if isinstance(shardings, jax.sharding.Sharding):
+      shardings = jax.tree.map(lambda _: shardings, abstract)
     if shardings is not None:
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shardings)
+    if dtype is not None:
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+          a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+          sharding=a.sharding), abstract)
     params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=_restore_args(abstract)))
   return params, config, step

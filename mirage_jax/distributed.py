@@ -106,17 +106,97 @@ def batch_sharding(mesh: Mesh, batch_axes: Any, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, batch_axes: Any) -> dict[str, jax.Array]:
+def batch_rows(mesh: Mesh, batch_axes: Any, batch_size: int) -> dict[int, tuple[int, int]]:
+  """The rows ``[first, stop)`` of a global batch that each process's devices hold.
+
+  Processes whose devices differ only along axes outside ``batch_axes`` (a model axis
+  spanning hosts) hold the same rows.
+
+  Raises:
+    InputError: a process's devices hold rows that are not one contiguous range.
+  """
+  held: dict[int, set[int]] = {}
+  for device, index in batch_sharding(mesh, batch_axes, 1).devices_indices_map(
+      (batch_size,)).items():
+    held.setdefault(device.process_index, set()).update(range(*index[0].indices(batch_size)))
+  rows = {}
+  for process, r in sorted(held.items()):
+    first, stop = min(r), max(r) + 1
+    if len(r) != stop - first:
+      raise InputError("config.mesh", "mesh", f"process {process}'s devices hold batch rows "
+                       f"{sorted(r)}, not one contiguous range (order the mesh so that each "
+                       "host's devices are adjacent along the batch axes)")
+    rows[process] = (first, stop)
+  return rows
+
+
+def process_shard(mesh: Mesh, batch_axes: Any, batch_size: int) -> tuple[int, int]:
+  """``(shard_index, shard_count)`` of this process: its rows of every global batch are
+  ``[shard_index * B / shard_count, (shard_index + 1) * B / shard_count)`` (``B`` =
+  ``batch_size``), the rows its devices hold."""
+  first, stop = batch_rows(mesh, batch_axes, batch_size)[jax.process_index()]
+  rows = stop - first
+  if batch_size % rows or first % rows:
+    raise InputError("config.mesh", "mesh", f"process {jax.process_index()} holds batch rows "
+                     f"[{first}, {stop}) of {batch_size}: not an equal share")
+  return first // rows, batch_size // rows
+
+
+def check_process_rows(mesh: Mesh, batch_axes: Any, batch_size: int, shard: tuple[int, int],
+                       fingerprint: int = 0, where: str = "config.data") -> None:
+  """Start-up check, on every process at once: each process feeds the rows its devices hold.
+
+  So the rows fed by two processes are disjoint, or identical where a model axis spans
+  hosts, and together cover the global batch; and every process reads the same stream.
+
+  Args:
+    shard: this process's ``(shard_index, shard_count)`` as its input pipeline uses them.
+    fingerprint: a number that must be equal on every process (e.g. a hash of the data
+      config and the number of records).
+  Raises:
+    InputError: naming the first process that feeds other rows, or another stream.
+  """
+  expected = batch_rows(mesh, batch_axes, batch_size)
+  spans = sorted(set(expected.values()))
+  if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or sum(b - a for a, b in spans) != batch_size:
+    raise InputError("config.mesh", "mesh", f"the processes' batch rows {spans} overlap "
+                     f"partially or do not cover the batch of {batch_size}")
+  mine = np.asarray([shard[0], shard[1], fingerprint % 2**31], np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+  else:
+    every = mine[None]
+  for process, (index, count, fp) in enumerate(every.tolist()):
+    rows = batch_size // count
+    fed = (index * rows, (index + 1) * rows)
+    if fed != expected[process]:
+      raise InputError(where, "shard_index", f"process {process} feeds batch rows "
+                       f"[{fed[0]}, {fed[1]}) (shard {index} of {count}) but its devices hold "
+                       f"rows [{expected[process][0]}, {expected[process][1]})")
+    if fp != every[0][2]:
+      raise InputError(where, "data", f"process {process} reads another data stream than "
+                       "process 0 (config.data or the number of records differ)")
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, batch_axes: Any,
+                 batch_size: int | None = None) -> dict[str, jax.Array]:
   """Host-local batch -> one global ``jax.Array`` per field, sharded over ``batch_axes``.
 
   Args:
-    local: field -> (B_local, ...) array; process ``p`` holds rows
-      ``[p * B_local, (p + 1) * B_local)`` of the global batch.
+    local: field -> (B_local, ...) array: the rows this process's devices hold
+      (:func:`process_shard`); processes holding the same rows pass the same data.
     mesh: the device mesh.
     batch_axes: mesh axis name(s) the batch dimension is split over.
+    batch_size: the global batch size B (default: ``B_local`` times the number of distinct
+      row ranges, as JAX infers it).
   Returns:
-    field -> (B_local * process_count, ...) global array.
+    field -> (B, ...) global array.
   """
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axes, np.ndim(v)),
-                                                    np.asarray(v))
-          for k, v in local.items()}
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    shape = None if batch_size is None else (batch_size,) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, batch_axes, v.ndim), v, shape)
+  return out

@@ -27,11 +27,12 @@ generated depth, so its rows carry no geometric or depth scores. ``--caption_emb
 scaling and objects benchmarks and the Memory Maze rows run the small family only.
 
 Several processes (``jax.distributed``, same flags as ``mirage_jax.main``): trajectory i
-runs on process ``i % process_count`` (each trajectory is one sequential rollout, so the
+(revisit and objects) runs on process ``i % process_count`` (each trajectory is one sequential rollout, so the
 work splits by trajectory, not inside one); each process writes its results to
 ``parts/process_<k>.json`` and its videos, all processes meet at a barrier, and process 0
 merges the parts into ``metrics.json`` and the plots. ``--output_dir`` must therefore be on a
-file system every process sees. Scaling runs on process 0 only (it is a timing benchmark).
+file system every process sees. Scaling runs on process 0 only (it is a timing benchmark);
+the others wait for it at the end.
 
 Objects (``evaluation/objects_benchmark.py`` has the protocol): procedural loop clips of
 ``--procedural_seeds`` (default 200000:200008, held out) with ``--moving_objects`` objects,
@@ -39,7 +40,7 @@ Objects (``evaluation/objects_benchmark.py`` has the protocol): procedural loop 
 half); each row of
 ``--object_rows`` (``mirage``, ``voxel`` keeping predicted moving content out of its cache,
 ``voxel+objects`` carrying it in object slots) scored for ghosting in the static region at
-revisits, object PSNR, position error, detection and identity at re-entry. Runs on process 0.
+revisits, object PSNR, position error, detection and identity at re-entry.
 
 Outputs in ``--output_dir`` (refused if non-empty unless ``--overwrite``; files are written
 atomically):
@@ -196,7 +197,6 @@ def _memory_maze_loaders(resolution) -> list:
 
 def _revisit(config, ae, dn) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit  # pylint: disable=g-import-not-at-top
   out = _OUTPUT.value
   resolution = tuple(config.data.resolution)
@@ -216,19 +216,9 @@ def _revisit(config, ae, dn) -> None:
       for t in trajs:
         results[group][t.name] = runner.run(t, seed=_SEED.value, video_dir=video_dir)
         print(f"[process {k}] {group} {t.name}: done", flush=True)
-  os.makedirs(os.path.join(out, "parts"), exist_ok=True)
-  report.write_metrics_json(os.path.join(out, "parts", f"process_{k}.json"), results)
-  if count > 1:
-    multihost_utils.sync_global_devices("mirage_jax.evaluate: parts written")
-  if k != 0:
+  merged = _merge_parts(out, results)
+  if merged is None:
     return
-
-  merged = {g: {} for g in groups}
-  for i in range(count):
-    with open(os.path.join(out, "parts", f"process_{i}.json")) as f:
-      for g, res in json.load(f).items():
-        merged[g].update(res)
-  merged = {g: dict(sorted(res.items())) for g, res in merged.items()}  # independent of process count
   metrics = dict(benchmark="revisit", checkpoint=_CHECKPOINT.value, backends=_BACKENDS.value,
                  seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
                  oracle_backend=config.memory.backend,
@@ -252,6 +242,28 @@ def _revisit(config, ae, dn) -> None:
           f"ground truth floor: {summary['reference']}")
     print(report.format_table(rows, _TABLE, ".3f"))
   report.write_metrics_json(os.path.join(out, "metrics.json"), metrics)
+
+
+def _merge_parts(out: str, results: dict) -> dict | None:
+  """Every process writes its ``{group: {trajectory: result}}`` to ``parts/process_<k>.json``;
+  once all have, process 0 gets them merged, in trajectory-name order (so independent of the
+  process count, and read back from JSON with one process too); the others get None."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  k, count = jax.process_index(), jax.process_count()
+  os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+  report.write_metrics_json(os.path.join(out, "parts", f"process_{k}.json"), results)
+  if count > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("mirage_jax.evaluate: parts written")
+  if k != 0:
+    return None
+  merged = {g: {} for g in results}
+  for i in range(count):
+    with open(os.path.join(out, "parts", f"process_{i}.json")) as f:
+      for g, res in json.load(f).items():
+        merged[g].update(res)
+  return {g: dict(sorted(res.items())) for g, res in merged.items()}
 
 
 def _wan_options(config) -> dict | None:
@@ -305,21 +317,26 @@ def _object_settings() -> tuple[range, int, int]:
 def _objects(config, ae, dn) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import objects_benchmark, report  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:
-    return
   seeds, num_frames, context = _object_settings()
   pairing = dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value)
-  runner = objects_benchmark.ObjectsRunner(config, ae, dn, _OBJECT_ROWS.value, num_frames,
-                                           pairing=pairing, min_pixels=_MIN_PIXELS.value,
-                                           gap=_REENTRY_GAP.value)
   out = _OUTPUT.value
   video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
+  k, count = jax.process_index(), jax.process_count()
+  mine = [seed for i, seed in enumerate(seeds) if i % count == k]  # as revisit: by trajectory
   results = {}
-  for seed in seeds:
+  if mine:
+    runner = objects_benchmark.ObjectsRunner(config, ae, dn, _OBJECT_ROWS.value, num_frames,
+                                             pairing=pairing, min_pixels=_MIN_PIXELS.value,
+                                             gap=_REENTRY_GAP.value)
+  for seed in mine:
     clip = objects_benchmark.render_object_clip(seed, num_frames, config.data.resolution,
                                                 _MOVING.value, context)
     results[clip.truth.name] = runner.run(clip, seed=_SEED.value, video_dir=video_dir)
-    print(f"objects {clip.truth.name}: done", flush=True)
+    print(f"[process {k}] objects {clip.truth.name}: done", flush=True)
+  merged = _merge_parts(out, {"objects": results})
+  if merged is None:
+    return
+  results = merged["objects"]
   summary = objects_benchmark.summarize(results)
   report.write_metrics_json(os.path.join(out, "metrics.json"), dict(
       benchmark="objects", checkpoint=_CHECKPOINT.value, rows=_OBJECT_ROWS.value, seed=_SEED.value,
@@ -376,6 +393,9 @@ def _main() -> int:
                                                           *sys.argv[1:]],
                                   config_json=config.to_json_best_effort(indent=2))
     print(f"report: {page}")
+  if jax.process_count() > 1:  # no process exits while process 0 still writes (scaling)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("mirage_jax.evaluate: done")
   return 0
 
 

@@ -1,64 +1,138 @@
-"""Multi-host: 2 local processes x 4 CPU devices train like 1 process x 8 devices."""
+"""Multi-host: 2 local processes x 4 CPU devices train like 1 process x 8 devices, through the
+real per-process input path (each process builds only the batch rows its devices hold), and a
+run resumes on another process or device count from its step alone."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import portpicker
+import pytest
 
-from tests.test_train import synthetic_sources, tiny_config
+from tests.test_train import random_frozen_autoencoder, read_jsonl, synthetic_clip, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Runs 3 update steps on fixed global batches; with several processes each one feeds only its
-# rows. Prints the losses as JSON; then (multi-process) a short full training run with
-# checkpoints, which must not hang.
+# argv: tmp [port num_processes process_id]. With a coordinator: the denoiser losses, the rows
+# check on a mesh whose model axis spans the hosts, a restore + resume of the 1-process run
+# ``one_b`` and a 2-step run ``two`` from scratch. Without one (1 process, 4 devices): a
+# restore + resume of ``two_c``, saved by 2 processes on 8 devices.
 _WORKER = """
 import json, sys
 from mirage_jax import distributed
-if len(sys.argv) > 1:
-  distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+tmp = sys.argv[1]
+if len(sys.argv) > 2:
+  distributed.initialize(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 import jax
-from tests.test_multihost import losses
-print("LOSSES", json.dumps(losses()))
-if len(sys.argv) > 1:
-  from mirage_jax import train
-  from tests.test_train import synthetic_sources, tiny_config
-  config = tiny_config()
-  config.train.steps = 2
-  train.train_and_evaluate(config, sys.argv[4], synthetic_sources())
-  print("TRAINED", jax.process_index())
+from tests import test_multihost as t
+if jax.process_count() > 1:
+  print("LOSSES", json.dumps(t.losses(tmp + "/ae_export")), flush=True)
+  print("ROWS", json.dumps(t.rows_across_hosts()), flush=True)
+  print("CK_ONE", t.restored_checksum(tmp + "/one"), flush=True)
+  t.train_steps(tmp + "/one_b", 4)
+  t.train_steps(tmp + "/two", 2)
+  print("CK_TWO", t.restored_checksum(tmp + "/two"), flush=True)
+else:
+  print("CK_TWO", t.restored_checksum(tmp + "/two_c"), flush=True)
+  t.train_steps(tmp + "/two_c", 4)
+print("DONE", jax.process_index(), flush=True)
 """
 
 
-def losses() -> list[float]:
-  """Losses of 3 steps on the global mesh; batches come from the pipeline as one shard."""
-  import jax
-  from data_pipelines import pipeline
-  from mirage_jax import distributed, train
+def sources() -> dict:
+  clips = [synthetic_clip(i) for i in range(8)]
+  return {"train": clips, "validation": clips[:2]}
+
+
+def train_steps(workdir: str, steps: int) -> None:
+  """Trains the tiny autoencoder in ``workdir`` up to ``steps`` (resuming if it can)."""
+  from mirage_jax import train
   config = tiny_config()
+  config.data.crop = "random"  # augmentation depends on the global example index
+  config.train.steps = steps
+  config.checkpoint.update(every=2, async_save=False)
+  train.train_and_evaluate(config, workdir, sources())
+
+
+def checksum(tree) -> str:
+  """sha256 of every leaf's bytes (global arrays gathered from all processes)."""
+  import jax
+  from jax.experimental import multihost_utils
+  h = hashlib.sha256()
+  for x in jax.tree.leaves(tree):
+    if not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    h.update(np.ascontiguousarray(np.asarray(x)).tobytes())
+  return h.hexdigest()
+
+
+def restored_checksum(workdir: str) -> str:
+  """Checksum of the latest checkpoint's state, restored onto this job's mesh."""
+  from mirage_jax import checkpoint, train
+  config = tiny_config()
+  setup = train.make_setup(config, train.make_stage(config), train.build_mesh(config))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=2)
+  state, _ = ckpt.restore(setup.abstract)
+  ckpt.close()
+  return checksum(state)
+
+
+def losses(autoencoder_export: str) -> list[float]:
+  """Losses of 3 denoiser steps on the global mesh, through the training input path: the
+  frozen autoencoder restored into the mesh's sharding, each process loading its rows."""
+  import jax
+  from mirage_jax import distributed, train
+  config = tiny_config("denoiser")
+  config.denoiser.autoencoder_checkpoint = autoencoder_export
   stage = train.make_stage(config)
   mesh = train.build_mesh(config)
+  stage.load_frozen(mesh, train.logical_rules(config))
   setup = train.make_setup(config, stage, mesh)
   state = train.init_state(config, stage, setup)
   specs = train.abstract_batch(config, stage, mesh, setup.rules)
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
-  it = iter(pipeline.make_dataset(synthetic_sources()["train"], num_frames=1, stride=2,
-                                  resolution=(16, 16), batch_size=8, seed=0, shard_index=0,
-                                  shard_count=1, read_threads=0))
-  rows = config.data.batch_size // jax.process_count()
-  lo = jax.process_index() * rows
+  it = train.make_input(config, sources()["train"], split="train", mesh=mesh)
+  train.check_input_rows(config, mesh, 8)
+  axes = train.batch_axes(mesh, setup.rules)
+  frozen = jax.device_put(stage.frozen, setup.frozen_sharding())
   out = []
   for _ in range(3):
-    full = next(it)
-    local = {k: full[k][lo:lo + rows] for k in stage.fields}
-    batch = distributed.global_batch(local, mesh, train.batch_axes(mesh, setup.rules))
+    local = next(it)
+    assert len(local["frames"]) == 8 // jax.process_count()
+    batch = distributed.global_batch({k: local[k] for k in stage.fields}, mesh, axes,
+                                     config.data.batch_size)
     with setup.context():
-      state, metrics = step(state, batch, {})
+      state, metrics = step(state, batch, frozen)
     out.append(float(jax.device_get(metrics["loss"])))
   return out
+
+
+def rows_across_hosts() -> dict:
+  """On a (data 4, tensor 2) mesh whose tensor pairs span the 2 processes, both processes
+  hold every batch row: their shards, the start-up check, and the check on a wrong shard."""
+  import jax
+  from mirage_jax import distributed, train
+  from mirage_jax.errors import InputError
+  config = tiny_config()
+  config.mesh = dict(data=4, fsdp=1, context=1, tensor=2)
+  by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
+  mesh = train.build_mesh(config, [d for pair in zip(*by_process) for d in pair])
+  axes = train.batch_axes(mesh, train.logical_rules(config))
+  shard = distributed.process_shard(mesh, axes, 8)
+  train.check_input_rows(config, mesh, 8)
+  local = np.arange(8, dtype=np.float32)  # every row, the same on both processes
+  total = float(jax.jit(lambda x: x.sum())(distributed.global_batch({"x": local}, mesh, axes,
+                                                                    8)["x"]))
+  try:  # one share per process, as if the model axis were not there
+    distributed.check_process_rows(mesh, axes, 8, (jax.process_index(), 2))
+    error = None
+  except InputError as e:
+    error = str(e)
+  return dict(shard=list(shard), total=total, error=error)
 
 
 def _env(devices: int) -> dict:
@@ -66,22 +140,165 @@ def _env(devices: int) -> dict:
               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 
 
-def _parse(out: str) -> list[float]:
-  return json.loads(next(l for l in out.splitlines() if l.startswith("LOSSES"))[7:])
+def _parse(out: str, key: str):
+  line = next(l for l in out.splitlines() if l.startswith(key + " "))
+  value = line[len(key) + 1:]
+  return json.loads(value) if key in ("LOSSES", "ROWS") else value
 
 
-def test_two_processes_match_one(tmp_path):
+def _losses(workdir: str) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in read_jsonl(workdir)}
+
+
+def _autoencoder_export(path: str) -> None:
+  """An export as ``checkpoint.export_params`` writes it, of a random autoencoder."""
+  import orbax.checkpoint as ocp
+  config = tiny_config()
+  os.makedirs(path)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "params"), random_frozen_autoencoder(config))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"config": json.loads(config.to_json()), "step": 1, "source": "ema",
+               "dtype": None}, f)
+
+
+def _stale_iterator_state(workdir: str, step: int, processes: int) -> None:
+  """Grain iterator files of a ``processes``-process run, as checkpoints used to hold."""
+  data = os.path.join(workdir, "checkpoints", str(step), "data")
+  os.makedirs(data, exist_ok=True)
+  for i in range(processes):
+    with open(os.path.join(data, f"process_{i}-of-{processes}.json"), "w") as f:
+      json.dump({"next_index": 5 + i}, f)
+
+
+def test_two_processes_match_one_and_resume_on_other_counts(tmp_path):
+  tmp = str(tmp_path)
+  _autoencoder_export(f"{tmp}/ae_export")
+  train_steps(f"{tmp}/one", 2)  # 1 process x 8 devices
+  shutil.copytree(f"{tmp}/one", f"{tmp}/one_b")
+  _stale_iterator_state(f"{tmp}/one_b", 2, 3)
   port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", "2", str(i),
-                             str(tmp_path / "run")], env=_env(4), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  single = losses()  # this process: 8 devices (tests/conftest.py)
-  results = [p.communicate() for p in procs]
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, tmp, f"127.0.0.1:{port}", "2",
+                             str(i)], env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    ck_one = restored_checksum(f"{tmp}/one")
+    single = losses(f"{tmp}/ae_export")
+    train_steps(f"{tmp}/one", 4)  # the reference: 4 steps on 1 process
+    results = [p.communicate(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   for p, (out, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
-  multi = [_parse(out) for out, _ in results]
+  reference = _losses(f"{tmp}/one")
+  assert sorted(reference) == [1, 2, 3, 4]
+
+  # Denoiser stage: 2 processes x 4 devices == 1 process x 8 devices.
+  multi = [_parse(out, "LOSSES") for out, _ in results]
   assert multi[0] == multi[1]  # every process sees the same global loss
   np.testing.assert_allclose(multi[0], single, rtol=1e-5)
-  assert all(f"TRAINED {i}" in out for i, (out, _) in enumerate(results))
-  assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[-1] == "2"
+  # A model axis across the hosts: both feed every row, and the check refuses one share each.
+  for out, _ in results:
+    rows = _parse(out, "ROWS")
+    assert rows["shard"] == [0, 1] and rows["total"] == 28.0
+    assert rows["error"] and "devices hold rows [0, 8)" in rows["error"]
+
+  # 1 -> 2 processes: the same state, and steps 3-4 on the batches of steps 3-4 (with stale
+  # iterator files of a 3-process run in the checkpoint).
+  assert all(_parse(out, "CK_ONE") == ck_one for out, _ in results)
+  resumed = _losses(f"{tmp}/one_b")
+  assert sorted(resumed) == [1, 2, 3, 4]
+  np.testing.assert_allclose([resumed[3], resumed[4]], [reference[3], reference[4]], rtol=1e-5)
+
+  # 2 -> 1 process (8 devices) and 2 processes x 4 devices -> 1 process x 4 devices.
+  ck_two = _parse(results[0][0], "CK_TWO")
+  assert _parse(results[1][0], "CK_TWO") == ck_two
+  assert restored_checksum(f"{tmp}/two") == ck_two
+  for name in ("two_b", "two_c"):
+    shutil.copytree(f"{tmp}/two", f"{tmp}/{name}")
+  train_steps(f"{tmp}/two_b", 4)
+  four = subprocess.run([sys.executable, "-c", _WORKER, tmp], env=_env(4), cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert four.returncode == 0, four.stderr[-3000:]
+  assert _parse(four.stdout, "CK_TWO") == ck_two
+  two = _losses(f"{tmp}/two")
+  np.testing.assert_allclose([two[1], two[2]], [reference[1], reference[2]], rtol=1e-5)
+  for name in ("two_b", "two_c"):
+    got = _losses(f"{tmp}/{name}")
+    np.testing.assert_allclose([got[3], got[4]], [reference[3], reference[4]], rtol=1e-5)
+
+
+def _numbers(tree, skip=("seconds", "time")):
+  """Flattened {path: number} of a metrics tree, timings left out."""
+  if isinstance(tree, dict):
+    return {f"{k}/{p}": v for k, sub in tree.items() if not any(s in k for s in skip)
+            for p, v in _numbers(sub, skip).items()}
+  if isinstance(tree, list):
+    return {f"{i}/{p}": v for i, sub in enumerate(tree) for p, v in _numbers(sub, skip).items()}
+  return {"": tree}
+
+
+def test_evaluate_on_two_processes_writes_once_and_matches_one(tmp_path):
+  from tests.test_generate import run_cli, save_tiny_export
+  export = save_tiny_export(str(tmp_path / "export"))
+  args = ["-m", "mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=revisit",
+          "--procedural_seeds=100001:100003", "--num_frames=24", "--backends=mirage",
+          "--nooracle", "--novideos"]
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      [sys.executable, *args, f"--output_dir={tmp_path / 'two'}"], cwd=ROOT, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=dict(_env(4), MIRAGE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               MIRAGE_NUM_PROCESSES="2", MIRAGE_PROCESS_ID=str(i))) for i in range(2)]
+  try:
+    one = run_cli(*args[1:], f"--output_dir={tmp_path / 'one'}")
+    results = [p.communicate(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert one.returncode == 0, one.stderr[-3000:]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  # Each process ran one trajectory and wrote its part; only process 0 wrote the report.
+  assert "seed100001: done" in results[0][0] and "seed100002: done" in results[1][0]
+  assert "report:" in results[0][0] and "report:" not in results[1][0]
+  assert "psnr_revisit" not in results[1][0]
+  two = tmp_path / "two"
+  assert sorted(os.listdir(two / "parts")) == ["process_0.json", "process_1.json"]
+  parts = [json.loads((two / "parts" / f"process_{i}.json").read_text())["revisit"]
+           for i in range(2)]
+  assert list(parts[0]) == ["seed100001"] and list(parts[1]) == ["seed100002"]
+  m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["revisit"]
+  m2 = json.loads((two / "metrics.json").read_text())["revisit"]
+  assert list(m2["trajectories"]) == ["seed100001", "seed100002"]
+  a, b = _numbers(m1), _numbers(m2)
+  assert a.keys() == b.keys() and len(a) > 10
+  for k in a:
+    if isinstance(a[k], float):
+      assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+    else:
+      assert b[k] == a[k], k
+
+
+def test_shards_are_rows_of_one_global_stream_with_per_example_draws():
+  from data_pipelines import pipeline
+  same = [synthetic_clip(0)] * 8  # every record the same clip: only the random draws differ
+  kw = dict(num_frames=2, stride=2, resolution=(8, 4), batch_size=8, seed=3, crop="random",
+            read_threads=0)
+  take = lambda it, n: [next(it) for _ in range(n)]
+  full = take(pipeline.make_iterator(same, **kw, shard_index=0, shard_count=1), 3)
+  hosts = [take(pipeline.make_iterator(same, **kw, shard_index=k, shard_count=2), 3)
+           for k in range(2)]
+  for s in range(3):  # the two hosts' rows are the global batch, row for row
+    for key in ("frames", "intrinsics", "clip_index"):
+      np.testing.assert_array_equal(np.concatenate([h[s][key] for h in hosts]), full[s][key])
+  # Host 1's i-th example is not host 0's i-th: draws follow the global example index.
+  same_draw = [np.array_equal(hosts[0][s]["frames"][i], hosts[1][s]["frames"][i])
+               for s in range(3) for i in range(4)]
+  assert sum(same_draw) <= 2, same_draw
+  # The position is the step: starting at batch 2 gives batch 2, on any shard count.
+  resumed = next(pipeline.make_iterator(same, **kw, shard_index=1, shard_count=4, start_step=2))
+  np.testing.assert_array_equal(resumed["frames"], full[2]["frames"][2:4])
