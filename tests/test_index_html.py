@@ -137,3 +137,29 @@ def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+def test_main_job_claims_and_summary_page(tmp_path, capsys):
+  from mirage_jax import main_job  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  (tmp_path / "revisit").mkdir()
+  (tmp_path / "scaling").mkdir()
+  row = lambda p: dict(psnr_revisit=p, ssim_revisit=0.5, psnr_all=p)
+  report.write_metrics_json(tmp_path / "revisit" / "metrics.json", dict(revisit=dict(summary=dict(
+      none=row(10.0), mirage=row(16.0), voxel=row(14.5), reference={}, revisit_frames=4))))
+  e = lambda b, n, c, s: dict(backend=b, frames=n, cache_bytes=c, memory_seconds_per_chunk=0.0,
+                              chunk_seconds=s)
+  report.write_scaling_json(tmp_path / "scaling" / "scaling.json",
+                            [e("voxel", 64, 10, 1.0), e("voxel", 1024, 10, 1.1), e("mirage", 1024, 900, 2.0)])
+  claims = main_job.print_claims(str(tmp_path))
+  assert claims == {"voxel revisit PSNR >= none + 4 dB": True,
+                    "voxel revisit PSNR >= mirage - 1 dB": False,  # 1.5 dB below
+                    "voxel cache >= 10x smaller than mirage at 1024 frames": True,
+                    "voxel time per chunk at 1024 within 20% of 64 frames": True}
+  assert "[FAIL] voxel revisit PSNR >= mirage - 1 dB" in capsys.readouterr().out
+  (tmp_path / "revisit" / "index.html").write_text("<html></html>")
+  page = index_html.write_summary_index(str(tmp_path), claims,
+                                        {"revisit": str(tmp_path / "revisit" / "index.html")})
+  text = open(page).read()
+  assert text.count(">PASS<") == 3 and text.count(">FAIL<") == 1
+  assert '<a href="revisit/index.html">revisit</a>' in text
