@@ -26,6 +26,12 @@ generated depth, so its rows carry no geometric or depth scores. ``--caption_emb
 ``--empty_text_embedding`` and ``--guidance_scale`` are as in ``mirage_jax.generate``. The
 scaling and objects benchmarks and the Memory Maze rows run the small family only.
 
+Batching (revisit): each process generates ``--trajectory_batch`` trajectories at once (default
+one per local device): per chunk, one jitted step advances all of them, the trajectory axis
+sharded over the process's devices; shorter trajectories are padded and masked, and each is
+sampled with ``--seed``, so scores do not depend on the batching. ``chunk_seconds`` is the
+wall time of one such step (nothing blocks per chunk; ``--benchmark=scaling`` is the timing).
+
 Several processes (``jax.distributed``, same flags as ``mirage_jax.main``): trajectory i
 (revisit and objects) runs on process ``i % process_count`` (each trajectory is one sequential rollout, so the
 work splits by trajectory, not inside one); each process writes its results to
@@ -92,6 +98,9 @@ _NUM_FRAMES = flags.DEFINE_integer("num_frames", None,
                                    "Frames per trajectory (procedural: rendered, default 48; dataset: "
                                    "first frames kept, default all).")
 _NUM_TRAJ = flags.DEFINE_integer("num_trajectories", None, "Trajectories to evaluate (default all).")
+_BATCH = flags.DEFINE_integer("trajectory_batch", 0, "Trajectories generated at once by one "
+                              "jitted chunk step, sharded over this process's devices (revisit; "
+                              "0 = one per local device).")
 _ORACLE = flags.DEFINE_bool("oracle", True, "Add the oracle row (memory written from ground truth).")
 _COMPOSITE = flags.DEFINE_bool("composite", True, "Add the trivial composite row.")
 _VIDEOS = flags.DEFINE_bool("videos", True, "Write side-by-side videos.")
@@ -212,10 +221,13 @@ def _revisit(config, ae, dn) -> None:
         pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
         wan_options=_wan_options(config))
     video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
+    batch = _BATCH.value or jax.local_device_count()  # default: one per device of this process
     for group, trajs in mine.items():
-      for t in trajs:
-        results[group][t.name] = runner.run(t, seed=_SEED.value, video_dir=video_dir)
-        print(f"[process {k}] {group} {t.name}: done", flush=True)
+      for i in range(0, len(trajs), batch):
+        part = trajs[i:i + batch]
+        for t, res in zip(part, runner.run_batch(part, seed=_SEED.value, video_dir=video_dir)):
+          results[group][t.name] = res
+          print(f"[process {k}] {group} {t.name}: done", flush=True)
   merged = _merge_parts(out, results)
   if merged is None:
     return
@@ -360,6 +372,8 @@ def _main() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
+  if _BATCH.value < 0:
+    raise InputError("--trajectory_batch", "trajectory_batch", f"must be >= 0, got {_BATCH.value}")
   unknown = [b for b in _BACKENDS.value if b not in memory.BACKEND_NAMES]
   if unknown:
     raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: {', '.join(memory.BACKEND_NAMES)})")

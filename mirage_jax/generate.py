@@ -133,7 +133,7 @@ def _main() -> int:
   start = time.perf_counter()
   extra = dict(depths=clip["depths"]) if wan else {}
   out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
-                   seed=_SEED.value, **extra)
+                   seed=_SEED.value, timed=True, **extra)
   total = time.perf_counter() - start
 
   directory = _OUTPUT.value

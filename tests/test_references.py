@@ -97,32 +97,25 @@ def test_rollout_with_references_fixed_bank_and_no_recompile(models):
   config, ae, dn = models
   h, w = config.data.resolution
   r = rollout.Rollout(config, ae, dn, backend="voxel")
-  denoise, seen = r._denoise, []
-
-  def spy(*args):  # context is args[6], its cameras args[8]
-    seen.append((args[6].shape, np.asarray(args[8])))
-    return denoise(*args)
-
-  r._denoise = spy
   frame0 = np.zeros((h, w, 3), np.uint8)
   depth0 = np.full((h, w), 2.0, np.float32)
   sizes, ref_bytes = [], []
-  for n in (5, 11):  # longer trajectories reuse every compiled function
-    seen.clear()
+  for n in (5, 11):  # longer trajectories reuse the compiled chunk step
     K_, poses = _trajectory(n, h, w)
     out = r.generate(frame0, depth0, K_, poses, progress=False)
     assert out["frames"].shape == (n, h, w, 3)
-    fns = (r._read, denoise, r._write, r._retrieve, r._bank_write)
-    sizes.append([f._cache_size() for f in fns])
+    (fns,) = r._per_mesh.values()
+    sizes.append([fns[k]._cache_size() for k in ("start", "encode")] + [fns["step"][False]._cache_size()])
     ref_bytes.append(out["reference_bytes"])
-    nc = config.denoiser.context_frames
-    for i, (shape, ctx_c2w) in enumerate(seen):  # [1 reference, then the last nc frames]
-      assert shape[0] == 1 + nc
-      start = 1 + i * config.denoiser.target_frames
-      ref = np.abs(poses[:, None] - ctx_c2w[0][None]).max(axis=(1, 2)).argmin()
-      # An earlier frame than the context, or the fallback (the newest banked frame).
-      assert ref < start - nc or ref == start - 1
-  assert sizes[0] == sizes[1] and sizes[0][1] == 1
+    nc, f = config.denoiser.context_frames, config.denoiser.target_frames
+    refs = out["references"]
+    assert refs.shape == (len(range(1, n, f)), 1)
+    for i, (ref,) in enumerate(refs):
+      start = 1 + i * f
+      # An earlier frame than the context, or none passed (the newest banked frame stood in).
+      assert 0 <= ref < start - nc or ref == -1
+    assert n < 11 or (refs >= 0).any()  # on the way back, frames seen before pass
+  assert sizes[0] == sizes[1] and sizes[0][-1] == 1
   full = rollout.reference_bank_init(r.memory_cfg, config.denoiser.reference_bank)
   full = full.replace(valid=jnp.ones_like(full.valid))
   assert ref_bytes[0] == ref_bytes[1] == baselines.frame_bank_nbytes(full)

@@ -66,7 +66,7 @@ GROUND_TRUTH = "ground_truth"
 # Scalar scores of a row (means over the frames they name).
 SCALARS = ("psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
            "ssim_first_visit", "geometric_psnr", "geometric_fraction", "depth_abs_rel",
-           "depth_delta1", "coverage_revisit", "cache_bytes", "chunk_seconds", "memory_seconds")
+           "depth_delta1", "coverage_revisit", "cache_bytes", "chunk_seconds")
 
 
 @dataclasses.dataclass
@@ -304,57 +304,91 @@ class RevisitRunner:
 
   def run(self, truth: Trajectory, *, seed: int = 0, video_dir: str | None = None,
           progress: bool = False, return_outputs: bool = False):
-    """Scores every row on one trajectory (and writes its side-by-side videos).
+    """Scores every row on one trajectory (:meth:`run_batch` of one)."""
+    return self.run_batch([truth], seed=seed, video_dir=video_dir, progress=progress,
+                          return_outputs=return_outputs)[0]
+
+  def run_batch(self, truths: Sequence[Trajectory], *, seed: int = 0,
+                video_dir: str | None = None, progress: bool = False,
+                return_outputs: bool = False) -> list:
+    """Scores every row on a batch of trajectories (and writes their side-by-side videos).
+
+    Each row generates all of ``truths`` at once (``Rollout.generate_batch``: one jitted
+    chunk step for the batch, trajectories sharded over this process's devices, different
+    lengths padded and masked); the Wan family runs them one after another. Every
+    trajectory is sampled with ``seed``, so its scores do not depend on the batch it is in.
 
     Args:
-      truth: a trajectory at the model's resolution.
-      seed: sampling seed (the same for every row).
+      truths: trajectories at the model's resolution, each at most ``max_frames`` long.
+      seed: sampling seed (the same for every row and trajectory).
       video_dir: if set, writes ``<video_dir>/<truth.name>/<row>.mp4``: generated | ground
         truth | memory coverage, and ``ground_truth.mp4``.
     Returns:
-      dict: ``num_frames``, ``context``, ``pairs`` (T,), ``revisit_frames`` (count),
-      ``reference`` (ground truth's own scores), ``rows``: row -> scores (see
-      :func:`score_frames`). With ``return_outputs``: that and, per generated row, the
-      rollout's output (``Rollout.generate``).
+      per trajectory, a dict: ``num_frames``, ``context``, ``pairs`` (T,),
+      ``revisit_frames`` (count), ``reference`` (ground truth's own scores), ``rows``: row ->
+      scores (see :func:`score_frames`; ``chunk_seconds`` is the wall time of one chunk step
+      of the whole batch, after the first). With ``return_outputs``: (that dict, per
+      generated row the rollout's output (``Rollout.generate``)).
     """
-    if truth.frames.shape[1:3] != self.image_hw:
-      raise InputError(truth.name, "frames", f"expected the model's resolution {self.image_hw}, "
-                       f"got {truth.frames.shape[1:3]}")
-    if len(truth.frames) > self.max_frames:  # append-only memories would start evicting
-      raise InputError(truth.name, "frames", f"{len(truth.frames)} frames, more than the "
-                       f"runner's max_frames={self.max_frames}")
-    pairs = pair_revisits(truth.poses_c2w, **self.pairing)
+    for truth in truths:
+      if truth.frames.shape[1:3] != self.image_hw:
+        raise InputError(truth.name, "frames", f"expected the model's resolution "
+                         f"{self.image_hw}, got {truth.frames.shape[1:3]}")
+      if len(truth.frames) > self.max_frames:  # append-only memories would start evicting
+        raise InputError(truth.name, "frames", f"{len(truth.frames)} frames, more than the "
+                         f"runner's max_frames={self.max_frames}")
+    pairs = [pair_revisits(t.poses_c2w, **self.pairing) for t in truths]
     if video_dir:
-      write_truth_video(video_dir, truth)
-    rows, outputs = {}, {}
-    given = (truth.frames[:truth.context], truth.depths[:truth.context]) if truth.context else None
+      for truth in truths:
+        write_truth_video(video_dir, truth)
+    rows, outputs = [{} for _ in truths], [{} for _ in truths]
+    given = [(t.frames[:t.context], t.depths[:t.context]) if t.context else None for t in truths]
     for name, r in self.rows.items():
-      oracle = (truth.frames, truth.depths) if name == ORACLE else given
-      # The Wan rollout writes every latent with its frame's given depth (no depth model).
-      extra = dict(depths=truth.depths) if getattr(r, "needs_depths", False) else {}
-      out = r.generate(truth.frames[0], truth.depths[0], truth.intrinsics, truth.poses_c2w,
-                       seed=seed, progress=progress, oracle_frames=oracle, **extra)
-      scores = score_frames(out["frames"], truth, pairs, out["depths"], out["coverage"])
-      steady = out["timings"][1:] or out["timings"]  # the first chunk includes compilation
-      scores.update(cache_bytes=out["cache_bytes"],
-                    chunk_seconds=float(np.mean([c.chunk_seconds for c in steady])),
-                    memory_seconds=float(np.mean([c.memory_seconds for c in steady])))
-      if name == ORACLE:
-        scores["backend"] = self.oracle_backend
-      rows[name] = scores
-      if return_outputs:
-        outputs[name] = out
-      if video_dir:
-        _write_panel(video_dir, truth, name, out["frames"], out["coverage"])
-    if self.composite:
-      frames, covered = trivial_composite(truth)
-      rows[COMPOSITE] = score_frames(frames, truth, pairs, coverage=covered)
-      if video_dir:
-        _write_panel(video_dir, truth, COMPOSITE, frames, covered)
-    result = dict(num_frames=len(truth.frames), context=truth.context, pairs=pairs,
-                  revisit_frames=int(np.sum((pairs >= 0) & (np.arange(len(pairs)) >= max(truth.context, 1)))),
-                  reference=reference_scores(truth, pairs), rows=rows)
-    return (result, outputs) if return_outputs else result
+      oracle = [(t.frames, t.depths) for t in truths] if name == ORACLE else given
+      outs = generate_trajectories(r, truths, seed=seed, progress=progress, oracle_frames=oracle)
+      for b, (truth, out) in enumerate(zip(truths, outs)):
+        scores = score_frames(out["frames"], truth, pairs[b], out["depths"], out["coverage"])
+        scores.update(cache_bytes=out["cache_bytes"], chunk_seconds=out["chunk_seconds"])
+        if name == ORACLE:
+          scores["backend"] = self.oracle_backend
+        rows[b][name] = scores
+        if return_outputs:
+          outputs[b][name] = out
+        if video_dir:
+          _write_panel(video_dir, truth, name, out["frames"], out["coverage"])
+    results = []
+    for b, truth in enumerate(truths):
+      if self.composite:
+        frames, covered = trivial_composite(truth)
+        rows[b][COMPOSITE] = score_frames(frames, truth, pairs[b], coverage=covered)
+        if video_dir:
+          _write_panel(video_dir, truth, COMPOSITE, frames, covered)
+      p = pairs[b]
+      result = dict(num_frames=len(truth.frames), context=truth.context, pairs=p,
+                    revisit_frames=int(np.sum((p >= 0) & (np.arange(len(p)) >= max(truth.context, 1)))),
+                    reference=reference_scores(truth, p), rows=rows[b])
+      results.append((result, outputs[b]) if return_outputs else result)
+    return results
+
+
+def generate_trajectories(r, truths: Sequence[Trajectory], *, seed: int = 0,
+                          progress: bool = False, oracle_frames=None) -> list[dict[str, Any]]:
+  """``r.generate`` of every trajectory from its frame 0: batched for the small family
+  (``Rollout.generate_batch``), one by one for the Wan family (which writes every latent
+  with its frame's given depth, having no depth model).
+
+  Args:
+    r: a rollout of ``rollout.make_rollout``. truths: the trajectories.
+    oracle_frames: None or one entry per trajectory (see ``Rollout.generate``).
+  """
+  oracle_frames = [None] * len(truths) if oracle_frames is None else oracle_frames
+  if hasattr(r, "generate_batch"):
+    return r.generate_batch([t.frames[0] for t in truths], [t.depths[0] for t in truths],
+                            [t.intrinsics for t in truths], [t.poses_c2w for t in truths],
+                            seeds=seed, progress=progress, oracle_frames=oracle_frames)
+  return [r.generate(t.frames[0], t.depths[0], t.intrinsics, t.poses_c2w, seed=seed,
+                     progress=progress, oracle_frames=o, depths=t.depths)
+          for t, o in zip(truths, oracle_frames)]
 
 
 def write_truth_video(video_dir: str, truth: Trajectory) -> None:

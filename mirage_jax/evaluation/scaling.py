@@ -3,8 +3,11 @@
 For each memory backend and each trajectory length L, one run measures:
 
   cache_bytes               live bytes of the memory after all L frames are in it;
-  memory_seconds_per_chunk  memory read + write of one chunk (``ChunkTiming.memory_seconds``);
-  chunk_seconds             one whole chunk: read + denoise + decode + write.
+  memory_seconds_per_chunk  the backend's read + write of one chunk, timed on their own on the
+                            chunk's memory state (``ChunkTiming.memory_seconds``);
+  chunk_seconds             one whole chunk step: read + denoise + decode + write, one jitted
+                            call (``Rollout.generate(timed=True)`` blocks after each chunk;
+                            this is the one benchmark that does: quality benchmarks never do).
 
 The camera circles the centre of a closed box room (6 x 3 x 6 m) looking outward, repeating
 the same poses every ``period`` frames (a loop path: after one period the whole room has
@@ -143,7 +146,7 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
       seg = np.arange(start, n)
       rgb = colours[seg % period]
       out = r.generate(rgb[0], depths[start], K[seg], poses[seg], seed=seed, progress=False,
-                       oracle_frames=(rgb, depths[seg]), initial_memory=state)
+                       oracle_frames=(rgb, depths[seg]), initial_memory=state, timed=True)
       timed = out["timings"][1:]
       entries.append(dict(backend=backend, frames=int(n), cache_bytes=int(out["cache_bytes"]),
                           memory_seconds_per_chunk=float(np.mean([t.memory_seconds for t in timed])),

@@ -75,8 +75,9 @@ class TrainingRollouts:
                                    max(len(t.frames) for t in self.trajectories),
                                    oracle=False, composite=False)
     results, videos = {}, {}
-    for t in self.trajectories:
-      res, outputs = runner.run(t, seed=0, return_outputs=True)
+    # All trajectories at once: one jitted chunk step for the batch (revisit.run_batch).
+    for t, (res, outputs) in zip(self.trajectories, runner.run_batch(
+        self.trajectories, seed=0, return_outputs=True)):
       results[t.name] = res
       for row, out in outputs.items():
         panel = revisit.panel(t, out["frames"], out["coverage"])
