@@ -116,24 +116,22 @@ def test_build_that_dies_leaves_no_complete_dataset(tmp_path, fake_renderers):
   assert not reused
 
 
+def _digest(record: dict) -> str:
+  """SHA-256 of a decoded record: every field's name, dtype, shape and bytes."""
+  h = hashlib.sha256()
+  for key, value in sorted(record.items()):
+    value = np.ascontiguousarray(value)
+    h.update(f"{key}:{value.dtype}:{value.shape}:".encode())
+    h.update(value.tobytes())
+  return h.hexdigest()
+
+
 def _content_digests(builder) -> dict[str, list[str]]:
-  """Per split, in stored order, a SHA-256 of each decoded record (every field's dtype, shape, bytes).
+  """Per split, in stored order, the digest of each decoded record.
 
   Decoded, not raw: the stored proto's map order depends on the writing process's hash seed.
   """
-  out = {}
-  for split in builders.SPLITS:
-    source = builder.as_data_source(split)
-    digests = []
-    for i in range(len(source)):
-      h = hashlib.sha256()
-      for key, value in sorted(source[i].items()):
-        value = np.asarray(value)
-        h.update(f"{key}:{value.dtype}:{value.shape}:".encode())
-        h.update(value.tobytes())
-      digests.append(h.hexdigest())
-    out[split] = digests
-  return out
+  return {split: [_digest(r) for r in builder.as_data_source(split)] for split in builders.SPLITS}
 
 
 @pytest.mark.slow  # Starts Beam worker processes.
@@ -276,18 +274,9 @@ def _latent_digests(folder: Path) -> dict[str, list[str]]:
   """Per latent-clip file, a SHA-256 of each decoded record (.npz bytes hold zip timestamps)."""
   from array_record.python import array_record_data_source as ards  # pylint: disable=g-import-not-at-top
   from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
-  out = {}
-  for path in sorted(folder.glob("*.array_record")):
-    source = ards.ArrayRecordDataSource([str(path)])
-    digests = []
-    for i in range(len(source)):
-      h = hashlib.sha256()
-      for key, value in sorted(latent_clips.decode_record(source[i]).items()):
-        h.update(f"{key}:{value.dtype}:{value.shape}:".encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-      digests.append(h.hexdigest())
-    out[path.name] = digests
-  return out
+  return {path.name: [_digest(latent_clips.decode_record(r))
+                      for r in ards.ArrayRecordDataSource([str(path)])]
+          for path in sorted(folder.glob("*.array_record"))}
 
 
 @pytest.mark.slow  # Starts Beam worker processes.
