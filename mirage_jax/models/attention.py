@@ -210,8 +210,9 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int 
 
 
 def _splash_block(n: int, largest: int) -> int:
-  """A multiple of 128 no larger than ``largest`` (nor than ``n`` rounded up to 128)."""
-  return max(_LANES, min(largest // _LANES * _LANES, -(-n // _LANES) * _LANES))
+  """The multiple of 128 up to ``largest`` that pads ``n`` least (the larger on a tie)."""
+  top = max(_LANES, min(largest // _LANES * _LANES, -(-n // _LANES) * _LANES))
+  return min(range(top, 0, -_LANES), key=lambda blk: -(-n // blk) * blk)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 512
