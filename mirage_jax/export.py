@@ -14,7 +14,7 @@ import ml_collections
 from absl import app, flags
 from flax import nnx
 
-from mirage_jax import checkpoint
+from mirage_jax import checkpoint, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
@@ -47,6 +47,8 @@ def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collect
 def _main() -> int:
   if not _WORKDIR.value or not _OUTPUT.value:
     raise InputError("--workdir/--output", "workdir", "both --workdir and --output are required")
+  paths.check_reachable(_WORKDIR.value, "--workdir")
+  paths.check_reachable(_OUTPUT.value, "--output")
   step = checkpoint.export_params(_WORKDIR.value, _OUTPUT.value, use_ema=not _RAW.value,
                                   dtype=_DTYPE.value, step=_STEP.value)
   print(f"exported step {step} to {_OUTPUT.value}")

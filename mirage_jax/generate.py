@@ -50,6 +50,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
@@ -105,6 +106,8 @@ def _main() -> int:
     raise InputError("--memory", "memory", f"unknown backend {_MEMORY.value!r} (known: "
                      f"{', '.join(memory.BACKEND_NAMES)})")
   check_text_files(_CAPTION, _EMPTY_TEXT)
+  paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
+  paths.check_reachable(_OUTPUT.value, "--output_dir")
   clip = files.load_geometry_npz(_GEOMETRY.value)
   config = rollout.export_config(_CHECKPOINT.value)
   wan = rollout.model_family(config) == "wan"
@@ -121,56 +124,57 @@ def _main() -> int:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
   options = (wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)
              if wan else None)
-  revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
-  fps = _FPS.value or float(clip["fps"])
-  config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
-  clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)
-  backend = _MEMORY.value or config.memory.backend
-  num_frames = len(clip["poses_c2w"])
-  r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
-                           object_slots=_OBJECT_SLOTS.value, wan_options=options,
-                           **scaling.capacity_for(backend, num_frames, rollout.memory_config(config)))
-  start = time.perf_counter()
-  extra = dict(depths=clip["depths"]) if wan else {}
-  out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
-                   seed=_SEED.value, timed=True, **extra)
-  total = time.perf_counter() - start
+  # A gs:// --output_dir is written locally, then uploaded (paths.staged_dir).
+  with paths.staged_dir(_OUTPUT.value, "--output_dir", _OVERWRITE.value) as directory:
+    revisit.prepare_output_dir(directory, _OVERWRITE.value)
+    fps = _FPS.value or float(clip["fps"])
+    config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
+    clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)
+    backend = _MEMORY.value or config.memory.backend
+    num_frames = len(clip["poses_c2w"])
+    r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
+                             object_slots=_OBJECT_SLOTS.value, wan_options=options,
+                             **scaling.capacity_for(backend, num_frames, rollout.memory_config(config)))
+    start = time.perf_counter()
+    extra = dict(depths=clip["depths"]) if wan else {}
+    out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
+                     seed=_SEED.value, timed=True, **extra)
+    total = time.perf_counter() - start
 
-  directory = _OUTPUT.value
-  video.write_mp4(os.path.join(directory, "video.mp4"), out["frames"], fps=fps)
-  video.write_gif(os.path.join(directory, "video.gif"), out["frames"], fps=fps)
-  if wan:
-    with report.atomic_output(os.path.join(directory, "cameras.npz")) as tmp:
-      with open(tmp, "wb") as f:
-        np.savez_compressed(f, intrinsics=clip["intrinsics"], poses_c2w=clip["poses_c2w"],
-                            latent_frames=out["latent_frames"], coverage=out["coverage"])
-  else:
-    video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
-    with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:
-      with open(tmp, "wb") as f:
-        np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
-                            poses_c2w=clip["poses_c2w"])
-    with report.atomic_output(os.path.join(directory, "objects.npz")) as tmp:
-      with open(tmp, "wb") as f:
-        np.savez_compressed(f, dynamic=out["dynamic"], object_positions=out["object_positions"],
-                            object_idents=out["object_idents"])
-  chunks = [dict(memory_seconds=c.memory_seconds, chunk_seconds=c.chunk_seconds,
-                 cache_bytes=c.cache_bytes) for c in out["timings"]]
-  steady = chunks[1:] or chunks
-  report.write_metrics_json(os.path.join(directory, "timings.json"), dict(
-      checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
-      num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
-      seed=_SEED.value, mask_dynamic=r.mask_dynamic, object_slots=r.object_slots,
-      family=rollout.model_family(config),
-      **(dict(num_references=out["num_references"], guidance_scale=r.guidance_scale or 0.0,
-              caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value)
-         if wan else {}),
-      cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
-      seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
-      memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),
-      chunks=chunks))
+    video.write_mp4(os.path.join(directory, "video.mp4"), out["frames"], fps=fps)
+    video.write_gif(os.path.join(directory, "video.gif"), out["frames"], fps=fps)
+    if wan:
+      with report.atomic_output(os.path.join(directory, "cameras.npz")) as tmp:
+        with open(tmp, "wb") as f:
+          np.savez_compressed(f, intrinsics=clip["intrinsics"], poses_c2w=clip["poses_c2w"],
+                              latent_frames=out["latent_frames"], coverage=out["coverage"])
+    else:
+      video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
+      with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:
+        with open(tmp, "wb") as f:
+          np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
+                              poses_c2w=clip["poses_c2w"])
+      with report.atomic_output(os.path.join(directory, "objects.npz")) as tmp:
+        with open(tmp, "wb") as f:
+          np.savez_compressed(f, dynamic=out["dynamic"], object_positions=out["object_positions"],
+                              object_idents=out["object_idents"])
+    chunks = [dict(memory_seconds=c.memory_seconds, chunk_seconds=c.chunk_seconds,
+                   cache_bytes=c.cache_bytes) for c in out["timings"]]
+    steady = chunks[1:] or chunks
+    report.write_metrics_json(os.path.join(directory, "timings.json"), dict(
+        checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
+        num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
+        seed=_SEED.value, mask_dynamic=r.mask_dynamic, object_slots=r.object_slots,
+        family=rollout.model_family(config),
+        **(dict(num_references=out["num_references"], guidance_scale=r.guidance_scale or 0.0,
+                caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value)
+           if wan else {}),
+        cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
+        seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
+        memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),
+        chunks=chunks))
   print(f"generated {num_frames} frames with memory={backend} in {total:.1f} s "
-        f"(cache {out['cache_bytes']} bytes) -> {directory}")
+        f"(cache {out['cache_bytes']} bytes) -> {_OUTPUT.value}")
   return 0
 
 

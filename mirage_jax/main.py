@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mirage_jax import distributed
+from mirage_jax import distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:stage]).",
@@ -35,6 +35,7 @@ def _main(argv: list[str]) -> int:
     raise InputError("--config", "config", " ".join(str(e).split())) from None
   if not _WORKDIR.value:
     raise InputError("--workdir", "workdir", "required")
+  paths.check_reachable(_WORKDIR.value, "--workdir")
   _INIT_DISTRIBUTED()
   from mirage_jax import train  # after jax.distributed: importing may touch backends
   logging.info("config:\n%s", _CONFIG.value)

@@ -23,6 +23,8 @@ import tensorboardX
 from tensorboardX import summary as tbx_summary
 from tensorboardX.proto.summary_pb2 import Summary
 
+from mirage_jax import paths
+
 
 def _gif_bytes(frames: np.ndarray, fps: float) -> bytes:
   """uint8 frames (T, H, W, 3) as a looping animated GIF."""
@@ -37,14 +39,19 @@ class MetricsWriter:
   """Writes metrics to ``<workdir>/metrics.jsonl`` and ``<workdir>/tensorboard/``.
 
   Only process 0 writes (every process computes the same global metrics). Every write is
-  flushed, so a crashed run keeps what it logged.
+  flushed, so a crashed run keeps what it logged. A ``gs://`` workdir is written through a
+  local copy uploaded every 30 s and at ``close`` (Cloud Storage cannot append; a killed run
+  loses what it logged since the last upload).
   """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
     self.enabled = enabled
-    self._jsonl = self._events = None
+    self._jsonl = self._events = self._mirror = None
     if not enabled:
       return
+    if paths.is_remote(workdir):
+      self._mirror = paths.Mirror(workdir, resume=("metrics.jsonl",))
+      workdir = self._mirror.local
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if tensorboard:
@@ -53,6 +60,11 @@ class MetricsWriter:
   def _add(self, step: int, summary: Summary) -> None:
     self._events.add_summary(summary, int(step))
     self._events.flush()
+    self._sync()
+
+  def _sync(self) -> None:
+    if self._mirror is not None:
+      self._mirror.sync()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """Appends one JSON line ``{"step": step, **scalars}`` and one TensorBoard event."""
@@ -61,6 +73,7 @@ class MetricsWriter:
     values = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     self._jsonl.flush()
+    self._sync()
     if self._events is not None:
       self._add(step, Summary(value=[v for tag, x in values.items()
                                      for v in tbx_summary.scalar(tag, x).value]))
@@ -88,7 +101,9 @@ class MetricsWriter:
       self._jsonl.close()
     if self._events is not None:
       self._events.close()
-    self._jsonl = self._events = None
+    if self._mirror is not None:
+      self._mirror.close()
+    self._jsonl = self._events = self._mirror = None
 
 
 def _events(path: str):

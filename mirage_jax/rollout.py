@@ -139,12 +139,12 @@ def load_world_model(denoiser_export: str, autoencoder_export: str | None = None
 def export_config(path: str) -> ml_collections.ConfigDict:
   """The training config of an export (its ``config.json``), without loading the params."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  meta_path = os.path.join(path, "config.json")
-  if not os.path.isfile(meta_path):
+  from mirage_jax import paths  # pylint: disable=g-import-not-at-top
+  meta_path = paths.join(path, "config.json")
+  if not paths.isfile(meta_path):
     raise InputError(path, "config.json", "not an export directory (missing config.json)")
   try:
-    with open(meta_path) as f:
+    with paths.open(meta_path) as f:
       return ml_collections.ConfigDict(json.load(f)["config"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise InputError(meta_path, "config", f"unreadable ({e})") from None

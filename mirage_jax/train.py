@@ -46,6 +46,7 @@ from mirage_jax import geometry
 from mirage_jax import memory as memory_lib
 from mirage_jax.memory import objects as objects_lib
 from mirage_jax import metrics_log
+from mirage_jax import paths
 from mirage_jax import prefetch
 from mirage_jax import rollout
 from mirage_jax import sharding
@@ -1104,15 +1105,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise InputError("config.train.nonfinite", "nonfinite",
                      f"expected 'skip' or 'halt', got {config.train.nonfinite!r}")
   primary = jax.process_index() == 0
-  try:  # an unusable workdir fails here, named, before any work
-    os.makedirs(workdir, exist_ok=True)
-    if primary:  # temporary name, then rename: a killed run never leaves half a file
-      tmp = os.path.join(workdir, f".config.json.{os.getpid()}.tmp")
-      with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-      os.replace(tmp, os.path.join(workdir, "config.json"))
-  except OSError as e:
-    raise InputError(workdir, "workdir", f"cannot write there ({e.strerror or e})") from e
+  try:  # an unusable workdir (local or gs://) fails here, named, before any work
+    paths.makedirs(workdir)
+    if primary:  # written whole or not at all: a killed run never leaves half a file
+      paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  except Exception as e:  # pylint: disable=broad-except  # OSError, or a Cloud Storage error
+    raise InputError(workdir, "workdir", f"cannot write there "
+                     f"({getattr(e, 'strerror', None) or e})") from e
 
   # Before anything compiles: a restarted run loads its executables from the cache.
   aot.enable_compilation_cache(config.get("compilation_cache_dir"))
@@ -1124,7 +1123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ----------------------------------------------------------------------- input
   sources = make_sources(config) if sources is None else sources
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                        every=config.checkpoint.every, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   # The input position is the step (global batch s is the same examples for any process
