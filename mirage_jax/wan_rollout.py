@@ -348,7 +348,7 @@ class WanRollout:
                poses_c2w: np.ndarray, *, depths: np.ndarray | None = None, seed: int = 0,
                progress: bool = True,
                oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,
-               initial_memory: Any = None) -> dict[str, Any]:
+               initial_memory: Any = None, timed: bool = False) -> dict[str, Any]:
     """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
 
     Args:
@@ -362,10 +362,14 @@ class WanRollout:
         latents of video frames < N are written from the ground truth chunk encoded by the
         VAE instead of the generated ones (evaluation bounds).
       initial_memory: optional memory state to start from (frame 0 is written into it).
+      timed: block inside every chunk to time its memory and whole-chunk seconds
+        (``timings``); otherwise only the first chunk syncs (compilation), and the host
+        waits on a chunk only where the number of retrieved references is needed.
     Returns:
       dict with frames (T, H, W, 3) uint8 (frame 0 = the decoded first-frame latent), depths
       None (the Wan VAE decodes RGB only), coverage (T, h, w) float32 (memory coverage of the
-      latent each frame belongs to; frame 0: 1), timings (list of ChunkTiming), cache_bytes,
+      latent each frame belongs to; frame 0: 1), timings (list of ChunkTiming, ``timed``
+      only), chunk_seconds (wall seconds per chunk after the first), cache_bytes,
       reference_bytes, num_references (per chunk), latent_frames (video frame of every
       generated latent written into the memory, in order; the first frame's own write
       before chunk 0 is not listed), and for the callers of the small family: dynamic (T, h, w)
@@ -411,6 +415,7 @@ class WanRollout:
     latent_frames: list[int] = []
     frames, coverage, timings, num_refs = [], [], [], []
     plan = self.plan(T)
+    t_first = t_start = time.perf_counter()
     for i, idx in enumerate(tqdm(plan, desc=f"generate wan [{self.backend_name}]",
                                  disable=not progress, unit="chunk")):
       t0 = time.perf_counter()
@@ -429,13 +434,15 @@ class WanRollout:
         n = int(np.sum(np.asarray(found)))  # found is a prefix: picks are best first
         refs = ref_lat[:n] if n else None
       num_refs.append(0 if refs is None else int(refs.shape[0]))
-      jax.block_until_ready(scene)
+      if timed:
+        jax.block_until_ready(scene)
       t_read = time.perf_counter() - t0
       rng, sub = jax.random.split(rng)
       lat = self.sample_chunk(sub, first, scene, references=refs, preceding=prec,
                               preceding_scene=prec_scene)
       rgb = self.decode(lat)  # (4L - 3, H, W, 3)
-      jax.block_until_ready(rgb)
+      if timed:
+        jax.block_until_ready(rgb)
       t1 = time.perf_counter()
 
       new = slice(0, None) if i == 0 else slice(1, None)  # later chunks re-generate latent 0
@@ -454,25 +461,30 @@ class WanRollout:
       if bank is not None:  # padded latents enter only with no valid point; nothing retrieves them
         bank = self._bank_write(bank, w_lat, depth_all[w_cams], K[w_cams], c2w[w_cams], static,
                                 ids)
-      jax.block_until_ready(jax.tree.leaves(state))
-      t_write = time.perf_counter() - t1
+      if timed:
+        jax.block_until_ready(jax.tree.leaves(state))
+        timings.append(ChunkTiming(t_read + time.perf_counter() - t1, time.perf_counter() - t0,
+                                   int(self.backend.nbytes(state))))
+      elif i == 0:  # the first chunk compiles; the others are timed together
+        jax.block_until_ready(jax.tree.leaves(state))
+        t_first = time.perf_counter()
       n_real = int(np.sum(real))
       generated.extend(lat[new][:n_real])
       scenes.extend(scene[new][:n_real])
       latent_frames.extend(int(v) for v in new_idx[:n_real])
-      timings.append(ChunkTiming(t_read + t_write, time.perf_counter() - t0,
-                                 int(self.backend.nbytes(state))))
       # Video frames: chunk 0 all, later ones drop the repeated first frame; cut at T.
       first_out = 0 if i == 0 else 1
       vids = np.arange(int(idx[0]) + first_out, int(idx[-1]) + 1)
       keep = vids < T
-      frames.append(np.asarray(rgb[first_out:])[keep])
+      frames.append((rgb, first_out, keep))  # to the host after the last chunk
       # Frame f of the chunk belongs to latent ceil((f - start) / 4).
-      owner = -(-(vids[keep] - int(idx[0])) // st.temporal)
-      coverage.append(np.asarray(cov, np.float32)[owner])
+      coverage.append((cov, -(-(vids[keep] - int(idx[0])) // st.temporal)))
 
-    rgb_all = np.concatenate(frames, 0)
-    cov_all = np.concatenate(coverage, 0)
+    frames, coverage = jax.device_get((frames, coverage))
+    t_end = time.perf_counter()
+    steady = (t_end - t_first) / (len(plan) - 1) if len(plan) > 1 else t_end - t_start
+    rgb_all = np.concatenate([np.asarray(r[f:])[k] for r, f, k in frames], 0)
+    cov_all = np.concatenate([np.asarray(c, np.float32)[o] for c, o in coverage], 0)
     cov_all[0] = 1.0
     return dict(
         # Truncation, as the reference's uint8 conversion.
@@ -480,6 +492,7 @@ class WanRollout:
         depths=None,
         coverage=cov_all,
         timings=timings,
+        chunk_seconds=float(steady),
         cache_bytes=int(self.backend.nbytes(state)),
         reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
         num_references=num_refs,

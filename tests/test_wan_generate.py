@@ -221,7 +221,7 @@ def test_memory_reaches_the_dit_through_vace(world, mirage_rollout, clip):
 def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
   config, vae, dit = world
   r = mirage_rollout
-  out = _generate(r, clip, seed=0)
+  out = _generate(r, clip, seed=0, timed=True)
   again = _generate(r, clip, seed=0)
   other = _generate(r, clip, seed=1)
   assert out["frames"].shape == (NUM_FRAMES, RES, RES, 3) and out["depths"] is None
