@@ -132,6 +132,7 @@ def _cli(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_train_kill_resume_export_on_gcs(gcs, tmp_path):
   data_dir = tmp_path / "data"
   test_faults.build_dataset(data_dir)
@@ -184,6 +185,7 @@ def test_train_kill_resume_export_on_gcs(gcs, tmp_path):
         f"export + read back: {time.perf_counter() - t1:.1f} s")
 
 
+@pytest.mark.slow
 def test_generate_from_gcs_export_into_gcs(gcs, tmp_path):
   local = test_generate.save_tiny_export(str(tmp_path / "exports"))
   ae_local = os.path.join(os.path.dirname(local), "ae_export")
