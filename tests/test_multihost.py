@@ -225,9 +225,12 @@ def test_two_processes_match_one_and_resume_on_other_counts(tmp_path):
   assert _parse(four.stdout, "CK_TWO") == ck_two
   two = _losses(f"{tmp}/two")
   np.testing.assert_allclose([two[1], two[2]], [reference[1], reference[2]], rtol=1e-5)
-  for name in ("two_b", "two_c"):
-    got = _losses(f"{tmp}/{name}")
+  resumed_two = {name: _losses(f"{tmp}/{name}") for name in ("two_b", "two_c")}
+  for got in resumed_two.values():
     np.testing.assert_allclose([got[3], got[4]], [reference[3], reference[4]], rtol=1e-5)
+  print("MULTIHOST", json.dumps(dict(  # the numbers BENCHMARKS.md quotes (pytest -s)
+      denoiser_1x8=single, denoiser_2x4=multi[0], ck_one=ck_one[:16], ck_two=ck_two[:16],
+      reference=reference, one_then_two=resumed, two=two, **resumed_two)))
 
 
 def _numbers(tree, skip=("seconds", "time")):
