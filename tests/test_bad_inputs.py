@@ -305,7 +305,7 @@ def test_export_that_fails_midway_leaves_nothing(workdir, tmp_path, monkeypatch)
   def fail(*args, **kwargs):
     raise OSError("disk full")
   # config.json is the last file an export writes.
-  monkeypatch.setattr(checkpoint, "json", types.SimpleNamespace(dump=fail))
+  monkeypatch.setattr(checkpoint, "json", types.SimpleNamespace(dump=fail, dumps=fail))
   with pytest.raises(OSError, match="disk full"):
     checkpoint.export_params(str(workdir), str(tmp_path / "export"))
   assert os.listdir(tmp_path) == []  # no export, no temporary folder
