@@ -1,0 +1,108 @@
+"""Batched evaluation: 8 trajectories in one jitted chunk step vs one trajectory at a time.
+
+The tiny small-family world model (random weights, ``experiments/tiny_cpu.py``) generates 8
+trajectories of different lengths twice: one after another (``Rollout.generate``, batch 1 on
+one device), and all at once (``Rollout.generate_batch``: the chunk step vmapped over the 8
+trajectories, the trajectory axis sharded over 8 devices, shorter ones padded and masked).
+Each way runs once untimed first (compilation), then is timed end to end (frames on the host).
+Printed: both wall times, their ratio, and the largest difference between the two outputs.
+
+Without XLA_FLAGS the script asks XLA for 8 host (CPU) devices, as the tests do; on a machine
+with 8 accelerators it uses those.
+
+  python -m benchmarks.bench_eval_batched [--backend=voxel] [--steps=8] [--lengths=17,...]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import time  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax import geometry, rollout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax.errors import InputError, run_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax.evaluation.scaling import capacity_for  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax.models import autoencoder, denoiser  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_BACKEND = flags.DEFINE_string("backend", "voxel", "Memory backend.")
+_STEPS = flags.DEFINE_integer("steps", 8, "Sampler steps per chunk.")
+_LENGTHS = flags.DEFINE_list("lengths", ["17", "21", "25", "29", "33", "37", "41", "48"],
+                             "Frames of each trajectory (their count is the batch).")
+
+
+def trajectories(lengths, h: int, w: int, seed: int = 0):
+  """Per trajectory (frame 0 uint8, depth 0, intrinsics (T, 3, 3), poses (T, 4, 4)): out
+  along a random direction and back."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for n in lengths:
+    K = np.repeat(geometry.intrinsics_from_fov(70, h, w)[None], n, 0)
+    d = rng.normal(size=3) * [0.5, 0.1, 0.5]
+    s = np.concatenate([np.linspace(0, 1, n // 2), np.linspace(1, 0, n - n // 2)])
+    poses = np.stack([geometry.look_at([x, 1.5 + y, z], [x, 1.5 + y, z + 3], up=(0, 1, 0))
+                      for x, y, z in s[:, None] * d])
+    out.append((rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                rng.uniform(2.0, 4.0, (h, w)).astype(np.float32), K, poses))
+  return out
+
+
+def _main() -> int:
+  try:
+    lengths = [int(x) for x in _LENGTHS.value]
+  except ValueError:
+    raise InputError("--lengths", "lengths", f"expected integers, got {_LENGTHS.value}") from None
+  if not lengths or min(lengths) < 2:
+    raise InputError("--lengths", "lengths", "need trajectories of at least 2 frames")
+  config = tiny_cpu.get_config("denoiser")
+  config.sampler.update(num_steps=_STEPS.value, method="euler", guidance_scale=0.0)
+  ae = autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))
+  dn = denoiser.Denoiser(config.denoiser.model, nnx.Rngs(1))
+  r = rollout.make_rollout(config, ae, dn, _BACKEND.value,
+                           **capacity_for(_BACKEND.value, max(lengths), rollout.memory_config(config)))
+  h, w = config.data.resolution
+  trajs = trajectories(lengths, h, w)
+  seeds = list(range(len(trajs)))
+  args = [list(x) for x in zip(*trajs)]
+
+  def one_at_a_time():
+    return [r.generate(*t, seed=s, progress=False) for t, s in zip(trajs, seeds)]
+
+  def batched():
+    return r.generate_batch(*args, seeds=seeds, progress=False)
+
+  times, outs = {}, {}
+  for name, fn in (("one at a time", one_at_a_time), ("batched", batched)):
+    fn()  # compiles
+    t0 = time.perf_counter()
+    outs[name] = fn()
+    times[name] = time.perf_counter() - t0
+  a, b = outs["one at a time"], outs["batched"]
+  frame_diff = max(int(np.abs(x["frames"].astype(int) - y["frames"].astype(int)).max()) for x, y in zip(a, b))
+  depth_diff = max(float(np.abs(x["depths"] - y["depths"]).max()) for x, y in zip(a, b))
+  chunks = sum(len(range(1, n, r.chunk)) for n in lengths)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; backend {_BACKEND.value}, "
+        f"{_STEPS.value} sampler steps, {len(lengths)} trajectories of {lengths} frames "
+        f"({chunks} chunks one at a time, {len(range(1, max(lengths), r.chunk))} batched steps)")
+  for name, t in times.items():
+    print(f"  {name:14s} {t:8.2f} s")
+  print(f"  ratio (one at a time / batched): {times['one at a time'] / times['batched']:.2f}x")
+  print(f"  max |difference|: frames {frame_diff} (uint8), depth {depth_diff:.2e} m")
+  return 0
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  run_cli(_main)
+
+
+if __name__ == "__main__":
+  app.run(main)
