@@ -154,7 +154,12 @@ def test_nonfinite_step_leaves_state_unchanged():
   before = jax.device_get(state)
   specs = train.abstract_batch(config, stage, mesh, setup.rules)
   batch_np = _batch(config)
-  batch_np["frames"][0, 0, 0, 0, 0] = np.nan
+  from data_pipelines import pipeline
+  frames = pipeline.frames_to_float(batch_np["frames"])  # uint8 frames cannot hold a NaN
+  frames[0, 0, 0, 0, 0] = np.nan
+  batch_np["frames"] = frames
+  specs["frames"] = jax.ShapeDtypeStruct(frames.shape, frames.dtype,
+                                         sharding=specs["frames"].sharding)
   batch = {k: jax.device_put(batch_np[k], specs[k].sharding) for k in stage.fields}
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   with setup.context():
