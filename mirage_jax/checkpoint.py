@@ -223,6 +223,9 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
                   dtype: str | None = None, step: int | None = None) -> int:
   """Writes a params-only checkpoint (EMA by default, optionally cast) for evaluation.
 
+  Runs on the calling process alone, without waiting for the others of a multi-process job
+  (``python -m mirage_jax.export`` calls it on process 0 only).
+
   Args:
     workdir: a training workdir (with ``checkpoints/``).
     output: export directory (must not exist yet).
@@ -240,7 +243,10 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     paths.remove_tree(output)  # a remote export that died before its last file: never loadable
   if paths.exists(output):
     raise InputError("--output", "output", f"{output} already exists")
-  manager = _manager(ckpt_dir, ocp.CheckpointManagerOptions(read_only=True))
+  # This process alone (with several, ``python -m mirage_jax.export`` runs it on process 0).
+  alone = _this_process_only()
+  manager = _manager(ckpt_dir, ocp.CheckpointManagerOptions(
+      read_only=True, create=False, multiprocessing_options=alone))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise InputError("--workdir", "checkpoints", f"no checkpoint in {ckpt_dir}")
@@ -260,9 +266,12 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     params = jax.tree.map(
         lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   manager.close()
+  # Host arrays: Orbax saves a process's own jax.Arrays only when every process joins the save,
+  # NumPy arrays from one process alone; 1 or N processes write the same export.
+  params = jax.device_get(params)
   if paths.is_remote(output):
     # Cloud Storage has no rename: config.json, which load_export needs, is written last.
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _params_checkpointer(alone) as ckptr:
       ckptr.save(paths.join(output, "params"), params)
     paths.write_text(paths.join(output, "config.json"), _export_meta(restored[CONFIG], step,
                                                                       key, dtype))
@@ -276,7 +285,7 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
   except OSError as e:
     raise InputError("--output", "output", f"cannot create {output} ({e.strerror or e})") from e
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _params_checkpointer(alone) as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(_export_meta(restored[CONFIG], step, key, dtype))
@@ -285,6 +294,19 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return int(step)
+
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for reading and writing from this process alone: no barrier waits for the
+  others, and this process is the primary host that finalises what it writes."""
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _params_checkpointer(options: ocp.options.MultiprocessingOptions) -> ocp.Checkpointer:
+  """``ocp.PyTreeCheckpointer()`` (the export's format) with ``options``."""
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                          multiprocessing_options=options)
 
 
 def _export_meta(config: dict, step: int, source: str, dtype: str | None) -> str:

@@ -12,8 +12,9 @@ Three ways a process learns its place in a job, first match wins:
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -199,4 +200,60 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, batch_axes: Any,
     shape = None if batch_size is None else (batch_size,) + v.shape[1:]
     out[k] = jax.make_array_from_process_local_data(
         batch_sharding(mesh, batch_axes, v.ndim), v, shape)
+  return out
+
+
+# Process 0 may work for long (an export, a pod compile) while the others wait: a barrier of
+# the coordination service, which holds no device collective open; a day is the wait's limit.
+_WAIT_S = 24 * 3600
+_OUTCOME_BYTES = 1 << 16  # room for the JSON of a result or an error, shared by a broadcast
+
+
+def on_process_zero(fn: Callable[[], Any], name: str, timeout_s: int = _WAIT_S) -> Any:
+  """Runs ``fn()`` on process 0 only; every process returns once it has finished.
+
+  For a step that writes one output (an export, a report): with several processes only
+  process 0 writes it and the others wait at a barrier. Every process returns process 0's
+  result (it must be JSON-serialisable), and a failure there fails every process: process 0
+  raises its own error, the others the same ``InputError`` (so every process exits 2) or a
+  ``RuntimeError`` naming process 0's.
+
+  Args:
+    fn: the work; must not use collectives (the other processes are not in them).
+    name: the barrier's name, unique within the job (every process passes the same).
+    timeout_s: how long the others wait for process 0.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  result, error, outcome = None, None, np.zeros(_OUTCOME_BYTES, np.uint8)
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+      outcome = _encode({"result": result})
+    except BaseException as e:  # pylint: disable=broad-except  # reported to every process
+      error = e
+      outcome = _encode({"input": [e.where, e.field, e.problem]} if isinstance(e, InputError)
+                        else {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"})
+  ocp.multihost.get_barrier_sync_fn(processes=set(range(jax.process_count())))(
+      key=f"mirage_jax:{name}", timeout_ms=int(timeout_s * 1000))
+  shared = multihost_utils.broadcast_one_to_all(outcome)
+  if error is not None:
+    raise error
+  outcome = json.loads(bytes(np.asarray(shared)).rstrip(b"\0").decode())
+  if "input" in outcome:
+    raise InputError(*outcome["input"])
+  if "error" in outcome:
+    raise RuntimeError(f"process 0 failed at {name!r}: {outcome['error']}")
+  return outcome["result"]
+
+
+def _encode(outcome: dict) -> np.ndarray:
+  """``outcome`` as JSON in a fixed-size uint8 buffer (every process broadcasts the same shape)."""
+  raw = json.dumps(outcome).encode()
+  if len(raw) > _OUTCOME_BYTES:
+    raise ValueError(f"on_process_zero: a result of {len(raw)} bytes (at most {_OUTCOME_BYTES})")
+  out = np.zeros(_OUTCOME_BYTES, np.uint8)
+  out[:len(raw)] = np.frombuffer(raw, np.uint8)
   return out

@@ -2,6 +2,9 @@
 
   python -m mirage_jax.export --workdir=runs/tiny --output=runs/tiny_export [--dtype=bfloat16]
 
+Several processes (``jax.distributed``, the flags of ``mirage_jax.main``): process 0 writes
+the export, the same files one process writes, and the others wait for it.
+
 Load it with ``mirage_jax.export.load_model`` (model + config) or
 ``mirage_jax.checkpoint.load_export`` (params + config).
 """
@@ -10,11 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags
 from flax import nnx
 
-from mirage_jax import checkpoint, paths
+from mirage_jax import checkpoint, distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
@@ -22,6 +26,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Export directory (must not exist)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Cast floating params (default: keep).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Export the raw params instead of the EMA.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_INIT_DISTRIBUTED = None  # defined under __main__: importing load_model defines no more flags
 
 
 def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
@@ -49,9 +54,12 @@ def _main() -> int:
     raise InputError("--workdir/--output", "workdir", "both --workdir and --output are required")
   paths.check_reachable(_WORKDIR.value, "--workdir")
   paths.check_reachable(_OUTPUT.value, "--output")
-  step = checkpoint.export_params(_WORKDIR.value, _OUTPUT.value, use_ema=not _RAW.value,
-                                  dtype=_DTYPE.value, step=_STEP.value)
-  print(f"exported step {step} to {_OUTPUT.value}")
+  _INIT_DISTRIBUTED()
+  step = distributed.on_process_zero(lambda: checkpoint.export_params(
+      _WORKDIR.value, _OUTPUT.value, use_ema=not _RAW.value, dtype=_DTYPE.value,
+      step=_STEP.value), "export written")
+  if jax.process_index() == 0:
+    print(f"exported step {step} to {_OUTPUT.value}")
   return 0
 
 
@@ -61,4 +69,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _INIT_DISTRIBUTED = distributed.define_flags()
   app.run(main, flags_parser=parse_flags)

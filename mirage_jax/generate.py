@@ -25,7 +25,9 @@ The export's config picks the model family (``config.denoiser.model.family``):
           [--caption_embedding=caption.npy] [--empty_text_embedding=empty.npy] [--guidance_scale=5]
 
 Outputs in ``--output_dir`` (refused if it exists and is not empty, unless ``--overwrite``;
-every file written under a temporary name, then renamed):
+every file written under a temporary name, then renamed; with several processes, the flags
+of ``mirage_jax.main``, every process generates the same frames and process 0 alone writes
+them while the others wait):
 
   video.mp4, video.gif   the generated frames (frame 0 is the autoencoded first frame);
   depth.npz              ``depths (T, H, W)`` generated z-depth, ``intrinsics (T, 3, 3)`` at
@@ -44,13 +46,14 @@ every file written under a temporary name, then renamed):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import numpy as np
 from absl import app, flags
 
-from mirage_jax import paths
+from mirage_jax import distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
@@ -74,6 +77,7 @@ _EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty 
                                   "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
                                "(negative prompt: the empty one; default: config.sampler, 0 = off).")
+_INIT_DISTRIBUTED = distributed.define_flags()
 
 
 def wan_flags_given() -> str | None:
@@ -97,7 +101,9 @@ def _main() -> int:
       raise InputError(flag, flag[2:], "required")
   if _NUM_FRAMES.value is not None and _NUM_FRAMES.value < 2:
     raise InputError("--num_frames", "num_frames", f"need at least 2, got {_NUM_FRAMES.value}")
+  _INIT_DISTRIBUTED()
   # Imports after the flag checks: JAX and the models take seconds to load.
+  import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import files  # pylint: disable=g-import-not-at-top
   from mirage_jax import memory, rollout, wan_rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
@@ -124,9 +130,15 @@ def _main() -> int:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
   options = (wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)
              if wan else None)
-  # A gs:// --output_dir is written locally, then uploaded (paths.staged_dir).
-  with paths.staged_dir(_OUTPUT.value, "--output_dir", _OVERWRITE.value) as directory:
+  def claim(stack: contextlib.ExitStack) -> str:
+    # A gs:// --output_dir is written locally, then uploaded when ``stack`` closes.
+    directory = stack.enter_context(paths.staged_dir(_OUTPUT.value, "--output_dir",
+                                                     _OVERWRITE.value))
     revisit.prepare_output_dir(directory, _OVERWRITE.value)
+    return directory
+
+  with contextlib.ExitStack() as staged:
+    directory = distributed.on_process_zero(lambda: claim(staged), "generate: output dir")
     fps = _FPS.value or float(clip["fps"])
     config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
     clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)
@@ -141,40 +153,45 @@ def _main() -> int:
                      seed=_SEED.value, timed=True, **extra)
     total = time.perf_counter() - start
 
-    video.write_mp4(os.path.join(directory, "video.mp4"), out["frames"], fps=fps)
-    video.write_gif(os.path.join(directory, "video.gif"), out["frames"], fps=fps)
-    if wan:
-      with report.atomic_output(os.path.join(directory, "cameras.npz")) as tmp:
-        with open(tmp, "wb") as f:
-          np.savez_compressed(f, intrinsics=clip["intrinsics"], poses_c2w=clip["poses_c2w"],
-                              latent_frames=out["latent_frames"], coverage=out["coverage"])
-    else:
-      video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
-      with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:
-        with open(tmp, "wb") as f:
-          np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
-                              poses_c2w=clip["poses_c2w"])
-      with report.atomic_output(os.path.join(directory, "objects.npz")) as tmp:
-        with open(tmp, "wb") as f:
-          np.savez_compressed(f, dynamic=out["dynamic"], object_positions=out["object_positions"],
-                              object_idents=out["object_idents"])
-    chunks = [dict(memory_seconds=c.memory_seconds, chunk_seconds=c.chunk_seconds,
-                   cache_bytes=c.cache_bytes) for c in out["timings"]]
-    steady = chunks[1:] or chunks
-    report.write_metrics_json(os.path.join(directory, "timings.json"), dict(
-        checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
-        num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
-        seed=_SEED.value, mask_dynamic=r.mask_dynamic, object_slots=r.object_slots,
-        family=rollout.model_family(config),
-        **(dict(num_references=out["num_references"], guidance_scale=r.guidance_scale or 0.0,
-                caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value)
-           if wan else {}),
-        cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
-        seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
-        memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),
-        chunks=chunks))
-  print(f"generated {num_frames} frames with memory={backend} in {total:.1f} s "
-        f"(cache {out['cache_bytes']} bytes) -> {_OUTPUT.value}")
+    def write() -> None:
+      video.write_mp4(os.path.join(directory, "video.mp4"), out["frames"], fps=fps)
+      video.write_gif(os.path.join(directory, "video.gif"), out["frames"], fps=fps)
+      if wan:
+        with report.atomic_output(os.path.join(directory, "cameras.npz")) as tmp:
+          with open(tmp, "wb") as f:
+            np.savez_compressed(f, intrinsics=clip["intrinsics"], poses_c2w=clip["poses_c2w"],
+                                latent_frames=out["latent_frames"], coverage=out["coverage"])
+      else:
+        video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
+        with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:
+          with open(tmp, "wb") as f:
+            np.savez_compressed(f, depths=out["depths"], intrinsics=clip["intrinsics"],
+                                poses_c2w=clip["poses_c2w"])
+        with report.atomic_output(os.path.join(directory, "objects.npz")) as tmp:
+          with open(tmp, "wb") as f:
+            np.savez_compressed(f, dynamic=out["dynamic"], object_positions=out["object_positions"],
+                                object_idents=out["object_idents"])
+      chunks = [dict(memory_seconds=c.memory_seconds, chunk_seconds=c.chunk_seconds,
+                     cache_bytes=c.cache_bytes) for c in out["timings"]]
+      steady = chunks[1:] or chunks
+      report.write_metrics_json(os.path.join(directory, "timings.json"), dict(
+          checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
+          num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
+          seed=_SEED.value, mask_dynamic=r.mask_dynamic, object_slots=r.object_slots,
+          family=rollout.model_family(config),
+          **(dict(num_references=out["num_references"], guidance_scale=r.guidance_scale or 0.0,
+                  caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value)
+             if wan else {}),
+          cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
+          seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
+          memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),
+          chunks=chunks))
+      staged.close()  # uploads a gs:// --output_dir
+
+    distributed.on_process_zero(write, "generate: outputs written")
+  if jax.process_index() == 0:
+    print(f"generated {num_frames} frames with memory={backend} in {total:.1f} s "
+          f"(cache {out['cache_bytes']} bytes) -> {_OUTPUT.value}")
   return 0
 
 

@@ -5,6 +5,7 @@ run resumes on another process or device count from its step alone."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -305,3 +306,92 @@ def test_shards_are_rows_of_one_global_stream_with_per_example_draws():
   # The position is the step: starting at batch 2 gives batch 2, on any shard count.
   resumed = next(pipeline.make_iterator(same, **kw, shard_index=1, shard_count=4, start_step=2))
   np.testing.assert_array_equal(resumed["frames"], full[2]["frames"][2:4])
+
+
+def _launch_two(args: list[str], cwds: list[str]) -> list[subprocess.Popen]:
+  """``python *args`` as processes 0 and 1 of a 2 x 4-device job, process k in ``cwds[k]``."""
+  port = portpicker.pick_unused_port()
+  return [subprocess.Popen(
+      [sys.executable, *args], cwd=cwds[i], text=True, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      env=dict(_env(4), MIRAGE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               MIRAGE_NUM_PROCESSES="2", MIRAGE_PROCESS_ID=str(i))) for i in range(2)]
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
+  try:
+    results = [p.communicate(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  return results
+
+
+def _files(root) -> dict[str, bytes]:
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, names in os.walk(root) for f in names}
+
+
+@pytest.mark.slow  # two 2-process jobs and a 1-process generate (~100 s)
+def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path):
+  """Export, then generate from that export, as 2 processes x 4 devices: the outputs are
+  those of 1 process. The outputs are relative paths and each process runs in its own
+  folder, so a file written by process 1 would land in ``p1/``."""
+  import jax
+  from data_pipelines import files, procedural
+  from mirage_jax import checkpoint
+  from tests.test_generate import run_cli, save_tiny_export
+  source = save_tiny_export(str(tmp_path / "source"))  # the tiny denoiser, random weights
+  params, config, _ = checkpoint.load_export(source)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "work" / "checkpoints"), every=0, keep=1,
+                                 async_save=False)
+  ckpt.save(3, {"params": jax.tree.map(lambda x: 0 * x, params), "ema": params}, config)
+  ckpt.close()
+  geometry = tmp_path / "geometry.npz"
+  files.save_geometry_npz(geometry, procedural.render_clip(7, 5, 32, 32, trajectory="loop"))
+  cwds = [tmp_path / "p0", tmp_path / "p1"]
+  for d in cwds:
+    d.mkdir()
+
+  procs = _launch_two(["-m", "mirage_jax.export", f"--workdir={tmp_path / 'work'}",
+                       "--output=export"], cwds)
+  assert checkpoint.export_params(str(tmp_path / "work"), str(tmp_path / "one_export")) == 3
+  exported = _wait(procs)
+  assert "exported step 3" in exported[0][0] and "exported step" not in exported[1][0]
+  assert os.listdir(tmp_path / "p1") == [] and os.listdir(tmp_path / "p0") == ["export"]
+  one, two = _files(tmp_path / "one_export"), _files(tmp_path / "p0" / "export")
+  # The same files and config.json (Orbax names its data files at random, and how many it
+  # writes follows the timing of its writes: compared as one name).
+  layout = lambda files: sorted({re.sub(r"/d/[0-9a-f]{32}$", "/d/*", k) for k in files})
+  assert layout(one) == layout(two) and "config.json" in one
+  assert one["config.json"] == two["config.json"]
+  restored = [checkpoint.load_export(str(p))[0] for p in (tmp_path / "one_export",
+                                                          tmp_path / "p0" / "export")]
+  for a, b, c in zip(*(jax.tree.leaves(t) for t in (params, *restored))):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))  # the EMA, not the zeros
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
+
+  args = ["-m", "mirage_jax.generate", f"--checkpoint={tmp_path / 'p0' / 'export'}",
+          f"--geometry_path={geometry}", "--memory=voxel", "--num_frames=5"]
+  procs = _launch_two([*args, "--output_dir=out"], cwds)
+  single = run_cli(*args[1:], f"--output_dir={tmp_path / 'one_out'}")
+  generated = _wait(procs)
+  assert single.returncode == 0, single.stderr[-3000:]
+  assert "generated 5 frames" in generated[0][0] and "generated" not in generated[1][0]
+  assert os.listdir(tmp_path / "p1") == []
+  one, two = _files(tmp_path / "one_out"), _files(tmp_path / "p0" / "out")
+  assert sorted(two) == sorted(one) == ["depth.mp4", "depth.npz", "objects.npz",
+                                        "timings.json", "video.gif", "video.mp4"]
+  for name in ("depth.npz", "objects.npz"):
+    a, b = np.load(tmp_path / "one_out" / name), np.load(tmp_path / "p0" / "out" / name)
+    assert a.files == b.files
+    for k in a.files:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}:{k}")
+  assert two["video.mp4"] == one["video.mp4"]
+  print("MULTIHOST_EXPORT_GENERATE", json.dumps(dict(
+      export_files=layout(_files(tmp_path / "one_export")), generate_files=sorted(two),
+      depth_max_abs_diff=float(np.abs(np.load(tmp_path / "one_out" / "depth.npz")["depths"] -
+                                      np.load(tmp_path / "p0" / "out" / "depth.npz")["depths"]).max()))))
