@@ -10,6 +10,7 @@ import ml_collections
 
 from data_pipelines import pipeline
 from mirage_jax import sharding
+from mirage_jax.errors import InputError
 from mirage_jax.models import autoencoder, denoiser
 
 STAGES = ("autoencoder", "denoiser")
@@ -132,6 +133,24 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
       # trained memory.backend).
       rollouts=0, rollout_frames=24, rollout_seed=100_000, rollout_backends=()))
   return c
+
+
+def memory_baseline(c: ml_collections.ConfigDict, backend: str) -> ml_collections.ConfigDict:
+  """A copy of denoiser config ``c`` trained with memory backend ``backend`` instead.
+
+  Everything else (data, steps, optimiser, sampler, autoencoder) stays, so a baseline is
+  trained for its job as the memory model is for its own (``main_job --train_baselines``).
+  ``none``: the memory read is empty (zeros, coverage 0), so the denoiser learns from the
+  clean context and rays alone; ``frame_bank``: the past frame of most view overlap,
+  reprojected into the target cameras, with no 3D cache.
+  """
+  from mirage_jax import memory  # pylint: disable=g-import-not-at-top
+  if backend not in memory.BACKEND_NAMES:
+    raise InputError("config.memory", "backend", f"unknown backend {backend!r} (known: "
+                     f"{', '.join(memory.BACKEND_NAMES)})")
+  out = c.copy_and_resolve_references()
+  out.memory.backend = backend
+  return out
 
 
 def set_window(c: ml_collections.ConfigDict) -> None:

@@ -174,7 +174,7 @@ def test_evaluate_cli_revisit_and_refusal(export, tmp_path):
   assert result.returncode == 0, result.stderr
   metrics = json.loads((out / "metrics.json").read_text())
   summary = metrics["revisit"]["summary"]
-  assert set(summary) == {"mirage", "composite", "reference", "revisit_frames"}
+  assert set(summary) == {"mirage", "composite", "reference", "revisit_frames", "first_visit_frames"}
   assert summary["revisit_frames"] >= 5
   assert list(metrics["revisit"]["trajectories"]) == ["seed100001"]
   for name in ("quality_vs_frame.png", "ssim_vs_frame.png", "videos/seed100001/mirage.mp4",

@@ -90,7 +90,8 @@ def test_report_of_a_tiny_evaluation_plays_in_chromium(tmp_path):
   assert len(media) == 5
   for m in media:
     assert m["error"] is None and m["duration"] > 0 and m["width"] > 0, m
-  assert {i["src"] for i in images} == {"quality_vs_frame.png", "ssim_vs_frame.png"}
+  assert {i["src"] for i in images} == {"quality_vs_frame.png", "ssim_vs_frame.png",
+                                         "first_visit_vs_frame.png"}
   assert all(i["width"] > 0 for i in images), images
   assert played > 0
   assert shot.shape[:2] == (900, 1200) and shot.var() > 0
