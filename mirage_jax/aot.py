@@ -11,6 +11,10 @@ printed (analytic FLOPs / peak / time) is an upper bound: communication is not m
 XLA's cost analysis counts a scanned layer stack's body once, so with ``scan_layers`` its
 FLOPs and bytes undercount.
 
+Several processes (``jax.distributed``, the flags of ``mirage_jax.main``, e.g. a command
+run on every worker of a pod): process 0 compiles, prints the report and writes the
+executable; the others wait for it and exit with its status.
+
 Compile once, reuse: ``--save_executable=FILE`` also serialises the compiled step, which a
 run of the same config on that topology loads instead of compiling
 (``--config.train.executable=FILE``; :func:`load_executable` checks config, mesh, devices
@@ -34,9 +38,11 @@ from flax import traverse_util
 from jax.experimental import serialize_executable
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mirage_jax import distributed
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CONFIG = None  # defined in main() so importing this module defines no flags
+_INIT_DISTRIBUTED = None  # likewise (mirage_jax.distributed.define_flags)
 
 # Per chip: (HBM GiB, dense bf16 TFLOP/s, HBM GB/s); topology name prefix -> spec.
 CHIPS = {
@@ -282,13 +288,18 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
 def _main() -> int:
   if _CONFIG.value is None:
     raise InputError("--config", "config", "required (e.g. experiments/pod_v5p_128.py)")
+  _INIT_DISTRIBUTED()
   enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir"))
-  report = compile_report(_CONFIG.value, flags.FLAGS.topology, flags.FLAGS.num_slices,
-                          flags.FLAGS.save_executable)
-  print(json.dumps(report, indent=2))
+  # Compiling against a topology needs no other process: process 0 alone compiles and writes.
+  report = distributed.on_process_zero(lambda: compile_report(
+      _CONFIG.value, flags.FLAGS.topology, flags.FLAGS.num_slices,
+      flags.FLAGS.save_executable), "aot: compiled")
+  if jax.process_index() == 0:
+    print(json.dumps(report, indent=2))
   if not report["fits"]:
-    print(f"does not fit: {report['memory_per_device_gib']:.1f} GiB per device > "
-          f"{report['hbm_per_device_gib']} GiB HBM")
+    if jax.process_index() == 0:
+      print(f"does not fit: {report['memory_per_device_gib']:.1f} GiB per device > "
+            f"{report['hbm_per_device_gib']} GiB HBM")
     return 1
   return 0
 
@@ -300,6 +311,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _INIT_DISTRIBUTED = distributed.define_flags()
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:8x8, v5p:4x4x4.", required=True)
   flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN; set config.dcn_mesh).")
