@@ -68,6 +68,9 @@ _TRAIN_BASELINES = flags.DEFINE_list(
     "and sampler. Their rows 'none (trained)', 'frame_bank (trained)' join the revisit "
     "benchmark and the claims compare against 'none (trained)'. Off by default: each costs a "
     "denoiser training (~20 min at the tiny config's 2400 steps on 2 CPU cores).")
+_MORE_STEPS = flags.DEFINE_integer(
+    "more_sampler_steps", 0, "N > 0: the revisit benchmark once more with N sampler steps "
+    "(every row; <workdir>/eval/revisit_steps<N>), beside the configured steps.")
 _WAN_CLIPS = flags.DEFINE_integer("wan_clips", 8, "--family=wan: procedural training clips.")
 _WAN_SAMPLER_STEPS = flags.DEFINE_integer("wan_sampler_steps", None, "--family=wan: sampler "
                                           "steps of the exported model (default: the config's).")
@@ -153,6 +156,13 @@ def _main() -> int:
   if baselines:
     revisit_args.append("--baseline_checkpoints=" + ",".join(f"{b}={p}" for b, p in baselines.items()))
   _evaluate(revisit_args, os.path.join(eval_dir, "revisit"), rows=baseline_rows(baselines))
+  if _MORE_STEPS.value > 0:
+    more = os.path.join(eval_dir, f"revisit_steps{_MORE_STEPS.value}")
+    _evaluate([*revisit_args, f"--sampler_steps={_MORE_STEPS.value}", "--novideos"], more,
+              rows=baseline_rows(baselines))
+    print(f"\nrevisit with {_MORE_STEPS.value} sampler steps (config: "
+          f"{dn_config.sampler.num_steps}):")
+    print_revisit_table(more)
   _evaluate(["--benchmark=scaling", f"--checkpoint={dn_export}", f"--backends={backends}",
              f"--lengths={','.join(_LENGTHS.value)}"], os.path.join(eval_dir, "scaling"))
   if _OBJECT_TRAJECTORIES.value > 0:
@@ -302,7 +312,8 @@ def print_revisit_table(revisit_dir: str) -> list[dict]:
   from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   with open(os.path.join(revisit_dir, "metrics.json")) as f:
     rows = revisit_rows(json.load(f)["revisit"]["summary"])
-  print("\n" + report.format_table(rows, ["row", "psnr_revisit", "ssim_revisit", "psnr_all"], ".3f"))
+  print("\n" + report.format_table(rows, ["row", "psnr_revisit", "ssim_revisit", "psnr_all",
+                                           "psnr_unseen", "ssim_unseen"], ".3f"))
   return rows
 
 

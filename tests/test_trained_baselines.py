@@ -156,10 +156,11 @@ def test_evaluate_cli_baseline_checkpoints(exports, tmp_path):
   base = [f"--checkpoint={memory_model}", "--benchmark=revisit", "--procedural_seeds=100002:100003",
           "--num_frames=10", "--backends=voxel", "--nooracle", "--nocomposite", "--novideos"]
   result = run_cli("mirage_jax.evaluate", *base, f"--baseline_checkpoints=none={none_export}",
-                   f"--output_dir={out}")
+                   "--sampler_steps=2", f"--output_dir={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   m = json.loads((out / "metrics.json").read_text())
   assert m["baseline_checkpoints"] == {"none (trained)": none_export}
+  assert m["sampler_steps"] == 2  # the exports' config: 1
   summary = m["revisit"]["summary"]
   assert {"voxel", "none (trained)"} <= set(summary) and "first_visit_frames" in summary
   assert summary["none (trained)"]["cache_bytes"] == 0
