@@ -374,6 +374,14 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a))  # the EMA, not the zeros
     np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
 
+  # Process 0 refuses to replace the export: every process exits 2 with its one line.
+  refused = _launch_two(["-m", "mirage_jax.export", f"--workdir={tmp_path / 'work'}",
+                         "--output=export"], cwds)
+  for p in refused:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == "error: --output: field 'output': export already exists"
+
   args = ["-m", "mirage_jax.generate", f"--checkpoint={tmp_path / 'p0' / 'export'}",
           f"--geometry_path={geometry}", "--memory=voxel", "--num_frames=5"]
   procs = _launch_two([*args, "--output_dir=out"], cwds)
@@ -395,3 +403,22 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
       export_files=layout(_files(tmp_path / "one_export")), generate_files=sorted(two),
       depth_max_abs_diff=float(np.abs(np.load(tmp_path / "one_out" / "depth.npz")["depths"] -
                                       np.load(tmp_path / "p0" / "out" / "depth.npz")["depths"]).max()))))
+
+
+@pytest.mark.parametrize("module,args,env,where", [
+    ("mirage_jax.export", ["--workdir=w", "--output=o", "--coordinator_address=127.0.0.1:1"],
+     {}, "--coordinator_address: field 'num_processes/process_id'"),
+    ("mirage_jax.generate", ["--checkpoint=c", "--geometry_path=g.npz", "--num_processes=2",
+                             "--process_id=2", "--coordinator_address=127.0.0.1:1"],
+     {}, "--process_id: field 'process_id': 2 not in [0, 2)"),
+    ("mirage_jax.aot", [f"--config={ROOT}/experiments/tiny_cpu.py", "--topology=v5e:2x2"],
+     {"MIRAGE_COORDINATOR_ADDRESS": "127.0.0.1:1", "MIRAGE_NUM_PROCESSES": "two",
+      "MIRAGE_PROCESS_ID": "0"}, "$MIRAGE_NUM_PROCESSES: field 'MIRAGE_NUM_PROCESSES'"),
+])
+def test_bad_distributed_flags_are_one_line_errors(module, args, env, where, tmp_path):
+  """The multi-process flags of export, generate and aot: exit 2, one line, nothing written."""
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, text=True,
+                          capture_output=True, env=dict(_env(1), **env), timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(f"error: {where}"), result.stderr
+  assert os.listdir(tmp_path) == []
