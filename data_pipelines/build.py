@@ -29,6 +29,7 @@ from typing import Sequence
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
+from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _DATASET = flags.DEFINE_string("dataset", None, "procedural_rooms | memory_maze | posed_files.")
@@ -73,6 +74,10 @@ def main(argv: list[str]) -> int:
   for flag in (_DATASET, _DATA_DIR):
     if not flag.value:
       raise InputError(f"--{flag.name}", flag.name, "is required")
+  # Beam and the TFDS writer here write local files; training reads a gs:// copy.
+  for flag in (_DATA_DIR, _SOURCE_DIR):
+    paths.require_local(flag.value, f"--{flag.name}", "build locally, then copy the dataset "
+                        "folder up")
   tfds.disable_progress_bar()
   if not flags.FLAGS["verbosity"].present:  # TFDS logs routine notes as warnings: keep stderr for errors.
     logging.set_verbosity(logging.ERROR)

@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines import clip as clip_lib
 from data_pipelines import latent_clips
 from data_pipelines import pipeline
+from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -422,6 +423,10 @@ def main(argv) -> int:
   for name in ("data_dir", "vae", "output_dir"):
     if not f[name].value:
       raise InputError(f"--{name}", name, "is required")
+  # Written with local renames and globs; training reads a gs:// copy of the output.
+  for name in ("data_dir", "vae", "output_dir", "text_embeddings", "empty_text"):
+    paths.require_local(f[name].value, f"--{name}", "encode on a local disk, then copy the "
+                        "output folder up")
   res = [int(x) for x in f.resolution] if f.resolution else None
   counts = run(data_dir=f.data_dir, dataset=f.dataset, config_name=f.config_name, vae=f.vae,
                output_dir=f.output_dir, resolution=res, target_frames=f.target_frames,

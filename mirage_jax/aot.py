@@ -38,7 +38,7 @@ from flax import traverse_util
 from jax.experimental import serialize_executable
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mirage_jax import distributed
+from mirage_jax import distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CONFIG = None  # defined in main() so importing this module defines no flags
@@ -288,6 +288,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
 def _main() -> int:
   if _CONFIG.value is None:
     raise InputError("--config", "config", "required (e.g. experiments/pod_v5p_128.py)")
+  # Written under a temporary name and renamed into place (see mirage_jax.atomic).
+  paths.require_local(flags.FLAGS.save_executable, "--save_executable",
+                      "write it locally, then copy it up")
   _INIT_DISTRIBUTED()
   enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir"))
   # Compiling against a topology needs no other process: process 0 alone compiles and writes.

@@ -43,7 +43,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from mirage_jax import torch_files
+from mirage_jax import paths, torch_files
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 
@@ -612,6 +612,10 @@ def run(fv: flags.FlagValues) -> int:
   """The command, from parsed flags (see :func:`define_flags`)."""
   if not fv.output:
     raise InputError("--output", "output", "required")
+  # torch/safetensors readers, and a temporary folder renamed into place when complete.
+  for name in ("output", "wan_dir", "dit", "vae", "vace", "lora", "checkpoint"):
+    paths.require_local(fv[name].value, f"--{name}", "convert on a local disk, then copy the "
+                        "export up")
   if fv.to_reference:
     if not fv.checkpoint:
       raise InputError("--checkpoint", "checkpoint", "required with --to_reference")

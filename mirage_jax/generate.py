@@ -96,6 +96,9 @@ def check_text_files(*flag_values) -> None:
 
 
 def _main() -> int:
+  # numpy and the video reader beside the .npz read local files.
+  for flag in (_GEOMETRY, _CAPTION, _EMPTY_TEXT):
+    paths.require_local(flag.value, f"--{flag.name}", "copy it to a local disk first")
   for flag, value in (("--checkpoint", _CHECKPOINT.value), ("--geometry_path", _GEOMETRY.value)):
     if not value:
       raise InputError(flag, flag[2:], "required")

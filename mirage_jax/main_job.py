@@ -42,6 +42,7 @@ import time
 
 from absl import app, flags, logging
 
+from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Everything this job writes goes here.")
@@ -122,6 +123,8 @@ def train_and_export(config, workdir: str, name: str) -> str:
 
 def _main() -> int:
   workdir = _WORKDIR.value
+  # It runs commands in local sub-folders (datasets, exports, reports) of the workdir.
+  paths.require_local(workdir, "--workdir", "run mirage_jax.main for a gs:// workdir")
   os.makedirs(workdir, exist_ok=True)
   if _FAMILY.value == "wan":
     return _main_wan(workdir)

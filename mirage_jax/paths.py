@@ -140,6 +140,17 @@ def upload_tree(local_dir: str, remote_dir: str) -> list[str]:
   return copied
 
 
+def require_local(path: str | None, flag: str, instead: str = "") -> None:
+  """Raises InputError (naming ``flag``) if ``path`` is a URL: the flag takes local paths only.
+
+  For flags whose readers or writers are local-file code (torch, safetensors, numpy, Beam,
+  renames); ``instead`` says what to do (e.g. copy the files down first).
+  """
+  if path and is_remote(path):
+    raise InputError(flag, flag.lstrip("-"), f"{path}: takes local paths only"
+                     + (f" ({instead})" if instead else ""))
+
+
 def check_reachable(path: str | None, flag: str) -> None:
   """Raises InputError (naming ``flag``) unless ``path``'s bucket is reachable and visible.
 
