@@ -56,7 +56,8 @@ half); each row of
 revisits, object PSNR, position error, detection and identity at re-entry.
 
 Outputs in ``--output_dir`` (refused if non-empty unless ``--overwrite``; files are written
-atomically):
+atomically; a ``gs://`` folder is written locally and each file uploaded once the run has
+succeeded, one process only):
 
   index.html              the report: claims PASS/FAIL, tables, plots, videos side by side,
                           command and config (``evaluation/index_html.py``; static, offline);
@@ -250,7 +251,7 @@ def _memory_maze_loaders(resolution) -> list:
 def _revisit(config, ae, dn) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit  # pylint: disable=g-import-not-at-top
-  out = _OUTPUT.value
+  out = _local_output
   resolution = tuple(config.data.resolution)
   groups = {"revisit": _trajectory_loaders(resolution), "memory_maze": _memory_maze_loaders(resolution)}
   k, count = jax.process_index(), jax.process_count()
@@ -350,7 +351,7 @@ def _scaling(config, ae, dn) -> None:
     raise InputError("--lengths", "lengths", f"expected integers, got {_LENGTHS.value}") from None
   entries = scaling.run_scaling(config, ae, dn, _BACKENDS.value, lengths, timed_chunks=_TIMED.value,
                                 period=_PERIOD.value, seed=_SEED.value, progress=True)
-  out = _OUTPUT.value
+  out = _local_output
   report.write_scaling_json(os.path.join(out, "scaling.json"), entries)
   report.plot_cost_vs_length(os.path.join(out, "cost_vs_length.png"), entries,
                              title="cost vs trajectory length")
@@ -384,7 +385,7 @@ def _objects(config, ae, dn) -> None:
   from mirage_jax.evaluation import objects_benchmark, report  # pylint: disable=g-import-not-at-top
   seeds, num_frames, context = _object_settings()
   pairing = dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value)
-  out = _OUTPUT.value
+  out = _local_output
   video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
   k, count = jax.process_index(), jax.process_count()
   mine = [seed for i, seed in enumerate(seeds) if i % count == k]  # as revisit: by trajectory
@@ -416,17 +417,37 @@ def _objects(config, ae, dn) -> None:
                             ("row",) + objects_benchmark.SCALARS, ".3f"))
 
 
+# The local folder the benchmarks write into: --output_dir itself, or for a gs:// one a
+# staging folder uploaded when the run ends (see _main).
+_local_output = ""
+
+
 def _main() -> int:
   for flag, value in (("--checkpoint", _CHECKPOINT.value), ("--benchmark", _BENCHMARK.value),
                       ("--output_dir", _OUTPUT.value)):
     if not value:
       raise InputError(flag, flag[2:], "required")
-  if paths.is_remote(_OUTPUT.value):  # os.makedirs would make a local folder named 'gs:'
-    raise InputError("--output_dir", "output_dir", f"{_OUTPUT.value}: evaluate writes local "
-                     "folders only (copy the report up afterwards)")
+  for flag in (_CAPTION, _EMPTY_TEXT):  # numpy reads local files
+    paths.require_local(flag.value, f"--{flag.name}", "copy it to a local disk first")
+  if not paths.is_remote(_OUTPUT.value):
+    return _run(_OUTPUT.value)
+  # Cloud Storage has no folders, renames or appends (videos, plots and parts are written in
+  # place): write locally, upload every file once the run has succeeded.
+  with paths.staged_dir(_OUTPUT.value, "--output_dir", overwrite=_OVERWRITE.value) as local:
+    return _run(local)
+
+
+def _run(output_dir: str) -> int:
+  """Runs --benchmark with its outputs written to the local folder ``output_dir``."""
+  global _local_output
+  _local_output = output_dir
   paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   _INIT_DISTRIBUTED()
   import jax  # pylint: disable=g-import-not-at-top
+  if paths.is_remote(_OUTPUT.value) and jax.process_count() > 1:
+    # Each process would stage its own folder; the parts merge needs one shared folder.
+    raise InputError("--output_dir", "output_dir", f"{_OUTPUT.value}: with several processes "
+                     "--output_dir must be a shared local file system (not gs://)")
   from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
   if _BATCH.value < 0:
@@ -457,7 +478,7 @@ def _main() -> int:
     if flag.value is not None and not os.path.isfile(flag.value):
       raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
   if jax.process_index() == 0:
-    revisit.prepare_output_dir(_OUTPUT.value, _OVERWRITE.value)
+    revisit.prepare_output_dir(output_dir, _OVERWRITE.value)
   if jax.process_count() > 1:  # no process writes before process 0 has checked the directory
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("mirage_jax.evaluate: output dir ready")
@@ -467,9 +488,11 @@ def _main() -> int:
   dict(revisit=_revisit, scaling=_scaling, objects=_objects)[_BENCHMARK.value](config, ae, dn)
   if jax.process_index() == 0:
     from mirage_jax.evaluation import index_html  # pylint: disable=g-import-not-at-top
-    page = index_html.write_index(_OUTPUT.value, command=["python", "-m", "mirage_jax.evaluate",
-                                                          *sys.argv[1:]],
+    page = index_html.write_index(output_dir, command=["python", "-m", "mirage_jax.evaluate",
+                                                       *sys.argv[1:]],
                                   config_json=config.to_json_best_effort(indent=2))
+    if paths.is_remote(_OUTPUT.value):  # where it will be once uploaded
+      page = paths.join(_OUTPUT.value, os.path.relpath(page, output_dir))
     print(f"report: {page}")
   if jax.process_count() > 1:  # no process exits while process 0 still writes (scaling)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
