@@ -574,8 +574,9 @@ class DenoiserStage:
       return mem, coverage, rollout.retrieve_references(bank, bank.frame < m - nc, K[m:], c2w[m:],
                                                         k)[:3]
 
-    mem, coverage, refs = jax.vmap(one_clip)(latents, batch["depths"], batch["intrinsics"],
-                                             batch["poses_c2w"], batch["dynamic_masks"])
+    mem, coverage, refs = memory_lib.batch_map(one_clip, latents, batch["depths"],
+                                               batch["intrinsics"], batch["poses_c2w"],
+                                               batch["dynamic_masks"])
     lat_K = lambda K: memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
     # (B, T, h, w, 6)
     rays = geometry.plucker_rays(lat_K(batch["intrinsics"]), batch["poses_c2w"], hh, ww)
@@ -861,8 +862,8 @@ class WanStage:
       return self.wm.splat_memory(self.memory, self.memory_cfg, lat[src], depth[src],
                                   K[src], c2w[src], static[src].astype(bool), K, c2w)
 
-    return jax.vmap(one)(lat, batch["depths"], batch["static_masks"], batch["intrinsics"],
-                         batch["poses_c2w"])
+    return memory_lib.batch_map(one, lat, batch["depths"], batch["static_masks"],
+                                batch["intrinsics"], batch["poses_c2w"])
 
   def loss(self, model, frozen, batch: Batch, rng):
     d = self.config.denoiser

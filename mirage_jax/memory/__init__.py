@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mirage_jax import sharding
 from mirage_jax.errors import InputError
 from mirage_jax.memory import baselines, latent_cache, objects, retrieval
 from mirage_jax.memory.latent_cache import MemoryConfig, capacity_bytes, memory_config
@@ -87,8 +88,36 @@ def init_batch(backend: Backend, cfg: Any, batch: int):
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), backend.init(cfg))
 
 
+def batch_map(fn: Callable, *args):
+  """``jax.vmap(fn)(*args)`` that keeps every example on the device holding it.
+
+  Inside a mesh context (``jax.set_mesh``) whose ``batch`` logical rule (``sharding.use_rules``)
+  splits the leading axis, the vmap runs inside ``shard_map`` over those mesh axes: each
+  device writes and reads the memories of its own examples, so the partitioner never sees
+  the scatters, sorts and while loops of a batched memory (which it may gather across the
+  batch) and no loop predicate becomes a cross-device reduction. Without a mesh, or when
+  the axes do not divide the batch, it is the plain vmap.
+
+  Args:
+    fn: per-example function of arrays without the batch axis.
+    *args: pytrees of (B, ...) arrays.
+  Returns:
+    ``fn``'s outputs with a leading (B,) axis, batch-sharded like the inputs.
+  """
+  mapped = jax.vmap(fn)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return mapped(*args)
+  b = jax.tree.leaves(args)[0].shape[0]
+  axes = sharding.logical_to_spec(("batch",), None, mesh, (b,))[0]
+  if axes is None:
+    return mapped(*args)
+  spec = jax.sharding.PartitionSpec(axes)
+  return jax.shard_map(mapped, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*args)
+
+
 frame_bank_retrieve = baselines.frame_bank_retrieve
 latent_frame_indices = baselines.latent_frame_indices
 
-__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "frame_bank_retrieve", "get_backend",
+__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "batch_map", "frame_bank_retrieve", "get_backend",
            "init_batch", "latent_frame_indices", "memory_config", "retrieval"]

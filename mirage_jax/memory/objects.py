@@ -182,8 +182,13 @@ def _bilinear(table, index, x, y, clamp: bool):
   return out
 
 
+# Under vmap a while_loop's predicate becomes an ``any`` over the batch (every example runs
+# until the slowest converges; on a batch split over devices, a collective per iteration).
+# sequential_vmap maps a batch through one loop per example instead (same labels: a
+# converged example is a fixed point of ``step``).
+@jax.custom_batching.sequential_vmap
 def _components(mask):
-  """4-connected components of a (h, w) bool mask.
+  """4-connected components of a (h, w) bool mask; batched by ``vmap``, one loop per example.
 
   Returns:
     (h, w) int32: per masked cell the smallest flat index in its component; h * w elsewhere.
