@@ -2,6 +2,7 @@
 real per-process input path (each process builds only the batch rows its devices hold), and a
 run resumes on another process or device count from its step alone."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import Iterator
 
 import numpy as np
 import portpicker
@@ -244,28 +246,42 @@ def _numbers(tree, skip=("seconds", "time")):
   return {"": tree}
 
 
+@contextlib.contextmanager
+def _two_processes(args: list[str], cwds=(ROOT, ROOT)) -> Iterator[list[subprocess.Popen]]:
+  """``python *args`` as processes 0 and 1 of a 2 x 4-device job, process k in ``cwds[k]``;
+  any still running when the block ends is killed."""
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      [sys.executable, *args], cwd=cwds[i], text=True, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      env=dict(_env(4), MIRAGE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               MIRAGE_NUM_PROCESSES="2", MIRAGE_PROCESS_ID=str(i))) for i in range(2)]
+  try:
+    yield procs
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def _wait(procs: list[subprocess.Popen], returncode: int = 0) -> list[tuple[str, str]]:
+  """Each process's (stdout, stderr), once it exited with ``returncode``."""
+  results = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == returncode, err[-3000:]
+  return results
+
+
 def test_evaluate_on_two_processes_writes_once_and_matches_one(tmp_path):
   from tests.test_generate import run_cli, save_tiny_export
   export = save_tiny_export(str(tmp_path / "export"))
   args = ["-m", "mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=revisit",
           "--procedural_seeds=100001:100003", "--num_frames=24", "--backends=mirage",
           "--nooracle", "--novideos"]
-  port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(
-      [sys.executable, *args, f"--output_dir={tmp_path / 'two'}"], cwd=ROOT, text=True,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      env=dict(_env(4), MIRAGE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               MIRAGE_NUM_PROCESSES="2", MIRAGE_PROCESS_ID=str(i))) for i in range(2)]
-  try:
+  with _two_processes([*args, f"--output_dir={tmp_path / 'two'}"]) as procs:
     one = run_cli(*args[1:], f"--output_dir={tmp_path / 'one'}")
-    results = [p.communicate(timeout=900) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    results = _wait(procs)
   assert one.returncode == 0, one.stderr[-3000:]
-  for p, (_, err) in zip(procs, results):
-    assert p.returncode == 0, err[-3000:]
   # Each process ran one trajectory and wrote its part; only process 0 wrote the report.
   assert "seed100001: done" in results[0][0] and "seed100002: done" in results[1][0]
   assert "report:" in results[0][0] and "report:" not in results[1][0]
@@ -308,28 +324,6 @@ def test_shards_are_rows_of_one_global_stream_with_per_example_draws():
   np.testing.assert_array_equal(resumed["frames"], full[2]["frames"][2:4])
 
 
-def _launch_two(args: list[str], cwds: list[str]) -> list[subprocess.Popen]:
-  """``python *args`` as processes 0 and 1 of a 2 x 4-device job, process k in ``cwds[k]``."""
-  port = portpicker.pick_unused_port()
-  return [subprocess.Popen(
-      [sys.executable, *args], cwd=cwds[i], text=True, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      env=dict(_env(4), MIRAGE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               MIRAGE_NUM_PROCESSES="2", MIRAGE_PROCESS_ID=str(i))) for i in range(2)]
-
-
-def _wait(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
-  try:
-    results = [p.communicate(timeout=900) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, results):
-    assert p.returncode == 0, err[-3000:]
-  return results
-
-
 def _files(root) -> dict[str, bytes]:
   return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
           for d, _, names in os.walk(root) for f in names}
@@ -356,10 +350,10 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
   for d in cwds:
     d.mkdir()
 
-  procs = _launch_two(["-m", "mirage_jax.export", f"--workdir={tmp_path / 'work'}",
-                       "--output=export"], cwds)
-  assert checkpoint.export_params(str(tmp_path / "work"), str(tmp_path / "one_export")) == 3
-  exported = _wait(procs)
+  export = ["-m", "mirage_jax.export", f"--workdir={tmp_path / 'work'}", "--output=export"]
+  with _two_processes(export, cwds) as procs:
+    assert checkpoint.export_params(str(tmp_path / "work"), str(tmp_path / "one_export")) == 3
+    exported = _wait(procs)
   assert "exported step 3" in exported[0][0] and "exported step" not in exported[1][0]
   assert os.listdir(tmp_path / "p1") == [] and os.listdir(tmp_path / "p0") == ["export"]
   one, two = _files(tmp_path / "one_export"), _files(tmp_path / "p0" / "export")
@@ -375,18 +369,16 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
     np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
 
   # Process 0 refuses to replace the export: every process exits 2 with its one line.
-  refused = _launch_two(["-m", "mirage_jax.export", f"--workdir={tmp_path / 'work'}",
-                         "--output=export"], cwds)
-  for p in refused:
-    _, err = p.communicate(timeout=900)
-    assert p.returncode == 2, err[-3000:]
-    assert err.strip().splitlines()[-1] == "error: --output: field 'output': export already exists"
+  with _two_processes(export, cwds) as procs:
+    for _, err in _wait(procs, returncode=2):
+      assert err.strip().splitlines()[-1] == ("error: --output: field 'output': export "
+                                              "already exists")
 
   args = ["-m", "mirage_jax.generate", f"--checkpoint={tmp_path / 'p0' / 'export'}",
           f"--geometry_path={geometry}", "--memory=voxel", "--num_frames=5"]
-  procs = _launch_two([*args, "--output_dir=out"], cwds)
-  single = run_cli(*args[1:], f"--output_dir={tmp_path / 'one_out'}")
-  generated = _wait(procs)
+  with _two_processes([*args, "--output_dir=out"], cwds) as procs:
+    single = run_cli(*args[1:], f"--output_dir={tmp_path / 'one_out'}")
+    generated = _wait(procs)
   assert single.returncode == 0, single.stderr[-3000:]
   assert "generated 5 frames" in generated[0][0] and "generated" not in generated[1][0]
   assert os.listdir(tmp_path / "p1") == []
