@@ -21,8 +21,9 @@ from __future__ import annotations
 from experiments import wan22_ti2v_5b
 
 MESHES = {
-    # v5p-128 = 64 chips (95 GiB HBM each): FSDP over all of them, one clip per chip.
-    "v5p_128": dict(mesh=dict(data=1, fsdp=64, context=1, tensor=1), batch_size=64),
+    # v5p-128 = 64 chips (95 GiB HBM each): FSDP 16 x context 4, 4 clips per FSDP shard
+    # (fsdp 64 without context does not compile with libtpu 0.0.52; BENCHMARKS.md).
+    "v5p_128": dict(mesh=dict(data=1, fsdp=16, context=4, tensor=1), batch_size=64),
     # v5e-256 = 256 chips (16 GiB each): FSDP 64 x context 4 (the 16.7k-token sequence split
     # over 4 chips), one clip per 4 chips.
     "v5e_256": dict(mesh=dict(data=1, fsdp=64, context=4, tensor=1), batch_size=64),
