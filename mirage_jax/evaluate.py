@@ -477,11 +477,11 @@ def _run(output_dir: str) -> int:
   for flag in (_CAPTION, _EMPTY_TEXT):
     if flag.value is not None and not os.path.isfile(flag.value):
       raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
-  if jax.process_index() == 0:
-    revisit.prepare_output_dir(output_dir, _OVERWRITE.value)
-  if jax.process_count() > 1:  # no process writes before process 0 has checked the directory
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("mirage_jax.evaluate: output dir ready")
+  # Process 0 checks and claims the directory; no process writes before it has, and a
+  # refusal there is every process's one-line error (not a hang at a barrier).
+  distributed.on_process_zero(
+      lambda: revisit.prepare_output_dir(output_dir, _OVERWRITE.value),
+      "evaluate: output dir ready")
   if _SAMPLER_STEPS.value is not None and _SAMPLER_STEPS.value < 1:
     raise InputError("--sampler_steps", "sampler_steps", f"must be >= 1, got {_SAMPLER_STEPS.value}")
   config, ae, dn = _with_sampler_steps(rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value))

@@ -301,6 +301,14 @@ def test_evaluate_on_two_processes_writes_once_and_matches_one(tmp_path):
       assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
     else:
       assert b[k] == a[k], k
+  # Process 0 refuses the now non-empty directory: both processes exit 2 with its one line
+  # (none waits forever at a barrier), and nothing there changes.
+  before = sorted(p.relative_to(two) for p in two.rglob("*"))
+  with _two_processes([*args, f"--output_dir={two}"]) as procs:
+    results = _wait(procs, returncode=2)
+  for _, err in results:
+    assert "is not empty" in err.strip().splitlines()[-1], err
+  assert sorted(p.relative_to(two) for p in two.rglob("*")) == before
 
 
 def test_shards_are_rows_of_one_global_stream_with_per_example_draws():
