@@ -521,9 +521,7 @@ class DenoiserStage:
     if not 0.0 <= d.get("cond_dropout", 0.0) < 1.0:
       raise InputError("config.denoiser", "cond_dropout", f"must be in [0, 1), got "
                        f"{d.cond_dropout}")
-    if config.train.get("noise_levels", "per_frame") not in diffusion.NOISE_LEVELS:
-      raise InputError("config.train", "noise_levels", f"expected one of "
-                       f"{diffusion.NOISE_LEVELS}, got {config.train.noise_levels!r}")
+    noise_levels(config)
     objects_cfg = config.get("objects")
     self.object_cfg = (rollout.object_config(config) if objects_cfg is not None
                        and config.memory.backend in objects_cfg.backends else None)
@@ -696,6 +694,7 @@ class WanStage:
                        f"{want_ch} channels (memory 48 + control 48"
                        f"{' + coverage 1' if d.vace_coverage else ''}); model has "
                        f"vace={self.cfg.vace}, vace_in_channels={self.cfg.vace_in_channels}")
+    self.noise_levels = noise_levels(config)
     self.memory = memory_lib.get_backend(config.memory.backend)
     self.memory_cfg = train_memory_config(config, wan_mirage.memory_config(config),
                                           len(self._memory_sources()))
@@ -870,7 +869,8 @@ class WanStage:
     x0 = batch["target_latents"].astype(jnp.float32)
     b = x0.shape[0]
     k_sig, k_noise, k_drop, k_lora = jax.random.split(rng, 4)
-    sigmas = self.wm.sample_sigmas(k_sig, b, self.num_target, d.time_shift, d.first_frame_clean)
+    sigmas = self.wm.sample_sigmas(k_sig, b, self.num_target, d.time_shift, d.first_frame_clean,
+                                   *self.noise_levels)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     noisy = self.wm.add_noise(x0, noise, sigmas)
     memory, coverage = self.memory_read(batch)
@@ -904,6 +904,19 @@ class WanStage:
     # for activations; the frozen weights' gradients are not formed, but the trainable ones
     # are: 3x forward is the usual upper bound.
     return 3.0 * fwd
+
+
+def noise_levels(config: ml_collections.ConfigDict) -> tuple[str, float]:
+  """``config.train.noise_levels`` (default 'per_frame') and ``noise_levels_mixed_prob``
+  (default 0.5), checked."""
+  tr = config.train
+  scheme, prob = tr.get("noise_levels", "per_frame"), tr.get("noise_levels_mixed_prob", 0.5)
+  if scheme not in diffusion.NOISE_LEVELS:
+    raise InputError("config.train", "noise_levels", f"expected one of "
+                     f"{diffusion.NOISE_LEVELS}, got {scheme!r}")
+  if not 0.0 <= prob <= 1.0:
+    raise InputError("config.train", "noise_levels_mixed_prob", f"must be in [0, 1], got {prob!r}")
+  return scheme, float(prob)
 
 
 def train_memory_config(config: ml_collections.ConfigDict, cfg: memory_lib.MemoryConfig,

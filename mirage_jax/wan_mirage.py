@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from mirage_jax import diffusion
 from mirage_jax.errors import InputError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -87,13 +88,29 @@ def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
 
 
 def sample_sigmas(rng: jax.Array, batch: int, target_frames: int, shift: float = 5.0,
-                  first_clean: bool = True) -> jax.Array:
-  """Training noise levels of the target frames: U(0, 1) per frame, shifted, frame 0 clean.
+                  first_clean: bool = True, scheme: str = "per_frame",
+                  mixed_prob: float = 0.5) -> jax.Array:
+  """Training noise levels of the target frames: U(0, 1), shifted, frame 0 clean.
+
+  ``scheme`` (``diffusion.NOISE_LEVELS``): 'per_frame' (the reference's) draws each frame's
+  level; 'per_example' gives all target frames of an example one level (as the sampler
+  moves them); 'mixed' does so with probability ``mixed_prob`` per example, per frame
+  otherwise. With ``first_clean`` frame 0 is 0 under every scheme.
 
   Returns:
     (B, T) float32 sigmas in [0, 1].
   """
-  sigma = shift_sigma(jax.random.uniform(rng, (batch, target_frames), jnp.float32), shift)
+  if scheme not in diffusion.NOISE_LEVELS:
+    raise ValueError(f"unknown noise-level scheme {scheme!r}; known: {diffusion.NOISE_LEVELS}")
+  if scheme == "per_frame":  # the same draw as before the other schemes existed
+    sigma = shift_sigma(jax.random.uniform(rng, (batch, target_frames), jnp.float32), shift)
+  else:
+    k_sigma, k_mix = jax.random.split(rng)
+    sigma = shift_sigma(jax.random.uniform(k_sigma, (batch, target_frames), jnp.float32), shift)
+    shared = jnp.broadcast_to(sigma[:, -1:], sigma.shape)  # the last frame is never the clean one
+    together = (jnp.ones((batch, 1), bool) if scheme == "per_example"
+                else jax.random.uniform(k_mix, (batch, 1)) < mixed_prob)
+    sigma = jnp.where(together, shared, sigma)
   if first_clean:
     sigma = sigma.at[:, 0].set(0.0)
   return sigma

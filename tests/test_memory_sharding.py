@@ -62,25 +62,30 @@ def test_denoiser_memory_write_read_has_no_collective(mesh):
     np.testing.assert_allclose(np.asarray(out[k]), np.asarray(expected[k]), rtol=1e-5, atol=1e-5)
 
 
-def test_wan_memory_read_has_no_collective():
-  config = _mesh_config(mirage_wan22_5b.get_config("tiny"), fsdp=8)
-  config.data.batch_size = 8
-  stage = train.WanStage(config, "abstract")
-  mesh = train.build_mesh(config)
-  setup = train.make_setup(config, stage, mesh)
-  rng = np.random.default_rng(0)
+def wan_memory_batch(stage, seed: int = 0) -> dict:
+  """Random latents and depths, cameras stepping sideways (reads see shifted content)."""
+  rng = np.random.default_rng(seed)
   shapes = stage.batch_shapes()
   b, f = shapes["target_latents"][0][0], shapes["intrinsics"][0][1]
   h, w = stage.latent_hw
   K = np.broadcast_to(np.array([[16.0 * w, 0, 8.0 * w], [0, 16.0 * w, 8.0 * h], [0, 0, 1]],
                                np.float32), (b, f, 3, 3))
   c2w = np.broadcast_to(np.eye(4, dtype=np.float32), (b, f, 4, 4)).copy()
-  c2w[:, :, 0, 3] = rng.uniform(-0.2, 0.2, (b, f))  # sideways steps: reads see shifted content
+  c2w[:, :, 0, 3] = rng.uniform(-0.2, 0.2, (b, f))
   batch = {"target_latents": rng.normal(size=shapes["target_latents"][0]).astype(np.float32),
            "preceding_latents": rng.normal(size=shapes["preceding_latents"][0]).astype(np.float32),
            "depths": rng.uniform(1.0, 3.0, (b, f, h, w)).astype(np.float32),
            "static_masks": np.ones((b, f, h, w), bool), "intrinsics": K, "poses_c2w": c2w}
-  batch = jax.tree.map(jnp.asarray, batch)
+  return jax.tree.map(jnp.asarray, batch)
+
+
+def test_wan_memory_read_has_no_collective():
+  config = _mesh_config(mirage_wan22_5b.get_config("tiny"), fsdp=8)
+  config.data.batch_size = 8
+  stage = train.WanStage(config, "abstract")
+  mesh = train.build_mesh(config)
+  setup = train.make_setup(config, stage, mesh)
+  batch = wan_memory_batch(stage)
   expected = jax.jit(stage.memory_read)(batch)
   with setup.context():
     batch_sh = _batch_sharded(mesh, setup, batch)

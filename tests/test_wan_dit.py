@@ -357,7 +357,7 @@ def test_bfloat16_close_to_float32():
   cfg = _tiny()
   weights = _random_original(cfg, seed=12)
   f32 = _ours(cfg, weights)
-  b16 = _ours(_tiny(dtype="bfloat16"), weights)
+  b16 = _ours(_tiny(precision="bf16"), weights)
   latents, text, vace = _inputs(cfg, seed=13, b=1, f=3)
   args = (jnp.asarray(latents), jnp.full((1, 3), 500.0), jnp.asarray(text))
   a = _forward(f32, *args, jnp.asarray(vace))

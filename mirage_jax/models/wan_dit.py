@@ -33,8 +33,12 @@ with numpy and stored as float32 constants. The time embedding depends on traced
 :func:`sinusoidal_embedding` evaluates it in float32 with exact-product argument splitting
 and a three-part 2*pi reduction (max abs error vs float64 4.3e-7 for t in [0, 1000], where a
 plain float32 ``cos(t * f)`` is off by up to ~6e-5; measured in tests/test_wan_dit.py).
-With ``dtype='bfloat16'`` matmuls, attention and the residual stream run in bf16 (as the
-reference does), while norms, RoPE and the modulation arithmetic run in float32.
+``precision`` (``denoiser.PRECISIONS``, as the small family): 'bf16' runs matmuls,
+attention and the residual stream in bf16 (as the reference does), 'f32' all in float32,
+'f32_residual' bf16 matmuls and attention but a float32 residual stream (between and
+inside blocks, and the VACE branch's); norms, RoPE and the modulation arithmetic are
+float32 under every policy. Configs from before the field have ``dtype`` (both the compute
+and the stream dtype).
 
 Layers are stacked (leading ``layers`` axis, ``nnx.vmap``) and run with ``jax.lax.scan``
 (or a Python loop, ``scan_layers=False``) under ``layers.maybe_remat``.
@@ -53,6 +57,7 @@ from flax import nnx, traverse_util
 
 from mirage_jax.errors import InputError
 from mirage_jax.models import attention as attention_lib
+from mirage_jax.models.denoiser import precision_dtypes
 from mirage_jax.models import layers
 from mirage_jax.models import original_layout as ol
 from mirage_jax.sharding import constrain
@@ -98,7 +103,7 @@ def wan_dit_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     cfg.lora_alpha = 32.0
     # The reference trains with per-block gradient checkpointing (saves block inputs only).
     cfg.remat = "full"
-    cfg.dtype = "bfloat16"
+    cfg.precision = "bf16"
   elif variant == "tiny":
     cfg.dim = 48
     cfg.num_layers = 4
@@ -109,7 +114,7 @@ def wan_dit_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     cfg.lora_rank = 0
     cfg.lora_alpha = 8.0
     cfg.remat = "none"
-    cfg.dtype = "float32"
+    cfg.precision = "f32"
   else:
     raise ValueError(f"unknown wan_dit variant {variant!r}; known: ['ti2v_5b', 'tiny']")
   return cfg
@@ -132,6 +137,7 @@ def _validate(cfg) -> None:
     if not v or v[0] != 0 or list(v) != sorted(set(v)) or v[-1] >= cfg.num_layers:
       raise ValueError(f"wan_dit: vace_layers {v} must be increasing, start at 0 and be "
                        f"< num_layers {cfg.num_layers}")
+  precision_dtypes(cfg)  # raises on an unknown policy
   if cfg.lora_rank < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
     raise ValueError(f"wan_dit: bad LoRA settings rank {cfg.lora_rank}, "
                      f"dropout {cfg.lora_dropout}")
@@ -384,6 +390,7 @@ class Block(nnx.Module):
     self.ffn_out = Linear((cfg.ffn_dim,), (d,), ("mlp",), ("embed",), **lkw)
     self.eps = cfg.eps
     self.dtype = dtype
+    self.residual_dtype = precision_dtypes(cfg)[1]
 
   def __call__(self, x: jax.Array, text: jax.Array, t_mod: jax.Array,
                rope: tuple[jax.Array, jax.Array], key: jax.Array | None = None) -> jax.Array:
@@ -396,7 +403,7 @@ class Block(nnx.Module):
       rope: cos, sin (F * P, head_dim / 2).
       key: PRNG key for this block's LoRA dropout, or None.
     Returns:
-      (B, F * P, dim) in ``dtype``.
+      (B, F * P, dim) in the residual dtype (``precision``).
     """
     b, n, d = x.shape
     f = t_mod.shape[1]
@@ -408,16 +415,16 @@ class Block(nnx.Module):
 
     y = tokens(_layer_norm(frames(x), self.eps) * (1.0 + sc1) + sh1).astype(self.dtype)
     y = self.self_attn(y, y, rope, keys[0:4])
-    x = (x + tokens(frames(y.astype(jnp.float32)) * g1)).astype(self.dtype)
+    x = (x + tokens(frames(y.astype(jnp.float32)) * g1)).astype(self.residual_dtype)
 
     y = _layer_norm(x, self.eps) * self.norm3_scale[...] + self.norm3_bias[...]
     x = x + self.cross_attn(y.astype(self.dtype), text, None, keys[4:8])
-    x = constrain(x.astype(self.dtype), _TOKENS)
+    x = constrain(x.astype(self.residual_dtype), _TOKENS)
 
     y = tokens(_layer_norm(frames(x), self.eps) * (1.0 + sc2) + sh2).astype(self.dtype)
     y = jax.nn.gelu(self.ffn_in(y, keys[8]), approximate=True)
     y = self.ffn_out(constrain(y, ("batch", "tokens", "act_mlp")), keys[9])
-    x = (x + tokens(frames(y.astype(jnp.float32)) * g2)).astype(self.dtype)
+    x = (x + tokens(frames(y.astype(jnp.float32)) * g2)).astype(self.residual_dtype)
     return constrain(x, _TOKENS)
 
 
@@ -480,7 +487,7 @@ class WanDiT(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     _validate(cfg)
     self.cfg = cfg
-    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    (dtype, self.residual_dtype), param_dtype = precision_dtypes(cfg), jnp.dtype(cfg.param_dtype)
     d = cfg.dim
     patch = math.prod(cfg.patch_size)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -594,7 +601,8 @@ class WanDiT(nnx.Module):
     start = num_reference * per_frame  # first non-reference token
     d = cfg.dim
 
-    x = constrain(self.patch_embedding(_patchify(latents, cfg.patch_size)), _TOKENS)
+    x = self.patch_embedding(_patchify(latents, cfg.patch_size)).astype(self.residual_dtype)
+    x = constrain(x, _TOKENS)
     t = self.time_out(jax.nn.silu(self.time_in(
         sinusoidal_embedding(timesteps, cfg.freq_dim).astype(self.dtype))))  # (B, F, d)
     t_mod = self.time_projection(jax.nn.silu(t)).reshape(b, f, 6, d)
