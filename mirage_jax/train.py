@@ -446,6 +446,8 @@ def _count(jaxpr) -> float:
       per_output = rhs.shape[spec[1]] * math.prod(rhs.shape[i] for i in spec[2:])
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
     times = eqn.params.get("length", 1) if name == "scan" else 1
+    if name == "pallas_call":  # a kernel's body runs once per grid point (splash attention)
+      times = math.prod(n for n in eqn.params["grid_mapping"].grid if isinstance(n, int))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         inner = getattr(sub, "jaxpr", sub)

@@ -138,3 +138,22 @@ def test_splash_compiles_for_v5p_with_context_parallelism():
   assert "tpu_custom_call" in text  # the Pallas kernel, not XLA's attention
   assert compiled.memory_analysis().temp_size_in_bytes > 0
   assert attn.resolve("auto") == "xla"  # outside the TPU mesh: this host's CPU
+
+
+def test_executed_flops_count_a_kernel_body_once_per_grid_point():
+  """The roofline's executed FLOPs see inside a Pallas kernel (splash attention is one)."""
+  from jax.experimental import pallas as pl
+  from mirage_jax import train
+
+  def kernel(x_ref, y_ref, o_ref):
+    o_ref[...] = x_ref[...] @ y_ref[...]
+
+  def matmul(x, y):  # (256, 64) @ (64, 128) in 2 row blocks
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((256, 128), jnp.float32), grid=(2,),
+        in_specs=[pl.BlockSpec((128, 64), lambda i: (i, 0)),
+                  pl.BlockSpec((64, 128), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((128, 128), lambda i: (i, 0)), interpret=True)(x, y)
+
+  flops = train.jaxpr_flops(matmul, jnp.ones((256, 64)), jnp.ones((64, 128)))
+  assert flops == 2 * 256 * 64 * 128
