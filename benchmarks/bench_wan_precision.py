@@ -1,0 +1,89 @@
+"""Wan DiT precision policy (issue 15) on the tiny Wan family: CPU step time and loss.
+
+  python benchmarks/bench_wan_precision.py --steps=20
+
+``experiments/mirage_wan22_5b.py:tiny`` (random frozen base, VACE trained), one random
+latent batch repeated, this host's default devices; cases ``denoiser.model.precision`` =
+f32, f32_residual, bf16. Prints one JSON line per case: compile (first step) time, mean
+step time over ``--steps`` steps, the last step's loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per case.")
+_CASES = flags.DEFINE_list("cases", ["f32", "f32_residual", "bf16"], "Precision policies.")
+
+
+def _batch(stage, specs):
+  """Random latents, unit-ish depths, cameras stepping sideways (the memory reads something)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  b, f = specs["intrinsics"].shape[:2]
+  h, w = stage.latent_hw
+  c2w = np.broadcast_to(np.eye(4, dtype=np.float32), (b, f, 4, 4)).copy()
+  c2w[:, :, 0, 3] = np.linspace(0.0, 0.3, f)
+  values = {"depths": rng.uniform(1.0, 3.0, (b, f, h, w)), "static_masks": np.ones((b, f, h, w)),
+            "intrinsics": np.broadcast_to(np.array([[16.0 * w, 0, 8.0 * w], [0, 16.0 * w, 8.0 * h],
+                                                    [0, 0, 1]]), (b, f, 3, 3)),
+            "poses_c2w": c2w, "has_text": np.ones((b,))}
+  out = {}
+  for k, s in specs.items():
+    x = values.get(k, rng.normal(size=s.shape) if s.size else np.zeros(s.shape))
+    out[k] = jax.device_put(np.ascontiguousarray(np.asarray(x).astype(s.dtype)), s.sharding)
+  return out
+
+
+def bench(precision: str, steps: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
+  from mirage_jax import train  # pylint: disable=g-import-not-at-top
+  config = mirage_wan22_5b.get_config("tiny")
+  config.denoiser.model.precision = precision
+  config.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)  # whatever this host has
+  stage = train.WanStage(config, "abstract")
+  model = stage.build(nnx.Rngs(0))  # random base: the step's cost does not depend on it
+  _, _, rest = nnx.split(model, stage.trainable, ...)
+  frozen = {"base": rest.to_pure_dict(),
+            **{k: jnp.zeros(v.shape, v.dtype) for k, v in stage.frozen.items() if k != "base"}}
+  stage.frozen = frozen
+  mesh = train.build_mesh(config)
+  setup = train.make_setup(config, stage, mesh)
+  state = train.init_state(config, stage, setup)
+  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  batch = _batch(stage, specs)
+  frozen = jax.device_put(frozen, setup.frozen_sharding())
+  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  with setup.context():
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, frozen)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, batch, frozen)
+    jax.block_until_ready(metrics)
+  return {"precision": precision, "devices": jax.device_count(),
+          "batch": config.data.batch_size, "first_step_s": round(compile_s, 2),
+          "step_s": round((time.perf_counter() - t0) / steps, 4), "loss": float(metrics["loss"])}
+
+
+def main(argv) -> None:
+  del argv
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  print(json.dumps({"loadavg": os.getloadavg()}), flush=True)
+  for p in _CASES.value:
+    print(json.dumps(bench(p, _STEPS.value)), flush=True)
+  print(json.dumps({"loadavg": os.getloadavg()}), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
