@@ -21,12 +21,20 @@ from flax import nnx
 from mirage_jax import checkpoint, distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
-_OUTPUT = flags.DEFINE_string("output", None, "Export directory (must not exist).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Cast floating params (default: keep).")
-_RAW = flags.DEFINE_bool("raw_params", False, "Export the raw params instead of the EMA.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_INIT_DISTRIBUTED = None  # defined under __main__: importing load_model defines no more flags
+# The command's flags are defined only when it runs as a script: ``rollout`` and others import
+# ``load_model``, and flags defined on import would clash with the importer's own.
+_FLAGS: dict[str, Any] = {}
+_INIT_DISTRIBUTED = None
+
+
+def _define_flags() -> None:
+  _FLAGS.update(
+      workdir=flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/)."),
+      output=flags.DEFINE_string("output", None, "Export directory (must not exist)."),
+      dtype=flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
+                              "Cast floating params (default: keep)."),
+      raw=flags.DEFINE_bool("raw_params", False, "Export the raw params instead of the EMA."),
+      step=flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."))
 
 
 def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
@@ -50,16 +58,17 @@ def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collect
 
 
 def _main() -> int:
-  if not _WORKDIR.value or not _OUTPUT.value:
+  workdir, output = _FLAGS["workdir"].value, _FLAGS["output"].value
+  if not workdir or not output:
     raise InputError("--workdir/--output", "workdir", "both --workdir and --output are required")
-  paths.check_reachable(_WORKDIR.value, "--workdir")
-  paths.check_reachable(_OUTPUT.value, "--output")
+  paths.check_reachable(workdir, "--workdir")
+  paths.check_reachable(output, "--output")
   _INIT_DISTRIBUTED()
   step = distributed.on_process_zero(lambda: checkpoint.export_params(
-      _WORKDIR.value, _OUTPUT.value, use_ema=not _RAW.value, dtype=_DTYPE.value,
-      step=_STEP.value), "export written")
+      workdir, output, use_ema=not _FLAGS["raw"].value, dtype=_FLAGS["dtype"].value,
+      step=_FLAGS["step"].value), "export written")
   if jax.process_index() == 0:
-    print(f"exported step {step} to {_OUTPUT.value}")
+    print(f"exported step {step} to {output}")
   return 0
 
 
@@ -69,5 +78,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   _INIT_DISTRIBUTED = distributed.define_flags()
   app.run(main, flags_parser=parse_flags)
