@@ -448,6 +448,8 @@ def _count(jaxpr) -> float:
     times = eqn.params.get("length", 1) if name == "scan" else 1
     if name == "pallas_call":  # a kernel's body runs once per grid point (splash attention)
       times = math.prod(n for n in eqn.params["grid_mapping"].grid if isinstance(n, int))
+    if name == "shard_map":  # the body is one shard's work: every shard of the manual axes runs it
+      times = math.prod(eqn.params["mesh"].shape[a] for a in eqn.params["newly_manual_axes"])
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         inner = getattr(sub, "jaxpr", sub)

@@ -157,3 +157,13 @@ def test_executed_flops_count_a_kernel_body_once_per_grid_point():
 
   flops = train.jaxpr_flops(matmul, jnp.ones((256, 64)), jnp.ones((64, 128)))
   assert flops == 2 * 256 * 64 * 128
+
+
+def test_executed_flops_count_a_shard_map_body_once_per_shard():
+  """Context-parallel attention runs in shard_map, whose body is one shard's work."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  from mirage_jax import train
+  mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+  matmul = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("x"), P()),
+                         out_specs=P("x"))
+  assert train.jaxpr_flops(matmul, jnp.ones((64, 32)), jnp.ones((32, 16))) == 2 * 64 * 32 * 16
