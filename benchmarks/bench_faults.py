@@ -8,7 +8,7 @@ random moment, SIGKILL while an async checkpoint save is being written, SIGTERM)
 0-3 steps after a (re)start, restarting after each. Prints the figures: faults injected (by kind), kills that landed during a save,
 restarts that resumed from the latest complete checkpoint, and data lost (losses that differ
 from or are missing against the uninterrupted run, corrupt checkpoints, final train state or
-data-iterator position that differ) -- all must be 0. Harness: ``tests/test_faults.py``.
+input position (the step) that differ) -- all must be 0. Harness: ``tests/test_faults.py``.
 """
 
 from __future__ import annotations

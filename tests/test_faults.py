@@ -4,7 +4,7 @@ A campaign runs the tiny trainer as a subprocess and interrupts it again and aga
 SIGKILL at a random moment, SIGKILL while an async checkpoint save is being written (a
 ``<step>.orbax-checkpoint-tmp`` folder exists), SIGTERM (must save and exit 0); after each
 fault it restarts the same command. At the end every step's loss, the final train state and
-the data iterator's position must equal an uninterrupted run's, bit for bit, and every
+the input position (derived from the step) must equal an uninterrupted run's, bit for bit, and every
 checkpoint left on disk must restore.
 
 Runs use one CPU device and a persistent compilation cache shared by the module, so only
@@ -122,8 +122,9 @@ def saves_in_progress(workdir: Path) -> set[tuple[str, int]]:
   return found
 
 
-def load_checkpoint(workdir: Path, step: int) -> tuple[dict, str]:
-  """(train state as NumPy, data iterator state as text) of one checkpoint; fails if corrupt."""
+def load_checkpoint(workdir: Path, step: int) -> dict:
+  """The train state of one checkpoint as NumPy; fails if corrupt. (No input state is saved:
+  the input position is derived from the state's step.)"""
   step_dir = workdir / "checkpoints" / str(step)
   with ocp.PyTreeCheckpointer() as ckptr:
     path = (step_dir / checkpoint.STATE).absolute()
@@ -131,9 +132,7 @@ def load_checkpoint(workdir: Path, step: int) -> tuple[dict, str]:
     abstract = checkpoint._replicated_abstract(checkpoint._tree(meta.item_metadata))  # pylint: disable=protected-access
     state = ckptr.restore(path, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=checkpoint._restore_args(abstract)))  # pylint: disable=protected-access
-  data = "".join(p.read_text() for p in sorted((step_dir / checkpoint.DATA).glob("*.json")))
-  assert data, f"{step_dir}: no data iterator state"
-  return jax.tree.map(np.asarray, state), data
+  return jax.tree.map(np.asarray, state)
 
 
 # ----------------------------------------------------------------------------- the campaign
@@ -248,10 +247,10 @@ def check_against(reference: Path, workdir: Path, steps: int = STEPS) -> dict[st
       corrupt += 1
   final_ref, final_got = load_checkpoint(reference, steps), load_checkpoint(workdir, steps)
   state_differs = int(any(jax.tree.leaves(jax.tree.map(
-      lambda a, b: not np.array_equal(a, b), final_ref[0], final_got[0]))))
+      lambda a, b: not np.array_equal(a, b), final_ref, final_got))))
   return dict(wrong_or_missing_losses=wrong_losses, corrupt_checkpoints=corrupt,
               final_state_differs=state_differs,
-              data_position_differs=int(final_ref[1] != final_got[1]))
+              data_position_differs=int(final_ref["step"] != final_got["step"]))
 
 
 # ----------------------------------------------------------------------------- tests
@@ -309,5 +308,5 @@ def test_halt_on_nonfinite_names_step_and_batch_and_keeps_the_last_good_checkpoi
   clip_index = [int(i) for i in found.group(2).split(",")]
   assert len(clip_index) == 8 and all(0 <= i < 8 for i in clip_index)  # train records
   assert complete_steps(workdir) == [1]
-  state, _ = load_checkpoint(workdir, 1)
+  state = load_checkpoint(workdir, 1)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
