@@ -67,6 +67,25 @@ def synthetic_batch(specs: dict) -> dict:
           for k, s in specs.items()}
 
 
+def time_steps(setup, step, state, batch, frozen, steps: int):
+  """Runs ``step`` once (compile + first step), then ``steps`` more on the same batch.
+
+  Returns:
+    (first step seconds, mean seconds of the timed steps, the last state, its metrics).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  with setup.context():
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch, frozen)
+    jax.block_until_ready(metrics)
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step(state, batch, frozen)
+    jax.block_until_ready(metrics)
+  return first_s, (time.perf_counter() - t0) / steps, state, metrics
+
+
 def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: float) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -86,16 +105,7 @@ def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: flo
   batch = synthetic_batch(specs)
   frozen = jax.device_put(stage.frozen, NamedSharding(mesh, PartitionSpec()))
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
-  with setup.context():
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch, frozen)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step(state, batch, frozen)
-    jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - t0) / steps
+  compile_s, seconds, state, metrics = time_steps(setup, step, state, batch, frozen, steps)
   flops = stage.step_flops(config.data.batch_size)
   params = sum(x.size for x in jax.tree.leaves(state["params"]))
   return {"case": f"{name}:{stage_name}", "devices": jax.device_count(),

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import sys
 
 from absl import app, flags
 
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per case.")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.FLAGS.set_default("steps", 20)  # bench_train's --steps: timed steps per case
 _CASES = flags.DEFINE_list("cases", ["f32", "f32_residual", "bf16"], "Precision policies.")
 
 
@@ -62,18 +65,10 @@ def bench(precision: str, steps: int) -> dict:
   batch = _batch(stage, specs)
   frozen = jax.device_put(frozen, setup.frozen_sharding())
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
-  with setup.context():
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch, frozen)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step(state, batch, frozen)
-    jax.block_until_ready(metrics)
+  compile_s, step_s, _, metrics = bench_train.time_steps(setup, step, state, batch, frozen, steps)
   return {"precision": precision, "devices": jax.device_count(),
           "batch": config.data.batch_size, "first_step_s": round(compile_s, 2),
-          "step_s": round((time.perf_counter() - t0) / steps, 4), "loss": float(metrics["loss"])}
+          "step_s": round(step_s, 4), "loss": float(metrics["loss"])}
 
 
 def main(argv) -> None:
@@ -81,7 +76,7 @@ def main(argv) -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   print(json.dumps({"loadavg": os.getloadavg()}), flush=True)
   for p in _CASES.value:
-    print(json.dumps(bench(p, _STEPS.value)), flush=True)
+    print(json.dumps(bench(p, flags.FLAGS.steps)), flush=True)
   print(json.dumps({"loadavg": os.getloadavg()}), flush=True)
 
 
