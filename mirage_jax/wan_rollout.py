@@ -44,11 +44,27 @@ empty-prompt embedding is used; it is all zeros unless a file with the real one 
 is given (``--empty_text_embedding``, or the config's ``denoiser.empty_text``). No text
 encoder runs here.
 
-Shapes. Chunk 0 has (R, P) = (0, 0); later chunks P fixed and R in 0..max (the reference's
-number of references passing the IoU threshold), so a trajectory of any length compiles at
-most ``max_references + 2`` chunk functions, each once. The last chunk is padded to L latents
-with the last camera (as the reference cannot: it shortens its last chunk); padded latents
-are neither written to memory nor returned.
+Shapes. Every chunk is ONE jitted call with fixed shapes (:meth:`WanRollout._chunk_impl`:
+read -> retrieve -> the whole sampler -> decode -> write, no host sync inside): the DiT always
+sees R = min(reference_frames, reference_bank) reference slots and P preceding slots. The
+references that pass retrieval are right-aligned against the target (RoPE times -n..-1, as
+the reference gives n references), the preceding latents that exist left-aligned after it;
+the other slots are padding, and ``WanDiT``'s ``frame_mask`` keeps every token from
+attending to them (main and VACE self-attention are the only token mixing), so a chunk
+equals the one with exactly its real frames (tests/test_wan_batched.py). Chunk 0 is the
+same step with every slot padded (the control video of L + P latents starts as that of L:
+the VAE is causal in time). The last chunk is padded to L latents with the last camera (as
+the reference cannot: it shortens its last chunk); padded latents are neither written to
+memory nor returned. Frame 0's latent is written before chunk 0 twice (the reference writes
+it from the geometry, then again as chunk 0's latent 0, which the sampler keeps equal to it).
+
+Batching (:meth:`WanRollout.generate_batch`, as the small family's
+``rollout.Rollout.generate_batch``): the chunk step is vmapped over trajectories, the
+trajectory axis sharded over the mesh's batch axes; trajectories of different lengths are
+padded to the most chunks, a chunk past a trajectory's end changes nothing of its state, and
+a batch of any lengths reuses the one compiled step. The host syncs once, after the first
+chunk (compilation); ``timed`` (``generate``'s timings) blocks after every chunk. Ground
+truth for the oracle row is encoded outside the step.
 
 Every backend is written with everything generated (the reference's rule; the small
 family's ``write_new_only`` and dynamic masking are not applied), and ``rgb_points`` is not
@@ -64,6 +80,7 @@ frustum at the time it was written) and keeps a ring buffer of ``reference_bank`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -74,9 +91,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mirage_jax import diffusion, geometry, wan_mirage
+from mirage_jax import diffusion, wan_mirage
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 
@@ -242,20 +260,15 @@ class WanRollout:
     # No caption: the empty prompt, as the reference's "" (its embedding, zeros by default).
     self.text = jnp.asarray(pad(text))[None] if text is not None else self.empty_text
     self.vae = vae
+    self.vae_graphdef, self.vae_state = nnx.split(vae)
     self.dit_graphdef, self.dit_state = nnx.split(dit)
     self.backend = memory_lib.get_backend(self.backend_name, encode_fn=self._no_rgb_encoder)
-    self._read = jax.jit(self.backend.read)
-    self._write = jax.jit(self.backend.write)
-    self._sample = jax.jit(self._sample_impl)
+    self._sample = jax.jit(self._sample_impl)  # sample_chunk's (unpadded) path
     self._control: dict[int, jax.Array] = {}
-    if self.settings.max_references:
-      from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-      self._bank_init = lambda: rollout.reference_bank_init(self.memory_cfg,
-                                                            self.settings.reference_bank)
-      self._bank_write = jax.jit(memory_lib.baselines.frame_bank_write)
-      k = min(self.settings.max_references, self.settings.reference_bank)
-      self._retrieve = jax.jit(lambda bank, K, c2w: rollout.retrieve_references(
-          bank, bank.valid, K, c2w, k))
+    st = self.settings
+    # R: reference slots of every chunk (the retrieved ones, padded).
+    self.num_references = min(st.max_references, st.reference_bank) if st.max_references else 0
+    self._per_mesh: dict[Any, dict[str, Any]] = {}  # jitted functions (see _functions)
 
   def _no_rgb_encoder(self, rgb01):
     raise InputError("--memory", "memory", "rgb_points re-encodes rendered RGB, which the Wan "
@@ -274,13 +287,15 @@ class WanRollout:
     """Memory reads of target + preceding frames (F, h, w, 48) -> VACE input (1, F, h, w, 96)."""
     return wan_mirage.vace_context(scene.astype(jnp.float32)[None], self.control(scene.shape[0]))
 
-  def _sample_impl(self, dit_state, noise, first, references, preceding, vace, text, empty_text):
+  def _sample_impl(self, dit_state, noise, first, references, preceding, vace, text, empty_text,
+                   frame_mask=None):
     """One chunk's latents from noise.
 
     Args:
       noise: (1, L, h, w, 48). first: (1, 1, h, w, 48) the clean latent 0.
       references: (1, R, h, w, 48). preceding: (1, P, h, w, 48) clean latents.
       vace: (1, L + P, h, w, 96). text, empty_text: (1, text_len, text_dim).
+      frame_mask: optional (1, R + L + P) bool, False = a padding slot (``WanDiT``).
     Returns:
       (1, L, h, w, 48) float32, latent 0 = ``first``.
     """
@@ -293,7 +308,8 @@ class WanRollout:
       # through sigma (1000 * (989 / 1000) is 989.00006 in float32).
       t = jnp.round(wan_mirage.frame_timesteps(sigma.at[:, 0].set(0.0), r, p))
       out = dit(wan_mirage.assemble(references, x, preceding), t,
-                text if conditioned else empty_text, num_reference=r, vace_context=vace)
+                text if conditioned else empty_text, num_reference=r, vace_context=vace,
+                frame_mask=frame_mask)
       return out[:, r:r + length]
 
     put_first = lambda x: x.at[:, :1].set(first.astype(x.dtype))
@@ -342,6 +358,148 @@ class WanRollout:
     return [memory_lib.latent_frame_indices(st.chunk_frames, st.temporal, start=i * st.new_frames)
             for i in range(chunks)]
 
+  # --------------------------------------------------------------------------- one chunk step
+
+  def _start_impl(self, vae_state, state, frame0, depth0, K0, c2w0, rng):
+    """Frame 0 of one trajectory: the carry of :meth:`_chunk_impl`.
+
+    Frame 0's latent is written into the memory twice, as the reference does (its
+    ``LatentPointCloud.from_geometry``, then again as chunk 0's latent 0, which the sampler
+    keeps equal to it), and once into the reference bank (chunk 0's latent 0).
+
+    Args:
+      state: the memory state frame 0 is written into (empty or pre-filled).
+      frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric. K0: (3, 3). c2w0: (4, 4).
+      rng: (2,) uint32 key data of the trajectory's sampling key.
+    Returns:
+      dict of memory, bank (with references), hist (P + 1, h, w, 48) float32 the last
+      generated latents, newest last (here frame 0's only), hist_scene (P + 1, h, w, 48) the
+      memory read each was generated with, count () int32 latents generated so far, rng.
+    """
+    vae = nnx.merge(self.vae_graphdef, vae_state)
+    lat0 = vae.tiled_encode(frame0[None, None])[0].astype(jnp.float32)  # (1, h, w, 48)
+    K, c2w, depth = K0[None], c2w0[None], depth0[None]
+    every = jnp.ones((1,) + self.image_hw, bool)
+    ids = jnp.zeros((1,), jnp.int32)
+    memory = self.backend.write(state, lat0, depth, K, c2w, every, ids)
+    memory = self.backend.write(memory, lat0, depth, K, c2w, every, ids)
+    n = self.settings.preceding_latents + 1
+    carry = dict(memory=memory, hist=jnp.repeat(lat0, n, 0), hist_scene=jnp.zeros((n,) + lat0.shape[1:]),
+                 count=jnp.ones((), jnp.int32), rng=rng)
+    if self.num_references:
+      from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+      bank = rollout.reference_bank_init(self.memory_cfg, self.settings.reference_bank)
+      carry["bank"] = memory_lib.baselines.frame_bank_write(bank, lat0, depth, K, c2w, every, ids)
+    return carry
+
+  def _chunk_impl(self, vae_state, dit_state, control, text, empty_text, carry, chunk, *,
+                  oracle: bool):
+    """One chunk of one trajectory with fixed shapes: read -> sample -> decode -> write.
+
+    The DiT always sees ``[R references | L target | P preceding]``: the references that
+    passed retrieval right-aligned against the target, the preceding latents that exist
+    left-aligned after it, the other slots padding that ``frame_mask`` hides from every
+    token (``WanDiT``). So real frames keep the RoPE positions they have without padding,
+    and the result equals the chunk with exactly those frames (tests/test_wan_batched.py).
+
+    Args:
+      control: (L + P, h, w, 48) encoded all-ones video. text, empty_text: (1, Lt, D).
+      carry: as :meth:`_start_impl` returns it.
+      chunk: K (L, 3, 3), c2w (L, 4, 4), depth (L, H, W) the given depth of each latent's
+        video frame, frame (L,) int32 those video frames (unclipped; cameras and depths
+        past the trajectory's end repeat its last), first () bool chunk 0, real () int32
+        latents 1..real lie inside the trajectory (the others are never written), active ()
+        bool the chunk belongs to the trajectory (else nothing of the carry changes). With
+        ``oracle``: use (L,) bool latents written from ground truth, o_lat (L, h, w, 48).
+      oracle: static; without it nothing is written from ground truth.
+    Returns:
+      the new carry; outputs: rgb (4L - 3, H, W, 3) in [-1, 1], coverage (L, h, w) bool,
+      latents (L, h, w, 48) float32, references () int32 references used.
+    """
+    st = self.settings
+    L, P, R = st.latents, st.preceding_latents, self.num_references
+    Kc, c2wc = chunk["K"], chunk["c2w"]
+    mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
+    scene = jnp.where(cov[..., None], mem.astype(jnp.float32), 0.0)
+    hist, count = carry["hist"], carry["count"]
+    # Chunk 0's latent 0 is frame 0's: it is generated with this chunk's read.
+    hist_scene = jnp.where(chunk["first"], carry["hist_scene"].at[-1].set(scene[0]),
+                           carry["hist_scene"])
+    # Preceding: the n_p <= P latents before the newest, oldest first, then padding.
+    n_p = jnp.clip(count - 1, 0, P)
+    take = jnp.clip(P - n_p + jnp.arange(P), 0, P)
+    prec, prec_scene = hist[take], hist_scene[take]
+    refs = jnp.zeros((R,) + scene.shape[1:], jnp.float32)
+    n_r = jnp.zeros((), jnp.int32)
+    if R:
+      from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+      bank = carry["bank"]
+      found_lat, _, _, _, found = rollout.retrieve_references(bank, bank.valid, Kc, c2wc, R)
+      # found is a prefix (best first); chunk 0 takes none, as the reference.
+      n_r = jnp.where(chunk["first"], 0, jnp.sum(found)).astype(jnp.int32)
+      refs = found_lat[jnp.clip(jnp.arange(R) - (R - n_r), 0, R - 1)]
+    frame_mask = jnp.concatenate([jnp.arange(R) >= R - n_r, jnp.ones((L,), bool),
+                                  jnp.arange(P) < n_p])
+    vace = wan_mirage.vace_context(jnp.concatenate([scene, prec_scene], 0)[None], control)
+    key, sub = jax.random.split(jax.random.wrap_key_data(carry["rng"]))
+    noise = jax.random.normal(sub, (1, L) + scene.shape[1:], jnp.float32)
+    lat = self._sample_impl(dit_state, noise, hist[-1][None, None], refs[None], prec[None], vace,
+                            text, empty_text, frame_mask[None])[0]
+    rgb = nnx.merge(self.vae_graphdef, vae_state).tiled_decode(lat[None])[0]
+
+    # Latents 1.. are new (chunk 0's latent 0 is frame 0's, written by _start_impl).
+    w_lat = lat[1:]
+    if oracle:
+      w_lat = jnp.where(chunk["use"][1:, None, None, None], chunk["o_lat"][1:], w_lat)
+    real = jnp.arange(1, L) <= chunk["real"]
+    static = jnp.broadcast_to(real[:, None, None], (L - 1,) + self.image_hw)
+    write = (chunk["depth"][1:], Kc[1:], c2wc[1:], static, chunk["frame"][1:])
+    new = dict(carry, rng=jax.random.key_data(key),
+               memory=self.backend.write(carry["memory"], w_lat, *write))
+    if R:  # padded latents take a slot with no valid point: nothing retrieves them
+      new["bank"] = memory_lib.baselines.frame_bank_write(carry["bank"], w_lat, *write)
+    # The last P + 1 of [history, the chunk's real new latents] (generated, not ground truth).
+    last = lambda old, x: jax.lax.dynamic_slice_in_dim(jnp.concatenate([old, x], 0),
+                                                       chunk["real"], P + 1)
+    new.update(hist=last(hist, lat[1:]), hist_scene=last(hist_scene, scene[1:]),
+               count=count + chunk["real"])
+    new = jax.tree.map(lambda a, b: jnp.where(chunk["active"], a, b), new, carry)
+    return new, dict(rgb=rgb, coverage=cov, latents=lat, references=n_r)
+
+  def _encode_impl(self, vae_state, frames):
+    """(F, H, W, 3) in [-1, 1], F = 4k + 1 -> (k + 1, h, w, 48) float32 latents (tiled)."""
+    vae = nnx.merge(self.vae_graphdef, vae_state)
+    return vae.tiled_encode(frames[None])[0].astype(jnp.float32)
+
+  def _functions(self, mesh) -> dict[str, Any]:
+    """The jitted, trajectory-batched (vmapped) functions on ``mesh`` (built once per mesh).
+
+    The trajectory axis is sharded over the mesh's batch axes (``rollout.batch_sharding``),
+    the parameters are replicated: trajectories are independent, so no collective runs.
+    """
+    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+    if mesh not in self._per_mesh:
+      rep, bat = NamedSharding(mesh, PartitionSpec()), rollout.batch_sharding(mesh)
+      params = (rep,) * 5
+      step = lambda oracle: jax.jit(
+          jax.vmap(functools.partial(self._chunk_impl, oracle=oracle),
+                   in_axes=(None,) * 5 + (0, 0)),
+          in_shardings=params + (bat, bat), out_shardings=bat)
+      st = self.settings
+      self._per_mesh[mesh] = dict(
+          params=jax.device_put((self.vae_state, self.dit_state,
+                                 self.control(st.latents + st.preceding_latents),
+                                 self.text, self.empty_text), rep),
+          start=jax.jit(jax.vmap(self._start_impl, in_axes=(None,) + (0,) * 6),
+                        in_shardings=(rep,) + (bat,) * 6, out_shardings=bat),
+          step={False: step(False), True: step(True)},
+          encode=jax.jit(jax.vmap(self._encode_impl, in_axes=(None, 0)),
+                         in_shardings=(rep, bat), out_shardings=bat),
+          # Timed runs only: the memory's share of a chunk.
+          read=jax.jit(jax.vmap(self.backend.read), in_shardings=bat, out_shardings=bat),
+          write=jax.jit(jax.vmap(self.backend.write), in_shardings=bat, out_shardings=bat))
+    return self._per_mesh[mesh]
+
   # --------------------------------------------------------------------------- driver
 
   def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
@@ -351,6 +509,9 @@ class WanRollout:
                initial_memory: Any = None, timed: bool = False) -> dict[str, Any]:
     """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
 
+    One trajectory of :meth:`generate_batch` (the same compiled chunk step, batch 1 on one
+    device).
+
     Args:
       first_frame: (H, W, 3) uint8 or float in [-1, 1].
       first_depth: (H, W) metric depth of frame 0 (written with it; equals ``depths[0]``).
@@ -359,12 +520,11 @@ class WanRollout:
         memory with the depth of its video frame (required: see the module docstring).
       seed: sampling seed.
       oracle_frames: optional ground truth ``(frames (N, H, W, 3) uint8, depths (N, H, W))``:
-        latents of video frames < N are written from the ground truth chunk encoded by the
-        VAE instead of the generated ones (evaluation bounds).
+        latents 1.. of a chunk at video frames < N are written from the ground truth chunk
+        encoded by the VAE instead of the generated ones (evaluation bounds).
       initial_memory: optional memory state to start from (frame 0 is written into it).
-      timed: block inside every chunk to time its memory and whole-chunk seconds
-        (``timings``); otherwise only the first chunk syncs (compilation), and the host
-        waits on a chunk only where the number of retrieved references is needed.
+      timed: block after every chunk and time it, then the backend's read + write of the
+        chunk alone (``timings``); otherwise only the first chunk syncs (compilation).
     Returns:
       dict with frames (T, H, W, 3) uint8 (frame 0 = the decoded first-frame latent), depths
       None (the Wan VAE decodes RGB only), coverage (T, h, w) float32 (memory coverage of the
@@ -375,133 +535,212 @@ class WanRollout:
       before chunk 0 is not listed), and for the callers of the small family: dynamic (T, h, w)
       zeros, object_positions (T, 0, 3), object_idents (T, 0), object_bytes 0.
     """
+    return self.generate_batch([first_frame], [first_depth], [intrinsics], [poses_c2w],
+                               depths=None if depths is None else [depths], seeds=[seed],
+                               progress=progress, oracle_frames=[oracle_frames],
+                               initial_memory=initial_memory, timed=timed)[0]
+
+  def _check_trajectory(self, where: str, first_frame, first_depth, intrinsics, poses_c2w,
+                        depths, oracle_frames) -> None:
+    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+    # The small family's checks (they read only image_hw), then the depth of every frame.
+    rollout.Rollout._check_trajectory(self, where, first_frame, first_depth, intrinsics,  # pylint: disable=protected-access
+                                      poses_c2w, oracle_frames)
     h, w = self.image_hw
     T = poses_c2w.shape[0]
-    if first_frame.shape[:2] != (h, w) or first_depth.shape != (h, w):
-      raise InputError("generate", "first_frame", f"expected ({h}, {w}) to match the model, got "
-                       f"{first_frame.shape[:2]} and depth {first_depth.shape}")
-    if intrinsics.shape != (T, 3, 3):
-      raise InputError("generate", "intrinsics", f"expected ({T}, 3, 3), got {intrinsics.shape}")
     if depths is None:
-      raise InputError("generate", "depths", "the Wan rollout writes every latent with its "
+      raise InputError(where, "depths", "the Wan rollout writes every latent with its "
                        "frame's given depth: pass the depth of all frames")
-    depths = np.asarray(depths, np.float32)
-    if depths.shape != (T, h, w):
-      raise InputError("generate", "depths", f"expected ({T}, {h}, {w}), got {depths.shape}")
-    geometry.check_poses(poses_c2w, "generate")
-    if oracle_frames is not None:
-      gt_rgb, gt_depth = (np.asarray(a) for a in oracle_frames)
-      if gt_rgb.shape[1:] != (h, w, 3) or gt_depth.shape != gt_rgb.shape[:3] or len(gt_rgb) > T:
-        raise InputError("generate", "oracle_frames", f"expected (N <= {T}, {h}, {w}, 3) frames "
-                         f"and (N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
+    if np.shape(depths) != (T, h, w):
+      raise InputError(where, "depths", f"expected ({T}, {h}, {w}), got {np.shape(depths)}")
+
+  def generate_batch(self, first_frames, first_depths, intrinsics, poses_c2w, *, depths,
+                     seeds: int | list[int] = 0, progress: bool = True, oracle_frames=None,
+                     initial_memory: Any = None, mesh=None,
+                     timed: bool = False) -> list[dict[str, Any]]:
+    """Generates B trajectories at once: the chunk step vmapped over them, sharded on a mesh.
+
+    Per chunk, ONE jitted call advances every trajectory (memory read, reference retrieval,
+    the whole sampler, decode, memory write) with no host sync inside. Trajectories of
+    different lengths are padded to the most chunks: a chunk past a trajectory's end
+    changes nothing of its state and its outputs are dropped, so results do not depend on
+    the batch (up to float32 rounding) and a batch of any lengths reuses the same compiled
+    step (as ``rollout.Rollout.generate_batch``).
+
+    Args:
+      first_frames: B arrays (H, W, 3) uint8 or float in [-1, 1]. first_depths: B (H, W).
+      intrinsics: B arrays (T_b, 3, 3). poses_c2w: B arrays (T_b, 4, 4).
+      depths: B arrays (T_b, H, W), the given depth of every frame (required).
+      seeds: the sampling seed of each trajectory (an int: the same for all).
+      oracle_frames: None, or B entries each None or ``(frames (N_b, H, W, 3) uint8,
+        depths (N_b, H, W))`` (see :meth:`generate`).
+      initial_memory: one memory state every trajectory starts from.
+      mesh: the trajectory axis is sharded over its batch axes (padded with empty
+        trajectories to a multiple of their size); default ``rollout.trajectory_mesh``.
+      timed: see :meth:`generate`.
+    Returns:
+      B dicts as :meth:`generate` returns.
+    """
+    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+    B = len(poses_c2w)
+    seeds = [int(seeds)] * B if np.isscalar(seeds) else [int(s) for s in seeds]
+    oracle_frames = [None] * B if oracle_frames is None else list(oracle_frames)
+    depths = [None] * B if depths is None else list(depths)
+    if not (len(first_frames) == len(first_depths) == len(intrinsics) == len(seeds)
+            == len(oracle_frames) == len(depths) == B >= 1):
+      raise InputError("generate", "trajectories", "need as many first frames, depths, "
+                       "intrinsics, poses, seeds and oracle entries (at least one)")
+    for b in range(B):
+      self._check_trajectory("generate" if B == 1 else f"generate[{b}]", first_frames[b],
+                             first_depths[b], intrinsics[b], poses_c2w[b], depths[b],
+                             oracle_frames[b])
     st = self.settings
-    lh, lw = self.latent_hw
-    K = jnp.asarray(intrinsics, jnp.float32)
-    c2w = jnp.asarray(poses_c2w, jnp.float32)
-    depth_all = jnp.asarray(depths)
-    depth_all = depth_all.at[0].set(jnp.asarray(first_depth, jnp.float32))
+    L, C = st.latents, st.chunk_frames
+    frames0 = []
+    for f0 in first_frames:
+      f0 = np.asarray(f0)
+      frames0.append(f0.astype(np.float32) / 127.5 - 1.0 if f0.dtype == np.uint8
+                     else f0.astype(np.float32))
+    Ks = [np.asarray(k, np.float32) for k in intrinsics]
+    poses = [np.asarray(p, np.float32) for p in poses_c2w]
+    depths = [np.asarray(d, np.float32) for d in depths]
+    for b in range(B):  # frame 0 is written with first_depth
+      depths[b] = depths[b].copy()
+      depths[b][0] = np.asarray(first_depths[b], np.float32)
+    gts = [None if o is None else tuple(np.asarray(a) for a in o) for o in oracle_frames]
+    given = np.array([0 if g is None else len(g[0]) for g in gts])
 
-    lat0 = self.encode(np.asarray(first_frame)[None])  # (1, h, w, 48)
-    state = self.backend.init(self.memory_cfg) if initial_memory is None else initial_memory
-    everything = lambda n: jnp.ones((n, h, w), bool)
-    # The reference's LatentPointCloud.from_geometry: frame 0 with its given depth.
-    state = self._write(state, lat0, depth_all[:1], K[:1], c2w[:1], everything(1),
-                        jnp.zeros((1,), jnp.int32))
-    bank = self._bank_init() if st.max_references else None
-
-    rng = jax.random.key(seed)
-    generated: list[jax.Array] = []  # every latent kept, in order (the reference's list)
-    scenes: list[jax.Array] = []  # the memory read each was generated with
-    latent_frames: list[int] = []
-    frames, coverage, timings, num_refs = [], [], [], []
-    plan = self.plan(T)
+    mesh = rollout.trajectory_mesh(B) if mesh is None else mesh
+    pad = -B % rollout.batch_shards(mesh)  # empty trajectories: no chunk of theirs is active
+    order = list(range(B)) + [0] * pad
+    lengths = np.array([len(poses[b]) for b in order])
+    num_chunks = np.array([len(self.plan(len(poses[b]))) for b in range(B)] + [0] * pad)
+    given = np.concatenate([given, np.zeros(pad, int)])
+    fns = self._functions(mesh)
+    put = lambda x: jax.device_put(x, rollout.batch_sharding(mesh))
+    vae_state, dit_state, *shared = fns["params"]
+    Bp = B + pad
+    if initial_memory is None:
+      state = memory_lib.init_batch(self.backend, self.memory_cfg, Bp)
+    else:
+      state = jax.tree.map(lambda x: jnp.broadcast_to(x, (Bp,) + x.shape), initial_memory)
+    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(seeds[b]))) for b in order])
+    carry = fns["start"](vae_state, put(state), put(np.stack([frames0[b] for b in order])),
+                         put(np.stack([depths[b][0] for b in order])),
+                         put(np.stack([Ks[b][0] for b in order])),
+                         put(np.stack([poses[b][0] for b in order])), put(keys))
+    has_oracle = bool(given.any())
+    outs, timings, reals = [], [[] for _ in range(Bp)], []
     t_first = t_start = time.perf_counter()
-    for i, idx in enumerate(tqdm(plan, desc=f"generate wan [{self.backend_name}]",
-                                 disable=not progress, unit="chunk")):
-      t0 = time.perf_counter()
-      cams = np.minimum(idx, T - 1)  # the last chunk is padded with the last camera
-      Kc, c2wc = K[cams], c2w[cams]
-      mem, cov = self._read(state, Kc, c2wc)
-      scene = jnp.where(cov[..., None], mem.astype(jnp.float32), 0.0)
-      first = lat0[0] if i == 0 else generated[-1]
-      prec = prec_scene = refs = None
-      if i and st.preceding_latents:
-        stop = len(generated) - 1
-        start = max(0, stop - st.preceding_latents)
-        prec, prec_scene = jnp.stack(generated[start:stop]), jnp.stack(scenes[start:stop])
-      if bank is not None and i:
-        ref_lat, _, _, _, found = self._retrieve(bank, Kc, c2wc)
-        n = int(np.sum(np.asarray(found)))  # found is a prefix: picks are best first
-        refs = ref_lat[:n] if n else None
-      num_refs.append(0 if refs is None else int(refs.shape[0]))
+    for c in tqdm(range(int(num_chunks.max())), desc=f"generate wan [{self.backend_name}] x{B}",
+                  disable=not progress, unit="chunk"):
+      idx = np.asarray(memory_lib.latent_frame_indices(C, st.temporal, start=c * st.new_frames))
+      cams = np.minimum(idx[None], lengths[:, None] - 1)  # (Bp, L): past the end, the last
+      real = np.sum(idx[None, 1:] < lengths[:, None], axis=1)
+      chunk = dict(K=np.stack([Ks[b][i] for b, i in zip(order, cams)]),
+                   c2w=np.stack([poses[b][i] for b, i in zip(order, cams)]),
+                   depth=np.stack([depths[b][i] for b, i in zip(order, cams)]),
+                   frame=np.broadcast_to(idx, (Bp, L)).astype(np.int32),
+                   first=np.full((Bp,), c == 0), real=real.astype(np.int32),
+                   active=c < num_chunks)
+      if has_oracle:
+        chunk.update(self._oracle_chunk(fns, vae_state, gts, order, idx, given, put))
+      chunk = {k: put(v) for k, v in chunk.items()}
+      pre = carry["memory"]
       if timed:
-        jax.block_until_ready(scene)
-      t_read = time.perf_counter() - t0
-      rng, sub = jax.random.split(rng)
-      lat = self.sample_chunk(sub, first, scene, references=refs, preceding=prec,
-                              preceding_scene=prec_scene)
-      rgb = self.decode(lat)  # (4L - 3, H, W, 3)
+        jax.block_until_ready(carry)
+        t0 = time.perf_counter()
+      carry, out = fns["step"][has_oracle](vae_state, dit_state, *shared, carry, chunk)
       if timed:
-        jax.block_until_ready(rgb)
-      t1 = time.perf_counter()
-
-      new = slice(0, None) if i == 0 else slice(1, None)  # later chunks re-generate latent 0
-      new_idx = idx[new]
-      real = new_idx < T  # padded latents are never written
-      w_lat = lat[new]
-      if oracle_frames is not None and int(idx[0]) < len(gt_rgb):
-        o_idx = np.minimum(np.arange(idx[0], idx[-1] + 1), len(gt_rgb) - 1)
-        o_lat = self.encode(gt_rgb[o_idx])[new]
-        use = jnp.asarray(new_idx < len(gt_rgb))[:, None, None, None]
-        w_lat = jnp.where(use, o_lat, w_lat)
-      w_cams = np.minimum(new_idx, T - 1)
-      ids = jnp.asarray(new_idx, jnp.int32)
-      static = jnp.asarray(real)[:, None, None] & everything(len(new_idx))
-      state = self._write(state, w_lat, depth_all[w_cams], K[w_cams], c2w[w_cams], static, ids)
-      if bank is not None:  # padded latents enter only with no valid point; nothing retrieves them
-        bank = self._bank_write(bank, w_lat, depth_all[w_cams], K[w_cams], c2w[w_cams], static,
-                                ids)
-      if timed:
-        jax.block_until_ready(jax.tree.leaves(state))
-        timings.append(ChunkTiming(t_read + time.perf_counter() - t1, time.perf_counter() - t0,
-                                   int(self.backend.nbytes(state))))
-      elif i == 0:  # the first chunk compiles; the others are timed together
-        jax.block_until_ready(jax.tree.leaves(state))
+        jax.block_until_ready((carry, out))
+        chunk_seconds = time.perf_counter() - t0
+        memory_seconds = self._time_memory(fns, pre, chunk, out)
+        per_traj = jax.device_get(carry["memory"])
+        for b in range(Bp):
+          timings[b].append(ChunkTiming(memory_seconds, chunk_seconds, int(self.backend.nbytes(
+              jax.tree.map(lambda x, b=b: x[b], per_traj)))))
+      elif c == 0:  # one sync: the first chunk compiles, the others are timed together
+        jax.block_until_ready(carry)
         t_first = time.perf_counter()
-      n_real = int(np.sum(real))
-      generated.extend(lat[new][:n_real])
-      scenes.extend(scene[new][:n_real])
-      latent_frames.extend(int(v) for v in new_idx[:n_real])
-      # Video frames: chunk 0 all, later ones drop the repeated first frame; cut at T.
-      first_out = 0 if i == 0 else 1
-      vids = np.arange(int(idx[0]) + first_out, int(idx[-1]) + 1)
-      keep = vids < T
-      frames.append((rgb, first_out, keep))  # to the host after the last chunk
-      # Frame f of the chunk belongs to latent ceil((f - start) / 4).
-      coverage.append((cov, -(-(vids[keep] - int(idx[0])) // st.temporal)))
-
-    frames, coverage = jax.device_get((frames, coverage))
+      out.pop("latents")
+      outs.append(out)
+      reals.append(real)
+    outs, carry = jax.device_get((outs, carry))
     t_end = time.perf_counter()
-    steady = (t_end - t_first) / (len(plan) - 1) if len(plan) > 1 else t_end - t_start
-    rgb_all = np.concatenate([np.asarray(r[f:])[k] for r, f, k in frames], 0)
-    cov_all = np.concatenate([np.asarray(c, np.float32)[o] for c, o in coverage], 0)
-    cov_all[0] = 1.0
-    return dict(
-        # Truncation, as the reference's uint8 conversion.
-        frames=np.floor((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
-        depths=None,
-        coverage=cov_all,
-        timings=timings,
-        chunk_seconds=float(steady),
-        cache_bytes=int(self.backend.nbytes(state)),
-        reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
-        num_references=num_refs,
-        latent_frames=np.asarray([0] if not latent_frames else latent_frames, np.int32),
-        dynamic=np.zeros((T, lh, lw), np.float32),
-        object_positions=np.zeros((T, 0, 3), np.float32),
-        object_idents=np.zeros((T, 0), np.int32),
-        object_bytes=0,
-    )
+    n = len(outs)
+    steady = (t_end - t_first) / (n - 1) if n > 1 else t_end - t_start
+
+    lh, lw = self.latent_hw
+    results = []
+    for b in range(B):
+      T = int(lengths[b])
+      take = lambda x, b=b: x[b]
+      rgb, cov, latent_frames = [], [], [0]
+      for c in range(int(num_chunks[b])):
+        start = c * st.new_frames
+        first_out = 0 if c == 0 else 1  # later chunks repeat the previous chunk's last frame
+        vids = np.arange(start + first_out, start + C)
+        vids = vids[vids < T]
+        rgb.append(outs[c]["rgb"][b][vids - start])
+        # Video frame f of the chunk belongs to latent ceil((f - start) / 4).
+        cov.append(outs[c]["coverage"][b][-(-(vids - start) // st.temporal)])
+        latent_frames.extend(int(start + st.temporal * k) for k in range(1, reals[c][b] + 1))
+      rgb_all = np.concatenate(rgb, 0).astype(np.float32)
+      cov_all = np.concatenate(cov, 0).astype(np.float32)
+      cov_all[0] = 1.0
+      bank = jax.tree.map(take, carry["bank"]) if self.num_references else None
+      results.append(dict(
+          # Truncation, as the reference's uint8 conversion.
+          frames=np.floor((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
+          depths=None,
+          coverage=cov_all,
+          timings=timings[b],
+          chunk_seconds=float(steady),
+          cache_bytes=int(self.backend.nbytes(jax.tree.map(take, carry["memory"]))),
+          reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
+          num_references=[int(outs[c]["references"][b]) for c in range(int(num_chunks[b]))],
+          latent_frames=np.asarray(latent_frames, np.int32),
+          dynamic=np.zeros((T, lh, lw), np.float32),
+          object_positions=np.zeros((T, 0, 3), np.float32),
+          object_idents=np.zeros((T, 0), np.int32),
+          object_bytes=0,
+      ))
+    return results
+
+  def _oracle_chunk(self, fns, vae_state, gts, order, idx, given, put) -> dict[str, Any]:
+    """The ground-truth inputs of a chunk: use (Bp, L) and o_lat (Bp, L, h, w, 48), the
+    chunk's ground-truth video frames encoded here, outside the step (zeros when no
+    trajectory takes ground truth in this chunk)."""
+    h, w = self.image_hw
+    st = self.settings
+    Bp, L = len(order), st.latents
+    use = idx[None] < given[:, None]  # (Bp, L)
+    if not use.any():
+      lh, lw = self.latent_hw
+      return dict(use=use, o_lat=np.zeros((Bp, L, lh, lw, wan_mirage.LATENT_CHANNELS),
+                                          np.float32))
+    video = np.zeros((Bp, st.chunk_frames, h, w, 3), np.float32)
+    for row, b in enumerate(order):
+      if given[row] and use[row].any():  # padded with the last ground-truth frame
+        gi = np.minimum(np.arange(idx[0], idx[0] + st.chunk_frames), given[row] - 1)
+        video[row] = gts[b][0][gi].astype(np.float32) / 127.5 - 1.0
+    return dict(use=use, o_lat=fns["encode"](vae_state, put(video)))
+
+  def _time_memory(self, fns, state, chunk, out) -> float:
+    """Seconds of the backend's read + write of one chunk on ``state`` (blocked; the chunk
+    step fuses them with the sampler, so they are timed again on their own)."""
+    lat = out["latents"][:, 1:]
+    if "use" in chunk:
+      lat = jnp.where(chunk["use"][:, 1:, None, None, None], chunk["o_lat"][:, 1:], lat)
+    L = self.settings.latents
+    real = jnp.arange(1, L)[None] <= chunk["real"][:, None]
+    static = jnp.broadcast_to(real[..., None, None], real.shape + self.image_hw)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fns["read"](state, chunk["K"], chunk["c2w"]))
+    jax.block_until_ready(fns["write"](state, lat, chunk["depth"][:, 1:], chunk["K"][:, 1:],
+                                       chunk["c2w"][:, 1:], static, chunk["frame"][:, 1:]))
+    return time.perf_counter() - t0
 
 
 def rollout_options(config: ml_collections.ConfigDict, caption: str | None,
@@ -540,27 +779,40 @@ def load_wan_world_model(denoiser_export: str, autoencoder_export: str | None = 
   along the export chain (newest first; ``convert_wan`` sets it on the root export); it must be
   a Wan-family autoencoder export with the config the DiT was exported with.
   """
+  dit, config = wan_mirage.load_dit(denoiser_export)
+  return config, load_wan_vae(config, autoencoder_export, denoiser_export), dit
+
+
+def load_wan_vae(config: ml_collections.ConfigDict, autoencoder_export: str | None = None,
+                 denoiser_export: str | None = None) -> nnx.Module:
+  """The Wan VAE of a Wan-family ``config`` (an export's, or a fine-tuning run's).
+
+  From ``autoencoder_export``, else ``config.denoiser.autoencoder_checkpoint``, else the first
+  ``denoiser.autoencoder_checkpoint`` along the export chain of ``denoiser_export`` (default:
+  ``config.denoiser.base_checkpoint``, the base a fine-tuning run trains on), newest first.
+  It must be a Wan-family autoencoder export of ``config.autoencoder``.
+  """
   from mirage_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
-  dit, config = wan_mirage.load_dit(denoiser_export)
-  ae_path = autoencoder_export
-  if not ae_path:
-    chain = wan_mirage.export_chain(denoiser_export, config.denoiser.model)[::-1]
+  ae_path = autoencoder_export or config.denoiser.get("autoencoder_checkpoint")
+  start = denoiser_export or config.denoiser.get("base_checkpoint")
+  if not ae_path and start:
+    chain = wan_mirage.export_chain(start, config.denoiser.model)[::-1]
     ae_path = next((c.denoiser.get("autoencoder_checkpoint") for _, c in chain
                     if c.denoiser.get("autoencoder_checkpoint")), None)
   if not ae_path:
-    raise InputError(denoiser_export, "denoiser.autoencoder_checkpoint",
+    raise InputError(start or "config.denoiser", "denoiser.autoencoder_checkpoint",
                      "empty along the export chain: give --autoencoder")
   vae_params, ae_config, _ = checkpoint.load_export(ae_path)
   if ae_config.stage != "autoencoder":
     raise InputError(ae_path, "stage", f"expected an autoencoder export, got {ae_config.stage!r}")
   ae_family = ae_config.autoencoder.get("family", "small")
   if ae_family != "wan":
-    raise InputError(ae_path, "autoencoder.family", f"the Wan DiT {denoiser_export} needs the "
+    raise InputError(ae_path, "autoencoder.family", f"the Wan DiT {start} needs the "
                      f"Wan VAE, this export is family {ae_family!r}")
   if ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
     raise InputError(ae_path, "autoencoder", "not the VAE this DiT was exported with")
   graphdef, state = nnx.split(nnx.eval_shape(
       lambda: wan_vae.WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, vae_params)
-  return config, nnx.merge(graphdef, state), dit
+  return nnx.merge(graphdef, state)

@@ -227,8 +227,10 @@ def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
   assert out["frames"].shape == (NUM_FRAMES, RES, RES, 3) and out["depths"] is None
   np.testing.assert_array_equal(out["frames"], again["frames"])
   assert np.abs(out["frames"].astype(int) - other["frames"].astype(int)).max() > 0
-  # Static shapes: chunk 0 (R = P = 0) and later chunks (P = 2, R <= 2) compile once each.
-  assert r._sample._cache_size() <= 2 + r.settings.max_references  # pylint: disable=protected-access
+  # Fixed shapes: every chunk (the first, later ones, any number of references) is one
+  # compiled step.
+  (fns,) = r._per_mesh.values()  # pylint: disable=protected-access
+  assert fns["step"][False]._cache_size() == 1
   # Frame 0 is the decoded first-frame latent (decoded alone here, first of 9 in the chunk:
   # another compiled program, so the last float bit may differ and flip a truncation).
   lat0 = r.encode(clip["frames"][:1])
@@ -248,25 +250,34 @@ def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
 def test_chunks_chain_as_the_reference(world, clip):
   """What each chunk is given: chunk 1 starts from chunk 0's last latent, its preceding
   latents are the two before it with the memory reads they were generated with, and its
-  memory read sees what chunk 0 wrote (the denoiser replaced by a recorder)."""
+  memory read sees what chunk 0 wrote (the sampler replaced by a recorder inside the jitted
+  chunk step: the inputs are its fixed-shape slots, padding marked by the frame mask)."""
   config, vae, dit = world
   r = rollout.make_rollout(config, vae, dit, "mirage", capacity=NUM_FRAMES * 16)
+  R, L, P = r.num_references, r.settings.latents, r.settings.preceding_latents
   calls = []
 
-  def record(rng, first, scene, *, references=None, preceding=None, preceding_scene=None):
-    lat = jax.random.normal(rng, (9, 4, 4, 48)).at[0].set(first)
-    calls.append(dict(first=first, scene=scene, references=references, preceding=preceding,
-                      preceding_scene=preceding_scene, out=lat))
+  def record(dit_state, noise, first, references, preceding, vace, text, empty_text,
+             frame_mask=None):
+    lat = noise.at[:, :1].set(first)
+    jax.debug.callback(lambda *a: calls.append([np.asarray(x)[0] for x in a]), first,
+                       references, preceding, vace, frame_mask, lat)
     return lat
 
-  r.sample_chunk = record
+  r._sample_impl = record  # pylint: disable=protected-access
   out = _generate(r, clip, seed=0)
-  c0, c1 = calls
-  np.testing.assert_array_equal(c0["first"], r.encode(clip["frames"][:1])[0])
-  assert c0["references"] is None and c0["preceding"] is None
+  keys = ("first", "references", "preceding", "vace", "mask", "out")
+  c0, c1 = (dict(zip(keys, c)) for c in calls)
+  for c in (c0, c1):
+    c["first"], c["scene"] = c["first"][0], c["vace"][:L, ..., :48]
+    c["preceding_scene"] = c["vace"][L:, ..., :48]
+  # Encoded inside the jitted step: float32 rounding apart from the eager encode.
+  np.testing.assert_allclose(c0["first"], r.encode(clip["frames"][:1])[0], atol=1e-5)
+  assert not c0["mask"][:R].any() and not c0["mask"][R + L:].any()  # all padding
   # Chunk 0 reads only the first frame's points: its own camera is fully covered.
-  assert np.all(np.asarray(c0["scene"][0]) != 0)
+  assert np.all(c0["scene"][0] != 0)
   np.testing.assert_array_equal(c1["first"], c0["out"][8])
+  assert c1["mask"][R + L:].all()  # two real preceding latents, oldest first
   np.testing.assert_array_equal(c1["preceding"], c0["out"][6:8])
   np.testing.assert_array_equal(c1["preceding_scene"], c0["scene"][6:8])
   # Chunk 1's memory reads are cells of the latents written so far (the first frame and
@@ -278,9 +289,11 @@ def test_chunks_chain_as_the_reference(world, clip):
   cells = cells[np.any(cells != 0, axis=1)]
   assert len(cells) > 0
   assert all(np.any(np.all(written == c, axis=1)) for c in cells)
-  assert np.any(np.asarray(c1["scene"][0]) != np.asarray(c0["scene"][8]))  # same camera, more memory
-  assert c1["references"] is None or 1 <= len(c1["references"]) <= 2
-  assert out["num_references"] == [0, 0 if c1["references"] is None else len(c1["references"])]
+  assert np.any(c1["scene"][0] != c0["scene"][8])  # same camera, more memory
+  # References: the real ones right-aligned against the target, best first.
+  n = int(c1["mask"][:R].sum())
+  np.testing.assert_array_equal(c1["mask"][:R], np.arange(R) >= R - n)
+  assert out["num_references"] == [0, n]
 
 
 def test_cfg_uses_the_empty_prompt(world, clip):

@@ -18,6 +18,11 @@ Sequence lengths need not divide a block size (Wan's 13,200 tokens do not): the 
 pads the keys and masks them out; the splash path pads queries and keys to the block size
 and gives padded keys their own segment id, so no real query attends to them.
 
+Key padding (``kv_mask``, (B, Lk) bool, optional): keys where it is False are never attended
+to, by any query, under every implementation (XLA's ``mask``; the chunked path's block
+mask; splash's key segment ids). Each query row must keep at least one real key. The Wan
+rollout uses it to pad its reference and preceding frames to fixed counts.
+
 Context parallelism. Under a mesh whose ``context`` axis shards the query tokens (the
 ``tokens`` logical axis), attention runs inside ``shard_map``: each device keeps its query
 block and all-gathers the keys and values over ``context`` (when they are sharded that way;
@@ -63,8 +68,8 @@ def resolve(impl: str) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
-              block_size: int = 512) -> jax.Array:
-  """Softmax attention ``softmax(q k^T / sqrt(D)) v``, no mask.
+              block_size: int = 512, kv_mask: jax.Array | None = None) -> jax.Array:
+  """Softmax attention ``softmax(q k^T / sqrt(D)) v``, optionally over real keys only.
 
   Args:
     q: (B, Lq, H, D) queries.
@@ -72,6 +77,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
     v: (B, Lk, H, D) values.
     impl: one of ``IMPLS`` (see the module docstring).
     block_size: key block of 'chunked'; largest query/key block of 'splash' (multiple of 128).
+    kv_mask: optional (B, Lk) bool, False = a padded key nobody attends to (at least one
+      True per row).
   Returns:
     (B, Lq, H, D) in ``q.dtype``.
   """
@@ -79,37 +86,41 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
   local = functools.partial(_local, impl=impl, block_size=block_size)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(q, k, v)
+    return local(q, k, v, kv_mask)
   q_spec = sharding.logical_to_spec(_HEADS, None, mesh, q.shape)
   kv_spec = sharding.logical_to_spec(_HEADS, None, mesh, k.shape)
   if not _axes(q_spec[1]) and impl != "splash":
-    return local(q, k, v)  # XLA's SPMD partitioner handles batch / head sharding
+    return local(q, k, v, kv_mask)  # XLA's SPMD partitioner handles batch / head sharding
   # Keys and values use the queries' batch and head sharding; their tokens stay as the rules
   # put them (context-sharded self-attention keys are gathered below).
   kv_spec = PartitionSpec(q_spec[0], kv_spec[1], q_spec[2], None)
   gather = _axes(kv_spec[1])
+  mask_spec = PartitionSpec(kv_spec[0], kv_spec[1])
 
-  def body(q, k, v):
+  def body(q, k, v, *mask):
     if gather:
       k = jax.lax.all_gather(k, gather, axis=1, tiled=True)
       v = jax.lax.all_gather(v, gather, axis=1, tiled=True)
-    return local(q, k, v)
+      mask = tuple(jax.lax.all_gather(m, gather, axis=1, tiled=True) for m in mask)
+    return local(q, k, v, *mask)
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                       check_vma=False)(q, k, v)
+  masks = () if kv_mask is None else (kv_mask,)
+  return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (mask_spec,) * len(masks),
+                       out_specs=q_spec, check_vma=False)(q, k, v, *masks)
 
 
 def _axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _local(q, k, v, *, impl: str, block_size: int) -> jax.Array:
+def _local(q, k, v, kv_mask=None, *, impl: str, block_size: int) -> jax.Array:
   if impl == "xla":
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=None if kv_mask is None else kv_mask[:, None, None, :])
   if impl == "chunked":
-    return chunked_attention(q, k, v, block_size)
+    return chunked_attention(q, k, v, block_size, kv_mask)
   if impl == "splash":
-    return splash_attention(q, k, v, block_size)
+    return splash_attention(q, k, v, block_size, kv_mask)
   raise ValueError(f"attention: unknown implementation {impl!r}")
 
 
@@ -124,23 +135,34 @@ def _key_blocks(x: jax.Array, block: int) -> jax.Array:
   return jnp.moveaxis(x.reshape(b, nb, block, h, d), 1, 0)
 
 
-def _block_scores(q, kb, i, block, n_keys, scale):
-  """Scaled scores (B, H, Lq, block) in f32 of key block ``i``; padded keys at -inf."""
+def _block_scores(q, kb, mb, i, block, n_keys, scale):
+  """Scaled scores (B, H, Lq, block) in f32 of key block ``i``; padded keys (past ``n_keys``
+  or False in the block's mask ``mb`` (B, block)) at -inf."""
   s = jnp.einsum("bqhd,bkhd->bhqk", q, kb, preferred_element_type=jnp.float32) * scale
-  valid = i * block + jnp.arange(block) < n_keys
+  valid = (i * block + jnp.arange(block) < n_keys) & mb[:, None, None, :]
   return jnp.where(valid, s, -jnp.inf)
 
 
-def _chunked_forward(q, k, v, block):
+def _mask_blocks(kv_mask, k, block):
+  """(B, Lk) bool (or None: all real) -> (nb, B, block), False past Lk."""
+  b, n = k.shape[:2]
+  m = jnp.ones((b, n), bool) if kv_mask is None else kv_mask.astype(bool)
+  nb = -(-n // block)
+  return jnp.moveaxis(jnp.pad(m, ((0, 0), (0, nb * block - n))).reshape(b, nb, block), 1, 0)
+
+
+def _chunked_forward(q, k, v, kv_mask, block):
   n_keys, scale = k.shape[1], 1.0 / math.sqrt(q.shape[-1])
   b, lq, h, d = q.shape
-  kbs, vbs = _key_blocks(k, block), _key_blocks(v, block)
+  kbs, vbs, mbs = _key_blocks(k, block), _key_blocks(v, block), _mask_blocks(kv_mask, k, block)
 
   def step(carry, xs):
     o, m, l = carry
-    i, kb, vb = xs
-    s = _block_scores(q, kb, i, block, n_keys, scale)
-    m_new = jnp.maximum(m, s.max(-1))  # finite: block 0 always holds a real key
+    i, kb, vb, mb = xs
+    s = _block_scores(q, kb, mb, i, block, n_keys, scale)
+    m_new = jnp.maximum(m, s.max(-1))
+    # A block of padded keys only (kv_mask) leaves the running max at -inf: shift by 0 then.
+    m_new = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
     l = l * alpha + p.sum(-1)
@@ -150,31 +172,31 @@ def _chunked_forward(q, k, v, block):
 
   init = (jnp.zeros((b, lq, h, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32),
           jnp.zeros((b, h, lq), jnp.float32))
-  (o, m, l), _ = jax.lax.scan(step, init, (jnp.arange(kbs.shape[0]), kbs, vbs))
+  (o, m, l), _ = jax.lax.scan(step, init, (jnp.arange(kbs.shape[0]), kbs, vbs, mbs))
   out = (o / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype)
   return out, m + jnp.log(l)  # lse: (B, H, Lq)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(q, k, v, block):
-  return _chunked_forward(q, k, v, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked(q, k, v, kv_mask, block):
+  return _chunked_forward(q, k, v, kv_mask, block)[0]
 
 
-def _chunked_fwd(q, k, v, block):
-  out, lse = _chunked_forward(q, k, v, block)
-  return out, (q, k, v, out, lse)
+def _chunked_fwd(q, k, v, kv_mask, block):
+  out, lse = _chunked_forward(q, k, v, kv_mask, block)
+  return out, (q, k, v, kv_mask, out, lse)
 
 
 def _chunked_bwd(block, residuals, do):
-  q, k, v, out, lse = residuals
+  q, k, v, kv_mask, out, lse = residuals
   n_keys, scale = k.shape[1], 1.0 / math.sqrt(q.shape[-1])
   # delta_i = sum_j p_ij dp_ij = do_i . o_i
   delta = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)
-  kbs, vbs = _key_blocks(k, block), _key_blocks(v, block)
+  kbs, vbs, mbs = _key_blocks(k, block), _key_blocks(v, block), _mask_blocks(kv_mask, k, block)
 
   def step(dq, xs):
-    i, kb, vb = xs
-    p = jnp.exp(_block_scores(q, kb, i, block, n_keys, scale) - lse[..., None])
+    i, kb, vb, mb = xs
+    p = jnp.exp(_block_scores(q, kb, mb, i, block, n_keys, scale) - lse[..., None])
     dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(do.dtype), do,
                     preferred_element_type=jnp.float32)
     dp = jnp.einsum("bqhd,bkhd->bhqk", do, vb, preferred_element_type=jnp.float32)
@@ -184,26 +206,27 @@ def _chunked_bwd(block, residuals, do):
     return dq, (dk, dv)
 
   dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32),
-                              (jnp.arange(kbs.shape[0]), kbs, vbs))
+                              (jnp.arange(kbs.shape[0]), kbs, vbs, mbs))
   unblock = lambda x, like: jnp.moveaxis(x, 0, 1).reshape(
       like.shape[0], -1, *like.shape[2:])[:, :like.shape[1]].astype(like.dtype)
-  return dq.astype(q.dtype), unblock(dk, k), unblock(dv, v)
+  return dq.astype(q.dtype), unblock(dk, k), unblock(dv, v), None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 512
-                      ) -> jax.Array:
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 512,
+                      kv_mask: jax.Array | None = None) -> jax.Array:
   """Blockwise attention with an online softmax; never holds the (Lq, Lk) scores.
 
   Args:
     q: (B, Lq, H, D); k, v: (B, Lk, H, D).
     block_size: keys per block (the last block is padded and masked).
+    kv_mask: optional (B, Lk) bool, False = padded key (see :func:`attention`).
   Returns:
     (B, Lq, H, D) in ``q.dtype``; its gradient recomputes each block's scores.
   """
-  return _chunked(q, k, v, int(min(block_size, k.shape[1])))
+  return _chunked(q, k, v, kv_mask, int(min(block_size, k.shape[1])))
 
 
 # ----------------------------------------------------------------------------- splash
@@ -215,8 +238,8 @@ def _splash_block(n: int, largest: int) -> int:
   return min(range(top, 0, -_LANES), key=lambda blk: -(-n // blk) * blk)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 512
-                     ) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int = 512,
+                     kv_mask: jax.Array | None = None) -> jax.Array:
   """The Pallas TPU splash kernel on one device's arrays (TPU only).
 
   Args:
@@ -224,6 +247,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int =
       size, padded keys take segment id 1 (real queries and padded queries have id 0, so
       every query row keeps real keys and none sees a padded one).
     block_size: largest block (rounded down to a multiple of 128).
+    kv_mask: optional (B, Lk) bool; keys where False take segment id 1 as well.
   Returns:
     (B, Lq, H, D) in ``q.dtype``.
   """
@@ -243,7 +267,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int =
                          block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
                          block_kv_dq=bkv)
   kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1)
-  segments = sk.SegmentIds(q=jnp.zeros((lq_pad,), jnp.int32),
-                           kv=jnp.asarray(np.arange(lk_pad) >= lk, jnp.int32))
-  out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(qh, kh, vh)
+  real = jnp.broadcast_to(jnp.asarray(np.arange(lk_pad) < lk), (b, lk_pad))
+  if kv_mask is not None:
+    real = real & jnp.pad(kv_mask.astype(bool), ((0, 0), (0, lk_pad - lk)))
+  kv_segments = (~real).astype(jnp.int32)
+  q_segments = jnp.zeros((lq_pad,), jnp.int32)
+  out = jax.vmap(lambda q1, k1, v1, s1: kernel(
+      q1, k1, v1, segment_ids=sk.SegmentIds(q=q_segments, kv=s1)))(qh, kh, vh, kv_segments)
   return jnp.swapaxes(out[:, :, :lq], 1, 2).astype(q.dtype)

@@ -354,10 +354,12 @@ class Attention(nnx.Module):
     return y.astype(self.dtype) * scale[...].astype(self.dtype)
 
   def __call__(self, x: jax.Array, kv: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
-               keys: Sequence[jax.Array | None] = (None,) * 4) -> jax.Array:
+               keys: Sequence[jax.Array | None] = (None,) * 4,
+               kv_mask: jax.Array | None = None) -> jax.Array:
     """x: (B, N, dim) queries; kv: (B, M, dim); rope: cos/sin (N, head_dim/2) or None.
 
-    ``keys``: 4 dropout keys (q, k, v, o LoRA) or Nones. Returns (B, N, dim).
+    ``keys``: 4 dropout keys (q, k, v, o LoRA) or Nones. ``kv_mask``: (B, M) bool or None,
+    False = a padded token no query attends to. Returns (B, N, dim).
     """
     q = self._rms(self.q(x, keys[0]), self.norm_q)
     k = self._rms(self.k(kv, keys[1]), self.norm_k)
@@ -365,7 +367,7 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, _HEADS)
-    o = attention_lib.attention(q, k, v, impl=self.impl)
+    o = attention_lib.attention(q, k, v, impl=self.impl, kv_mask=kv_mask)
     o = constrain(o, _HEADS)
     return self.o(o, keys[3])
 
@@ -393,7 +395,8 @@ class Block(nnx.Module):
     self.residual_dtype = precision_dtypes(cfg)[1]
 
   def __call__(self, x: jax.Array, text: jax.Array, t_mod: jax.Array,
-               rope: tuple[jax.Array, jax.Array], key: jax.Array | None = None) -> jax.Array:
+               rope: tuple[jax.Array, jax.Array], key: jax.Array | None = None,
+               token_mask: jax.Array | None = None) -> jax.Array:
     """One block.
 
     Args:
@@ -402,6 +405,8 @@ class Block(nnx.Module):
       t_mod: (B, F, 6, dim) per-frame time modulation (shared by all blocks).
       rope: cos, sin (F * P, head_dim / 2).
       key: PRNG key for this block's LoRA dropout, or None.
+      token_mask: (B, F * P) bool or None; self-attention ignores tokens where False (only
+        self-attention mixes tokens, so those tokens cannot change the others).
     Returns:
       (B, F * P, dim) in the residual dtype (``precision``).
     """
@@ -414,7 +419,7 @@ class Block(nnx.Module):
     tokens = lambda a: a.reshape(b, n, d)
 
     y = tokens(_layer_norm(frames(x), self.eps) * (1.0 + sc1) + sh1).astype(self.dtype)
-    y = self.self_attn(y, y, rope, keys[0:4])
+    y = self.self_attn(y, y, rope, keys[0:4], token_mask)
     x = (x + tokens(frames(y.astype(jnp.float32)) * g1)).astype(self.residual_dtype)
 
     y = _layer_norm(x, self.eps) * self.norm3_scale[...] + self.norm3_bias[...]
@@ -528,14 +533,14 @@ class WanDiT(nnx.Module):
     return x, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
 
   def _vace_hints(self, x: jax.Array, vace_context: jax.Array, text: jax.Array,
-                  t_mod: jax.Array, rope) -> jax.Array:
+                  t_mod: jax.Array, rope, token_mask: jax.Array | None = None) -> jax.Array:
     """(B, L', dim) non-reference tokens -> (len(vace_layers), B, L', dim) hints."""
     branch = self.vace
     c = branch.patch_embedding(_patchify(vace_context, self.cfg.patch_size))
     c = constrain(branch.before_proj(c) + x, _TOKENS)
 
     def step(block, c, _):
-      c = block(c, text, t_mod, rope)
+      c = block(c, text, t_mod, rope, token_mask=token_mask)
       return c, constrain(block.after_proj(c), _TOKENS)
 
     _, hints = self._scan(branch.blocks, c, step, None)
@@ -543,7 +548,7 @@ class WanDiT(nnx.Module):
 
   # --------------------------------------------------------------------------- forward
 
-  def _check(self, latents, timesteps, text, num_reference, vace_context):
+  def _check(self, latents, timesteps, text, num_reference, vace_context, frame_mask=None):
     cfg = self.cfg
     if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
       raise InputError(_WHERE, "latents", f"expected (B, F, H, W, {cfg.in_channels}), got "
@@ -561,6 +566,9 @@ class WanDiT(nnx.Module):
                        f"{tuple(text.shape)}")
     if not 0 <= num_reference < f:
       raise InputError(_WHERE, "num_reference", f"{num_reference} not in [0, F = {f})")
+    if frame_mask is not None and tuple(frame_mask.shape) != (b, f):
+      raise InputError(_WHERE, "frame_mask", f"expected (B, F) = {(b, f)}, got "
+                       f"{tuple(frame_mask.shape)}")
     rows, cols = hh // ph, ww // pw
     need = max(f - num_reference, num_reference, (2 if num_reference else 1) * rows, cols)
     if need > cfg.rope_positions:
@@ -577,6 +585,7 @@ class WanDiT(nnx.Module):
 
   def __call__(self, latents: jax.Array, timesteps: jax.Array, text: jax.Array, *,
                num_reference: int = 0, vace_context: jax.Array | None = None,
+               frame_mask: jax.Array | None = None,
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The DiT's prediction (flow velocity) for every latent frame.
 
@@ -587,13 +596,19 @@ class WanDiT(nnx.Module):
       num_reference: R (static), the number of leading reference frames.
       vace_context: (B, F - R, H, W, vace_in_channels) VACE input for the non-reference
         frames, or None (no hints).
+      frame_mask: (B, F) bool or None (all real). Frames where False are padding: no token
+        attends to their tokens (main and VACE self-attention), so the other frames'
+        outputs are those of the sequence without them, as long as RoPE gives the real
+        frames the same positions (padded references first, i.e. real references
+        right-aligned against the target; padded preceding frames last). Their own outputs
+        are meaningless.
       deterministic: False applies the LoRA dropout (needs ``rngs``).
       rngs: ``nnx.Rngs`` with a ``dropout`` stream, when not deterministic.
     Returns:
       (B, F, H, W, out_channels) float32.
     """
     cfg = self.cfg
-    self._check(latents, timesteps, text, num_reference, vace_context)
+    self._check(latents, timesteps, text, num_reference, vace_context, frame_mask)
     b, f, hh, ww, _ = latents.shape
     _, ph, pw = cfg.patch_size
     rows, cols = hh // ph, ww // pw
@@ -609,11 +624,14 @@ class WanDiT(nnx.Module):
     ctx = self.text_out(jax.nn.gelu(self.text_in(text), approximate=True))
     cos, sin = rope_tables(cfg, f, rows, cols, num_reference)
     rope = (jnp.asarray(cos), jnp.asarray(sin))
+    token_mask = (None if frame_mask is None
+                  else jnp.repeat(frame_mask.astype(bool), per_frame, axis=1))  # (B, F * P)
 
     hints = None
     if vace_context is not None:
       hints = self._vace_hints(x[:, start:], vace_context.astype(self.dtype), ctx,
-                               t_mod[:, num_reference:], (rope[0][start:], rope[1][start:]))
+                               t_mod[:, num_reference:], (rope[0][start:], rope[1][start:]),
+                               None if token_mask is None else token_mask[:, start:])
 
     use_dropout = not deterministic and cfg.lora_rank > 0 and cfg.lora_dropout > 0.0
     if use_dropout and rngs is None:
@@ -626,7 +644,7 @@ class WanDiT(nnx.Module):
 
     def step(block, x, xs):
       key, layer_slot = xs
-      x = block(x, ctx, t_mod, rope, key)
+      x = block(x, ctx, t_mod, rope, key, token_mask)
       if hints is not None:
         hint = jax.lax.dynamic_index_in_dim(hints, jnp.maximum(layer_slot, 0), keepdims=False)
         hint = jnp.where(layer_slot >= 0, hint * scale, 0).astype(x.dtype)
