@@ -222,11 +222,9 @@ class MemoryMaze(_ClipsBuilder):
   PARAMS = ("num_clips", "frames_per_clip", "resolution", "maze_size", "first_seed")
 
   def clip_maker(self):
-    try:  # Here, not on a worker: a missing extra is the user's one-line error.
-      from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top,unused-import
-    except ImportError as e:
-      raise InputError("--dataset", "memory_maze", f"needs the optional extra: pip install -e "
-                       f"'.[memory_maze]' and Debian's libosmesa6 ({e})") from e
+    # Here, not on a worker: a missing extra or renderer is the user's one-line error.
+    from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
+    memory_maze.require("--dataset")
     c = self.builder_config
     return functools.partial(_memory_maze_clip, name=self.name, first_seed=c.first_seed,
                              frames_per_clip=c.frames_per_clip, resolution=c.resolution,

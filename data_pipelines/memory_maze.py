@@ -79,6 +79,18 @@ def is_available() -> bool:
   return True
 
 
+def require(where: str) -> None:
+  """Raises ``InputError(where, 'memory_maze', <install step>)`` unless :func:`is_available`.
+
+  For entry points: a missing extra or renderer is one line naming the install step, before
+  any work starts (not an ImportError traceback from a worker later).
+  """
+  try:
+    _import_tasks()
+  except ImportError as e:
+    raise InputError(where, "memory_maze", str(e)) from None
+
+
 # ----------------------------------------------------------------------------- policy
 
 

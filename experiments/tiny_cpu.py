@@ -1,9 +1,29 @@
-"""Tiny: trains in minutes on a laptop CPU (``--config=experiments/tiny_cpu.py[:denoiser]``)."""
+"""Tiny: trains in minutes on a laptop CPU (``--config=experiments/tiny_cpu.py[:<stage>[,memory_maze]]``).
+
+``<stage>`` is 'autoencoder' (default) or 'denoiser'. ',memory_maze' is the Memory Maze variant
+(the ``evaluate --benchmark=memory_maze`` protocol): 64x64 Memory Maze clips, the same
+networks with one more downsampling (16x16 latents, so the denoiser's tokens per frame are
+the 32x32 config's), memory sized for a 9x9 maze.
+"""
 
 from experiments import common
 
+VARIANTS = ("procedural", "memory_maze")
 
-def get_config(stage=None):
+
+def parse_arg(arg):
+  """``'<stage>[,<variant>]'`` -> (stage, variant); defaults 'autoencoder', 'procedural'."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  stage = parts[0] if parts else "autoencoder"
+  variant = parts[1] if len(parts) > 1 else "procedural"
+  if stage not in common.STAGES or variant not in VARIANTS or len(parts) > 2:
+    raise ValueError(f"config argument must be '<stage>[,<variant>]' with stage in "
+                     f"{common.STAGES} and variant in {VARIANTS}, got {arg!r}")
+  return stage, variant
+
+
+def get_config(arg=None):
+  stage, variant = parse_arg(arg)
   c = common.base_config(stage)
   # 96 clips: with 24 the dynamic head learnt those scenes' objects (held-out IoU 0.26 vs
   # 0.60 on training scenes, BENCHMARKS.md); rendering them takes seconds.
@@ -24,5 +44,25 @@ def get_config(stage=None):
   c.optimizer.update(learning_rate=2e-3, warmup_steps=20)
   c.train.update(steps=2000 if c.stage == "autoencoder" else 2400, log_every=50)
   c.checkpoint.every = 100
+  if variant == "memory_maze":
+    _memory_maze(c)
   common.set_window(c)
   return c
+
+
+def _memory_maze(c) -> None:
+  """The Memory Maze variant (module docstring); steps sized for about an hour on 2 cores."""
+  c.data.dataset = "memory_maze"
+  # Seeds 0..num_clips-1 (9x9 mazes, the scripted `explore` walk); evaluation mazes are
+  # seeded from 1000000 (evaluate --memory_maze_seeds).
+  c.data.build = dict(num_clips=64, frames_per_clip=32, resolution=64, maze_size=9, first_seed=0)
+  # Every frame: the protocol generates every control step (4 Hz).
+  c.data.update(resolution=(64, 64), stride=1)
+  # 4x: 16x16 latents at 64x64, the 32x32 config's denoiser cost per frame.
+  c.autoencoder.channel_mults = (1, 2, 2)
+  # Corridors of a 9x9 maze run up to 18 m; log-depth spans e^3 ~ 20 m (e^2 ~ 7 m at 2).
+  c.autoencoder.depth_log_scale = 3.0
+  # 0.2 m voxels: a 9x9 maze's walls and floor seen over a few hundred frames fit 16384.
+  c.memory.settings.update(capacity=16384, voxel_size=0.2)
+  # About 1 s (autoencoder) and 2 s (denoiser) a step on the shared 2-core CPU (BENCHMARKS.md).
+  c.train.steps = 600 if c.stage == "autoencoder" else 800

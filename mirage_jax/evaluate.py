@@ -89,7 +89,8 @@ from mirage_jax.errors import InputError, parse_flags, run_cli
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
 _AUTOENCODER = flags.DEFINE_string("autoencoder", None,
                                    "Autoencoder export (default: the one the denoiser was trained with).")
-_BENCHMARK = flags.DEFINE_enum("benchmark", None, ["revisit", "scaling", "objects"], "Which benchmark.")
+_BENCHMARK = flags.DEFINE_enum("benchmark", None, ["revisit", "scaling", "objects", "memory_maze"],
+                               "Which benchmark.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the report goes.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non-empty --output_dir.")
 _BACKENDS = flags.DEFINE_list("backends", ["none", "frame_bank", "rgb_points", "mirage", "voxel"],
@@ -114,7 +115,8 @@ _ORACLE = flags.DEFINE_bool("oracle", True, "Add the oracle row (memory written 
 _COMPOSITE = flags.DEFINE_bool("composite", True, "Add the trivial composite row.")
 _VIDEOS = flags.DEFINE_bool("videos", True, "Write side-by-side videos.")
 _MAZE = flags.DEFINE_integer("memory_maze_context", 0,
-                             "N > 0: also score Memory Maze retraces of 2N frames with N given.")
+                             "N > 0: also score Memory Maze retraces of 2N frames with N given "
+                             "(revisit); --benchmark=memory_maze: N given, N generated (default 100).")
 _MAZE_SEEDS = flags.DEFINE_string("memory_maze_seeds", "1000000:1000004",
                                   "a:b maze seeds for --memory_maze_context (held out of datasets "
                                   "built from seed 0); --num_trajectories caps them too.")
@@ -232,9 +234,7 @@ def _memory_maze_loaders(resolution) -> list:
     return []
   from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
-  if not memory_maze.is_available():
-    raise InputError("--memory_maze_context", "memory_maze", "needs the memory_maze extra "
-                     "(pip install -e '.[memory_maze]', Debian's libosmesa6, MUJOCO_GL=osmesa)")
+  memory_maze.require("--memory_maze_context")
   h, w = resolution
 
   def roll(seed):
@@ -253,7 +253,13 @@ def _revisit(config, ae, dn) -> None:
   from mirage_jax.evaluation import report, revisit  # pylint: disable=g-import-not-at-top
   out = _local_output
   resolution = tuple(config.data.resolution)
-  groups = {"revisit": _trajectory_loaders(resolution), "memory_maze": _memory_maze_loaders(resolution)}
+  if _BENCHMARK.value == "memory_maze":
+    from mirage_jax.evaluation import memory_maze_protocol as protocol  # pylint: disable=g-import-not-at-top
+    n, seeds = _maze_protocol_settings(config)
+    maze = [lambda s=s: protocol.trajectory(s, n, resolution) for s in seeds]
+    groups = {protocol.GROUP: maze}
+  else:
+    groups = {"revisit": _trajectory_loaders(resolution), "memory_maze": _memory_maze_loaders(resolution)}
   k, count = jax.process_index(), jax.process_count()
   # Trajectory i runs on process i % count; each loads only its own.
   mine = {g: [load() for i, load in enumerate(loaders) if i % count == k] for g, loaders in groups.items()}
@@ -287,6 +293,10 @@ def _revisit(config, ae, dn) -> None:
                  pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
                  source=_SEEDS.value and f"procedural loop seeds {_SEEDS.value}" or
                  f"{_DATA_DIR.value}/{_DATASET.value}/{_CONFIG_NAME.value}:{_SPLIT.value}")
+  if _BENCHMARK.value == "memory_maze":
+    n, seeds = _maze_protocol_settings(config)
+    metrics.update(benchmark="memory_maze", protocol=protocol.describe(n, seeds, resolution),
+                   source=f"Memory Maze 9x9, seeds {seeds.start}:{seeds.stop}, policy {protocol.POLICY}")
   for group, res in merged.items():
     if not res:
       continue
@@ -308,6 +318,18 @@ def _revisit(config, ae, dn) -> None:
           f"ground truth floor: {summary['reference']}")
     print(report.format_table(rows, _TABLE, ".3f"))
   report.write_metrics_json(os.path.join(out, "metrics.json"), metrics)
+  if _BENCHMARK.value == "memory_maze":
+    print("\n" + protocol.format_table(metrics))
+
+
+def _maze_protocol_settings(config) -> tuple[int, range]:
+  """``--benchmark=memory_maze``'s N and held-out maze seeds (capped by --num_trajectories);
+  refuses seeds the model was trained on."""
+  from mirage_jax.evaluation import memory_maze_protocol as protocol  # pylint: disable=g-import-not-at-top
+  n = protocol.check_context(_MAZE.value or protocol.DEFAULT_CONTEXT)
+  seeds = _seed_range(_MAZE_SEEDS.value, "memory_maze_seeds")
+  protocol.check_seeds(seeds, config)
+  return n, (seeds[:_NUM_TRAJ.value] if _NUM_TRAJ.value else seeds)
 
 
 def _merge_parts(out: str, results: dict) -> dict | None:
@@ -429,6 +451,10 @@ def _main() -> int:
       raise InputError(flag, flag[2:], "required")
   for flag in (_CAPTION, _EMPTY_TEXT):  # numpy reads local files
     paths.require_local(flag.value, f"--{flag.name}", "copy it to a local disk first")
+  if _BENCHMARK.value == "memory_maze" or _MAZE.value:  # the install step, before anything else
+    from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
+    memory_maze.require("--benchmark=memory_maze" if _BENCHMARK.value == "memory_maze"
+                        else "--memory_maze_context")
   if not paths.is_remote(_OUTPUT.value):
     return _run(_OUTPUT.value)
   # Cloud Storage has no folders, renames or appends (videos, plots and parts are written in
@@ -457,17 +483,22 @@ def _run(output_dir: str) -> int:
     raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: {', '.join(memory.BACKEND_NAMES)})")
   if _BENCHMARK.value == "objects":
     _object_settings()  # refuse bad flags before loading the model
-  if _BENCHMARK.value == "revisit":
+  if _BENCHMARK.value in ("revisit", "memory_maze"):
     _baseline_checkpoints()
     if not 0.0 <= _FIRST_VISIT.value <= 1.0:
       raise InputError("--first_visit_coverage", "first_visit_coverage",
                        f"must be in [0, 1], got {_FIRST_VISIT.value}")
   # The family decides which flags apply; checked before the (slow) model load.
-  family = rollout.model_family(rollout.export_config(_CHECKPOINT.value))
+  export_config = rollout.export_config(_CHECKPOINT.value)
+  family = rollout.model_family(export_config)
+  if _BENCHMARK.value == "memory_maze" and family != "wan":
+    _maze_protocol_settings(export_config)  # held-out seeds, before the slow model load
   wan_flag = next((f.name for f in (_CAPTION, _EMPTY_TEXT, _GUIDANCE) if f.value is not None), None)
   if family != "wan" and wan_flag:
     raise InputError(f"--{wan_flag}", wan_flag, f"only the Wan family takes it; "
                      f"{_CHECKPOINT.value} is of family {family!r}")
+  if family == "wan" and _BENCHMARK.value == "memory_maze":
+    raise InputError("--benchmark", "benchmark", "'memory_maze' runs the small family only")
   if family == "wan" and _BENCHMARK.value != "revisit":
     raise InputError("--benchmark", "benchmark", f"{_BENCHMARK.value!r} runs the small family "
                      "only; a Wan-family export runs --benchmark=revisit")
@@ -485,7 +516,8 @@ def _run(output_dir: str) -> int:
   if _SAMPLER_STEPS.value is not None and _SAMPLER_STEPS.value < 1:
     raise InputError("--sampler_steps", "sampler_steps", f"must be >= 1, got {_SAMPLER_STEPS.value}")
   config, ae, dn = _with_sampler_steps(rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value))
-  dict(revisit=_revisit, scaling=_scaling, objects=_objects)[_BENCHMARK.value](config, ae, dn)
+  dict(revisit=_revisit, scaling=_scaling, objects=_objects,
+       memory_maze=_revisit)[_BENCHMARK.value](config, ae, dn)
   if jax.process_index() == 0:
     from mirage_jax.evaluation import index_html  # pylint: disable=g-import-not-at-top
     page = index_html.write_index(output_dir, command=["python", "-m", "mirage_jax.evaluate",

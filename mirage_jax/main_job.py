@@ -18,6 +18,12 @@ interrupted training run resumes from its last checkpoint):
      plots (``<workdir>/eval``), and last the report: ``<workdir>/eval/index.html`` (every
      claim's PASS/FAIL, links to each evaluation's ``index.html`` with its videos).
 
+A config trained on Memory Maze (``data.dataset='memory_maze'``, e.g.
+``--config=experiments/tiny_cpu.py:memory_maze``; needs the ``memory_maze`` extra) builds
+Memory Maze clips in stage 1 and runs the Memory Maze protocol as stage 4 instead
+(``evaluate --benchmark=memory_maze``: ``--memory_maze_context`` frames given, as many
+generated, on the held-out ``--memory_maze_seeds``; ``evaluation/memory_maze_protocol.py``).
+
 ``--family=wan`` runs the Wan-family pipeline instead (tiny networks, CPU):
 
   python -m mirage_jax.main_job --family=wan --workdir=runs/wan_tiny [--denoiser_steps=200]
@@ -72,13 +78,24 @@ _TRAIN_BASELINES = flags.DEFINE_list(
 _MORE_STEPS = flags.DEFINE_integer(
     "more_sampler_steps", 0, "N > 0: the revisit benchmark once more with N sampler steps "
     "(every row; <workdir>/eval/revisit_steps<N>), beside the configured steps.")
+_MAZE_CONTEXT = flags.DEFINE_integer(
+    "memory_maze_context", 100, "A config trained on Memory Maze (data.dataset='memory_maze'): "
+    "stage 4 is the Memory Maze protocol (evaluate --benchmark=memory_maze) with N given and N "
+    "generated frames.")
+_MAZE_SEEDS = flags.DEFINE_string("memory_maze_seeds", "1000000:1000004",
+                                  "a:b held-out maze seeds of that protocol.")
 _WAN_CLIPS = flags.DEFINE_integer("wan_clips", 8, "--family=wan: procedural training clips.")
 _WAN_SAMPLER_STEPS = flags.DEFINE_integer("wan_sampler_steps", None, "--family=wan: sampler "
                                           "steps of the exported model (default: the config's).")
 
 
 def load_configs(path: str, workdir: str):
-  """(autoencoder config, denoiser config) from an experiment file, paths under ``workdir``."""
+  """(autoencoder config, denoiser config) from an experiment file, paths under ``workdir``.
+
+  ``path`` may name a variant, ``FILE:VARIANT``: the stages are then ``get_config('<stage>,VARIANT')``
+  (e.g. ``experiments/tiny_cpu.py:memory_maze``).
+  """
+  path, _, variant = path.partition(":")
   if not os.path.isfile(path):
     raise InputError("--config", "config", f"{path} does not exist")
   spec = importlib.util.spec_from_file_location("experiment_config", path)
@@ -89,7 +106,10 @@ def load_configs(path: str, workdir: str):
     raise InputError(path, "get_config", f"failed to load: {e}") from e
   configs = []
   for stage in ("autoencoder", "denoiser"):
-    c = module.get_config(stage)
+    try:
+      c = module.get_config(f"{stage},{variant}" if variant else stage)
+    except ValueError as e:  # an unknown variant
+      raise InputError("--config", "config", str(e)) from None
     c.data.data_dir = os.path.join(workdir, "data")
     configs.append(c)
   ae, dn = configs
@@ -129,6 +149,10 @@ def _main() -> int:
   if _FAMILY.value == "wan":
     return _main_wan(workdir)
   ae_config, dn_config = load_configs(_CONFIG.value, workdir)
+  maze = ae_config.data.dataset == "memory_maze"
+  if maze:  # before any stage: a missing extra is one line, not a traceback on a worker
+    from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
+    memory_maze.require("--config")
   from experiments import common  # pylint: disable=g-import-not-at-top
   try:
     baseline_configs = {b: common.memory_baseline(dn_config, b) for b in _TRAIN_BASELINES.value}
@@ -151,6 +175,8 @@ def _main() -> int:
 
   _banner("4/4 evaluation")
   eval_dir = os.path.join(workdir, "eval")
+  if maze:
+    return _memory_maze_protocol(eval_dir, dn_export, baselines)
   backends = ",".join(_BACKENDS.value)
   first = _HELDOUT_SEED.value
   revisit_args = ["--benchmark=revisit", f"--checkpoint={dn_export}", f"--backends={backends}",
@@ -184,19 +210,40 @@ def _main() -> int:
   return 0
 
 
+def _memory_maze_protocol(eval_dir: str, dn_export: str, baselines: dict) -> int:
+  """Stage 4 of a model trained on Memory Maze: ``evaluate --benchmark=memory_maze`` (the
+  protocol of Po et al. 2025, scaled down) on held-out mazes, and its table beside the
+  paper's figures."""
+  from mirage_jax.evaluation import memory_maze_protocol  # pylint: disable=g-import-not-at-top
+  out = os.path.join(eval_dir, "memory_maze")
+  seeds = _MAZE_SEEDS.value.split(":")
+  count = int(seeds[1]) - int(seeds[0]) if len(seeds) == 2 and all(x.isdigit() for x in seeds) else 0
+  args = ["--benchmark=memory_maze", f"--checkpoint={dn_export}",
+          f"--backends={','.join(_BACKENDS.value)}", f"--memory_maze_context={_MAZE_CONTEXT.value}",
+          f"--memory_maze_seeds={_MAZE_SEEDS.value}", f"--trajectory_batch={max(count, 0)}"]
+  if baselines:
+    args.append("--baseline_checkpoints=" + ",".join(f"{b}={p}" for b, p in baselines.items()))
+  _evaluate(args, out, rows=baseline_rows(baselines), group=memory_maze_protocol.GROUP)
+  with open(os.path.join(out, "metrics.json")) as f:
+    print("\n" + memory_maze_protocol.format_table(json.load(f)))
+  print(f"\nvideos: {os.path.join(out, 'videos')}/<trajectory>/<row>.mp4")
+  print(f"\nreport: {os.path.abspath(os.path.join(out, 'index.html'))}")
+  return 0
+
+
 def baseline_rows(baselines) -> list[str]:
   """The revisit rows of the trained baselines (``revisit.TRAINED`` suffix)."""
   from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
   return [b + revisit.TRAINED for b in baselines]
 
 
-def _evaluate(args: list[str], output_dir: str, rows: list[str] = ()) -> None:
+def _evaluate(args: list[str], output_dir: str, rows: list[str] = (), group: str = "revisit") -> None:
   """Runs ``mirage_jax.evaluate`` into ``output_dir`` unless it already finished there
-  (with revisit ``rows`` among its rows: a run without the baselines is redone)."""
+  (with ``rows`` among the rows of its ``group``: a run without the baselines is redone)."""
   metrics = os.path.join(output_dir, "metrics.json")
   if os.path.exists(metrics):
     with open(metrics) as f:
-      have = json.load(f).get("revisit", {}).get("summary", {})
+      have = json.load(f).get(group, {}).get("summary", {})
     if all(r in have for r in rows):
       print(f"reusing {output_dir}")
       return

@@ -480,7 +480,8 @@ class Rollout:
         padded with its last camera), start () int32 first frame, real () int32 frames
         that exist (padded frames are never written; 0: the trajectory has ended, nothing
         changes). With ``oracle``: use (F,) bool frames written from ground truth, their
-        o_lat (F, h, w, C), o_rgb (F, H, W, 3) in [-1, 1], o_depth (F, H, W).
+        o_lat (F, h, w, C), o_rgb (F, H, W, 3) in [-1, 1], o_depth (F, H, W), and given
+        (F,) bool frames (a subset of use) that are also the next chunk's clean context.
       oracle: static; without it no frame is written from ground truth.
     Returns:
       the new carry; outputs: latents (F, h, w, C), rgb (F, H, W, 3) in [-1, 1], depth
@@ -528,9 +529,11 @@ class Rollout:
       new["bank"] = memory_lib.baselines.frame_bank_write(
           carry["bank"], w_lat[::s], w_depth[::s], Kc[::s], c2wc[::s], static[::s], ids[::s])
     if self.num_context:  # the last Nc of [context, the chunk's real frames]
+      # Given frames (a protocol's context) are the clean context as encoded, not as generated.
+      ctx_lat = jnp.where(chunk["given"][:, None, None, None], chunk["o_lat"], lat) if oracle else lat
       new.update((k, jax.lax.dynamic_slice_in_dim(jnp.concatenate([c, x], 0), chunk["real"],
                                                   self.num_context))
-                 for k, c, x in (("ctx", ctx, lat), ("ctx_K", ctx_K, Kc), ("ctx_c2w", ctx_c2w, c2wc)))
+                 for k, c, x in (("ctx", ctx, ctx_lat), ("ctx_K", ctx_K, Kc), ("ctx_c2w", ctx_c2w, c2wc)))
     # A trajectory that has ended (shorter than others in its batch) keeps its state.
     active = chunk["real"] > 0
     new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, carry)
@@ -626,7 +629,7 @@ class Rollout:
   def generate_batch(self, first_frames, first_depths, intrinsics, poses_c2w, *,
                      seeds: int | list[int] = 0, progress: bool = True, oracle_frames=None,
                      initial_memory: Any = None, mesh: Mesh | None = None,
-                     timed: bool = False) -> list[dict[str, Any]]:
+                     timed: bool = False, given_frames=None) -> list[dict[str, Any]]:
     """Generates B trajectories at once: the chunk step vmapped over them, sharded on a mesh.
 
     Per chunk, ONE jitted call advances every trajectory (memory read, the whole sampler,
@@ -641,6 +644,9 @@ class Rollout:
       seeds: the sampling seed of each trajectory (an int: the same for all).
       oracle_frames: None, or B entries each None or ``(frames (N_b, H, W, 3) uint8,
         depths (N_b, H, W))`` (see :meth:`generate`).
+      given_frames: None, or B ints G_b <= N_b: frames ``< G_b`` are *given* (a protocol's
+        context): besides memory, they are the clean context of the chunks after them, as
+        encoded from ``oracle_frames`` (otherwise the context is always the generated latents).
       initial_memory: one memory state every trajectory starts from (see :meth:`generate`).
       mesh: the trajectory axis is sharded over its batch axes (``data``, ``fsdp``; padded
         with empty trajectories to a multiple of their size); default: a ``data`` mesh of
@@ -671,6 +677,10 @@ class Rollout:
     lengths = np.array([len(p) for p in poses])
     gts = [None if o is None else tuple(np.asarray(a) for a in o) for o in oracle_frames]
     given = np.array([0 if g is None else len(g[0]) for g in gts])
+    ctx_given = np.zeros(B, int) if given_frames is None else np.asarray(given_frames, int)
+    if ctx_given.shape != (B,) or (ctx_given < 0).any() or (ctx_given > given).any():
+      raise InputError("generate", "given_frames", f"expected {B} counts in [0, oracle "
+                       f"frames {given.tolist()}], got {given_frames!r}")
 
     mesh = trajectory_mesh(B) if mesh is None else mesh
     shards = batch_shards(mesh)
@@ -678,6 +688,7 @@ class Rollout:
     order = list(range(B)) + [0] * pad
     lengths = np.concatenate([lengths, np.ones(pad, int)])
     given = np.concatenate([given, np.zeros(pad, int)])
+    ctx_given = np.concatenate([ctx_given, np.zeros(pad, int)])
     fns = self._functions(mesh)
     bat = batch_sharding(mesh)
     put = lambda x: jax.device_put(x, bat)
@@ -709,6 +720,7 @@ class Rollout:
                    real=real.astype(np.int32))
       if has_oracle:
         chunk.update(self._oracle_chunk(fns, ae_state, gts, order, idx, given, put))
+        chunk["given"] = idx < ctx_given[:, None]
       chunk = {k: put(v) for k, v in chunk.items()}
       pre = carry["memory"]
       if timed:

@@ -135,8 +135,20 @@ def _objects_body(metrics: Mapping[str, Any]) -> tuple[dict, str, list[str]]:
           rows)
 
 
+def _memory_maze_body(metrics: Mapping[str, Any]) -> tuple[dict, str, list[str]]:
+  """The revisit body of the Memory Maze protocol, after its table beside the paper's figures."""
+  from mirage_jax.evaluation import memory_maze_protocol as protocol  # pylint: disable=g-import-not-at-top
+  claims, body, rows = _revisit_body(metrics)
+  head = ("<h2>Memory Maze protocol beside Po et al. 2025</h2><p>"
+          + _esc(protocol.format_table(metrics).splitlines()[0]) + "</p>"
+          + _table(protocol.table_rows(metrics[protocol.GROUP]["summary"]), list(protocol.COLUMNS)))
+  return claims, head + body, rows
+
+
 _BODIES = dict(revisit=(_revisit_body, "Each row's video: generated | ground truth | memory "
                         "coverage (white: the memory read covers the pixel)."),
+               memory_maze=(_memory_maze_body, "Each row's video: generated | ground truth | "
+                            "memory coverage (the first half is given)."),
                scaling=(_scaling_body, ""),
                objects=(_objects_body, "Each row's video: generated | ground truth | predicted "
                         "moving-content mask."))

@@ -41,8 +41,10 @@ Memory Maze variant (Po et al. 2025 give 400 context frames at 64x64 and generat
 400-frame retrace): a ``retrace`` rollout of ``2 N`` frames whose first ``N`` frames are
 *context*: they are written into memory from ground truth (every row) and the scores are
 taken over the last ``N`` frames. Here ``N`` is small (e.g. 40) and the resolution is the
-model's; the clean-context latents of the first retrace chunk are still the model's own
-generation of the context frames (our rollout conditions on its own last chunk).
+model's. Given frames are also the clean context of the chunks after them (encoded ground
+truth, ``Rollout.generate_batch(given_frames=...)``); a chunk that straddles ``N`` still
+generates its given frames. The protocol of Po et al. on the environment's exploration
+trajectories (not retraces) is ``evaluation/memory_maze_protocol.py``.
 """
 
 from __future__ import annotations
@@ -389,10 +391,10 @@ class RevisitRunner:
                 return_outputs: bool = False) -> list:
     """Scores every row on a batch of trajectories (and writes their side-by-side videos).
 
-    Each row generates all of ``truths`` at once (``generate_batch`` of either family: one
-    jitted chunk step for the batch, trajectories sharded over this process's devices,
-    different lengths padded and masked). Every trajectory is sampled with ``seed``, so its
-    scores do not depend on the batch it is in.
+    Each row generates all of ``truths`` at once (``Rollout.generate_batch``: one jitted
+    chunk step for the batch, trajectories sharded over this process's devices, different
+    lengths padded and masked); the Wan family runs them one after another. Every
+    trajectory is sampled with ``seed``, so its scores do not depend on the batch it is in.
 
     Args:
       truths: trajectories at the model's resolution, each at most ``max_frames`` long.
@@ -459,19 +461,26 @@ class RevisitRunner:
 
 def generate_trajectories(r, truths: Sequence[Trajectory], *, seed: int = 0,
                           progress: bool = False, oracle_frames=None) -> list[dict[str, Any]]:
-  """``r.generate`` of every trajectory from its frame 0, all at once (``generate_batch``
-  of either family: one jitted chunk step for the batch); the Wan family also gets every
-  frame's depth (it writes each latent with its frame's given depth, having no depth model).
+  """``r.generate`` of every trajectory from its frame 0: batched for the small family
+  (``Rollout.generate_batch``), one by one for the Wan family (which writes every latent
+  with its frame's given depth, having no depth model).
 
   Args:
     r: a rollout of ``rollout.make_rollout``. truths: the trajectories.
     oracle_frames: None or one entry per trajectory (see ``Rollout.generate``).
+  A trajectory's ``context`` frames are given (``Rollout.generate_batch``'s ``given_frames``):
+  the clean context after them is their encoding, not the model's generation.
   """
   oracle_frames = [None] * len(truths) if oracle_frames is None else oracle_frames
-  extra = dict(depths=[t.depths for t in truths]) if getattr(r, "needs_depths", False) else {}
-  return r.generate_batch([t.frames[0] for t in truths], [t.depths[0] for t in truths],
-                          [t.intrinsics for t in truths], [t.poses_c2w for t in truths],
-                          seeds=seed, progress=progress, oracle_frames=oracle_frames, **extra)
+  given = ({"given_frames": [t.context for t in truths]} if any(t.context for t in truths)
+           else {})
+  if hasattr(r, "generate_batch"):
+    return r.generate_batch([t.frames[0] for t in truths], [t.depths[0] for t in truths],
+                            [t.intrinsics for t in truths], [t.poses_c2w for t in truths],
+                            seeds=seed, progress=progress, oracle_frames=oracle_frames, **given)
+  return [r.generate(t.frames[0], t.depths[0], t.intrinsics, t.poses_c2w, seed=seed,
+                     progress=progress, oracle_frames=o, depths=t.depths)
+          for t, o in zip(truths, oracle_frames)]
 
 
 def write_truth_video(video_dir: str, truth: Trajectory) -> None:
