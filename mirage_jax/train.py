@@ -1338,10 +1338,15 @@ def eval_rollouts(rollouts, stage: Stage, setup: TrainSetup, state: State
   """``rollouts`` (``evaluation.training_rollouts``) of the EMA weights: (scalars, videos).
 
   Every process gathers the weights to the host and runs the same rollouts (one trajectory
-  is one sequential rollout on one device); only process 0's writer writes.
+  is one sequential rollout on one device); only process 0's writer writes. A Wan stage's
+  trained params go over its frozen base (gathered too), sampled with its empty prompt.
   """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   ema = multihost_utils.process_allgather(state["ema"], tiled=True)
+  if isinstance(stage, WanStage):
+    frozen = multihost_utils.process_allgather(stage.frozen, tiled=True)
+    dn = merge_model(stage, setup.graphdef, ema, frozen)
+    return rollouts(None, dn, dict(empty_text=np.asarray(frozen["empty_text"])))
   dn = merge_model(stage, setup.graphdef, ema, None)
   ae = nnx.merge(stage.ae_graphdef, nnx.State(stage.frozen))
   return rollouts(ae, dn)

@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -810,7 +811,8 @@ def load_wan_vae(config: ml_collections.ConfigDict, autoencoder_export: str | No
   if ae_family != "wan":
     raise InputError(ae_path, "autoencoder.family", f"the Wan DiT {start} needs the "
                      f"Wan VAE, this export is family {ae_family!r}")
-  if ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
+  # As JSON: an export's lists stand for a live config's tuples.
+  if json.loads(ae_config.autoencoder.to_json()) != json.loads(config.autoencoder.to_json()):
     raise InputError(ae_path, "autoencoder", "not the VAE this DiT was exported with")
   graphdef, state = nnx.split(nnx.eval_shape(
       lambda: wan_vae.WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))

@@ -12,8 +12,13 @@ no oracle or composite rows) and returns:
   videos   ``rollout/<backend>/<trajectory>``: generated | ground truth | memory coverage,
            uint8 (T, H, W', 3), upscaled to at least 64 pixels high.
 
-Small family only (the Wan family's training runs on latent clips; its rollouts are the
-evaluate CLI's).
+Both families. The small family generates with the EMA denoiser on the frozen
+autoencoder; the Wan family (``train.WanStage``) with the EMA of the trained VACE/LoRA params
+over the frozen base DiT (the reference keeps no EMA: ``ema_decay`` 0 makes it the params),
+decoded by the Wan VAE of ``config.denoiser.autoencoder_checkpoint`` (else the one the base
+export names), writing each latent with the loop's given depth, sampled with the empty
+prompt (``wan_rollout.WanRollout``). Every trajectory's rollout is one batched chunk step
+per chunk (``generate_batch``).
 """
 
 from __future__ import annotations
@@ -36,10 +41,9 @@ def check_config(config: ml_collections.ConfigDict) -> int:
   if n <= 0:
     return 0
   from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
-  if config.stage != "denoiser" or rollout.model_family(config) != "small":
-    raise InputError("config.eval", "rollouts", "training-time rollouts run for the small "
-                     f"family's denoiser stage only (this is {config.stage!r}, family "
-                     f"{rollout.model_family(config)!r}); set config.eval.rollouts=0")
+  if config.stage != "denoiser":
+    raise InputError("config.eval", "rollouts", "training-time rollouts run for the "
+                     f"denoiser stage only (this is {config.stage!r}); set config.eval.rollouts=0")
   if int(e.rollout_frames) <= int(config.denoiser.target_frames):
     raise InputError("config.eval", "rollout_frames", f"must exceed one chunk "
                      f"({config.denoiser.target_frames} frames), got {e.rollout_frames}")
@@ -62,18 +66,27 @@ class TrainingRollouts:
     h, w = (int(r) for r in config.data.resolution)
     self.backends = list(e.rollout_backends) or [config.memory.backend]
     self.trajectories = []
+    # The Wan family trains on latents: its rollouts need the VAE (loaded once).
+    self.vae = None
+    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+    if rollout.model_family(config) == "wan":
+      from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+      self.vae = wan_rollout.load_wan_vae(config)
     for seed in range(int(e.rollout_seed), int(e.rollout_seed) + n):
       clip = procedural.render_clip(seed, int(e.rollout_frames), h, w, trajectory="loop")
       self.trajectories.append(revisit.Trajectory(name=f"seed{seed}", fps=float(clip["fps"]),
                                                   **revisit.fit_clip(clip, (h, w))))
 
-  def __call__(self, ae: nnx.Module, dn: nnx.Module) -> tuple[dict[str, float], dict[str, Any]]:
-    """Scores ``dn`` (on the frozen ``ae``); returns (scalars, videos), see the module doc."""
+  def __call__(self, ae: nnx.Module | None, dn: nnx.Module, wan_options: dict | None = None
+               ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Scores ``dn`` (on the frozen ``ae``; None: the Wan VAE loaded here) and returns
+    (scalars, videos), see the module doc. ``wan_options``: ``WanRollout``'s text options
+    (e.g. the run's empty-prompt embedding)."""
     from mirage_jax.evaluation import revisit, video  # pylint: disable=g-import-not-at-top
     # A runner per call: it holds the weights it was built with (compiles hit JAX's caches).
-    runner = revisit.RevisitRunner(self.config, ae, dn, self.backends,
-                                   max(len(t.frames) for t in self.trajectories),
-                                   oracle=False, composite=False)
+    runner = revisit.RevisitRunner(self.config, self.vae if ae is None else ae, dn,
+                                   self.backends, max(len(t.frames) for t in self.trajectories),
+                                   oracle=False, composite=False, wan_options=wan_options)
     results, videos = {}, {}
     # All trajectories at once: one jitted chunk step for the batch (revisit.run_batch).
     for t, (res, outputs) in zip(self.trajectories, runner.run_batch(
