@@ -79,6 +79,12 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   # covered cells were copied from memory, so writing them back only adds drift (ours;
   # the reference's `mirage` writes everything).
   c.memory.write_new_only = ("voxel",)
+  # Backends (only 'voxel' reads depth) whose rollout takes the depth it writes from the
+  # memory read where it covers, and, with depth_from_memory_rescale, scales the generated
+  # depth elsewhere by the frame's median memory / generated ratio (rollout.anchor_depth):
+  # newly seen content is written at the memory's scale instead of the drifting generated one.
+  c.memory.depth_from_memory = ()
+  c.memory.depth_from_memory_rescale = True
   # Backends whose rollout keeps cells the autoencoder's dynamic head marks as moving out of
   # the memory (ours; the reference's `mirage` writes generated moving content too).
   c.memory.mask_dynamic = ("voxel",)

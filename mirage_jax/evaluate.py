@@ -130,6 +130,13 @@ _BASELINES = flags.DEFINE_list(
 _SAMPLER_STEPS = flags.DEFINE_integer(
     "sampler_steps", None, "Sampler steps of every row's generation (default: each export's "
     "config.sampler.num_steps).")
+_DEPTH_FROM_MEMORY = flags.DEFINE_list(
+    "depth_from_memory", None, "Backends ('voxel' or none: '') whose rollout writes the memory's "
+    "depth where its read covers and rescales the generated depth elsewhere "
+    "(rollout.anchor_depth; default: each export's config.memory.depth_from_memory).")
+_DEPTH_RESCALE = flags.DEFINE_bool(
+    "depth_from_memory_rescale", None, "With --depth_from_memory: also rescale the generated "
+    "depth of uncovered cells (default: each export's config).")
 _FIRST_VISIT = flags.DEFINE_float(
     "first_visit_coverage", 0.5, "A frame is a first-visit frame (psnr_unseen, ssim_unseen) "
     "when ground truth seen >= --min_revisit_gap frames earlier covers at most this fraction.")
@@ -162,9 +169,14 @@ _TABLE = ("row", "psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_f
 
 
 def _with_sampler_steps(world):
-  """(config, ae, dn) with ``--sampler_steps`` in the config, when given."""
+  """(config, ae, dn) with ``--sampler_steps`` and ``--depth_from_memory[_rescale]`` in the
+  config, when given."""
   if _SAMPLER_STEPS.value:
     world[0].sampler.num_steps = _SAMPLER_STEPS.value
+  if _DEPTH_FROM_MEMORY.value is not None:
+    world[0].memory.depth_from_memory = tuple(b for b in _DEPTH_FROM_MEMORY.value if b)
+  if _DEPTH_RESCALE.value is not None:
+    world[0].memory.depth_from_memory_rescale = _DEPTH_RESCALE.value
   return world
 
 
@@ -288,6 +300,7 @@ def _revisit(config, ae, dn) -> None:
   metrics = dict(benchmark="revisit", checkpoint=_CHECKPOINT.value, backends=_BACKENDS.value,
                  baseline_checkpoints=baselines, first_visit_coverage=_FIRST_VISIT.value,
                  sampler_steps=int(config.sampler.num_steps),
+                 depth_from_memory=list(config.memory.get("depth_from_memory", ())),
                  seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
                  oracle_backend=config.memory.backend,
                  pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
@@ -481,6 +494,10 @@ def _run(output_dir: str) -> int:
   unknown = [b for b in _BACKENDS.value if b not in memory.BACKEND_NAMES]
   if unknown:
     raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: {', '.join(memory.BACKEND_NAMES)})")
+  bad = [b for b in _DEPTH_FROM_MEMORY.value or () if b and b != "voxel"]
+  if bad:
+    raise InputError("--depth_from_memory", "depth_from_memory", f"{bad[0]!r} reads no depth; "
+                     "only 'voxel' takes its depth from the memory")
   if _BENCHMARK.value == "objects":
     _object_settings()  # refuse bad flags before loading the model
   if _BENCHMARK.value in ("revisit", "memory_maze"):

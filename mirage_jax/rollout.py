@@ -10,8 +10,9 @@ host inside it):
               reference's rule, :func:`retrieve_references`), then the last
               ``context_frames`` generated latents; then decode RGB-D;
   3. write    the new latents back into memory with the *generated* depth (no external depth
-              model), leaving out cells the autoencoder's dynamic head marks as moving, and
-              into the reference bank.
+              model; with ``config.memory.depth_from_memory``, tied to the memory's depth
+              where the read covers, :func:`anchor_depth`), leaving out cells the
+              autoencoder's dynamic head marks as moving, and into the reference bank.
 
 Moving content (``mask_dynamic``, ``object_slots``; defaults per backend in
 ``config.memory.mask_dynamic`` and ``config.objects.backends``): cells predicted as moving
@@ -106,6 +107,37 @@ def splat_objects(objects, memory, coverage, K, c2w, frame_index):
   """
   lat, cov, _, _ = objects_lib.render(objects, K, c2w, frame_index)
   return jnp.where(cov[..., None], lat.astype(memory.dtype), memory), coverage | cov
+
+
+def anchor_depth(depth, memory_depth, coverage, *, rescale: bool = True,
+                 min_cells: int = 8):
+  """Generated depth tied to the memory's geometry where the memory covers the frame.
+
+  Covered cells take the memory's depth (what the cache already holds there, instead of a
+  regenerated estimate that drifts); with ``rescale``, the rest of each frame is the
+  generated depth times the frame's median ratio memory / generated over its covered cells,
+  so newly seen content is written at the memory's scale (unchanged for a frame with fewer
+  than ``min_cells`` covered cells).
+
+  Args:
+    depth: (F, H, W) generated z-depth at image resolution, H = s * h, W = s * w.
+    memory_depth: (F, h, w) the memory read's depth (0 where empty).
+    coverage: (F, h, w) bool cells the memory covers.
+  Returns:
+    (F, H, W) float32 depth.
+  """
+  f, H, W = depth.shape
+  _, h, w = coverage.shape
+  sy, sx = H // h, W // w
+  gen = memory_lib.latent_cache.depth_at(depth.astype(jnp.float32), h, w)
+  ok = coverage & (memory_depth > 0) & (gen > 0)
+  up = lambda x: jnp.repeat(jnp.repeat(x, sy, 1), sx, 2)
+  out = depth.astype(jnp.float32)
+  if rescale:
+    ratio = jnp.nanmedian(jnp.where(ok, memory_depth / jnp.where(ok, gen, 1.0), jnp.nan), axis=(1, 2))
+    enough = ok.sum(axis=(1, 2)) >= min_cells
+    out = out * jnp.where(enough, ratio, 1.0)[:, None, None]
+  return jnp.where(up(ok), up(memory_depth.astype(jnp.float32)), out)
 
 
 def load_world_model(denoiser_export: str, autoencoder_export: str | None = None
@@ -326,6 +358,12 @@ class Rollout:
     # Exports made before `memory.write_new_only` existed wrote everything.
     self.write_new_only = self.backend_name in config.memory.get("write_new_only", ())
     self.memory_cfg = memory_config(config, **memory_overrides)
+    # Exports made before `memory.depth_from_memory` existed used the generated depth.
+    self.depth_from_memory = self.backend_name in config.memory.get("depth_from_memory", ())
+    self.depth_rescale = bool(config.memory.get("depth_from_memory_rescale", True))
+    if self.depth_from_memory and self.backend_name != "voxel":
+      raise InputError("config.memory", "depth_from_memory", f"the {self.backend_name!r} backend "
+                       "reads no depth; only 'voxel' takes its depth from the memory")
     # Exports made before moving content was handled lack these fields: off, as trained.
     objects_cfg = config.get("objects")
     if object_slots is None:
@@ -490,7 +528,11 @@ class Rollout:
     """
     Kc, c2wc, ids = chunk["K"], chunk["c2w"], chunk["frame"]
     real = (jnp.arange(self.chunk) < chunk["real"])[:, None, None]
-    mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
+    if self.depth_from_memory:
+      mem, cov, mem_depth = self.backend.read(carry["memory"], Kc, c2wc, with_depth=True)
+      static_cov = cov
+    else:
+      mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
     positions = jnp.zeros((self.chunk, 0, 3), jnp.float32)
     idents = jnp.zeros((self.chunk, 0), jnp.int32)
     if self.object_slots:
@@ -504,6 +546,8 @@ class Rollout:
       full = tuple(jnp.concatenate([r, c], 0) for r, c in zip(refs, full))
     key, sub = jax.random.split(jax.random.wrap_key_data(carry["rng"]))
     lat, rgb, depth = self._denoise_impl(ae_state, dn_state, mem, cov, Kc, c2wc, *full, sub)
+    if self.depth_from_memory:  # the static read's depth: object slots carry none
+      depth = anchor_depth(depth, mem_depth, static_cov, rescale=self.depth_rescale)
     dyn = self._dynamic_impl(ae_state, lat)
     w_lat, w_rgb, w_depth, w_dyn = lat, rgb, depth, dyn
     if oracle:  # a chunk straddling N mixes the two

@@ -131,3 +131,47 @@ def test_object_slots_carry_moving_content_into_later_chunks(models):
   none = rollout.Rollout(config, _with_dynamic_head(ae, 10.0), dn, "voxel",
                          object_slots=False).generate(frame0, depth0, K, poses, progress=False)
   assert none["coverage"][1].max() == 0
+
+
+def test_anchor_depth_takes_the_memory_depth_and_rescales_the_rest():
+  """Generated depth twice the truth; the memory holds the truth on the left half."""
+  rng = np.random.default_rng(0)
+  truth = rng.uniform(1.0, 4.0, (2, 4, 4)).astype(np.float32)  # latent cells
+  coverage = np.zeros((2, 4, 4), bool)
+  coverage[0, :, :2] = True  # frame 0: 8 covered cells; frame 1: none
+  memory_depth = np.where(coverage, truth, 0.0)
+  generated = np.repeat(np.repeat(2.0 * truth, 2, 1), 2, 2)  # image: 2x2 pixels per cell
+  up = lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2)
+  out = np.asarray(rollout.anchor_depth(generated, memory_depth, coverage, min_cells=8))
+  np.testing.assert_allclose(out[0], up(truth)[0], rtol=1e-5)  # covered: memory; rest: x 0.5
+  np.testing.assert_allclose(out[1], generated[1], rtol=1e-6)  # nothing covered: unchanged
+  kept = np.asarray(rollout.anchor_depth(generated, memory_depth, coverage, rescale=False))
+  np.testing.assert_allclose(kept[0], np.where(up(coverage)[0], up(truth)[0], generated[0]),
+                             rtol=1e-5)
+  few = np.asarray(rollout.anchor_depth(generated, memory_depth, coverage, min_cells=9))
+  np.testing.assert_allclose(few, kept, rtol=1e-6)  # too few covered cells: no rescale
+
+
+def test_depth_from_memory_writes_at_the_memory_depth(models):
+  """Standing still in front of a wall at 2 m: the memory covers every generated frame, so
+  with ``depth_from_memory`` their depth is the memory's 2 m, not the untrained model's."""
+  config, ae, dn = models
+  h, w = config.data.resolution
+  K = np.repeat(geometry.intrinsics_from_fov(70, h, w)[None], 3, 0)
+  poses = np.repeat(geometry.look_at([0, 1.5, 0], [0, 1.5, 3], up=(0, 1, 0))[None], 3, 0)
+  frame0 = np.zeros((h, w, 3), np.uint8)
+  depth0 = np.full((h, w), 2.0, np.float32)
+  depths = {}
+  for on in ((), ("voxel",)):
+    c = config.copy_and_resolve_references()
+    c.memory.depth_from_memory = on
+    out = rollout.Rollout(c, ae, dn, backend="voxel").generate(frame0, depth0, K, poses,
+                                                               progress=False)
+    assert out["coverage"][1:].min() == 1.0
+    depths[on] = out["depths"][1:]
+  np.testing.assert_allclose(depths[("voxel",)], 2.0, rtol=0.03)
+  assert np.abs(depths[()] - 2.0).mean() > 0.1  # the untrained model's own depth is elsewhere
+  c = config.copy_and_resolve_references()
+  c.memory.depth_from_memory = ("mirage",)
+  with pytest.raises(Exception, match="depth_from_memory"):
+    rollout.Rollout(c, ae, dn, backend="mirage")

@@ -416,7 +416,7 @@ def voxel_write(state: VoxelState, latents, depth, intrinsics, c2w, static_mask,
                     occupied=o_keep, cfg=cfg)
 
 
-def voxel_read(state: VoxelState, intrinsics, c2w):
+def voxel_read(state: VoxelState, intrinsics, c2w, *, with_depth: bool = False):
   """Splats the voxel table into F target cameras at latent resolution.
 
   The closest voxel centre wins each cell; empty cells then take the closest neighbouring
@@ -425,20 +425,22 @@ def voxel_read(state: VoxelState, intrinsics, c2w):
 
   Args:
     intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
+    with_depth: also return the camera z-depth of each cell's voxel (static).
   Returns:
-    latents (F, h, w, C) in feature_dtype (zeros where empty), coverage (F, h, w) bool.
+    latents (F, h, w, C) in feature_dtype (zeros where empty), coverage (F, h, w) bool;
+    with ``with_depth``, depth (F, h, w) float32 too (0 where empty).
   """
   cfg = state.cfg
   K = latent_intrinsics(cfg, intrinsics)
 
   def one(K1, c2w1):
-    image, covered, _ = splat(state.points, state.features, state.occupied, K1, c2w1,
-                              cfg.latent_height, cfg.latent_width, cfg.near,
-                              footprint=cfg.voxel_size, max_radius=cfg.splat_radius,
-                              priority=state.last_seen, depth_tolerance=cfg.depth_tolerance)
-    return image, covered
+    return splat(state.points, state.features, state.occupied, K1, c2w1,
+                 cfg.latent_height, cfg.latent_width, cfg.near,
+                 footprint=cfg.voxel_size, max_radius=cfg.splat_radius,
+                 priority=state.last_seen, depth_tolerance=cfg.depth_tolerance)
 
-  return jax.vmap(one)(K, c2w)
+  image, covered, depth = jax.vmap(one)(K, c2w)
+  return (image, covered, depth) if with_depth else (image, covered)
 
 
 def voxel_nbytes(state: VoxelState) -> int:
