@@ -134,9 +134,17 @@ def train_and_export(config, workdir: str, name: str) -> str:
     return export_dir
   t0 = time.time()
   metrics = train.train_and_evaluate(config, os.path.join(workdir, name))
+  step = checkpoint.export_params(os.path.join(workdir, name), export_dir)
+  if step < config.train.steps:
+    # Preempted (SIGTERM: the loop saved and returned): a partial model must not be exported,
+    # or the next run would reuse it instead of resuming.
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(export_dir)
+    print(f"{name}: stopped at step {step} of {config.train.steps} (preempted); run the same "
+          "command again to resume", flush=True)
+    raise SystemExit(143)  # 128 + SIGTERM
   print(f"{name}: {config.train.steps} steps in {time.time() - t0:.0f} s; last metrics "
         + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-  checkpoint.export_params(os.path.join(workdir, name), export_dir)
   print(f"exported {export_dir}")
   return export_dir
 
