@@ -7,10 +7,16 @@ trajectories, the trajectory axis sharded over 8 devices, shorter ones padded an
 Each way runs once untimed first (compilation), then is timed end to end (frames on the host).
 Printed: both wall times, their ratio, and the largest difference between the two outputs.
 
+``--family=wan``: the same comparison for the Wan family (``wan_rollout.WanRollout``: tiny
+random Wan2.2 DiT + VACE + VAE built in place, 32x32 frames, chunks of ``--wan_chunk`` video
+frames, 2 preceding latents, up to 2 references; procedural loops with their depth, which
+this family writes its latents with; FlowUniPC).
+
 Without XLA_FLAGS the script asks XLA for 8 host (CPU) devices, as the tests do; on a machine
 with 8 accelerators it uses those.
 
   python -m benchmarks.bench_eval_batched [--backend=voxel] [--steps=8] [--lengths=17,...]
+  python -m benchmarks.bench_eval_batched --family=wan --backend=mirage --steps=2 --lengths=9,...
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ _BACKEND = flags.DEFINE_string("backend", "voxel", "Memory backend.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Sampler steps per chunk.")
 _LENGTHS = flags.DEFINE_list("lengths", ["17", "21", "25", "29", "33", "37", "41", "48"],
                              "Frames of each trajectory (their count is the batch).")
+_FAMILY = flags.DEFINE_enum("family", "small", ["small", "wan"], "Model family.")
+_WAN_CHUNK = flags.DEFINE_integer("wan_chunk", 9, "Wan: video frames per chunk (4N+1).")
 
 
 def trajectories(lengths, h: int, w: int, seed: int = 0):
@@ -54,6 +62,31 @@ def trajectories(lengths, h: int, w: int, seed: int = 0):
   return out
 
 
+def wan_world(chunk: int):
+  """(config, vae, dit): tiny random Wan networks at 32x32, ``chunk`` video frames per chunk,
+  2 preceding latents, up to 2 references (bank of 8); the VACE branch's zero after_proj
+  made random so the memory reaches the DiT."""
+  from experiments import wan22_ti2v_5b  # pylint: disable=g-import-not-at-top
+  from mirage_jax.models import wan_dit, wan_vae  # pylint: disable=g-import-not-at-top
+  config = wan22_ti2v_5b.get_config("denoiser,tiny")
+  config.data.resolution = (32, 32)
+  config.denoiser.update(target_frames=chunk, preceding_frames=8, reference_frames=2,
+                         reference_bank=8)
+  vae = wan_vae.WanVAE(config.autoencoder, rngs=nnx.Rngs(0))
+  dit = wan_dit.WanDiT(config.denoiser.model, rngs=nnx.Rngs(1))
+  proj = dit.vace.blocks.after_proj
+  proj.kernel.set_value(0.2 * jax.random.normal(jax.random.key(2), proj.kernel.get_value().shape))
+  return config, vae, dit
+
+
+def loops(lengths, h: int, w: int):
+  """Procedural loop clips (frames, depths, intrinsics, poses_c2w) of ``lengths`` frames."""
+  from data_pipelines import procedural  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
+  return [revisit.fit_clip(procedural.render_clip(100001 + i, n, h, w, trajectory="loop"), (h, w))
+          for i, n in enumerate(lengths)]
+
+
 def _main() -> int:
   try:
     lengths = [int(x) for x in _LENGTHS.value]
@@ -61,22 +94,33 @@ def _main() -> int:
     raise InputError("--lengths", "lengths", f"expected integers, got {_LENGTHS.value}") from None
   if not lengths or min(lengths) < 2:
     raise InputError("--lengths", "lengths", "need trajectories of at least 2 frames")
-  config = tiny_cpu.get_config("denoiser")
-  config.sampler.update(num_steps=_STEPS.value, method="euler", guidance_scale=0.0)
-  ae = autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))
-  dn = denoiser.Denoiser(config.denoiser.model, nnx.Rngs(1))
+  wan = _FAMILY.value == "wan"
+  config, ae, dn = wan_world(_WAN_CHUNK.value) if wan else (tiny_cpu.get_config("denoiser"), None, None)
+  if not wan:
+    config.sampler.update(num_steps=_STEPS.value, method="euler", guidance_scale=0.0)
+    ae = autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))
+    dn = denoiser.Denoiser(config.denoiser.model, nnx.Rngs(1))
+  else:
+    config.sampler.num_steps = _STEPS.value
   r = rollout.make_rollout(config, ae, dn, _BACKEND.value,
                            **capacity_for(_BACKEND.value, max(lengths), rollout.memory_config(config)))
   h, w = config.data.resolution
-  trajs = trajectories(lengths, h, w)
+  if wan:  # the Wan family writes every latent with its frame's given depth
+    clips = loops(lengths, h, w)
+    trajs = [(c["frames"][0], c["depths"][0], c["intrinsics"], c["poses_c2w"]) for c in clips]
+    each = [dict(depths=c["depths"]) for c in clips]
+    extra = dict(depths=[c["depths"] for c in clips])
+  else:
+    trajs = trajectories(lengths, h, w)
+    each, extra = [{} for _ in trajs], {}
   seeds = list(range(len(trajs)))
   args = [list(x) for x in zip(*trajs)]
 
   def one_at_a_time():
-    return [r.generate(*t, seed=s, progress=False) for t, s in zip(trajs, seeds)]
+    return [r.generate(*t, seed=s, progress=False, **e) for t, s, e in zip(trajs, seeds, each)]
 
   def batched():
-    return r.generate_batch(*args, seeds=seeds, progress=False)
+    return r.generate_batch(*args, seeds=seeds, progress=False, **extra)
 
   times, outs = {}, {}
   for name, fn in (("one at a time", one_at_a_time), ("batched", batched)):
@@ -86,15 +130,19 @@ def _main() -> int:
     times[name] = time.perf_counter() - t0
   a, b = outs["one at a time"], outs["batched"]
   frame_diff = max(int(np.abs(x["frames"].astype(int) - y["frames"].astype(int)).max()) for x, y in zip(a, b))
-  depth_diff = max(float(np.abs(x["depths"] - y["depths"]).max()) for x, y in zip(a, b))
-  chunks = sum(len(range(1, n, r.chunk)) for n in lengths)
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; backend {_BACKEND.value}, "
-        f"{_STEPS.value} sampler steps, {len(lengths)} trajectories of {lengths} frames "
-        f"({chunks} chunks one at a time, {len(range(1, max(lengths), r.chunk))} batched steps)")
+  depth_diff = 0.0 if wan else max(float(np.abs(x["depths"] - y["depths"]).max())
+                                   for x, y in zip(a, b))
+  per = (lambda n: len(r.plan(n))) if wan else (lambda n: len(range(1, n, r.chunk)))
+  chunks = sum(per(n) for n in lengths)
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; family "
+        f"{_FAMILY.value}, backend {_BACKEND.value}, {_STEPS.value} sampler steps, "
+        f"{len(lengths)} trajectories of {lengths} frames "
+        f"({chunks} chunks one at a time, {per(max(lengths))} batched steps)")
   for name, t in times.items():
     print(f"  {name:14s} {t:8.2f} s")
   print(f"  ratio (one at a time / batched): {times['one at a time'] / times['batched']:.2f}x")
-  print(f"  max |difference|: frames {frame_diff} (uint8), depth {depth_diff:.2e} m")
+  print(f"  max |difference|: frames {frame_diff} (uint8)"
+        + ("" if wan else f", depth {depth_diff:.2e} m"))
   return 0
 
 
