@@ -391,10 +391,10 @@ class RevisitRunner:
                 return_outputs: bool = False) -> list:
     """Scores every row on a batch of trajectories (and writes their side-by-side videos).
 
-    Each row generates all of ``truths`` at once (``Rollout.generate_batch``: one jitted
-    chunk step for the batch, trajectories sharded over this process's devices, different
-    lengths padded and masked); the Wan family runs them one after another. Every
-    trajectory is sampled with ``seed``, so its scores do not depend on the batch it is in.
+    Each row generates all of ``truths`` at once (``generate_batch`` of either family: one
+    jitted chunk step for the batch, trajectories sharded over this process's devices,
+    different lengths padded and masked). Every trajectory is sampled with ``seed``, so its
+    scores do not depend on the batch it is in.
 
     Args:
       truths: trajectories at the model's resolution, each at most ``max_frames`` long.
@@ -461,9 +461,9 @@ class RevisitRunner:
 
 def generate_trajectories(r, truths: Sequence[Trajectory], *, seed: int = 0,
                           progress: bool = False, oracle_frames=None) -> list[dict[str, Any]]:
-  """``r.generate`` of every trajectory from its frame 0: batched for the small family
-  (``Rollout.generate_batch``), one by one for the Wan family (which writes every latent
-  with its frame's given depth, having no depth model).
+  """``r.generate`` of every trajectory from its frame 0, all at once (``generate_batch``
+  of either family: one jitted chunk step for the batch); the Wan family also gets every
+  frame's depth (it writes each latent with its frame's given depth, having no depth model).
 
   Args:
     r: a rollout of ``rollout.make_rollout``. truths: the trajectories.
@@ -474,13 +474,11 @@ def generate_trajectories(r, truths: Sequence[Trajectory], *, seed: int = 0,
   oracle_frames = [None] * len(truths) if oracle_frames is None else oracle_frames
   given = ({"given_frames": [t.context for t in truths]} if any(t.context for t in truths)
            else {})
-  if hasattr(r, "generate_batch"):
-    return r.generate_batch([t.frames[0] for t in truths], [t.depths[0] for t in truths],
-                            [t.intrinsics for t in truths], [t.poses_c2w for t in truths],
-                            seeds=seed, progress=progress, oracle_frames=oracle_frames, **given)
-  return [r.generate(t.frames[0], t.depths[0], t.intrinsics, t.poses_c2w, seed=seed,
-                     progress=progress, oracle_frames=o, depths=t.depths)
-          for t, o in zip(truths, oracle_frames)]
+  extra = dict(depths=[t.depths for t in truths]) if getattr(r, "needs_depths", False) else {}
+  return r.generate_batch([t.frames[0] for t in truths], [t.depths[0] for t in truths],
+                          [t.intrinsics for t in truths], [t.poses_c2w for t in truths],
+                          seeds=seed, progress=progress, oracle_frames=oracle_frames, **extra,
+                          **given)
 
 
 def write_truth_video(video_dir: str, truth: Trajectory) -> None:
