@@ -557,8 +557,8 @@ class WanRollout:
 
   def generate_batch(self, first_frames, first_depths, intrinsics, poses_c2w, *, depths,
                      seeds: int | list[int] = 0, progress: bool = True, oracle_frames=None,
-                     initial_memory: Any = None, mesh=None,
-                     timed: bool = False) -> list[dict[str, Any]]:
+                     initial_memory: Any = None, mesh=None, timed: bool = False,
+                     given_frames=None) -> list[dict[str, Any]]:
     """Generates B trajectories at once: the chunk step vmapped over them, sharded on a mesh.
 
     Per chunk, ONE jitted call advances every trajectory (memory read, reference retrieval,
@@ -579,10 +579,15 @@ class WanRollout:
       mesh: the trajectory axis is sharded over its batch axes (padded with empty
         trajectories to a multiple of their size); default ``rollout.trajectory_mesh``.
       timed: see :meth:`generate`.
+      given_frames: None or all 0 (the small family's given clean context; the Wan
+        family's clean context is always its own generation).
     Returns:
       B dicts as :meth:`generate` returns.
     """
     from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+    if given_frames is not None and any(int(g) for g in given_frames):
+      raise InputError("generate", "given_frames", "the Wan family does not take ground-truth "
+                       "frames as clean context (they can be written into memory: oracle_frames)")
     B = len(poses_c2w)
     seeds = [int(seeds)] * B if np.isscalar(seeds) else [int(s) for s in seeds]
     oracle_frames = [None] * B if oracle_frames is None else list(oracle_frames)
