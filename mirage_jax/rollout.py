@@ -350,6 +350,8 @@ class Rollout:
     self.num_context = int(d.context_frames)
     self.latent_scale = float(d.latent_scale)
     self.sampler = config.sampler
+    # Exports made before `sampler.reencode_latents` existed used the sampled latents.
+    self.reencode = bool(config.sampler.get("reencode_latents", False))
     self.prediction = d.prediction
     if self.prediction == "x0_prior" and self.sampler.method != "euler":
       raise InputError("config.sampler", "method", "prediction='x0_prior' samples with 'euler' "
@@ -546,6 +548,8 @@ class Rollout:
       full = tuple(jnp.concatenate([r, c], 0) for r, c in zip(refs, full))
     key, sub = jax.random.split(jax.random.wrap_key_data(carry["rng"]))
     lat, rgb, depth = self._denoise_impl(ae_state, dn_state, mem, cov, Kc, c2wc, *full, sub)
+    if self.reencode:  # back onto the encoder's latents: off-manifold error stops compounding
+      lat = self._encode_impl(ae_state, rgb, depth)
     if self.depth_from_memory:  # the static read's depth: object slots carry none
       depth = anchor_depth(depth, mem_depth, static_cov, rescale=self.depth_rescale)
     dyn = self._dynamic_impl(ae_state, lat)
@@ -766,23 +770,11 @@ class Rollout:
         chunk.update(self._oracle_chunk(fns, ae_state, gts, order, idx, given, put))
         chunk["given"] = idx < ctx_given[:, None]
       chunk = {k: put(v) for k, v in chunk.items()}
-      pre = carry["memory"]
-      if timed:
-        jax.block_until_ready(carry)
-        t0 = time.perf_counter()
-      carry, out = fns["step"][has_oracle](ae_state, dn_state, carry, chunk)
-      if timed:
-        jax.block_until_ready((carry, out))
-        chunk_seconds = time.perf_counter() - t0
-        memory_seconds = self._time_memory(fns, pre, chunk, out)
-        per_traj = jax.device_get(carry["memory"])
-        for b in range(Bp):
-          timings[b].append(ChunkTiming(memory_seconds, chunk_seconds, int(self.backend.nbytes(
-              jax.tree.map(lambda x, b=b: x[b], per_traj)))))
-      elif c == 0:  # one sync: the first chunk compiles, the others are timed together
-        jax.block_until_ready(carry)
-        t_first = time.perf_counter()
-      out.pop("latents")
+      carry, out, synced = run_chunk_step(
+          functools.partial(fns["step"][has_oracle], ae_state, dn_state), carry, chunk,
+          timed=timed, first=c == 0, timings=timings, nbytes=self.backend.nbytes,
+          time_memory=functools.partial(self._time_memory, fns))
+      t_first = synced or t_first
       outs.append(out)
       real_counts.append(real)
     first, outs, carry = jax.device_get((first, outs, carry))
@@ -851,6 +843,41 @@ class Rollout:
     jax.block_until_ready(fns["write"](state, lat, depth, chunk["K"], chunk["c2w"], static,
                                        chunk["frame"], rgb))
     return time.perf_counter() - t0
+
+
+def run_chunk_step(step, carry, chunk, *, timed: bool, first: bool, timings, nbytes,
+                   time_memory):
+  """One chunk step of a trajectory batch, as both families' ``generate_batch`` run it.
+
+  Args:
+    step: ``(carry, chunk) -> (carry, out)``, the jitted batched chunk step (its params
+      bound); ``out`` holds ``latents`` (dropped here: only the timing needs them).
+    timed: block before and after the step and time it, then ``time_memory(pre-step
+      memory, chunk, out)`` (the backend's read + write alone); append a ``ChunkTiming``
+      per trajectory to ``timings`` (cache bytes by ``nbytes`` of its memory).
+    first: the first chunk of the batch: untimed runs block once after it (compilation)
+      and nowhere else.
+  Returns:
+    (carry, out, the time of that one sync or None).
+  """
+  pre, synced = carry["memory"], None
+  if timed:
+    jax.block_until_ready(carry)
+    t0 = time.perf_counter()
+  carry, out = step(carry, chunk)
+  if timed:
+    jax.block_until_ready((carry, out))
+    chunk_seconds = time.perf_counter() - t0
+    memory_seconds = time_memory(pre, chunk, out)
+    per_traj = jax.device_get(carry["memory"])
+    for b, row in enumerate(timings):
+      row.append(ChunkTiming(memory_seconds, chunk_seconds,
+                             int(nbytes(jax.tree.map(lambda x, b=b: x[b], per_traj)))))
+  elif first:  # one sync: the first chunk compiles, the others are timed together
+    jax.block_until_ready(carry)
+    synced = time.perf_counter()
+  out.pop("latents")
+  return carry, out, synced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

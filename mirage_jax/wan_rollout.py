@@ -204,13 +204,6 @@ def load_text_embedding(path: str | None, text_dim: int, flag: str,
   return load_or_pad(emb, text_dim, length)
 
 
-@dataclasses.dataclass
-class ChunkTiming:
-  memory_seconds: float  # read + write (+ reference retrieval)
-  chunk_seconds: float  # read + denoise + decode + write
-  cache_bytes: int
-
-
 class WanRollout:
   """Generates along trajectories with a Wan-family export (see the module docstring).
 
@@ -652,23 +645,11 @@ class WanRollout:
       if has_oracle:
         chunk.update(self._oracle_chunk(fns, vae_state, gts, order, idx, given, put))
       chunk = {k: put(v) for k, v in chunk.items()}
-      pre = carry["memory"]
-      if timed:
-        jax.block_until_ready(carry)
-        t0 = time.perf_counter()
-      carry, out = fns["step"][has_oracle](vae_state, dit_state, *shared, carry, chunk)
-      if timed:
-        jax.block_until_ready((carry, out))
-        chunk_seconds = time.perf_counter() - t0
-        memory_seconds = self._time_memory(fns, pre, chunk, out)
-        per_traj = jax.device_get(carry["memory"])
-        for b in range(Bp):
-          timings[b].append(ChunkTiming(memory_seconds, chunk_seconds, int(self.backend.nbytes(
-              jax.tree.map(lambda x, b=b: x[b], per_traj)))))
-      elif c == 0:  # one sync: the first chunk compiles, the others are timed together
-        jax.block_until_ready(carry)
-        t_first = time.perf_counter()
-      out.pop("latents")
+      carry, out, synced = rollout.run_chunk_step(
+          functools.partial(fns["step"][has_oracle], vae_state, dit_state, *shared), carry,
+          chunk, timed=timed, first=c == 0, timings=timings, nbytes=self.backend.nbytes,
+          time_memory=functools.partial(self._time_memory, fns))
+      t_first = synced or t_first
       outs.append(out)
       reals.append(real)
     outs, carry = jax.device_get((outs, carry))
