@@ -133,8 +133,9 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
   c.eval = ml_collections.ConfigDict(dict(
       every=0, batches=2,  # every 0 = no evals
-      # Held-out revisit rollouts of the EMA weights at every eval (small family's denoiser;
-      # evaluation/training_rollouts.py): trajectories (0 = off), frames each, the first
+      # Held-out revisit rollouts of the EMA weights at every eval (the denoiser stage of
+      # either family; evaluation/training_rollouts.py): trajectories (0 = off), frames
+      # each (more than one chunk), the first
       # procedural loop seed (held out of datasets built from seed 0), backends (() = the
       # trained memory.backend).
       rollouts=0, rollout_frames=24, rollout_seed=100_000, rollout_backends=()))
