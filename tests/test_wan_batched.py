@@ -81,6 +81,30 @@ def test_attention_key_mask_equals_dropping_the_keys(impl, monkeypatch):
     assert not np.any(got[1][0, :16]) and np.any(got[1][0, 16:])  # padded keys: no gradient
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_attention_key_mask_under_context_parallelism(impl):
+  """Queries split over 'context' (keys gathered inside shard_map): the mask is gathered too."""
+  from mirage_jax import sharding  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 32, 2, 8)), jnp.float32) for _ in range(3))
+  mask = np.ones((2, 32), bool)
+  mask[0, :20], mask[1, 25:] = False, False  # padding in both context shards
+  f = jax.jit(lambda q, k, v, m: attention.attention(q, k, v, impl=impl, block_size=8,
+                                                     kv_mask=m))
+  want = f(q, k, v, jnp.asarray(mask))
+  mesh = sharding.make_mesh({"fsdp": 2, "context": 2, "tensor": 2})
+  spec = sharding.logical_to_spec(("batch", "tokens", "act_heads", None), None, mesh, q.shape)
+  put = lambda x, s=spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, s))
+  m = put(jnp.asarray(mask), jax.sharding.PartitionSpec(spec[0], spec[1]))
+  with jax.set_mesh(mesh):
+    hlo = f.lower(put(q), put(k), put(v), m).compile().as_text()
+    got = f(put(q), put(k), put(v), m)
+  assert "all-gather" in hlo
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  drop = jax.nn.dot_product_attention(q[:1, :, :, :], k[:1, 20:], v[:1, 20:])
+  np.testing.assert_allclose(got[:1], drop, atol=2e-6)
+
+
 def test_padded_slots_equal_exactly_the_real_frames(world, clips):
   """k real references (right-aligned) and n real preceding latents (left-aligned) among
   R = P = 2 slots, the rest padding: the sampled chunk is that of exactly those frames."""
