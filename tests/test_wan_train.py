@@ -289,3 +289,30 @@ def test_bad_inputs(world, tmp_path):
     train.train_and_evaluate(c, str(tmp_path / "w"))
   with pytest.raises(InputError, match="encode_latents"):
     latent_clips.LatentClips(str(tmp_path), "train")
+
+
+@pytest.mark.slow
+def test_training_rollouts_reach_tensorboard(world, tmp_path):
+  """Issue 16: every eval.every steps the run rolls out held-out loops with its trained
+  VACE/LoRA over the frozen base (the Wan VAE the base export names) and logs revisit
+  PSNR/SSIM and the side-by-side video."""
+  from mirage_jax import metrics_log  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import training_rollouts  # pylint: disable=g-import-not-at-top
+  c = _config(world, steps=2, log_every=1, tensorboard=True)
+  c.checkpoint.update(every=0)
+  c.sampler.num_steps = 1
+  # 10 frames: chunk 0 (9 frames), then a padded chunk 1 that writes one more latent.
+  c.eval.update(every=2, batches=1, rollouts=1, rollout_frames=10,
+                rollout_backends=("none", "mirage"))
+  assert training_rollouts.check_config(c) == 1  # the Wan family is not refused
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(c, str(workdir))
+  (name,) = os.listdir(workdir / "tensorboard")
+  tags = metrics_log.read_tags(str(workdir / "tensorboard" / name))
+  for row in ("none", "mirage"):
+    for score in ("psnr_all", "ssim_all"):
+      assert tags["scalars"][f"rollout/{row}/{score}"] == [2], tags
+    assert tags["videos"][f"rollout/{row}/seed100000"] == [2], tags
+  scalars = dict(metrics_log.read_events(str(workdir / "tensorboard" / name))[-1][1])
+  assert 0 < scalars["rollout/mirage/ssim_all"] <= 1
+  assert np.isfinite(scalars["rollout/none/psnr_all"])
