@@ -72,6 +72,10 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   # with Euler, as it was trained and measured.
   c.sampler = ml_collections.ConfigDict(dict(num_steps=20, method="euler", shift=5.0,
                                              guidance_scale=0.0))
+  # Small family's rollout: each chunk's sampled latents are decoded and encoded again before
+  # they become the next chunk's context and are written to memory (what the model saw in
+  # training: encoder latents); the frames shown are the first decoding.
+  c.sampler.reencode_latents = False
 
   c.memory = ml_collections.ConfigDict()
   c.memory.backend = "voxel"

@@ -137,6 +137,9 @@ _DEPTH_FROM_MEMORY = flags.DEFINE_list(
 _DEPTH_RESCALE = flags.DEFINE_bool(
     "depth_from_memory_rescale", None, "With --depth_from_memory: also rescale the generated "
     "depth of uncovered cells (default: each export's config).")
+_REENCODE = flags.DEFINE_bool(
+    "reencode_latents", None, "Small family: decode and re-encode each chunk's sampled latents "
+    "before they become context and memory (default: each export's config.sampler).")
 _FIRST_VISIT = flags.DEFINE_float(
     "first_visit_coverage", 0.5, "A frame is a first-visit frame (psnr_unseen, ssim_unseen) "
     "when ground truth seen >= --min_revisit_gap frames earlier covers at most this fraction.")
@@ -169,14 +172,16 @@ _TABLE = ("row", "psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_f
 
 
 def _with_sampler_steps(world):
-  """(config, ae, dn) with ``--sampler_steps`` and ``--depth_from_memory[_rescale]`` in the
-  config, when given."""
+  """(config, ae, dn) with ``--sampler_steps``, ``--depth_from_memory[_rescale]`` and
+  ``--reencode_latents`` in the config, when given."""
   if _SAMPLER_STEPS.value:
     world[0].sampler.num_steps = _SAMPLER_STEPS.value
   if _DEPTH_FROM_MEMORY.value is not None:
     world[0].memory.depth_from_memory = tuple(b for b in _DEPTH_FROM_MEMORY.value if b)
   if _DEPTH_RESCALE.value is not None:
     world[0].memory.depth_from_memory_rescale = _DEPTH_RESCALE.value
+  if _REENCODE.value is not None:
+    world[0].sampler.reencode_latents = _REENCODE.value
   return world
 
 
@@ -301,6 +306,7 @@ def _revisit(config, ae, dn) -> None:
                  baseline_checkpoints=baselines, first_visit_coverage=_FIRST_VISIT.value,
                  sampler_steps=int(config.sampler.num_steps),
                  depth_from_memory=list(config.memory.get("depth_from_memory", ())),
+                 reencode_latents=bool(config.sampler.get("reencode_latents", False)),
                  seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
                  oracle_backend=config.memory.backend,
                  pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),

@@ -175,3 +175,21 @@ def test_depth_from_memory_writes_at_the_memory_depth(models):
   c.memory.depth_from_memory = ("mirage",)
   with pytest.raises(Exception, match="depth_from_memory"):
     rollout.Rollout(c, ae, dn, backend="mirage")
+
+
+def test_reencode_latents_changes_the_context_not_the_frames_shown(models):
+  """Chunk 1 shows the same frames either way (its first decoding); chunk 2 is conditioned on
+  re-encoded latents, so it differs."""
+  config, ae, dn = models
+  h, w = config.data.resolution
+  K, poses = _trajectory(5, h, w)  # chunks of 2: frames 1-2, then 3-4
+  frame0 = np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8)
+  depth0 = np.full((h, w), 2.0, np.float32)
+  frames = {}
+  for on in (False, True):
+    c = config.copy_and_resolve_references()
+    c.sampler.reencode_latents = on
+    frames[on] = rollout.Rollout(c, ae, dn, backend="voxel").generate(
+        frame0, depth0, K, poses, progress=False)["frames"].astype(int)
+  np.testing.assert_array_equal(frames[True][:3], frames[False][:3])
+  assert np.abs(frames[True][3:] - frames[False][3:]).mean() > 0.5
