@@ -167,12 +167,14 @@ def test_generate_cli_end_to_end(export, geometry_npz, tmp_path):
 def test_evaluate_revisit_cli(export, tmp_path):
   out = tmp_path / "eval"
   result = run_cli("mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=revisit",
-                   "--procedural_seeds=100001:100002", f"--num_frames={NUM_FRAMES}",
-                   "--backends=none,mirage", f"--output_dir={out}", "--novideos")
+                   "--procedural_seeds=100001:100003", f"--num_frames={NUM_FRAMES}",
+                   "--backends=none,mirage", f"--output_dir={out}", "--novideos",
+                   "--trajectory_batch=2")  # both loops in one batched chunk step
   assert result.returncode == 0, result.stderr
   metrics = json.loads((out / "metrics.json").read_text())
   rows = metrics["revisit"]["summary"]
   assert {"none", "mirage", "oracle", "composite"} <= set(rows)
+  assert sorted(metrics["revisit"]["trajectories"]) == ["seed100001", "seed100002"]
   traj = metrics["revisit"]["trajectories"]["seed100001"]
   assert traj["num_frames"] == NUM_FRAMES and traj["revisit_frames"] > 0
   for row in ("none", "mirage", "oracle"):
