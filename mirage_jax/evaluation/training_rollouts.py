@@ -40,7 +40,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
   n = int(e.get("rollouts", 0))
   if n <= 0:
     return 0
-  from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax import memory  # pylint: disable=g-import-not-at-top
   if config.stage != "denoiser":
     raise InputError("config.eval", "rollouts", "training-time rollouts run for the "
                      f"denoiser stage only (this is {config.stage!r}); set config.eval.rollouts=0")
