@@ -46,6 +46,7 @@ def fake_renderers(monkeypatch):
   for name, fn in (("procedural", render_clip), ("memory_maze", rollout_clip)):
     module = types.ModuleType(f"data_pipelines.{name}")
     setattr(module, fn.__name__, fn)
+    module.require = lambda where: None  # the fake renderer needs no extra
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(data_pipelines, name, module, raising=False)
   return calls
