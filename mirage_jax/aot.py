@@ -24,6 +24,7 @@ and JAX version first). Independently, every entry point that calls
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -189,8 +190,28 @@ def load_executable(path: str, key: dict[str, Any], devices: list[Any],
 # ----------------------------------------------------------------------------- report
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) -> dict[str, Any]:
+@contextlib.contextmanager
+def _without_compilation_cache():
+  """Compiles inside bypass JAX's persistent cache (no read, no write).
+
+  An executable that JAX loaded from its persistent cache serialises into a file that cannot
+  be loaded again on CPU ("Function ..._fusion not found"): its fused kernels are missing.
+  So a step that is going to be saved is always compiled afresh.
+  """
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any],
+                       for_saving: bool = False) -> dict[str, Any]:
   """Lowers and compiles the train step of ``config`` for ``devices`` (a topology's, or real).
+
+  ``for_saving``: compile without the persistent compilation cache, so that
+  :func:`save_executable` writes a loadable file.
 
   Returns:
     dict: ``compiled`` (jax.stages.Compiled), ``step`` (the jitted function), ``args``
@@ -218,7 +239,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any]) ->
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), stage.frozen,
       frozen_sharding)
   step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in batch.items()})
-  with setup.context():
+  cache = _without_compilation_cache() if for_saving else contextlib.nullcontext()
+  with setup.context(), cache:
     compiled = step.lower(setup.abstract, batch, frozen_abstract).compile()
   return {"compiled": compiled, "step": step, "args": (setup.abstract, batch, frozen_abstract),
           "stage": stage, "setup": setup, "mesh": mesh,
@@ -237,7 +259,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   """
   from mirage_jax import train  # pylint: disable=g-import-not-at-top
   devices = topology_devices(topology, num_slices)
-  built = compile_train_step(config, devices)
+  built = compile_train_step(config, devices, for_saving=save_executable_to is not None)
   compiled, step, setup, stage = built["compiled"], built["step"], built["setup"], built["stage"]
   mesh, args = built["mesh"], built["args"]
   with setup.context():
