@@ -168,3 +168,15 @@ def set_window(c: ml_collections.ConfigDict) -> None:
   """Window length of the denoiser stage: memory + target frames (autoencoder: as configured)."""
   if c.stage == "denoiser":
     c.data.num_frames = c.denoiser.memory_frames + c.denoiser.target_frames
+
+
+def parse_stage_variant(arg: str | None, default_stage: str, default_variant: str,
+                        variants) -> tuple[str, str]:
+  """A config file's ``'<stage>[,<variant>]'`` argument -> (stage, variant)."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  stage = parts[0] if parts else default_stage
+  variant = parts[1] if len(parts) > 1 else default_variant
+  if stage not in STAGES or variant not in variants or len(parts) > 2:
+    raise ValueError(f"config argument must be '<stage>[,<variant>]' with stage in "
+                     f"{STAGES} and variant in {variants}, got {arg!r}")
+  return stage, variant

@@ -13,13 +13,7 @@ VARIANTS = ("procedural", "memory_maze")
 
 def parse_arg(arg):
   """``'<stage>[,<variant>]'`` -> (stage, variant); defaults 'autoencoder', 'procedural'."""
-  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  stage = parts[0] if parts else "autoencoder"
-  variant = parts[1] if len(parts) > 1 else "procedural"
-  if stage not in common.STAGES or variant not in VARIANTS or len(parts) > 2:
-    raise ValueError(f"config argument must be '<stage>[,<variant>]' with stage in "
-                     f"{common.STAGES} and variant in {VARIANTS}, got {arg!r}")
-  return stage, variant
+  return common.parse_stage_variant(arg, "autoencoder", "procedural", VARIANTS)
 
 
 def get_config(arg=None):

@@ -17,13 +17,7 @@ VARIANTS = ("ti2v_5b", "tiny")
 
 def parse_arg(arg: str | None) -> tuple[str, str]:
   """``'<stage>[,<variant>]'`` -> (stage, variant); defaults 'denoiser', 'ti2v_5b'."""
-  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  stage = parts[0] if parts else "denoiser"
-  variant = parts[1] if len(parts) > 1 else "ti2v_5b"
-  if stage not in common.STAGES or variant not in VARIANTS or len(parts) > 2:
-    raise ValueError(f"config argument must be '<stage>[,<variant>]' with stage in "
-                     f"{common.STAGES} and variant in {VARIANTS}, got {arg!r}")
-  return stage, variant
+  return common.parse_stage_variant(arg, "denoiser", "ti2v_5b", VARIANTS)
 
 
 def get_config(arg=None):
