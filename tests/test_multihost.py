@@ -178,7 +178,10 @@ def test_two_processes_match_one_and_resume_on_other_counts(tmp_path):
   tmp = str(tmp_path)
   _autoencoder_export(f"{tmp}/ae_export")
   train_steps(f"{tmp}/one", 2)  # 1 process x 8 devices
-  shutil.copytree(f"{tmp}/one", f"{tmp}/one_b")
+  # The reference trains on in its own copy: the workers restore ``one``'s latest step, and
+  # a fast parent (warm compilation cache) would otherwise have saved step 4 there first.
+  for name in ("one_b", "one_ref"):
+    shutil.copytree(f"{tmp}/one", f"{tmp}/{name}")
   _stale_iterator_state(f"{tmp}/one_b", 2, 3)
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen([sys.executable, "-c", _WORKER, tmp, f"127.0.0.1:{port}", "2",
@@ -187,7 +190,7 @@ def test_two_processes_match_one_and_resume_on_other_counts(tmp_path):
   try:
     ck_one = restored_checksum(f"{tmp}/one")
     single = losses(f"{tmp}/ae_export")
-    train_steps(f"{tmp}/one", 4)  # the reference: 4 steps on 1 process
+    train_steps(f"{tmp}/one_ref", 4)  # the reference: 4 steps on 1 process
     results = [p.communicate(timeout=900) for p in procs]
   finally:
     for p in procs:
@@ -195,7 +198,7 @@ def test_two_processes_match_one_and_resume_on_other_counts(tmp_path):
         p.kill()
   for p, (out, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
-  reference = _losses(f"{tmp}/one")
+  reference = _losses(f"{tmp}/one_ref")
   assert sorted(reference) == [1, 2, 3, 4]
 
   # Denoiser stage: 2 processes x 4 devices == 1 process x 8 devices.
