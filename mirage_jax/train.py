@@ -526,6 +526,17 @@ class DenoiserStage:
       raise InputError("config.denoiser", "cond_dropout", f"must be in [0, 1), got "
                        f"{d.cond_dropout}")
     noise_levels(config)
+    self.self_generated = float(d.get("self_generated_memory", 0.0))
+    if not 0.0 <= self.self_generated <= 1.0:
+      raise InputError("config.denoiser", "self_generated_memory", f"must be in [0, 1], got "
+                       f"{d.self_generated_memory}")
+    # The last g memory frames are generated from the first m - g, keeping >= 1 frame (and
+    # the clean context) from the data.
+    self.generated_frames = min(d.target_frames, d.memory_frames - max(d.context_frames, 1))
+    if self.self_generated > 0 and self.generated_frames < 1:
+      raise InputError("config.denoiser", "self_generated_memory", "needs memory_frames > "
+                       f"max(context_frames, 1), got memory_frames={d.memory_frames}, "
+                       f"context_frames={d.context_frames}")
     objects_cfg = config.get("objects")
     self.object_cfg = (rollout.object_config(config) if objects_cfg is not None
                        and config.memory.backend in objects_cfg.backends else None)
@@ -550,10 +561,12 @@ class DenoiserStage:
     latents = mean.reshape((b, t) + mean.shape[1:]) * self.config.denoiser.latent_scale
     return jax.lax.stop_gradient(latents)
 
-  def _condition(self, latents, batch):
-    """Memory written from the memory frames, read into the targets; rays; context."""
+  def _condition(self, latents, batch, memory_frames=None):
+    """Memory written from the first ``memory_frames`` (default the config's) of the window,
+    read into the rest (the targets); rays; context."""
     d = self.config.denoiser
-    m, nc, k = d.memory_frames, d.context_frames, self.refs.frames
+    m = d.memory_frames if memory_frames is None else memory_frames
+    nc, k = d.context_frames, self.refs.frames
     hh, ww = self.latent_hw
     frame_ids = jnp.arange(m, dtype=jnp.int32)
 
@@ -591,9 +604,50 @@ class DenoiserStage:
     return dict(memory=mem.astype(jnp.float32), coverage=coverage.astype(jnp.float32),
                 rays=rays[:, m:], context=context, context_rays=context_rays)
 
+  def _generate_memory(self, model, frozen, latents, batch, rng):
+    """Scheduled sampling of the memory writes: the last g memory frames as the rollout
+    would make them, from the first m - g (the rollout's sampler, decoded and, with
+    ``sampler.reencode_latents``, encoded again); no gradient flows through them.
+
+    Args:
+      latents: (B, T, h, w, C) encoded window; batch: the window's fields.
+    Returns:
+      latents (B, g, h, w, C) and decoded metric depths (B, g, H, W) of frames m - g .. m - 1.
+    """
+    d, s = self.config.denoiser, self.config.sampler
+    m, g = d.memory_frames, self.generated_frames
+    part = {k: batch[k][:, :m] for k in ("depths", "intrinsics", "poses_c2w", "dynamic_masks")}
+    cond = self._condition(latents[:, :m], part, m - g)
+    b = latents.shape[0]
+
+    def velocity(x, t):
+      tt = jnp.full(x.shape[:2], t, jnp.float32)
+      return denoiser.predict(model, d.prediction, x, tt, cond["rays"], cond["memory"],
+                              cond["coverage"], cond["context"], cond["context_rays"])[0]
+
+    noise = jax.random.normal(rng, (b, g) + latents.shape[2:], latents.dtype)
+    gen = diffusion.sample(velocity, noise, int(s.num_steps), s.method, float(s.shift))
+    ae = nnx.merge(self.ae_graphdef, nnx.State(frozen))
+    flat = gen.reshape((b * g,) + gen.shape[2:]) / d.latent_scale
+    rgb, depth = ae.decode(flat)
+    if s.get("reencode_latents", False):  # what the rollout writes
+      flat = ae.encode(rgb, depth)[0]
+    gen = flat.reshape(gen.shape) * d.latent_scale
+    depth = depth.reshape((b, g) + depth.shape[1:])
+    return jax.lax.stop_gradient(gen), jax.lax.stop_gradient(depth)
+
   def loss(self, model, frozen, batch: Batch, rng):
     d = self.config.denoiser
     latents = self._encode(frozen, batch["frames"], batch["depths"])
+    if self.self_generated > 0:
+      g_rng, u_rng, rng = jax.random.split(rng, 3)
+      gen, gen_depth = self._generate_memory(model, frozen, latents, batch, g_rng)
+      m, g = d.memory_frames, self.generated_frames
+      use = jax.random.bernoulli(u_rng, self.self_generated, latents.shape[:1])
+      pick = lambda x, new: x.at[:, m - g:m].set(
+          jnp.where(use.reshape((-1,) + (1,) * (new.ndim - 1)), new, x[:, m - g:m]))
+      latents = pick(latents, gen.astype(latents.dtype))
+      batch = dict(batch, depths=pick(batch["depths"], gen_depth.astype(batch["depths"].dtype)))
     cond = self._condition(latents, batch)
     x0 = latents[:, d.memory_frames:]
     t_rng, n_rng = jax.random.split(rng)

@@ -236,3 +236,62 @@ def test_denoiser_stage_conditions_on_object_slots():
   cond = jax.jit(train.DenoiserStage(config, random_frozen_autoencoder(config))._condition)(
       latents, batch)
   assert float(cond["coverage"].max()) == 0
+
+
+def test_self_generated_memory_is_what_the_rollout_writes():
+  """Scheduled sampling: the memory frames a training example replaces are the rollout's own
+  chunk (read -> sample -> decode -> re-encode) from the frames before them, and they change
+  the loss only when drawn."""
+  from mirage_jax import rollout
+  config = tiny_config("denoiser")
+  config.data.batch_size = 1
+  config.denoiser.self_generated_memory = 1.0
+  frozen = random_frozen_autoencoder(config)
+  stage = train.DenoiserStage(config, frozen)
+  model = stage.build(nnx.Rngs(3))
+  # A model that is not just the memory prior (its output head starts at zero).
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape),
+                        params)
+  model = nnx.merge(graphdef, params, rest)
+  batch = {k: jnp.asarray(v[:1]) for k, v in train.model_inputs(_batch(config)).items()}
+  d = config.denoiser
+  m, g = d.memory_frames, stage.generated_frames
+  assert g == 2 and m - g >= d.context_frames
+  latents = stage._encode(frozen, batch["frames"], batch["depths"])
+  rng = jax.random.key(11)
+  gen, gen_depth = stage._generate_memory(model, frozen, latents, batch, rng)
+
+  roll = rollout.Rollout(config, nnx.merge(stage.ae_graphdef, nnx.State(frozen)), model)
+  n = m - g
+  K, c2w, depth = batch["intrinsics"][0], batch["poses_c2w"][0], batch["depths"][0]
+  state = roll.backend.write(roll.backend.init(roll.memory_cfg), latents[0, :n], depth[:n],
+                             K[:n], c2w[:n], batch["dynamic_masks"][0, :n] == 0,
+                             jnp.arange(n, dtype=jnp.int32))
+  mem, cov = roll.backend.read(state, K[n:m], c2w[n:m])
+  nc = d.context_frames
+  lat, rgb, want_depth = roll._denoise_impl(
+      roll.ae_state, roll.dn_state, mem, cov, K[n:m], c2w[n:m], latents[0, n - nc:n],
+      K[n - nc:n], c2w[n - nc:n], rng)
+  want = roll._encode_impl(roll.ae_state, rgb, want_depth)  # sampler.reencode_latents
+  assert float(jnp.abs(want - lat).max()) > 1e-3  # re-encoding is not the identity
+  np.testing.assert_allclose(gen[0], want, atol=2e-4)
+  np.testing.assert_allclose(gen_depth[0], want_depth, rtol=1e-4, atol=1e-4)
+
+  # The loss conditions on them: memory and context come from the generated frames.
+  seen = []
+  original = stage._condition
+  stage._condition = lambda lat, b, *a: seen.append((lat, b["depths"])) or original(lat, b, *a)
+  stage.loss(model, frozen, batch, rng)
+  lat_seen, depth_seen = seen[-1]
+  gen, gen_depth = stage._generate_memory(model, frozen, latents, batch,
+                                          jax.random.split(rng, 3)[0])
+  np.testing.assert_allclose(lat_seen[:, m - g:m], gen, atol=1e-6)
+  np.testing.assert_allclose(depth_seen[:, m - g:m], gen_depth, atol=1e-6)
+  np.testing.assert_array_equal(lat_seen[:, :n], latents[:, :n])  # the rest is the data's
+  np.testing.assert_array_equal(lat_seen[:, m:], latents[:, m:])
+  config.denoiser.self_generated_memory = 0.0
+  stage = train.DenoiserStage(config, frozen)
+  stage._condition = lambda lat, b, *a: seen.append((lat, b["depths"])) or original(lat, b, *a)
+  stage.loss(model, frozen, batch, rng)
+  np.testing.assert_array_equal(seen[-1][0], latents)
