@@ -628,12 +628,10 @@ class DenoiserStage:
     noise = jax.random.normal(rng, (b, g) + latents.shape[2:], latents.dtype)
     gen = diffusion.sample(velocity, noise, int(s.num_steps), s.method, float(s.shift))
     ae = nnx.merge(self.ae_graphdef, nnx.State(frozen))
-    flat = gen.reshape((b * g,) + gen.shape[2:]) / d.latent_scale
-    rgb, depth = ae.decode(flat)
+    rgb, depth = ae.decode(gen.reshape((b * g,) + gen.shape[2:]) / d.latent_scale)
+    rgb, depth = rgb.reshape((b, g) + rgb.shape[1:]), depth.reshape((b, g) + depth.shape[1:])
     if s.get("reencode_latents", False):  # what the rollout writes
-      flat = ae.encode(rgb, depth)[0]
-    gen = flat.reshape(gen.shape) * d.latent_scale
-    depth = depth.reshape((b, g) + depth.shape[1:])
+      gen = self._encode(frozen, rgb, depth)
     return jax.lax.stop_gradient(gen), jax.lax.stop_gradient(depth)
 
   def loss(self, model, frozen, batch: Batch, rng):

@@ -292,6 +292,7 @@ def test_self_generated_memory_is_what_the_rollout_writes():
   np.testing.assert_array_equal(lat_seen[:, m:], latents[:, m:])
   config.denoiser.self_generated_memory = 0.0
   stage = train.DenoiserStage(config, frozen)
+  original = stage._condition
   stage._condition = lambda lat, b, *a: seen.append((lat, b["depths"])) or original(lat, b, *a)
   stage.loss(model, frozen, batch, rng)
   np.testing.assert_array_equal(seen[-1][0], latents)
