@@ -71,6 +71,10 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   # re-encoding, no gradient through them) from the frames before them, as every rollout
   # chunk after the first sees them. 0 = always the data's encoded frames.
   c.denoiser.self_generated_memory = 0.0
+  # Context noise augmentation: each training example's clean context (and reference)
+  # latents are moved toward noise by a flow level drawn from U(0, context_noise); the
+  # rollout's context is clean. 0 = off.
+  c.denoiser.context_noise = 0.0
 
   # Sampler of the rollout: euler | heun | unipc (the reference: FlowUniPC, order 2, 20 steps,
   # shift 5, no guidance; experiments/wan22_ti2v_5b.py uses it).  The small family samples

@@ -156,6 +156,26 @@ def drop_conditioning(rng: jax.Array, prob: float, *arrays: jax.Array) -> tuple[
   return tuple(jnp.where(_expand(keep, a), a, jnp.zeros_like(a)) for a in arrays)
 
 
+def noise_context(rng: jax.Array, context: jax.Array, max_level: float) -> jax.Array:
+  """Context noise augmentation: each example's clean context moved toward noise.
+
+  Every example draws a level ``s ~ U(0, max_level)`` and its context frames become
+  ``add_noise(context, noise, s)``: the model learns not to copy every detail of a context
+  that, in a rollout, is its own (drifting) output.
+
+  Args:
+    rng: PRNG key.
+    context: (B, T, ...) clean context latents.
+    max_level: largest flow level in [0, 1).
+  Returns:
+    (B, T, ...) the noised context.
+  """
+  level_rng, noise_rng = jax.random.split(rng)
+  level = jax.random.uniform(level_rng, context.shape[:1], jnp.float32, 0.0, max_level)
+  noise = jax.random.normal(noise_rng, context.shape, context.dtype)
+  return add_noise(context, noise, level).astype(context.dtype)
+
+
 def sampling_times(num_steps: int, shift: float = 1.0) -> jax.Array:
   """(num_steps + 1,) decreasing times from 1 to 0 on the shifted schedule."""
   return shift_time(jnp.linspace(1.0, 0.0, num_steps + 1), shift)

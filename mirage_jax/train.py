@@ -526,6 +526,10 @@ class DenoiserStage:
       raise InputError("config.denoiser", "cond_dropout", f"must be in [0, 1), got "
                        f"{d.cond_dropout}")
     noise_levels(config)
+    self.context_noise = float(d.get("context_noise", 0.0))
+    if not 0.0 <= self.context_noise < 1.0:
+      raise InputError("config.denoiser", "context_noise", f"must be in [0, 1), got "
+                       f"{d.context_noise}")
     self.self_generated = float(d.get("self_generated_memory", 0.0))
     if not 0.0 <= self.self_generated <= 1.0:
       raise InputError("config.denoiser", "self_generated_memory", f"must be in [0, 1], got "
@@ -654,13 +658,15 @@ class DenoiserStage:
                                 tr.get("noise_levels", "per_frame"),
                                 tr.get("noise_levels_mixed_prob", 0.5))
     noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
-    memory, coverage = cond["memory"], cond["coverage"]
+    memory, coverage, context = cond["memory"], cond["coverage"], cond["context"]
+    if self.context_noise > 0:
+      context = diffusion.noise_context(jax.random.fold_in(rng, 3), context, self.context_noise)
     if d.get("cond_dropout", 0.0) > 0:  # trains the unconditional branch guidance uses
       memory, coverage = diffusion.drop_conditioning(jax.random.fold_in(rng, 2),
                                                      d.cond_dropout, memory, coverage)
     velocity, x0_pred = denoiser.predict(
         model, d.prediction, diffusion.add_noise(x0, noise, t), t, cond["rays"],
-        memory, coverage, cond["context"], cond["context_rays"])
+        memory, coverage, context, cond["context_rays"])
     if d.prediction == "x0_prior":  # x0 regression (= velocity loss weighted by t^2)
       loss = jnp.mean(jnp.square(x0_pred - x0))
     else:

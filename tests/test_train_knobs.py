@@ -123,6 +123,49 @@ def test_cond_dropout_trains_the_unconditional_branch():
   assert abs(losses[0.999999] - losses[0.0]) > 1e-3 * losses[0.0]
 
 
+def test_noise_context_levels_stay_within_the_bound():
+  """Each example's context is (1 - s) x + s noise with one s per example, s in [0, max)."""
+  ctx = jnp.ones((256, 2, 16, 16, 4))
+  out = diffusion.noise_context(jax.random.key(0), ctx, 0.3)
+  # Per example, the signal part is 1 - s: recover s from the mean of the noised frames.
+  level = 1.0 - np.asarray(out.mean(axis=(1, 2, 3, 4)))
+  assert level.min() > -0.03 and level.max() < 0.33  # estimates: +- 0.01
+  assert np.ptp(level) > 0.2  # levels spread over the range, not one shared level
+  np.testing.assert_array_equal(diffusion.noise_context(jax.random.key(0), ctx, 0.0), ctx)
+
+
+def test_context_noise_changes_only_the_context_the_model_sees():
+  """context_noise > 0: the loss is the clean one recomputed with the noised context."""
+  config = tiny_config("denoiser")
+  config.data.batch_size = 2
+  frozen = random_frozen_autoencoder(config)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config).items()}
+  model = dn.Denoiser(config.denoiser.model, nnx.Rngs(3))
+  model.final.kernel[...] = jax.random.normal(jax.random.key(1), model.final.kernel.shape)
+  rng = jax.random.key(0)
+  losses = {}
+  for level in (0.0, 0.5):
+    config.denoiser.context_noise = level
+    stage = train.DenoiserStage(config, frozen)
+    losses[level] = float(stage.loss(model, frozen, batch, rng)[0])
+  d = config.denoiser
+  latents = stage._encode(frozen, batch["frames"], batch["depths"])
+  cond = stage._condition(latents, batch)
+  x0 = latents[:, d.memory_frames:]
+  t_rng, n_rng = jax.random.split(rng)
+  t = diffusion.sample_time(t_rng, x0.shape[:2], d.time_shift)
+  noise = jax.random.normal(n_rng, x0.shape)
+  context = diffusion.noise_context(jax.random.fold_in(rng, 3), cond["context"], 0.5)
+  assert float(jnp.abs(context - cond["context"]).mean()) > 1e-2
+  _, x0_pred = dn.predict(model, d.prediction, diffusion.add_noise(x0, noise, t), t, cond["rays"],
+                          cond["memory"], cond["coverage"], context, cond["context_rays"])
+  np.testing.assert_allclose(losses[0.5], float(jnp.mean(jnp.square(x0_pred - x0))), rtol=1e-5)
+  assert abs(losses[0.5] - losses[0.0]) > 1e-4 * losses[0.0]
+  config.denoiser.context_noise = 1.0
+  with pytest.raises(InputError, match="context_noise"):
+    train.DenoiserStage(config, frozen)
+
+
 def test_guidance_refused_without_cond_dropout():
   config = tiny_cpu.get_config("denoiser")
   config.sampler.guidance_scale = 2.0
