@@ -167,8 +167,8 @@ _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free gui
 _INIT_DISTRIBUTED = distributed.define_flags()
 
 _TABLE = ("row", "psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
-          "psnr_unseen", "ssim_unseen", "geometric_psnr", "coverage_revisit", "cache_bytes",
-          "chunk_seconds")
+          "psnr_unseen", "ssim_unseen", "psnr_revisit_generated", "revisit_loss",
+          "geometric_psnr", "coverage_revisit", "cache_bytes", "chunk_seconds")
 
 
 def _with_sampler_steps(world):

@@ -356,7 +356,7 @@ def revisit_rows(summary: dict, cost: dict | None = None, lengths=()) -> list[di
       continue
     line = dict(row=row, psnr_revisit=s.get("psnr_revisit"), ssim_revisit=s.get("ssim_revisit"),
                 psnr_all=s.get("psnr_all"), psnr_unseen=s.get("psnr_unseen"),
-                ssim_unseen=s.get("ssim_unseen"))
+                ssim_unseen=s.get("ssim_unseen"), revisit_loss=s.get("revisit_loss"))
     for n in lengths:
       if (row, n) in cost:
         line[f"cache_MB@{n}"] = cost[row, n]["cache_bytes"] / 1e6
@@ -393,12 +393,18 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
   lengths = sorted({e["frames"] for e in entries})
   cost = {(e["backend"], e["frames"]): e for e in entries}
   rows = revisit_rows(summary, cost, lengths)
-  columns = ["row", "psnr_revisit", "ssim_revisit", "psnr_all", "psnr_unseen", "ssim_unseen"]
+  columns = ["row", "psnr_revisit", "ssim_revisit", "psnr_all", "psnr_unseen", "ssim_unseen",
+             "revisit_loss"]
   columns += [f"cache_MB@{n}" for n in lengths] + [f"s/chunk@{n}" for n in lengths]
   print("\n" + report.format_table(rows, columns, ".3f"))
 
   from mirage_jax.evaluation import revisit, scaling  # pylint: disable=g-import-not-at-top
   claims = {**revisit.claims(summary), **scaling.claims(entries)}
+  gap = revisit.oracle_gap(summary)
+  if gap is not None:
+    print(f"\noracle - voxel revisit PSNR: {gap['revisit']:.2f} dB; on revisits of the given "
+          f"frame {gap['given']:.2f} dB, of generated ones {gap['generated']:.2f} dB, of which "
+          f"voxel's memory loses {gap['memory']:.2f} dB (the rest is first-visit generation)")
   claims.update(_object_claims(os.path.join(eval_dir, "objects", "metrics.json")))
   for claim, ok in claims.items():
     print(f"  [{'PASS' if ok else 'FAIL'}] {claim}")

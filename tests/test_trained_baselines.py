@@ -3,6 +3,7 @@ checkpoints in the revisit benchmark, and first-visit (no memory coverage) score
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -148,6 +149,37 @@ def test_first_visit_scores_only_frames_without_coverage(tmp_path):
   curve = curves["x"]["psnr_unseen"]
   np.testing.assert_allclose(curve[[1, 5, 6]], psnr[[1, 5, 6]], rtol=1e-5)
   assert np.isnan(curve[[0, 2, 3, 4, 7, 8, 9]]).all()
+
+
+def test_revisits_split_by_first_visit_and_the_memory_loss():
+  """Revisits of the given frame and of generated ones are scored apart; a revisit that
+  reproduces the generated first visit it copies loses 0 dB, whatever that visit's quality."""
+  truth = _turning_camera()
+  frames = truth.frames.copy()
+  frames[8], frames[9] = frames[2], frames[3]  # the camera is back where it was at 2 and 3
+  truth = dataclasses.replace(truth, frames=frames)
+  pairs = np.array([-1, -1, -1, -1, -1, -1, -1, 0, 2, 3])  # 7 revisits the given frame 0
+  rng = np.random.default_rng(2)
+  noisy = lambda x, a: np.clip(x + rng.integers(-a, a + 1, x.shape), 0, 255).astype(np.uint8)
+  gen = noisy(truth.frames.astype(np.int64), 30)
+  gen[8] = gen[2]  # a faithful memory: the revisit shows what the first visit showed
+  gen[9] = noisy(gen[3].astype(np.int64), 40)  # a lossy one
+  scores = revisit.score_frames(gen, truth, pairs)
+  psnr = np.asarray(metrics.psnr(gen / 255.0, truth.frames / 255.0))
+  np.testing.assert_allclose(scores["psnr_revisit_given"], psnr[7], rtol=1e-5)
+  np.testing.assert_allclose(scores["psnr_revisit_generated"], psnr[[8, 9]].mean(), rtol=1e-5)
+  loss_9 = psnr[3] - psnr[9]
+  assert loss_9 > 1.0
+  np.testing.assert_allclose(scores["revisit_loss"], loss_9 / 2, rtol=1e-4)
+
+  summary = {"voxel": dict(scores), "oracle": dict(scores, psnr_revisit=scores["psnr_revisit"] + 3,
+                                                   psnr_revisit_given=scores["psnr_revisit_given"] + 1,
+                                                   psnr_revisit_generated=scores["psnr_revisit_generated"] + 4,
+                                                   revisit_loss=0.0)}
+  gap = revisit.oracle_gap(summary)
+  np.testing.assert_allclose([gap["revisit"], gap["given"], gap["generated"], gap["memory"]],
+                             [3.0, 1.0, 4.0, loss_9 / 2], rtol=1e-5)
+  assert revisit.oracle_gap({"voxel": scores}) is None
 
 
 def test_evaluate_cli_baseline_checkpoints(exports, tmp_path):
