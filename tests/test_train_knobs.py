@@ -93,15 +93,37 @@ def test_decay_mask_wan_decays_kernels_and_lora_not_norms():
 # ----------------------------------------------------------------------------- 3. cond dropout
 
 
-def test_cond_dropout_trains_the_unconditional_branch():
-  """With dropout 1 the model sees no memory: its loss is that of zeroed memory inputs."""
+def _loss_setup():
+  """(config, frozen autoencoder, batch, model) for a denoiser loss computed by hand."""
   config = tiny_config("denoiser")
   config.data.batch_size = 2
   frozen = random_frozen_autoencoder(config)
   batch = {k: jnp.asarray(v) for k, v in _batch(config).items()}
   model = dn.Denoiser(config.denoiser.model, nnx.Rngs(3))
-  # A non-zero output head, so the network's output depends on its memory input.
+  # A non-zero output head, so the network's output depends on its conditioning.
   model.final.kernel[...] = jax.random.normal(jax.random.key(1), model.final.kernel.shape)
+  return config, frozen, batch, model
+
+
+def _loss_by_hand(stage, model, frozen, batch, rng, **cond_overrides):
+  """``stage.loss`` recomputed with the same times and noise and some conditioning replaced
+  (``memory``, ``coverage``, ``context``)."""
+  d = stage.config.denoiser
+  latents = stage._encode(frozen, batch["frames"], batch["depths"])
+  cond = stage._condition(latents, batch)
+  x0 = latents[:, d.memory_frames:]
+  t_rng, n_rng = jax.random.split(rng)
+  t = diffusion.sample_time(t_rng, x0.shape[:2], d.time_shift)
+  noise = jax.random.normal(n_rng, x0.shape)
+  c = dict(cond, **cond_overrides)
+  _, x0_pred = dn.predict(model, d.prediction, diffusion.add_noise(x0, noise, t), t, c["rays"],
+                          c["memory"], c["coverage"], c["context"], c["context_rays"])
+  return float(jnp.mean(jnp.square(x0_pred - x0)))
+
+
+def test_cond_dropout_trains_the_unconditional_branch():
+  """With dropout 1 the model sees no memory: its loss is that of zeroed memory inputs."""
+  config, frozen, batch, model = _loss_setup()
   losses = {}
   for p in (0.0, 0.999999):
     config.denoiser.cond_dropout = p
@@ -110,16 +132,10 @@ def test_cond_dropout_trains_the_unconditional_branch():
   cond = stage._condition(stage._encode(frozen, batch["frames"], batch["depths"]), batch)
   assert float(cond["coverage"].mean()) > 0
   # Recompute the dropped loss by hand: memory and coverage zero, same times and noise.
-  d = config.denoiser
-  x0 = stage._encode(frozen, batch["frames"], batch["depths"])[:, d.memory_frames:]
-  t_rng, n_rng = jax.random.split(jax.random.key(0))
-  t = diffusion.sample_time(t_rng, x0.shape[:2], d.time_shift)
-  noise = jax.random.normal(n_rng, x0.shape)
-  _, x0_pred = dn.predict(model, d.prediction, diffusion.add_noise(x0, noise, t), t, cond["rays"],
-                          jnp.zeros_like(cond["memory"]), jnp.zeros_like(cond["coverage"]),
-                          cond["context"], cond["context_rays"])
-  np.testing.assert_allclose(losses[0.999999], float(jnp.mean(jnp.square(x0_pred - x0))),
-                             rtol=1e-5)
+  want = _loss_by_hand(stage, model, frozen, batch, jax.random.key(0),
+                       memory=jnp.zeros_like(cond["memory"]),
+                       coverage=jnp.zeros_like(cond["coverage"]))
+  np.testing.assert_allclose(losses[0.999999], want, rtol=1e-5)
   assert abs(losses[0.999999] - losses[0.0]) > 1e-3 * losses[0.0]
 
 
@@ -136,30 +152,18 @@ def test_noise_context_levels_stay_within_the_bound():
 
 def test_context_noise_changes_only_the_context_the_model_sees():
   """context_noise > 0: the loss is the clean one recomputed with the noised context."""
-  config = tiny_config("denoiser")
-  config.data.batch_size = 2
-  frozen = random_frozen_autoencoder(config)
-  batch = {k: jnp.asarray(v) for k, v in _batch(config).items()}
-  model = dn.Denoiser(config.denoiser.model, nnx.Rngs(3))
-  model.final.kernel[...] = jax.random.normal(jax.random.key(1), model.final.kernel.shape)
+  config, frozen, batch, model = _loss_setup()
   rng = jax.random.key(0)
   losses = {}
   for level in (0.0, 0.5):
     config.denoiser.context_noise = level
     stage = train.DenoiserStage(config, frozen)
     losses[level] = float(stage.loss(model, frozen, batch, rng)[0])
-  d = config.denoiser
-  latents = stage._encode(frozen, batch["frames"], batch["depths"])
-  cond = stage._condition(latents, batch)
-  x0 = latents[:, d.memory_frames:]
-  t_rng, n_rng = jax.random.split(rng)
-  t = diffusion.sample_time(t_rng, x0.shape[:2], d.time_shift)
-  noise = jax.random.normal(n_rng, x0.shape)
+  cond = stage._condition(stage._encode(frozen, batch["frames"], batch["depths"]), batch)
   context = diffusion.noise_context(jax.random.fold_in(rng, 3), cond["context"], 0.5)
   assert float(jnp.abs(context - cond["context"]).mean()) > 1e-2
-  _, x0_pred = dn.predict(model, d.prediction, diffusion.add_noise(x0, noise, t), t, cond["rays"],
-                          cond["memory"], cond["coverage"], context, cond["context_rays"])
-  np.testing.assert_allclose(losses[0.5], float(jnp.mean(jnp.square(x0_pred - x0))), rtol=1e-5)
+  want = _loss_by_hand(stage, model, frozen, batch, rng, context=context)
+  np.testing.assert_allclose(losses[0.5], want, rtol=1e-5)
   assert abs(losses[0.5] - losses[0.0]) > 1e-4 * losses[0.0]
   config.denoiser.context_noise = 1.0
   with pytest.raises(InputError, match="context_noise"):
