@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from mirage_jax import aot, sharding, train  # noqa: E402
-from mirage_jax.models import wan_dit  # noqa: E402
+from mirage_jax.families.wan import dit as wan_dit  # noqa: E402
 
 flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for.")
 flags.DEFINE_string("mesh", "fsdp:-1", "Mesh axes as name:size,... (data, fsdp, context, tensor).")
@@ -99,8 +99,8 @@ def generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
                     tokens_per_frame) -> None:
   """AOT of one generation chunk: ``WanRollout``'s sampler, then one VAE tile decode."""
   from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
-  from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   config = mirage_wan22_5b.get_config("ti2v_5b")
   config.denoiser.model = cfg
   config.denoiser.update(target_frames=FLAGS.frames, reference_frames=FLAGS.references,

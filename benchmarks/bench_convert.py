@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from mirage_jax import torch_files
+from mirage_jax.families.wan import weight_files as torch_files
 from mirage_jax.errors import InputError, run_cli
 
 _LAYERS = flags.DEFINE_integer("layers", 2, "DiT blocks (the release has 30).")
@@ -65,7 +65,7 @@ print("SUMMARY " + json.dumps(out))
 
 
 def _dit_config(variant: str, overrides: dict):
-  from mirage_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   cfg = wan_dit.wan_dit_config(variant)
   cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
   return cfg
@@ -74,7 +74,8 @@ def _dit_config(variant: str, overrides: dict):
 def write_release(d: Path, variant: str, overrides: dict, vae_variant: str,
                   dtype: np.dtype, seed: int = 0) -> dict:
   """Random weights in the released naming, generated tensor by tensor while written."""
-  from mirage_jax.models import wan_dit, wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top  # only to write the .pth the release has
   rng = np.random.default_rng(seed)
   layout = wan_dit.original_layout(_dit_config(variant, overrides))

@@ -36,7 +36,8 @@ from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top,wrong-im
 from mirage_jax import geometry, rollout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.errors import InputError, run_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.evaluation.scaling import capacity_for  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mirage_jax.models import autoencoder, denoiser  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax.families.small import denoiser  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BACKEND = flags.DEFINE_string("backend", "voxel", "Memory backend.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Sampler steps per chunk.")
@@ -67,7 +68,8 @@ def wan_world(chunk: int):
   2 preceding latents, up to 2 references (bank of 8); the VACE branch's zero after_proj
   made random so the memory reaches the DiT."""
   from experiments import wan22_ti2v_5b  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import wan_dit, wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   config = wan22_ti2v_5b.get_config("denoiser,tiny")
   config.data.resolution = (32, 32)
   config.denoiser.update(target_frames=chunk, preceding_frames=8, reference_frames=2,

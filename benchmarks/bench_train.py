@@ -91,7 +91,7 @@ def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: flo
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   from mirage_jax import train  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
   config = _config(name, stage_name, overrides)
   mesh = train.build_mesh(config)
   frozen = None

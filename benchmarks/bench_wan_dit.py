@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mirage_jax.errors import InputError, run_cli  # noqa: E402
-from mirage_jax.models import original_layout, wan_dit  # noqa: E402
+from mirage_jax.families.wan import original_layout  # noqa: E402
+from mirage_jax.families.wan import dit as wan_dit  # noqa: E402
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -48,7 +48,7 @@ def main() -> int:
   import jax.numpy as jnp
   import torch
   from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-  from mirage_jax.models import wan_vae as wv
+  from mirage_jax.families.wan import vae as wv
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
   from test_wan_vae import _diffusers_kwargs, _random_original, original_to_diffusers
 

@@ -148,7 +148,7 @@ def select_references(depths, K, c2w, candidates, targets, num: int, voxel: floa
 def load_vae(path: str):
   """(WanVAE, its export config) of a ``convert_wan`` VAE export."""
   from mirage_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   if not path or not os.path.isdir(path):
     raise InputError(path or "--vae", "vae", "not found: a Wan VAE export (convert_wan's "
                      "EXPORT/vae) is required")
@@ -412,7 +412,7 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
 
 
 def _control(vae, frames: int, h: int, w: int):
-  from mirage_jax import wan_mirage  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import conditioning as wan_mirage  # pylint: disable=g-import-not-at-top
   return wan_mirage.control_latents(vae, frames, h, w)
 
 

@@ -7,7 +7,8 @@
 """
 
 from experiments import common
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 
 def get_config(stage=None):

@@ -11,7 +11,8 @@ import ml_collections
 from data_pipelines import pipeline
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 STAGES = ("autoencoder", "denoiser")
 

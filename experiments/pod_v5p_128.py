@@ -7,7 +7,8 @@ Window of 24 frames: 8 written into memory (the last 4 also clean context), 16 t
 """
 
 from experiments import common
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 
 def get_config(stage=None):

@@ -10,7 +10,8 @@ numbers.
 """
 
 from experiments import common
-from mirage_jax.models import wan_dit, wan_vae
+from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import vae as wan_vae
 
 VARIANTS = ("ti2v_5b", "tiny")
 

@@ -219,7 +219,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any],
     (:func:`executable_key`).
   """
   from mirage_jax import train  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import autoencoder  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
   mesh = train.build_mesh(config, devices)
   frozen = None
   if config.stage == "denoiser" and config.denoiser.model.get("family") == "wan":

@@ -43,7 +43,8 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from mirage_jax import paths, torch_files
+from mirage_jax import paths
+from mirage_jax.families.wan import weight_files as torch_files
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 
@@ -362,7 +363,8 @@ def convert(output: str, *, dit: str, vae: str, vace: str | None = None,
   Raises:
     InputError: one line naming the file and the key; nothing is written then.
   """
-  from mirage_jax.models import wan_dit, wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   output = os.path.abspath(output)
   if os.path.exists(output):
@@ -460,7 +462,7 @@ def _dit_leaves(layout: dict, read: Callable[[str], np.ndarray], dtype: np.dtype
                 merge: bool, progress: _Progress) -> list:
   """(path, shape, make) of every DiT param to write; with ``merge`` the adapted kernels come
   out merged (``wan_dit.merge_lora`` on kernel + its A, B) and the adapters are left out."""
-  from mirage_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   leaves = []
   for path, t in layout.items():
     if merge and path[-1] in ("lora_a", "lora_b"):
@@ -508,7 +510,7 @@ def to_reference(checkpoint: str, output: str, dtype: str | None = None) -> dict
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   meta_path = os.path.join(checkpoint, "config.json")
   if not os.path.exists(meta_path):
     raise InputError(checkpoint, "config.json", "not an export directory (missing config.json)")

@@ -25,7 +25,7 @@ row is the memory model with its memory off). First-visit frames (no memory cove
 same frames for every row; ``revisit.first_visit_frames``) are scored as ``psnr_unseen``,
 ``ssim_unseen`` with per-frame curves.
 
-A Wan-family export (``config.denoiser.model.family == 'wan'``, ``mirage_jax/wan_rollout.py``)
+A Wan-family export (``config.denoiser.model.family == 'wan'``, ``mirage_jax/families/wan/rollout.py``)
 runs the revisit benchmark through the same rows: every row generates with the Wan DiT +
 VACE (the backend's read in the VACE slot), writing each latent with the trajectory's
 ground-truth depth of its frame (the reference's depth model is not available); it has no
@@ -375,7 +375,8 @@ def _merge_parts(out: str, results: dict) -> dict | None:
 
 def _wan_options(config) -> dict | None:
   """WanRollout's text/CFG options of a Wan-family model (None for the small family)."""
-  from mirage_jax import rollout, wan_rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
   if rollout.model_family(config) != "wan":
     return None
   return wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)

@@ -46,7 +46,8 @@ def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collect
   Returns:
     (model with the exported params, the training config).
   """
-  from mirage_jax.models import autoencoder, denoiser  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.small import denoiser  # pylint: disable=g-import-not-at-top
   params, config, _ = checkpoint.load_export(path, shardings)
   builds = {"autoencoder": lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0)),
             "denoiser": lambda: denoiser.Denoiser(config.denoiser.model, nnx.Rngs(0))}

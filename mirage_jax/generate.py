@@ -12,7 +12,7 @@ The export's config picks the model family (``config.denoiser.model.family``):
 
 * small (ours, RGB-D autoencoder): as above; the memory is written with generated depth.
 * wan (Wan2.2 DiT + VACE + Wan VAE, ``python -m mirage_jax.convert_wan``; the rollout is
-  ``mirage_jax/wan_rollout.py``): chunks of 33 then 32 new video frames, FlowUniPC (20 steps,
+  ``mirage_jax/families/wan/rollout.py``): chunks of 33 then 32 new video frames, FlowUniPC (20 steps,
   shift 5) without CFG unless ``--guidance_scale`` > 0. The Wan VAE decodes RGB only and the
   reference's depth model (MapAnything) is not available, so every new latent is written into
   the memory with the file's depth of its video frame: a file without depth is refused.
@@ -108,7 +108,8 @@ def _main() -> int:
   # Imports after the flag checks: JAX and the models take seconds to load.
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import files  # pylint: disable=g-import-not-at-top
-  from mirage_jax import memory, rollout, wan_rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
 
   if _MEMORY.value is not None and _MEMORY.value not in memory.BACKEND_NAMES:

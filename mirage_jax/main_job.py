@@ -267,8 +267,11 @@ def _main_wan(workdir: str) -> int:
   import jax
   from data_pipelines import build, encode_latents, latent_clips
   from experiments import mirage_wan22_5b
-  from mirage_jax import convert_wan, torch_files
-  from mirage_jax.models import original_layout, wan_dit, wan_vae
+  from mirage_jax import convert_wan
+  from mirage_jax.families.wan import weight_files as torch_files
+  from mirage_jax.families.wan import original_layout
+  from mirage_jax.families.wan import dit as wan_dit
+  from mirage_jax.families.wan import vae as wan_vae
   # pylint: enable=g-import-not-at-top
   config = mirage_wan22_5b.get_config("tiny")
   d = config.denoiser

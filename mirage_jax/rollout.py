@@ -61,11 +61,12 @@ from mirage_jax import diffusion, geometry, sharding
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.memory import objects as objects_lib
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 
 def model_family(config: ml_collections.ConfigDict) -> str:
-  """'wan' (Wan2.2 DiT + VACE + Wan VAE, ``mirage_jax/wan_rollout.py``) or 'small' (ours),
+  """'wan' (Wan2.2 DiT + VACE + Wan VAE, ``mirage_jax/families/wan/rollout.py``) or 'small' (ours),
   from ``config.denoiser.model.family`` (configs without the field are the small family)."""
   return config.denoiser.model.get("family", "small")
 
@@ -73,7 +74,7 @@ def model_family(config: ml_collections.ConfigDict) -> str:
 def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.MemoryConfig:
   """The memory settings of ``config`` at the model's image and latent resolution."""
   if model_family(config) == "wan":
-    from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
     return wan_rollout.memory_config(config, **overrides)
   res = tuple(config.data.resolution)
   factor = autoencoder.downsample_factor(config.autoencoder)
@@ -154,7 +155,7 @@ def load_world_model(denoiser_export: str, autoencoder_export: str | None = None
   if config.stage != "denoiser":
     raise InputError(denoiser_export, "stage", f"expected a denoiser export, got {config.stage!r}")
   if model_family(config) == "wan":
-    from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
     return wan_rollout.load_wan_world_model(denoiser_export, autoencoder_export)
   dn, config = export.load_model(denoiser_export)
   ae_path = autoencoder_export or config.denoiser.autoencoder_checkpoint
@@ -194,7 +195,7 @@ def make_rollout(config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Modu
   check_guidance(config, (wan_options or {}).get("guidance_scale")
                  if model_family(config) == "wan" else None)
   if model_family(config) == "wan":
-    from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
     for flag in ("mask_dynamic", "object_slots"):
       if kwargs.pop(flag, None):
         raise InputError(f"--{flag}", flag, "the Wan family does not handle moving content yet")

@@ -1,7 +1,7 @@
 """Device mesh and logical-axis sharding.
 
 Model code never names mesh axes. Parameters carry *logical* axis names in their
-``out_sharding`` metadata (see ``mirage_jax.models.layers.param``) and activations are
+``out_sharding`` metadata (see ``mirage_jax.nn.layers.param``) and activations are
 constrained with logical names through :func:`constrain`. One rules table, a tuple of
 ``(logical_name, mesh_axis | tuple of mesh axes | None)`` pairs that a config can override,
 maps them onto the four mesh axes:

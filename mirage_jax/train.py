@@ -52,8 +52,8 @@ from mirage_jax import rollout
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import training_rollouts
-from mirage_jax.models import autoencoder
-from mirage_jax.models import denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 Batch = dict[str, jax.Array]
 State = dict[str, Any]
@@ -718,8 +718,8 @@ class WanStage:
   MEMORY_WRITE = ("first_target", "preceding", "both")
 
   def __init__(self, config: ml_collections.ConfigDict, frozen: Any = None):
-    from mirage_jax import wan_mirage  # pylint: disable=g-import-not-at-top
-    from mirage_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import conditioning as wan_mirage  # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
     self.config = config
     d = config.denoiser
     self.cfg = d.model

@@ -1,4 +1,4 @@
-"""mirage_jax/models/attention.py: chunked == XLA (values and gradients), context parallelism
+"""mirage_jax/nn/attention.py: chunked == XLA (values and gradients), context parallelism
 on fake CPU devices, and the splash kernel AOT-compiled for a TPU topology (needs libtpu)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from flax import nnx
 
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
-from mirage_jax.models import attention as attn
-from mirage_jax.models import wan_dit
+from mirage_jax.nn import attention as attn
+from mirage_jax.families.wan import dit as wan_dit
 
 
 def _qkv(seed, b=2, lq=37, lk=45, h=2, d=8, dtype=np.float32):

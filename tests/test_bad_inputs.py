@@ -28,7 +28,7 @@ from data_pipelines import builders, files, pipeline
 from mirage_jax import checkpoint, train
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import report, revisit
-from mirage_jax.models import autoencoder
+from mirage_jax.families.small import autoencoder
 from tests.fixtures_util import synthetic_clip
 from tests.test_train import synthetic_sources, tiny_config
 

@@ -8,7 +8,8 @@ from flax import nnx
 
 from experiments import tiny_cpu
 from mirage_jax import geometry, rollout
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 LENGTHS = (3, 4, 5, 6, 7, 8, 9, 10)  # chunks of 2: the shorter ones end early, 3 and 10 mid-chunk
 GIVEN = {2: 4, 5: 3}  # trajectory -> frames written from ground truth (the others: none)

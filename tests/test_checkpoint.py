@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mirage_jax import checkpoint, export, train
-from mirage_jax.models import autoencoder
+from mirage_jax.families.small import autoencoder
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

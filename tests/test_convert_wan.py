@@ -15,9 +15,12 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from mirage_jax import checkpoint, convert_wan, torch_files
+from mirage_jax import checkpoint, convert_wan
+from mirage_jax.families.wan import weight_files as torch_files
 from mirage_jax.errors import InputError, run_cli
-from mirage_jax.models import original_layout, wan_dit, wan_vae
+from mirage_jax.families.wan import original_layout
+from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import vae as wan_vae
 
 torch = pytest.importorskip("torch")
 

@@ -15,7 +15,8 @@ from flax import nnx
 from data_pipelines import files, procedural
 from experiments import tiny_cpu
 from mirage_jax.evaluation import revisit
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

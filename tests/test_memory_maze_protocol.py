@@ -18,7 +18,8 @@ from experiments import tiny_cpu
 from mirage_jax import geometry, rollout
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import memory_maze_protocol as protocol
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 from tests.test_generate import ROOT, run_cli, save_tiny_export
 
 

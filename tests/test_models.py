@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from mirage_jax import sharding
-from mirage_jax.models import autoencoder as ae
-from mirage_jax.models import denoiser as dn
+from mirage_jax.families.small import autoencoder as ae
+from mirage_jax.families.small import denoiser as dn
 
 
 # ----------------------------------------------------------------------------- autoencoder

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from mirage_jax import diffusion
-from mirage_jax.models import denoiser
+from mirage_jax.families.small import denoiser
 
 
 def _inputs(rng, b=2, t=2, nc=1, h=4, w=4, c=8):

@@ -8,7 +8,8 @@ from flax import nnx
 
 from mirage_jax import geometry, rollout, train
 from mirage_jax.memory import baselines, latent_cache
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 from tests.test_rollout import _trajectory
 from tests.test_train import _batch, _mesh_config, _one_step, tiny_config
 

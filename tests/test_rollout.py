@@ -6,7 +6,8 @@ from flax import nnx
 
 from experiments import tiny_cpu
 from mirage_jax import geometry, rollout
-from mirage_jax.models import autoencoder, denoiser
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import denoiser
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 
 from experiments import tiny_cpu
 from mirage_jax import geometry, metrics_log, sharding, train
-from mirage_jax.models import autoencoder
+from mirage_jax.families.small import autoencoder
 
 
 def synthetic_clip(seed: int, frames: int = 12, size: int = 16) -> dict:

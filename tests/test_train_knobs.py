@@ -15,8 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from experiments import mirage_wan22_5b, tiny_cpu
 from mirage_jax import diffusion, rollout, sharding, train
 from mirage_jax.errors import InputError
-from mirage_jax.models import denoiser as dn
-from mirage_jax.models import layers
+from mirage_jax.families.small import denoiser as dn
+from mirage_jax.nn import layers
 from tests.test_train import _batch, _mesh_config, random_frozen_autoencoder, tiny_config
 
 

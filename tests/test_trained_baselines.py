@@ -18,7 +18,7 @@ from data_pipelines import procedural
 from experiments import common, tiny_cpu
 from mirage_jax import geometry, rollout, train
 from mirage_jax.evaluation import metrics, report, revisit, scaling
-from mirage_jax.models import denoiser
+from mirage_jax.families.small import denoiser
 from tests.test_generate import _save_export, run_cli, save_tiny_export
 
 

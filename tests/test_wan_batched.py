@@ -19,7 +19,9 @@ from flax import nnx
 from data_pipelines import procedural
 from mirage_jax import rollout
 from mirage_jax.evaluation import revisit
-from mirage_jax.models import attention, wan_dit, wan_vae
+from mirage_jax.nn import attention
+from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import vae as wan_vae
 
 RES = 32
 LENGTHS = (9, 14, 18, 21, 5)  # 1, 2, 3, 3, 1 chunks; 18: the last chunk writes no latent
@@ -128,7 +130,7 @@ def test_padded_slots_equal_exactly_the_real_frames(world, clips):
     pad_s = jnp.concatenate([prec_scene[:n], junk[:P - n]])
     mask = np.concatenate([np.arange(R) >= R - k, np.ones(L, bool), np.arange(P) < n])
     noise = jax.random.normal(key, (1, L) + lat.shape[1:], jnp.float32)
-    from mirage_jax import wan_mirage  # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import conditioning as wan_mirage  # pylint: disable=g-import-not-at-top
     vace = wan_mirage.vace_context(jnp.concatenate([scene, pad_s])[None], control)
     got = sample(r.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace, r.text,
                  r.empty_text, jnp.asarray(mask)[None])[0]

@@ -1,4 +1,4 @@
-"""Wan2.2 DiT + VACE + LoRA (mirage_jax/models/wan_dit.py) against diffusers and itself.
+"""Wan2.2 DiT + VACE + LoRA (mirage_jax/families/wan/dit.py) against diffusers and itself.
 
 Oracles: diffusers' ``WanTransformer3DModel`` (per-token timesteps, the TI2V path) and
 ``WanVACETransformer3DModel`` (uniform timestep), given the same random weights: generated
@@ -25,7 +25,8 @@ import pytest
 from flax import nnx
 
 from mirage_jax.errors import InputError
-from mirage_jax.models import original_layout, wan_dit
+from mirage_jax.families.wan import original_layout
+from mirage_jax.families.wan import dit as wan_dit
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -20,9 +20,13 @@ import numpy as np
 import pytest
 
 from data_pipelines import files, procedural
-from mirage_jax import convert_wan, rollout, torch_files, wan_rollout
+from mirage_jax import convert_wan, rollout
+from mirage_jax.families.wan import weight_files as torch_files
+from mirage_jax.families.wan import rollout as wan_rollout
 from mirage_jax.evaluation import revisit
-from mirage_jax.models import original_layout, wan_dit, wan_vae
+from mirage_jax.families.wan import original_layout
+from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import vae as wan_vae
 from tests.test_generate import save_tiny_export
 
 torch = pytest.importorskip("torch")

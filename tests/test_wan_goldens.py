@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mirage_jax.models import original_layout, wan_dit
+from mirage_jax.families.wan import original_layout
+from mirage_jax.families.wan import dit as wan_dit
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "goldens", "wan_reference.npz")
 CASES = ("refs", "refs_vace", "noref", "noref_vace")

@@ -16,9 +16,12 @@ from flax import nnx
 
 from data_pipelines import build, encode_latents, latent_clips
 from experiments import mirage_wan22_5b
-from mirage_jax import checkpoint, convert_wan, memory, torch_files, train, wan_mirage
+from mirage_jax import checkpoint, convert_wan, memory, train
+from mirage_jax.families.wan import weight_files as torch_files
+from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.errors import InputError
-from mirage_jax.models import wan_dit, wan_vae
+from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import vae as wan_vae
 
 torch = pytest.importorskip("torch")
 

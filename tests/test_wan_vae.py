@@ -1,4 +1,4 @@
-"""Wan2.2 VAE (mirage_jax.models.wan_vae): parity with diffusers' AutoencoderKLWan (the
+"""Wan2.2 VAE (mirage_jax.families.wan.vae): parity with diffusers' AutoencoderKLWan (the
 Wan2.2 residual variant), chunked == whole clip, tiling, and the weight layout of
 Wan2.2_VAE.pth.
 
@@ -19,8 +19,8 @@ import pytest
 from flax import nnx
 
 from mirage_jax.errors import InputError
-from mirage_jax.models import original_layout as ol
-from mirage_jax.models import wan_vae as wv
+from mirage_jax.families.wan import original_layout as ol
+from mirage_jax.families.wan import vae as wv
 
 torch = pytest.importorskip("torch")
 diffusers_wan = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_wan")

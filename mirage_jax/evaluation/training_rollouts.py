@@ -70,7 +70,7 @@ class TrainingRollouts:
     self.vae = None
     from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
     if rollout.model_family(config) == "wan":
-      from mirage_jax import wan_rollout  # pylint: disable=g-import-not-at-top
+      from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
       self.vae = wan_rollout.load_wan_vae(config)
     for seed in range(int(e.rollout_seed), int(e.rollout_seed) + n):
       clip = procedural.render_clip(seed, int(e.rollout_frames), h, w, trajectory="loop")

@@ -54,9 +54,9 @@ import numpy as np
 from flax import nnx
 
 from mirage_jax.errors import InputError
-from mirage_jax.models import attention as attention_lib
-from mirage_jax.models import layers
-from mirage_jax.models import original_layout as ol
+from mirage_jax.nn import attention as attention_lib
+from mirage_jax.nn import layers
+from mirage_jax.families.wan import original_layout as ol
 from mirage_jax.sharding import constrain
 
 _ACT = ("batch", "frames", "height", "width", "act_embed")

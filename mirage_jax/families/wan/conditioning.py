@@ -50,7 +50,7 @@ def control_latents(vae, num_latent_frames: int, height: int, width: int) -> jax
   if num_latent_frames < 1 or height < 1 or width < 1:
     raise InputError("wan_mirage.control_latents", "num_latent_frames",
                      f"need F, h, w >= 1, got {(num_latent_frames, height, width)}")
-  from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   s, t = wan_vae.spatial_factor(vae.cfg), wan_vae.temporal_factor(vae.cfg)
   frames = (num_latent_frames - 1) * t + 1
   video = jnp.ones((1, frames, height * s, width * s, 3), jnp.float32)
@@ -329,7 +329,7 @@ def load_dit(path: str, shardings_fn=None):
     InputError: not a Wan DiT export, another model, or a param found in none of the chain.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   config = read_export_config(path)
   export_chain(path, config.get("denoiser", {}).get("model", {}))  # checks family first
   model_cfg = config.denoiser.model

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from mirage_jax.models import layers
+from mirage_jax.nn import layers
 
 
 def autoencoder_config(variant: str = "tiny") -> ml_collections.ConfigDict:

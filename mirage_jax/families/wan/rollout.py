@@ -95,7 +95,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mirage_jax import diffusion, wan_mirage
+from mirage_jax import diffusion
+from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 
@@ -142,7 +143,7 @@ def wan_settings(config: ml_collections.ConfigDict) -> WanSettings:
   (video frames, default 8 as the reference), ``denoiser.reference_frames`` (max references),
   ``denoiser.reference_bank``.
   """
-  from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   d = config.denoiser
   temporal = wan_vae.temporal_factor(config.autoencoder)
   chunk = int(d.target_frames)
@@ -780,7 +781,7 @@ def load_wan_vae(config: ml_collections.ConfigDict, autoencoder_export: str | No
   It must be a Wan-family autoencoder export of ``config.autoencoder``.
   """
   from mirage_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mirage_jax.models import wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   ae_path = autoencoder_export or config.denoiser.get("autoencoder_checkpoint")
   start = denoiser_export or config.denoiser.get("base_checkpoint")
   if not ae_path and start:

@@ -56,10 +56,10 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from mirage_jax.errors import InputError
-from mirage_jax.models import attention as attention_lib
-from mirage_jax.models.denoiser import precision_dtypes
-from mirage_jax.models import layers
-from mirage_jax.models import original_layout as ol
+from mirage_jax.nn import attention as attention_lib
+from mirage_jax.families.small.denoiser import precision_dtypes
+from mirage_jax.nn import layers
+from mirage_jax.families.wan import original_layout as ol
 from mirage_jax.sharding import constrain
 
 _TOKENS = ("batch", "tokens", "act_embed")

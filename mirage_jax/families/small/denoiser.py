@@ -31,8 +31,8 @@ import ml_collections
 from flax import nnx
 
 from mirage_jax import diffusion
-from mirage_jax.models import attention as attention_lib
-from mirage_jax.models import layers
+from mirage_jax.nn import attention as attention_lib
+from mirage_jax.nn import layers
 from mirage_jax.sharding import constrain
 
 _TOKENS = ("batch", "tokens", "act_embed")
