@@ -1,0 +1,47 @@
+"""The model families, and the one place that picks one for a config.
+
+A family is one package under ``mirage_jax/families/<name>/`` (its networks, its
+conditioning, its training stages, its export loading); the rest of the project reaches it
+only through :func:`get`. Removing a family is deleting its folder and its name here.
+
+  * ``small``: the RGB-D autoencoder + DiT of this project, CPU-sized to pod-sized;
+  * ``wan``: Mirage's own networks (Wan2.2-TI2V-5B DiT + VACE + LoRA, the Wan2.2 VAE).
+
+Families are imported by name (``importlib``), so nothing here imports a family's code and
+families never import each other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import ml_collections
+
+from mirage_jax.errors import InputError
+
+FAMILIES = ("small", "wan")
+
+
+def family_name(config: ml_collections.ConfigDict) -> str:
+  """The family of a training config or an export's config, checked.
+
+  Read from ``config.denoiser.model.family`` (a denoiser) or ``config.autoencoder.family``
+  (an autoencoder); configs without the field are the small family's.
+  """
+  if config.get("stage") == "autoencoder" or "denoiser" not in config:
+    name = config.autoencoder.get("family", "small")
+  else:
+    name = config.denoiser.model.get("family", "small")
+  if name not in FAMILIES:
+    raise InputError("config", "family", f"expected one of {FAMILIES}, got {name!r}")
+  return name
+
+
+def get(config_or_name: ml_collections.ConfigDict | str) -> types.ModuleType:
+  """The family package (``mirage_jax.families.<name>``) of a config or a name."""
+  name = (config_or_name if isinstance(config_or_name, str)
+          else family_name(config_or_name))
+  if name not in FAMILIES:
+    raise InputError("config", "family", f"expected one of {FAMILIES}, got {name!r}")
+  return importlib.import_module(f"mirage_jax.families.{name}")
