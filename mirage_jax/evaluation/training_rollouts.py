@@ -69,7 +69,7 @@ class TrainingRollouts:
     # The Wan family trains on latents: its rollouts need the VAE (loaded once).
     self.vae = None
     from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-    if rollout.model_family(config) == "wan":
+    if families.family_name(config) == "wan":
       from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
       self.vae = wan_rollout.load_wan_vae(config)
     for seed in range(int(e.rollout_seed), int(e.rollout_seed) + n):
