@@ -289,7 +289,7 @@ def _revisit(config, ae, dn) -> None:
     runner = revisit.RevisitRunner(
         config, ae, dn, _BACKENDS.value, max(lengths), oracle=_ORACLE.value, composite=_COMPOSITE.value,
         pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
-        wan_options=_wan_options(config), first_visit_coverage=_FIRST_VISIT.value,
+        sampling_options=_sampling_options(config), first_visit_coverage=_FIRST_VISIT.value,
         extra_rows={row: _with_sampler_steps(rollout.load_world_model(path))
                     for row, path in baselines.items()})
     video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
@@ -374,13 +374,10 @@ def _merge_parts(out: str, results: dict) -> dict | None:
   return {g: dict(sorted(res.items())) for g, res in merged.items()}
 
 
-def _wan_options(config) -> dict | None:
-  """WanRollout's text/CFG options of a Wan-family model (None for the small family)."""
-  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
-  if families.family_name(config) != "wan":
-    return None
-  return wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)
+def _sampling_options(config) -> dict:
+  """The family's sampling options from the command line (the Wan family's text/CFG)."""
+  return families.world_model(config).sampling_options(
+      config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value, guidance_scale=_GUIDANCE.value)
 
 
 def _scaling(config, ae, dn) -> None:

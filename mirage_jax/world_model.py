@@ -78,6 +78,13 @@ class WorldModel(abc.ABC):
     """(upgraded config, autoencoder, denoiser) of a denoiser export of this family."""
 
   @staticmethod
+  def frozen_autoencoder(config: ml_collections.ConfigDict) -> Any:
+    """The autoencoder a training run of ``config`` keeps frozen outside its trained state
+    (loaded from its export), or None when the run holds it (default)."""
+    del config
+    return None
+
+  @staticmethod
   @abc.abstractmethod
   def check_guidance(config: ml_collections.ConfigDict, scale: float | None = None) -> None:
     """Refuses classifier-free guidance the model never trained an unconditional branch for."""

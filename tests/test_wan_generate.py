@@ -23,7 +23,7 @@ from data_pipelines import files, procedural
 from mirage_jax import convert_wan, rollout
 from mirage_jax import checkpoint, families
 from mirage_jax.families.wan import weight_files as torch_files
-from mirage_jax.families.wan import rollout as wan_rollout
+from mirage_jax.families.wan import world_model as wan_world_model
 from mirage_jax.evaluation import revisit
 from mirage_jax.families.wan import original_layout
 from mirage_jax.families.wan import dit as wan_dit
@@ -132,7 +132,7 @@ def test_load_dispatches_on_family(world):
   assert dit.vace is not None
   m = families.world_model(config).memory_config(config)
   assert (m.image_height, m.latent_height, m.latent_channels) == (RES, RES // 16, 48)
-  st = wan_rollout.wan_settings(config)
+  st = wan_world_model.wan_settings(config)
   assert (st.chunk_frames, st.latents, st.new_frames, st.preceding_latents) == (33, 9, 32, 2)
   r = rollout.make_rollout(config, vae, dit, "mirage")
   assert [list(p) for p in r.plan(NUM_FRAMES)] == [list(range(0, 33, 4)), list(range(32, 65, 4))]
@@ -306,9 +306,9 @@ def test_chunks_chain_as_the_reference(world, clip):
 def test_cfg_uses_the_empty_prompt(world, clip):
   config, vae, dit = world
   text = np.random.default_rng(1).standard_normal((7, int(config.denoiser.model.text_dim)))
-  base = rollout.make_rollout(config, vae, dit, "mirage", wan_options=dict(text=text))
+  base = rollout.make_rollout(config, vae, dit, "mirage", sampling_options=dict(text=text))
   cfg = rollout.make_rollout(config, vae, dit, "mirage",
-                             wan_options=dict(text=text, guidance_scale=3.0))
+                             sampling_options=dict(text=text, guidance_scale=3.0))
   assert base.guidance_scale is None and cfg.guidance_scale == 3.0
   np.testing.assert_array_equal(base.text[0, :7], text.astype(np.float32))
   assert not np.any(base.text[0, 7:]) and not np.any(base.empty_text)  # zero-padded, zeros
@@ -319,7 +319,7 @@ def test_cfg_uses_the_empty_prompt(world, clip):
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
   # CFG with the caption equal to the empty prompt is the conditional prediction again.
   same = rollout.make_rollout(config, vae, dit, "mirage",
-                              wan_options=dict(text=text, empty_text=text, guidance_scale=3.0))
+                              sampling_options=dict(text=text, empty_text=text, guidance_scale=3.0))
   np.testing.assert_allclose(same.sample_chunk(key, first, scene), a, atol=1e-5)
 
 

@@ -344,7 +344,7 @@ class RevisitRunner:
     config, ae, dn: the world model (``rollout.load_world_model``), either family.
     backends: memory backends to run (names of ``memory.BACKEND_NAMES``).
     max_frames: the longest trajectory that will be run.
-    wan_options: for a Wan-family model, ``WanRollout``'s text, empty_text, guidance_scale.
+    sampling_options: for a Wan-family model, ``WanRollout``'s text, empty_text, guidance_scale.
     oracle: add the ``oracle`` row (the config's backend, memory from ground truth).
     composite: add the ``composite`` row.
     pairing: keyword arguments of :func:`pair_revisits`.
@@ -358,7 +358,7 @@ class RevisitRunner:
   def __init__(self, config, ae, dn, backends: Sequence[str], max_frames: int, *,
                oracle: bool = True, composite: bool = True,
                pairing: Mapping[str, Any] | None = None,
-               wan_options: Mapping[str, Any] | None = None,
+               sampling_options: Mapping[str, Any] | None = None,
                extra_rows: Mapping[str, tuple] | None = None,
                first_visit_coverage: float = 0.5):
     unknown = [b for b in backends if b not in memory_lib.BACKEND_NAMES]
@@ -369,7 +369,7 @@ class RevisitRunner:
 
     def make(b, world=(config, ae, dn)):
       cfg = families.world_model(world[0]).memory_config(world[0])
-      return rollout.make_rollout(*world, backend=b, wan_options=dict(wan_options or {}),
+      return rollout.make_rollout(*world, backend=b, sampling_options=dict(sampling_options or {}),
                                   **capacity_for(b or world[0].memory.backend, max_frames, cfg))
     self.rows = {b: make(b) for b in backends}
     self.oracle_backend = config.memory.backend

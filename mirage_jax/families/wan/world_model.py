@@ -279,6 +279,11 @@ class WorldModel(world_model.WorldModel):
     that field, keeps the released model's own training."""
     world_model.refuse_untrained_guidance(wan_mirage.upgrade(config), scale, "caption_dropout")
 
+  @staticmethod
+  def frozen_autoencoder(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The Wan VAE a fine-tuning run trains on latents with (:func:`load_vae`)."""
+    return load_vae(config)
+
   @classmethod
   def sampling_options(cls, config, *, caption=None, empty_text=None, guidance_scale=None):
     return rollout_options(config, caption, empty_text, guidance_scale)
