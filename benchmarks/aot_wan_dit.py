@@ -99,7 +99,7 @@ def generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
                     tokens_per_frame) -> None:
   """AOT of one generation chunk: ``WanRollout``'s sampler, then one VAE tile decode."""
   from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import world_model as wan_world_model  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   config = mirage_wan22_5b.get_config("ti2v_5b")
   config.denoiser.model = cfg
@@ -111,7 +111,7 @@ def generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
   vae_cfg.attention = FLAGS.attention
   vae = nnx.eval_shape(lambda: wan_vae.WanVAE(vae_cfg, rngs=nnx.Rngs(0)))
   # The rollout merges its own graphdef (same config) with the abstract sharded params.
-  ro = wan_rollout.WanRollout(config, vae, nnx.merge(graphdef, abstract_params))
+  ro = wan_world_model.WorldModel(config, vae, nnx.merge(graphdef, abstract_params))
   c, r, p = cfg.in_channels, FLAGS.references, FLAGS.preceding
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(
       mesh, PartitionSpec()))

@@ -33,7 +33,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mirage_jax import geometry, rollout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax import families, geometry, rollout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.errors import InputError, run_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.evaluation.scaling import capacity_for  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -105,7 +105,7 @@ def _main() -> int:
   else:
     config.sampler.num_steps = _STEPS.value
   r = rollout.make_rollout(config, ae, dn, _BACKEND.value,
-                           **capacity_for(_BACKEND.value, max(lengths), rollout.memory_config(config)))
+                           **capacity_for(_BACKEND.value, max(lengths), families.world_model(config).memory_config(config)))
   h, w = config.data.resolution
   if wan:  # the Wan family writes every latent with its frame's given depth
     clips = loops(lengths, h, w)

@@ -17,6 +17,7 @@ from absl import app, flags
 from data_pipelines import procedural
 from experiments import tiny_cpu
 from mirage_jax import export, rollout
+from mirage_jax import families
 from mirage_jax import memory as memory_lib
 from mirage_jax.evaluation import metrics
 
@@ -56,7 +57,7 @@ def main(argv):
     for name, overrides in VARIANTS:
       capacity = (n * h * w) if name == "mirage" else config.memory.settings.capacity
       backend = memory_lib.get_backend(name)
-      state = backend.init(rollout.memory_config(config, capacity=capacity, **overrides))
+      state = backend.init(families.world_model(config).memory_config(config, capacity=capacity, **overrides))
       state = backend.write(state, latents[:-1], depths[:-1], K[:-1], c2w[:-1],
                             jnp.ones((n - 1, h, w), bool), jnp.arange(n - 1, dtype=jnp.int32))
       read, _ = backend.read(state, K[-1:], c2w[-1:])

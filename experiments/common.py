@@ -54,7 +54,7 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.denoiser.target_frames = 4  # the chunk the loss is on
   # Retrieved reference frames, put before the last context_frames in the clean context
   # (the reference uses 4): earlier frames picked by voxel IoU with the target cameras'
-  # visible points (rollout.retrieve_references); 0 = off. Training retrieves among the
+  # visible points (memory_lib.references.retrieve_references); 0 = off. Training retrieves among the
   # memory frames, so reference_frames <= memory_frames.
   c.denoiser.reference_frames = 0
   c.denoiser.reference_bank = 16  # rollout: ring buffer of past latent frames retrieved from
@@ -95,7 +95,7 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.memory.write_new_only = ("voxel",)
   # Backends (only 'voxel' reads depth) whose rollout takes the depth it writes from the
   # memory read where it covers, and, with depth_from_memory_rescale, scales the generated
-  # depth elsewhere by the frame's median memory / generated ratio (rollout.anchor_depth):
+  # depth elsewhere by the frame's median memory / generated ratio (small_conditioning.anchor_depth):
   # newly seen content is written at the memory's scale instead of the drifting generated one.
   c.memory.depth_from_memory = ()
   c.memory.depth_from_memory_rescale = True

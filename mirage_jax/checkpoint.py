@@ -314,6 +314,20 @@ def _export_meta(config: dict, step: int, source: str, dtype: str | None) -> str
                     indent=2)
 
 
+def export_config(path: str) -> ml_collections.ConfigDict:
+  """The training config of an export (its ``config.json``, local or ``gs://``), without
+  loading the params. Raises an ``InputError`` naming the file when it is missing or
+  unreadable."""
+  meta_path = paths.join(path, "config.json")
+  if not paths.isfile(meta_path):
+    raise InputError(path, "config.json", "not an export directory (missing config.json)")
+  try:
+    with paths.open(meta_path) as f:
+      return ml_collections.ConfigDict(json.load(f)["config"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise InputError(meta_path, "config", f"unreadable ({e})") from None
+
+
 def load_export(path: str, shardings: Any = None, dtype: Any = None
                 ) -> tuple[Any, ml_collections.ConfigDict, int]:
   """Loads an export written by :func:`export_params`.

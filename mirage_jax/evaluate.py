@@ -84,6 +84,7 @@ import numpy as np
 from absl import app, flags
 
 from mirage_jax import distributed, paths
+from mirage_jax import checkpoint, families
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
@@ -133,7 +134,7 @@ _SAMPLER_STEPS = flags.DEFINE_integer(
 _DEPTH_FROM_MEMORY = flags.DEFINE_list(
     "depth_from_memory", None, "Backends ('voxel' or none: '') whose rollout writes the memory's "
     "depth where its read covers and rescales the generated depth elsewhere "
-    "(rollout.anchor_depth; default: each export's config.memory.depth_from_memory).")
+    "(families/small/conditioning.anchor_depth; default: each export's config.memory.depth_from_memory).")
 _DEPTH_RESCALE = flags.DEFINE_bool(
     "depth_from_memory_rescale", None, "With --depth_from_memory: also rescale the generated "
     "depth of uncovered cells (default: each export's config).")
@@ -288,7 +289,7 @@ def _revisit(config, ae, dn) -> None:
     runner = revisit.RevisitRunner(
         config, ae, dn, _BACKENDS.value, max(lengths), oracle=_ORACLE.value, composite=_COMPOSITE.value,
         pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
-        wan_options=_wan_options(config), first_visit_coverage=_FIRST_VISIT.value,
+        sampling_options=_sampling_options(config), first_visit_coverage=_FIRST_VISIT.value,
         extra_rows={row: _with_sampler_steps(rollout.load_world_model(path))
                     for row, path in baselines.items()})
     video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
@@ -373,13 +374,10 @@ def _merge_parts(out: str, results: dict) -> dict | None:
   return {g: dict(sorted(res.items())) for g, res in merged.items()}
 
 
-def _wan_options(config) -> dict | None:
-  """WanRollout's text/CFG options of a Wan-family model (None for the small family)."""
-  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
-  if rollout.model_family(config) != "wan":
-    return None
-  return wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)
+def _sampling_options(config) -> dict:
+  """The family's sampling options from the command line (the Wan family's text/CFG)."""
+  return families.world_model(config).sampling_options(
+      config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value, guidance_scale=_GUIDANCE.value)
 
 
 def _scaling(config, ae, dn) -> None:
@@ -513,8 +511,8 @@ def _run(output_dir: str) -> int:
       raise InputError("--first_visit_coverage", "first_visit_coverage",
                        f"must be in [0, 1], got {_FIRST_VISIT.value}")
   # The family decides which flags apply; checked before the (slow) model load.
-  export_config = rollout.export_config(_CHECKPOINT.value)
-  family = rollout.model_family(export_config)
+  export_config = checkpoint.export_config(_CHECKPOINT.value)
+  family = families.family_name(export_config)
   if _BENCHMARK.value == "memory_maze" and family != "wan":
     _maze_protocol_settings(export_config)  # held-out seeds, before the slow model load
   wan_flag = next((f.name for f in (_CAPTION, _EMPTY_TEXT, _GUIDANCE) if f.value is not None), None)

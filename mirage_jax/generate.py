@@ -12,7 +12,7 @@ The export's config picks the model family (``config.denoiser.model.family``):
 
 * small (ours, RGB-D autoencoder): as above; the memory is written with generated depth.
 * wan (Wan2.2 DiT + VACE + Wan VAE, ``python -m mirage_jax.convert_wan``; the rollout is
-  ``mirage_jax/families/wan/rollout.py``): chunks of 33 then 32 new video frames, FlowUniPC (20 steps,
+  ``mirage_jax/families/wan/world_model.py``): chunks of 33 then 32 new video frames, FlowUniPC (20 steps,
   shift 5) without CFG unless ``--guidance_scale`` > 0. The Wan VAE decodes RGB only and the
   reference's depth model (MapAnything) is not available, so every new latent is written into
   the memory with the file's depth of its video frame: a file without depth is refused.
@@ -108,8 +108,7 @@ def _main() -> int:
   # Imports after the flag checks: JAX and the models take seconds to load.
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import files  # pylint: disable=g-import-not-at-top
-  from mirage_jax import memory, rollout  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax import checkpoint, families, memory, rollout  # pylint: disable=g-import-not-at-top
   from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
 
   if _MEMORY.value is not None and _MEMORY.value not in memory.BACKEND_NAMES:
@@ -119,21 +118,17 @@ def _main() -> int:
   paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   paths.check_reachable(_OUTPUT.value, "--output_dir")
   clip = files.load_geometry_npz(_GEOMETRY.value)
-  config = rollout.export_config(_CHECKPOINT.value)
-  wan = rollout.model_family(config) == "wan"
-  if not wan and wan_flags_given():
-    flag = wan_flags_given()
-    raise InputError(f"--{flag}", flag, f"only the Wan family takes it; {_CHECKPOINT.value} is "
-                     f"of family {rollout.model_family(config)!r}")
+  config = families.upgrade(checkpoint.export_config(_CHECKPOINT.value))
+  wm = families.world_model(config)
   if not clip["has_depth"]:
     raise InputError(_GEOMETRY.value, "has_depth", (
-        "the Wan rollout writes every generated frame into the memory with the file's depth "
-        "(there is no depth model here), and the file has none") if wan else
-        "the first frame's depth is needed (the file has none)")
+        f"the {config.family} rollout writes every generated frame into the memory with the "
+        "file's depth (there is no depth model here), and the file has none") if wm.needs_depths
+        else "the first frame's depth is needed (the file has none)")
   if len(clip["poses_c2w"]) < 2:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
-  options = (wan_rollout.rollout_options(config, _CAPTION.value, _EMPTY_TEXT.value, _GUIDANCE.value)
-             if wan else None)
+  options = wm.sampling_options(config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value,
+                                guidance_scale=_GUIDANCE.value)
   def claim(stack: contextlib.ExitStack) -> str:
     # A gs:// --output_dir is written locally, then uploaded when ``stack`` closes.
     directory = stack.enter_context(paths.staged_dir(_OUTPUT.value, "--output_dir",
@@ -149,10 +144,10 @@ def _main() -> int:
     backend = _MEMORY.value or config.memory.backend
     num_frames = len(clip["poses_c2w"])
     r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
-                             object_slots=_OBJECT_SLOTS.value, wan_options=options,
-                             **scaling.capacity_for(backend, num_frames, rollout.memory_config(config)))
+                             object_slots=_OBJECT_SLOTS.value, sampling_options=options,
+                             **scaling.capacity_for(backend, num_frames, wm.memory_config(config)))
     start = time.perf_counter()
-    extra = dict(depths=clip["depths"]) if wan else {}
+    extra = dict(depths=clip["depths"]) if wm.needs_depths else {}
     out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
                      seed=_SEED.value, timed=True, **extra)
     total = time.perf_counter() - start
@@ -160,7 +155,7 @@ def _main() -> int:
     def write() -> None:
       video.write_mp4(os.path.join(directory, "video.mp4"), out["frames"], fps=fps)
       video.write_gif(os.path.join(directory, "video.gif"), out["frames"], fps=fps)
-      if wan:
+      if not wm.has_depth_head:
         with report.atomic_output(os.path.join(directory, "cameras.npz")) as tmp:
           with open(tmp, "wb") as f:
             np.savez_compressed(f, intrinsics=clip["intrinsics"], poses_c2w=clip["poses_c2w"],
@@ -181,11 +176,12 @@ def _main() -> int:
       report.write_metrics_json(os.path.join(directory, "timings.json"), dict(
           checkpoint=_CHECKPOINT.value, geometry_path=_GEOMETRY.value, backend=backend,
           num_frames=num_frames, resolution=list(config.data.resolution), chunk_frames=r.chunk,
-          seed=_SEED.value, mask_dynamic=r.mask_dynamic, object_slots=r.object_slots,
-          family=rollout.model_family(config),
-          **(dict(num_references=out["num_references"], guidance_scale=r.guidance_scale or 0.0,
+          seed=_SEED.value, mask_dynamic=r.model.mask_dynamic, object_slots=r.model.object_slots,
+          family=config.family,
+          **(dict(num_references=out["num_references"],
+                  guidance_scale=r.model.guidance_scale or 0.0,
                   caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value)
-             if wan else {}),
+             if "num_references" in out else {}),
           cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
           seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),
           memory_seconds_per_chunk_after_first=float(np.mean([c["memory_seconds"] for c in steady])),

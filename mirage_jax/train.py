@@ -48,11 +48,11 @@ from mirage_jax.memory import objects as objects_lib
 from mirage_jax import metrics_log
 from mirage_jax import paths
 from mirage_jax import prefetch
-from mirage_jax import rollout
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import training_rollouts
 from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import conditioning as small_conditioning
 from mirage_jax.families.small import denoiser
 
 Batch = dict[str, jax.Array]
@@ -496,7 +496,7 @@ class DenoiserStage:
   encoded by the frozen autoencoder and written into the memory (``config.memory``), whose
   read into each target camera conditions the denoiser. Clean context (t = 0): the
   ``reference_frames`` memory frames that the rollout's rule retrieves for the targets
-  (``rollout.retrieve_references`` on a bank of the memory frames, the last
+  (``memory_lib.references.retrieve_references`` on a bank of the memory frames, the last
   ``context_frames`` not eligible), then the last ``context_frames`` memory frames.
   """
 
@@ -514,13 +514,13 @@ class DenoiserStage:
                        f"({config.data.num_frames})")
     if not 0 <= d.context_frames <= d.memory_frames:
       raise InputError("config.denoiser", "context_frames", "must be in [0, memory_frames]")
-    self.refs = rollout.reference_settings(config)
+    self.refs = small_conditioning.reference_settings(config)
     if self.refs.frames > d.memory_frames:
       raise InputError("config.denoiser", "reference_frames",
                        f"must be <= memory_frames ({d.memory_frames}), got {self.refs.frames}")
     self.memory = memory_lib.get_backend(config.memory.backend)
     # The rollout's settings, but room for this window's points only (train_capacity).
-    self.memory_cfg = train_memory_config(config, rollout.memory_config(config),
+    self.memory_cfg = train_memory_config(config, small_conditioning.memory_config(config),
                                           d.memory_frames)
     if not 0.0 <= d.get("cond_dropout", 0.0) < 1.0:
       raise InputError("config.denoiser", "cond_dropout", f"must be in [0, 1), got "
@@ -542,7 +542,7 @@ class DenoiserStage:
                        f"max(context_frames, 1), got memory_frames={d.memory_frames}, "
                        f"context_frames={d.context_frames}")
     objects_cfg = config.get("objects")
-    self.object_cfg = (rollout.object_config(config) if objects_cfg is not None
+    self.object_cfg = (small_conditioning.object_config(config) if objects_cfg is not None
                        and config.memory.backend in objects_cfg.backends else None)
     self.ae_graphdef = nnx.graphdef(nnx.eval_shape(
         lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))))
@@ -584,13 +584,13 @@ class DenoiserStage:
         objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat[:m], depth[:m], K[:m],
                                       c2w[:m], moving, frame_ids)
         target_ids = jnp.arange(m, lat.shape[0], dtype=jnp.int32)
-        mem, coverage = rollout.splat_objects(objects, mem, coverage, K[m:], c2w[m:], target_ids)
+        mem, coverage = small_conditioning.splat_objects(objects, mem, coverage, K[m:], c2w[m:], target_ids)
       if not k:
         return mem, coverage, ()
-      bank = memory_lib.baselines.frame_bank_write(rollout.reference_bank_init(self.memory_cfg, m),
+      bank = memory_lib.baselines.frame_bank_write(memory_lib.references.reference_bank_init(self.memory_cfg, m),
                                                    lat[:m], depth[:m], K[:m], c2w[:m], static,
                                                    frame_ids)
-      return mem, coverage, rollout.retrieve_references(bank, bank.frame < m - nc, K[m:], c2w[m:],
+      return mem, coverage, memory_lib.references.retrieve_references(bank, bank.frame < m - nc, K[m:], c2w[m:],
                                                         k)[:3]
 
     mem, coverage, refs = memory_lib.batch_map(one_clip, latents, batch["depths"],

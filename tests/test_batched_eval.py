@@ -8,6 +8,7 @@ from flax import nnx
 
 from experiments import tiny_cpu
 from mirage_jax import geometry, rollout
+from mirage_jax import families
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
 
@@ -51,7 +52,7 @@ def _oracle(trajs, b):
 
 def test_batched_equals_one_at_a_time(world):
   config, ae, dn = world
-  r = rollout.Rollout(config, ae, dn, backend="mirage", capacity=16 * 16 * max(LENGTHS))
+  r = rollout.make_rollout(config, ae, dn, backend="mirage", capacity=16 * 16 * max(LENGTHS))
   trajs = _trajectories(config, LENGTHS)
   seeds = [10 + b for b in range(len(trajs))]
   batched = r.generate_batch([t[0][0] for t in trajs], [t[1][0] for t in trajs],
@@ -84,7 +85,7 @@ def test_batched_equals_one_at_a_time(world):
 
 def test_batch_of_other_lengths_reuses_the_step_and_syncs_once(world, monkeypatch):
   config, ae, dn = world
-  r = rollout.Rollout(config, ae, dn, backend="voxel")
+  r = rollout.make_rollout(config, ae, dn, backend="voxel")
   syncs = []
   block = jax.block_until_ready
   monkeypatch.setattr(jax, "block_until_ready", lambda x: syncs.append(1) or block(x))
@@ -102,7 +103,7 @@ def test_batch_of_other_lengths_reuses_the_step_and_syncs_once(world, monkeypatc
 
 def test_timed_mode_blocks_per_chunk_and_times_memory(world):
   config, ae, dn = world
-  r = rollout.Rollout(config, ae, dn, backend="voxel")
+  r = rollout.make_rollout(config, ae, dn, backend="voxel")
   frames, depths, K, poses = _trajectories(config, (7,))[0]
   out = r.generate(frames[0], depths[0], K, poses, progress=False, timed=True)
   assert len(out["timings"]) == 3  # 6 generated frames in chunks of 2

@@ -16,6 +16,7 @@ from flax import nnx
 from data_pipelines import memory_maze, procedural
 from experiments import tiny_cpu
 from mirage_jax import geometry, rollout
+from mirage_jax import families
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import memory_maze_protocol as protocol
 from mirage_jax.families.small import autoencoder
@@ -37,7 +38,7 @@ def test_given_frames_are_the_clean_context(models):
   config, ae, dn = models
   assert config.denoiser.target_frames == 2 and config.denoiser.context_frames == 1
   h, w = config.data.resolution
-  r = rollout.Rollout(config, ae, dn, backend="none", capacity=1024)
+  r = rollout.make_rollout(config, ae, dn, backend="none", capacity=1024)
   n = 6
   K = np.repeat(geometry.intrinsics_from_fov(70, h, w)[None], n, 0)
   poses = np.stack([geometry.look_at([0.1 * i, 1.5, 0], [0.1 * i, 1.5, 3], up=(0, 1, 0))

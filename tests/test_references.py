@@ -7,6 +7,9 @@ import pytest
 from flax import nnx
 
 from mirage_jax import geometry, rollout, train
+from mirage_jax.families.small import conditioning as small_conditioning
+from mirage_jax import memory as memory_lib
+from mirage_jax import families
 from mirage_jax.memory import baselines, latent_cache
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
@@ -43,12 +46,12 @@ def _bank(yaws=YAWS):
   latents = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32)[:, None, None, None], (s, 16, 16, 4))
   depths = jnp.asarray(np.stack([_box_depth(p) for p in poses]))
   return baselines.frame_bank_write(
-      rollout.reference_bank_init(CFG, s), latents, depths, jnp.asarray(np.repeat(K[None], s, 0)),
+      memory_lib.references.reference_bank_init(CFG, s), latents, depths, jnp.asarray(np.repeat(K[None], s, 0)),
       jnp.asarray(poses), jnp.ones((s, H, W), bool), jnp.arange(s, dtype=jnp.int32))
 
 
 # One compiled retrieval for every check here: k = S (all bank frames ranked).
-_retrieve_all = jax.jit(lambda bank, eligible, K_, c2w: rollout.retrieve_references(
+_retrieve_all = jax.jit(lambda bank, eligible, K_, c2w: memory_lib.references.retrieve_references(
     bank, eligible, K_, c2w, bank.frame.shape[0]))
 
 
@@ -97,7 +100,7 @@ def models():
 def test_rollout_with_references_fixed_bank_and_no_recompile(models):
   config, ae, dn = models
   h, w = config.data.resolution
-  r = rollout.Rollout(config, ae, dn, backend="voxel")
+  r = rollout.make_rollout(config, ae, dn, backend="voxel")
   frame0 = np.zeros((h, w, 3), np.uint8)
   depth0 = np.full((h, w), 2.0, np.float32)
   sizes, ref_bytes = [], []
@@ -117,7 +120,7 @@ def test_rollout_with_references_fixed_bank_and_no_recompile(models):
       assert 0 <= ref < start - nc or ref == -1
     assert n < 11 or (refs >= 0).any()  # on the way back, frames seen before pass
   assert sizes[0] == sizes[1] and sizes[0][-1] == 1
-  full = rollout.reference_bank_init(r.memory_cfg, config.denoiser.reference_bank)
+  full = memory_lib.references.reference_bank_init(r.memory_cfg, config.denoiser.reference_bank)
   full = full.replace(valid=jnp.ones_like(full.valid))
   assert ref_bytes[0] == ref_bytes[1] == baselines.frame_bank_nbytes(full)
 
@@ -161,4 +164,4 @@ def test_bad_reference_settings_are_rejected():
     train.DenoiserStage(config, {})
   config.denoiser.update(reference_frames=2, reference_bank=1)
   with pytest.raises(Exception, match="reference_bank"):
-    rollout.reference_settings(config)
+    small_conditioning.reference_settings(config)

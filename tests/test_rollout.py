@@ -6,6 +6,8 @@ from flax import nnx
 
 from experiments import tiny_cpu
 from mirage_jax import geometry, rollout
+from mirage_jax.families.small import conditioning as small_conditioning
+from mirage_jax import families
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
 
@@ -30,7 +32,7 @@ def _trajectory(n, h, w):
 def test_rollout_generates_and_revisit_reads_memory(models, backend):
   config, ae, dn = models
   h, w = config.data.resolution
-  r = rollout.Rollout(config, ae, dn, backend=backend, capacity=4096)
+  r = rollout.make_rollout(config, ae, dn, backend=backend, capacity=4096)
   K, poses = _trajectory(7, h, w)
   frame0 = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
   depth0 = np.full((h, w), 3.0, np.float32)
@@ -49,7 +51,7 @@ def test_rollout_generates_and_revisit_reads_memory(models, backend):
 def test_trajectory_length_does_not_recompile(models):
   config, ae, dn = models
   h, w = config.data.resolution
-  r = rollout.Rollout(config, ae, dn, backend="voxel")
+  r = rollout.make_rollout(config, ae, dn, backend="voxel")
   frame0 = np.zeros((h, w, 3), np.uint8)
   depth0 = np.full((h, w), 2.0, np.float32)
   sizes = []
@@ -63,7 +65,7 @@ def test_trajectory_length_does_not_recompile(models):
 
 def test_bad_first_frame_is_rejected(models):
   config, ae, dn = models
-  r = rollout.Rollout(config, ae, dn, backend="voxel")
+  r = rollout.make_rollout(config, ae, dn, backend="voxel")
   K, poses = _trajectory(4, 8, 8)
   with pytest.raises(Exception, match="first_frame"):
     r.generate(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.float32), K, poses, progress=False)
@@ -81,7 +83,7 @@ def test_write_new_only_leaves_covered_cells_unwritten(models):
   for new_only in ((), ("mirage",)):
     c = config.copy_and_resolve_references()
     c.memory.write_new_only = new_only
-    out = rollout.Rollout(c, ae, dn, backend="mirage", capacity=4096).generate(
+    out = rollout.make_rollout(c, ae, dn, backend="mirage", capacity=4096).generate(
         frame0, depth0, K, poses, progress=False)
     bytes_after[new_only] = out["cache_bytes"]
   one_frame = bytes_after[()] // 5  # append-only: five frames written without the option
@@ -102,13 +104,13 @@ def test_cells_marked_moving_never_enter_the_static_memory(models):
   frame0 = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
   depth0 = np.full((h, w), 3.0, np.float32)
   moving = _with_dynamic_head(ae, 10.0)
-  out = rollout.Rollout(config, moving, dn, "voxel", object_slots=False).generate(
+  out = rollout.make_rollout(config, moving, dn, "voxel", object_slots=False).generate(
       frame0, depth0, K, poses, progress=False)
   assert out["dynamic"].shape == (5,) + out["coverage"].shape[1:] and out["dynamic"].min() > 0.5
   assert out["cache_bytes"] == 0  # every cell moves: nothing is static
   assert out["object_positions"].shape == (5, 0, 3)
   # The reference's behaviour: everything written, moving or not.
-  ref = rollout.Rollout(config, moving, dn, "voxel", mask_dynamic=False, object_slots=False).generate(
+  ref = rollout.make_rollout(config, moving, dn, "voxel", mask_dynamic=False, object_slots=False).generate(
       frame0, depth0, K, poses, progress=False)
   assert ref["cache_bytes"] > 0 and ref["dynamic"].min() > 0.5  # predicted, not used
 
@@ -122,14 +124,14 @@ def test_object_slots_carry_moving_content_into_later_chunks(models):
   frame0 = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
   depth0 = np.full((h, w), 3.0, np.float32)
   # Everything moves, so the static memory stays empty and only a slot can cover frame 1.
-  out = rollout.Rollout(config, _with_dynamic_head(ae, 10.0), dn, "voxel",
+  out = rollout.make_rollout(config, _with_dynamic_head(ae, 10.0), dn, "voxel",
                         object_slots=True).generate(frame0, depth0, K, poses, progress=False)
   assert out["cache_bytes"] == 0 and out["object_bytes"] > 0
   assert (out["object_idents"][1] >= 0).sum() == 1  # one object, the whole frame
   np.testing.assert_allclose(out["object_positions"][1][out["object_idents"][1] >= 0][0],
                              [0.0, 1.5, 3.0], atol=0.3)
   assert out["coverage"][1].mean() > 0.9
-  none = rollout.Rollout(config, _with_dynamic_head(ae, 10.0), dn, "voxel",
+  none = rollout.make_rollout(config, _with_dynamic_head(ae, 10.0), dn, "voxel",
                          object_slots=False).generate(frame0, depth0, K, poses, progress=False)
   assert none["coverage"][1].max() == 0
 
@@ -143,13 +145,13 @@ def test_anchor_depth_takes_the_memory_depth_and_rescales_the_rest():
   memory_depth = np.where(coverage, truth, 0.0)
   generated = np.repeat(np.repeat(2.0 * truth, 2, 1), 2, 2)  # image: 2x2 pixels per cell
   up = lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2)
-  out = np.asarray(rollout.anchor_depth(generated, memory_depth, coverage, min_cells=8))
+  out = np.asarray(small_conditioning.anchor_depth(generated, memory_depth, coverage, min_cells=8))
   np.testing.assert_allclose(out[0], up(truth)[0], rtol=1e-5)  # covered: memory; rest: x 0.5
   np.testing.assert_allclose(out[1], generated[1], rtol=1e-6)  # nothing covered: unchanged
-  kept = np.asarray(rollout.anchor_depth(generated, memory_depth, coverage, rescale=False))
+  kept = np.asarray(small_conditioning.anchor_depth(generated, memory_depth, coverage, rescale=False))
   np.testing.assert_allclose(kept[0], np.where(up(coverage)[0], up(truth)[0], generated[0]),
                              rtol=1e-5)
-  few = np.asarray(rollout.anchor_depth(generated, memory_depth, coverage, min_cells=9))
+  few = np.asarray(small_conditioning.anchor_depth(generated, memory_depth, coverage, min_cells=9))
   np.testing.assert_allclose(few, kept, rtol=1e-6)  # too few covered cells: no rescale
 
 
@@ -166,7 +168,7 @@ def test_depth_from_memory_writes_at_the_memory_depth(models):
   for on in ((), ("voxel",)):
     c = config.copy_and_resolve_references()
     c.memory.depth_from_memory = on
-    out = rollout.Rollout(c, ae, dn, backend="voxel").generate(frame0, depth0, K, poses,
+    out = rollout.make_rollout(c, ae, dn, backend="voxel").generate(frame0, depth0, K, poses,
                                                                progress=False)
     assert out["coverage"][1:].min() == 1.0
     depths[on] = out["depths"][1:]
@@ -175,7 +177,7 @@ def test_depth_from_memory_writes_at_the_memory_depth(models):
   c = config.copy_and_resolve_references()
   c.memory.depth_from_memory = ("mirage",)
   with pytest.raises(Exception, match="depth_from_memory"):
-    rollout.Rollout(c, ae, dn, backend="mirage")
+    rollout.make_rollout(c, ae, dn, backend="mirage")
 
 
 def test_reencode_latents_changes_the_context_not_the_frames_shown(models):
@@ -190,7 +192,7 @@ def test_reencode_latents_changes_the_context_not_the_frames_shown(models):
   for on in (False, True):
     c = config.copy_and_resolve_references()
     c.sampler.reencode_latents = on
-    frames[on] = rollout.Rollout(c, ae, dn, backend="voxel").generate(
+    frames[on] = rollout.make_rollout(c, ae, dn, backend="voxel").generate(
         frame0, depth0, K, poses, progress=False)["frames"].astype(int)
   np.testing.assert_array_equal(frames[True][:3], frames[False][:3])
   assert np.abs(frames[True][3:] - frames[False][3:]).mean() > 0.5

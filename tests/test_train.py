@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 
 from experiments import tiny_cpu
 from mirage_jax import geometry, metrics_log, sharding, train
+from mirage_jax import families
 from mirage_jax.families.small import autoencoder
 
 
@@ -262,7 +263,7 @@ def test_self_generated_memory_is_what_the_rollout_writes():
   rng = jax.random.key(11)
   gen, gen_depth = stage._generate_memory(model, frozen, latents, batch, rng)
 
-  roll = rollout.Rollout(config, nnx.merge(stage.ae_graphdef, nnx.State(frozen)), model)
+  roll = rollout.make_rollout(config, nnx.merge(stage.ae_graphdef, nnx.State(frozen)), model)
   n = m - g
   K, c2w, depth = batch["intrinsics"][0], batch["poses_c2w"][0], batch["depths"][0]
   state = roll.backend.write(roll.backend.init(roll.memory_cfg), latents[0, :n], depth[:n],

@@ -17,6 +17,7 @@ from flax import nnx
 from data_pipelines import procedural
 from experiments import common, tiny_cpu
 from mirage_jax import geometry, rollout, train
+from mirage_jax import checkpoint, families
 from mirage_jax.evaluation import metrics, report, revisit, scaling
 from mirage_jax.families.small import denoiser
 from tests.test_generate import _save_export, run_cli, save_tiny_export
@@ -27,7 +28,7 @@ def exports(tmp_path_factory):
   """(memory model, baseline trained without memory): tiny random exports, different weights."""
   directory = str(tmp_path_factory.mktemp("exports"))
   memory_model = save_tiny_export(directory)
-  config = common.memory_baseline(rollout.export_config(memory_model), "none")
+  config = common.memory_baseline(checkpoint.export_config(memory_model), "none")
   path = os.path.join(directory, "dn_none_export")
   model = denoiser.Denoiser(config.denoiser.model, nnx.Rngs(7))
   # A fresh DiT's zero-initialised output layers predict the memory prior whatever the

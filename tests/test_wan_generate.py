@@ -21,8 +21,9 @@ import pytest
 
 from data_pipelines import files, procedural
 from mirage_jax import convert_wan, rollout
+from mirage_jax import checkpoint, families
 from mirage_jax.families.wan import weight_files as torch_files
-from mirage_jax.families.wan import rollout as wan_rollout
+from mirage_jax.families.wan import world_model as wan_world_model
 from mirage_jax.evaluation import revisit
 from mirage_jax.families.wan import original_layout
 from mirage_jax.families.wan import dit as wan_dit
@@ -126,17 +127,17 @@ def _generate(r, clip, **kw):
 
 def test_load_dispatches_on_family(world):
   config, vae, dit = world
-  assert rollout.model_family(config) == "wan"
+  assert families.family_name(config) == "wan"
   assert isinstance(vae, wan_vae.WanVAE) and isinstance(dit, wan_dit.WanDiT)
   assert dit.vace is not None
-  m = rollout.memory_config(config)
+  m = families.world_model(config).memory_config(config)
   assert (m.image_height, m.latent_height, m.latent_channels) == (RES, RES // 16, 48)
-  st = wan_rollout.wan_settings(config)
+  st = wan_world_model.wan_settings(config)
   assert (st.chunk_frames, st.latents, st.new_frames, st.preceding_latents) == (33, 9, 32, 2)
   r = rollout.make_rollout(config, vae, dit, "mirage")
   assert [list(p) for p in r.plan(NUM_FRAMES)] == [list(range(0, 33, 4)), list(range(32, 65, 4))]
   with pytest.raises(Exception, match="family"):
-    rollout.Rollout(config, vae, dit)  # the small family's class refuses a Wan config
+    rollout.make_rollout(config, vae, dit)  # the small family's class refuses a Wan config
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -288,7 +289,7 @@ def test_chunks_chain_as_the_reference(world, clip):
   np.testing.assert_array_equal(c1["preceding_scene"], c0["scene"][6:8])
   # Chunk 1's memory reads are cells of the latents written so far (the first frame and
   # chunk 0's nine, stored as feature_dtype), and chunk 0's writes changed what is read.
-  dtype = jnp.dtype(rollout.memory_config(config).feature_dtype)
+  dtype = jnp.dtype(families.world_model(config).memory_config(config).feature_dtype)
   written = np.asarray(jnp.concatenate([c0["first"][None], c0["out"]]).astype(dtype)
                        .astype(jnp.float32)).reshape(-1, 48)
   cells = np.asarray(c1["scene"]).reshape(-1, 48)
@@ -305,9 +306,9 @@ def test_chunks_chain_as_the_reference(world, clip):
 def test_cfg_uses_the_empty_prompt(world, clip):
   config, vae, dit = world
   text = np.random.default_rng(1).standard_normal((7, int(config.denoiser.model.text_dim)))
-  base = rollout.make_rollout(config, vae, dit, "mirage", wan_options=dict(text=text))
+  base = rollout.make_rollout(config, vae, dit, "mirage", sampling_options=dict(text=text))
   cfg = rollout.make_rollout(config, vae, dit, "mirage",
-                             wan_options=dict(text=text, guidance_scale=3.0))
+                             sampling_options=dict(text=text, guidance_scale=3.0))
   assert base.guidance_scale is None and cfg.guidance_scale == 3.0
   np.testing.assert_array_equal(base.text[0, :7], text.astype(np.float32))
   assert not np.any(base.text[0, 7:]) and not np.any(base.empty_text)  # zero-padded, zeros
@@ -318,7 +319,7 @@ def test_cfg_uses_the_empty_prompt(world, clip):
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
   # CFG with the caption equal to the empty prompt is the conditional prediction again.
   same = rollout.make_rollout(config, vae, dit, "mirage",
-                              wan_options=dict(text=text, empty_text=text, guidance_scale=3.0))
+                              sampling_options=dict(text=text, empty_text=text, guidance_scale=3.0))
   np.testing.assert_allclose(same.sample_chunk(key, first, scene), a, atol=1e-5)
 
 
@@ -350,7 +351,7 @@ def test_bad_inputs_are_one_line(export, small_export, geometry_npz, tmp_path):
   _one_line_error(gen(f"--checkpoint={export}", f"--empty_text_embedding={wide}"),
                   str(wide), "empty_text_embedding")
   # The small family's autoencoder under a Wan DiT, and the other way round.
-  small_ae = rollout.export_config(small_export).denoiser.autoencoder_checkpoint
+  small_ae = checkpoint.export_config(small_export).denoiser.autoencoder_checkpoint
   _one_line_error(gen(f"--checkpoint={export}", f"--autoencoder={small_ae}"),
                   small_ae, "autoencoder.family")
   wan_vae_export = os.path.join(os.path.dirname(export), "vae")

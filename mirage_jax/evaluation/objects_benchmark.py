@@ -68,6 +68,7 @@ import numpy as np
 from scipy import ndimage
 
 from mirage_jax import geometry, rollout
+from mirage_jax import families
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import metrics, revisit
 from mirage_jax.evaluation.scaling import capacity_for
@@ -363,12 +364,12 @@ class ObjectsRunner:
   def __init__(self, config, ae, dn, rows: Sequence[str], max_frames: int, *,
                pairing: Mapping[str, Any] | None = None, min_pixels: int = 4, gap: int = 4, span: int = 3):
     check_rows(rows)
-    base = rollout.memory_config(config)
+    base = families.world_model(config).memory_config(config)
 
     def make(spec):
       spec = dict(spec)
       backend = spec.pop("backend")
-      return rollout.Rollout(config, ae, dn, backend, **spec, **capacity_for(backend, max_frames, base))
+      return rollout.make_rollout(config, ae, dn, backend, **spec, **capacity_for(backend, max_frames, base))
     self.rows = {r: make(ROWS[r]) for r in rows}
     self.pairing = dict(pairing or {})
     self.scoring = dict(min_pixels=int(min_pixels), gap=int(gap), span=int(span))

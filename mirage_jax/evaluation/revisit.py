@@ -58,6 +58,7 @@ import numpy as np
 
 from data_pipelines import pipeline
 from mirage_jax import geometry, rollout
+from mirage_jax import families
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import metrics, video
@@ -343,7 +344,7 @@ class RevisitRunner:
     config, ae, dn: the world model (``rollout.load_world_model``), either family.
     backends: memory backends to run (names of ``memory.BACKEND_NAMES``).
     max_frames: the longest trajectory that will be run.
-    wan_options: for a Wan-family model, ``WanRollout``'s text, empty_text, guidance_scale.
+    sampling_options: for a Wan-family model, ``WanRollout``'s text, empty_text, guidance_scale.
     oracle: add the ``oracle`` row (the config's backend, memory from ground truth).
     composite: add the ``composite`` row.
     pairing: keyword arguments of :func:`pair_revisits`.
@@ -357,18 +358,18 @@ class RevisitRunner:
   def __init__(self, config, ae, dn, backends: Sequence[str], max_frames: int, *,
                oracle: bool = True, composite: bool = True,
                pairing: Mapping[str, Any] | None = None,
-               wan_options: Mapping[str, Any] | None = None,
+               sampling_options: Mapping[str, Any] | None = None,
                extra_rows: Mapping[str, tuple] | None = None,
                first_visit_coverage: float = 0.5):
     unknown = [b for b in backends if b not in memory_lib.BACKEND_NAMES]
     if unknown:
       raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: "
                        f"{', '.join(memory_lib.BACKEND_NAMES)})")
-    base = rollout.memory_config(config)
+    base = families.world_model(config).memory_config(config)
 
     def make(b, world=(config, ae, dn)):
-      cfg = rollout.memory_config(world[0])
-      return rollout.make_rollout(*world, backend=b, wan_options=dict(wan_options or {}),
+      cfg = families.world_model(world[0]).memory_config(world[0])
+      return rollout.make_rollout(*world, backend=b, sampling_options=dict(sampling_options or {}),
                                   **capacity_for(b or world[0].memory.backend, max_frames, cfg))
     self.rows = {b: make(b) for b in backends}
     self.oracle_backend = config.memory.backend
@@ -378,7 +379,7 @@ class RevisitRunner:
     for name, world in (extra_rows or {}).items():
       if name in self.rows or name in (ORACLE, COMPOSITE):
         raise InputError("--baseline_checkpoints", "row", f"{name!r} is already a row")
-      other = rollout.memory_config(world[0])
+      other = families.world_model(world[0]).memory_config(world[0])
       if (other.image_height, other.image_width) != (base.image_height, base.image_width):
         raise InputError("--baseline_checkpoints", name, f"resolution {other.image_height}x"
                          f"{other.image_width}, the memory model's is {base.image_height}x"

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mirage_jax import geometry, rollout
+from mirage_jax import families
 from mirage_jax.errors import InputError
 
 ROOM_LO = (-3.0, 0.0, -3.0)  # y up, floor at 0, like the procedural scenes
@@ -121,7 +122,7 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
   if short:
     raise InputError("--lengths", "lengths", f"{short[0]} frames is shorter than the timed segment "
                      f"(1 + {timed_chunks + 1} chunks of {chunk} = {generated} frames)")
-  base = rollout.memory_config(config)
+  base = families.world_model(config).memory_config(config)
   h, w = base.image_height, base.image_width
   K, poses = loop_trajectory(max(lengths), period, h, w)
   depths = box_depth(K, poses, h, w)
@@ -132,7 +133,7 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
   entries = []
   bar = tqdm(total=len(backends) * len(lengths), desc="scaling", disable=not progress)
   for backend in backends:
-    r = rollout.Rollout(config, ae, dn, backend=backend)
+    r = rollout.make_rollout(config, ae, dn, backend=backend)
     write = jax.jit(r.backend.write, donate_argnums=0)  # pre-fill in place
     for n in sorted(lengths):
       cfg = dataclasses.replace(r.memory_cfg, **capacity_for(backend, n, r.memory_cfg))

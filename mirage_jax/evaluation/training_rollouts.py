@@ -17,7 +17,7 @@ autoencoder; the Wan family (``train.WanStage``) with the EMA of the trained VAC
 over the frozen base DiT (the reference keeps no EMA: ``ema_decay`` 0 makes it the params),
 decoded by the Wan VAE of ``config.denoiser.autoencoder_checkpoint`` (else the one the base
 export names), writing each latent with the loop's given depth, sampled with the empty
-prompt (``wan_rollout.WanRollout``). Every trajectory's rollout is one batched chunk step
+prompt (the Wan family's ``WorldModel``). Every trajectory's rollout is one batched chunk step
 per chunk (``generate_batch``).
 """
 
@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mirage_jax import families
 from mirage_jax.errors import InputError
 
 SCORES = ("psnr_revisit", "ssim_revisit", "psnr_all", "ssim_all")
@@ -68,25 +69,22 @@ class TrainingRollouts:
     self.trajectories = []
     # The Wan family trains on latents: its rollouts need the VAE (loaded once).
     self.vae = None
-    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-    if rollout.model_family(config) == "wan":
-      from mirage_jax.families.wan import rollout as wan_rollout  # pylint: disable=g-import-not-at-top
-      self.vae = wan_rollout.load_wan_vae(config)
+    self.vae = families.world_model(config).frozen_autoencoder(config)
     for seed in range(int(e.rollout_seed), int(e.rollout_seed) + n):
       clip = procedural.render_clip(seed, int(e.rollout_frames), h, w, trajectory="loop")
       self.trajectories.append(revisit.Trajectory(name=f"seed{seed}", fps=float(clip["fps"]),
                                                   **revisit.fit_clip(clip, (h, w))))
 
-  def __call__(self, ae: nnx.Module | None, dn: nnx.Module, wan_options: dict | None = None
+  def __call__(self, ae: nnx.Module | None, dn: nnx.Module, sampling_options: dict | None = None
                ) -> tuple[dict[str, float], dict[str, Any]]:
     """Scores ``dn`` (on the frozen ``ae``; None: the Wan VAE loaded here) and returns
-    (scalars, videos), see the module doc. ``wan_options``: ``WanRollout``'s text options
+    (scalars, videos), see the module doc. ``sampling_options``: ``WanRollout``'s text options
     (e.g. the run's empty-prompt embedding)."""
     from mirage_jax.evaluation import revisit, video  # pylint: disable=g-import-not-at-top
     # A runner per call: it holds the weights it was built with (compiles hit JAX's caches).
     runner = revisit.RevisitRunner(self.config, self.vae if ae is None else ae, dn,
                                    self.backends, max(len(t.frames) for t in self.trajectories),
-                                   oracle=False, composite=False, wan_options=wan_options)
+                                   oracle=False, composite=False, sampling_options=sampling_options)
     results, videos = {}, {}
     # All trajectories at once: one jitted chunk step for the batch (revisit.run_batch).
     for t, (res, outputs) in zip(self.trajectories, runner.run_batch(

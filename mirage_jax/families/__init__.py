@@ -26,10 +26,14 @@ FAMILIES = ("small", "wan")
 def family_name(config: ml_collections.ConfigDict) -> str:
   """The family of a training config or an export's config, checked.
 
-  Read from ``config.denoiser.model.family`` (a denoiser) or ``config.autoencoder.family``
-  (an autoencoder); configs without the field are the small family's.
+  Read from ``config.family`` (set by every family's ``upgrade``); configs without it (exports
+  made before it existed) name it in ``config.denoiser.model.family`` (a denoiser) or
+  ``config.autoencoder.family`` (an autoencoder), and configs without those are the small
+  family's.
   """
-  if config.get("stage") == "autoencoder" or "denoiser" not in config:
+  if "family" in config:
+    name = config.family
+  elif config.get("stage") == "autoencoder" or "denoiser" not in config:
     name = config.autoencoder.get("family", "small")
   else:
     name = config.denoiser.model.get("family", "small")
@@ -45,3 +49,13 @@ def get(config_or_name: ml_collections.ConfigDict | str) -> types.ModuleType:
   if name not in FAMILIES:
     raise InputError("config", "family", f"expected one of {FAMILIES}, got {name!r}")
   return importlib.import_module(f"mirage_jax.families.{name}")
+
+
+def world_model(config_or_name: ml_collections.ConfigDict | str):
+  """The ``WorldModel`` class (``mirage_jax.world_model.WorldModel``) of a config's family."""
+  return get(config_or_name).WorldModel
+
+
+def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` (an export's, of any age) in the current schema of its family."""
+  return world_model(config).upgrade(config)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
-from mirage_jax.memory import baselines, latent_cache, objects, retrieval
+from mirage_jax.memory import baselines, latent_cache, objects, references, retrieval
 from mirage_jax.memory.latent_cache import MemoryConfig, capacity_bytes, memory_config
 
 

@@ -188,32 +188,51 @@ __all__ = ["add_noise", "assemble", "caption_or_empty", "control_latents", "flow
 # ----------------------------------------------------------------------------- exports
 
 
-def memory_config(config):
+# The value an export made before each field existed was trained and run with.
+_DEFAULTS = {
+    "sampler.guidance_scale": 0.0,
+    "denoiser.preceding_frames": 8,  # the reference's
+    "denoiser.reference_frames": 0,
+    "denoiser.reference_bank": 16,
+    "denoiser.text_len": 512,  # the reference's umT5 sequence length
+    "denoiser.empty_text": "",
+    "denoiser.autoencoder_checkpoint": "",
+    "denoiser.base_checkpoint": "",
+}
+
+
+def upgrade(config):
+  """A Wan-family config (an export's of any age, or a run's) in the current schema:
+  ``family`` set and every field added since the first exports filled with the value they
+  were made with (a copy; present fields are kept). ``denoiser.caption_dropout`` stays
+  absent on a converted base: it keeps the released model's own training."""
+  from mirage_jax import families, world_model  # pylint: disable=g-import-not-at-top
+  defaults = dict(_DEFAULTS) if "denoiser" in config else {}
+  return world_model.with_defaults(config, {"family": families.family_name(config), **defaults})
+
+
+def memory_config(config, **overrides):
   """The memory settings of a Wan-family ``config`` (``config.memory.settings``) at the
   reference's geometry: latent cells of 16 x 16 pixels of ``config.data.resolution``, 48
-  channels. (``rollout.memory_config`` reads the small autoencoder's factor.)"""
+  channels; then ``overrides`` (fields of ``MemoryConfig``, e.g. ``capacity``)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from mirage_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
   h, w = (int(r) for r in config.data.resolution)
-  return memory_lib.memory_config(dict(
+  if h % 16 or w % 16:
+    raise InputError("config.data", "resolution", f"must be multiples of 16 for the Wan VAE, "
+                     f"got {(h, w)}")
+  return dataclasses.replace(memory_lib.memory_config(dict(
       config.memory.settings, image_height=h, image_width=w, latent_height=h // 16,
-      latent_width=w // 16, latent_channels=LATENT_CHANNELS))
+      latent_width=w // 16, latent_channels=LATENT_CHANNELS)), **overrides)
 
 
 def read_export_config(path: str):
-  """The training config stored with an export (``mirage_jax.export`` / ``convert_wan``)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  meta_path = os.path.join(path, "config.json")
-  if not path or not os.path.isdir(path):
+  """The training config stored with a base export (``mirage_jax.export`` / ``convert_wan``),
+  local or ``gs://`` (``checkpoint.export_config``)."""
+  from mirage_jax import checkpoint, paths  # pylint: disable=g-import-not-at-top
+  if not path or not paths.isdir(path):
     raise InputError(path or "<empty>", "base_checkpoint", "no such export directory")
-  if not os.path.exists(meta_path):
-    raise InputError(path, "config.json", "not an export directory (missing config.json)")
-  try:
-    with open(meta_path) as f:
-      return ml_collections.ConfigDict(json.load(f)["config"])
-  except (OSError, ValueError, KeyError) as e:
-    raise InputError(meta_path, "config", f"unreadable export config ({e})") from e
+  return checkpoint.export_config(path)
 
 
 # Fields that must agree between a base export and the model trained on it.

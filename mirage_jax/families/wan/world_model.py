@@ -80,11 +80,9 @@ frustum at the time it was written) and keeps a ring buffer of ``reference_bank`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -92,20 +90,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from mirage_jax import diffusion
-from mirage_jax.families.wan import conditioning as wan_mirage
+from mirage_jax import checkpoint, diffusion, families, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
+from mirage_jax.families.wan import conditioning as wan_mirage
+from mirage_jax.families.wan import vae as wan_vae
 
 TEXT_TOKENS = 512  # the reference's umT5 sequence length
-
-
-def is_wan(config: ml_collections.ConfigDict) -> bool:
-  """Whether a denoiser config is of the Wan family (``denoiser.model.family == 'wan'``)."""
-  return config.denoiser.model.get("family", "small") == "wan"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,16 +135,14 @@ def wan_settings(config: ml_collections.ConfigDict) -> WanSettings:
   (video frames, default 8 as the reference), ``denoiser.reference_frames`` (max references),
   ``denoiser.reference_bank``.
   """
-  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
   d = config.denoiser
   temporal = wan_vae.temporal_factor(config.autoencoder)
   chunk = int(d.target_frames)
   if chunk < temporal + 1 or (chunk - 1) % temporal:
     raise InputError("config.denoiser", "target_frames", f"the Wan family generates chunks of "
                      f"{temporal}N+1 video frames (N >= 1; the reference: 33), got {chunk}")
-  preceding = int(d.get("preceding_frames", 8))
-  refs = int(d.get("reference_frames", 0))
-  bank = int(d.get("reference_bank", 16))
+  d = wan_mirage.upgrade(config).denoiser
+  preceding, refs, bank = int(d.preceding_frames), int(d.reference_frames), int(d.reference_bank)
   if preceding < 0:
     raise InputError("config.denoiser", "preceding_frames", f"must be >= 0, got {preceding}")
   if refs < 0:
@@ -163,19 +153,9 @@ def wan_settings(config: ml_collections.ConfigDict) -> WanSettings:
   return WanSettings(chunk, temporal, math.ceil(preceding / temporal), refs, bank)
 
 
-def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.MemoryConfig:
-  """The memory settings of a Wan-family ``config`` (``wan_mirage.memory_config``: latents at
-  1/16 of the image, 48 channels) with ``overrides`` (e.g. ``capacity``)."""
-  h, w = (int(r) for r in config.data.resolution)
-  if h % 16 or w % 16:
-    raise InputError("config.data", "resolution", f"must be multiples of 16 for the Wan VAE, "
-                     f"got {(h, w)}")
-  return dataclasses.replace(wan_mirage.memory_config(config), **overrides)
-
-
 def text_length(config: ml_collections.ConfigDict) -> int:
   """Tokens of the DiT's text input (``denoiser.text_len``; the reference's umT5: 512)."""
-  return int(config.denoiser.get("text_len", TEXT_TOKENS))
+  return int(wan_mirage.upgrade(config).denoiser.text_len)
 
 
 def load_text_embedding(path: str | None, text_dim: int, flag: str,
@@ -205,11 +185,11 @@ def load_text_embedding(path: str | None, text_dim: int, flag: str,
   return load_or_pad(emb, text_dim, length)
 
 
-class WanRollout:
-  """Generates along trajectories with a Wan-family export (see the module docstring).
+class WorldModel(world_model.WorldModel):
+  """A Wan-family export's VAE + DiT and a memory backend (see the module docstring).
 
   Args:
-    config: the export's config (``denoiser.model.family == 'wan'``).
+    config: the export's config (family 'wan'); upgraded (:meth:`upgrade`) here.
     vae: ``models.wan_vae.WanVAE``. dit: ``models.wan_dit.WanDiT`` (with its VACE branch).
     backend: memory backend name (default ``config.memory.backend``; ``mirage`` is the
       reference's splat, ``voxel`` ours in the same slot).
@@ -217,18 +197,29 @@ class WanRollout:
     empty_text: (Lt, text_dim) the empty-prompt embedding, or None (zeros).
     guidance_scale: CFG scale (> 0 turns CFG on, negative = ``empty_text``); None: the
       config's ``sampler.guidance_scale`` (0 = off, the reference's default).
+    mask_dynamic, object_slots: refused when true (moving content is not handled yet).
     memory_overrides: fields of ``MemoryConfig`` to change (e.g. ``capacity``).
   """
 
+  name = "wan"
   needs_depths = True  # generate() wants the depth of every frame (see the module docstring)
+  has_depth_head = False  # the Wan VAE decodes RGB only
+  moving_content = False
+  given_context = False  # the clean context is always its own generation
+  benchmarks = ("revisit",)
 
   def __init__(self, config: ml_collections.ConfigDict, vae: nnx.Module, dit: nnx.Module,
                backend: str | None = None, *, text: np.ndarray | None = None,
                empty_text: np.ndarray | None = None, guidance_scale: float | None = None,
+               mask_dynamic: bool | None = None, object_slots: bool | None = None,
                **memory_overrides):
-    if not is_wan(config):
-      raise InputError("config.denoiser.model", "family", "WanRollout needs a Wan-family "
-                       f"export, got {config.denoiser.model.get('family', 'small')!r}")
+    for flag, value in (("mask_dynamic", mask_dynamic), ("object_slots", object_slots)):
+      if value:
+        raise InputError(f"--{flag}", flag, "the Wan family does not handle moving content yet")
+    config = self.upgrade(config)
+    if config.family != self.name:
+      raise InputError("config.denoiser.model", "family", "the Wan WorldModel needs a "
+                       f"Wan-family export, got {config.family!r}")
     if dit.vace is None:
       raise InputError("config.denoiser.model", "vace", "the DiT has no VACE branch: the "
                        "memory has no way in (convert with --vace)")
@@ -245,7 +236,7 @@ class WanRollout:
       raise InputError("--guidance_scale", "guidance_scale", f"must be >= 0, got {g}")
     self.guidance_scale = g or None
     self.backend_name = backend or config.memory.backend
-    self.memory_cfg = memory_config(config, **memory_overrides)
+    self.memory_cfg = wan_mirage.memory_config(config, **memory_overrides)
     self.image_hw = (self.memory_cfg.image_height, self.memory_cfg.image_width)
     self.latent_hw = (self.memory_cfg.latent_height, self.memory_cfg.latent_width)
     self.mask_dynamic = self.object_slots = False  # moving content: not handled on Wan yet
@@ -263,7 +254,39 @@ class WanRollout:
     st = self.settings
     # R: reference slots of every chunk (the retrieved ones, padded).
     self.num_references = min(st.max_references, st.reference_bank) if st.max_references else 0
-    self._per_mesh: dict[Any, dict[str, Any]] = {}  # jitted functions (see _functions)
+
+  # --------------------------------------------------------------------------- config, loading
+
+  upgrade = staticmethod(wan_mirage.upgrade)
+  memory_config = staticmethod(wan_mirage.memory_config)
+
+  @staticmethod
+  def load(denoiser_export: str, autoencoder_export: str | None = None):
+    """(config, vae, dit) of a Wan-family export: a ``convert_wan`` DiT export or a fine-tune
+    export of one (``conditioning.load_dit`` follows ``denoiser.base_checkpoint``).
+
+    The VAE comes from ``autoencoder_export``, else the first ``denoiser.autoencoder_checkpoint``
+    along the export chain (newest first; ``convert_wan`` sets it on the root export); it must
+    be a Wan-family autoencoder export with the config the DiT was exported with.
+    """
+    dit, config = wan_mirage.load_dit(denoiser_export)
+    return wan_mirage.upgrade(config), load_vae(config, autoencoder_export, denoiser_export), dit
+
+  @staticmethod
+  def check_guidance(config: ml_collections.ConfigDict, scale: float | None = None) -> None:
+    """Refuses classifier-free guidance when a fine-tune never trained its unconditional
+    branch (the empty prompt: ``denoiser.caption_dropout`` > 0); a converted base, without
+    that field, keeps the released model's own training."""
+    world_model.refuse_untrained_guidance(wan_mirage.upgrade(config), scale, "caption_dropout")
+
+  @staticmethod
+  def frozen_autoencoder(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The Wan VAE a fine-tuning run trains on latents with (:func:`load_vae`)."""
+    return load_vae(config)
+
+  @classmethod
+  def sampling_options(cls, config, *, caption=None, empty_text=None, guidance_scale=None):
+    return rollout_options(config, caption, empty_text, guidance_scale)
 
   def _no_rgb_encoder(self, rgb01):
     raise InputError("--memory", "memory", "rgb_points re-encodes rendered RGB, which the Wan "
@@ -382,8 +405,7 @@ class WanRollout:
     carry = dict(memory=memory, hist=jnp.repeat(lat0, n, 0), hist_scene=jnp.zeros((n,) + lat0.shape[1:]),
                  count=jnp.ones((), jnp.int32), rng=rng)
     if self.num_references:
-      from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-      bank = rollout.reference_bank_init(self.memory_cfg, self.settings.reference_bank)
+      bank = memory_lib.references.reference_bank_init(self.memory_cfg, self.settings.reference_bank)
       carry["bank"] = memory_lib.baselines.frame_bank_write(bank, lat0, depth, K, c2w, every, ids)
     return carry
 
@@ -427,9 +449,8 @@ class WanRollout:
     refs = jnp.zeros((R,) + scene.shape[1:], jnp.float32)
     n_r = jnp.zeros((), jnp.int32)
     if R:
-      from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
       bank = carry["bank"]
-      found_lat, _, _, _, found = rollout.retrieve_references(bank, bank.valid, Kc, c2wc, R)
+      found_lat, _, _, _, found = memory_lib.references.retrieve_references(bank, bank.valid, Kc, c2wc, R)
       # found is a prefix (best first); chunk 0 takes none, as the reference.
       n_r = jnp.where(chunk["first"], 0, jnp.sum(found)).astype(jnp.int32)
       refs = found_lat[jnp.clip(jnp.arange(R) - (R - n_r), 0, R - 1)]
@@ -466,81 +487,10 @@ class WanRollout:
     vae = nnx.merge(self.vae_graphdef, vae_state)
     return vae.tiled_encode(frames[None])[0].astype(jnp.float32)
 
-  def _functions(self, mesh) -> dict[str, Any]:
-    """The jitted, trajectory-batched (vmapped) functions on ``mesh`` (built once per mesh).
+  # --------------------------------------------------------------------------- the driver's
 
-    The trajectory axis is sharded over the mesh's batch axes (``rollout.batch_sharding``),
-    the parameters are replicated: trajectories are independent, so no collective runs.
-    """
-    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-    if mesh not in self._per_mesh:
-      rep, bat = NamedSharding(mesh, PartitionSpec()), rollout.batch_sharding(mesh)
-      params = (rep,) * 5
-      step = lambda oracle: jax.jit(
-          jax.vmap(functools.partial(self._chunk_impl, oracle=oracle),
-                   in_axes=(None,) * 5 + (0, 0)),
-          in_shardings=params + (bat, bat), out_shardings=bat)
-      st = self.settings
-      self._per_mesh[mesh] = dict(
-          params=jax.device_put((self.vae_state, self.dit_state,
-                                 self.control(st.latents + st.preceding_latents),
-                                 self.text, self.empty_text), rep),
-          start=jax.jit(jax.vmap(self._start_impl, in_axes=(None,) + (0,) * 6),
-                        in_shardings=(rep,) + (bat,) * 6, out_shardings=bat),
-          step={False: step(False), True: step(True)},
-          encode=jax.jit(jax.vmap(self._encode_impl, in_axes=(None, 0)),
-                         in_shardings=(rep, bat), out_shardings=bat),
-          # Timed runs only: the memory's share of a chunk.
-          read=jax.jit(jax.vmap(self.backend.read), in_shardings=bat, out_shardings=bat),
-          write=jax.jit(jax.vmap(self.backend.write), in_shardings=bat, out_shardings=bat))
-    return self._per_mesh[mesh]
-
-  # --------------------------------------------------------------------------- driver
-
-  def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
-               poses_c2w: np.ndarray, *, depths: np.ndarray | None = None, seed: int = 0,
-               progress: bool = True,
-               oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,
-               initial_memory: Any = None, timed: bool = False) -> dict[str, Any]:
-    """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
-
-    One trajectory of :meth:`generate_batch` (the same compiled chunk step, batch 1 on one
-    device).
-
-    Args:
-      first_frame: (H, W, 3) uint8 or float in [-1, 1].
-      first_depth: (H, W) metric depth of frame 0 (written with it; equals ``depths[0]``).
-      intrinsics: (T, 3, 3) at the model's image resolution. poses_c2w: (T, 4, 4) OpenCV.
-      depths: (T, H, W) metric z-depth of every frame: each new latent is written into the
-        memory with the depth of its video frame (required: see the module docstring).
-      seed: sampling seed.
-      oracle_frames: optional ground truth ``(frames (N, H, W, 3) uint8, depths (N, H, W))``:
-        latents 1.. of a chunk at video frames < N are written from the ground truth chunk
-        encoded by the VAE instead of the generated ones (evaluation bounds).
-      initial_memory: optional memory state to start from (frame 0 is written into it).
-      timed: block after every chunk and time it, then the backend's read + write of the
-        chunk alone (``timings``); otherwise only the first chunk syncs (compilation).
-    Returns:
-      dict with frames (T, H, W, 3) uint8 (frame 0 = the decoded first-frame latent), depths
-      None (the Wan VAE decodes RGB only), coverage (T, h, w) float32 (memory coverage of the
-      latent each frame belongs to; frame 0: 1), timings (list of ChunkTiming, ``timed``
-      only), chunk_seconds (wall seconds per chunk after the first), cache_bytes,
-      reference_bytes, num_references (per chunk), latent_frames (video frame of every
-      generated latent written into the memory, in order; the first frame's own write
-      before chunk 0 is not listed), and for the callers of the small family: dynamic (T, h, w)
-      zeros, object_positions (T, 0, 3), object_idents (T, 0), object_bytes 0.
-    """
-    return self.generate_batch([first_frame], [first_depth], [intrinsics], [poses_c2w],
-                               depths=None if depths is None else [depths], seeds=[seed],
-                               progress=progress, oracle_frames=[oracle_frames],
-                               initial_memory=initial_memory, timed=timed)[0]
-
-  def _check_trajectory(self, where: str, first_frame, first_depth, intrinsics, poses_c2w,
-                        depths, oracle_frames) -> None:
-    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-    # The small family's checks (they read only image_hw), then the depth of every frame.
-    rollout.Rollout._check_trajectory(self, where, first_frame, first_depth, intrinsics,  # pylint: disable=protected-access
-                                      poses_c2w, oracle_frames)
+  def check_trajectory(self, where, first_frame, first_depth, intrinsics, poses_c2w, depths,
+                       oracle_frames) -> None:
     h, w = self.image_hw
     T = poses_c2w.shape[0]
     if depths is None:
@@ -549,158 +499,47 @@ class WanRollout:
     if np.shape(depths) != (T, h, w):
       raise InputError(where, "depths", f"expected ({T}, {h}, {w}), got {np.shape(depths)}")
 
-  def generate_batch(self, first_frames, first_depths, intrinsics, poses_c2w, *, depths,
-                     seeds: int | list[int] = 0, progress: bool = True, oracle_frames=None,
-                     initial_memory: Any = None, mesh=None, timed: bool = False,
-                     given_frames=None) -> list[dict[str, Any]]:
-    """Generates B trajectories at once: the chunk step vmapped over them, sharded on a mesh.
+  def params(self) -> tuple:
+    st = self.settings
+    return (self.vae_state, self.dit_state, self.control(st.latents + st.preceding_latents),
+            self.text, self.empty_text)
 
-    Per chunk, ONE jitted call advances every trajectory (memory read, reference retrieval,
-    the whole sampler, decode, memory write) with no host sync inside. Trajectories of
-    different lengths are padded to the most chunks: a chunk past a trajectory's end
-    changes nothing of its state and its outputs are dropped, so results do not depend on
-    the batch (up to float32 rounding) and a batch of any lengths reuses the same compiled
-    step (as ``rollout.Rollout.generate_batch``).
+  def start(self, params, state, frame0, depth0, K0, c2w0, rng):
+    return self._start_impl(params[0], state, frame0, depth0, K0, c2w0, rng), {}
 
-    Args:
-      first_frames: B arrays (H, W, 3) uint8 or float in [-1, 1]. first_depths: B (H, W).
-      intrinsics: B arrays (T_b, 3, 3). poses_c2w: B arrays (T_b, 4, 4).
-      depths: B arrays (T_b, H, W), the given depth of every frame (required).
-      seeds: the sampling seed of each trajectory (an int: the same for all).
-      oracle_frames: None, or B entries each None or ``(frames (N_b, H, W, 3) uint8,
-        depths (N_b, H, W))`` (see :meth:`generate`).
-      initial_memory: one memory state every trajectory starts from.
-      mesh: the trajectory axis is sharded over its batch axes (padded with empty
-        trajectories to a multiple of their size); default ``rollout.trajectory_mesh``.
-      timed: see :meth:`generate`.
-      given_frames: None or all 0 (the small family's given clean context; the Wan
-        family's clean context is always its own generation).
-    Returns:
-      B dicts as :meth:`generate` returns.
-    """
-    from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
-    if given_frames is not None and any(int(g) for g in given_frames):
-      raise InputError("generate", "given_frames", "the Wan family does not take ground-truth "
-                       "frames as clean context (they can be written into memory: oracle_frames)")
-    B = len(poses_c2w)
-    seeds = [int(seeds)] * B if np.isscalar(seeds) else [int(s) for s in seeds]
-    oracle_frames = [None] * B if oracle_frames is None else list(oracle_frames)
-    depths = [None] * B if depths is None else list(depths)
-    if not (len(first_frames) == len(first_depths) == len(intrinsics) == len(seeds)
-            == len(oracle_frames) == len(depths) == B >= 1):
-      raise InputError("generate", "trajectories", "need as many first frames, depths, "
-                       "intrinsics, poses, seeds and oracle entries (at least one)")
-    for b in range(B):
-      self._check_trajectory("generate" if B == 1 else f"generate[{b}]", first_frames[b],
-                             first_depths[b], intrinsics[b], poses_c2w[b], depths[b],
-                             oracle_frames[b])
+  def step(self, params, carry, chunk, *, oracle: bool):
+    return self._chunk_impl(*params, carry, chunk, oracle=oracle)
+
+  def encode_oracle(self, params, arrays):
+    """arrays: (video (C, H, W, 3) in [-1, 1],) -> (L, h, w, 48) latents."""
+    return self._encode_impl(params[0], *arrays)
+
+  def num_chunks(self, num_frames: int) -> int:
+    return len(self.plan(num_frames))
+
+  def chunk_inputs(self, c, lengths, num_chunks, Ks, poses, depths):
+    """Chunk ``c``'s latents go with video frames ``c (C - 1) + 4k`` (unclipped; cameras and
+    depths past a row's end repeat its last); ``real``: latents 1..real lie inside the row."""
     st = self.settings
     L, C = st.latents, st.chunk_frames
-    frames0 = []
-    for f0 in first_frames:
-      f0 = np.asarray(f0)
-      frames0.append(f0.astype(np.float32) / 127.5 - 1.0 if f0.dtype == np.uint8
-                     else f0.astype(np.float32))
-    Ks = [np.asarray(k, np.float32) for k in intrinsics]
-    poses = [np.asarray(p, np.float32) for p in poses_c2w]
-    depths = [np.asarray(d, np.float32) for d in depths]
-    for b in range(B):  # frame 0 is written with first_depth
-      depths[b] = depths[b].copy()
-      depths[b][0] = np.asarray(first_depths[b], np.float32)
-    gts = [None if o is None else tuple(np.asarray(a) for a in o) for o in oracle_frames]
-    given = np.array([0 if g is None else len(g[0]) for g in gts])
+    Bp = len(lengths)
+    idx = np.asarray(memory_lib.latent_frame_indices(C, st.temporal, start=c * st.new_frames))
+    cams = np.minimum(idx[None], lengths[:, None] - 1)  # (Bp, L): past the end, the last
+    real = np.sum(idx[None, 1:] < lengths[:, None], axis=1)
+    chunk = dict(K=np.stack([Ks[r][i] for r, i in enumerate(cams)]),
+                 c2w=np.stack([poses[r][i] for r, i in enumerate(cams)]),
+                 depth=np.stack([depths[r][i] for r, i in enumerate(cams)]),
+                 frame=np.broadcast_to(idx, (Bp, L)).astype(np.int32),
+                 first=np.full((Bp,), c == 0), real=real.astype(np.int32),
+                 active=c < num_chunks)
+    return chunk, dict(idx=idx, real=real, start=c * st.new_frames, active=c < num_chunks)
 
-    mesh = rollout.trajectory_mesh(B) if mesh is None else mesh
-    pad = -B % rollout.batch_shards(mesh)  # empty trajectories: no chunk of theirs is active
-    order = list(range(B)) + [0] * pad
-    lengths = np.array([len(poses[b]) for b in order])
-    num_chunks = np.array([len(self.plan(len(poses[b]))) for b in range(B)] + [0] * pad)
-    given = np.concatenate([given, np.zeros(pad, int)])
-    fns = self._functions(mesh)
-    put = lambda x: jax.device_put(x, rollout.batch_sharding(mesh))
-    vae_state, dit_state, *shared = fns["params"]
-    Bp = B + pad
-    if initial_memory is None:
-      state = memory_lib.init_batch(self.backend, self.memory_cfg, Bp)
-    else:
-      state = jax.tree.map(lambda x: jnp.broadcast_to(x, (Bp,) + x.shape), initial_memory)
-    keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(seeds[b]))) for b in order])
-    carry = fns["start"](vae_state, put(state), put(np.stack([frames0[b] for b in order])),
-                         put(np.stack([depths[b][0] for b in order])),
-                         put(np.stack([Ks[b][0] for b in order])),
-                         put(np.stack([poses[b][0] for b in order])), put(keys))
-    has_oracle = bool(given.any())
-    outs, timings, reals = [], [[] for _ in range(Bp)], []
-    t_first = t_start = time.perf_counter()
-    for c in tqdm(range(int(num_chunks.max())), desc=f"generate wan [{self.backend_name}] x{B}",
-                  disable=not progress, unit="chunk"):
-      idx = np.asarray(memory_lib.latent_frame_indices(C, st.temporal, start=c * st.new_frames))
-      cams = np.minimum(idx[None], lengths[:, None] - 1)  # (Bp, L): past the end, the last
-      real = np.sum(idx[None, 1:] < lengths[:, None], axis=1)
-      chunk = dict(K=np.stack([Ks[b][i] for b, i in zip(order, cams)]),
-                   c2w=np.stack([poses[b][i] for b, i in zip(order, cams)]),
-                   depth=np.stack([depths[b][i] for b, i in zip(order, cams)]),
-                   frame=np.broadcast_to(idx, (Bp, L)).astype(np.int32),
-                   first=np.full((Bp,), c == 0), real=real.astype(np.int32),
-                   active=c < num_chunks)
-      if has_oracle:
-        chunk.update(self._oracle_chunk(fns, vae_state, gts, order, idx, given, put))
-      chunk = {k: put(v) for k, v in chunk.items()}
-      carry, out, synced = rollout.run_chunk_step(
-          functools.partial(fns["step"][has_oracle], vae_state, dit_state, *shared), carry,
-          chunk, timed=timed, first=c == 0, timings=timings, nbytes=self.backend.nbytes,
-          time_memory=functools.partial(self._time_memory, fns))
-      t_first = synced or t_first
-      outs.append(out)
-      reals.append(real)
-    outs, carry = jax.device_get((outs, carry))
-    t_end = time.perf_counter()
-    n = len(outs)
-    steady = (t_end - t_first) / (n - 1) if n > 1 else t_end - t_start
-
-    lh, lw = self.latent_hw
-    results = []
-    for b in range(B):
-      T = int(lengths[b])
-      take = lambda x, b=b: x[b]
-      rgb, cov, latent_frames = [], [], [0]
-      for c in range(int(num_chunks[b])):
-        start = c * st.new_frames
-        first_out = 0 if c == 0 else 1  # later chunks repeat the previous chunk's last frame
-        vids = np.arange(start + first_out, start + C)
-        vids = vids[vids < T]
-        rgb.append(outs[c]["rgb"][b][vids - start])
-        # Video frame f of the chunk belongs to latent ceil((f - start) / 4).
-        cov.append(outs[c]["coverage"][b][-(-(vids - start) // st.temporal)])
-        latent_frames.extend(int(start + st.temporal * k) for k in range(1, reals[c][b] + 1))
-      rgb_all = np.concatenate(rgb, 0).astype(np.float32)
-      cov_all = np.concatenate(cov, 0).astype(np.float32)
-      cov_all[0] = 1.0
-      bank = jax.tree.map(take, carry["bank"]) if self.num_references else None
-      results.append(dict(
-          # Truncation, as the reference's uint8 conversion.
-          frames=np.floor((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
-          depths=None,
-          coverage=cov_all,
-          timings=timings[b],
-          chunk_seconds=float(steady),
-          cache_bytes=int(self.backend.nbytes(jax.tree.map(take, carry["memory"]))),
-          reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
-          num_references=[int(outs[c]["references"][b]) for c in range(int(num_chunks[b]))],
-          latent_frames=np.asarray(latent_frames, np.int32),
-          dynamic=np.zeros((T, lh, lw), np.float32),
-          object_positions=np.zeros((T, 0, 3), np.float32),
-          object_idents=np.zeros((T, 0), np.int32),
-          object_bytes=0,
-      ))
-    return results
-
-  def _oracle_chunk(self, fns, vae_state, gts, order, idx, given, put) -> dict[str, Any]:
-    """The ground-truth inputs of a chunk: use (Bp, L) and o_lat (Bp, L, h, w, 48), the
-    chunk's ground-truth video frames encoded here, outside the step (zeros when no
-    trajectory takes ground truth in this chunk)."""
+  def oracle_chunk(self, encode, gts, order, plan, given, ctx_given) -> dict[str, Any]:
+    """use (Bp, L) and o_lat (Bp, L, h, w, 48), the chunk's ground-truth video frames
+    encoded (zeros when no row takes ground truth in this chunk)."""
     h, w = self.image_hw
     st = self.settings
+    idx = plan["idx"]
     Bp, L = len(order), st.latents
     use = idx[None] < given[:, None]  # (Bp, L)
     if not use.any():
@@ -712,23 +551,51 @@ class WanRollout:
       if given[row] and use[row].any():  # padded with the last ground-truth frame
         gi = np.minimum(np.arange(idx[0], idx[0] + st.chunk_frames), given[row] - 1)
         video[row] = gts[b][0][gi].astype(np.float32) / 127.5 - 1.0
-    return dict(use=use, o_lat=fns["encode"](vae_state, put(video)))
+    return dict(use=use, o_lat=encode((video,)))
 
-  def _time_memory(self, fns, state, chunk, out) -> float:
-    """Seconds of the backend's read + write of one chunk on ``state`` (blocked; the chunk
-    step fuses them with the sampler, so they are timed again on their own)."""
+  def written(self, chunk, out) -> tuple:
     lat = out["latents"][:, 1:]
     if "use" in chunk:
       lat = jnp.where(chunk["use"][:, 1:, None, None, None], chunk["o_lat"][:, 1:], lat)
     L = self.settings.latents
     real = jnp.arange(1, L)[None] <= chunk["real"][:, None]
     static = jnp.broadcast_to(real[..., None, None], real.shape + self.image_hw)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fns["read"](state, chunk["K"], chunk["c2w"]))
-    jax.block_until_ready(fns["write"](state, lat, chunk["depth"][:, 1:], chunk["K"][:, 1:],
-                                       chunk["c2w"][:, 1:], static, chunk["frame"][:, 1:]))
-    return time.perf_counter() - t0
+    return (lat, chunk["depth"][:, 1:], chunk["K"][:, 1:], chunk["c2w"][:, 1:], static,
+            chunk["frame"][:, 1:], None)
+
+  def trajectory_result(self, b, T, first, outs, plans, carry) -> dict[str, Any]:
+    """frames (T, H, W, 3) uint8 (truncated, as the reference), depths None, coverage
+    (T, h, w) of the latent each frame belongs to, num_references (per chunk), latent_frames,
+    and zeros for the small family's moving-content outputs (see ``rollout.Rollout.generate``)."""
+    st = self.settings
+    C = st.chunk_frames
+    lh, lw = self.latent_hw
+    rgb, cov, latent_frames = [], [], [0]
+    chunks = [(o, p) for o, p in zip(outs, plans) if p["active"][b]]
+    for c, (o, p) in enumerate(chunks):
+      start = p["start"]
+      first_out = 0 if c == 0 else 1  # later chunks repeat the previous chunk's last frame
+      vids = np.arange(start + first_out, start + C)
+      vids = vids[vids < T]
+      rgb.append(o["rgb"][b][vids - start])
+      # Video frame f of the chunk belongs to latent ceil((f - start) / 4).
+      cov.append(o["coverage"][b][-(-(vids - start) // st.temporal)])
+      latent_frames.extend(int(start + st.temporal * k) for k in range(1, p["real"][b] + 1))
+    rgb_all = np.concatenate(rgb, 0).astype(np.float32)
+    cov_all = np.concatenate(cov, 0).astype(np.float32)
+    cov_all[0] = 1.0
+    return dict(
+        # Truncation, as the reference's uint8 conversion.
+        frames=np.floor((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
+        depths=None,
+        coverage=cov_all,
+        num_references=[int(o["references"][b]) for o, _ in chunks],
+        latent_frames=np.asarray(latent_frames, np.int32),
+        dynamic=np.zeros((T, lh, lw), np.float32),
+        object_positions=np.zeros((T, 0, 3), np.float32),
+        object_idents=np.zeros((T, 0), np.int32),
+        object_bytes=0,
+    )
 
 
 def rollout_options(config: ml_collections.ConfigDict, caption: str | None,
@@ -739,7 +606,7 @@ def rollout_options(config: ml_collections.ConfigDict, caption: str | None,
   ``denoiser.empty_text`` file is used when it names one, else zeros."""
   dim, length = int(config.denoiser.model.text_dim), text_length(config)
   flag = "--empty_text_embedding"
-  if not empty_text and config.denoiser.get("empty_text"):
+  if not empty_text and wan_mirage.upgrade(config).denoiser.empty_text:
     empty_text, flag = config.denoiser.empty_text, "denoiser.empty_text"
   return dict(
       text=(load_text_embedding(caption, dim, "--caption_embedding", length) if caption
@@ -759,19 +626,7 @@ def load_or_pad(emb: np.ndarray, text_dim: int, length: int = TEXT_TOKENS) -> np
   return out
 
 
-def load_wan_world_model(denoiser_export: str, autoencoder_export: str | None = None):
-  """(config, vae, dit) of a Wan-family export: a ``convert_wan`` DiT export or a fine-tune
-  export of one (``wan_mirage.load_dit`` follows ``denoiser.base_checkpoint``).
-
-  The VAE comes from ``autoencoder_export``, else the first ``denoiser.autoencoder_checkpoint``
-  along the export chain (newest first; ``convert_wan`` sets it on the root export); it must be
-  a Wan-family autoencoder export with the config the DiT was exported with.
-  """
-  dit, config = wan_mirage.load_dit(denoiser_export)
-  return config, load_wan_vae(config, autoencoder_export, denoiser_export), dit
-
-
-def load_wan_vae(config: ml_collections.ConfigDict, autoencoder_export: str | None = None,
+def load_vae(config: ml_collections.ConfigDict, autoencoder_export: str | None = None,
                  denoiser_export: str | None = None) -> nnx.Module:
   """The Wan VAE of a Wan-family ``config`` (an export's, or a fine-tuning run's).
 
@@ -780,21 +635,21 @@ def load_wan_vae(config: ml_collections.ConfigDict, autoencoder_export: str | No
   ``config.denoiser.base_checkpoint``, the base a fine-tuning run trains on), newest first.
   It must be a Wan-family autoencoder export of ``config.autoencoder``.
   """
-  from mirage_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
-  ae_path = autoencoder_export or config.denoiser.get("autoencoder_checkpoint")
-  start = denoiser_export or config.denoiser.get("base_checkpoint")
+  d = wan_mirage.upgrade(config).denoiser
+  ae_path = autoencoder_export or d.autoencoder_checkpoint
+  start = denoiser_export or d.base_checkpoint
   if not ae_path and start:
     chain = wan_mirage.export_chain(start, config.denoiser.model)[::-1]
-    ae_path = next((c.denoiser.get("autoencoder_checkpoint") for _, c in chain
-                    if c.denoiser.get("autoencoder_checkpoint")), None)
+    ae_path = next((c.denoiser.autoencoder_checkpoint for c in
+                    (wan_mirage.upgrade(c) for _, c in chain)
+                    if c.denoiser.autoencoder_checkpoint), None)
   if not ae_path:
     raise InputError(start or "config.denoiser", "denoiser.autoencoder_checkpoint",
                      "empty along the export chain: give --autoencoder")
   vae_params, ae_config, _ = checkpoint.load_export(ae_path)
   if ae_config.stage != "autoencoder":
     raise InputError(ae_path, "stage", f"expected an autoencoder export, got {ae_config.stage!r}")
-  ae_family = ae_config.autoencoder.get("family", "small")
+  ae_family = families.family_name(ae_config)
   if ae_family != "wan":
     raise InputError(ae_path, "autoencoder.family", f"the Wan DiT {start} needs the "
                      f"Wan VAE, this export is family {ae_family!r}")

@@ -1,0 +1,149 @@
+"""The small family's conditioning: what training and generation share.
+
+The DiT's inputs of a chunk are built from the memory read into the chunk's cameras (the
+static memory, object slots splatted over it), the retrieved reference frames and the clean
+context latents; :func:`memory_config`, :func:`object_config` and :func:`reference_settings`
+read the settings of both from a config at the model's latent geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mirage_jax import families, world_model
+from mirage_jax import memory as memory_lib
+from mirage_jax.errors import InputError
+from mirage_jax.families.small import autoencoder
+from mirage_jax.memory import objects as objects_lib
+
+
+# The value an export made before each field existed was trained and run with.
+_DEFAULTS = {
+    "sampler.reencode_latents": False,  # the sampled latents were written
+    "sampler.guidance_scale": 0.0,
+    "memory.write_new_only": (),  # everything was written
+    "memory.depth_from_memory": (),  # the generated depth was written
+    "memory.depth_from_memory_rescale": True,
+    "memory.mask_dynamic": (),  # moving content was not handled
+    "memory.dynamic_threshold": 0.5,
+    "objects.backends": (),
+    "objects.settings": {},
+    "denoiser.cond_dropout": 0.0,
+    "denoiser.reference_frames": 0,  # no references
+    "denoiser.reference_bank": 1,
+    "denoiser.reference_stride": 1,
+}
+
+
+def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A small-family config (an export's of any age, or a training run's) in the current
+  schema: ``family`` set, and every field added since the first exports filled with the
+  value those exports were trained and run with (a copy; present fields are kept)."""
+  family = families.family_name(config)
+  defaults = dict(_DEFAULTS) if "denoiser" in config else {}
+  return world_model.with_defaults(config, {"family": family, **defaults})
+
+
+def memory_config(config: ml_collections.ConfigDict, **overrides) -> memory_lib.MemoryConfig:
+  """The memory settings of ``config`` at the model's image and latent resolution."""
+  res = tuple(config.data.resolution)
+  factor = autoencoder.downsample_factor(config.autoencoder)
+  settings = dict(config.memory.settings, image_height=res[0], image_width=res[1],
+                  latent_height=res[0] // factor, latent_width=res[1] // factor,
+                  latent_channels=config.autoencoder.latent_channels)
+  settings.update(overrides)
+  return memory_lib.memory_config(settings)
+
+
+def object_config(config: ml_collections.ConfigDict) -> objects_lib.ObjectConfig:
+  """The object-slot settings of ``config.objects`` at the model's image and latent size."""
+  m = memory_config(config)
+  return objects_lib.object_config(dict(
+      config.objects.settings, image_height=m.image_height, image_width=m.image_width,
+      latent_height=m.latent_height, latent_width=m.latent_width,
+      latent_channels=m.latent_channels))
+
+
+def splat_objects(objects, memory, coverage, K, c2w, frame_index):
+  """Object slots advanced to ``frame_index`` and drawn over a static memory read.
+
+  Objects go on top: a moving object stands in free space, which the static memory leaves
+  empty or fills with what is behind it.
+
+  Args:
+    objects: ``memory.objects.ObjectState``. memory: (T, h, w, C) static read; coverage
+      (T, h, w) bool. K: (T, 3, 3) image intrinsics. c2w: (T, 4, 4). frame_index: (T,) int32.
+  Returns:
+    memory (T, h, w, C), coverage (T, h, w) bool.
+  """
+  lat, cov, _, _ = objects_lib.render(objects, K, c2w, frame_index)
+  return jnp.where(cov[..., None], lat.astype(memory.dtype), memory), coverage | cov
+
+
+def anchor_depth(depth, memory_depth, coverage, *, rescale: bool = True,
+                 min_cells: int = 8):
+  """Generated depth tied to the memory's geometry where the memory covers the frame.
+
+  Covered cells take the memory's depth (what the cache already holds there, instead of a
+  regenerated estimate that drifts); with ``rescale``, the rest of each frame is the
+  generated depth times the frame's median ratio memory / generated over its covered cells,
+  so newly seen content is written at the memory's scale (unchanged for a frame with fewer
+  than ``min_cells`` covered cells).
+
+  Args:
+    depth: (F, H, W) generated z-depth at image resolution, H = s * h, W = s * w.
+    memory_depth: (F, h, w) the memory read's depth (0 where empty).
+    coverage: (F, h, w) bool cells the memory covers.
+  Returns:
+    (F, H, W) float32 depth.
+  """
+  f, H, W = depth.shape
+  _, h, w = coverage.shape
+  sy, sx = H // h, W // w
+  gen = memory_lib.latent_cache.depth_at(depth.astype(jnp.float32), h, w)
+  ok = coverage & (memory_depth > 0) & (gen > 0)
+  up = lambda x: jnp.repeat(jnp.repeat(x, sy, 1), sx, 2)
+  out = depth.astype(jnp.float32)
+  if rescale:
+    ratio = jnp.nanmedian(jnp.where(ok, memory_depth / jnp.where(ok, gen, 1.0), jnp.nan), axis=(1, 2))
+    enough = ok.sum(axis=(1, 2)) >= min_cells
+    out = out * jnp.where(enough, ratio, 1.0)[:, None, None]
+  return jnp.where(up(ok), up(memory_depth.astype(jnp.float32)), out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSettings:
+  """``config.denoiser``'s reference-frame fields (see experiments/common.py).
+
+  Attributes:
+    frames: k retrieved references put before the last frames in the context (0 = off).
+    bank: rollout's ring-buffer capacity in frames.
+    stride: rollout banks every ``stride``-th frame of each chunk.
+  """
+  frames: int
+  bank: int
+  stride: int
+
+
+def reference_settings(config: ml_collections.ConfigDict) -> ReferenceSettings:
+  """The reference fields of ``config.denoiser``, checked.
+
+  Exports made before these fields existed read as "off" (:func:`upgrade`), which is how
+  those models were trained.
+  """
+  d = upgrade(config).denoiser
+  r = ReferenceSettings(int(d.reference_frames), int(d.reference_bank),
+                        int(d.reference_stride))
+  if r.frames < 0:
+    raise InputError("config.denoiser", "reference_frames", f"must be >= 0, got {r.frames}")
+  if r.frames and r.bank < r.frames:
+    raise InputError("config.denoiser", "reference_bank",
+                     f"must be >= reference_frames ({r.frames}), got {r.bank}")
+  if not 1 <= r.stride <= int(d.target_frames):
+    raise InputError("config.denoiser", "reference_stride",
+                     f"must be in [1, target_frames = {d.target_frames}], got {r.stride}")
+  return r

@@ -1,0 +1,447 @@
+"""The small family's world model: RGB-D autoencoder + DiT behind ``world_model.WorldModel``.
+
+Per chunk of ``target_frames`` cameras, ONE jitted call (:meth:`WorldModel.step`, run by the
+driver ``mirage_jax.rollout.Rollout``):
+
+  1. read     the memory into the chunk's cameras -> projected latents + coverage;
+  2. denoise  from noise with the DiT, conditioned on memory, Plücker rays and clean context
+              (t = 0): ``reference_frames`` earlier latents retrieved by voxel IoU (the
+              reference's rule, ``memory.references.retrieve_references``), then the last
+              ``context_frames`` generated latents; then decode RGB-D;
+  3. write    the new latents back into memory with the *generated* depth (no external depth
+              model; with ``config.memory.depth_from_memory``, tied to the memory's depth
+              where the read covers, ``conditioning.anchor_depth``), leaving out cells the
+              autoencoder's dynamic head marks as moving, and into the reference bank.
+
+Moving content (``mask_dynamic``, ``object_slots``; defaults per backend in
+``config.memory.mask_dynamic`` and ``config.objects.backends``): cells predicted as moving
+never enter the static memory, so no ghost stays where an object used to be. With object
+slots (``memory/objects.py``) the moving cells of the given frames (frame 0, oracle frames)
+open and update per-object slots (appearance + position + velocity, matched across chunks)
+and generated frames move matched tracks on; before each chunk the slots are advanced to
+the chunk's frames and splatted into its cameras on top of the static memory read, so the
+denoiser sees where each object will be, in or out of the earlier views. The reference's
+released inference does neither: its ``mirage`` cache keeps whatever was generated, moving
+objects included.
+
+The reference bank is a fixed-capacity ring buffer of past latent frames (the ``frame_bank``
+backend's state, ``reference_bank`` frames, every ``reference_stride``-th frame of each
+chunk), so memory and retrieval cost per chunk do not grow with the trajectory.
+
+The memory backend (``voxel`` ours, ``mirage`` the reference's append-only cloud, the
+baselines) is chosen by name; training builds its conditioning with the same
+``conditioning.memory_config`` + write/read and the same reference retrieval, so the model is
+trained as it is run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mirage_jax import checkpoint, diffusion, geometry, world_model
+from mirage_jax import memory as memory_lib
+from mirage_jax.errors import InputError
+from mirage_jax.families.small import autoencoder, conditioning, denoiser
+from mirage_jax.memory import objects as objects_lib
+
+
+class WorldModel(world_model.WorldModel):
+  """One autoencoder, one denoiser and one memory backend (see the module docstring).
+
+  Args:
+    config: the denoiser's training config (sizes, sampler, memory settings); upgraded
+      (:meth:`upgrade`) here.
+    ae: the trained autoencoder. dn: the trained denoiser.
+    backend: memory backend name (default ``config.memory.backend``).
+    mask_dynamic: keep cells the autoencoder's dynamic head marks as moving out of the
+      static memory (default: the backend is in ``config.memory.mask_dynamic``); needs a
+      model with the head.
+    object_slots: carry moving content in object slots (default: the backend is in
+      ``config.objects.backends``); implies ``mask_dynamic``.
+    text, empty_text, guidance_scale: the Wan family's options, refused when given.
+    memory_overrides: fields of ``MemoryConfig`` to change (e.g. ``capacity``).
+  """
+
+  name = "small"
+  needs_depths = False
+  has_depth_head = True
+  moving_content = True
+  given_context = True
+  benchmarks = ("revisit", "memory_maze", "objects", "scaling")
+
+  def __init__(self, config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Module,
+               backend: str | None = None, *, mask_dynamic: bool | None = None,
+               object_slots: bool | None = None, text=None, empty_text=None,
+               guidance_scale: float | None = None, **memory_overrides):
+    for flag, value in (("caption_embedding", text), ("empty_text_embedding", empty_text),
+                        ("guidance_scale", guidance_scale)):
+      if value is not None:
+        raise InputError(f"--{flag}", flag, "only the Wan family takes it; this export is of "
+                         "the small family")
+    config = self.upgrade(config)
+    if config.family != self.name:
+      raise InputError("config.denoiser.model", "family", f"{config.family!r} exports run "
+                       "through their own family's WorldModel (this is the small family's)")
+    self.config = config
+    d = config.denoiser
+    self.chunk = int(d.target_frames)
+    self.num_context = int(d.context_frames)
+    self.latent_scale = float(d.latent_scale)
+    self.sampler = config.sampler
+    self.reencode = bool(config.sampler.reencode_latents)
+    self.prediction = d.prediction
+    if self.prediction == "x0_prior" and self.sampler.method != "euler":
+      raise InputError("config.sampler", "method", "prediction='x0_prior' samples with 'euler' "
+                       f"(its velocity is undefined at t = 0), got {self.sampler.method!r}")
+    self.backend_name = backend or config.memory.backend
+    self.write_new_only = self.backend_name in config.memory.write_new_only
+    self.memory_cfg = conditioning.memory_config(config, **memory_overrides)
+    self.depth_from_memory = self.backend_name in config.memory.depth_from_memory
+    self.depth_rescale = bool(config.memory.depth_from_memory_rescale)
+    if self.depth_from_memory and self.backend_name != "voxel":
+      raise InputError("config.memory", "depth_from_memory", f"the {self.backend_name!r} backend "
+                       "reads no depth; only 'voxel' takes its depth from the memory")
+    if object_slots is None:
+      object_slots = self.backend_name in config.objects.backends
+    if mask_dynamic is None:
+      mask_dynamic = object_slots or self.backend_name in config.memory.mask_dynamic
+    if (mask_dynamic or object_slots) and not ae.has_dynamic_head:
+      raise InputError("generate", "mask_dynamic", "the autoencoder has no dynamic head "
+                       "(config.autoencoder.dynamic_head_width = 0): cannot tell moving content")
+    self.mask_dynamic, self.object_slots = bool(mask_dynamic or object_slots), bool(object_slots)
+    self.dynamic_threshold = float(config.memory.dynamic_threshold)
+    self.object_cfg = conditioning.object_config(config) if self.object_slots else None
+    self.image_hw = (self.memory_cfg.image_height, self.memory_cfg.image_width)
+    self.latent_hw = (self.memory_cfg.latent_height, self.memory_cfg.latent_width)
+    self.ae_graphdef, self.ae_state = nnx.split(ae)
+    self.dn_graphdef, self.dn_state = nnx.split(dn)
+    self.backend = memory_lib.get_backend(self.backend_name, encode_fn=self._encode_rgb)
+    self.refs = conditioning.reference_settings(config)
+
+  # --------------------------------------------------------------------------- config, loading
+
+  upgrade = staticmethod(conditioning.upgrade)
+  memory_config = staticmethod(conditioning.memory_config)
+
+  @staticmethod
+  def load(denoiser_export: str, autoencoder_export: str | None = None
+           ) -> tuple[ml_collections.ConfigDict, nnx.Module, nnx.Module]:
+    """(config, autoencoder, denoiser) of a small-family denoiser export.
+
+    The autoencoder comes from ``autoencoder_export`` or else from the path the denoiser was
+    trained with (``config.denoiser.autoencoder_checkpoint``).
+    """
+    from mirage_jax import export  # pylint: disable=g-import-not-at-top
+    dn, config = export.load_model(denoiser_export)
+    ae_path = autoencoder_export or config.denoiser.autoencoder_checkpoint
+    ae_family = conditioning.upgrade(checkpoint.export_config(ae_path)).family
+    if ae_family != "small":
+      raise InputError(ae_path, "autoencoder.family", f"the denoiser {denoiser_export} is of the "
+                       f"small family and needs its RGB-D autoencoder, this export is {ae_family!r}")
+    ae, ae_config = export.load_model(ae_path)
+    if ae_config.stage != "autoencoder" or ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
+      raise InputError(ae_path, "autoencoder", "not the autoencoder this denoiser was trained with")
+    return conditioning.upgrade(config), ae, dn
+
+  @staticmethod
+  def check_guidance(config: ml_collections.ConfigDict, scale: float | None = None) -> None:
+    """Refuses classifier-free guidance when training never trained its unconditional branch
+    (no memory: ``denoiser.cond_dropout`` > 0). ``scale``: the flag, or None for the
+    export's ``config.sampler.guidance_scale``."""
+    config = conditioning.upgrade(config)
+    world_model.refuse_untrained_guidance(config, scale, "cond_dropout")
+
+  # --------------------------------------------------------------------------- pieces
+
+  def _encode_impl(self, ae_state, frames, depths):
+    """frames (F, H, W, 3) in [-1, 1], depths (F, H, W) -> scaled latents (F, h, w, C)."""
+    ae = nnx.merge(self.ae_graphdef, ae_state)
+    mean, _ = ae.encode(frames, depths)
+    return mean * self.latent_scale
+
+  def _dynamic_impl(self, ae_state, latents):
+    """Scaled latents (F, h, w, C) -> probability (F, h, w) that a cell shows moving content
+    (zeros for a model without the dynamic head)."""
+    ae = nnx.merge(self.ae_graphdef, ae_state)
+    if not ae.has_dynamic_head:
+      return jnp.zeros(latents.shape[:3], jnp.float32)
+    return jax.nn.sigmoid(ae.dynamic_logits(latents / self.latent_scale))
+
+  def _render_objects_impl(self, objects, memory, coverage, K, c2w, frame_index):
+    """Object slots advanced to ``frame_index`` (T,) and splatted over the static read.
+
+    Args:
+      memory: (T, h, w, C) static read; coverage (T, h, w) bool. K (T, 3, 3), c2w (T, 4, 4).
+    Returns:
+      memory (T, h, w, C), coverage (T, h, w) (``conditioning.splat_objects``); positions (T, S, 3)
+      and idents (T, S) of the slots at each frame (-1 = empty).
+    """
+    memory, coverage = conditioning.splat_objects(objects, memory, coverage, K, c2w, frame_index)
+    positions = jax.vmap(lambda f: objects_lib.predict(objects, f))(frame_index)
+    idents = jnp.broadcast_to(jnp.where(objects.valid, objects.ident, -1), positions.shape[:2])
+    return memory, coverage, positions, idents
+
+  def _encode_rgb(self, rgb01):
+    """rgb_points' re-encoder: rendered rgb (F, H, W, 3) in [0, 1] -> latents (F, h, w, C).
+
+    The RGB cloud carries no depth channel, so the encoder sees a constant 2 m depth: the
+    baseline pays for re-encoding as Spatia/Voyager do, with the RGB content only.
+    """
+    depth = jnp.full(rgb01.shape[:-1], 2.0, jnp.float32)
+    return self._encode_impl(self.ae_state, rgb01 * 2.0 - 1.0, depth)
+
+  def _rays(self, K, c2w):
+    """Image intrinsics (F, 3, 3), c2w (F, 4, 4) -> Plücker rays (F, h, w, 6) at latent size."""
+    K_lat = memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
+    return geometry.plucker_rays(K_lat, c2w, *self.latent_hw)
+
+  def _retrieve_impl(self, bank, start, K, c2w):
+    """References for the chunk starting at frame ``start`` () int32 (traced: no recompile).
+
+    Frames ``>= start - context_frames`` are the recent context already, so not eligible.
+    Returns latents (k, h, w, C), intrinsics (k, 3, 3), c2w (k, 4, 4), and frames (k,)
+    int32 the frame index of each (-1 where none passed and the newest frame stands in).
+    """
+    eligible = bank.frame < start - self.num_context
+    lat, ref_K, ref_c2w, slots, found = memory_lib.references.retrieve_references(
+        bank, eligible, K, c2w, self.refs.frames)
+    return lat, ref_K, ref_c2w, jnp.where(found, bank.frame[slots], -1)
+
+  def _denoise_impl(self, ae_state, dn_state, memory, coverage, K, c2w, context, context_K,
+                    context_c2w, rng):
+    """One chunk from noise.
+
+    Args:
+      memory: (T, h, w, C) read latents; coverage (T, h, w) bool.
+      K, c2w: (T, 3, 3), (T, 4, 4) target cameras.
+      context: (Nc, h, w, C) clean latents with cameras context_K (Nc, 3, 3), context_c2w.
+    Returns:
+      latents (T, h, w, C), rgb (T, H, W, 3) in [-1, 1], depth (T, H, W) metric.
+    """
+    dn = nnx.merge(self.dn_graphdef, dn_state)
+    rays, ctx_rays = self._rays(K, c2w)[None], self._rays(context_K, context_c2w)[None]
+    mem = memory.astype(jnp.float32)[None]
+    cov = coverage.astype(jnp.float32)[None]
+
+    def velocity(x, t, conditioned=True):
+      m, c = (mem, cov) if conditioned else (jnp.zeros_like(mem), jnp.zeros_like(cov))
+      tt = jnp.full(x.shape[:2], t, jnp.float32)
+      return denoiser.predict(dn, self.prediction, x, tt, rays, m, c, context[None], ctx_rays)[0]
+
+    noise = jax.random.normal(rng, (1,) + memory.shape, jnp.float32)
+    s = self.sampler
+    guidance = s.guidance_scale or None
+    latents = diffusion.sample(velocity, noise, int(s.num_steps), s.method, float(s.shift),
+                               guidance)[0]
+    ae = nnx.merge(self.ae_graphdef, ae_state)
+    rgb, depth = ae.decode(latents / self.latent_scale)
+    return latents, rgb, depth
+
+  # --------------------------------------------------------------------------- one chunk step
+
+  def _start_impl(self, ae_state, state, frame0, depth0, K0, c2w0, rng):
+    """Frame 0 of one trajectory into the memories: the carry of :meth:`_chunk_impl`.
+
+    Args:
+      state: the memory state frame 0 is written into (empty or pre-filled).
+      frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric. K0: (3, 3). c2w0: (4, 4).
+      rng: (2,) uint32 key data of the trajectory's sampling key.
+    Returns:
+      carry: dict of memory, rng, ctx (Nc, h, w, C), ctx_K, ctx_c2w, and objects / bank
+      when used; frame 0's outputs: rgb (1, H, W, 3), depth (1, H, W), coverage (1, h, w),
+      dynamic (1, h, w), positions (1, S, 3), idents (1, S).
+    """
+    K, c2w, given = K0[None], c2w0[None], depth0[None]
+    lat0 = self._encode_impl(ae_state, frame0[None], given)
+    dyn0 = self._dynamic_impl(ae_state, lat0)
+    static0 = (dyn0 < self.dynamic_threshold) | (not self.mask_dynamic)
+    ids = jnp.zeros((1,), jnp.int32)
+    carry = dict(memory=self.backend.write(state, lat0, given, K, c2w, static0, ids,
+                                           rgb=(frame0[None] + 1.0) / 2.0), rng=rng)
+    positions, idents = jnp.zeros((1, 0, 3), jnp.float32), jnp.zeros((1, 0), jnp.int32)
+    if self.object_slots:
+      objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat0, given, K, c2w,
+                                    ~static0, ids)
+      positions = objects_lib.predict(objects, 0)[None]
+      idents = jnp.where(objects.valid, objects.ident, -1)[None]
+      carry["objects"] = objects
+    if self.refs.frames:
+      carry["bank"] = memory_lib.baselines.frame_bank_write(
+          memory_lib.references.reference_bank_init(self.memory_cfg, self.refs.bank), lat0, given, K, c2w, static0, ids)
+    # Context: the last generated latents; at the start, the first frame repeated.
+    nc = self.num_context
+    carry.update(ctx=jnp.repeat(lat0, nc, 0), ctx_K=jnp.repeat(K, nc, 0),
+                 ctx_c2w=jnp.repeat(c2w, nc, 0))
+    rgb0, d0 = nnx.merge(self.ae_graphdef, ae_state).decode(lat0 / self.latent_scale)
+    return carry, dict(rgb=rgb0, depth=d0, coverage=jnp.ones_like(dyn0), dynamic=dyn0,
+                       positions=positions, idents=idents)
+
+  def _chunk_impl(self, ae_state, dn_state, carry, chunk, *, oracle: bool):
+    """One chunk of one trajectory: read -> denoise (whole sampler) -> decode -> write.
+
+    Args:
+      carry: as :meth:`_start_impl` returns it.
+      chunk: K (F, 3, 3), c2w (F, 4, 4), frame (F,) int32 frame indices (a short chunk is
+        padded with its last camera), start () int32 first frame, real () int32 frames
+        that exist (padded frames are never written; 0: the trajectory has ended, nothing
+        changes). With ``oracle``: use (F,) bool frames written from ground truth, their
+        o_lat (F, h, w, C), o_rgb (F, H, W, 3) in [-1, 1], o_depth (F, H, W), and given
+        (F,) bool frames (a subset of use) that are also the next chunk's clean context.
+      oracle: static; without it no frame is written from ground truth.
+    Returns:
+      the new carry; outputs: latents (F, h, w, C), rgb (F, H, W, 3) in [-1, 1], depth
+      (F, H, W), coverage (F, h, w) bool, dynamic (F, h, w), positions (F, S, 3), idents
+      (F, S), references (k,) frame index of each reference (-1 = fallback; k = 0 without).
+    """
+    Kc, c2wc, ids = chunk["K"], chunk["c2w"], chunk["frame"]
+    real = (jnp.arange(self.chunk) < chunk["real"])[:, None, None]
+    if self.depth_from_memory:
+      mem, cov, mem_depth = self.backend.read(carry["memory"], Kc, c2wc, with_depth=True)
+      static_cov = cov
+    else:
+      mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
+    positions = jnp.zeros((self.chunk, 0, 3), jnp.float32)
+    idents = jnp.zeros((self.chunk, 0), jnp.int32)
+    if self.object_slots:
+      mem, cov, positions, idents = self._render_objects_impl(carry["objects"], mem, cov, Kc,
+                                                              c2wc, ids)
+    ctx, ctx_K, ctx_c2w = carry["ctx"], carry["ctx_K"], carry["ctx_c2w"]
+    full = (ctx, ctx_K, ctx_c2w)
+    ref_frames = jnp.zeros((0,), jnp.int32)
+    if self.refs.frames:  # references first: memory_prior falls back on the last frame
+      *refs, ref_frames = self._retrieve_impl(carry["bank"], chunk["start"], Kc, c2wc)
+      full = tuple(jnp.concatenate([r, c], 0) for r, c in zip(refs, full))
+    key, sub = jax.random.split(jax.random.wrap_key_data(carry["rng"]))
+    lat, rgb, depth = self._denoise_impl(ae_state, dn_state, mem, cov, Kc, c2wc, *full, sub)
+    if self.reencode:  # back onto the encoder's latents: off-manifold error stops compounding
+      lat = self._encode_impl(ae_state, rgb, depth)
+    if self.depth_from_memory:  # the static read's depth: object slots carry none
+      depth = conditioning.anchor_depth(depth, mem_depth, static_cov, rescale=self.depth_rescale)
+    dyn = self._dynamic_impl(ae_state, lat)
+    w_lat, w_rgb, w_depth, w_dyn = lat, rgb, depth, dyn
+    if oracle:  # a chunk straddling N mixes the two
+      use = chunk["use"]
+      pick = lambda o, g: jnp.where(use.reshape((-1,) + (1,) * (o.ndim - 1)), o, g)
+      w_lat, w_rgb, w_depth = (pick(chunk[k], g) for k, g in
+                               (("o_lat", lat), ("o_rgb", rgb), ("o_depth", depth)))
+      w_dyn = self._dynamic_impl(ae_state, w_lat)
+    moving = (w_dyn >= self.dynamic_threshold) & real
+    static = real & ~(moving & self.mask_dynamic)
+    if self.write_new_only:
+      # Covered cells were copied from memory: writing them back only adds drift (unless
+      # the chunk is written from ground truth).
+      static = static & (~cov | use.any()) if oracle else static & ~cov
+    new = dict(carry, rng=jax.random.key_data(key), memory=self.backend.write(
+        carry["memory"], w_lat, w_depth, Kc, c2wc, static, ids, rgb=(w_rgb + 1.0) / 2.0))
+    if self.object_slots:
+      observed = use if oracle else jnp.zeros((self.chunk,), bool)
+      new["objects"] = objects_lib.observe(carry["objects"], w_lat, w_depth, Kc, c2wc, moving,
+                                           ids, observed)
+    if self.refs.frames:  # the last chunk's padded frames may enter; nothing reads them
+      s = self.refs.stride
+      new["bank"] = memory_lib.baselines.frame_bank_write(
+          carry["bank"], w_lat[::s], w_depth[::s], Kc[::s], c2wc[::s], static[::s], ids[::s])
+    if self.num_context:  # the last Nc of [context, the chunk's real frames]
+      # Given frames (a protocol's context) are the clean context as encoded, not as generated.
+      ctx_lat = jnp.where(chunk["given"][:, None, None, None], chunk["o_lat"], lat) if oracle else lat
+      new.update((k, jax.lax.dynamic_slice_in_dim(jnp.concatenate([c, x], 0), chunk["real"],
+                                                  self.num_context))
+                 for k, c, x in (("ctx", ctx, ctx_lat), ("ctx_K", ctx_K, Kc), ("ctx_c2w", ctx_c2w, c2wc)))
+    # A trajectory that has ended (shorter than others in its batch) keeps its state.
+    active = chunk["real"] > 0
+    new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, carry)
+    return new, dict(latents=lat, rgb=rgb, depth=depth, coverage=cov, dynamic=dyn,
+                     positions=positions, idents=idents, references=ref_frames)
+
+  # --------------------------------------------------------------------------- the driver's
+
+  def params(self) -> tuple:
+    return (self.ae_state, self.dn_state)
+
+  def start(self, params, state, frame0, depth0, K0, c2w0, rng):
+    return self._start_impl(params[0], state, frame0, depth0, K0, c2w0, rng)
+
+  def step(self, params, carry, chunk, *, oracle: bool):
+    return self._chunk_impl(*params, carry, chunk, oracle=oracle)
+
+  def encode_oracle(self, params, arrays):
+    """arrays: o_rgb (F, H, W, 3) in [-1, 1], o_depth (F, H, W) -> latents (F, h, w, C)."""
+    return self._encode_impl(params[0], *arrays)
+
+  def num_chunks(self, num_frames: int) -> int:
+    """Chunks of ``target_frames`` after frame 0."""
+    return len(range(1, num_frames, self.chunk))
+
+  def chunk_inputs(self, c, lengths, num_chunks, Ks, poses, depths):
+    """Chunk ``c`` covers frames ``1 + c F ..``; each row padded with its last camera
+    (padded frames are never written); ``real`` frames exist (0: the row has ended)."""
+    F = self.chunk
+    start = 1 + c * F
+    idx = np.minimum(start + np.arange(F)[None], lengths[:, None] - 1)  # (Bp, F)
+    real = np.clip(lengths - start, 0, F)
+    Bp = len(lengths)
+    chunk = dict(K=np.stack([Ks[r][i] for r, i in enumerate(idx)]),
+                 c2w=np.stack([poses[r][i] for r, i in enumerate(idx)]),
+                 frame=idx.astype(np.int32), start=np.full((Bp,), start, np.int32),
+                 real=real.astype(np.int32))
+    return chunk, dict(idx=idx, real=real)
+
+  def oracle_chunk(self, encode, gts, order, plan, given, ctx_given) -> dict[str, Any]:
+    """use (Bp, F), o_lat, o_rgb, o_depth (zeros when no row takes ground truth in this
+    chunk) and given (Bp, F) the frames that are also the next chunks' clean context."""
+    h, w = self.image_hw
+    lh, lw = self.latent_hw
+    idx = plan["idx"]
+    Bp, F = idx.shape
+    use = idx < given[:, None]
+    o_rgb = np.zeros((Bp, F, h, w, 3), np.float32)
+    o_depth = np.ones((Bp, F, h, w), np.float32)
+    for row, b in enumerate(order):
+      if given[row] and use[row].any():  # padded with the last ground-truth frame
+        gi = np.minimum(idx[row], given[row] - 1)
+        o_rgb[row] = gts[b][0][gi].astype(np.float32) / 127.5 - 1.0
+        o_depth[row] = gts[b][1][gi]
+    if use.any():
+      o_lat = encode((o_rgb, o_depth))
+    else:
+      o_lat = np.zeros((Bp, F, lh, lw, self.memory_cfg.latent_channels), np.float32)
+    return dict(use=use, o_lat=o_lat, o_rgb=o_rgb, o_depth=o_depth,
+                given=idx < ctx_given[:, None])
+
+  def written(self, chunk, out) -> tuple:
+    lat, depth = out["latents"], out["depth"]
+    if "use" in chunk:  # what the step wrote: ground truth where given
+      pick = lambda o, g: jnp.where(chunk["use"].reshape(chunk["use"].shape + (1,) * (o.ndim - 2)), o, g)
+      lat, depth = pick(chunk["o_lat"], lat), pick(chunk["o_depth"], depth)
+    static = jnp.broadcast_to((jnp.arange(self.chunk)[None] < chunk["real"][:, None])[..., None, None],
+                              depth.shape)
+    rgb = (out["rgb"] + 1.0) / 2.0
+    return lat, depth, chunk["K"], chunk["c2w"], static, chunk["frame"], rgb
+
+  def trajectory_result(self, b, T, first, outs, plans, carry) -> dict[str, Any]:
+    """frames (T, H, W, 3) uint8 (rounded), depths (T, H, W), coverage (T, h, w), dynamic
+    (T, h, w), object_positions (T, S, 3), object_idents (T, S), object_bytes, references
+    (chunks, k) (see ``rollout.Rollout.generate``)."""
+    take = lambda x: x[b]
+    keep = [(o, p["real"][b]) for o, p in zip(outs, plans) if p["real"][b] > 0]
+    cat = lambda k, dtype: np.concatenate(
+        [first[k][b]] + [o[k][b][:n] for o, n in keep], 0).astype(dtype)
+    rgb_all = cat("rgb", np.float32)
+    objects = jax.tree.map(take, carry["objects"]) if self.object_slots else None
+    refs = [o["references"][b] for o, _ in keep]
+    return dict(
+        frames=np.round((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
+        depths=cat("depth", np.float32),
+        coverage=cat("coverage", np.float32),
+        dynamic=cat("dynamic", np.float32),
+        object_positions=cat("positions", np.float32),
+        object_idents=cat("idents", np.int32),
+        object_bytes=objects_lib.nbytes(objects) if objects is not None else 0,
+        references=(np.stack(refs) if refs else np.zeros((0, self.refs.frames))).astype(np.int32),
+    )
