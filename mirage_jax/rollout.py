@@ -130,7 +130,7 @@ def anchor_depth(depth, memory_depth, coverage, *, rescale: bool = True,
   f, H, W = depth.shape
   _, h, w = coverage.shape
   sy, sx = H // h, W // w
-  gen = memory_lib.latent_cache.depth_at(depth.astype(jnp.float32), h, w)
+  gen = memory_lib.splatting.depth_at(depth.astype(jnp.float32), h, w)
   ok = coverage & (memory_depth > 0) & (gen > 0)
   up = lambda x: jnp.repeat(jnp.repeat(x, sy, 1), sx, 2)
   out = depth.astype(jnp.float32)
@@ -274,8 +274,8 @@ def reference_settings(config: ml_collections.ConfigDict) -> ReferenceSettings:
 
 def reference_bank_init(cfg: memory_lib.MemoryConfig, capacity: int):
   """Empty bank of ``capacity`` latent frames (a ``frame_bank`` state; write with
-  ``memory.baselines.frame_bank_write``)."""
-  return memory_lib.baselines.frame_bank_init(dataclasses.replace(cfg, capacity=capacity))
+  ``memory.frame_bank.write``)."""
+  return memory_lib.frame_bank.init(dataclasses.replace(cfg, capacity=capacity))
 
 
 def retrieve_references(bank, eligible, target_K, target_c2w, k: int):
@@ -304,7 +304,7 @@ def retrieve_references(bank, eligible, target_K, target_c2w, k: int):
   points = geometry.unproject_depth(bank.depth, bank.intrinsics, bank.c2w).reshape(s, h * w, 3)
   valid = (bank.point_valid & bank.valid[:, None, None]).reshape(s, h * w)
   flat_p, flat_v = points.reshape(-1, 3), valid.reshape(-1)
-  K_lat = memory_lib.latent_cache.latent_intrinsics(cfg, target_K)
+  K_lat = memory_lib.splatting.latent_intrinsics(cfg, target_K)
   seen = jax.vmap(lambda K1, c1: memory_lib.retrieval.visible_points(
       flat_p, flat_v, K1, c1, h, w, cfg.near))(K_lat, target_c2w).any(0)
   ids = jnp.where(eligible & bank.valid, jnp.arange(s, dtype=jnp.int32), -1)
@@ -428,7 +428,7 @@ class Rollout:
 
   def _rays(self, K, c2w):
     """Image intrinsics (F, 3, 3), c2w (F, 4, 4) -> Plücker rays (F, h, w, 6) at latent size."""
-    K_lat = memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
+    K_lat = memory_lib.splatting.latent_intrinsics(self.memory_cfg, K)
     return geometry.plucker_rays(K_lat, c2w, *self.latent_hw)
 
   def _retrieve_impl(self, bank, start, K, c2w):
@@ -502,7 +502,7 @@ class Rollout:
       idents = jnp.where(objects.valid, objects.ident, -1)[None]
       carry["objects"] = objects
     if self.refs.frames:
-      carry["bank"] = memory_lib.baselines.frame_bank_write(
+      carry["bank"] = memory_lib.frame_bank.write(
           reference_bank_init(self.memory_cfg, self.refs.bank), lat0, given, K, c2w, static0, ids)
     # Context: the last generated latents; at the start, the first frame repeated.
     nc = self.num_context
@@ -575,7 +575,7 @@ class Rollout:
                                            ids, observed)
     if self.refs.frames:  # the last chunk's padded frames may enter; nothing reads them
       s = self.refs.stride
-      new["bank"] = memory_lib.baselines.frame_bank_write(
+      new["bank"] = memory_lib.frame_bank.write(
           carry["bank"], w_lat[::s], w_depth[::s], Kc[::s], c2wc[::s], static[::s], ids[::s])
     if self.num_context:  # the last Nc of [context, the chunk's real frames]
       # Given frames (a protocol's context) are the clean context as encoded, not as generated.
@@ -803,7 +803,7 @@ class Rollout:
           object_positions=cat("positions", np.float32),
           object_idents=cat("idents", np.int32),
           object_bytes=objects_lib.nbytes(objects) if objects is not None else 0,
-          reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
+          reference_bytes=0 if bank is None else memory_lib.frame_bank.nbytes(bank),
           references=(np.stack(refs) if refs else np.zeros((0, self.refs.frames))).astype(np.int32),
       ))
     return results

@@ -11,7 +11,7 @@ ported to static shapes. A trajectory of T video frames is generated in chunks:
     new video frames (32) and L - 1 new latents (8). The decoded first frame of these chunks
     repeats the previous chunk's last one and is dropped.
 
-Per chunk (``memory.latent_frame_indices`` gives the video frame of each latent):
+Per chunk (``memory.mirage.latent_frame_indices`` gives the video frame of each latent):
 
   1. read    the memory into the L target cameras (z-buffer splat at latent resolution,
              zeros in holes) -> ``target_scene``;
@@ -350,7 +350,7 @@ class WanRollout:
     """Per chunk, the video frame of each of its L latents (unclipped; may pass T - 1)."""
     st = self.settings
     chunks = max(1, math.ceil((num_frames - 1) / st.new_frames))
-    return [memory_lib.latent_frame_indices(st.chunk_frames, st.temporal, start=i * st.new_frames)
+    return [memory_lib.mirage.latent_frame_indices(st.chunk_frames, st.temporal, start=i * st.new_frames)
             for i in range(chunks)]
 
   # --------------------------------------------------------------------------- one chunk step
@@ -384,7 +384,7 @@ class WanRollout:
     if self.num_references:
       from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
       bank = rollout.reference_bank_init(self.memory_cfg, self.settings.reference_bank)
-      carry["bank"] = memory_lib.baselines.frame_bank_write(bank, lat0, depth, K, c2w, every, ids)
+      carry["bank"] = memory_lib.frame_bank.write(bank, lat0, depth, K, c2w, every, ids)
     return carry
 
   def _chunk_impl(self, vae_state, dit_state, control, text, empty_text, carry, chunk, *,
@@ -452,7 +452,7 @@ class WanRollout:
     new = dict(carry, rng=jax.random.key_data(key),
                memory=self.backend.write(carry["memory"], w_lat, *write))
     if R:  # padded latents take a slot with no valid point: nothing retrieves them
-      new["bank"] = memory_lib.baselines.frame_bank_write(carry["bank"], w_lat, *write)
+      new["bank"] = memory_lib.frame_bank.write(carry["bank"], w_lat, *write)
     # The last P + 1 of [history, the chunk's real new latents] (generated, not ground truth).
     last = lambda old, x: jax.lax.dynamic_slice_in_dim(jnp.concatenate([old, x], 0),
                                                        chunk["real"], P + 1)
@@ -634,7 +634,7 @@ class WanRollout:
     t_first = t_start = time.perf_counter()
     for c in tqdm(range(int(num_chunks.max())), desc=f"generate wan [{self.backend_name}] x{B}",
                   disable=not progress, unit="chunk"):
-      idx = np.asarray(memory_lib.latent_frame_indices(C, st.temporal, start=c * st.new_frames))
+      idx = np.asarray(memory_lib.mirage.latent_frame_indices(C, st.temporal, start=c * st.new_frames))
       cams = np.minimum(idx[None], lengths[:, None] - 1)  # (Bp, L): past the end, the last
       real = np.sum(idx[None, 1:] < lengths[:, None], axis=1)
       chunk = dict(K=np.stack([Ks[b][i] for b, i in zip(order, cams)]),
@@ -685,7 +685,7 @@ class WanRollout:
           timings=timings[b],
           chunk_seconds=float(steady),
           cache_bytes=int(self.backend.nbytes(jax.tree.map(take, carry["memory"]))),
-          reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
+          reference_bytes=0 if bank is None else memory_lib.frame_bank.nbytes(bank),
           num_references=[int(outs[c]["references"][b]) for c in range(int(num_chunks[b]))],
           latent_frames=np.asarray(latent_frames, np.int32),
           dynamic=np.zeros((T, lh, lw), np.float32),
