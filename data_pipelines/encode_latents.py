@@ -213,7 +213,7 @@ def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
                 target_frames: int, preceding_frames: int, num_references: int,
                 windows_per_clip: int, texts: dict, text_shape: tuple[int, int]) -> list[bytes]:
   """The encoded records (``latent_clips.encode_record``) of one source clip's windows."""
-  from mirage_jax.memory import baselines  # pylint: disable=g-import-not-at-top
+  from mirage_jax.memory import mirage  # pylint: disable=g-import-not-at-top
   length = preceding_frames + target_frames
   pre_used = 1 + 4 * ((preceding_frames - 1) // 4)  # what the causal encoder consumes
   ex = _prepare(record, where, resolution)
@@ -226,8 +226,8 @@ def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
     pre = np.arange(s, s + preceding_frames)
     tgt = np.arange(s + preceding_frames, s + length)
     # Latent k of a chunk pairs with its video frame 4 k (the reference's pairing).
-    tgt_ids = tgt[baselines.latent_frame_indices(target_frames)]
-    pre_ids = pre[baselines.latent_frame_indices(pre_used)]
+    tgt_ids = tgt[mirage.latent_frame_indices(target_frames)]
+    pre_ids = pre[mirage.latent_frame_indices(pre_used)]
     ids = np.concatenate([tgt_ids, pre_ids])
     videos_t = ex["frames"][tgt][None]
     videos_p = ex["frames"][pre[:pre_used]][None]

@@ -26,7 +26,7 @@ target's first):
   clip_index         ()             int32
 
 Latent frame k of a chunk starting at video frame s carries the pose, intrinsics and depth of
-video frame ``s + 4 k`` (``memory.latent_frame_indices``; the reference's pairing).
+video frame ``s + 4 k`` (``memory.mirage.latent_frame_indices``; the reference's pairing).
 
 Each record is an ``.npz`` (no pickles: ``allow_pickle=False``); bfloat16 arrays are stored as
 their uint16 bits under a ``<name>.bf16`` key.

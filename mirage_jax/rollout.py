@@ -307,7 +307,7 @@ class Rollout:
           timings=timings[b],
           chunk_seconds=float(steady),
           cache_bytes=int(m.backend.nbytes(jax.tree.map(take, carry["memory"]))),
-          reference_bytes=0 if bank is None else memory_lib.baselines.frame_bank_nbytes(bank),
+          reference_bytes=0 if bank is None else memory_lib.frame_bank.nbytes(bank),
           **m.trajectory_result(b, int(lengths[b]), first, outs, plans, carry)))
     return results
 

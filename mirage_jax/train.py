@@ -587,7 +587,7 @@ class DenoiserStage:
         mem, coverage = small_conditioning.splat_objects(objects, mem, coverage, K[m:], c2w[m:], target_ids)
       if not k:
         return mem, coverage, ()
-      bank = memory_lib.baselines.frame_bank_write(memory_lib.references.reference_bank_init(self.memory_cfg, m),
+      bank = memory_lib.frame_bank.write(memory_lib.references.reference_bank_init(self.memory_cfg, m),
                                                    lat[:m], depth[:m], K[:m], c2w[:m], static,
                                                    frame_ids)
       return mem, coverage, memory_lib.references.retrieve_references(bank, bank.frame < m - nc, K[m:], c2w[m:],
@@ -596,7 +596,7 @@ class DenoiserStage:
     mem, coverage, refs = memory_lib.batch_map(one_clip, latents, batch["depths"],
                                                batch["intrinsics"], batch["poses_c2w"],
                                                batch["dynamic_masks"])
-    lat_K = lambda K: memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
+    lat_K = lambda K: memory_lib.splatting.latent_intrinsics(self.memory_cfg, K)
     # (B, T, h, w, 6)
     rays = geometry.plucker_rays(lat_K(batch["intrinsics"]), batch["poses_c2w"], hh, ww)
     context, context_rays = latents[:, m - nc:m], rays[:, m - nc:m]

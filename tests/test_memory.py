@@ -14,7 +14,7 @@ from mirage_jax import geometry
 from mirage_jax.errors import InputError
 from mirage_jax.memory import (BACKEND_NAMES, MemoryConfig, get_backend, init_batch, memory_config,
                                retrieval)
-from mirage_jax.memory import baselines, latent_cache
+from mirage_jax.memory import frame_bank, splatting
 
 H, W, LH, LW, C = 16, 16, 8, 8, 4
 HALF = np.array([2.0, 1.5, 2.5])  # box room half extents (x, y, z), centred at the origin
@@ -204,7 +204,7 @@ def test_iou_of_identical_sets_is_one_and_disjoint_is_zero():
 
 def test_frame_bank_retrieves_by_frustum_overlap():
   be = backend("frame_bank")
-  retrieve = jax.jit(baselines.frame_bank_retrieve, static_argnums=3)
+  retrieve = jax.jit(frame_bank.retrieve, static_argnums=3)
   angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
   state = be.write(be.init(config(capacity=8)), **make_frames(angles, first_index=10))
   target = jnp.asarray(orbit_pose(angles[3] + 0.05))[None]
@@ -347,9 +347,9 @@ def test_splat_depth_band_prefers_priority_over_a_hair_closer_point():
   values = jnp.array([[1.0], [2.0], [3.0]])
   valid = jnp.ones(3, bool)
   priority = jnp.array([0, 5, 9], jnp.int32)  # the far point is newest but another surface
-  exact, _, _ = latent_cache.splat(points, values, valid, K, c2w, 2, 2, 1e-3)
-  band, covered, depth = latent_cache.splat(points, values, valid, K, c2w, 2, 2, 1e-3,
-                                            priority=priority, depth_tolerance=0.05)
+  exact, _, _ = splatting.splat(points, values, valid, K, c2w, 2, 2, 1e-3)
+  band, covered, depth = splatting.splat(points, values, valid, K, c2w, 2, 2, 1e-3,
+                                         priority=priority, depth_tolerance=0.05)
   assert float(exact[0, 0, 0]) == 1.0
   assert float(band[0, 0, 0]) == 2.0 and bool(covered[0, 0])
   assert abs(float(depth[0, 0]) - 1.02) < 1e-5

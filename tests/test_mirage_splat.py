@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 from mirage_jax.errors import InputError
-from mirage_jax.memory import MemoryConfig, get_backend, latent_frame_indices
-from mirage_jax.memory import baselines, latent_cache
+from mirage_jax.memory import MemoryConfig, get_backend, mirage, splatting
+from mirage_jax.memory.mirage import latent_frame_indices
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "goldens", "mirage_splat.npz")
 BAR = 0.99
@@ -82,7 +82,7 @@ def _ties():
   h, w = cfg.latent_height, cfg.latent_width
   scale = np.array([w / cfg.image_width, h / cfg.image_height, 1.0], np.float32)[:, None]
   K = jnp.asarray(g["targets/intrinsics"] * scale)
-  cells, z = jax.jit(jax.vmap(lambda K1, c1: baselines.reference_cells(
+  cells, z = jax.jit(jax.vmap(lambda K1, c1: mirage.reference_cells(
       state.points, state.valid, K1, c1, h, w)))(K, jnp.asarray(g["targets/poses_c2w"]))
   cells, z = np.asarray(cells), np.asarray(z)
   tied = np.zeros((len(cells), h * w), bool)
@@ -150,17 +150,17 @@ def test_read_matches_the_reference_up_to_exact_depth_ties():
 
 def test_old_pixel_centre_convention_fails_the_bar():
   # The old backend: rays through pixel centres (u + 0.5), min-pooled masks, cells by floor
-  # (``latent_cache.lift_frames`` + ``latent_cache.splat``, which the other backends keep).
+  # (``splatting.lift_frames`` + ``splatting.splat``, which the other backends keep).
   g, cfg, fr = _setup()
   h, w, c = cfg.latent_height, cfg.latent_width, cfg.latent_channels
 
   @jax.jit
   def old(K_img, c2w):
-    pts, valid = latent_cache.lift_frames(cfg, fr["depth"], fr["intrinsics"], fr["c2w"],
-                                          fr["static_mask"], h, w)
-    K = latent_cache.latent_intrinsics(cfg, K_img)
-    splat = lambda K1, p1: latent_cache.splat(pts.reshape(-1, 3), fr["latents"].reshape(-1, c),
-                                              valid.reshape(-1), K1, p1, h, w, cfg.near)[:2]
+    pts, valid = splatting.lift_frames(cfg, fr["depth"], fr["intrinsics"], fr["c2w"],
+                                       fr["static_mask"], h, w)
+    K = splatting.latent_intrinsics(cfg, K_img)
+    splat = lambda K1, p1: splatting.splat(pts.reshape(-1, 3), fr["latents"].reshape(-1, c),
+                                           valid.reshape(-1), K1, p1, h, w, cfg.near)[:2]
     return jax.vmap(splat)(K, c2w)
 
   lat, cov = old(jnp.asarray(g["targets/intrinsics"]), jnp.asarray(g["targets/poses_c2w"]))
@@ -189,11 +189,11 @@ def test_depth_resize_and_mask_resize_are_the_reference_s():
   for (H, W, h, w) in [(192, 256, 12, 16), (50, 70, 12, 16), (13, 17, 12, 16)]:
     depth = rng.uniform(0.5, 20.0, (2, H, W)).astype(np.float32)
     mask = rng.uniform(size=(2, H, W)) > 0.5
-    ours = jax.jit(baselines._bilinear_depth, static_argnums=(1, 2))(jnp.asarray(depth), h, w)
+    ours = jax.jit(mirage._bilinear_depth, static_argnums=(1, 2))(jnp.asarray(depth), h, w)
     ref = F.interpolate(torch.from_numpy(depth)[:, None], size=(h, w), mode="bilinear",
                         align_corners=False)[:, 0].numpy()
     np.testing.assert_array_equal(np.asarray(ours), ref)
-    ours_m = baselines._nearest_mask(jnp.asarray(mask), h, w)
+    ours_m = mirage._nearest_mask(jnp.asarray(mask), h, w)
     ref_m = F.interpolate(torch.from_numpy(mask.astype(np.float32))[:, None], size=(h, w),
                           mode="nearest")[:, 0].numpy() > 0
     np.testing.assert_array_equal(np.asarray(ours_m), ref_m)

@@ -10,14 +10,15 @@ from mirage_jax import geometry, rollout, train
 from mirage_jax.families.small import conditioning as small_conditioning
 from mirage_jax import memory as memory_lib
 from mirage_jax import families
-from mirage_jax.memory import baselines, latent_cache
+from mirage_jax.memory import frame_bank, splatting
+from mirage_jax.memory.config import MemoryConfig
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
 from tests.test_rollout import _trajectory
 from tests.test_train import _batch, _mesh_config, _one_step, tiny_config
 
 H = W = 32
-CFG = latent_cache.MemoryConfig(image_height=H, image_width=W, latent_height=16, latent_width=16,
+CFG = MemoryConfig(image_height=H, image_width=W, latent_height=16, latent_width=16,
                                 latent_channels=4, capacity=1)
 K = geometry.intrinsics_from_fov(70, H, W)
 # Bank cameras at the centre of a 2 m box room, by yaw (0 = looking at the +z wall).
@@ -45,7 +46,7 @@ def _bank(yaws=YAWS):
   poses = np.stack([_camera(y) for y in yaws])
   latents = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32)[:, None, None, None], (s, 16, 16, 4))
   depths = jnp.asarray(np.stack([_box_depth(p) for p in poses]))
-  return baselines.frame_bank_write(
+  return frame_bank.write(
       memory_lib.references.reference_bank_init(CFG, s), latents, depths, jnp.asarray(np.repeat(K[None], s, 0)),
       jnp.asarray(poses), jnp.ones((s, H, W), bool), jnp.arange(s, dtype=jnp.int32))
 
@@ -122,7 +123,7 @@ def test_rollout_with_references_fixed_bank_and_no_recompile(models):
   assert sizes[0] == sizes[1] and sizes[0][-1] == 1
   full = memory_lib.references.reference_bank_init(r.memory_cfg, config.denoiser.reference_bank)
   full = full.replace(valid=jnp.ones_like(full.valid))
-  assert ref_bytes[0] == ref_bytes[1] == baselines.frame_bank_nbytes(full)
+  assert ref_bytes[0] == ref_bytes[1] == frame_bank.nbytes(full)
 
 
 def test_denoiser_stage_trains_with_references(models):

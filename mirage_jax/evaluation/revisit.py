@@ -62,7 +62,7 @@ from mirage_jax import families
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import metrics, video
-from mirage_jax.memory import baselines
+from mirage_jax.memory import rgb_points
 from mirage_jax.evaluation.scaling import capacity_for
 
 # Jitted once: eager metrics compile op by op, which costs seconds per new shape.
@@ -70,8 +70,8 @@ _psnr = jax.jit(metrics.psnr)
 _ssim = jax.jit(metrics.ssim)
 _geometric = jax.jit(metrics.geometric_consistency)
 _depth_metrics = jax.jit(metrics.depth_metrics)
-_rgb_write = jax.jit(baselines.rgb_points_write)
-_rgb_render = jax.jit(baselines.rgb_points_render)
+_rgb_write = jax.jit(rgb_points.write)
+_rgb_render = jax.jit(rgb_points.render)
 
 # Rows that are not memory backends.
 ORACLE, COMPOSITE = "oracle", "composite"
@@ -316,7 +316,7 @@ def _ground_truth_splats(truth: Trajectory, lag: int, near: float
   t, h, w = truth.depths.shape
   cfg = memory_lib.MemoryConfig(image_height=h, image_width=w, latent_height=h, latent_width=w,
                                 latent_channels=1, capacity=t * h * w, near=near)
-  state = baselines.rgb_points_init(cfg)
+  state = rgb_points.init(cfg)
   splats, cov = np.zeros_like(truth.frames), np.zeros((t, h, w), bool)
   for i in range(lag, t):
     j = i - lag  # the newest frame that counts for frame i

@@ -20,9 +20,17 @@ to whichever backend is configured; backends ignore what they do not use (only
 ``rgb_points`` needs ``rgb``). The encoder that ``rgb_points`` needs to turn its rendered
 image back into latents is bound once by ``get_backend(..., encode_fn=...)``, so ``read``
 keeps the same three arguments for every backend. ``frame_bank`` additionally offers
-``retrieve`` (see ``baselines.frame_bank_retrieve``); voxel-IoU reference frames are in
-``retrieval``. ``latent_frame_indices`` says which video frame's pose and depth go with each
-Wan latent frame (the reference's pairing).
+``frame_bank.retrieve``; voxel-IoU reference frames are in ``retrieval``.
+``mirage.latent_frame_indices`` says which video frame's pose and depth go with each Wan
+latent frame (the reference's pairing).
+
+One module per backend, each with ``init``, ``write``, ``read`` and ``nbytes`` over its own
+state class: ``voxel`` (ours: voxel-hashed latent cache), ``mirage`` (the reference's
+append-only latent point cloud), ``none`` (no memory), ``frame_bank`` (past latent frames,
+retrieved by frustum overlap), ``rgb_points`` (full-resolution RGB point cloud, re-encoded on
+read). ``config`` holds the shared ``MemoryConfig`` and byte counts, ``splatting`` the
+lifting of pixels to 3D and the z-buffer splat; ``objects`` (per-object slots) and
+``retrieval`` (reference frames by voxel IoU) sit beside them.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ import jax.numpy as jnp
 
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
-from mirage_jax.memory import baselines, latent_cache, objects, references, retrieval
-from mirage_jax.memory.latent_cache import MemoryConfig, capacity_bytes, memory_config
+from mirage_jax.memory import (config, frame_bank, mirage, none, objects, references, retrieval,
+                               rgb_points, splatting, voxel)
+from mirage_jax.memory.config import MemoryConfig, capacity_bytes, memory_config
 
 
 class Backend(NamedTuple):
@@ -49,17 +58,9 @@ class Backend(NamedTuple):
   capacity_bytes: Callable
 
 
-_BACKENDS = {
-    "voxel": (latent_cache.voxel_init, latent_cache.voxel_write, latent_cache.voxel_read,
-              latent_cache.voxel_nbytes),
-    "mirage": (baselines.mirage_init, baselines.mirage_write, baselines.mirage_read,
-               baselines.mirage_nbytes),
-    "none": (baselines.none_init, baselines.none_write, baselines.none_read, baselines.none_nbytes),
-    "frame_bank": (baselines.frame_bank_init, baselines.frame_bank_write, baselines.frame_bank_read,
-                   baselines.frame_bank_nbytes),
-    "rgb_points": (baselines.rgb_points_init, baselines.rgb_points_write, baselines.rgb_points_read,
-                   baselines.rgb_points_nbytes),
-}
+# Each backend module has ``init``, ``write``, ``read`` and ``nbytes``.
+_BACKENDS = {"voxel": voxel, "mirage": mirage, "none": none, "frame_bank": frame_bank,
+             "rgb_points": rgb_points}
 
 BACKEND_NAMES = tuple(_BACKENDS)
 
@@ -75,12 +76,13 @@ def get_backend(name: str, *, encode_fn: Callable | None = None) -> Backend:
   if name not in _BACKENDS:
     raise InputError("memory config", "backend",
                      f"unknown memory backend {name!r} (known: {', '.join(BACKEND_NAMES)})")
-  init, write, read, nbytes = _BACKENDS[name]
+  module = _BACKENDS[name]
+  read = module.read
   if name == "rgb_points":
     if encode_fn is None:
       raise InputError("memory config", "backend", "rgb_points needs encode_fn (the autoencoder's encoder)")
     read = functools.partial(read, encode_fn=encode_fn)
-  return Backend(name, init, write, read, nbytes, capacity_bytes)
+  return Backend(name, module.init, module.write, read, module.nbytes, capacity_bytes)
 
 
 def init_batch(backend: Backend, cfg: Any, batch: int):
@@ -116,8 +118,6 @@ def batch_map(fn: Callable, *args):
   return jax.shard_map(mapped, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*args)
 
 
-frame_bank_retrieve = baselines.frame_bank_retrieve
-latent_frame_indices = baselines.latent_frame_indices
-
-__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "batch_map", "frame_bank_retrieve", "get_backend",
-           "init_batch", "latent_frame_indices", "memory_config", "retrieval"]
+__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "batch_map", "config", "frame_bank",
+           "get_backend", "init_batch", "memory_config", "mirage", "none", "objects", "retrieval",
+           "rgb_points", "splatting", "voxel"]

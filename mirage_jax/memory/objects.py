@@ -27,7 +27,8 @@ from flax import struct
 
 from mirage_jax import geometry
 from mirage_jax.errors import InputError, settings_dataclass
-from mirage_jax.memory.latent_cache import depth_at, latent_intrinsics, live_bytes, mask_at
+from mirage_jax.memory.config import live_bytes
+from mirage_jax.memory.splatting import depth_at, latent_intrinsics, mask_at
 
 _WHERE = "config.objects"
 

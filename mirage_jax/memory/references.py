@@ -3,7 +3,7 @@
 Both families' rollouts and the small family's training retrieve references the same way:
 the frames whose lifted points best overlap (voxel IoU, the reference's rule,
 :mod:`mirage_jax.memory.retrieval`) what the target cameras see, from a ``frame_bank``
-state (:mod:`mirage_jax.memory.baselines`).
+state (:mod:`mirage_jax.memory.frame_bank`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from mirage_jax import geometry
-from mirage_jax.memory import baselines, latent_cache, retrieval
+from mirage_jax.memory import config, frame_bank, retrieval, splatting
 
 
-def reference_bank_init(cfg: latent_cache.MemoryConfig, capacity: int):
+def reference_bank_init(cfg: config.MemoryConfig, capacity: int):
   """Empty bank of ``capacity`` latent frames (a ``frame_bank`` state; write with
-  ``memory.baselines.frame_bank_write``)."""
-  return baselines.frame_bank_init(dataclasses.replace(cfg, capacity=capacity))
+  ``memory.frame_bank.write``)."""
+  return frame_bank.init(dataclasses.replace(cfg, capacity=capacity))
 
 
 def retrieve_references(bank, eligible, target_K, target_c2w, k: int):
@@ -49,7 +49,7 @@ def retrieve_references(bank, eligible, target_K, target_c2w, k: int):
   points = geometry.unproject_depth(bank.depth, bank.intrinsics, bank.c2w).reshape(s, h * w, 3)
   valid = (bank.point_valid & bank.valid[:, None, None]).reshape(s, h * w)
   flat_p, flat_v = points.reshape(-1, 3), valid.reshape(-1)
-  K_lat = latent_cache.latent_intrinsics(cfg, target_K)
+  K_lat = splatting.latent_intrinsics(cfg, target_K)
   seen = jax.vmap(lambda K1, c1: retrieval.visible_points(
       flat_p, flat_v, K1, c1, h, w, cfg.near))(K_lat, target_c2w).any(0)
   ids = jnp.where(eligible & bank.valid, jnp.arange(s, dtype=jnp.int32), -1)

@@ -198,7 +198,7 @@ class WorldModel(world_model.WorldModel):
 
   def _rays(self, K, c2w):
     """Image intrinsics (F, 3, 3), c2w (F, 4, 4) -> Plücker rays (F, h, w, 6) at latent size."""
-    K_lat = memory_lib.latent_cache.latent_intrinsics(self.memory_cfg, K)
+    K_lat = memory_lib.splatting.latent_intrinsics(self.memory_cfg, K)
     return geometry.plucker_rays(K_lat, c2w, *self.latent_hw)
 
   def _retrieve_impl(self, bank, start, K, c2w):
@@ -272,7 +272,7 @@ class WorldModel(world_model.WorldModel):
       idents = jnp.where(objects.valid, objects.ident, -1)[None]
       carry["objects"] = objects
     if self.refs.frames:
-      carry["bank"] = memory_lib.baselines.frame_bank_write(
+      carry["bank"] = memory_lib.frame_bank.write(
           memory_lib.references.reference_bank_init(self.memory_cfg, self.refs.bank), lat0, given, K, c2w, static0, ids)
     # Context: the last generated latents; at the start, the first frame repeated.
     nc = self.num_context
@@ -345,7 +345,7 @@ class WorldModel(world_model.WorldModel):
                                            ids, observed)
     if self.refs.frames:  # the last chunk's padded frames may enter; nothing reads them
       s = self.refs.stride
-      new["bank"] = memory_lib.baselines.frame_bank_write(
+      new["bank"] = memory_lib.frame_bank.write(
           carry["bank"], w_lat[::s], w_depth[::s], Kc[::s], c2wc[::s], static[::s], ids[::s])
     if self.num_context:  # the last Nc of [context, the chunk's real frames]
       # Given frames (a protocol's context) are the clean context as encoded, not as generated.

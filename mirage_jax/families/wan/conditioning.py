@@ -20,7 +20,7 @@ and noise levels into the DiT's inputs, with the reference's conventions:
   here every clip of the batch draws its own (the same law per clip).
 
 Which video frame's pose and depth each latent frame uses: latent ``k`` of a chunk starting
-at video frame ``s`` goes with video frame ``s + 4 k`` (``memory.latent_frame_indices``).
+at video frame ``s`` goes with video frame ``s + 4 k`` (``memory.mirage.latent_frame_indices``).
 """
 
 from __future__ import annotations

@@ -373,7 +373,7 @@ class WorldModel(world_model.WorldModel):
     """Per chunk, the video frame of each of its L latents (unclipped; may pass T - 1)."""
     st = self.settings
     chunks = max(1, math.ceil((num_frames - 1) / st.new_frames))
-    return [memory_lib.latent_frame_indices(st.chunk_frames, st.temporal, start=i * st.new_frames)
+    return [memory_lib.mirage.latent_frame_indices(st.chunk_frames, st.temporal, start=i * st.new_frames)
             for i in range(chunks)]
 
   # --------------------------------------------------------------------------- one chunk step
@@ -406,7 +406,7 @@ class WorldModel(world_model.WorldModel):
                  count=jnp.ones((), jnp.int32), rng=rng)
     if self.num_references:
       bank = memory_lib.references.reference_bank_init(self.memory_cfg, self.settings.reference_bank)
-      carry["bank"] = memory_lib.baselines.frame_bank_write(bank, lat0, depth, K, c2w, every, ids)
+      carry["bank"] = memory_lib.frame_bank.write(bank, lat0, depth, K, c2w, every, ids)
     return carry
 
   def _chunk_impl(self, vae_state, dit_state, control, text, empty_text, carry, chunk, *,
@@ -473,7 +473,7 @@ class WorldModel(world_model.WorldModel):
     new = dict(carry, rng=jax.random.key_data(key),
                memory=self.backend.write(carry["memory"], w_lat, *write))
     if R:  # padded latents take a slot with no valid point: nothing retrieves them
-      new["bank"] = memory_lib.baselines.frame_bank_write(carry["bank"], w_lat, *write)
+      new["bank"] = memory_lib.frame_bank.write(carry["bank"], w_lat, *write)
     # The last P + 1 of [history, the chunk's real new latents] (generated, not ground truth).
     last = lambda old, x: jax.lax.dynamic_slice_in_dim(jnp.concatenate([old, x], 0),
                                                        chunk["real"], P + 1)
@@ -523,7 +523,7 @@ class WorldModel(world_model.WorldModel):
     st = self.settings
     L, C = st.latents, st.chunk_frames
     Bp = len(lengths)
-    idx = np.asarray(memory_lib.latent_frame_indices(C, st.temporal, start=c * st.new_frames))
+    idx = np.asarray(memory_lib.mirage.latent_frame_indices(C, st.temporal, start=c * st.new_frames))
     cams = np.minimum(idx[None], lengths[:, None] - 1)  # (Bp, L): past the end, the last
     real = np.sum(idx[None, 1:] < lengths[:, None], axis=1)
     chunk = dict(K=np.stack([Ks[r][i] for r, i in enumerate(cams)]),

@@ -1,0 +1,116 @@
+"""The ``rgb_points`` backend: a full-resolution RGB point cloud (Spatia / Voyager style).
+
+Writes append every valid full-resolution pixel of the decoded frames as a coloured point;
+``render`` splats an image into a target camera and ``read`` re-encodes it to latents with
+the autoencoder's encoder (bound by ``memory.get_backend(..., encode_fn=...)``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mirage_jax.errors import InputError
+from mirage_jax.memory.config import MemoryConfig, check_frames, live_bytes, memory_config
+from mirage_jax.memory.splatting import lift_frames, ring_slots, splat
+
+
+@struct.dataclass
+class RgbPointState:
+  """Full-resolution RGB point cloud in a ring buffer of ``capacity`` points.
+
+  Attributes:
+    points: (N, 3) float32. rgb: (N, 3) uint8. valid: (N,) bool. head: () int32.
+  """
+  points: jax.Array
+  rgb: jax.Array
+  valid: jax.Array
+  head: jax.Array
+  cfg: MemoryConfig = struct.field(pytree_node=False)
+
+
+def init(cfg) -> RgbPointState:
+  """Empty RGB point cloud with ``cfg.capacity`` point slots."""
+  cfg = memory_config(cfg)
+  if cfg.image_height % cfg.latent_height or cfg.image_width % cfg.latent_width:
+    raise InputError("memory config", "image_height", "rgb_points needs the image size to be an "
+                     "integer multiple of the latent size")
+  n = cfg.capacity
+  return RgbPointState(points=jnp.zeros((n, 3), jnp.float32), rgb=jnp.zeros((n, 3), jnp.uint8),
+                       valid=jnp.zeros((n,), bool), head=jnp.zeros((), jnp.int32), cfg=cfg)
+
+
+def write(state: RgbPointState, latents, depth, intrinsics, c2w, static_mask,
+          frame_index, rgb=None) -> RgbPointState:
+  """Appends every valid full-resolution pixel of F decoded frames as a coloured point.
+
+  Args:
+    latents: (F, h, w, C), checked but not stored.
+    depth: (F, H, W) full-resolution z-depth (required at full resolution).
+    intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
+    static_mask: (F, H, W) or (F, h, w) bool. frame_index: (F,) int.
+    rgb: (F, H, W, 3) decoded frames, float in [0, 1] (required).
+  Returns:
+    The new state.
+  """
+  cfg = state.cfg
+  check_frames(cfg, latents, depth, intrinsics, c2w, static_mask, frame_index)
+  full = (latents.shape[0], cfg.image_height, cfg.image_width)
+  if rgb is None or tuple(rgb.shape) != full + (3,):
+    raise InputError("rgb_points.write", "rgb", f"expected decoded frames of shape {full + (3,)}, "
+                     f"got {None if rgb is None else tuple(rgb.shape)}")
+  if tuple(depth.shape) != full:
+    raise InputError("rgb_points.write", "depth", f"expected full-resolution shape {full}, got {tuple(depth.shape)}")
+  pts, valid = lift_frames(cfg, depth, intrinsics, c2w, static_mask, cfg.image_height, cfg.image_width)
+  m = pts.shape[0] * cfg.image_height * cfg.image_width
+  valid = valid.reshape(m)
+  slots, head = ring_slots(state.head, valid, cfg.capacity)
+  colours = jnp.round(jnp.clip(rgb.reshape(m, 3), 0.0, 1.0) * 255.0).astype(jnp.uint8)
+  put = lambda a, x: a.at[slots].set(x, mode="drop")
+  return RgbPointState(points=put(state.points, pts.reshape(m, 3)), rgb=put(state.rgb, colours),
+                       valid=put(state.valid, valid), head=head, cfg=cfg)
+
+
+def render(state: RgbPointState, intrinsics, c2w):
+  """Full-resolution z-buffer render of the RGB cloud.
+
+  Args:
+    intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
+  Returns:
+    rgb (F, H, W, 3) float32 in [0, 1] (black where empty), coverage (F, H, W) bool.
+  """
+  cfg = state.cfg
+
+  def one(K1, c2w1):
+    image, covered, _ = splat(state.points, state.rgb, state.valid, K1, c2w1,
+                              cfg.image_height, cfg.image_width, cfg.near)
+    return image.astype(jnp.float32) / 255.0, covered
+
+  return jax.vmap(one)(intrinsics, c2w)
+
+
+def read(state: RgbPointState, intrinsics, c2w, *, encode_fn):
+  """Renders the RGB cloud at full resolution and re-encodes it to latents.
+
+  Args:
+    intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
+    encode_fn: maps rgb (F, H, W, 3) float32 in [0, 1] to latents (F, h, w, C) (the
+      autoencoder's encoder); its cost is part of this backend's read.
+  Returns:
+    latents (F, h, w, C) (zeros outside coverage), coverage (F, h, w) bool: a latent cell
+    is covered when at least half of its full-resolution pixels are.
+  """
+  cfg = state.cfg
+  rgb, covered = render(state, intrinsics, c2w)
+  latents = encode_fn(rgb)
+  f, h, w = covered.shape[0], cfg.latent_height, cfg.latent_width
+  frac = covered.reshape(f, h, cfg.image_height // h, w, cfg.image_width // w).mean(axis=(2, 4))
+  cov = frac >= 0.5
+  return jnp.where(cov[..., None], latents, 0).astype(cfg.dtype), cov
+
+
+def nbytes(state: RgbPointState) -> int:
+  """Bytes of the live points (host side; summed over any batch dims)."""
+  return live_bytes(state, state.valid)
+
