@@ -329,6 +329,56 @@ def test_evaluate_into_gcs(gcs, tmp_path):
   print(f"\ngs:// evaluate (revisit, 1 trajectory, output on the bucket): {seconds:.1f} s")
 
 
+def test_wan_base_export_loads_from_gcs(gcs, tmp_path):
+  """A Wan export (DiT + VAE) on the bucket loads as from its local copy, bit for bit: as the
+  training stage's frozen base and initial params (``denoiser.base_checkpoint=gs://...``) and
+  through generation's loader (``rollout.load_world_model``, the VAE found on the bucket)."""
+  pytest.importorskip("torch")
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
+  from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
+  from mirage_jax import rollout, train  # pylint: disable=g-import-not-at-top
+  from tests import test_wan_generate  # pylint: disable=g-import-not-at-top
+  (tmp_path / "wan").mkdir()
+  local = test_wan_generate.make_wan_export(str(tmp_path / "wan"))  # EXPORT/dit
+  local_vae = os.path.join(os.path.dirname(local), "vae")
+  remote, remote_vae = f"gs://{BUCKET}/wan/dit", f"gs://{BUCKET}/wan/vae"
+  paths.upload_tree(local_vae, remote_vae)
+  paths.upload_tree(os.path.join(local, "params"), paths.join(remote, "params"))
+  meta = json.loads(Path(local, "config.json").read_text())
+  meta["config"]["denoiser"]["autoencoder_checkpoint"] = remote_vae
+  paths.write_text(paths.join(remote, "config.json"), json.dumps(meta))
+
+  config = mirage_wan22_5b.get_config("tiny")
+  side = tmp_path / "side"  # the stage's control latents and empty prompt: no VAE run needed
+  side.mkdir()
+  np.save(side / latent_clips.CONTROL, np.zeros((5, 4, 4, 48), np.float32))
+  np.save(side / latent_clips.EMPTY_TEXT,
+          np.zeros((config.denoiser.text_len, config.denoiser.model.text_dim), np.float32))
+  config.data.data_dir = str(side)
+  mesh, rules = train.build_mesh(config), train.logical_rules(config)
+
+  def stage_params(base: str):
+    config.denoiser.base_checkpoint = base
+    stage = train.make_stage(config)
+    stage.load_frozen(mesh, rules)
+    return stage.frozen["base"], stage.initial_params
+
+  t0 = time.perf_counter()
+  got = stage_params(remote)
+  seconds = time.perf_counter() - t0
+  want = stage_params(local)
+  assert jax.tree.leaves(got[0]) and jax.tree.leaves(got[1])  # the base, and its VACE
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+  params = lambda m: nnx.state(m, nnx.Param).to_pure_dict()
+  (_, vae_got, dit_got), (_, vae_want, dit_want) = (rollout.load_world_model(p)
+                                                    for p in (remote, local))
+  jax.tree.map(np.testing.assert_array_equal, params(dit_got), params(dit_want))
+  jax.tree.map(np.testing.assert_array_equal, params(vae_got), params(vae_want))
+  print(f"\ngs:// Wan base export, the training stage's load: {seconds:.1f} s")
+
+
 @pytest.mark.parametrize("module,flag,args", [
     ("mirage_jax.convert_wan", "--output", ["--wan_dir=/nonexistent"]),
     ("mirage_jax.generate", "--geometry_path", ["--checkpoint=/nonexistent", "--output_dir=/x"]),

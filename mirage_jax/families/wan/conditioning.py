@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mirage_jax import diffusion
+from mirage_jax import diffusion, paths
 from mirage_jax.errors import InputError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -229,7 +229,7 @@ def memory_config(config, **overrides):
 def read_export_config(path: str):
   """The training config stored with a base export (``mirage_jax.export`` / ``convert_wan``),
   local or ``gs://`` (``checkpoint.export_config``)."""
-  from mirage_jax import checkpoint, paths  # pylint: disable=g-import-not-at-top
+  from mirage_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if not path or not paths.isdir(path):
     raise InputError(path or "<empty>", "base_checkpoint", "no such export directory")
   return checkpoint.export_config(path)
@@ -251,12 +251,12 @@ def export_chain(path: str, model_cfg) -> list[tuple[str, Any]]:
   import os  # pylint: disable=g-import-not-at-top
   chain, seen = [], set()
   while path:
-    real = os.path.realpath(path)
+    real = paths.resolve(path) if paths.is_remote(path) else os.path.realpath(path)
     if real in seen:
       raise InputError(path, "denoiser.base_checkpoint", "the exports point at each other")
     seen.add(real)
     cfg = read_export_config(path)
-    where = os.path.join(path, "config.json")
+    where = paths.join(path, "config.json")
     model = cfg.get("denoiser", {}).get("model", {}) if cfg.get("denoiser") else {}
     if cfg.get("stage") != "denoiser" or model.get("family") != "wan":
       raise InputError(where, "denoiser.model.family", f"not a Wan DiT export (stage "
@@ -306,12 +306,11 @@ def load_dit_params(path: str, model_cfg, abstract: dict[tuple[str, ...], Any]
   Raises:
     InputError: naming the export and the param: one the model lacks, another shape.
   """
-  import os  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from mirage_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   out: dict = {}
   for export, _ in export_chain(path, model_cfg):
-    params_dir = os.path.abspath(os.path.join(export, "params"))
+    params_dir = paths.resolve(paths.join(export, "params"))
     try:
       with ocp.PyTreeCheckpointer() as ckptr:
         stored = flat_paths(ckpt_lib._tree(ckptr.metadata(params_dir).item_metadata))  # pylint: disable=protected-access
