@@ -16,7 +16,8 @@ from absl import app, flags
 
 from data_pipelines import procedural
 from experiments import tiny_cpu
-from mirage_jax import export, rollout
+from mirage_jax import rollout
+from mirage_jax.families.small import world_model as small_world_model
 from mirage_jax import families
 from mirage_jax import memory as memory_lib
 from mirage_jax.evaluation import metrics
@@ -37,7 +38,7 @@ VARIANTS = (
 
 def main(argv):
   del argv
-  ae, ae_config = export.load_model(_AE.value)
+  ae, ae_config = small_world_model.load_model(_AE.value)
   config = tiny_cpu.get_config("denoiser")
   config.autoencoder = ae_config.autoencoder
   h, w = config.data.resolution

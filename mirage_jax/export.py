@@ -5,8 +5,9 @@
 Several processes (``jax.distributed``, the flags of ``mirage_jax.main``): process 0 writes
 the export, the same files one process writes, and the others wait for it.
 
-Load it with ``mirage_jax.export.load_model`` (model + config) or
-``mirage_jax.checkpoint.load_export`` (params + config).
+Load it with ``mirage_jax.checkpoint.load_export`` (params + config), a small-family model
+with ``mirage_jax.families.small.world_model.load_model``, a denoiser with its autoencoder as
+``mirage_jax.rollout.load_world_model`` does.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import ml_collections
 from absl import app, flags
-from flax import nnx
 
 from mirage_jax import checkpoint, distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
-# The command's flags are defined only when it runs as a script: ``rollout`` and others import
-# ``load_model``, and flags defined on import would clash with the importer's own.
+# The command's flags are defined only when it runs as a script (tests import this module),
+# so that flags defined on import cannot clash with the importer's own.
 _FLAGS: dict[str, Any] = {}
 _INIT_DISTRIBUTED = None
 
@@ -35,27 +34,6 @@ def _define_flags() -> None:
                               "Cast floating params (default: keep)."),
       raw=flags.DEFINE_bool("raw_params", False, "Export the raw params instead of the EMA."),
       step=flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."))
-
-
-def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-  """The trained model of an export (autoencoder or denoiser, by the export's stage).
-
-  Args:
-    path: export directory.
-    shardings: optional params shardings (see ``checkpoint.load_export``).
-  Returns:
-    (model with the exported params, the training config).
-  """
-  from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.small import denoiser  # pylint: disable=g-import-not-at-top
-  params, config, _ = checkpoint.load_export(path, shardings)
-  builds = {"autoencoder": lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0)),
-            "denoiser": lambda: denoiser.Denoiser(config.denoiser.model, nnx.Rngs(0))}
-  if config.stage not in builds:
-    raise InputError(path, "stage", f"unknown stage {config.stage!r} in the export's config")
-  graphdef, state = nnx.split(nnx.eval_shape(builds[config.stage]))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), config
 
 
 def _main() -> int:

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from mirage_jax import checkpoint, export, train
+from mirage_jax import checkpoint, train
+from mirage_jax.families.small import world_model as small_world_model
 from mirage_jax.families.small import autoencoder
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
@@ -86,7 +87,7 @@ def test_restore_on_another_device_count(run_a, tmp_path):
 def test_export_and_load_round_trip(run_a, tmp_path):
   out = str(tmp_path / "export")
   assert checkpoint.export_params(run_a, out, dtype="bfloat16") == 6
-  model, config = export.load_model(out)
+  model, config = small_world_model.load_model(out)
   assert config.stage == "autoencoder"
   # The export holds exactly the EMA params of step 6, cast to bf16.
   ckpt = checkpoint.Checkpointer(os.path.join(run_a, "checkpoints"), every=0, keep=3)

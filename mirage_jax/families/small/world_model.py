@@ -51,6 +51,25 @@ from mirage_jax.families.small import autoencoder, conditioning, denoiser
 from mirage_jax.memory import objects as objects_lib
 
 
+def load_model(path: str, shardings: Any = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+  """The trained model of a small-family export (autoencoder or denoiser, by its stage).
+
+  Args:
+    path: export directory (``python -m mirage_jax.export``), local or gs://.
+    shardings: optional params shardings (see ``checkpoint.load_export``).
+  Returns:
+    (model with the exported params, the training config).
+  """
+  params, config, _ = checkpoint.load_export(path, shardings)
+  builds = {"autoencoder": lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0)),
+            "denoiser": lambda: denoiser.Denoiser(config.denoiser.model, nnx.Rngs(0))}
+  if config.stage not in builds:
+    raise InputError(path, "stage", f"unknown stage {config.stage!r} in the export's config")
+  graphdef, state = nnx.split(nnx.eval_shape(builds[config.stage]))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state), config
+
+
 class WorldModel(world_model.WorldModel):
   """One autoencoder, one denoiser and one memory backend (see the module docstring).
 
@@ -137,14 +156,13 @@ class WorldModel(world_model.WorldModel):
     The autoencoder comes from ``autoencoder_export`` or else from the path the denoiser was
     trained with (``config.denoiser.autoencoder_checkpoint``).
     """
-    from mirage_jax import export  # pylint: disable=g-import-not-at-top
-    dn, config = export.load_model(denoiser_export)
+    dn, config = load_model(denoiser_export)
     ae_path = autoencoder_export or config.denoiser.autoencoder_checkpoint
     ae_family = conditioning.upgrade(checkpoint.export_config(ae_path)).family
     if ae_family != "small":
       raise InputError(ae_path, "autoencoder.family", f"the denoiser {denoiser_export} is of the "
                        f"small family and needs its RGB-D autoencoder, this export is {ae_family!r}")
-    ae, ae_config = export.load_model(ae_path)
+    ae, ae_config = load_model(ae_path)
     if ae_config.stage != "autoencoder" or ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():
       raise InputError(ae_path, "autoencoder", "not the autoencoder this denoiser was trained with")
     return conditioning.upgrade(config), ae, dn
