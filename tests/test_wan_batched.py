@@ -111,18 +111,18 @@ def test_padded_slots_equal_exactly_the_real_frames(world, clips):
   """k real references (right-aligned) and n real preceding latents (left-aligned) among
   R = P = 2 slots, the rest padding: the sampled chunk is that of exactly those frames."""
   r = _rollout(world)
-  R, P, L = r.num_references, r.settings.preceding_latents, r.settings.latents
+  R, P, L = r.model.num_references, r.model.settings.preceding_latents, r.model.settings.latents
   assert (R, P, L) == (2, 2, 3)
-  lat = r.encode(clips[3]["frames"][:9])  # (3, h, w, 48) stand-ins for generated latents
+  lat = r.model.encode(clips[3]["frames"][:9])  # (3, h, w, 48) stand-ins for generated latents
   rng = np.random.default_rng(1)
   other = lambda n: jnp.asarray(rng.standard_normal((n,) + lat.shape[1:]), jnp.float32)
   scene, refs, prec, prec_scene = other(L), other(R), other(P), other(P)
   first, key = lat[0], jax.random.key(4)
   sample = jax.jit(r._sample_impl)  # pylint: disable=protected-access
-  control = r.control(L + P)
+  control = r.model.control(L + P)
   junk = other(2)  # what padded slots hold must not matter either
   for k, n in ((1, 1), (0, 0)):  # later chunks; chunk 0 (no reference, no preceding)
-    want = r.sample_chunk(key, first, scene, references=refs[:k] if k else None,
+    want = r.model.sample_chunk(key, first, scene, references=refs[:k] if k else None,
                           preceding=prec[:n] if n else None,
                           preceding_scene=prec_scene[:n] if n else None)
     pad_r = jnp.concatenate([junk[:R - k], refs[:k]])
@@ -132,14 +132,14 @@ def test_padded_slots_equal_exactly_the_real_frames(world, clips):
     noise = jax.random.normal(key, (1, L) + lat.shape[1:], jnp.float32)
     from mirage_jax.families.wan import conditioning as wan_mirage  # pylint: disable=g-import-not-at-top
     vace = wan_mirage.vace_context(jnp.concatenate([scene, pad_s])[None], control)
-    got = sample(r.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace, r.text,
-                 r.empty_text, jnp.asarray(mask)[None])[0]
+    got = sample(r.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace, r.model.text,
+                 r.model.empty_text, jnp.asarray(mask)[None])[0]
     # The control video of L + P latents starts as that of L (the VAE is causal in time).
     np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"k={k}, n={n}")
     assert float(jnp.max(jnp.abs(got[1:] - first))) > 1e-2
   # Without the mask the padding does change the sample (the test can fail).
   unmasked = sample(r.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace,
-                    r.text, r.empty_text, jnp.ones((1, R + L + P), bool))[0]
+                    r.model.text, r.model.empty_text, jnp.ones((1, R + L + P), bool))[0]
   assert float(jnp.max(jnp.abs(unmasked - want))) > 1e-3
 
 

@@ -135,9 +135,9 @@ def test_load_dispatches_on_family(world):
   st = wan_world_model.wan_settings(config)
   assert (st.chunk_frames, st.latents, st.new_frames, st.preceding_latents) == (33, 9, 32, 2)
   r = rollout.make_rollout(config, vae, dit, "mirage")
-  assert [list(p) for p in r.plan(NUM_FRAMES)] == [list(range(0, 33, 4)), list(range(32, 65, 4))]
+  assert [list(p) for p in r.model.plan(NUM_FRAMES)] == [list(range(0, 33, 4)), list(range(32, 65, 4))]
   with pytest.raises(Exception, match="family"):
-    rollout.make_rollout(config, vae, dit)  # the small family's class refuses a Wan config
+    families.get("small").WorldModel(config, vae, dit)  # the small family refuses a Wan config
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -196,18 +196,18 @@ def test_evaluate_revisit_cli(export, tmp_path):
 def test_memory_reaches_the_dit_through_vace(world, mirage_rollout, clip):
   config, vae, dit = world
   r = mirage_rollout
-  first = r.encode(clip["frames"][:1])[0]
+  first = r.model.encode(clip["frames"][:1])[0]
   rng = np.random.default_rng(0)
   empty = jnp.zeros((9, 4, 4, 48))
   full = jnp.asarray(rng.standard_normal((9, 4, 4, 48)), jnp.float32)
   # The VACE input is [memory | control]: the memory's 48 channels, then the same control.
-  v0, v1 = r.vace_input(empty), r.vace_input(full)
+  v0, v1 = r.model.vace_input(empty), r.model.vace_input(full)
   assert v0.shape == (1, 9, 4, 4, 96)
   np.testing.assert_array_equal(v1[0, ..., :48], full)
   np.testing.assert_array_equal(v0[..., 48:], v1[..., 48:])
   key = jax.random.key(3)
-  a = r.sample_chunk(key, first, empty)
-  b = r.sample_chunk(key, first, full)
+  a = r.model.sample_chunk(key, first, empty)
+  b = r.model.sample_chunk(key, first, full)
   assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
   np.testing.assert_array_equal(a[0], first)  # the clean first latent is kept
   assert float(jnp.max(jnp.abs(a[1:] - b[1:]))) > 1e-3  # the memory changes the sample
@@ -220,7 +220,7 @@ def test_memory_reaches_the_dit_through_vace(world, mirage_rollout, clip):
   proj.kernel.set_value(jnp.zeros_like(proj.kernel.get_value()))
   proj.bias.set_value(jnp.zeros_like(proj.bias.get_value()))
   r0 = rollout.make_rollout(config, vae, dead, "mirage")
-  a0, b0 = r0.sample_chunk(key, first, empty), r0.sample_chunk(key, first, full)
+  a0, b0 = r0.model.sample_chunk(key, first, empty), r0.model.sample_chunk(key, first, full)
   np.testing.assert_array_equal(a0, b0)
   assert float(jnp.max(jnp.abs(a0[1:] - a[1:]))) > 1e-3  # and the hints did matter before
 
@@ -240,8 +240,8 @@ def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
   assert fns["step"][False]._cache_size() == 1
   # Frame 0 is the decoded first-frame latent (decoded alone here, first of 9 in the chunk:
   # another compiled program, so the last float bit may differ and flip a truncation).
-  lat0 = r.encode(clip["frames"][:1])
-  rgb0 = np.asarray(r.decode(lat0))[0]
+  lat0 = r.model.encode(clip["frames"][:1])
+  rgb0 = np.asarray(r.model.decode(lat0))[0]
   want = np.floor((np.clip(rgb0, -1, 1) + 1) * 127.5).astype(int)
   assert np.abs(out["frames"][0].astype(int) - want).max() <= 1
   assert np.mean(out["frames"][0] == want) > 0.99
@@ -261,7 +261,7 @@ def test_chunks_chain_as_the_reference(world, clip):
   chunk step: the inputs are its fixed-shape slots, padding marked by the frame mask)."""
   config, vae, dit = world
   r = rollout.make_rollout(config, vae, dit, "mirage", capacity=NUM_FRAMES * 16)
-  R, L, P = r.num_references, r.settings.latents, r.settings.preceding_latents
+  R, L, P = r.model.num_references, r.model.settings.latents, r.model.settings.preceding_latents
   calls = []
 
   def record(dit_state, noise, first, references, preceding, vace, text, empty_text,
@@ -279,7 +279,7 @@ def test_chunks_chain_as_the_reference(world, clip):
     c["first"], c["scene"] = c["first"][0], c["vace"][:L, ..., :48]
     c["preceding_scene"] = c["vace"][L:, ..., :48]
   # Encoded inside the jitted step: float32 rounding apart from the eager encode.
-  np.testing.assert_allclose(c0["first"], r.encode(clip["frames"][:1])[0], atol=1e-5)
+  np.testing.assert_allclose(c0["first"], r.model.encode(clip["frames"][:1])[0], atol=1e-5)
   assert not c0["mask"][:R].any() and not c0["mask"][R + L:].any()  # all padding
   # Chunk 0 reads only the first frame's points: its own camera is fully covered.
   assert np.all(c0["scene"][0] != 0)
@@ -309,18 +309,18 @@ def test_cfg_uses_the_empty_prompt(world, clip):
   base = rollout.make_rollout(config, vae, dit, "mirage", sampling_options=dict(text=text))
   cfg = rollout.make_rollout(config, vae, dit, "mirage",
                              sampling_options=dict(text=text, guidance_scale=3.0))
-  assert base.guidance_scale is None and cfg.guidance_scale == 3.0
-  np.testing.assert_array_equal(base.text[0, :7], text.astype(np.float32))
-  assert not np.any(base.text[0, 7:]) and not np.any(base.empty_text)  # zero-padded, zeros
-  first = base.encode(clip["frames"][:1])[0]
+  assert base.model.guidance_scale is None and cfg.model.guidance_scale == 3.0
+  np.testing.assert_array_equal(base.model.text[0, :7], text.astype(np.float32))
+  assert not np.any(base.model.text[0, 7:]) and not np.any(base.model.empty_text)  # zero-padded, zeros
+  first = base.model.encode(clip["frames"][:1])[0]
   scene = jnp.zeros((9, 4, 4, 48))
   key = jax.random.key(0)
-  a, b = base.sample_chunk(key, first, scene), cfg.sample_chunk(key, first, scene)
+  a, b = base.model.sample_chunk(key, first, scene), cfg.model.sample_chunk(key, first, scene)
   assert float(jnp.max(jnp.abs(a - b))) > 1e-4
   # CFG with the caption equal to the empty prompt is the conditional prediction again.
   same = rollout.make_rollout(config, vae, dit, "mirage",
                               sampling_options=dict(text=text, empty_text=text, guidance_scale=3.0))
-  np.testing.assert_allclose(same.sample_chunk(key, first, scene), a, atol=1e-5)
+  np.testing.assert_allclose(same.model.sample_chunk(key, first, scene), a, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -42,6 +42,16 @@ def family_name(config: ml_collections.ConfigDict) -> str:
   return name
 
 
+def check_family(config: ml_collections.ConfigDict, name: str) -> str:
+  """``name`` if it is ``config``'s family, else an InputError (a config of one family given
+  to another family's code)."""
+  given = family_name(config)
+  if given != name:
+    raise InputError("config", "family", f"a {given!r}-family config given to the {name!r} "
+                     "family's code")
+  return name
+
+
 def get(config_or_name: ml_collections.ConfigDict | str) -> types.ModuleType:
   """The family package (``mirage_jax.families.<name>``) of a config or a name."""
   name = (config_or_name if isinstance(config_or_name, str)

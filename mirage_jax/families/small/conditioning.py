@@ -43,7 +43,7 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A small-family config (an export's of any age, or a training run's) in the current
   schema: ``family`` set, and every field added since the first exports filled with the
   value those exports were trained and run with (a copy; present fields are kept)."""
-  family = families.family_name(config)
+  family = families.check_family(config, "small")
   defaults = dict(_DEFAULTS) if "denoiser" in config else {}
   return world_model.with_defaults(config, {"family": family, **defaults})
 

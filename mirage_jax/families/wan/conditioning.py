@@ -208,7 +208,8 @@ def upgrade(config):
   absent on a converted base: it keeps the released model's own training."""
   from mirage_jax import families, world_model  # pylint: disable=g-import-not-at-top
   defaults = dict(_DEFAULTS) if "denoiser" in config else {}
-  return world_model.with_defaults(config, {"family": families.family_name(config), **defaults})
+  return world_model.with_defaults(config, {"family": families.check_family(config, "wan"),
+                                             **defaults})
 
 
 def memory_config(config, **overrides):
