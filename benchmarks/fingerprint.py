@@ -39,16 +39,19 @@ def _run(*args: str) -> None:
                  stdout=sys.stderr)
 
 
-def _numbers(node, prefix=""):
-  """(key path, value) of every number and string leaf not named volatile."""
+def _numbers(node, prefix="", workdir=""):
+  """(key path, value) of every number and string leaf not named volatile; strings with
+  ``workdir`` in them hold it as ``<workdir>`` (two runs differ only in where they ran)."""
   if isinstance(node, dict):
     for k in sorted(node):
       if not any(v in k.lower() for v in _VOLATILE):
-        yield from _numbers(node[k], f"{prefix}/{k}")
+        yield from _numbers(node[k], f"{prefix}/{k}", workdir)
   elif isinstance(node, (list, tuple)):
     for i, x in enumerate(node):
-      yield from _numbers(x, f"{prefix}[{i}]")
-  elif isinstance(node, (int, float, bool, str)) or node is None:
+      yield from _numbers(x, f"{prefix}[{i}]", workdir)
+  elif isinstance(node, str):
+    yield prefix, node.replace(workdir, "<workdir>") if workdir else node
+  elif isinstance(node, (int, float, bool)) or node is None:
     yield prefix, node
 
 
@@ -110,7 +113,7 @@ def fingerprint(workdir: str) -> list[str]:
             data = json.load(fh)
           except ValueError:
             continue
-        lines.append(f"numbers {os.path.join(rel, f)} {_digest(list(_numbers(data)))}")
+        lines.append(f"numbers {os.path.join(rel, f)} {_digest(list(_numbers(data, workdir=workdir)))}")
       elif f.endswith(".npz") and ("generate" in rel or "eval" in rel):
         with np.load(p) as z:
           lines.append(f"arrays {os.path.join(rel, f)} "
