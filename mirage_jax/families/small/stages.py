@@ -28,22 +28,26 @@ from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
 from mirage_jax.memory import objects as objects_lib
 from mirage_jax.training.flops import model_flops
-from mirage_jax.training.stage import Batch, noise_levels, train_memory_config
+from mirage_jax.training.stage import Batch, StageBase, noise_levels, train_memory_config
 
 
-def make_stage(config: ml_collections.ConfigDict, frozen: Any = None):
+def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> StageBase:
   """The stage named by ``config.stage``; the denoiser needs the frozen autoencoder params
-  (None: its export is checked now and loaded later by ``DenoiserStage.load_frozen``)."""
+  (None: its export is checked now and loaded later by ``DenoiserStage.load_frozen``;
+  "abstract": their shapes, for compiling ahead of time)."""
   if config.stage == "autoencoder":
     return AutoencoderStage(config)
   if config.stage == "denoiser":
-    if frozen is None:  # loaded by DenoiserStage.load_frozen(mesh), straight into its sharding
+    if isinstance(frozen, str) and frozen == "abstract":
+      ae = nnx.eval_shape(lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0)))
+      frozen = nnx.state(ae, nnx.Param).to_pure_dict()
+    elif frozen is None:  # loaded by DenoiserStage.load_frozen(mesh), straight into its sharding
       _autoencoder_export(config)
     return DenoiserStage(config, frozen)
   raise InputError("config.stage", "stage", f"expected 'autoencoder' or 'denoiser', got {config.stage!r}")
 
 
-class AutoencoderStage:
+class AutoencoderStage(StageBase):
   """Stage 1: the RGB-D VAE (and its dynamic head) on every frame of the windows."""
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -74,7 +78,7 @@ class AutoencoderStage:
     return 3.0 * fwd  # forward + backward (twice the forward)
 
 
-class DenoiserStage:
+class DenoiserStage(StageBase):
   """Stage 2: flow matching on the target chunk, conditioned on memory and clean context.
 
   A window of ``T = memory_frames + target_frames`` frames: the first ``memory_frames`` are
@@ -141,6 +145,12 @@ class DenoiserStage:
     ``mesh``: every process reads it from the export, none receives it from another."""
     del rules
     self.frozen = load_frozen_autoencoder(self.config, NamedSharding(mesh, PartitionSpec()))
+
+  def rollout_args(self, graphdef, ema) -> tuple:
+    """(autoencoder, denoiser of the EMA params ``ema``) for the training rollouts."""
+    dn = self.merge(graphdef, ema, None)
+    ae = nnx.merge(self.ae_graphdef, nnx.State(self.frozen))
+    return ae, dn
 
   def _encode(self, frozen, frames, depths):
     """(B, T, H, W, 3), (B, T, H, W) -> scaled posterior-mean latents (B, T, h, w, C)."""

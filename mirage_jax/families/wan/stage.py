@@ -24,7 +24,7 @@ from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
 from mirage_jax.training.flops import model_flops
-from mirage_jax.training.stage import Batch, noise_levels, train_memory_config
+from mirage_jax.training.stage import Batch, StageBase, noise_levels, train_memory_config
 
 
 def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> "WanStage":
@@ -37,7 +37,7 @@ def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> "WanSta
   return WanStage(config, frozen)
 
 
-class WanStage:
+class WanStage(StageBase):
   """Fine-tuning Mirage on a frozen Wan2.2 base (the reference's ``scripts/train.py``).
 
   ``config.denoiser.model.family == 'wan'``. The WanDiT's base params (everything but the
@@ -172,6 +172,14 @@ class WanStage:
                    "empty_text": jax.device_put(self._empty_text(), replicated)}
     logging.info("Wan base from %s: %d frozen params; %d trainable params start from it",
                  d.base_checkpoint, len(base_paths), len(initial))
+
+  def rollout_args(self, graphdef, ema) -> tuple:
+    """(no autoencoder, the EMA params ``ema`` over the frozen base gathered to the host, the
+    empty-prompt embedding) for the training rollouts."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    frozen = multihost_utils.process_allgather(self.frozen, tiled=True)
+    dn = self.merge(graphdef, ema, frozen)
+    return None, dn, dict(empty_text=np.asarray(frozen["empty_text"]))
 
   def _data_side(self, name: str):
     if self.config.data.dataset != "wan_latents":
