@@ -35,11 +35,6 @@ from mirage_jax.training.step import (TrainSetup, init_state, make_eval_step, ma
                                       make_stage, make_train_step)
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        sources: Mapping[str, Sequence[Any]] | None = None) -> dict[str, float]:
   """Trains ``config.stage`` for ``config.train.steps``, resuming from ``workdir`` if possible.
@@ -222,6 +217,11 @@ def device_memory() -> dict[str, float]:
   if all(s.get("bytes_limit") for s in stats):
     out["hbm_in_use_fraction"] = max(s["bytes_in_use"] / s["bytes_limit"] for s in stats)
   return out
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _log(config, writer, pending, clips, step, step_last, t_last, total, step_flops,

@@ -41,6 +41,9 @@ def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
   return families.get(config).make_stage(config, frozen)
 
 
+# ============================================================================= sharded state
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
   """Everything the step and the loop need about the model, its state and its shardings."""
