@@ -28,8 +28,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from mirage_jax import aot, sharding  # noqa: E402
-from mirage_jax.training import flops as flops_lib  # noqa: E402
 from mirage_jax.families.wan import dit as wan_dit  # noqa: E402
+from mirage_jax.training import flops as flops_lib  # noqa: E402
 
 flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for.")
 flags.DEFINE_string("mesh", "fsdp:-1", "Mesh axes as name:size,... (data, fsdp, context, tensor).")

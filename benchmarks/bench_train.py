@@ -90,10 +90,10 @@ def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: flo
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
   from mirage_jax.training import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
   from mirage_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from mirage_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
   config = _config(name, stage_name, overrides)
   mesh = mesh_lib.build_mesh(config)
   frozen = None

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 def test_compile_for_v5e_2x2(tmp_path):
   import jax
   from mirage_jax import aot
+  from mirage_jax.errors import InputError
   from mirage_jax.training import executables
   from mirage_jax.training import mesh as mesh_lib
-  from mirage_jax.errors import InputError
   config = tiny_config()
   config.mesh = dict(data=1, fsdp=2, context=1, tensor=2)
   path = str(tmp_path / "v5e.jaxexe")

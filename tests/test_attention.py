@@ -13,8 +13,8 @@ from flax import nnx
 
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
-from mirage_jax.nn import attention as attn
 from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.nn import attention as attn
 
 
 def _qkv(seed, b=2, lq=37, lk=45, h=2, d=8, dtype=np.float32):

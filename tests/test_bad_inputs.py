@@ -26,14 +26,14 @@ from flax import nnx
 
 from data_pipelines import builders, files, pipeline
 from mirage_jax import checkpoint
-from mirage_jax.training import inputs as inputs_lib
-from mirage_jax.training import loop as loop_lib
-from mirage_jax.training import mesh as mesh_lib
-from mirage_jax.families.small import stages as small_stages
-from mirage_jax.training import step as step_lib
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import report, revisit
 from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import stages as small_stages
+from mirage_jax.training import inputs as inputs_lib
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 from tests.fixtures_util import synthetic_clip
 from tests.test_train import synthetic_sources, tiny_config
 

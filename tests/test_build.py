@@ -284,10 +284,10 @@ def _latent_digests(folder: Path) -> dict[str, list[str]]:
 def test_latent_encoding_on_two_beam_workers_writes_the_files_of_one(tmp_path):
   from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
   from mirage_jax import convert_wan  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import weight_files as torch_files  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import original_layout  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import original_layout  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import weight_files as torch_files  # pylint: disable=g-import-not-at-top
   release = tmp_path / "release"
   release.mkdir()
   dit = original_layout.random_original(wan_dit.original_layout(wan_dit.wan_dit_config("tiny")), 0,

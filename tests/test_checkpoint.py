@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from mirage_jax import checkpoint, export
+from mirage_jax.families.small import autoencoder
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib
-from mirage_jax.families.small import autoencoder
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

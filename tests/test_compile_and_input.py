@@ -13,12 +13,12 @@ from jax.sharding import Mesh, PartitionSpec
 
 from data_pipelines import pipeline
 from mirage_jax import aot, distributed, prefetch
+from mirage_jax.errors import InputError
 from mirage_jax.training import executables
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib
-from mirage_jax.errors import InputError
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
 

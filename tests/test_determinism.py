@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from mirage_jax import distributed
+from mirage_jax.memory import MemoryConfig, get_backend
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib
-from mirage_jax.memory import MemoryConfig, get_backend
 from tests.test_memory import make_frames
 from tests.test_train import synthetic_sources, tiny_config
 

@@ -124,9 +124,9 @@ def rows_across_hosts() -> dict:
   hold every batch row: their shards, the start-up check, and the check on a wrong shard."""
   import jax
   from mirage_jax import distributed
+  from mirage_jax.errors import InputError
   from mirage_jax.training import inputs as inputs_lib
   from mirage_jax.training import mesh as mesh_lib
-  from mirage_jax.errors import InputError
   config = tiny_config()
   config.mesh = dict(data=4, fsdp=1, context=1, tensor=2)
   by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]

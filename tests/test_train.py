@@ -13,13 +13,13 @@ from jax.sharding import PartitionSpec
 
 from experiments import tiny_cpu
 from mirage_jax import geometry, metrics_log, sharding
+from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import stages as small_stages
 from mirage_jax.training import flops as flops_lib
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
-from mirage_jax.families.small import stages as small_stages
 from mirage_jax.training import step as step_lib
-from mirage_jax.families.small import autoencoder
 
 
 def synthetic_clip(seed: int, frames: int = 12, size: int = 16) -> dict:

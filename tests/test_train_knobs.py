@@ -14,15 +14,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import mirage_wan22_5b, tiny_cpu
 from mirage_jax import diffusion, rollout, sharding
+from mirage_jax.errors import InputError
+from mirage_jax.families.small import denoiser as dn
+from mirage_jax.families.small import stages as small_stages
+from mirage_jax.families.wan import stage as wan_stage
+from mirage_jax.nn import layers
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import optimizer as optimizer_lib
-from mirage_jax.families.small import stages as small_stages
 from mirage_jax.training import step as step_lib
-from mirage_jax.families.wan import stage as wan_stage
-from mirage_jax.errors import InputError
-from mirage_jax.families.small import denoiser as dn
-from mirage_jax.nn import layers
+from mirage_jax.training.stage import StageBase
 from tests.test_train import _batch, _mesh_config, random_frozen_autoencoder, tiny_config
 
 
@@ -206,7 +207,7 @@ def test_guidance_flag_refused_for_a_wan_finetune_without_caption_dropout():
 # ----------------------------------------------------------------------------- 4. accumulation
 
 
-class _LinearStage:
+class _LinearStage(StageBase):
   """y = x W + b regressed onto targets: a loss with no randomness, so microbatched and
   full-batch gradients must agree to float32 round-off."""
 

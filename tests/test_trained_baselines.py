@@ -17,9 +17,9 @@ from flax import nnx
 from data_pipelines import procedural
 from experiments import common, tiny_cpu
 from mirage_jax import geometry, rollout
-from mirage_jax.families.small import stages as small_stages
 from mirage_jax.evaluation import metrics, report, revisit, scaling
 from mirage_jax.families.small import denoiser
+from mirage_jax.families.small import stages as small_stages
 from tests.test_generate import _save_export, run_cli, save_tiny_export
 
 

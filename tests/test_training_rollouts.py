@@ -7,9 +7,9 @@ import pytest
 
 from experiments import tiny_cpu
 from mirage_jax import metrics_log
-from mirage_jax.training import loop as loop_lib
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import training_rollouts
+from mirage_jax.training import loop as loop_lib
 from tests.test_generate import save_tiny_export
 from tests.test_train import synthetic_clip
 

@@ -17,16 +17,16 @@ from flax import nnx
 from data_pipelines import build, encode_latents, latent_clips
 from experiments import mirage_wan22_5b
 from mirage_jax import checkpoint, convert_wan, memory
+from mirage_jax.errors import InputError
+from mirage_jax.families.wan import conditioning as wan_mirage
+from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import stage as wan_stage
+from mirage_jax.families.wan import vae as wan_vae
+from mirage_jax.families.wan import weight_files as torch_files
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib
-from mirage_jax.families.wan import stage as wan_stage
-from mirage_jax.families.wan import weight_files as torch_files
-from mirage_jax.families.wan import conditioning as wan_mirage
-from mirage_jax.errors import InputError
-from mirage_jax.families.wan import dit as wan_dit
-from mirage_jax.families.wan import vae as wan_vae
 
 torch = pytest.importorskip("torch")
 
