@@ -9,7 +9,7 @@ target chunk (9 latent frames) and ``preceding`` latent frames, at 704x1280 (44x
 Nothing is allocated: the model is abstract (``nnx.eval_shape``) and compiled by libtpu
 (``pip install -e .[tpu]``). Prints per-chip memory from XLA's memory analysis and the
 forward FLOPs three ways: the closed-form count below, the matmul/conv FLOPs of the traced
-jaxpr (``train.jaxpr_flops``, scans times their length) and XLA's cost analysis (which
+jaxpr (``training.flops.jaxpr_flops``, scans times their length) and XLA's cost analysis (which
 counts a scanned layer stack's body once, so it undercounts by about the layer count).
 """
 
@@ -27,8 +27,9 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from mirage_jax import aot, sharding, train  # noqa: E402
+from mirage_jax import aot, sharding  # noqa: E402
 from mirage_jax.families.wan import dit as wan_dit  # noqa: E402
+from mirage_jax.training import flops as flops_lib  # noqa: E402
 
 flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for.")
 flags.DEFINE_string("mesh", "fsdp:-1", "Mesh axes as name:size,... (data, fsdp, context, tensor).")
@@ -92,7 +93,7 @@ def _compiled_stats(fn, *args):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   per_chip = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
               + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  return per_chip, mem, float(cost.get("flops", 0.0)), train.jaxpr_flops(fn, *args)
+  return per_chip, mem, float(cost.get("flops", 0.0)), flops_lib.jaxpr_flops(fn, *args)
 
 
 def generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
@@ -226,7 +227,7 @@ def main(argv) -> None:
   args = (abstract_params, latents, timesteps, text, vace_ctx)
   with jax.set_mesh(mesh), sharding.use_rules(rules):
     compiled = jax.jit(forward).lower(*args).compile()
-    traced = train.jaxpr_flops(forward, *args)
+    traced = flops_lib.jaxpr_flops(forward, *args)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -2,7 +2,7 @@
 
   python benchmarks/bench_prefetch.py [--steps=60] [--stage=autoencoder]
 
-Runs the real training loop (``train.train_and_evaluate``) on the tiny config with random
+Runs the real training loop (``training.loop.train_and_evaluate``) on the tiny config with random
 posed clips held in memory, once per setting, and reports the mean ``step_time_s`` and
 ``data_wait_s`` of the logged intervals after the first (compilation excluded), and the
 bytes of one global batch as it crosses to the devices.
@@ -24,7 +24,11 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
 from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top
-from mirage_jax import geometry, train  # pylint: disable=g-import-not-at-top
+from mirage_jax import geometry  # pylint: disable=g-import-not-at-top
+from mirage_jax.training import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+from mirage_jax.training import loop as loop_lib  # pylint: disable=g-import-not-at-top
+from mirage_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+from mirage_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
 _STEPS = flags.DEFINE_integer("steps", 60, "Training steps per setting.")
 _STAGE = flags.DEFINE_string("stage", "autoencoder", "autoencoder (no frozen model needed).")
@@ -51,13 +55,13 @@ def run(frames_dtype: str, prefetch: int, steps: int) -> dict:
   config.train.update(steps=steps, log_every=max(steps // 3, 1), prefetch=prefetch,
                       tensorboard=False)
   config.checkpoint.every = 0
-  stage = train.make_stage(config)
-  mesh = train.build_mesh(config)
-  specs = train.abstract_batch(config, stage, mesh, train.logical_rules(config))
+  stage = step_lib.make_stage(config)
+  mesh = mesh_lib.build_mesh(config)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, mesh_lib.logical_rules(config))
   nbytes = sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in specs.values())
   clips = random_clips(32)
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir, {"train": clips, "validation": clips[:2]})
+    loop_lib.train_and_evaluate(config, workdir, {"train": clips, "validation": clips[:2]})
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f][1:]  # the first interval follows compilation
   return {"frames_dtype": frames_dtype, "prefetch": prefetch, "input_bytes_per_step": nbytes,

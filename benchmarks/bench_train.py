@@ -4,7 +4,7 @@
   python benchmarks/bench_train.py --part=aot            # pod configs vs their TPU topology
 
 MFU on CPU is measured against the best float32 matmul throughput measured in the same run
-(``train.measure_matmul_tflops``), so it says how close the step comes to this machine's own
+(``training.flops.measure_matmul_tflops``), so it says how close the step comes to this machine's own
 matmul peak. Prints one JSON line per case.
 """
 
@@ -90,21 +90,23 @@ def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: flo
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  from mirage_jax import train  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   config = _config(name, stage_name, overrides)
-  mesh = train.build_mesh(config)
+  mesh = mesh_lib.build_mesh(config)
   frozen = None
   if stage_name == "denoiser":  # random weights: the step's cost does not depend on them
     ae = autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))
     frozen = nnx.state(ae, nnx.Param).to_pure_dict()
-  stage = train.make_stage(config, frozen=frozen)
-  setup = train.make_setup(config, stage, mesh)
-  state = train.init_state(config, stage, setup)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  stage = step_lib.make_stage(config, frozen=frozen)
+  setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
   batch = synthetic_batch(specs)
   frozen = jax.device_put(stage.frozen, NamedSharding(mesh, PartitionSpec()))
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   compile_s, seconds, state, metrics = time_steps(setup, step, state, batch, frozen, steps)
   flops = stage.step_flops(config.data.batch_size)
   params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -122,8 +124,8 @@ def main(argv) -> None:
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if _PART.value == "cpu":
-    from mirage_jax import train  # pylint: disable=g-import-not-at-top
-    peak = max(train.measure_matmul_tflops(2048) for _ in range(2))
+    from mirage_jax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
+    peak = max(flops_lib.measure_matmul_tflops(2048) for _ in range(2))
     print(json.dumps({"matmul_peak_tflops": peak}), flush=True)
     for name, stage, overrides in CPU_CASES:
       print(json.dumps(bench_cpu(name, stage, overrides, _STEPS.value, peak)), flush=True)

@@ -27,15 +27,15 @@ CASES = [
     ("after (defaults, f32)", {}),
     ("f32_residual", {"denoiser.model.precision": "f32_residual"}),
     ("bf16", {"denoiser.model.precision": "bf16"}),
-    ("microbatches=2", {"train.microbatches": 2}),
+    ("microbatches=2", {"step_lib.microbatches": 2}),
 ]
 
 
 def main(argv) -> None:
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from mirage_jax import train  # pylint: disable=g-import-not-at-top
-  peak = max(train.measure_matmul_tflops(1024) for _ in range(2))
+  from mirage_jax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  peak = max(flops_lib.measure_matmul_tflops(1024) for _ in range(2))
   for label, overrides in CASES:
     out = bench_train.bench_cpu("tiny_cpu", "denoiser", overrides, flags.FLAGS.steps, peak)
     print(json.dumps({"label": label, **out}), flush=True)

@@ -48,23 +48,26 @@ def bench(precision: str, steps: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
-  from mirage_jax import train  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import stage as wan_stage  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   config = mirage_wan22_5b.get_config("tiny")
   config.denoiser.model.precision = precision
   config.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)  # whatever this host has
-  stage = train.WanStage(config, "abstract")
+  stage = wan_stage.WanStage(config, "abstract")
   model = stage.build(nnx.Rngs(0))  # random base: the step's cost does not depend on it
   _, _, rest = nnx.split(model, stage.trainable, ...)
   frozen = {"base": rest.to_pure_dict(),
             **{k: jnp.zeros(v.shape, v.dtype) for k, v in stage.frozen.items() if k != "base"}}
   stage.frozen = frozen
-  mesh = train.build_mesh(config)
-  setup = train.make_setup(config, stage, mesh)
-  state = train.init_state(config, stage, setup)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  mesh = mesh_lib.build_mesh(config)
+  setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
   batch = _batch(stage, specs)
   frozen = jax.device_put(frozen, setup.frozen_sharding())
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   compile_s, step_s, _, metrics = bench_train.time_steps(setup, step, state, batch, frozen, steps)
   return {"precision": precision, "devices": jax.device_count(),
           "batch": config.data.batch_size, "first_step_s": round(compile_s, 2),

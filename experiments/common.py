@@ -40,7 +40,7 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
   c.data.data_dir = "data"
   c.data.config_name = "default"
   # Frames cross to the device as uint8 (a quarter of float32's bytes) and become [-1, 1]
-  # floats inside the jitted step (train.model_inputs).
+  # floats inside the jitted step (training.step.model_inputs).
   c.data.frames_dtype = "uint8"
   c.data.build = ml_collections.ConfigDict(dict(num_clips=32, frames_per_clip=32, resolution=64,
                                                 moving_objects=2))

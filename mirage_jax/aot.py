@@ -17,9 +17,10 @@ executable; the others wait for it and exit with its status.
 
 Compile once, reuse: ``--save_executable=FILE`` also serialises the compiled step, which a
 run of the same config on that topology loads instead of compiling
-(``--config.train.executable=FILE``; :func:`load_executable` checks config, mesh, devices
-and JAX version first). Independently, every entry point that calls
-:func:`enable_compilation_cache` keeps its compiled executables in JAX's persistent cache.
+(``--config.train.executable=FILE``; ``training.executables.load_executable`` checks config,
+mesh, devices and JAX version first). Independently, every entry point that calls
+``training.executables.enable_compilation_cache`` keeps its compiled executables in JAX's
+persistent cache.
 """
 
 from __future__ import annotations
@@ -27,20 +28,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from flax import nnx
-from flax import traverse_util
-from jax.experimental import serialize_executable
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mirage_jax import distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.training import executables
+from mirage_jax.training.flops import jaxpr_flops
+from mirage_jax.training.inputs import abstract_batch
+from mirage_jax.training.mesh import build_mesh
+from mirage_jax.training.step import make_setup, make_stage, make_train_step
 
 _CONFIG = None  # defined in main() so importing this module defines no flags
 _INIT_DISTRIBUTED = None  # likewise (mirage_jax.distributed.define_flags)
@@ -70,123 +71,6 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   return list(desc.devices)
 
 
-# ----------------------------------------------------------------------------- compile cache
-
-# Below this compile time an executable is cheaper to rebuild than to read back (JAX's own
-# default); the test suite lowers it through $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS.
-CACHE_MIN_COMPILE_TIME_S = 1.0
-
-
-def enable_compilation_cache(directory: str | None,
-                             where: str = "config.compilation_cache_dir") -> str | None:
-  """Turns on JAX's persistent compilation cache in ``directory`` ('' or None: leave it off).
-
-  A directory already set (``$JAX_COMPILATION_CACHE_DIR``, or an earlier call) wins, so the
-  test suite and CI point every process, subprocesses included, at one cache. Call it before
-  the first compilation that should be cached. Entries are keyed by the computation, the
-  devices, the compile options and the JAX version, so a stale entry is never used.
-
-  Returns:
-    The directory in use, or None.
-  Raises:
-    InputError: the directory cannot be created.
-  """
-  current = jax.config.jax_compilation_cache_dir
-  if current:
-    return current
-  if not directory:
-    return None
-  path = os.path.abspath(os.path.expanduser(directory))
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise InputError(where, "compilation_cache_dir", f"cannot create {path} "
-                     f"({e.strerror or e})") from None
-  jax.config.update("jax_compilation_cache_dir", path)
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_S)
-  return path
-
-
-# ----------------------------------------------------------------------------- executables
-
-EXECUTABLE_FORMAT = "mirage_jax.aot.executable/1"
-# Config fields that never reach the compiled step: where files are, how often to log, save
-# or evaluate, how the host reads data, and the checkpoints whose params are step inputs.
-_RUN_ONLY_FIELDS = (
-    "compilation_cache_dir", "train.executable", "train.log_every", "train.tensorboard",
-    "train.profile_start", "train.profile_steps", "train.prefetch", "train.nonfinite",
-    "train.peak_tflops_per_device", "checkpoint.", "eval.", "data.data_dir", "data.dataset",
-    "data.config_name", "data.build.", "data.seed", "data.shuffle", "data.num_epochs",
-    "data.shard_index", "data.shard_count", "data.worker_count", "data.worker_buffer_size",
-    "data.read_threads", "data.read_buffer_size", "denoiser.autoencoder_checkpoint",
-    "denoiser.base_checkpoint", "denoiser.empty_text")
-
-
-def executable_key(config: ml_collections.ConfigDict, devices: list[Any],
-                   mesh_shape: dict[str, int]) -> dict[str, Any]:
-  """What a serialised train step depends on: the compiled config fields (flattened, as
-  JSON values), the device platform and count, the mesh and the JAX version."""
-  flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
-  fields = {k: v for k, v in sorted(flat.items())
-            if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _RUN_ONLY_FIELDS)}
-  return {"config": fields, "platform": devices[0].platform, "devices": len(devices),
-          "mesh": {k: int(v) for k, v in mesh_shape.items()}, "jax": jax.__version__}
-
-
-def save_executable(compiled: jax.stages.Compiled, path: str, key: dict[str, Any]) -> int:
-  """Writes ``compiled`` (``jit(...).lower(...).compile()``) and its ``key`` to ``path``.
-
-  Returns:
-    Bytes written.
-  """
-  from mirage_jax.atomic import atomic_output  # pylint: disable=g-import-not-at-top
-  payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-  blob = pickle.dumps({"format": EXECUTABLE_FORMAT, "key": key, "executable": payload,
-                       "in_tree": in_tree, "out_tree": out_tree})
-  with atomic_output(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(blob)
-  return len(blob)
-
-
-def load_executable(path: str, key: dict[str, Any], devices: list[Any],
-                    where: str = "config.train.executable") -> jax.stages.Compiled:
-  """The executable :func:`save_executable` wrote, loaded onto ``devices`` (the mesh's).
-
-  The file is trusted (it holds pickled code, as JAX's own cache does): load only your own.
-
-  Args:
-    key: :func:`executable_key` of this run; it must equal the saved one.
-  Raises:
-    InputError: unreadable, not such a file, or compiled for another config, mesh,
-      device platform or count, or JAX version (names the first fields that differ).
-  """
-  try:
-    with open(path, "rb") as f:
-      saved = pickle.load(f)
-  except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-    raise InputError(path, "executable", f"unreadable ({type(e).__name__}: {e})") from None
-  if not isinstance(saved, dict) or saved.get("format") != EXECUTABLE_FORMAT:
-    raise InputError(path, "executable", "not a train step written by python -m "
-                     "mirage_jax.aot --save_executable")
-  if saved["key"] != key:
-    old, new = saved["key"], key
-    diff = [k for k in ("platform", "devices", "mesh", "jax") if old.get(k) != new.get(k)]
-    diff += sorted(k for k in set(old["config"]) | set(new["config"])
-                   if old["config"].get(k, "<absent>") != new["config"].get(k, "<absent>"))
-    raise InputError(path, diff[0], f"compiled for another setup ({where}); differs in "
-                     f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}: recompile "
-                     "with python -m mirage_jax.aot --save_executable")
-  try:
-    return serialize_executable.deserialize_and_load(
-        saved["executable"], saved["in_tree"], saved["out_tree"],
-        backend=devices[0].client, execution_devices=devices)
-  except Exception as e:  # pylint: disable=broad-except  # the runtime refuses it its own way
-    raise InputError(path, "executable", f"cannot load it on these devices ({type(e).__name__}"
-                     f": {' '.join(str(e).split())[:200]})") from None
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -211,26 +95,18 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any],
   """Lowers and compiles the train step of ``config`` for ``devices`` (a topology's, or real).
 
   ``for_saving``: compile without the persistent compilation cache, so that
-  :func:`save_executable` writes a loadable file.
+  ``executables.save_executable`` writes a loadable file.
 
   Returns:
     dict: ``compiled`` (jax.stages.Compiled), ``step`` (the jitted function), ``args``
     (abstract state, batch, frozen), ``stage``, ``setup``, ``mesh``, ``key``
-    (:func:`executable_key`).
+    (``executables.executable_key``).
   """
-  from mirage_jax import train  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top
-  mesh = train.build_mesh(config, devices)
-  frozen = None
-  if config.stage == "denoiser" and config.denoiser.model.get("family") == "wan":
-    frozen = "abstract"  # the frozen Wan base: shapes only, FSDP-sharded (WanStage)
-  elif config.stage == "denoiser":
-    # Shapes only: the frozen autoencoder is an input of the step, never materialised here.
-    ae = nnx.eval_shape(lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0)))
-    frozen = nnx.state(ae, nnx.Param).to_pure_dict()
-  stage = train.make_stage(config, frozen=frozen)
-  setup = train.make_setup(config, stage, mesh)
-  batch = train.abstract_batch(config, stage, mesh, setup.rules)
+  mesh = build_mesh(config, devices)
+  # Shapes only: the frozen params are an input of the step, never materialised here.
+  stage = make_stage(config, frozen="abstract")
+  setup = make_setup(config, stage, mesh)
+  batch = abstract_batch(config, stage, mesh, setup.rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   frozen_sharding = setup.frozen_sharding()
   if isinstance(frozen_sharding, NamedSharding):
@@ -238,13 +114,13 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any],
   frozen_abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), stage.frozen,
       frozen_sharding)
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in batch.items()})
+  step = make_train_step(config, stage, setup, {k: v.sharding for k, v in batch.items()})
   cache = _without_compilation_cache() if for_saving else contextlib.nullcontext()
   with setup.context(), cache:
     compiled = step.lower(setup.abstract, batch, frozen_abstract).compile()
   return {"compiled": compiled, "step": step, "args": (setup.abstract, batch, frozen_abstract),
           "stage": stage, "setup": setup, "mesh": mesh,
-          "key": executable_key(config, list(mesh.devices.flat), dict(mesh.shape))}
+          "key": executables.executable_key(config, list(mesh.devices.flat), dict(mesh.shape))}
 
 
 def compile_report(config: ml_collections.ConfigDict, topology: str,
@@ -252,12 +128,12 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   """Lowers and compiles the train step of ``config`` on ``topology``; returns the report.
 
   Args:
-    save_executable_to: also serialise the compiled step there (:func:`save_executable`).
+    save_executable_to: also serialise the compiled step there
+      (``executables.save_executable``).
   Returns:
     dict with devices, mesh, params, per-device memory (bytes, fraction of HBM, fits),
     per-device FLOPs (XLA and analytic), and roofline step time / MFU estimates.
   """
-  from mirage_jax import train  # pylint: disable=g-import-not-at-top
   devices = topology_devices(topology, num_slices)
   built = compile_train_step(config, devices, for_saving=save_executable_to is not None)
   compiled, step, setup, stage = built["compiled"], built["step"], built["setup"], built["stage"]
@@ -265,7 +141,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   with setup.context():
     # Matmul FLOPs the step really runs (backward and remat recompute included, scans times
     # their length): what the chip must execute, beside the model's own FLOPs.
-    executed = train.jaxpr_flops(step, *args)
+    executed = jaxpr_flops(step, *args)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -284,7 +160,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   saved = {}
   if save_executable_to:
     saved = {"executable": save_executable_to,
-             "executable_bytes": save_executable(compiled, save_executable_to, built["key"])}
+             "executable_bytes": executables.save_executable(compiled, save_executable_to, built["key"])}
   return {
       **saved, "topology": topology, "num_slices": num_slices, "devices": n,
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "stage": config.stage,
@@ -314,7 +190,7 @@ def _main() -> int:
   paths.require_local(flags.FLAGS.save_executable, "--save_executable",
                       "write it locally, then copy it up")
   _INIT_DISTRIBUTED()
-  enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir"))
+  executables.enable_compilation_cache(_CONFIG.value.get("compilation_cache_dir"))
   # Compiling against a topology needs no other process: process 0 alone compiles and writes.
   report = distributed.on_process_zero(lambda: compile_report(
       _CONFIG.value, flags.FLAGS.topology, flags.FLAGS.num_slices,

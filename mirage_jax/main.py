@@ -37,9 +37,9 @@ def _main(argv: list[str]) -> int:
     raise InputError("--workdir", "workdir", "required")
   paths.check_reachable(_WORKDIR.value, "--workdir")
   _INIT_DISTRIBUTED()
-  from mirage_jax import train  # after jax.distributed: importing may touch backends
+  from mirage_jax.training import loop  # after jax.distributed: importing may touch backends
   logging.info("config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   return 0
 
 

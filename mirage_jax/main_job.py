@@ -127,13 +127,14 @@ def _banner(text: str) -> None:
 
 def train_and_export(config, workdir: str, name: str) -> str:
   """Trains ``config.stage`` into ``<workdir>/<name>`` (resuming) and exports it once."""
-  from mirage_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  from mirage_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import loop  # pylint: disable=g-import-not-at-top
   export_dir = os.path.join(workdir, f"{name}_export")
   if os.path.isdir(export_dir):
     print(f"reusing {export_dir}")
     return export_dir
   t0 = time.time()
-  metrics = train.train_and_evaluate(config, os.path.join(workdir, name))
+  metrics = loop.train_and_evaluate(config, os.path.join(workdir, name))
   step = checkpoint.export_params(os.path.join(workdir, name), export_dir)
   if step < config.train.steps:
     # Preempted (SIGTERM: the loop saved and returned): a partial model must not be exported,

@@ -13,8 +13,8 @@ from flax import nnx
 
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
-from mirage_jax.nn import attention as attn
 from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.nn import attention as attn
 
 
 def _qkv(seed, b=2, lq=37, lk=45, h=2, d=8, dtype=np.float32):
@@ -143,7 +143,7 @@ def test_splash_compiles_for_v5p_with_context_parallelism():
 def test_executed_flops_count_a_kernel_body_once_per_grid_point():
   """The roofline's executed FLOPs see inside a Pallas kernel (splash attention is one)."""
   from jax.experimental import pallas as pl
-  from mirage_jax import train
+  from mirage_jax.training import flops as flops_lib
 
   def kernel(x_ref, y_ref, o_ref):
     o_ref[...] = x_ref[...] @ y_ref[...]
@@ -155,15 +155,15 @@ def test_executed_flops_count_a_kernel_body_once_per_grid_point():
                   pl.BlockSpec((64, 128), lambda i: (0, 0))],
         out_specs=pl.BlockSpec((128, 128), lambda i: (i, 0)), interpret=True)(x, y)
 
-  flops = train.jaxpr_flops(matmul, jnp.ones((256, 64)), jnp.ones((64, 128)))
+  flops = flops_lib.jaxpr_flops(matmul, jnp.ones((256, 64)), jnp.ones((64, 128)))
   assert flops == 2 * 256 * 64 * 128
 
 
 def test_executed_flops_count_a_shard_map_body_once_per_shard():
   """Context-parallel attention runs in shard_map, whose body is one shard's work."""
   from jax.sharding import Mesh, PartitionSpec as P
-  from mirage_jax import train
+  from mirage_jax.training import flops as flops_lib
   mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
   matmul = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("x"), P()),
                          out_specs=P("x"))
-  assert train.jaxpr_flops(matmul, jnp.ones((64, 32)), jnp.ones((32, 16))) == 2 * 64 * 32 * 16
+  assert flops_lib.jaxpr_flops(matmul, jnp.ones((64, 32)), jnp.ones((32, 16))) == 2 * 64 * 32 * 16

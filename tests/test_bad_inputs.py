@@ -25,10 +25,15 @@ import pytest
 from flax import nnx
 
 from data_pipelines import builders, files, pipeline
-from mirage_jax import checkpoint, train
+from mirage_jax import checkpoint
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import report, revisit
 from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import stages as small_stages
+from mirage_jax.training import inputs as inputs_lib
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 from tests.fixtures_util import synthetic_clip
 from tests.test_train import synthetic_sources, tiny_config
 
@@ -52,13 +57,13 @@ def _config(**fields):
 
 
 def _train(config, workdir):
-  return lambda: train.train_and_evaluate(config, str(workdir), synthetic_sources(4))
+  return lambda: loop_lib.train_and_evaluate(config, str(workdir), synthetic_sources(4))
 
 
 def _save_state(config, workdir: Path, *, step: int = 1) -> None:
   """A checkpoint as training writes it (zeros for the arrays), without running a step."""
-  stage = train.make_stage(config)
-  setup = train.make_setup(config, stage, train.build_mesh(config))
+  stage = step_lib.make_stage(config)
+  setup = step_lib.make_setup(config, stage, mesh_lib.build_mesh(config))
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), setup.abstract)
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), every=1, keep=2, async_save=False)
   ckpt.save(step, state, config)
@@ -94,7 +99,7 @@ def _export(d: Path, ae_config, name="export") -> Path:
 def _denoiser_with_other_autoencoder(d: Path):
   path = _export(d, _config(**{"autoencoder.base_channels": 4}))
   config = _config(stage="denoiser", **{"denoiser.autoencoder_checkpoint": str(path)})
-  return lambda: train.load_frozen_autoencoder(config)
+  return lambda: small_stages.load_frozen_autoencoder(config)
 
 
 def _export_with_bad_json(d: Path):
@@ -124,7 +129,7 @@ def _dataset_with_other_params(d: Path):
   _built_dataset(d)
   config = _config(**{"data.data_dir": str(d / "data"), "data.dataset": "procedural_rooms"})
   config.data.build.update(TINY_DATASET, num_clips=4)
-  return lambda: train.make_sources(config)
+  return lambda: inputs_lib.make_sources(config)
 
 
 def _truncated_dataset_file(d: Path):
@@ -146,9 +151,9 @@ def _empty_source_dir(d: Path):
 
 def _batch_that_does_not_split(d: Path):
   config = _config(**{"data.batch_size": 12})  # 8 devices on the batch axes
-  stage = train.make_stage(config)
-  mesh = train.build_mesh(config)
-  return lambda: train.abstract_batch(config, stage, mesh, train.logical_rules(config))
+  stage = step_lib.make_stage(config)
+  mesh = mesh_lib.build_mesh(config)
+  return lambda: inputs_lib.abstract_batch(config, stage, mesh, mesh_lib.logical_rules(config))
 
 
 def _npz(d: Path, name="geometry.npz", drop=(), **arrays) -> Path:
@@ -199,9 +204,9 @@ CASES = {
     "config_crop": (lambda d: _train(_config(**{"data.crop": "diagonal"}), d),
                     "config.data", "crop"),
     "config_denoiser_without_autoencoder": (
-        lambda d: lambda: train.make_stage(_config(stage="denoiser")),
+        lambda d: lambda: step_lib.make_stage(_config(stage="denoiser")),
         "config.denoiser.autoencoder_checkpoint", "autoencoder_checkpoint"),
-    "config_dataset_name": (lambda d: lambda: train.make_sources(_config(**{
+    "config_dataset_name": (lambda d: lambda: inputs_lib.make_sources(_config(**{
         "data.dataset": "imagenet", "data.data_dir": str(d)})), "--dataset", "dataset"),
     # datasets
     "dataset_built_with_other_params": (_dataset_with_other_params, "procedural_rooms",

@@ -181,20 +181,20 @@ def test_training_refuses_a_missing_dataset_with_its_build_command(tmp_path):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
   from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top
-  from mirage_jax import train  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
   config = tiny_cpu.get_config("autoencoder")
   with config.unlocked():
     config.data.dataset, config.data.data_dir = "procedural_rooms", str(tmp_path / "data")
     config.data.build.update(TINY)
   with pytest.raises(InputError, match="no dataset built there") as info:
-    train.make_sources(config)
+    inputs_lib.make_sources(config)
   assert not (tmp_path / "data").exists()  # Training built nothing.
   command = str(info.value).split("build it first: ", 1)[1].split()
   assert command[:3] == ["python", "-m", "data_pipelines.build"]
   with flagsaver.flagsaver():  # The command it gives builds exactly the dataset wanted.
     flags.FLAGS.unparse_flags()
     assert build.main(flags.FLAGS(["prog", *command[3:]])) == 0
-  sources = train.make_sources(config)
+  sources = inputs_lib.make_sources(config)
   assert (len(sources["train"]), len(sources["validation"])) == (4, 1)
 
 
@@ -284,10 +284,10 @@ def _latent_digests(folder: Path) -> dict[str, list[str]]:
 def test_latent_encoding_on_two_beam_workers_writes_the_files_of_one(tmp_path):
   from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
   from mirage_jax import convert_wan  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import weight_files as torch_files  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import original_layout  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import original_layout  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import weight_files as torch_files  # pylint: disable=g-import-not-at-top
   release = tmp_path / "release"
   release.mkdir()
   dit = original_layout.random_original(wan_dit.original_layout(wan_dit.wan_dit_config("tiny")), 0,

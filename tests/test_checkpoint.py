@@ -12,9 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from mirage_jax import checkpoint, train
+from mirage_jax import checkpoint
 from mirage_jax.families.small import world_model as small_world_model
 from mirage_jax.families.small import autoencoder
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +34,7 @@ def _config(steps=6):
 def run_a(tmp_path_factory):
   """6 steps on 8 devices, checkpoints at 3 and 6."""
   workdir = str(tmp_path_factory.mktemp("run_a"))
-  train.train_and_evaluate(_config(), workdir, synthetic_sources())
+  loop_lib.train_and_evaluate(_config(), workdir, synthetic_sources())
   return workdir
 
 
@@ -45,7 +48,7 @@ def _resume_from_3(run_a, dst):
 def test_resume_is_exact(run_a, tmp_path):
   workdir = str(tmp_path / "b")
   _resume_from_3(run_a, workdir)
-  train.train_and_evaluate(_config(), workdir, synthetic_sources())
+  loop_lib.train_and_evaluate(_config(), workdir, synthetic_sources())
   a = {r["step"]: r["loss"] for r in read_jsonl(run_a)}
   b = {r["step"]: r["loss"] for r in read_jsonl(workdir)}
   assert sorted(b) == [4, 5, 6]
@@ -56,13 +59,15 @@ def test_resume_is_exact(run_a, tmp_path):
 _RESTORE_ON_4 = """
 import sys
 from tests.test_train import synthetic_sources, tiny_config
-from mirage_jax import train
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 import jax
 assert jax.device_count() == 4, jax.device_count()
 config = tiny_config()
 config.train.steps = 6
 config.checkpoint.update(every=3, keep=3)
-train.train_and_evaluate(config, sys.argv[1], synthetic_sources())
+loop_lib.train_and_evaluate(config, sys.argv[1], synthetic_sources())
 """
 
 
@@ -91,8 +96,8 @@ def test_export_and_load_round_trip(run_a, tmp_path):
   assert config.stage == "autoencoder"
   # The export holds exactly the EMA params of step 6, cast to bf16.
   ckpt = checkpoint.Checkpointer(os.path.join(run_a, "checkpoints"), every=0, keep=3)
-  mesh = train.build_mesh(tiny_config())
-  setup = train.make_setup(tiny_config(), train.make_stage(tiny_config()), mesh)
+  mesh = mesh_lib.build_mesh(tiny_config())
+  setup = step_lib.make_setup(tiny_config(), step_lib.make_stage(tiny_config()), mesh)
   state, step = ckpt.restore(setup.abstract)
   ckpt.close()
   from flax import nnx
@@ -111,11 +116,13 @@ def test_export_and_load_round_trip(run_a, tmp_path):
 _RUN_LONG = """
 import sys
 from tests.test_train import synthetic_sources, tiny_config
-from mirage_jax import train
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 config = tiny_config()
 config.train.update(steps=100000, log_every=1)
 config.checkpoint.update(every=100000, keep=2)
-train.train_and_evaluate(config, sys.argv[1], synthetic_sources())
+loop_lib.train_and_evaluate(config, sys.argv[1], synthetic_sources())
 print("clean exit")
 """
 

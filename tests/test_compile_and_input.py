@@ -12,8 +12,13 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from data_pipelines import pipeline
-from mirage_jax import aot, distributed, prefetch, train
+from mirage_jax import aot, distributed, prefetch
 from mirage_jax.errors import InputError
+from mirage_jax.training import executables
+from mirage_jax.training import inputs as inputs_lib
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
 
@@ -24,20 +29,20 @@ def test_compilation_cache_directory_precedence(tmp_path, monkeypatch):
   before = jax.config.jax_compilation_cache_dir
   assert before  # tests/conftest.py points the suite at one cache
   # A directory already set (the environment's) wins over the config's.
-  assert aot.enable_compilation_cache(str(tmp_path / "other")) == before
+  assert executables.enable_compilation_cache(str(tmp_path / "other")) == before
   assert not (tmp_path / "other").exists()
   try:
     jax.config.update("jax_compilation_cache_dir", None)
-    assert aot.enable_compilation_cache("") is None
+    assert executables.enable_compilation_cache("") is None
     assert jax.config.jax_compilation_cache_dir is None
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert aot.enable_compilation_cache("~/cache/xla") == str(tmp_path / "cache" / "xla")
+    assert executables.enable_compilation_cache("~/cache/xla") == str(tmp_path / "cache" / "xla")
     assert (tmp_path / "cache" / "xla").is_dir()
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "xla")
     jax.config.update("jax_compilation_cache_dir", None)
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="compilation_cache_dir"):
-      aot.enable_compilation_cache(str(tmp_path / "file" / "xla"))
+      executables.enable_compilation_cache(str(tmp_path / "file" / "xla"))
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
 
@@ -111,13 +116,13 @@ def test_uint8_frames_match_float_frames_and_give_the_same_loss():
   np.testing.assert_allclose(pipeline.frames_to_float(u["frames"]), f["frames"], atol=0.5 / 127.5 + 1e-6)
   np.testing.assert_array_equal(u["depths"], f["depths"])
 
-  stage = train.make_stage(config)
-  mesh = train.build_mesh(config, jax.devices()[:1])
-  setup = train.make_setup(config, stage, mesh)
-  state = train.init_state(config, stage, setup)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  stage = step_lib.make_stage(config)
+  mesh = mesh_lib.build_mesh(config, jax.devices()[:1])
+  setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
   assert specs["frames"].dtype == np.uint8  # experiments/common.py: frames travel as uint8
-  eval_step = train.make_eval_step(stage, setup, {k: v.sharding for k, v in specs.items()})
+  eval_step = step_lib.make_eval_step(stage, setup, {k: v.sharding for k, v in specs.items()})
   on_host = dict(u, frames=pipeline.frames_to_float(u["frames"]))  # the float path
   losses = []
   for batch in (u, on_host):
@@ -162,12 +167,12 @@ def _round_trip(tmp_path):
   config.checkpoint.update(every=0)
   path = str(tmp_path / "step.jaxexe")
   built = aot.compile_train_step(config, jax.devices(), for_saving=True)
-  assert aot.save_executable(built["compiled"], path, built["key"]) == os.path.getsize(path)
+  assert executables.save_executable(built["compiled"], path, built["key"]) == os.path.getsize(path)
 
-  compiled_here = train.train_and_evaluate(config, str(tmp_path / "a"), synthetic_sources())
+  compiled_here = loop_lib.train_and_evaluate(config, str(tmp_path / "a"), synthetic_sources())
   loaded = config.copy_and_resolve_references()
   loaded.train.executable = path
-  from_file = train.train_and_evaluate(loaded, str(tmp_path / "b"), synthetic_sources())
+  from_file = loop_lib.train_and_evaluate(loaded, str(tmp_path / "b"), synthetic_sources())
   a, b = read_jsonl(str(tmp_path / "a")), read_jsonl(str(tmp_path / "b"))
   assert [r["loss"] for r in a] == [r["loss"] for r in b]
   assert from_file["grad_norm"] == compiled_here["grad_norm"]
@@ -179,12 +184,12 @@ def _round_trip(tmp_path):
   other = loaded.copy_and_resolve_references()
   other.optimizer.learning_rate = 1e-4
   with pytest.raises(InputError, match="optimizer.learning_rate"):
-    train.train_and_evaluate(other, str(tmp_path / "c"), synthetic_sources())
+    loop_lib.train_and_evaluate(other, str(tmp_path / "c"), synthetic_sources())
   (tmp_path / "junk").write_bytes(b"not an executable")
   other = loaded.copy_and_resolve_references()
   other.train.executable = str(tmp_path / "junk")
   with pytest.raises(InputError, match="junk"):
-    train.train_and_evaluate(other, str(tmp_path / "d"), synthetic_sources())
+    loop_lib.train_and_evaluate(other, str(tmp_path / "d"), synthetic_sources())
 
 
 class _Writer:
@@ -211,7 +216,7 @@ def test_log_has_step_time_data_wait_mfu_and_hbm_where_reported(monkeypatch):
   clips = [np.arange(8)] * 4
   t_last = time.perf_counter() - 2.0  # 4 steps in about 2 s, 0.4 s of it waiting for input
   writer = _Writer()
-  out = train._log(config, writer, pending, clips, 8, 4, t_last, 10, 1e12, 10.0, 0.4)
+  out = loop_lib._log(config, writer, pending, clips, 8, 4, t_last, 10, 1e12, 10.0, 0.4)
   assert out["loss"] == pytest.approx(2.5)
   assert out["step_time_s"] == pytest.approx(0.5, rel=0.2)
   assert out["data_wait_s"] == pytest.approx(0.1)
@@ -219,10 +224,10 @@ def test_log_has_step_time_data_wait_mfu_and_hbm_where_reported(monkeypatch):
   assert not any(k.startswith("hbm") for k in out)  # CPU: memory_stats() is None
   assert writer.rows == [(8, out)]
 
-  monkeypatch.setattr(train.jax, "local_devices",
+  monkeypatch.setattr(loop_lib.jax, "local_devices",
                       lambda: [_Device(3 << 30, 5 << 30, 16 << 30), _Device(4 << 30, 4 << 30,
                                                                             16 << 30)])
-  out = train._log(config, writer, pending, clips, 8, 4, t_last, 10, 1e12, 10.0, 0.4)
+  out = loop_lib._log(config, writer, pending, clips, 8, 4, t_last, 10, 1e12, 10.0, 0.4)
   assert out["hbm_bytes_in_use"] == 4 << 30
   assert out["hbm_peak_bytes"] == 5 << 30
   assert out["hbm_in_use_fraction"] == pytest.approx(0.25)

@@ -14,8 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mirage_jax import distributed, train
+from mirage_jax import distributed
 from mirage_jax.memory import MemoryConfig, get_backend
+from mirage_jax.training import inputs as inputs_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 from tests.test_memory import make_frames
 from tests.test_train import synthetic_sources, tiny_config
 
@@ -38,16 +41,16 @@ def _compiled():
   initialisation included, across processes.
   """
   config = _config()
-  stage = train.make_stage(config)
-  mesh = train.build_mesh(config, jax.devices()[:1])
-  setup = train.make_setup(config, stage, mesh)
+  stage = step_lib.make_stage(config)
+  mesh = mesh_lib.build_mesh(config, jax.devices()[:1])
+  setup = step_lib.make_setup(config, stage, mesh)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype),
                         setup.abstract["params"])
   initial = jax.device_get({"step": np.int32(0), "params": params,
                             "opt_state": setup.tx.init(params), "ema": params})
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   return stage, setup, initial, step
 
 
@@ -60,8 +63,8 @@ def _run(data_seed: int = 0) -> tuple[list[dict], list[list[int]], dict]:
   config = _config(data_seed)
   stage, setup, initial, step = _compiled()
   state = jax.device_put(initial, setup.shardings)  # a fresh copy: the step donates it
-  it = train.make_input(config, synthetic_sources()["train"], split="train")
-  axes = train.batch_axes(setup.mesh, setup.rules)
+  it = inputs_lib.make_input(config, synthetic_sources()["train"], split="train")
+  axes = mesh_lib.batch_axes(setup.mesh, setup.rules)
   metrics, clips = [], []
   for _ in range(STEPS):
     local = next(it)

@@ -337,7 +337,9 @@ def test_wan_base_export_loads_from_gcs(gcs, tmp_path):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
   from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
-  from mirage_jax import rollout, train  # pylint: disable=g-import-not-at-top
+  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from mirage_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   from tests import test_wan_generate  # pylint: disable=g-import-not-at-top
   (tmp_path / "wan").mkdir()
   local = test_wan_generate.make_wan_export(str(tmp_path / "wan"))  # EXPORT/dit
@@ -356,11 +358,11 @@ def test_wan_base_export_loads_from_gcs(gcs, tmp_path):
   np.save(side / latent_clips.EMPTY_TEXT,
           np.zeros((config.denoiser.text_len, config.denoiser.model.text_dim), np.float32))
   config.data.data_dir = str(side)
-  mesh, rules = train.build_mesh(config), train.logical_rules(config)
+  mesh, rules = mesh_lib.build_mesh(config), mesh_lib.logical_rules(config)
 
   def stage_params(base: str):
     config.denoiser.base_checkpoint = base
-    stage = train.make_stage(config)
+    stage = step_lib.make_stage(config)
     stage.load_frozen(mesh, rules)
     return stage.frozen["base"], stage.initial_params
 

@@ -68,8 +68,7 @@ LAYERS: dict[str, dict] = {
     # L3: the one rollout driver, the training loop, evaluation. Family-agnostic: a family
     # only through mirage_jax.families.get.
     "services": dict(modules=(
-        "mirage_jax.rollout", "mirage_jax.training", "mirage_jax.evaluation",
-        "mirage_jax.train"),  # train.py: until it is mirage_jax/training/
+        "mirage_jax.rollout", "mirage_jax.training", "mirage_jax.evaluation"),
         may_import=("core", "base", "data", "families", "services"), via_registry=True),
     # L4: command-line tools. Imported by nothing (rule c), so they may import any layer.
     "clis": dict(modules=(

@@ -5,12 +5,13 @@ import os
 import ml_collections
 import pytest
 
-from mirage_jax import checkpoint, main_job, train
+from mirage_jax import checkpoint, main_job
+from mirage_jax.training import loop as loop_lib
 
 
 def _fake_training(monkeypatch, saved_step: int):
   """train_and_evaluate that does nothing; export_params that exports ``saved_step``."""
-  monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: {"loss": 0.5})
+  monkeypatch.setattr(loop_lib, "train_and_evaluate", lambda config, workdir: {"loss": 0.5})
 
   def export(workdir, output, **kw):
     os.makedirs(output)

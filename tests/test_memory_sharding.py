@@ -12,8 +12,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import mirage_wan22_5b
 from mirage_jax import memory as memory_lib
-from mirage_jax import train
+from mirage_jax.families.small import stages as small_stages
+from mirage_jax.families.wan import stage as wan_stage
 from mirage_jax.memory import objects
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 from tests.test_train import _batch, _mesh_config, random_frozen_autoencoder, tiny_config
 
 _COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce",
@@ -26,13 +29,13 @@ def _collectives(compiled) -> dict[str, int]:
 
 
 def _batch_sharded(mesh, setup, tree):
-  axes = train.batch_axes(mesh, setup.rules)
+  axes = mesh_lib.batch_axes(mesh, setup.rules)
   return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(axes))),
                       tree)
 
 
 def _assert_batch_sharded(mesh, setup, tree):
-  axes = train.batch_axes(mesh, setup.rules)
+  axes = mesh_lib.batch_axes(mesh, setup.rules)
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(axes)), x.ndim), (
         jax.tree_util.keystr(path), x.sharding)
@@ -44,10 +47,10 @@ def test_denoiser_memory_write_read_has_no_collective(mesh):
   config = _mesh_config(tiny_config("denoiser"), **mesh)
   config.denoiser.reference_frames = 1
   frozen = random_frozen_autoencoder(config)
-  stage = train.DenoiserStage(config, frozen)
+  stage = small_stages.DenoiserStage(config, frozen)
   assert stage.object_cfg is not None and stage.refs.frames > 0
-  mesh = train.build_mesh(config)
-  setup = train.make_setup(config, stage, mesh)
+  mesh = mesh_lib.build_mesh(config)
+  setup = step_lib.make_setup(config, stage, mesh)
   batch = {k: jnp.asarray(v) for k, v in _batch(config).items() if k in stage.fields}
   latents = jax.jit(stage._encode)(frozen, batch["frames"], batch["depths"])
   expected = jax.jit(stage._condition)(latents, batch)  # no mesh: one device, plain vmap
@@ -82,9 +85,9 @@ def wan_memory_batch(stage, seed: int = 0) -> dict:
 def test_wan_memory_read_has_no_collective():
   config = _mesh_config(mirage_wan22_5b.get_config("tiny"), fsdp=8)
   config.data.batch_size = 8
-  stage = train.WanStage(config, "abstract")
-  mesh = train.build_mesh(config)
-  setup = train.make_setup(config, stage, mesh)
+  stage = wan_stage.WanStage(config, "abstract")
+  mesh = mesh_lib.build_mesh(config)
+  setup = step_lib.make_setup(config, stage, mesh)
   batch = wan_memory_batch(stage)
   expected = jax.jit(stage.memory_read)(batch)
   with setup.context():
@@ -101,7 +104,7 @@ def test_wan_memory_read_has_no_collective():
 def test_batch_map_without_a_batch_axis_is_the_plain_vmap():
   x = jnp.arange(12.0).reshape(6, 2)  # 6 examples do not split over 8 devices
   config = _mesh_config(tiny_config("denoiser"), fsdp=8)
-  mesh = train.build_mesh(config)
+  mesh = mesh_lib.build_mesh(config)
   with jax.set_mesh(mesh):
     out = jax.jit(lambda x: memory_lib.batch_map(lambda r: r * 2, x))(x)
   np.testing.assert_array_equal(out, 2 * x)

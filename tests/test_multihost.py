@@ -53,12 +53,12 @@ def sources() -> dict:
 
 def train_steps(workdir: str, steps: int) -> None:
   """Trains the tiny autoencoder in ``workdir`` up to ``steps`` (resuming if it can)."""
-  from mirage_jax import train
+  from mirage_jax.training import loop as loop_lib
   config = tiny_config()
   config.data.crop = "random"  # augmentation depends on the global example index
   config.train.steps = steps
   config.checkpoint.update(every=2, async_save=False)
-  train.train_and_evaluate(config, workdir, sources())
+  loop_lib.train_and_evaluate(config, workdir, sources())
 
 
 def checksum(tree) -> str:
@@ -75,9 +75,11 @@ def checksum(tree) -> str:
 
 def restored_checksum(workdir: str) -> str:
   """Checksum of the latest checkpoint's state, restored onto this job's mesh."""
-  from mirage_jax import checkpoint, train
+  from mirage_jax import checkpoint
+  from mirage_jax.training import mesh as mesh_lib
+  from mirage_jax.training import step as step_lib
   config = tiny_config()
-  setup = train.make_setup(config, train.make_stage(config), train.build_mesh(config))
+  setup = step_lib.make_setup(config, step_lib.make_stage(config), mesh_lib.build_mesh(config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=2)
   state, _ = ckpt.restore(setup.abstract)
   ckpt.close()
@@ -88,19 +90,22 @@ def losses(autoencoder_export: str) -> list[float]:
   """Losses of 3 denoiser steps on the global mesh, through the training input path: the
   frozen autoencoder restored into the mesh's sharding, each process loading its rows."""
   import jax
-  from mirage_jax import distributed, train
+  from mirage_jax import distributed
+  from mirage_jax.training import inputs as inputs_lib
+  from mirage_jax.training import mesh as mesh_lib
+  from mirage_jax.training import step as step_lib
   config = tiny_config("denoiser")
   config.denoiser.autoencoder_checkpoint = autoencoder_export
-  stage = train.make_stage(config)
-  mesh = train.build_mesh(config)
-  stage.load_frozen(mesh, train.logical_rules(config))
-  setup = train.make_setup(config, stage, mesh)
-  state = train.init_state(config, stage, setup)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
-  it = train.make_input(config, sources()["train"], split="train", mesh=mesh)
-  train.check_input_rows(config, mesh, 8)
-  axes = train.batch_axes(mesh, setup.rules)
+  stage = step_lib.make_stage(config)
+  mesh = mesh_lib.build_mesh(config)
+  stage.load_frozen(mesh, mesh_lib.logical_rules(config))
+  setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  it = inputs_lib.make_input(config, sources()["train"], split="train", mesh=mesh)
+  inputs_lib.check_input_rows(config, mesh, 8)
+  axes = mesh_lib.batch_axes(mesh, setup.rules)
   frozen = jax.device_put(stage.frozen, setup.frozen_sharding())
   out = []
   for _ in range(3):
@@ -118,15 +123,17 @@ def rows_across_hosts() -> dict:
   """On a (data 4, tensor 2) mesh whose tensor pairs span the 2 processes, both processes
   hold every batch row: their shards, the start-up check, and the check on a wrong shard."""
   import jax
-  from mirage_jax import distributed, train
+  from mirage_jax import distributed
   from mirage_jax.errors import InputError
+  from mirage_jax.training import inputs as inputs_lib
+  from mirage_jax.training import mesh as mesh_lib
   config = tiny_config()
   config.mesh = dict(data=4, fsdp=1, context=1, tensor=2)
   by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(2)]
-  mesh = train.build_mesh(config, [d for pair in zip(*by_process) for d in pair])
-  axes = train.batch_axes(mesh, train.logical_rules(config))
+  mesh = mesh_lib.build_mesh(config, [d for pair in zip(*by_process) for d in pair])
+  axes = mesh_lib.batch_axes(mesh, mesh_lib.logical_rules(config))
   shard = distributed.process_shard(mesh, axes, 8)
-  train.check_input_rows(config, mesh, 8)
+  inputs_lib.check_input_rows(config, mesh, 8)
   local = np.arange(8, dtype=np.float32)  # every row, the same on both processes
   total = float(jax.jit(lambda x: x.sum())(distributed.global_batch({"x": local}, mesh, axes,
                                                                     8)["x"]))

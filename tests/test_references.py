@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mirage_jax import geometry, rollout, train
+from mirage_jax import geometry, rollout
 from mirage_jax.families.small import conditioning as small_conditioning
 from mirage_jax import memory as memory_lib
 from mirage_jax import families
@@ -14,6 +14,8 @@ from mirage_jax.memory import frame_bank, splatting
 from mirage_jax.memory.config import MemoryConfig
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
+from mirage_jax.families.small import stages as small_stages
+from mirage_jax.memory import baselines, latent_cache
 from tests.test_rollout import _trajectory
 from tests.test_train import _batch, _mesh_config, _one_step, tiny_config
 
@@ -139,7 +141,7 @@ def test_denoiser_stage_trains_with_references(models):
   # Context = [the retrieved memory frame, the last context_frames memory frames].
   d = config.denoiser
   m, nc = d.memory_frames, d.context_frames
-  stage = train.DenoiserStage(config, frozen)
+  stage = small_stages.DenoiserStage(config, frozen)
   shape = (config.data.batch_size, m + d.target_frames, *stage.latent_hw,
            config.autoencoder.latent_channels)
   latents = jax.random.normal(jax.random.key(0), shape)
@@ -151,7 +153,7 @@ def test_denoiser_stage_trains_with_references(models):
   assert (jnp.abs(stored - cond["context"][:, :1]).max(axis=(2, 3, 4)) == 0).any(axis=1).all()
 
   k0 = tiny_config("denoiser")
-  extra = (stage.step_flops(2) - train.DenoiserStage(k0, frozen).step_flops(2))
+  extra = (stage.step_flops(2) - small_stages.DenoiserStage(k0, frozen).step_flops(2))
   h, w = stage.latent_hw
   expect = 3.0 * (denoiser.denoiser_flops(d.model, 2, d.target_frames, nc + 1, h, w)
                   - denoiser.denoiser_flops(d.model, 2, d.target_frames, nc, h, w))
@@ -162,7 +164,7 @@ def test_bad_reference_settings_are_rejected():
   config = tiny_config("denoiser")
   config.denoiser.reference_frames = config.denoiser.memory_frames + 1
   with pytest.raises(Exception, match="reference_frames"):
-    train.DenoiserStage(config, {})
+    small_stages.DenoiserStage(config, {})
   config.denoiser.update(reference_frames=2, reference_bank=1)
   with pytest.raises(Exception, match="reference_bank"):
     small_conditioning.reference_settings(config)

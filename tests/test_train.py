@@ -12,9 +12,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from experiments import tiny_cpu
-from mirage_jax import geometry, metrics_log, sharding, train
+from mirage_jax import geometry, metrics_log, sharding
 from mirage_jax import families
 from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import stages as small_stages
+from mirage_jax.training import flops as flops_lib
+from mirage_jax.training import inputs as inputs_lib
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 
 
 def synthetic_clip(seed: int, frames: int = 12, size: int = 16) -> dict:
@@ -58,7 +64,7 @@ def random_frozen_autoencoder(config) -> dict:
 
 def test_smoke_train_loss_decreases_and_logs(tmp_path):
   workdir = str(tmp_path)
-  last = train.train_and_evaluate(tiny_config(), workdir, synthetic_sources())
+  last = loop_lib.train_and_evaluate(tiny_config(), workdir, synthetic_sources())
   rows = read_jsonl(workdir)
   assert [r["step"] for r in rows] == list(range(1, 11))
   losses = [r["loss"] for r in rows]
@@ -81,10 +87,10 @@ def _mesh_config(config, **mesh):
 
 def test_big_weights_are_split_across_fsdp_and_tensor():
   config = _mesh_config(tiny_config("denoiser"), fsdp=4, tensor=2)
-  stage = train.DenoiserStage(config, random_frozen_autoencoder(config))
-  mesh = train.build_mesh(config)
-  setup = train.make_setup(config, stage, mesh)
-  state = train.init_state(config, stage, setup)
+  stage = small_stages.DenoiserStage(config, random_frozen_autoencoder(config))
+  mesh = mesh_lib.build_mesh(config)
+  setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
   big = {path: x for path, x in jax.tree_util.tree_leaves_with_path(state["params"])
          if x.size >= 32 * 32}
   assert big
@@ -105,14 +111,14 @@ def test_big_weights_are_split_across_fsdp_and_tensor():
 
 
 def _one_step(config, batch_np, frozen):
-  stage = train.make_stage(config, frozen=frozen)
-  mesh = train.build_mesh(config, jax.devices()[:math.prod(
+  stage = step_lib.make_stage(config, frozen=frozen)
+  mesh = mesh_lib.build_mesh(config, jax.devices()[:math.prod(
       v for v in config.mesh.values() if v > 0)])
-  setup = train.make_setup(config, stage, mesh)
-  state = train.init_state(config, stage, setup)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
   batch = {k: jax.device_put(batch_np[k], specs[k].sharding) for k in stage.fields}
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   frozen = jax.device_put(stage.frozen, jax.sharding.NamedSharding(mesh, PartitionSpec()))
   with setup.context():
     state, m1 = step(state, batch, frozen)
@@ -148,12 +154,12 @@ def test_sharded_step_matches_unsharded(stage):
 
 def test_nonfinite_step_leaves_state_unchanged():
   config = _mesh_config(tiny_config(), fsdp=8)
-  stage = train.make_stage(config)
-  mesh = train.build_mesh(config)
-  setup = train.make_setup(config, stage, mesh)
-  state = train.init_state(config, stage, setup)
+  stage = step_lib.make_stage(config)
+  mesh = mesh_lib.build_mesh(config)
+  setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
   before = jax.device_get(state)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
   batch_np = _batch(config)
   from data_pipelines import pipeline
   frames = pipeline.frames_to_float(batch_np["frames"])  # uint8 frames cannot hold a NaN
@@ -162,7 +168,7 @@ def test_nonfinite_step_leaves_state_unchanged():
   specs["frames"] = jax.ShapeDtypeStruct(frames.shape, frames.dtype,
                                          sharding=specs["frames"].sharding)
   batch = {k: jax.device_put(batch_np[k], specs[k].sharding) for k in stage.fields}
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   with setup.context():
     state, metrics = step(state, batch, {})
   assert int(metrics["nonfinite"]) == 1
@@ -177,7 +183,7 @@ def test_nonfinite_halt_names_the_step(tmp_path):
   config.train.update(nonfinite="halt", steps=4)
   config.optimizer.update(learning_rate=1e30, warmup_steps=0, grad_clip_norm=0.0)
   with pytest.raises(FloatingPointError, match=r"^step [2-4]: non-finite"):
-    train.train_and_evaluate(config, str(tmp_path), synthetic_sources())
+    loop_lib.train_and_evaluate(config, str(tmp_path), synthetic_sources())
 
 
 def test_analytic_flops_match_xla_cost_analysis():
@@ -188,11 +194,11 @@ def test_analytic_flops_match_xla_cost_analysis():
   config.denoiser.model.update(embed_dim=64, num_heads=4, remat="none", scan_layers=False,
                                patch_size=1)
   frozen = random_frozen_autoencoder(config)
-  stage = train.make_stage(config, frozen=frozen)
-  mesh = train.build_mesh(config, jax.devices()[:1])
-  setup = train.make_setup(config, stage, mesh)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  stage = step_lib.make_stage(config, frozen=frozen)
+  mesh = mesh_lib.build_mesh(config, jax.devices()[:1])
+  setup = step_lib.make_setup(config, stage, mesh)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   frozen_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
   with setup.context():
     cost = step.lower(setup.abstract, specs, frozen_abs).compile().cost_analysis()
@@ -204,16 +210,16 @@ def test_analytic_flops_match_xla_cost_analysis():
 def test_jaxpr_flops_counts_matmuls_and_scans():
   x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
   w = jax.ShapeDtypeStruct((8, 16), jnp.float32)
-  assert train.jaxpr_flops(lambda a, b: a @ b, x, w) == 2 * 4 * 8 * 16
+  assert flops_lib.jaxpr_flops(lambda a, b: a @ b, x, w) == 2 * 4 * 8 * 16
   scanned = lambda a, b: jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=3)[1]
-  assert train.jaxpr_flops(scanned, x, w) == 3 * 2 * 4 * 8 * 16
+  assert flops_lib.jaxpr_flops(scanned, x, w) == 3 * 2 * 4 * 8 * 16
 
 
 def test_denoiser_stage_conditions_on_object_slots():
   """Moving memory frames stay out of the static memory, but their slot covers the targets."""
   config = tiny_config("denoiser")
   config.data.batch_size = 2
-  stage = train.DenoiserStage(config, random_frozen_autoencoder(config))
+  stage = small_stages.DenoiserStage(config, random_frozen_autoencoder(config))
   d = config.denoiser
   t = d.memory_frames + d.target_frames
   h, w = config.data.resolution
@@ -234,7 +240,7 @@ def test_denoiser_stage_conditions_on_object_slots():
   assert float(err.max()) < 1e-3 and float(last.min()) > 0
 
   config.objects.backends = ()  # no slots: nothing static was seen
-  cond = jax.jit(train.DenoiserStage(config, random_frozen_autoencoder(config))._condition)(
+  cond = jax.jit(small_stages.DenoiserStage(config, random_frozen_autoencoder(config))._condition)(
       latents, batch)
   assert float(cond["coverage"].max()) == 0
 
@@ -248,14 +254,14 @@ def test_self_generated_memory_is_what_the_rollout_writes():
   config.data.batch_size = 1
   config.denoiser.self_generated_memory = 1.0
   frozen = random_frozen_autoencoder(config)
-  stage = train.DenoiserStage(config, frozen)
+  stage = small_stages.DenoiserStage(config, frozen)
   model = stage.build(nnx.Rngs(3))
   # A model that is not just the memory prior (its output head starts at zero).
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape),
                         params)
   model = nnx.merge(graphdef, params, rest)
-  batch = {k: jnp.asarray(v[:1]) for k, v in train.model_inputs(_batch(config)).items()}
+  batch = {k: jnp.asarray(v[:1]) for k, v in step_lib.model_inputs(_batch(config)).items()}
   d = config.denoiser
   m, g = d.memory_frames, stage.generated_frames
   assert g == 2 and m - g >= d.context_frames
@@ -292,7 +298,7 @@ def test_self_generated_memory_is_what_the_rollout_writes():
   np.testing.assert_array_equal(lat_seen[:, :n], latents[:, :n])  # the rest is the data's
   np.testing.assert_array_equal(lat_seen[:, m:], latents[:, m:])
   config.denoiser.self_generated_memory = 0.0
-  stage = train.DenoiserStage(config, frozen)
+  stage = small_stages.DenoiserStage(config, frozen)
   original = stage._condition
   stage._condition = lambda lat, b, *a: seen.append((lat, b["depths"])) or original(lat, b, *a)
   stage.loss(model, frozen, batch, rng)

@@ -13,26 +13,33 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import mirage_wan22_5b, tiny_cpu
-from mirage_jax import diffusion, rollout, sharding, train
+from mirage_jax import diffusion, rollout, sharding
 from mirage_jax.errors import InputError
 from mirage_jax.families.small import denoiser as dn
+from mirage_jax.families.small import stages as small_stages
+from mirage_jax.families.wan import stage as wan_stage
 from mirage_jax.nn import layers
+from mirage_jax.training import inputs as inputs_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import optimizer as optimizer_lib
+from mirage_jax.training import step as step_lib
+from mirage_jax.training.stage import StageBase
 from tests.test_train import _batch, _mesh_config, random_frozen_autoencoder, tiny_config
 
 
 def _setup(config, stage, devices=None):
-  mesh = train.build_mesh(config, devices)
-  setup = train.make_setup(config, stage, mesh)
-  specs = train.abstract_batch(config, stage, mesh, setup.rules)
+  mesh = mesh_lib.build_mesh(config, devices)
+  setup = step_lib.make_setup(config, stage, mesh)
+  specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
   return mesh, setup, specs
 
 
 def _params_and_mask(stage):
-  _, params = train.split_trainable(stage, nnx.eval_shape(lambda: stage.build(nnx.Rngs(0))))
+  _, params = step_lib.split_trainable(stage, nnx.eval_shape(lambda: stage.build(nnx.Rngs(0))))
   specs = nnx.get_partition_spec(params).to_pure_dict()
   abstract = params.to_pure_dict()
   flat = lambda t: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(t)}
-  return flat(abstract), flat(train.decay_mask(abstract, specs))
+  return flat(abstract), flat(optimizer_lib.decay_mask(abstract, specs))
 
 
 # ----------------------------------------------------------------------------- 1. EMA warm-up
@@ -42,13 +49,13 @@ def _params_and_mask(stage):
 def test_ema_warmup_follows_the_params(warmup):
   config = _mesh_config(tiny_config(), fsdp=8)
   config.optimizer.update(ema_decay=0.999, ema_warmup=warmup)
-  stage = train.make_stage(config)
+  stage = step_lib.make_stage(config)
   mesh, setup, specs = _setup(config, stage)
-  state = train.init_state(config, stage, setup)
+  state = step_lib.init_state(config, stage, setup)
   init = jax.device_get(state["params"])
   batch = {k: jax.device_put(v, specs[k].sharding) for k, v in _batch(config).items()
            if k in stage.fields}
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
   with setup.context():
     for _ in range(4):
       state, _ = step(state, batch, {})
@@ -68,7 +75,7 @@ def test_ema_warmup_follows_the_params(warmup):
 def test_decay_mask_small_denoiser_skips_stacked_biases_and_scales():
   config = tiny_config("denoiser")
   config.denoiser.model.memory_conditioning = "control"  # two stacks: blocks and control
-  flat, mask = _params_and_mask(train.DenoiserStage(config, random_frozen_autoencoder(config)))
+  flat, mask = _params_and_mask(small_stages.DenoiserStage(config, random_frozen_autoencoder(config)))
   stacked = [k for k in flat if k.startswith(("['blocks']", "['control']"))]
   assert stacked
   for k in stacked:
@@ -80,7 +87,7 @@ def test_decay_mask_small_denoiser_skips_stacked_biases_and_scales():
 
 
 def test_decay_mask_wan_decays_kernels_and_lora_not_norms():
-  flat, mask = _params_and_mask(train.WanStage(mirage_wan22_5b.get_config("tiny"), "abstract"))
+  flat, mask = _params_and_mask(wan_stage.WanStage(mirage_wan22_5b.get_config("tiny"), "abstract"))
   decayed = {k for k, v in mask.items() if v}
   assert any("lora_a" in k for k in decayed) and any("kernel" in k for k in decayed)
   for k in flat:
@@ -127,7 +134,7 @@ def test_cond_dropout_trains_the_unconditional_branch():
   losses = {}
   for p in (0.0, 0.999999):
     config.denoiser.cond_dropout = p
-    stage = train.DenoiserStage(config, frozen)
+    stage = small_stages.DenoiserStage(config, frozen)
     losses[p] = float(stage.loss(model, frozen, batch, jax.random.key(0))[0])
   cond = stage._condition(stage._encode(frozen, batch["frames"], batch["depths"]), batch)
   assert float(cond["coverage"].mean()) > 0
@@ -157,7 +164,7 @@ def test_context_noise_changes_only_the_context_the_model_sees():
   losses = {}
   for level in (0.0, 0.5):
     config.denoiser.context_noise = level
-    stage = train.DenoiserStage(config, frozen)
+    stage = small_stages.DenoiserStage(config, frozen)
     losses[level] = float(stage.loss(model, frozen, batch, rng)[0])
   cond = stage._condition(stage._encode(frozen, batch["frames"], batch["depths"]), batch)
   context = diffusion.noise_context(jax.random.fold_in(rng, 3), cond["context"], 0.5)
@@ -167,7 +174,7 @@ def test_context_noise_changes_only_the_context_the_model_sees():
   assert abs(losses[0.5] - losses[0.0]) > 1e-4 * losses[0.0]
   config.denoiser.context_noise = 1.0
   with pytest.raises(InputError, match="context_noise"):
-    train.DenoiserStage(config, frozen)
+    small_stages.DenoiserStage(config, frozen)
 
 
 def test_guidance_refused_without_cond_dropout():
@@ -200,7 +207,7 @@ def test_guidance_flag_refused_for_a_wan_finetune_without_caption_dropout():
 # ----------------------------------------------------------------------------- 4. accumulation
 
 
-class _LinearStage:
+class _LinearStage(StageBase):
   """y = x W + b regressed onto targets: a loss with no randomness, so microbatched and
   full-batch gradients must agree to float32 round-off."""
 
@@ -234,10 +241,10 @@ def test_microbatches_match_the_full_batch():
     config.optimizer.update(grad_clip_norm=0.0, warmup_steps=0)
     stage = _LinearStage()
     mesh, setup, specs = _setup(config, stage, jax.devices()[:4])
-    state = train.init_state(config, stage, setup)
+    state = step_lib.init_state(config, stage, setup)
     batch = {"x": jax.device_put(x, specs["x"].sharding),
              "y": jax.device_put(y, specs["y"].sharding)}
-    step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+    step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
     with setup.context():
       state, metrics = step(state, batch, {})
     results[m] = jax.device_get((metrics, state["params"]))
@@ -251,10 +258,10 @@ def test_microbatches_match_the_full_batch():
 def test_microbatches_must_divide_the_per_device_batch():
   config = _mesh_config(tiny_config(), fsdp=8)
   config.train.microbatches = 3
-  stage = train.make_stage(config)
+  stage = step_lib.make_stage(config)
   mesh, setup, specs = _setup(config, stage)
   with pytest.raises(InputError, match="microbatches"):
-    train.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+    step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
 
 
 # ----------------------------------------------------------------------------- 5. sharding
@@ -276,16 +283,16 @@ def test_param_axis_that_does_not_divide_is_an_error():
 def test_training_setup_refuses_a_mesh_that_does_not_divide_a_weight():
   config = _mesh_config(tiny_config("denoiser"), fsdp=8)
   config.denoiser.model.update(embed_dim=36, num_heads=2)  # 36 over 8 fsdp devices
-  stage = train.DenoiserStage(config, {})  # the setup does not look at the frozen part
+  stage = small_stages.DenoiserStage(config, {})  # the setup does not look at the frozen part
   with pytest.raises(InputError, match=r"config.logical_rules: field '.*': dimension \d "
                      r"\(size 36, logical 'embed'\)"):
-    train.make_setup(config, stage, train.build_mesh(config))
+    step_lib.make_setup(config, stage, mesh_lib.build_mesh(config))
 
 
 def test_sharding_table_lists_every_param():
   config = _mesh_config(tiny_config("denoiser"), fsdp=4, tensor=2)
-  stage = train.DenoiserStage(config, {})
-  setup = train.make_setup(config, stage, train.build_mesh(config))
+  stage = small_stages.DenoiserStage(config, {})
+  setup = step_lib.make_setup(config, stage, mesh_lib.build_mesh(config))
   table = sharding.sharding_table(setup.abstract["params"], setup.shardings["params"])
   lines = table.splitlines()
   assert lines[0].split() == ["path", "shape", "dtype", "spec"]
@@ -330,14 +337,14 @@ def test_training_memory_is_sized_to_the_window_and_reads_the_same():
   config.data.batch_size = 2
   config.memory.settings.capacity = 8192
   frozen = random_frozen_autoencoder(config)
-  stage = train.DenoiserStage(config, frozen)
+  stage = small_stages.DenoiserStage(config, frozen)
   h, w = stage.latent_hw
   assert stage.memory_cfg.capacity == config.denoiser.memory_frames * h * w < 8192
   config.memory.train_capacity = 8192  # set: as large as the rollout's
-  big = train.DenoiserStage(config, frozen)
+  big = small_stages.DenoiserStage(config, frozen)
   assert big.memory_cfg.capacity == 8192
   config.memory.train_capacity = 10 ** 6  # never more than the rollout holds
-  assert train.DenoiserStage(config, frozen).memory_cfg.capacity == 8192
+  assert small_stages.DenoiserStage(config, frozen).memory_cfg.capacity == 8192
   batch = {k: jnp.asarray(v) for k, v in _batch(config).items()}
   latents = jax.jit(stage._encode)(frozen, batch["frames"], batch["depths"])
   a, b = jax.jit(stage._condition)(latents, batch), jax.jit(big._condition)(latents, batch)
@@ -349,7 +356,7 @@ def test_training_memory_is_sized_to_the_window_and_reads_the_same():
 def test_wan_training_memory_holds_its_source_frames():
   config = mirage_wan22_5b.get_config("tiny")
   config.memory.settings.capacity = 131072
-  stage = train.WanStage(config, "abstract")
+  stage = wan_stage.WanStage(config, "abstract")
   h, w = stage.latent_hw
   assert stage.memory_cfg.capacity == len(stage._memory_sources()) * h * w
 
@@ -376,4 +383,4 @@ def test_bad_noise_levels_config_is_named():
   config = tiny_config("denoiser")
   config.train.noise_levels = "per_chunk"
   with pytest.raises(InputError, match=r"config.train: field 'noise_levels'"):
-    train.DenoiserStage(config, random_frozen_autoencoder(config))
+    small_stages.DenoiserStage(config, random_frozen_autoencoder(config))

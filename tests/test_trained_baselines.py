@@ -16,10 +16,11 @@ from flax import nnx
 
 from data_pipelines import procedural
 from experiments import common, tiny_cpu
-from mirage_jax import geometry, rollout, train
+from mirage_jax import geometry, rollout
 from mirage_jax import checkpoint, families
 from mirage_jax.evaluation import metrics, report, revisit, scaling
 from mirage_jax.families.small import denoiser
+from mirage_jax.families.small import stages as small_stages
 from tests.test_generate import _save_export, run_cli, save_tiny_export
 
 
@@ -65,7 +66,7 @@ def test_memory_off_training_never_reads_memory():
     c = config if backend == "voxel" else common.memory_baseline(config, backend)
     assert c.memory.backend == backend and c.train.steps == config.train.steps
     assert c.sampler.to_dict() == config.sampler.to_dict() and c.data.to_dict() == config.data.to_dict()
-    conds[backend] = train.DenoiserStage(c, None)._condition(latents, batch)
+    conds[backend] = small_stages.DenoiserStage(c, None)._condition(latents, batch)
   # The memory model's read covers the targets; memory off: empty read, same context.
   assert float(conds["voxel"]["coverage"].mean()) > 0.3
   assert float(jnp.abs(conds["none"]["memory"]).max()) == 0.0

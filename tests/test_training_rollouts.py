@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from experiments import tiny_cpu
-from mirage_jax import metrics_log, train
+from mirage_jax import metrics_log
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import training_rollouts
+from mirage_jax.training import loop as loop_lib
 from tests.test_generate import save_tiny_export
 from tests.test_train import synthetic_clip
 
@@ -26,7 +27,7 @@ def test_rollout_scalars_and_videos_reach_tensorboard(tmp_path):
   c.eval.update(every=2, batches=1, rollouts=1, rollout_frames=8, rollout_backends=("none", "voxel"))
   clips = [synthetic_clip(i, frames=10, size=32) for i in range(8)]
   workdir = tmp_path / "run"
-  train.train_and_evaluate(c, str(workdir), {"train": clips, "validation": clips[:2]})
+  loop_lib.train_and_evaluate(c, str(workdir), {"train": clips, "validation": clips[:2]})
 
   (name,) = os.listdir(workdir / "tensorboard")
   tags = metrics_log.read_tags(str(workdir / "tensorboard" / name))

@@ -16,12 +16,17 @@ from flax import nnx
 
 from data_pipelines import build, encode_latents, latent_clips
 from experiments import mirage_wan22_5b
-from mirage_jax import checkpoint, convert_wan, memory, train
-from mirage_jax.families.wan import weight_files as torch_files
-from mirage_jax.families.wan import conditioning as wan_mirage
+from mirage_jax import checkpoint, convert_wan, memory
 from mirage_jax.errors import InputError
+from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import stage as wan_stage
 from mirage_jax.families.wan import vae as wan_vae
+from mirage_jax.families.wan import weight_files as torch_files
+from mirage_jax.training import inputs as inputs_lib
+from mirage_jax.training import loop as loop_lib
+from mirage_jax.training import mesh as mesh_lib
+from mirage_jax.training import step as step_lib
 
 torch = pytest.importorskip("torch")
 
@@ -153,7 +158,7 @@ def test_latent_clips_match_a_direct_encoding(world):
 
 def test_train_loss_falls(world, tmp_path):
   workdir = str(tmp_path / "run")
-  out = train.train_and_evaluate(_config(world, steps=120, log_every=20), workdir)
+  out = loop_lib.train_and_evaluate(_config(world, steps=120, log_every=20), workdir)
   losses = [m["loss"] for m in _metrics(workdir)]
   assert len(losses) == 6 and np.isfinite(losses).all()
   assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
@@ -178,11 +183,11 @@ def test_train_loss_falls(world, tmp_path):
 
 def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
   config = _config(world)
-  mesh = train.build_mesh(config)
-  stage = train.make_stage(config)
-  assert isinstance(stage, train.WanStage)
-  stage.load_frozen(mesh, train.logical_rules(config))
-  setup = train.make_setup(config, stage, mesh)
+  mesh = mesh_lib.build_mesh(config)
+  stage = step_lib.make_stage(config)
+  assert isinstance(stage, wan_stage.WanStage)
+  stage.load_frozen(mesh, mesh_lib.logical_rules(config))
+  setup = step_lib.make_setup(config, stage, mesh)
   trainable = wan_mirage.flat_paths(setup.abstract["params"])
   assert trainable and all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in trainable)
   n_train = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
@@ -193,12 +198,12 @@ def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
   kernel = stage.frozen["base"]["blocks"]["ffn_in"]["kernel"]
   assert not kernel.sharding.is_fully_replicated
   before = jax.tree.map(np.asarray, stage.frozen["base"])
-  state = train.init_state(config, stage, setup)
+  state = step_lib.init_state(config, stage, setup)
   src = latent_clips.LatentClips(world["latents"], "train")
-  it = train.make_input(config, src, split="train")
-  shapes = train.abstract_batch(config, stage, mesh, setup.rules)
-  step = train.make_train_step(config, stage, setup, {k: v.sharding for k, v in shapes.items()})
-  axes = train.batch_axes(mesh, setup.rules)
+  it = inputs_lib.make_input(config, src, split="train")
+  shapes = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in shapes.items()})
+  axes = mesh_lib.batch_axes(mesh, setup.rules)
   from mirage_jax import distributed
   frozen = jax.device_put(stage.frozen, setup.frozen_sharding())
   p0 = jax.tree.map(np.asarray, state["params"])
@@ -218,7 +223,7 @@ def test_exact_resume_after_sigterm(world, tmp_path, monkeypatch):
   """A SIGTERM mid-run saves at the next step and returns; the rerun continues exactly."""
   straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
   kw = dict(log_every=2)
-  train.train_and_evaluate(_config(world, steps=8, **kw), straight)
+  loop_lib.train_and_evaluate(_config(world, steps=8, **kw), straight)
   reached = checkpoint.PreemptionFlag.reached
 
   # A real signal through the real handler, at a fixed step (a log step, so the two runs'
@@ -233,13 +238,13 @@ def test_exact_resume_after_sigterm(world, tmp_path, monkeypatch):
     m.setattr(checkpoint.PreemptionFlag, "reached", sigterm_at_step_4)
     config = _config(world, steps=8, **kw)
     config.checkpoint.every = 100  # only the preemption saves
-    train.train_and_evaluate(config, resumed)
+    loop_lib.train_and_evaluate(config, resumed)
   ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), every=1, keep=1)
   assert ckpt.latest_step() == 4
   ckpt.close()
   assert len(_metrics(resumed)) == 2  # stopped at step 4, not run to the end
   assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is uninstalled
-  train.train_and_evaluate(_config(world, steps=8, **kw), resumed)
+  loop_lib.train_and_evaluate(_config(world, steps=8, **kw), resumed)
   ma, mb = _metrics(straight), _metrics(resumed)
   assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=0, abs=0)
   out_a, out_b = str(tmp_path / "ea"), str(tmp_path / "eb")
@@ -270,7 +275,7 @@ def test_two_processes_train_like_one(world, tmp_path):
           "--config.train.log_every=1"]
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
   with _two_processes([*args, f"--workdir={two}"]) as procs:
-    train.train_and_evaluate(_config(world, steps=steps, log_every=1), one)
+    loop_lib.train_and_evaluate(_config(world, steps=steps, log_every=1), one)
     _wait(procs)
   losses = {w: [m["loss"] for m in _metrics(w)] for w in (one, two)}
   params = []
@@ -294,10 +299,10 @@ def test_two_processes_train_like_one(world, tmp_path):
 
 
 def _stage_error(config) -> InputError:
-  mesh = train.build_mesh(config)
+  mesh = mesh_lib.build_mesh(config)
   with pytest.raises(InputError) as e:
-    stage = train.make_stage(config)
-    stage.load_frozen(mesh, train.logical_rules(config))
+    stage = step_lib.make_stage(config)
+    stage.load_frozen(mesh, mesh_lib.logical_rules(config))
   assert "\n" not in str(e.value)
   return e.value
 
@@ -329,7 +334,7 @@ def test_bad_inputs(world, tmp_path):
   c = _config(world, steps=1)
   c.denoiser.target_frames = 13
   with pytest.raises(InputError, match="target_frames"):
-    train.train_and_evaluate(c, str(tmp_path / "w"))
+    loop_lib.train_and_evaluate(c, str(tmp_path / "w"))
   with pytest.raises(InputError, match="encode_latents"):
     latent_clips.LatentClips(str(tmp_path), "train")
 
@@ -349,7 +354,7 @@ def test_training_rollouts_reach_tensorboard(world, tmp_path):
                 rollout_backends=("none", "mirage"))
   assert training_rollouts.check_config(c) == 1  # the Wan family is not refused
   workdir = tmp_path / "run"
-  train.train_and_evaluate(c, str(workdir))
+  loop_lib.train_and_evaluate(c, str(workdir))
   (name,) = os.listdir(workdir / "tensorboard")
   tags = metrics_log.read_tags(str(workdir / "tensorboard" / name))
   for row in ("none", "mirage"):

@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from experiments import mirage_wan22_5b
-from mirage_jax import train
-from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.errors import InputError
+from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import stage as wan_stage
 from tests.test_memory_sharding import wan_memory_batch
 from tests.test_wan_dit import _forward, _inputs, _ours, _random_original, _tiny
 
@@ -99,7 +99,7 @@ def test_wan_stage_sends_the_scheme_to_the_dit(scheme):
   config = mirage_wan22_5b.get_config("tiny")
   config.train.noise_levels = scheme
   config.data.batch_size = 4
-  stage = train.WanStage(config, "abstract")
+  stage = wan_stage.WanStage(config, "abstract")
   batch = wan_memory_batch(stage)
   b = batch["target_latents"].shape[0]
   rng = np.random.default_rng(1)
@@ -123,8 +123,8 @@ def test_wan_bad_noise_levels_config_is_named():
   config = mirage_wan22_5b.get_config("tiny")
   config.train.noise_levels = "per_chunk"
   with pytest.raises(InputError, match=r"config.train: field 'noise_levels'"):
-    train.WanStage(config, "abstract")
+    wan_stage.WanStage(config, "abstract")
   config.train.noise_levels = "mixed"
   config.train.noise_levels_mixed_prob = 1.5
   with pytest.raises(InputError, match=r"noise_levels_mixed_prob"):
-    train.WanStage(config, "abstract")
+    wan_stage.WanStage(config, "abstract")

@@ -1,0 +1,321 @@
+"""The Wan family's training stage: fine-tuning Mirage (VACE and/or LoRA) on a frozen Wan2.2
+DiT, on pre-encoded latent clips.
+
+The family has no autoencoder stage: its VAE comes converted from the released weights
+(``python -m mirage_jax.convert_wan``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mirage_jax import memory as memory_lib
+from mirage_jax import sharding
+from mirage_jax.errors import InputError
+from mirage_jax.families.wan import conditioning as wan_mirage
+from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.training.flops import model_flops
+from mirage_jax.training.stage import Batch, StageBase, noise_levels, train_memory_config
+
+
+def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> "WanStage":
+  """The Wan fine-tuning stage (``config.stage == 'denoiser'``); ``frozen``: see
+  :class:`WanStage`."""
+  if config.stage != "denoiser":
+    raise InputError("config.stage", "stage", f"the wan family trains only the 'denoiser' "
+                     f"stage (its VAE comes converted: python -m mirage_jax.convert_wan), got "
+                     f"{config.stage!r}")
+  return WanStage(config, frozen)
+
+
+class WanStage(StageBase):
+  """Fine-tuning Mirage on a frozen Wan2.2 base (the reference's ``scripts/train.py``).
+
+  ``config.denoiser.model.family == 'wan'``. The WanDiT's base params (everything but the
+  VACE branch and the LoRA adapters) are frozen and come from ``config.denoiser.base_checkpoint``
+  (a ``convert_wan`` DiT export, or a fine-tune export of one, followed to its base); they go
+  through the step as ``frozen["base"]``, FSDP-sharded by the mesh rules like trainable params
+  but with no optimizer state. What trains is ``config.denoiser.train_stages`` ('vace' and/or
+  'lora', as the reference's ``--stage``). A trainable part found in the base export starts
+  from it; one not found starts as the reference initialises it (VACE: PyTorch-default random
+  weights with ``after_proj`` zero; LoRA: A random, B zero).
+
+  Batches are pre-encoded latent clips (``data_pipelines.latent_clips``; nothing is encoded
+  per step). Per clip: the memory (``config.memory.backend``) is written from the source
+  latent frames (``config.denoiser.memory_write``: 'first_target', the reference's: the
+  clean first target latent with its depth; 'preceding': the preceding latents; 'both') and
+  read into the target + preceding cameras; the VACE input is that read and the encoded
+  all-ones control (``wan_mirage.vace_context``); the DiT sees ``[references | noisy target
+  | preceding]`` with per-frame timesteps; loss as ``wan_mirage.flow_loss``. Captions are
+  dropped (replaced by the empty-prompt embedding) with probability
+  ``config.denoiser.caption_dropout`` and wherever the clip has none.
+  """
+
+  FIELDS = ("target_latents", "preceding_latents", "reference_latents", "depths",
+            "static_masks", "intrinsics", "poses_c2w", "text", "has_text")
+  MEMORY_WRITE = ("first_target", "preceding", "both")
+
+  def __init__(self, config: ml_collections.ConfigDict, frozen: Any = None):
+    self.config = config
+    d = config.denoiser
+    self.cfg = d.model
+    self.wm, self.wan_dit = wan_mirage, wan_dit
+    if not 5 <= d.target_frames or (d.target_frames - 1) % 4:
+      raise InputError("config.denoiser", "target_frames", f"must be 1 + 4 k (k >= 1) video "
+                       f"frames, got {d.target_frames}")
+    if d.preceding_frames < 0 or d.reference_frames < 0:
+      raise InputError("config.denoiser", "preceding_frames", "must be >= 0 (and "
+                       "reference_frames >= 0)")
+    if d.memory_write not in self.MEMORY_WRITE:
+      raise InputError("config.denoiser", "memory_write", f"expected one of "
+                       f"{self.MEMORY_WRITE}, got {d.memory_write!r}")
+    if d.memory_write != "first_target" and not d.preceding_frames:
+      raise InputError("config.denoiser", "memory_write", "needs preceding_frames > 0")
+    h, w = (int(r) for r in config.data.resolution)
+    if h % 32 or w % 32:
+      raise InputError("config.data", "resolution", f"{(h, w)}: must be multiples of 32 (16x "
+                       "VAE, 2x2 DiT patches)")
+    self.latent_hw = (h // 16, w // 16)
+    self.num_target = (d.target_frames - 1) // 4 + 1
+    self.num_preceding = (((d.preceding_frames - 1) // 4 + 1) if d.preceding_frames else 0)
+    self.num_reference = int(d.reference_frames)
+    try:
+      self.trainable = wan_dit.trainable_filter(self.cfg, tuple(d.train_stages))
+    except InputError as e:
+      raise InputError("config.denoiser", "train_stages", e.problem) from e
+    if self.trainable is nnx.Nothing:
+      raise InputError("config.denoiser", "train_stages", f"{tuple(d.train_stages)} trains "
+                       "nothing with this model (vace off or lora_rank 0)")
+    want_ch = 96 + (1 if d.vace_coverage else 0)
+    if not self.cfg.vace or self.cfg.vace_in_channels != want_ch:
+      raise InputError("config.denoiser.model", "vace_in_channels", f"the VACE input has "
+                       f"{want_ch} channels (memory 48 + control 48"
+                       f"{' + coverage 1' if d.vace_coverage else ''}); model has "
+                       f"vace={self.cfg.vace}, vace_in_channels={self.cfg.vace_in_channels}")
+    self.noise_levels = noise_levels(config)
+    self.memory = memory_lib.get_backend(config.memory.backend)
+    self.memory_cfg = train_memory_config(config, wan_mirage.memory_config(config),
+                                          len(self._memory_sources()))
+    model = nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
+    self._graphdef_full, trainable, rest = nnx.split(model, self.trainable, ...)
+    self.base_abstract = rest.to_pure_dict()
+    self.base_specs = nnx.get_partition_spec(rest).to_pure_dict()
+    self.initial_params = None
+    f_lat = self.num_target + self.num_preceding
+    if frozen == "abstract":  # shapes only (AOT)
+      sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+      self.frozen = {"base": self.base_abstract,
+                     "control": sds((f_lat,) + self.latent_hw + (48,)),
+                     "empty_text": sds((d.text_len, self.cfg.text_dim))}
+    elif frozen is not None:
+      self.frozen = frozen
+    else:
+      self.frozen = None  # loaded by load_frozen(mesh), which needs the mesh
+
+  # --------------------------------------------------------------------------- params
+
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    return self.wan_dit.WanDiT(self.cfg, rngs=rngs)
+
+  def merge(self, graphdef, params, frozen) -> nnx.Module:
+    return nnx.merge(graphdef, nnx.State(params), nnx.State(frozen["base"]))
+
+  def frozen_shardings(self, mesh: Mesh, rules) -> dict:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with sharding.use_rules(rules):
+      base = sharding.logical_to_sharding(self.base_specs, mesh, rules, self.base_abstract,
+                                          params=True)
+    return {"base": base, "control": replicated, "empty_text": replicated}
+
+  def load_frozen(self, mesh: Mesh, rules) -> None:
+    """Loads the frozen base (sharded), the control latents and the empty-prompt embedding;
+    sets ``self.frozen`` and ``self.initial_params`` (trainable params the base has)."""
+    d = self.config.denoiser
+    if not d.base_checkpoint:
+      raise InputError("config.denoiser.base_checkpoint", "base_checkpoint", "the Wan "
+                       "fine-tuning stage needs a Wan DiT export (python -m "
+                       "mirage_jax.convert_wan)")
+    model = nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
+    _, trainable, rest = nnx.split(model, self.trainable, ...)
+    shard = self.frozen_shardings(mesh, rules)["base"]
+    t_specs = nnx.get_partition_spec(trainable).to_pure_dict()
+    t_abs = trainable.to_pure_dict()
+    with sharding.use_rules(rules):
+      t_shard = sharding.logical_to_sharding(t_specs, mesh, rules, t_abs)
+    abstract = {}
+    for tree, sh in ((rest.to_pure_dict(), shard), (t_abs, t_shard)):
+      flat_a, flat_s = self.wm.flat_paths(tree), self.wm.flat_paths(sh)
+      for p, a in flat_a.items():
+        abstract[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_s[p])
+    loaded = self.wm.load_dit_params(d.base_checkpoint, self.cfg, abstract)
+    base_paths = set(self.wm.flat_paths(rest.to_pure_dict()))
+    missing = sorted(base_paths - set(loaded))
+    if missing:
+      raise InputError(d.base_checkpoint, "/".join(missing[0]), "missing from the base export "
+                       f"(and not trained by train_stages {tuple(d.train_stages)}): "
+                       f"{len(missing)} frozen params absent")
+    base = self.wm.nest({p: v for p, v in loaded.items() if p in base_paths})
+    initial = {p: v for p, v in loaded.items() if p not in base_paths}
+    self.initial_params = self.wm.nest(initial) if initial else None
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.frozen = {"base": base,
+                   "control": jax.device_put(self._control(), replicated),
+                   "empty_text": jax.device_put(self._empty_text(), replicated)}
+    logging.info("Wan base from %s: %d frozen params; %d trainable params start from it",
+                 d.base_checkpoint, len(base_paths), len(initial))
+
+  def rollout_args(self, graphdef, ema) -> tuple:
+    """(no autoencoder, the EMA params ``ema`` over the frozen base gathered to the host, the
+    empty-prompt embedding) for the training rollouts."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    frozen = multihost_utils.process_allgather(self.frozen, tiled=True)
+    dn = self.merge(graphdef, ema, frozen)
+    return None, dn, dict(empty_text=np.asarray(frozen["empty_text"]))
+
+  def _data_side(self, name: str):
+    if self.config.data.dataset != "wan_latents":
+      return None
+    from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
+    return latent_clips.load_side_array(self.config.data.data_dir, name)
+
+  def _control(self) -> np.ndarray:
+    """(Tl + Pl, h, w, 48): the dataset's control_latents.npy, else encoded with the VAE
+    export ``config.denoiser.autoencoder_checkpoint``."""
+    from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
+    want = (self.num_target + self.num_preceding,) + self.latent_hw + (48,)
+    control = self._data_side(latent_clips.CONTROL)
+    if control is not None:
+      if control.shape != want:
+        raise InputError(os.path.join(self.config.data.data_dir, latent_clips.CONTROL),
+                         "control_latents", f"shape {control.shape}, the config needs {want}")
+      return np.asarray(control, np.float32)
+    from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
+    vae, _ = encode_latents.load_vae(self.config.denoiser.autoencoder_checkpoint)
+    return np.asarray(self.wm.control_latents(vae, want[0], *self.latent_hw))
+
+  def _empty_text(self) -> np.ndarray:
+    """(Lt, D): ``config.denoiser.empty_text`` (.npy), else the dataset's empty_text.npy,
+    else zeros (an approximation: umT5's embedding of "" is not zero)."""
+    from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
+    d = self.config.denoiser
+    want = (d.text_len, self.cfg.text_dim)
+    where = d.empty_text
+    empty = (latent_clips.load_side_array(os.path.dirname(where) or ".",
+                                          os.path.basename(where)) if where
+             else self._data_side(latent_clips.EMPTY_TEXT))
+    if where and empty is None:
+      raise InputError(where, "empty_text", "no such file")
+    if empty is None:
+      logging.warning("no empty-prompt embedding: dropped captions become zeros")
+      return np.zeros(want, np.float32)
+    if empty.shape != want:
+      raise InputError(where or self.config.data.data_dir, "empty_text", f"shape "
+                       f"{empty.shape}, the config needs {want}")
+    return np.asarray(empty, np.float32)
+
+  # --------------------------------------------------------------------------- input
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    return tuple(f for f in self.FIELDS if f != "reference_latents" or self.num_reference)
+
+  def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+    b = self.config.data.batch_size
+    h, w = self.latent_hw
+    tl, pl, r = self.num_target, self.num_preceding, self.num_reference
+    f = tl + pl
+    return {"target_latents": ((b, tl, h, w, 48), jnp.float32),
+            "preceding_latents": ((b, pl, h, w, 48), jnp.float32),
+            "reference_latents": ((b, r, h, w, 48), jnp.float32),
+            "depths": ((b, f, h, w), jnp.float32), "static_masks": ((b, f, h, w), jnp.uint8),
+            "intrinsics": ((b, f, 3, 3), jnp.float32), "poses_c2w": ((b, f, 4, 4), jnp.float32),
+            "text": ((b, self.config.denoiser.text_len, self.cfg.text_dim), jnp.float32),
+            "has_text": ((b,), jnp.bool_)}
+
+  def check_source(self, source, where: str) -> None:
+    """The latent dataset's metadata must match the config's shapes."""
+    meta = getattr(source, "metadata", None)
+    if meta is None:
+      return
+    d = self.config.denoiser
+    want = dict(target_frames=d.target_frames, preceding_frames=d.preceding_frames,
+                latent_hw=list(self.latent_hw), text_len=d.text_len,
+                text_dim=self.cfg.text_dim)
+    for k, v in want.items():
+      if meta.get(k) != v:
+        raise InputError(where, k, f"{meta.get(k)!r} in the latent dataset, {v!r} in the "
+                         "config")
+    if meta.get("num_references", 0) < self.num_reference:
+      raise InputError(where, "num_references", f"the dataset has {meta.get('num_references')}"
+                       f" references per clip, config.denoiser.reference_frames is "
+                       f"{self.num_reference}")
+
+  # --------------------------------------------------------------------------- loss
+
+  def _memory_sources(self) -> list[int]:
+    """Indices into [target | preceding] latent frames the memory is written from."""
+    tl, pl = self.num_target, self.num_preceding
+    return {"first_target": [0], "preceding": list(range(tl, tl + pl)),
+            "both": [0] + list(range(tl, tl + pl))}[self.config.denoiser.memory_write]
+
+  def memory_read(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(B, Tl + Pl, h, w, 48) memory read (zeros in holes) and coverage (B, Tl + Pl, h, w)."""
+    src = np.asarray(self._memory_sources())
+    lat = jnp.concatenate([batch["target_latents"], batch["preceding_latents"]], axis=1)
+
+    def one(lat, depth, static, K, c2w):
+      return self.wm.splat_memory(self.memory, self.memory_cfg, lat[src], depth[src],
+                                  K[src], c2w[src], static[src].astype(bool), K, c2w)
+
+    return memory_lib.batch_map(one, lat, batch["depths"], batch["static_masks"],
+                                batch["intrinsics"], batch["poses_c2w"])
+
+  def loss(self, model, frozen, batch: Batch, rng):
+    d = self.config.denoiser
+    x0 = batch["target_latents"].astype(jnp.float32)
+    b = x0.shape[0]
+    k_sig, k_noise, k_drop, k_lora = jax.random.split(rng, 4)
+    sigmas = self.wm.sample_sigmas(k_sig, b, self.num_target, d.time_shift, d.first_frame_clean,
+                                   *self.noise_levels)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    noisy = self.wm.add_noise(x0, noise, sigmas)
+    memory, coverage = self.memory_read(batch)
+    vace = self.wm.vace_context(memory, frozen["control"],
+                                coverage if d.vace_coverage else None)
+    drop = jax.random.bernoulli(k_drop, d.caption_dropout, (b,)) | ~batch["has_text"]
+    text = self.wm.caption_or_empty(batch["text"], frozen["empty_text"], drop)
+    refs = batch["reference_latents"] if self.num_reference else None
+    latents = self.wm.assemble(refs, noisy, batch["preceding_latents"])
+    timesteps = self.wm.frame_timesteps(sigmas, self.num_reference, self.num_preceding)
+    pred = model(latents, timesteps, text, num_reference=self.num_reference,
+                 vace_context=vace, deterministic=False, rngs=nnx.Rngs(dropout=k_lora))
+    r = self.num_reference
+    loss = self.wm.flow_loss(pred[:, r:r + self.num_target], x0, noise, d.first_frame_clean)
+    return loss, {"memory_coverage": coverage.astype(jnp.float32).mean(),
+                  "caption_dropped": drop.astype(jnp.float32).mean()}
+
+  def step_flops(self, batch_size: int) -> float:
+    h, w = self.latent_hw
+    f = self.num_reference + self.num_target + self.num_preceding
+    args = (jax.ShapeDtypeStruct((batch_size, f, h, w, 48), jnp.float32),
+            jax.ShapeDtypeStruct((batch_size, f), jnp.float32),
+            jax.ShapeDtypeStruct((batch_size, self.config.denoiser.text_len, self.cfg.text_dim),
+                                 jnp.float32),
+            jax.ShapeDtypeStruct((batch_size, f - self.num_reference, h, w,
+                                  self.cfg.vace_in_channels), jnp.float32))
+    fwd = model_flops(lambda: self.build(nnx.Rngs(0)),
+                      lambda m, x, t, c, v: m(x, t, c, num_reference=self.num_reference,
+                                              vace_context=v), *args)
+    # Backward through the whole DiT (the VACE hints feed every later block) is ~2x forward
+    # for activations; the frozen weights' gradients are not formed, but the trainable ones
+    # are: 3x forward is the usual upper bound.
+    return 3.0 * fwd
