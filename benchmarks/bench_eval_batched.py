@@ -35,7 +35,7 @@ from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax import families, geometry, rollout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.errors import InputError, run_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mirage_jax.evaluation.scaling import capacity_for  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mirage_jax.memory import capacity_for  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.families.small import denoiser  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -109,7 +109,7 @@ def _main() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import files  # pylint: disable=g-import-not-at-top
   from mirage_jax import checkpoint, families, memory, rollout  # pylint: disable=g-import-not-at-top
-  from mirage_jax.evaluation import report, revisit, scaling, video  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import report, revisit, video  # pylint: disable=g-import-not-at-top
 
   if _MEMORY.value is not None and _MEMORY.value not in memory.BACKEND_NAMES:
     raise InputError("--memory", "memory", f"unknown backend {_MEMORY.value!r} (known: "
@@ -145,7 +145,7 @@ def _main() -> int:
     num_frames = len(clip["poses_c2w"])
     r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
                              object_slots=_OBJECT_SLOTS.value, sampling_options=options,
-                             **scaling.capacity_for(backend, num_frames, wm.memory_config(config)))
+                             **memory.capacity_for(backend, num_frames, wm.memory_config(config)))
     start = time.perf_counter()
     extra = dict(depths=clip["depths"]) if wm.needs_depths else {}
     out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],

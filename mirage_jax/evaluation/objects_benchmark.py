@@ -71,7 +71,7 @@ from mirage_jax import geometry, rollout
 from mirage_jax import families
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import metrics, revisit
-from mirage_jax.evaluation.scaling import capacity_for
+from mirage_jax.memory import capacity_for
 
 _masked_psnr = jax.jit(metrics.masked_psnr)
 _nanmean = revisit._nanmean  # pylint: disable=protected-access

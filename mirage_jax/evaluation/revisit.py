@@ -63,7 +63,7 @@ from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.evaluation import metrics, video
 from mirage_jax.memory import rgb_points
-from mirage_jax.evaluation.scaling import capacity_for
+from mirage_jax.memory import capacity_for
 
 # Jitted once: eager metrics compile op by op, which costs seconds per new shape.
 _psnr = jax.jit(metrics.psnr)

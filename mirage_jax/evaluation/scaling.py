@@ -38,26 +38,12 @@ import numpy as np
 from tqdm import tqdm
 
 from mirage_jax import geometry, rollout
+from mirage_jax import memory as memory_lib
 from mirage_jax import families
 from mirage_jax.errors import InputError
 
 ROOM_LO = (-3.0, 0.0, -3.0)  # y up, floor at 0, like the procedural scenes
 ROOM_HI = (3.0, 3.0, 3.0)
-
-
-def capacity_for(backend: str, num_frames: int, cfg) -> dict[str, int]:
-  """Memory overrides so an append-only backend holds ``num_frames`` frames without eviction.
-
-  Args:
-    backend: memory backend name. num_frames: frames that will be written.
-    cfg: the ``MemoryConfig`` (image and latent sizes).
-  Returns:
-    ``{"capacity": n}`` for ``mirage`` (latent pixels), ``rgb_points`` (image pixels) and
-    ``frame_bank`` (frames); ``{}`` for the others (``voxel`` stays bounded).
-  """
-  per_frame = {"mirage": cfg.latent_height * cfg.latent_width,
-               "rgb_points": cfg.image_height * cfg.image_width, "frame_bank": 1}
-  return {"capacity": int(num_frames) * per_frame[backend]} if backend in per_frame else {}
 
 
 def loop_trajectory(num_frames: int, period: int, height: int, width: int,
@@ -136,7 +122,7 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
     r = rollout.make_rollout(config, ae, dn, backend=backend)
     write = jax.jit(r.backend.write, donate_argnums=0)  # pre-fill in place
     for n in sorted(lengths):
-      cfg = dataclasses.replace(r.memory_cfg, **capacity_for(backend, n, r.memory_cfg))
+      cfg = dataclasses.replace(r.memory_cfg, **memory_lib.capacity_for(backend, n, r.memory_cfg))
       state = r.backend.init(cfg)
       start = n - generated
       for b0 in range(0, start, prefill_block):

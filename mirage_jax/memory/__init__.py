@@ -85,6 +85,21 @@ def get_backend(name: str, *, encode_fn: Callable | None = None) -> Backend:
   return Backend(name, module.init, module.write, read, module.nbytes, capacity_bytes)
 
 
+def capacity_for(backend: str, num_frames: int, cfg) -> dict[str, int]:
+  """Memory overrides so an append-only backend holds ``num_frames`` frames without eviction.
+
+  Args:
+    backend: memory backend name. num_frames: frames that will be written.
+    cfg: the ``MemoryConfig`` (image and latent sizes).
+  Returns:
+    ``{"capacity": n}`` for ``mirage`` (latent pixels), ``rgb_points`` (image pixels) and
+    ``frame_bank`` (frames); ``{}`` for the others (``voxel`` stays bounded).
+  """
+  per_frame = {"mirage": cfg.latent_height * cfg.latent_width,
+               "rgb_points": cfg.image_height * cfg.image_width, "frame_bank": 1}
+  return {"capacity": int(num_frames) * per_frame[backend]} if backend in per_frame else {}
+
+
 def init_batch(backend: Backend, cfg: Any, batch: int):
   """``batch`` empty states stacked on a new leading axis (vmap write/read over it)."""
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), backend.init(cfg))
@@ -118,6 +133,6 @@ def batch_map(fn: Callable, *args):
   return jax.shard_map(mapped, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*args)
 
 
-__all__ = ["Backend", "BACKEND_NAMES", "MemoryConfig", "batch_map", "config", "frame_bank",
+__all__ = ["Backend", "BACKEND_NAMES", "capacity_for", "MemoryConfig", "batch_map", "config", "frame_bank",
            "get_backend", "init_batch", "memory_config", "mirage", "none", "objects", "retrieval",
            "rgb_points", "splatting", "voxel"]

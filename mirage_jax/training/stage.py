@@ -127,11 +127,10 @@ def train_memory_config(config: ml_collections.ConfigDict, cfg: memory_lib.Memor
   sets it; either way it is at most the rollout's, so training never holds more than the
   rollout can.
   """
-  from mirage_jax.evaluation import scaling  # pylint: disable=g-import-not-at-top
   n = int(config.memory.get("train_capacity", 0))
   if n < 0:
     raise InputError("config.memory", "train_capacity", f"must be >= 0, got {n}")
   if not n:
-    n = scaling.capacity_for(config.memory.backend, num_frames, cfg).get(
+    n = memory_lib.capacity_for(config.memory.backend, num_frames, cfg).get(
         "capacity", num_frames * cfg.latent_height * cfg.latent_width)
   return dataclasses.replace(cfg, capacity=min(n, cfg.capacity))
