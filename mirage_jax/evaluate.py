@@ -25,7 +25,7 @@ row is the memory model with its memory off). First-visit frames (no memory cove
 same frames for every row; ``revisit.first_visit_frames``) are scored as ``psnr_unseen``,
 ``ssim_unseen`` with per-frame curves.
 
-A Wan-family export (``config.denoiser.model.family == 'wan'``, ``mirage_jax/families/wan/rollout.py``)
+A Wan-family export (the config's family is read by ``mirage_jax.families``; ``mirage_jax/families/wan/world_model.py``)
 runs the revisit benchmark through the same rows: every row generates with the Wan DiT +
 VACE (the backend's read in the VACE slot), writing each latent with the trajectory's
 ground-truth depth of its frame (the reference's depth model is not available); it has no
@@ -512,24 +512,20 @@ def _run(output_dir: str) -> int:
                        f"must be in [0, 1], got {_FIRST_VISIT.value}")
   # The family decides which flags apply; checked before the (slow) model load.
   export_config = checkpoint.export_config(_CHECKPOINT.value)
-  family = families.family_name(export_config)
-  if _BENCHMARK.value == "memory_maze" and family != "wan":
+  wm = families.world_model(export_config)
+  if _BENCHMARK.value not in wm.benchmarks:
+    raise InputError("--benchmark", "benchmark", f"{_BENCHMARK.value!r} is not run for the "
+                     f"{wm.name!r} family of {_CHECKPOINT.value} (it runs: "
+                     f"{', '.join(wm.benchmarks)})")
+  if _MAZE.value and "memory_maze" not in wm.benchmarks:
+    raise InputError("--memory_maze_context", "memory_maze_context", "Memory Maze context rows "
+                     f"are not run for the {wm.name!r} family")
+  if _BENCHMARK.value == "memory_maze":
     _maze_protocol_settings(export_config)  # held-out seeds, before the slow model load
-  wan_flag = next((f.name for f in (_CAPTION, _EMPTY_TEXT, _GUIDANCE) if f.value is not None), None)
-  if family != "wan" and wan_flag:
-    raise InputError(f"--{wan_flag}", wan_flag, f"only the Wan family takes it; "
-                     f"{_CHECKPOINT.value} is of family {family!r}")
-  if family == "wan" and _BENCHMARK.value == "memory_maze":
-    raise InputError("--benchmark", "benchmark", "'memory_maze' runs the small family only")
-  if family == "wan" and _BENCHMARK.value != "revisit":
-    raise InputError("--benchmark", "benchmark", f"{_BENCHMARK.value!r} runs the small family "
-                     "only; a Wan-family export runs --benchmark=revisit")
-  if family == "wan" and _MAZE.value:
-    raise InputError("--memory_maze_context", "memory_maze_context",
-                     "Memory Maze context rows are not run for the Wan family")
   for flag in (_CAPTION, _EMPTY_TEXT):
     if flag.value is not None and not os.path.isfile(flag.value):
       raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
+  _sampling_options(export_config)  # a family that takes none refuses these flags
   # Process 0 checks and claims the directory; no process writes before it has, and a
   # refusal there is every process's one-line error (not a hang at a barrier).
   distributed.on_process_zero(
