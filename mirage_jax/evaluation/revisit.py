@@ -486,7 +486,7 @@ def generate_trajectories(r, truths: Sequence[Trajectory], *, seed: int = 0,
   oracle_frames = [None] * len(truths) if oracle_frames is None else oracle_frames
   given = ({"given_frames": [t.context for t in truths]} if any(t.context for t in truths)
            else {})
-  extra = dict(depths=[t.depths for t in truths]) if getattr(r, "needs_depths", False) else {}
+  extra = dict(depths=[t.depths for t in truths]) if r.model.needs_depths else {}
   return r.generate_batch([t.frames[0] for t in truths], [t.depths[0] for t in truths],
                           [t.intrinsics for t in truths], [t.poses_c2w for t in truths],
                           seeds=seed, progress=progress, oracle_frames=oracle_frames, **extra,
