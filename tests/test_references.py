@@ -15,13 +15,12 @@ from mirage_jax.memory.config import MemoryConfig
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
 from mirage_jax.families.small import stages as small_stages
-from mirage_jax.memory import baselines, latent_cache
 from tests.test_rollout import _trajectory
 from tests.test_train import _batch, _mesh_config, _one_step, tiny_config
 
 H = W = 32
 CFG = MemoryConfig(image_height=H, image_width=W, latent_height=16, latent_width=16,
-                                latent_channels=4, capacity=1)
+                   latent_channels=4, capacity=1)
 K = geometry.intrinsics_from_fov(70, H, W)
 # Bank cameras at the centre of a 2 m box room, by yaw (0 = looking at the +z wall).
 # 180 looks away and 90 at another wall (no overlap with a +z target); 65 overlaps a sliver
