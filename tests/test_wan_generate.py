@@ -271,7 +271,7 @@ def test_chunks_chain_as_the_reference(world, clip):
                        references, preceding, vace, frame_mask, lat)
     return lat
 
-  r._sample_impl = record  # pylint: disable=protected-access
+  r.model._sample_impl = record  # pylint: disable=protected-access
   out = _generate(r, clip, seed=0)
   keys = ("first", "references", "preceding", "vace", "mask", "out")
   c0, c1 = (dict(zip(keys, c)) for c in calls)
