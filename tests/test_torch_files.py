@@ -1,4 +1,4 @@
-"""torch_files: our safetensors/.pth readers and writer against torch and safetensors."""
+"""weight_files: our .pth reader and safetensors writer, and the safetensors reader, against torch and safetensors."""
 
 from __future__ import annotations
 
