@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from mirage_jax.families.wan import weight_files as torch_files
+from mirage_jax.families.wan import weight_files
 from mirage_jax.errors import InputError, run_cli
 
 _LAYERS = flags.DEFINE_integer("layers", 2, "DiT blocks (the release has 30).")
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD = """
 import json, sys
 from experiments import wan22_ti2v_5b
-from mirage_jax import convert_wan
+from mirage_jax.families.wan import convert as wan_convert
 spec = json.loads(sys.argv[1])
 ae = wan22_ti2v_5b.get_config("autoencoder," + spec["vae"])
 dn = wan22_ti2v_5b.get_config("denoiser," + spec["dit"])
@@ -55,11 +55,11 @@ overrides = spec["dit_overrides"]
 if "vace_layers" in overrides:
   overrides["vace_layers"] = tuple(overrides["vace_layers"])
 dn.denoiser.model.update(overrides)
-out = convert_wan.convert(spec["output"], dit=spec["dit_path"], vae=spec["vae_path"],
-                          vace=spec["vace"], lora=spec["lora"], variant=spec["dit"],
-                          dtype=spec["dtype"], lora_rank=spec["lora_rank"],
-                          batch_mb=spec["batch_mb"], compress=spec["compress"],
-                          configs=(ae, dn))
+out = wan_convert.convert(spec["output"], dit=spec["dit_path"], vae=spec["vae_path"],
+                          configs=(ae, dn), vace=spec["vace"], lora=spec["lora"],
+                          variant=spec["dit"], dtype=spec["dtype"],
+                          lora_rank=spec["lora_rank"], batch_mb=spec["batch_mb"],
+                          compress=spec["compress"])
 print("SUMMARY " + json.dumps(out))
 """
 
@@ -82,7 +82,7 @@ def write_release(d: Path, variant: str, overrides: dict, vae_variant: str,
   shapes = {k: t.original_shape for t in layout.values() for k in t.keys}
 
   def lazy(shape, dt):
-    return torch_files.LazyArray(shape, dt, lambda: (
+    return weight_files.LazyArray(shape, dt, lambda: (
         0.02 * rng.standard_normal(shape, np.float32)).astype(dt))
 
   groups = {g: {k: s for k, s in shapes.items() if wan_dit.key_group(k) == g}
@@ -91,12 +91,12 @@ def write_release(d: Path, variant: str, overrides: dict, vae_variant: str,
   weight_map = {}
   for i, part in enumerate((keys[::2], keys[1::2])):
     name = f"diffusion_pytorch_model-{i + 1:05d}-of-00002.safetensors"
-    torch_files.write_safetensors(str(d / name), {k: lazy(shapes[k], dtype) for k in part})
+    weight_files.write_safetensors(str(d / name), {k: lazy(shapes[k], dtype) for k in part})
     weight_map.update({k: name for k in part})
   index = d / "diffusion_pytorch_model.safetensors.index.json"
   index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
   for g in ("vace", "lora"):
-    torch_files.write_safetensors(str(d / f"{g}.safetensors"),
+    weight_files.write_safetensors(str(d / f"{g}.safetensors"),
                                   {k: lazy(s, dtype) for k, s in groups[g].items()})
   vae_layout = wan_vae.original_layout(wan_vae.wan_vae_config(vae_variant))
   torch.save({k: torch.from_numpy(0.02 * rng.standard_normal(t.original_shape, np.float32))

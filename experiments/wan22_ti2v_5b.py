@@ -42,3 +42,8 @@ def get_config(arg=None):
     c.data.update(resolution=(32, 32), batch_size=2)
   common.set_window(c)
   return c
+
+
+def export_configs(variant: str = "ti2v_5b"):
+  """(autoencoder, denoiser) configs of the two exports ``families.wan.convert`` writes."""
+  return get_config(f"autoencoder,{variant}"), get_config(f"denoiser,{variant}")

@@ -184,6 +184,19 @@ def sampling_times(num_steps: int, shift: float = 1.0) -> jax.Array:
 SAMPLERS = ("euler", "heun", "unipc")
 
 
+def _guided(fn: Callable[..., jax.Array], guidance_scale: float | None) -> Callable:
+  """``(x, t) -> v``: ``fn(x, t)``, or with classifier-free guidance
+  ``v_u + guidance_scale (v_c - v_u)`` of ``fn(x, t, conditioned=True/False)``."""
+  if guidance_scale is None:
+    return fn
+
+  def guided(x, t):
+    v_c = fn(x, t, conditioned=True)
+    v_u = fn(x, t, conditioned=False)
+    return v_u + guidance_scale * (v_c - v_u)
+  return guided
+
+
 def sample(velocity_fn: Callable[..., jax.Array], x_init: jax.Array, num_steps: int,
            method: str = "euler", shift: float = 1.0,
            guidance_scale: float | None = None) -> jax.Array:
@@ -213,13 +226,7 @@ def sample(velocity_fn: Callable[..., jax.Array], x_init: jax.Array, num_steps: 
       return velocity_fn(x, timestep / UNIPC_TRAIN_TIMESTEPS, **kwargs)
     return sample_unipc(model_fn, x_init, num_steps, shift, guidance_scale=guidance_scale)
 
-  def velocity(x, t):
-    if guidance_scale is None:
-      return velocity_fn(x, t)
-    v_c = velocity_fn(x, t, conditioned=True)
-    v_u = velocity_fn(x, t, conditioned=False)
-    return v_u + guidance_scale * (v_c - v_u)
-
+  velocity = _guided(velocity_fn, guidance_scale)
   times = sampling_times(num_steps, shift)
 
   def step(x, ts):
@@ -402,12 +409,7 @@ def sample_unipc(model_fn: Callable[..., jax.Array], x_init: jax.Array, num_step
   w = _unipc_coefficients(sigmas, order)
   dtype, f32 = x_init.dtype, jnp.float32
 
-  def velocity(x, timestep):
-    if guidance_scale is None:
-      return model_fn(x, timestep)
-    v_c = model_fn(x, timestep, conditioned=True)
-    v_u = model_fn(x, timestep, conditioned=False)
-    return v_u + guidance_scale * (v_c - v_u)
+  velocity = _guided(model_fn, guidance_scale)
 
   def step(carry, xs):
     x, last, history = carry  # history: x0 at the `order` previous levels, newest first

@@ -66,6 +66,28 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
+def load_config_file(path: str, flag: str):
+  """The experiment config module at file ``path`` (its ``get_config(arg)`` builds configs).
+
+  Loaded by path, as ml_collections' ``--config`` flag does, so that the library does not
+  import ``experiments/``.
+
+  Raises:
+    InputError: naming ``flag`` for a missing file, the file for one that fails to load.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise InputError(flag, flag.lstrip("-"), f"{path} does not exist")
+  spec = importlib.util.spec_from_file_location("experiment_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # a broken config file: name it
+    raise InputError(path, "get_config", f"failed to load: {e}") from e
+  return module
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
   """Run ``main``; an InputError becomes one line on stderr and exit status 2."""
   try:

@@ -38,7 +38,6 @@ generated, on the held-out ``--memory_maze_seeds``; ``evaluation/memory_maze_pro
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging as std_logging
 import os
@@ -49,7 +48,11 @@ import time
 from absl import app, flags, logging
 
 from mirage_jax import paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, load_config_file, parse_flags, run_cli
+
+# The experiment configs the job runs, loaded by path (the library does not import experiments/).
+_EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "experiments")
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Everything this job writes goes here.")
 _CONFIG = flags.DEFINE_string("config", "experiments/tiny_cpu.py",
@@ -96,14 +99,7 @@ def load_configs(path: str, workdir: str):
   (e.g. ``experiments/tiny_cpu.py:memory_maze``).
   """
   path, _, variant = path.partition(":")
-  if not os.path.isfile(path):
-    raise InputError("--config", "config", f"{path} does not exist")
-  spec = importlib.util.spec_from_file_location("experiment_config", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # a broken config file: name it
-    raise InputError(path, "get_config", f"failed to load: {e}") from e
+  module = load_config_file(path, "--config")
   configs = []
   for stage in ("autoencoder", "denoiser"):
     try:
@@ -162,7 +158,7 @@ def _main() -> int:
   if maze:  # before any stage: a missing extra is one line, not a traceback on a worker
     from data_pipelines import memory_maze  # pylint: disable=g-import-not-at-top
     memory_maze.require("--config")
-  from experiments import common  # pylint: disable=g-import-not-at-top
+  common = load_config_file(os.path.join(_EXPERIMENTS, "common.py"), "--config")
   try:
     baseline_configs = {b: common.memory_baseline(dn_config, b) for b in _TRAIN_BASELINES.value}
   except InputError as e:  # name the flag
@@ -267,14 +263,14 @@ def _main_wan(workdir: str) -> int:
   # pylint: disable=g-import-not-at-top
   import jax
   from data_pipelines import build, encode_latents, latent_clips
-  from experiments import mirage_wan22_5b
-  from mirage_jax import convert_wan
-  from mirage_jax.families.wan import weight_files as torch_files
+  from mirage_jax.families.wan import convert as wan_convert
+  from mirage_jax.families.wan import weight_files
   from mirage_jax.families.wan import original_layout
   from mirage_jax.families.wan import dit as wan_dit
   from mirage_jax.families.wan import vae as wan_vae
   # pylint: enable=g-import-not-at-top
-  config = mirage_wan22_5b.get_config("tiny")
+  config = load_config_file(os.path.join(_EXPERIMENTS, "mirage_wan22_5b.py"),
+                            "--family").get_config("tiny")
   d = config.denoiser
   if _DN_STEPS.value:
     config.train.steps = _DN_STEPS.value
@@ -296,12 +292,14 @@ def _main_wan(workdir: str) -> int:
         keep=lambda k: wan_dit.key_group(k) == "dit")
     vae = original_layout.random_original(
         wan_vae.original_layout(wan_vae.wan_vae_config("tiny")), 1)
-    dit_file = os.path.join(release, convert_wan.DIT_FILE)
+    dit_file = os.path.join(release, wan_convert.DIT_FILE)
     vae_file = os.path.join(release, "Wan2.2_VAE.safetensors")  # the released .pth's tensors
-    torch_files.write_safetensors(dit_file, dit)
-    torch_files.write_safetensors(vae_file, vae)
+    weight_files.write_safetensors(dit_file, dit)
+    weight_files.write_safetensors(vae_file, vae)
     print(f"wrote {len(dit)} DiT and {len(vae)} VAE tensors under {release}")
-    convert_wan.convert(export, dit=dit_file, vae=vae_file, variant="tiny")
+    release_config = load_config_file(os.path.join(_EXPERIMENTS, "wan22_ti2v_5b.py"), "--family")
+    wan_convert.convert(export, dit=dit_file, vae=vae_file, variant="tiny",
+                        configs=release_config.export_configs("tiny"))
     print(f"converted -> {export}/{{dit,vae}}")
 
   _banner("2/4 procedural dataset -> latent clips")

@@ -283,20 +283,22 @@ def _latent_digests(folder: Path) -> dict[str, list[str]]:
 @pytest.mark.slow  # Starts Beam worker processes.
 def test_latent_encoding_on_two_beam_workers_writes_the_files_of_one(tmp_path):
   from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
-  from mirage_jax import convert_wan  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
+  from experiments import wan22_ti2v_5b  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import convert as wan_convert  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import weight_files  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import original_layout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import weight_files as torch_files  # pylint: disable=g-import-not-at-top
   release = tmp_path / "release"
   release.mkdir()
   dit = original_layout.random_original(wan_dit.original_layout(wan_dit.wan_dit_config("tiny")), 0,
                                         keep=lambda k: wan_dit.key_group(k) == "dit")
   vae = original_layout.random_original(wan_vae.original_layout(wan_vae.wan_vae_config("tiny")), 1)
-  torch_files.write_safetensors(str(release / "dit.safetensors"), dit)
-  torch_files.write_safetensors(str(release / "vae.safetensors"), vae)
-  convert_wan.convert(str(tmp_path / "export"), dit=str(release / "dit.safetensors"),
-                      vae=str(release / "vae.safetensors"), variant="tiny")
+  weight_files.write_safetensors(str(release / "dit.safetensors"), dit)
+  weight_files.write_safetensors(str(release / "vae.safetensors"), vae)
+  wan_convert.convert(str(tmp_path / "export"), dit=str(release / "dit.safetensors"),
+                      vae=str(release / "vae.safetensors"), variant="tiny",
+                      configs=wan22_ti2v_5b.export_configs("tiny"))
   build.build("procedural_rooms", str(tmp_path / "data"), num_clips=5, frames_per_clip=6,
               resolution=16)
   common = dict(data_dir=str(tmp_path / "data"), dataset="procedural_rooms", config_name="default",

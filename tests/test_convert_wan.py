@@ -16,7 +16,8 @@ from absl import flags
 from flax import nnx
 
 from mirage_jax import checkpoint, convert_wan
-from mirage_jax.families.wan import weight_files as torch_files
+from mirage_jax.families.wan import convert as wan_convert
+from mirage_jax.families.wan import weight_files
 from mirage_jax.errors import InputError, run_cli
 from mirage_jax.families.wan import original_layout
 from mirage_jax.families.wan import dit as wan_dit
@@ -49,15 +50,15 @@ def _write_release(d: Path) -> dict:
   weight_map = {}
   for i, part in enumerate((keys[::2], keys[1::2])):
     name = f"diffusion_pytorch_model-{i + 1:05d}-of-00002.safetensors"
-    torch_files.write_safetensors(str(wan / name), {k: groups["dit"][k] for k in part})
+    weight_files.write_safetensors(str(wan / name), {k: groups["dit"][k] for k in part})
     weight_map.update({k: name for k in part})
-  (wan / convert_wan.DIT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  (wan / wan_convert.DIT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
   vae_layout = wan_vae.original_layout(wan_vae.wan_vae_config("tiny"))
   vae = {k: rng.standard_normal(t.original_shape).astype(np.float32)
          for t in vae_layout.values() for k in t.keys}
-  torch.save({k: torch.from_numpy(v) for k, v in vae.items()}, str(wan / convert_wan.VAE_FILE))
-  torch_files.write_safetensors(str(d / "vace.safetensors"), groups["vace"])
-  torch_files.write_safetensors(str(d / "lora.safetensors"), groups["lora"])
+  torch.save({k: torch.from_numpy(v) for k, v in vae.items()}, str(wan / wan_convert.VAE_FILE))
+  weight_files.write_safetensors(str(d / "vace.safetensors"), groups["vace"])
+  weight_files.write_safetensors(str(d / "lora.safetensors"), groups["lora"])
   return dict(dir=d, wan=wan, groups=groups, vae=vae, dit_orig=orig)
 
 
@@ -166,7 +167,7 @@ def test_round_trip_to_reference(release, converted, tmp_path):
   assert _cli("--to_reference", f"--checkpoint={converted / 'dit'}", f"--output={out}") == 0
   assert sorted(os.listdir(out)) == ["lora.safetensors", "vace.safetensors"]
   for group in ("vace", "lora"):
-    with torch_files.SafetensorsFile(str(out / f"{group}.safetensors")) as back:
+    with weight_files.SafetensorsFile(str(out / f"{group}.safetensors")) as back:
       want = release["groups"][group]
       assert sorted(back.keys()) == sorted(want)
       for key, value in want.items():
@@ -181,7 +182,7 @@ def test_round_trip_to_reference(release, converted, tmp_path):
 
 def test_to_reference_refuses_other_exports(converted, tmp_path):
   with pytest.raises(InputError) as e:
-    convert_wan.to_reference(str(converted / "vae"), str(tmp_path / "ref"))
+    wan_convert.to_reference(str(converted / "vae"), str(tmp_path / "ref"))
   assert e.value.where.endswith("config.json") and "not a Wan DiT export" in str(e.value)
   assert not (tmp_path / "ref").exists()
 
@@ -260,22 +261,22 @@ def _copy_release(release, d: Path) -> dict:
 
 
 def _shard_of(r, key: str) -> Path:
-  index = json.loads((r["wan"] / convert_wan.DIT_INDEX).read_text())
+  index = json.loads((r["wan"] / wan_convert.DIT_INDEX).read_text())
   return r["wan"] / index["weight_map"][key]
 
 
 def _rewrite(path: Path, edit) -> None:
-  with torch_files.SafetensorsFile(str(path)) as f:
+  with weight_files.SafetensorsFile(str(path)) as f:
     tensors = {k: f.read(k) for k in f.keys()}
   edit(tensors)
-  torch_files.write_safetensors(str(path), tensors)
+  weight_files.write_safetensors(str(path), tensors)
 
 
 def _unexpected_dit_key(r):
   key = "blocks.0.ffn.0.weight"
   shard = _shard_of(r, key)
   _rewrite(shard, lambda t: t.update({"blocks.4.ffn.0.weight": t[key]}))
-  index = r["wan"] / convert_wan.DIT_INDEX
+  index = r["wan"] / wan_convert.DIT_INDEX
   data = json.loads(index.read_text())
   data["weight_map"]["blocks.4.ffn.0.weight"] = shard.name
   index.write_text(json.dumps(data))
@@ -285,7 +286,7 @@ def _unexpected_dit_key(r):
 def _missing_dit_key(r):
   key = "head.head.weight"
   _rewrite(_shard_of(r, key), lambda t: t.pop(key))
-  index = r["wan"] / convert_wan.DIT_INDEX
+  index = r["wan"] / wan_convert.DIT_INDEX
   data = json.loads(index.read_text())
   del data["weight_map"][key]
   index.write_text(json.dumps(data))
@@ -295,7 +296,7 @@ def _missing_dit_key(r):
 def _missing_shard(r):
   key = "blocks.0.ffn.0.weight"
   shard = _shard_of(r, key)
-  index = json.loads((r["wan"] / convert_wan.DIT_INDEX).read_text())
+  index = json.loads((r["wan"] / wan_convert.DIT_INDEX).read_text())
   os.remove(shard)
   return shard, {k for k, v in index["weight_map"].items() if v == shard.name}
 
@@ -341,7 +342,7 @@ class _Payload:
 
 
 def _pth_with_object(r):
-  path = r["wan"] / convert_wan.VAE_FILE
+  path = r["wan"] / wan_convert.VAE_FILE
   sd = {k: torch.from_numpy(v) for k, v in r["vae"].items()}
   sd["evil"] = _Payload(r["dir"] / "pwned")
   torch.save(sd, str(path))
@@ -349,7 +350,7 @@ def _pth_with_object(r):
 
 
 def _vae_missing_key(r):
-  path = r["wan"] / convert_wan.VAE_FILE
+  path = r["wan"] / wan_convert.VAE_FILE
   sd = {k: torch.from_numpy(v) for k, v in r["vae"].items() if k != "decoder.conv1.weight"}
   torch.save(sd, str(path))
   return path, "decoder.conv1.weight"
@@ -357,7 +358,7 @@ def _vae_missing_key(r):
 
 def _truncated_shard(r):
   shard = _shard_of(r, "blocks.0.ffn.0.weight")
-  with torch_files.SafetensorsFile(str(shard)) as f:
+  with weight_files.SafetensorsFile(str(shard)) as f:
     keys = set(f.keys())
   data = shard.read_bytes()
   shard.write_bytes(data[:-64])

@@ -1,4 +1,4 @@
-"""torch_files: our safetensors/.pth readers and writer against torch and safetensors."""
+"""weight_files: our .pth reader and safetensors writer, and the safetensors reader, against torch and safetensors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mirage_jax.families.wan import weight_files as torch_files
+from mirage_jax.families.wan import weight_files
 from mirage_jax.errors import InputError
 
 torch = pytest.importorskip("torch")
@@ -57,8 +57,8 @@ def test_pth_matches_torch(tmp_path):
   sd = _state_dict()
   path = str(tmp_path / "w.pth")
   torch.save(sd, path)
-  with torch_files.open_weights(path) as w:
-    assert isinstance(w, torch_files.PthFile)
+  with weight_files.open_weights(path) as w:
+    assert isinstance(w, weight_files.PthFile)
     assert w.keys() == list(sd)
     for key, ref in sd.items():
       assert w.shape(key) == tuple(ref.shape)
@@ -73,7 +73,7 @@ def test_pth_module_state_dict_and_model_state(tmp_path):
   torch.save(sd, tmp_path / "plain.pth")
   torch.save({"model_state": sd, "epoch": 3}, tmp_path / "wrapped.pth")
   for name in ("plain.pth", "wrapped.pth"):
-    with torch_files.PthFile(str(tmp_path / name)) as w:
+    with weight_files.PthFile(str(tmp_path / name)) as w:
       assert sorted(w.keys()) == sorted(sd)
       for key in sd:
         _assert_same(w.read(key), _np(sd[key]))
@@ -82,11 +82,11 @@ def test_pth_module_state_dict_and_model_state(tmp_path):
 def test_pth_other_containers_refused(tmp_path):
   torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "nested.pth")
   with pytest.raises(InputError) as e:
-    torch_files.PthFile(str(tmp_path / "nested.pth"))
+    weight_files.PthFile(str(tmp_path / "nested.pth"))
   assert e.value.where == str(tmp_path / "nested.pth") and e.value.field == "state_dict"
   torch.save({"w": torch.ones(2), "step": 5}, tmp_path / "int.pth")
   with pytest.raises(InputError, match="not a tensor") as e:
-    torch_files.PthFile(str(tmp_path / "int.pth"))
+    weight_files.PthFile(str(tmp_path / "int.pth"))
   assert e.value.field == "step"
 
 
@@ -123,7 +123,7 @@ def test_pth_pickled_code_refused_not_run(tmp_path, kind):
     assert target.exists()
     target.unlink()
   with pytest.raises(InputError) as e:
-    torch_files.PthFile(path)
+    weight_files.PthFile(path)
   assert e.value.where == path
   expected = {"reduce": f"{os.system.__module__}.system", "object": "_Thing",
               "eval": ".eval"}[kind]  # protocol 2 names it __builtin__.eval
@@ -135,10 +135,10 @@ def test_pth_pickled_code_refused_not_run(tmp_path, kind):
 def test_pth_legacy_and_garbage_refused(tmp_path):
   torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
   with pytest.raises(InputError, match="legacy"):
-    torch_files.PthFile(str(tmp_path / "legacy.pth"))
+    weight_files.PthFile(str(tmp_path / "legacy.pth"))
   (tmp_path / "junk.pth").write_bytes(b"not a zip at all")
   with pytest.raises(InputError, match="not a torch zip"):
-    torch_files.PthFile(str(tmp_path / "junk.pth"))
+    weight_files.PthFile(str(tmp_path / "junk.pth"))
 
 
 def test_pth_truncated_refused(tmp_path):
@@ -147,7 +147,7 @@ def test_pth_truncated_refused(tmp_path):
   data = path.read_bytes()
   path.write_bytes(data[: len(data) // 2])
   with pytest.raises(InputError) as e:
-    torch_files.PthFile(str(path))
+    weight_files.PthFile(str(path))
   assert e.value.where == str(path)
 
 
@@ -166,7 +166,7 @@ def _arrays() -> dict[str, np.ndarray]:
 def test_our_writer_read_by_safetensors(tmp_path):
   arrays = _arrays()
   path = str(tmp_path / "ours.safetensors")
-  torch_files.write_safetensors(path, arrays, metadata={"format": "pt"})
+  weight_files.write_safetensors(path, arrays, metadata={"format": "pt"})
   plain = {k: v for k, v in arrays.items() if v.dtype != ml_dtypes.bfloat16}
   theirs = safetensors_numpy.load_file(path) if not _has_bf16(path) else None
   if theirs is None:  # safetensors.numpy cannot hold bf16: torch reads every tensor
@@ -175,7 +175,7 @@ def test_our_writer_read_by_safetensors(tmp_path):
   for key, ref in arrays.items():
     _assert_same(theirs[key], ref)
   numpy_only = str(tmp_path / "plain.safetensors")
-  torch_files.write_safetensors(numpy_only, plain)
+  weight_files.write_safetensors(numpy_only, plain)
   loaded = safetensors_numpy.load_file(numpy_only)
   for key, ref in plain.items():
     _assert_same(loaded[key], ref)
@@ -183,7 +183,7 @@ def test_our_writer_read_by_safetensors(tmp_path):
 
 
 def _has_bf16(path: str) -> bool:
-  with torch_files.SafetensorsFile(path) as f:
+  with weight_files.SafetensorsFile(path) as f:
     return any(f.dtype(k) == ml_dtypes.bfloat16 for k in f.keys())
 
 
@@ -194,11 +194,11 @@ def test_library_files_read_by_us(tmp_path):
   tensors = {"x": torch.randn(4, 6, generator=g).to(torch.bfloat16),
              "y": torch.randn(3, generator=g), "z": torch.randint(0, 9, (5,), generator=g)}
   safetensors_torch.save_file(tensors, str(tmp_path / "pt.safetensors"))
-  with torch_files.SafetensorsFile(str(tmp_path / "np.safetensors")) as f:
+  with weight_files.SafetensorsFile(str(tmp_path / "np.safetensors")) as f:
     assert sorted(f.keys()) == sorted(arrays)
     for key, ref in arrays.items():
       _assert_same(f.read(key), ref)
-  with torch_files.SafetensorsFile(str(tmp_path / "pt.safetensors")) as f:
+  with weight_files.SafetensorsFile(str(tmp_path / "pt.safetensors")) as f:
     for key, ref in tensors.items():
       _assert_same(f.read(key), _np(ref))
 
@@ -213,8 +213,8 @@ def test_writer_streams_lazy_tensors_and_is_atomic(tmp_path):
       return np.full((2, 3), i, np.float32)
     return make
 
-  lazy = {f"t{i}": torch_files.LazyArray((2, 3), np.float32, maker(i)) for i in range(3)}
-  torch_files.write_safetensors(path, lazy)
+  lazy = {f"t{i}": weight_files.LazyArray((2, 3), np.float32, maker(i)) for i in range(3)}
+  weight_files.write_safetensors(path, lazy)
   assert made == [0, 1, 2]
   loaded = safetensors_numpy.load_file(path)
   assert all(np.all(loaded[f"t{i}"] == i) for i in range(3))
@@ -224,8 +224,8 @@ def test_writer_streams_lazy_tensors_and_is_atomic(tmp_path):
 
   bad = str(tmp_path / "bad.safetensors")
   with pytest.raises(RuntimeError):
-    torch_files.write_safetensors(bad, {"a": np.ones(2, np.float32),
-                                        "b": torch_files.LazyArray((2,), np.float32, boom)})
+    weight_files.write_safetensors(bad, {"a": np.ones(2, np.float32),
+                                        "b": weight_files.LazyArray((2,), np.float32, boom)})
   assert not os.path.exists(bad)
   assert sorted(os.listdir(tmp_path)) == ["lazy.safetensors"]
 
@@ -237,7 +237,7 @@ def test_truncated_safetensors_refused(tmp_path):
   data = path.read_bytes()
   path.write_bytes(data[:-100])
   with pytest.raises(InputError, match="truncated") as e:
-    torch_files.SafetensorsFile(str(path))
+    weight_files.SafetensorsFile(str(path))
   assert e.value.where == str(path)
   # the tensor whose bytes run past the end is named
   with open(path, "rb") as f:
@@ -256,7 +256,7 @@ def test_malformed_header_refused(tmp_path, body):
   path = tmp_path / "m.safetensors"
   path.write_bytes(body)
   with pytest.raises(InputError) as e:
-    torch_files.SafetensorsFile(str(path))
+    weight_files.SafetensorsFile(str(path))
   assert e.value.where == str(path) and e.value.field == "header"
 
 
@@ -268,11 +268,11 @@ def test_header_entry_checks(tmp_path):
     return str(p)
 
   with pytest.raises(InputError, match="needs 16") as e:
-    torch_files.SafetensorsFile(write(
+    weight_files.SafetensorsFile(write(
         {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}, b"\0" * 16))
   assert e.value.field == "w"
   with pytest.raises(InputError, match="unknown dtype") as e:
-    torch_files.SafetensorsFile(write(
+    weight_files.SafetensorsFile(write(
         {"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8))
   assert e.value.field == "w"
 
@@ -282,7 +282,7 @@ def _sharded(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
   arrays = {f"blocks.{i}.w": rng.standard_normal((3, 2)).astype(np.float32) for i in range(4)}
   names = {k: f"model-0000{1 + i // 2}-of-00002.safetensors" for i, k in enumerate(arrays)}
   for shard in set(names.values()):
-    torch_files.write_safetensors(str(tmp_path / shard),
+    weight_files.write_safetensors(str(tmp_path / shard),
                                   {k: v for k, v in arrays.items() if names[k] == shard})
   index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
   index.write_text(json.dumps({"metadata": {}, "weight_map": names}))
@@ -291,7 +291,7 @@ def _sharded(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
 
 def test_sharded_reads_and_missing_shard(tmp_path):
   index, arrays = _sharded(tmp_path)
-  for w in (torch_files.open_weights(index), torch_files.open_weights(str(tmp_path))):
+  for w in (weight_files.open_weights(index), weight_files.open_weights(str(tmp_path))):
     with w:
       assert sorted(w.keys()) == sorted(arrays)
       for key, ref in arrays.items():
@@ -299,7 +299,7 @@ def test_sharded_reads_and_missing_shard(tmp_path):
       assert w.file_of("blocks.3.w").endswith("model-00002-of-00002.safetensors")
   os.remove(tmp_path / "model-00002-of-00002.safetensors")
   with pytest.raises(InputError, match="missing shard") as e:
-    torch_files.open_weights(index)
+    weight_files.open_weights(index)
   assert e.value.where == str(tmp_path / "model-00002-of-00002.safetensors")
   assert e.value.field in ("blocks.2.w", "blocks.3.w")
 
@@ -310,23 +310,23 @@ def test_index_key_not_in_its_shard(tmp_path):
   data["weight_map"]["blocks.9.w"] = "model-00001-of-00002.safetensors"
   open(index, "w").write(json.dumps(data))
   with pytest.raises(InputError, match="not in the shard") as e:
-    torch_files.open_weights(index)
+    weight_files.open_weights(index)
   assert e.value.field == "blocks.9.w"
 
 
 def test_folder_of_parts_duplicate_key(tmp_path):
-  torch_files.write_safetensors(str(tmp_path / "a.safetensors"), {"w": np.ones(2, np.float32)})
-  torch_files.write_safetensors(str(tmp_path / "b.safetensors"), {"w": np.ones(2, np.float32)})
+  weight_files.write_safetensors(str(tmp_path / "a.safetensors"), {"w": np.ones(2, np.float32)})
+  weight_files.write_safetensors(str(tmp_path / "b.safetensors"), {"w": np.ones(2, np.float32)})
   with pytest.raises(InputError, match="also in") as e:
-    torch_files.open_weights(str(tmp_path))
+    weight_files.open_weights(str(tmp_path))
   assert e.value.field == "w"
 
 
 def test_shard_key_not_in_index(tmp_path):
   index, arrays = _sharded(tmp_path)
   shard = tmp_path / "model-00001-of-00002.safetensors"
-  torch_files.write_safetensors(str(shard), {**{k: arrays[k] for k in ("blocks.0.w", "blocks.1.w")},
+  weight_files.write_safetensors(str(shard), {**{k: arrays[k] for k in ("blocks.0.w", "blocks.1.w")},
                                              "stray": np.ones(2, np.float32)})
   with pytest.raises(InputError, match="not in") as e:
-    torch_files.open_weights(index)
+    weight_files.open_weights(index)
   assert e.value.where == str(shard) and e.value.field == "stray"

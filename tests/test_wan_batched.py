@@ -118,7 +118,7 @@ def test_padded_slots_equal_exactly_the_real_frames(world, clips):
   other = lambda n: jnp.asarray(rng.standard_normal((n,) + lat.shape[1:]), jnp.float32)
   scene, refs, prec, prec_scene = other(L), other(R), other(P), other(P)
   first, key = lat[0], jax.random.key(4)
-  sample = jax.jit(r._sample_impl)  # pylint: disable=protected-access
+  sample = jax.jit(r.model._sample_impl)  # pylint: disable=protected-access
   control = r.model.control(L + P)
   junk = other(2)  # what padded slots hold must not matter either
   for k, n in ((1, 1), (0, 0)):  # later chunks; chunk 0 (no reference, no preceding)

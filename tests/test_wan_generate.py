@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 from data_pipelines import files, procedural
-from mirage_jax import convert_wan, rollout
+from mirage_jax import rollout
 from mirage_jax import checkpoint, families
-from mirage_jax.families.wan import weight_files as torch_files
+from mirage_jax.families.wan import convert as wan_convert
+from mirage_jax.families.wan import weight_files
 from mirage_jax.families.wan import world_model as wan_world_model
 from mirage_jax.evaluation import revisit
 from mirage_jax.families.wan import original_layout
@@ -54,12 +55,12 @@ def _configs():
 
 
 def make_wan_export(directory: str, seed: int = 0) -> str:
-  """Random tiny Wan2.2 files in the original naming -> ``convert_wan`` -> exports; returns
+  """Random tiny Wan2.2 files in the original naming -> ``wan_convert.convert`` -> exports; returns
   the DiT export's path (its VAE export beside it)."""
   cfg = wan_dit.wan_dit_config("tiny")
   dit_layout = wan_dit.original_layout(cfg)
   for group in ("dit", "vace"):
-    torch_files.write_safetensors(
+    weight_files.write_safetensors(
         os.path.join(directory, f"{group}.safetensors"),
         original_layout.random_original(dit_layout, seed,
                                         keep=lambda k, g=group: wan_dit.key_group(k) == g))
@@ -67,7 +68,7 @@ def make_wan_export(directory: str, seed: int = 0) -> str:
       wan_vae.original_layout(wan_vae.wan_vae_config("tiny")), seed + 1)
   torch.save({k: torch.from_numpy(v) for k, v in vae.items()}, os.path.join(directory, "vae.pth"))
   out = os.path.join(directory, "export")
-  convert_wan.convert(out, dit=os.path.join(directory, "dit.safetensors"),
+  wan_convert.convert(out, dit=os.path.join(directory, "dit.safetensors"),
                       vae=os.path.join(directory, "vae.pth"),
                       vace=os.path.join(directory, "vace.safetensors"), variant="tiny",
                       configs=_configs())

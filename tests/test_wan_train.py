@@ -15,14 +15,15 @@ import pytest
 from flax import nnx
 
 from data_pipelines import build, encode_latents, latent_clips
-from experiments import mirage_wan22_5b
-from mirage_jax import checkpoint, convert_wan, memory
+from experiments import mirage_wan22_5b, wan22_ti2v_5b
+from mirage_jax import checkpoint, memory
+from mirage_jax.families.wan import convert as wan_convert
+from mirage_jax.families.wan import weight_files
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
 from mirage_jax.families.wan import stage as wan_stage
 from mirage_jax.families.wan import vae as wan_vae
-from mirage_jax.families.wan import weight_files as torch_files
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
@@ -52,12 +53,13 @@ def world(tmp_path_factory):
   release.mkdir()
   dit = {k: _rand(rng, t.original_shape) for t in wan_dit.original_layout(cfg).values()
          for k in t.keys}
-  torch_files.write_safetensors(str(release / convert_wan.DIT_FILE), dit)
+  weight_files.write_safetensors(str(release / wan_convert.DIT_FILE), dit)
   vae = {k: _rand(rng, t.original_shape)
          for t in wan_vae.original_layout(wan_vae.wan_vae_config("tiny")).values() for k in t.keys}
-  torch.save({k: torch.from_numpy(v) for k, v in vae.items()}, str(release / convert_wan.VAE_FILE))
-  convert_wan.convert(str(d / "export"), dit=str(release / convert_wan.DIT_FILE),
-                      vae=str(release / convert_wan.VAE_FILE), variant="tiny")
+  torch.save({k: torch.from_numpy(v) for k, v in vae.items()}, str(release / wan_convert.VAE_FILE))
+  wan_convert.convert(str(d / "export"), dit=str(release / wan_convert.DIT_FILE),
+                      vae=str(release / wan_convert.VAE_FILE), variant="tiny",
+                      configs=wan22_ti2v_5b.export_configs("tiny"))
   build.build("procedural_rooms", str(d / "data"), num_clips=8, frames_per_clip=16,
               resolution=64)
   counts = encode_latents.run(

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from experiments import mirage_wan22_5b
+from mirage_jax import diffusion
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
@@ -66,7 +67,7 @@ def test_wan_config_without_precision_uses_dtype():
 
 def test_wan_sample_sigmas_schemes():
   key = jax.random.key(0)
-  old = wan_mirage.shift_sigma(jax.random.uniform(key, (256, 4), jnp.float32), 5.0)
+  old = diffusion.shift_time(jax.random.uniform(key, (256, 4), jnp.float32), 5.0)
   per_frame = wan_mirage.sample_sigmas(key, 256, 4, 5.0, True, "per_frame")
   np.testing.assert_array_equal(per_frame[:, 1:], old[:, 1:])  # the reference's draw, unchanged
   assert float(jnp.abs(per_frame[:, 0]).max()) == 0

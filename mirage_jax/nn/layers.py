@@ -9,7 +9,7 @@ Compute happens in ``dtype`` (e.g. bf16); parameters are stored in ``param_dtype
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +131,41 @@ def maybe_remat(fn: Callable, policy: str) -> Callable:
     raise ValueError(f"unknown remat policy {policy!r}; "
                      f"known: {['none', *REMAT_POLICIES]}")
   return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """``n`` modules from ``make(rngs)`` with params stacked on a leading 'layers' axis."""
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(key):
+    return make(nnx.Rngs(params=key))
+  return build(jax.random.split(rngs.params(), n))
+
+
+def run_layers(stack: nnx.Module, carry: Any, step: Callable, xs: Any, *, scan: bool,
+               remat: str) -> tuple[Any, Any]:
+  """Runs ``step(layer, carry, xs_i) -> (carry, y_i)`` over the layers of ``stack``
+  (:func:`stack_layers`), each under :func:`maybe_remat` with policy ``remat``.
+
+  Args:
+    stack: the stacked layers; layer i is its params at index i of the leading axis.
+    carry: what flows from layer to layer.
+    xs: a pytree with a leading layer axis (or None): ``xs_i`` goes to layer i.
+    scan: one ``jax.lax.scan`` (one compiled layer) or a Python loop (unrolled).
+  Returns:
+    (last carry, the ``y_i`` stacked on a leading layer axis; None when ``step`` gives None).
+  """
+  graphdef, state = nnx.split(stack)
+
+  def body(carry, layer_xs):
+    layer_state, extra = layer_xs
+    return step(nnx.merge(graphdef, layer_state), carry, extra)
+
+  body = maybe_remat(body, remat)
+  if scan:
+    return jax.lax.scan(body, carry, (state, xs))
+  n = jax.tree.leaves(state)[0].shape[0]
+  ys = []
+  for i in range(n):
+    carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+    ys.append(y)
+  return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))

@@ -199,14 +199,6 @@ class ControlBlock(nnx.Module):
     return h, constrain(self.out(h), _TOKENS)
 
 
-def _stack(make, n: int, rngs: nnx.Rngs):
-  """``n`` modules from ``make(rngs)`` with params stacked on a leading 'layers' axis."""
-  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def build(key):
-    return make(nnx.Rngs(params=key))
-  return build(jax.random.split(rngs.params(), n))
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -234,7 +226,7 @@ class Denoiser(nnx.Module):
     self.cond_proj = (layers.Dense(cfg.cond_dim, d, ("cond_embed", "embed"), **kw)
                       if cfg.cond_dim else None)
     make_block = lambda r: Block(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype)
-    self.blocks = _stack(make_block, cfg.num_layers, rngs)
+    self.blocks = layers.stack_layers(make_block, cfg.num_layers, rngs)
     if concat:
       self.control_embed = None
       self.control = None
@@ -243,7 +235,7 @@ class Denoiser(nnx.Module):
       self.control_embed = layers.Dense(p * p * (c + 6 + c + 1), d, ("patch_in", "embed"),
                                         zero_init=True, **kw)
       make_control = lambda r: ControlBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype)
-      self.control = _stack(make_control, cfg.control_layers, rngs)
+      self.control = layers.stack_layers(make_control, cfg.control_layers, rngs)
     self.final_mod = layers.Dense(d, 2 * d, ("embed", "mlp"), zero_init=True, **kw)
     self.final = layers.Dense(d, p * p * c, ("embed", "patch_in"), zero_init=True, **kw)
     self.dtype = dtype
@@ -268,25 +260,14 @@ class Denoiser(nnx.Module):
 
     Returns ``(h, ys)`` with ``ys`` (layers, B, N, d) when ``collect`` (control branch).
     """
-    graphdef, state = nnx.split(stack)
-
-    def body(h, xs):
-      layer_state, res = xs
-      out = nnx.merge(graphdef, layer_state)(h, ada, cond)
+    def step(block, h, res):
+      out = block(h, ada, cond)
       if collect:
         return out
       return (out if res is None else out + res), None
 
-    body = layers.maybe_remat(body, self.cfg.remat)
-    if self.cfg.scan_layers:
-      return jax.lax.scan(body, h, (state, residuals))
-    n = jax.tree.leaves(state)[0].shape[0]
-    ys = []
-    for i in range(n):
-      xs = jax.tree.map(lambda a: a[i], (state, residuals))
-      h, y = body(h, xs)
-      ys.append(y)
-    return h, (jnp.stack(ys) if collect else None)
+    return layers.run_layers(stack, h, step, residuals, scan=self.cfg.scan_layers,
+                             remat=self.cfg.remat)
 
   # --------------------------------------------------------------------------- forward
 

@@ -82,11 +82,6 @@ def vace_context(memory_latents: jax.Array, control: jax.Array,
   return jnp.concatenate(parts, axis=-1)
 
 
-def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
-  """The flow shift ``shift * s / (1 + (shift - 1) * s)`` (shift 1 = identity)."""
-  return shift * sigma / (1.0 + (shift - 1.0) * sigma)
-
-
 def sample_sigmas(rng: jax.Array, batch: int, target_frames: int, shift: float = 5.0,
                   first_clean: bool = True, scheme: str = "per_frame",
                   mixed_prob: float = 0.5) -> jax.Array:
@@ -97,16 +92,21 @@ def sample_sigmas(rng: jax.Array, batch: int, target_frames: int, shift: float =
   moves them); 'mixed' does so with probability ``mixed_prob`` per example, per frame
   otherwise. With ``first_clean`` frame 0 is 0 under every scheme.
 
+  The draws are not ``diffusion.sample_levels``'s: U(0, 1) without its 1e-5 margins, and a
+  shared level is the last frame's, as the reference's training.
+
   Returns:
     (B, T) float32 sigmas in [0, 1].
   """
   if scheme not in diffusion.NOISE_LEVELS:
     raise ValueError(f"unknown noise-level scheme {scheme!r}; known: {diffusion.NOISE_LEVELS}")
   if scheme == "per_frame":  # the same draw as before the other schemes existed
-    sigma = shift_sigma(jax.random.uniform(rng, (batch, target_frames), jnp.float32), shift)
+    sigma = diffusion.shift_time(jax.random.uniform(rng, (batch, target_frames), jnp.float32),
+                                 shift)
   else:
     k_sigma, k_mix = jax.random.split(rng)
-    sigma = shift_sigma(jax.random.uniform(k_sigma, (batch, target_frames), jnp.float32), shift)
+    sigma = diffusion.shift_time(
+        jax.random.uniform(k_sigma, (batch, target_frames), jnp.float32), shift)
     shared = jnp.broadcast_to(sigma[:, -1:], sigma.shape)  # the last frame is never the clean one
     together = (jnp.ones((batch, 1), bool) if scheme == "per_example"
                 else jax.random.uniform(k_mix, (batch, 1)) < mixed_prob)
@@ -132,10 +132,9 @@ def frame_timesteps(target_sigmas: jax.Array, num_reference: int, num_preceding:
                           jnp.zeros((b, num_preceding), jnp.float32)], axis=1)
 
 
-def add_noise(x0: jax.Array, noise: jax.Array, sigmas: jax.Array) -> jax.Array:
-  """``(1 - s) x0 + s noise`` per frame; x0, noise (B, T, h, w, C), sigmas (B, T)."""
-  s = sigmas.astype(x0.dtype)[:, :, None, None, None]
-  return (1 - s) * x0 + s * noise
+# ``(1 - s) x0 + s noise`` per frame (x0, noise (B, T, h, w, C), sigmas (B, T)): the
+# family's noising is the shared one, the same ops in the same order.
+add_noise = diffusion.add_noise
 
 
 def flow_loss(pred_target: jax.Array, x0: jax.Array, noise: jax.Array,
@@ -182,7 +181,7 @@ def caption_or_empty(text: jax.Array, empty: jax.Array, drop: jax.Array) -> jax.
 
 
 __all__ = ["add_noise", "assemble", "caption_or_empty", "control_latents", "flow_loss",
-           "frame_timesteps", "sample_sigmas", "shift_sigma", "splat_memory", "vace_context"]
+           "frame_timesteps", "sample_sigmas", "splat_memory", "vace_context"]
 
 
 # ----------------------------------------------------------------------------- exports

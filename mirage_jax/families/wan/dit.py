@@ -443,14 +443,6 @@ class VaceBlock(Block):
                              zero_init=True, dtype=dtype, param_dtype=param_dtype)
 
 
-def _stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs):
-  """``n`` modules from ``make(rngs)`` with params stacked on a leading 'layers' axis."""
-  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def build(key):
-    return make(nnx.Rngs(params=key))
-  return build(jax.random.split(rngs.params(), n))
-
-
 def _patchify(x: jax.Array, patch: Sequence[int]) -> jax.Array:
   """(B, F, H, W, C) -> (B, F/pt * H/ph * W/pw, pt*ph*pw*C), tokens (f, h, w), features
   (dt, dy, dx, c)."""
@@ -483,7 +475,7 @@ class VaceBranch(nnx.Module):
     self.before_proj = Linear((d,), (d,), ("embed",), ("mlp",), rngs=rngs, dtype=dtype,
                               param_dtype=param_dtype)
     make = lambda r: VaceBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype)
-    self.blocks = _stack(make, len(cfg.vace_layers), rngs)
+    self.blocks = layers.stack_layers(make, len(cfg.vace_layers), rngs)
 
 
 class WanDiT(nnx.Module):
@@ -505,7 +497,7 @@ class WanDiT(nnx.Module):
     self.time_projection = Linear((d,), (6 * d,), ("embed",), ("mlp",), **kw)
     make = lambda r: Block(cfg, rngs=r, lora_rank=cfg.lora_rank, dtype=dtype,
                            param_dtype=param_dtype)
-    self.blocks = _stack(make, cfg.num_layers, rngs)
+    self.blocks = layers.stack_layers(make, cfg.num_layers, rngs)
     self.head_modulation = layers.param(rngs, _normal_scaled(d ** -0.5), (2, d),
                                         (None, "embed"), param_dtype)
     self.head = Linear((d,), (patch * cfg.out_channels,), ("embed",), ("patch_in",), **kw)
@@ -516,21 +508,8 @@ class WanDiT(nnx.Module):
 
   def _scan(self, stack: nnx.Module, x: jax.Array, step: Callable, xs: Any):
     """Runs ``step(module, x, xs_i) -> (x, y_i)`` over the stacked layers of ``stack``."""
-    graphdef, state = nnx.split(stack)
-
-    def body(x, layer_xs):
-      layer_state, extra = layer_xs
-      return step(nnx.merge(graphdef, layer_state), x, extra)
-
-    body = layers.maybe_remat(body, self.cfg.remat)
-    if self.cfg.scan_layers:
-      return jax.lax.scan(body, x, (state, xs))
-    n = jax.tree.leaves(state)[0].shape[0]
-    ys = []
-    for i in range(n):
-      x, y = body(x, jax.tree.map(lambda a: a[i], (state, xs)))
-      ys.append(y)
-    return x, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+    return layers.run_layers(stack, x, step, xs, scan=self.cfg.scan_layers,
+                             remat=self.cfg.remat)
 
   def _vace_hints(self, x: jax.Array, vace_context: jax.Array, text: jax.Array,
                   t_mod: jax.Array, rope, token_mask: jax.Array | None = None) -> jax.Array:

@@ -4,10 +4,10 @@ Three readers share one interface (:class:`WeightFile`): ``keys()``, ``shape(key
 ``dtype(key)``, ``file_of(key)`` (the file that holds it, for messages) and ``read(key)``,
 which returns one tensor as an owned numpy array. Headers are read and checked when a file
 is opened (a truncated file or a malformed header is an :class:`InputError` before any tensor
-is read); tensors are read one at a time from a short-lived ``mmap`` of their byte range, so
-reading a model costs the memory of one tensor, not of the file.
+is read); tensors are read one at a time, so reading a model costs the memory of one tensor,
+not of the file.
 
-* :class:`SafetensorsFile`: one ``.safetensors`` file.
+* :class:`SafetensorsFile`: one ``.safetensors`` file, read by the ``safetensors`` library.
 * :class:`ShardedSafetensors`: ``*.safetensors.index.json`` with a ``weight_map`` key -> shard.
 * :class:`PthFile`: a ``torch.save`` zip (``<name>/data.pkl`` + ``<name>/data/<n>``). Its
   pickle goes through a restricted unpickler that resolves only the globals a plain tensor
@@ -15,7 +15,9 @@ reading a model costs the memory of one tensor, not of the file.
   ``__reduce__`` payload) is refused by name before it can run.
 
 :func:`open_weights` picks the reader for a path; :func:`write_safetensors` writes a file
-tensor by tensor (header first), atomically.
+tensor by tensor (header first), atomically. The writer and the ``.pth`` reader are ours: the
+library's writer (``serialize_file``) needs every tensor in memory at once, and it has no
+``.pth`` reader (torch's ``torch.load`` is what we avoid).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import struct
 import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import ml_dtypes
+import ml_dtypes  # also registers the numpy dtype name "bfloat16" the library asks for
 import numpy as np
+import safetensors
 
 from mirage_jax.errors import InputError
 
@@ -45,9 +48,8 @@ _ST_DTYPES: dict[str, np.dtype] = {
     "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-# The safetensors library refuses headers above 100 MB; so do we (a corrupt length field
-# would otherwise ask for gigabytes).
-_MAX_HEADER = 100 * 1024 * 1024
+# What the library's numpy side reads (it has no float8: it asks numpy for np.float8_*).
+_ST_READ = {k: v for k, v in _ST_DTYPES.items() if not k.startswith("F8_")}
 
 # torch's typed storage classes (the pickle names the storage's class, which carries the
 # element type) -> numpy. ``UntypedStorage`` is raw bytes.
@@ -124,76 +126,37 @@ class WeightFile:
 
 
 class SafetensorsFile(WeightFile):
-  """One ``.safetensors`` file: 8-byte little-endian header length, JSON header, data.
+  """One ``.safetensors`` file, read by the ``safetensors`` library.
+
+  ``safe_open`` checks the header when the file is opened (every tensor's dtype, shape and
+  byte range: a truncated or malformed file is refused before any tensor is read) and
+  ``get_tensor`` reads one tensor with ``pread`` (not an mmap that would keep the file's
+  pages resident), so reading a model costs the memory of one tensor.
 
   Args:
-    path: the file. Its header is read and checked now: every tensor's dtype, shape and
-      byte range (inside the file, of the size its shape needs).
+    path: the file.
   Raises:
-    InputError: naming the file (and the key) for a missing, truncated or malformed file.
+    InputError: naming the file (and the key, where the header names the one at fault)
+      for a missing, truncated or malformed file.
   """
 
   def __init__(self, path: str):
     self.path = str(path)
     try:
-      self._f = open(self.path, "rb")
+      self._f = safetensors.safe_open(self.path, framework="np", backend="pread")
     except OSError as e:
       raise InputError(self.path, "file", f"cannot open ({e.strerror or e})") from e
-    try:
-      self._entries, self.metadata, self._data_start = self._parse_header()
-    except BaseException:
-      self._f.close()
-      raise
-
-  def _parse_header(self):
-    size = os.fstat(self._f.fileno()).st_size
-    head = self._f.read(8)
-    if len(head) < 8:
-      raise InputError(self.path, "header", f"not a safetensors file ({size} bytes, shorter "
-                       "than the 8-byte header length)")
-    (n,) = struct.unpack("<Q", head)
-    if n > _MAX_HEADER or 8 + n > size:
-      raise InputError(self.path, "header", f"header length {n} does not fit the file "
-                       f"({size} bytes): truncated or not a safetensors file")
-    try:
-      header = json.loads(self._f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise InputError(self.path, "header", f"malformed JSON header ({e})") from e
-    if not isinstance(header, dict):
-      raise InputError(self.path, "header", f"header is a {type(header).__name__}, not an "
-                       "object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - n
-    entries = {}
-    for key, entry in header.items():
-      entries[key] = self._check_entry(key, entry, data_size)
-    return entries, metadata, 8 + n
-
-  def _check_entry(self, key: str, entry: Any, data_size: int):
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-      raise InputError(self.path, key, "malformed header entry (needs dtype, shape, "
-                       f"data_offsets): {str(entry)[:200]}")
-    dtype = _ST_DTYPES.get(entry["dtype"])
-    if dtype is None:
-      raise InputError(self.path, key, f"unknown dtype {entry['dtype']!r} (known: "
-                       f"{', '.join(_ST_DTYPES)})")
-    shape, offsets = entry["shape"], entry["data_offsets"]
-    if (not isinstance(shape, list)
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-      raise InputError(self.path, key, f"malformed shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]):
-      raise InputError(self.path, key, f"malformed data_offsets {offsets!r}")
-    begin, end = offsets
-    need = math.prod(shape) * dtype.itemsize
-    if end - begin != need:
-      raise InputError(self.path, key, f"data_offsets {offsets} hold {end - begin} bytes, "
-                       f"shape {tuple(shape)} {entry['dtype']} needs {need}")
-    if end > data_size:
-      raise InputError(self.path, key, f"truncated: the header puts this tensor at data bytes "
-                       f"[{begin}, {end}), the file holds {data_size} data bytes")
-    return tuple(shape), dtype, begin, end
+    except safetensors.SafetensorError as e:
+      raise _refusal(self.path, e) from e
+    self.metadata = self._f.metadata() or {}
+    self._entries: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for key in self._f.offset_keys():  # the order the header lists them
+      view = self._f.get_slice(key)
+      dtype = _ST_READ.get(view.get_dtype())
+      if dtype is None:
+        raise InputError(self.path, key, f"dtype {view.get_dtype()} is not read (read: "
+                         f"{', '.join(_ST_READ)})")
+      self._entries[key] = tuple(view.get_shape()), dtype
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -214,15 +177,50 @@ class SafetensorsFile(WeightFile):
       raise InputError(self.path, key, "no such tensor in the file") from None
 
   def read(self, key: str) -> np.ndarray:
-    shape, dtype, begin, end = self._entry(key)
+    self._entry(key)
     try:
-      raw = _read_range(self._f, self._data_start + begin, end - begin)
-    except (OSError, ValueError) as e:  # the file shrank since it was opened
+      return self._f.get_tensor(key)
+    except (OSError, safetensors.SafetensorError) as e:  # the file shrank since it was opened
       raise InputError(self.path, key, f"cannot read ({e})") from e
-    return raw.view(dtype).reshape(shape)
 
   def close(self) -> None:
-    self._f.close()
+    self._f.__exit__(None, None, None)
+
+
+def _refusal(path: str, error: Exception) -> InputError:
+  """The library's refusal of ``path`` as an :class:`InputError`.
+
+  The library says what is wrong but not with which tensor; where the header parses, the
+  first entry at fault is named (a truncated file names the tensor that runs past its end).
+  """
+  why = f"not a valid safetensors file ({error})"
+  try:
+    with open(path, "rb") as f:
+      data_size = os.fstat(f.fileno()).st_size - 8
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n)) if n <= data_size else None
+  except (OSError, struct.error, ValueError):
+    header = None
+  if not isinstance(header, dict):
+    return InputError(path, "header", why)
+  data_size -= n
+  for key, entry in header.items():
+    try:
+      dtype = _ST_DTYPES.get(entry["dtype"])
+      begin, end = entry["data_offsets"]
+      need = None if dtype is None else math.prod(entry["shape"]) * dtype.itemsize
+    except (KeyError, TypeError, ValueError):
+      continue
+    if dtype is None:
+      return InputError(path, key, f"unknown dtype {entry['dtype']!r} (known: "
+                        f"{', '.join(_ST_DTYPES)})")
+    if end - begin != need:
+      return InputError(path, key, f"data_offsets {[begin, end]} hold {end - begin} bytes, "
+                        f"shape {tuple(entry['shape'])} {entry['dtype']} needs {need}")
+    if end > data_size:
+      return InputError(path, key, f"truncated: the header puts this tensor at data bytes "
+                        f"[{begin}, {end}), the file holds {data_size} data bytes")
+  return InputError(path, "header", why)
 
 
 class ShardedSafetensors(WeightFile):
