@@ -146,21 +146,9 @@ def select_references(depths, K, c2w, candidates, targets, num: int, voxel: floa
 
 
 def load_vae(path: str):
-  """(WanVAE, its export config) of a ``convert_wan`` VAE export."""
-  from mirage_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  """(Wan VAE, its config) of the ``--vae`` export (``families.wan.vae.load_export``)."""
   from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
-  if not path or not os.path.isdir(path):
-    raise InputError(path or "--vae", "vae", "not found: a Wan VAE export (convert_wan's "
-                     "EXPORT/vae) is required")
-  params, config, _ = ckpt_lib.load_export(path)
-  if config.get("stage") != "autoencoder" or config.autoencoder.get("family") != "wan":
-    raise InputError(os.path.join(path, "config.json"), "autoencoder.family",
-                     f"not a Wan VAE export (stage {config.get('stage')!r}, family "
-                     f"{config.autoencoder.get('family')!r})")
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: wan_vae.WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), config
+  return wan_vae.load_export(path, "vae")
 
 
 class Encoder:

@@ -252,7 +252,13 @@ def _evaluate(args: list[str], output_dir: str, rows: list[str] = (), group: str
     if all(r in have for r in rows):
       print(f"reusing {output_dir}")
       return
-  cmd = [sys.executable, "-m", "mirage_jax.evaluate", f"--output_dir={output_dir}", "--overwrite", *args]
+  _run_command("mirage_jax.evaluate", f"--output_dir={output_dir}", "--overwrite", *args)
+
+
+def _run_command(module: str, *args: str) -> None:
+  """``python -m module args...`` (another command line of the project), echoed; a failure
+  ends the job."""
+  cmd = [sys.executable, "-m", module, *args]
   print(" ".join(cmd[1:]), flush=True)
   subprocess.run(cmd, check=True)
 
@@ -262,7 +268,7 @@ def _main_wan(workdir: str) -> int:
   latent clips -> VACE + LoRA fine-tune -> export -> revisit benchmark."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from data_pipelines import build, encode_latents, latent_clips
+  from data_pipelines import builders, latent_clips
   from mirage_jax.families.wan import convert as wan_convert
   from mirage_jax.families.wan import weight_files
   from mirage_jax.families.wan import original_layout
@@ -305,18 +311,18 @@ def _main_wan(workdir: str) -> int:
   _banner("2/4 procedural dataset -> latent clips")
   data_dir, latents = os.path.join(workdir, "data"), os.path.join(workdir, "latents")
   h, w = config.data.resolution
-  builder, reused = build.build("procedural_rooms", data_dir, num_clips=_WAN_CLIPS.value,
-                                frames_per_clip=d.target_frames + d.preceding_frames + 2,
-                                resolution=h)
-  print(("reused " if reused else "built ") + builder.data_dir)
+  builder = builders.make_builder("procedural_rooms", data_dir, "default",
+                                  num_clips=_WAN_CLIPS.value, resolution=h,
+                                  frames_per_clip=d.target_frames + d.preceding_frames + 2)
+  print(("reused " if builders.prepare(builder) else "built ") + builder.data_dir)
   if os.path.exists(os.path.join(latents, latent_clips.METADATA)):
     print(f"reusing {latents}")
   else:
-    counts = encode_latents.run(
-        data_dir=data_dir, dataset="procedural_rooms", config_name="default",
-        vae=os.path.join(export, "vae"), output_dir=latents, target_frames=d.target_frames,
-        preceding_frames=d.preceding_frames, text_len=d.text_len, text_dim=d.model.text_dim)
-    print(f"latent clips {counts} -> {latents}")
+    _run_command("data_pipelines.encode_latents", f"--data_dir={data_dir}",
+                 "--dataset=procedural_rooms", "--config_name=default",
+                 f"--vae={os.path.join(export, 'vae')}", f"--output_dir={latents}",
+                 f"--target_frames={d.target_frames}", f"--preceding_frames={d.preceding_frames}",
+                 f"--text_len={d.text_len}", f"--text_dim={d.model.text_dim}")
 
   _banner("3/4 fine-tune VACE + LoRA on the frozen base")
   d.base_checkpoint = os.path.abspath(os.path.join(export, "dit"))

@@ -169,3 +169,18 @@ def run_layers(stack: nnx.Module, carry: Any, step: Callable, xs: Any, *, scan: 
     carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
     ys.append(y)
   return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+
+# precision -> (compute dtype of the matmuls, dtype of the residual stream between blocks).
+PRECISIONS = {"f32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16"),
+              "f32_residual": ("bfloat16", "float32")}
+
+
+def precision_dtypes(cfg) -> tuple[jnp.dtype, jnp.dtype]:
+  """(compute, residual) dtypes of ``cfg.precision``; configs from before that field give
+  both as their ``dtype``."""
+  if "precision" not in cfg:
+    return (jnp.dtype(cfg.dtype),) * 2
+  if cfg.precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
+  return tuple(jnp.dtype(d) for d in PRECISIONS[cfg.precision])

@@ -72,24 +72,9 @@ def denoiser_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   cfg.scan_layers = True
   cfg.attention = "auto"  # attention.IMPLS: 'auto' = Pallas splash on TPU, XLA elsewhere
   cfg.remat = "none" if variant == "tiny" else "dots_with_no_batch_dims_saveable"
-  cfg.precision = "f32" if variant == "tiny" else "bf16"  # see PRECISIONS
+  cfg.precision = "f32" if variant == "tiny" else "bf16"  # see layers.PRECISIONS
   cfg.param_dtype = "float32"
   return cfg
-
-
-# precision -> (compute dtype of the matmuls, dtype of the residual stream between blocks).
-PRECISIONS = {"f32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16"),
-              "f32_residual": ("bfloat16", "float32")}
-
-
-def precision_dtypes(cfg) -> tuple[jnp.dtype, jnp.dtype]:
-  """(compute, residual) dtypes of ``cfg.precision``; configs from before that field give
-  both as their ``dtype``."""
-  if "precision" not in cfg:
-    return (jnp.dtype(cfg.dtype),) * 2
-  if cfg.precision not in PRECISIONS:
-    raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
-  return tuple(jnp.dtype(d) for d in PRECISIONS[cfg.precision])
 
 
 def _validate(cfg) -> None:
@@ -156,7 +141,7 @@ class Block(nnx.Module):
     hidden = int(d * cfg.mlp_ratio)
     self.fc1 = layers.Dense(d, hidden, ("embed", "mlp"), **kw)
     self.fc2 = layers.Dense(hidden, d, ("mlp", "embed"), **kw)
-    self.residual_dtype = precision_dtypes(cfg)[1]
+    self.residual_dtype = layers.precision_dtypes(cfg)[1]
 
   def __call__(self, h: jax.Array, ada: jax.Array, cond: jax.Array | None) -> jax.Array:
     """One block.
@@ -208,7 +193,7 @@ class Denoiser(nnx.Module):
   def __init__(self, cfg, rngs: nnx.Rngs):
     _validate(cfg)
     self.cfg = cfg
-    dtype, self.residual_dtype = precision_dtypes(cfg)
+    dtype, self.residual_dtype = layers.precision_dtypes(cfg)
     param_dtype = jnp.dtype(cfg.param_dtype)
     d, p, c = cfg.embed_dim, cfg.patch_size, cfg.latent_channels
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)

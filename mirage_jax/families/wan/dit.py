@@ -33,7 +33,7 @@ with numpy and stored as float32 constants. The time embedding depends on traced
 :func:`sinusoidal_embedding` evaluates it in float32 with exact-product argument splitting
 and a three-part 2*pi reduction (max abs error vs float64 4.3e-7 for t in [0, 1000], where a
 plain float32 ``cos(t * f)`` is off by up to ~6e-5; measured in tests/test_wan_dit.py).
-``precision`` (``denoiser.PRECISIONS``, as the small family): 'bf16' runs matmuls,
+``precision`` (``nn.layers.PRECISIONS``, as the small family): 'bf16' runs matmuls,
 attention and the residual stream in bf16 (as the reference does), 'f32' all in float32,
 'f32_residual' bf16 matmuls and attention but a float32 residual stream (between and
 inside blocks, and the VACE branch's); norms, RoPE and the modulation arithmetic are
@@ -57,7 +57,6 @@ from flax import nnx, traverse_util
 
 from mirage_jax.errors import InputError
 from mirage_jax.nn import attention as attention_lib
-from mirage_jax.families.small.denoiser import precision_dtypes
 from mirage_jax.nn import layers
 from mirage_jax.families.wan import original_layout as ol
 from mirage_jax.sharding import constrain
@@ -137,7 +136,7 @@ def _validate(cfg) -> None:
     if not v or v[0] != 0 or list(v) != sorted(set(v)) or v[-1] >= cfg.num_layers:
       raise ValueError(f"wan_dit: vace_layers {v} must be increasing, start at 0 and be "
                        f"< num_layers {cfg.num_layers}")
-  precision_dtypes(cfg)  # raises on an unknown policy
+  layers.precision_dtypes(cfg)  # raises on an unknown policy
   if cfg.lora_rank < 0 or not 0.0 <= cfg.lora_dropout < 1.0:
     raise ValueError(f"wan_dit: bad LoRA settings rank {cfg.lora_rank}, "
                      f"dropout {cfg.lora_dropout}")
@@ -392,7 +391,7 @@ class Block(nnx.Module):
     self.ffn_out = Linear((cfg.ffn_dim,), (d,), ("mlp",), ("embed",), **lkw)
     self.eps = cfg.eps
     self.dtype = dtype
-    self.residual_dtype = precision_dtypes(cfg)[1]
+    self.residual_dtype = layers.precision_dtypes(cfg)[1]
 
   def __call__(self, x: jax.Array, text: jax.Array, t_mod: jax.Array,
                rope: tuple[jax.Array, jax.Array], key: jax.Array | None = None,
@@ -484,7 +483,7 @@ class WanDiT(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     _validate(cfg)
     self.cfg = cfg
-    (dtype, self.residual_dtype), param_dtype = precision_dtypes(cfg), jnp.dtype(cfg.param_dtype)
+    (dtype, self.residual_dtype), param_dtype = layers.precision_dtypes(cfg), jnp.dtype(cfg.param_dtype)
     d = cfg.dim
     patch = math.prod(cfg.patch_size)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)

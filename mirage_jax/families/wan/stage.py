@@ -198,8 +198,8 @@ class WanStage(StageBase):
         raise InputError(os.path.join(self.config.data.data_dir, latent_clips.CONTROL),
                          "control_latents", f"shape {control.shape}, the config needs {want}")
       return np.asarray(control, np.float32)
-    from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
-    vae, _ = encode_latents.load_vae(self.config.denoiser.autoencoder_checkpoint)
+    from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top
+    vae, _ = wan_vae.load_export(self.config.denoiser.autoencoder_checkpoint)
     return np.asarray(self.wm.control_latents(vae, want[0], *self.latent_hw))
 
   def _empty_text(self) -> np.ndarray:

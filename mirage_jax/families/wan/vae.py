@@ -940,3 +940,27 @@ def from_original(cfg, get: Callable[[str], Any]) -> WanVAE:
   model = nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0)))
   load_original(model, get)
   return model
+
+
+def load_export(path: str, field: str = "autoencoder_checkpoint"
+                ) -> tuple[WanVAE, ml_collections.ConfigDict]:
+  """The Wan VAE of an autoencoder export (``convert_wan``'s ``EXPORT/vae``), local or gs://.
+
+  Args:
+    path: the export directory. field: the config field or flag that named it (for errors).
+  Returns:
+    (the VAE with the exported params, the export's training config).
+  """
+  from mirage_jax import checkpoint, paths  # pylint: disable=g-import-not-at-top
+  if not path or not paths.isdir(path):
+    raise InputError(path or "<empty>", field, "no such export directory (a Wan VAE export: "
+                     "convert_wan's EXPORT/vae)")
+  params, config, _ = checkpoint.load_export(path)
+  if config.get("stage") != "autoencoder" or config.autoencoder.get("family") != "wan":
+    raise InputError(paths.join(path, "config.json"), "autoencoder.family",
+                     f"not a Wan VAE export (stage {config.get('stage')!r}, family "
+                     f"{config.autoencoder.get('family')!r})")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state), config
+

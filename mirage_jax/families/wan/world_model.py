@@ -91,7 +91,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mirage_jax import checkpoint, diffusion, families, world_model
+from mirage_jax import diffusion, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
@@ -190,7 +190,7 @@ class WorldModel(world_model.WorldModel):
 
   Args:
     config: the export's config (family 'wan'); upgraded (:meth:`upgrade`) here.
-    vae: ``models.wan_vae.WanVAE``. dit: ``models.wan_dit.WanDiT`` (with its VACE branch).
+    vae: ``vae.WanVAE``. dit: ``dit.WanDiT`` (with its VACE branch).
     backend: memory backend name (default ``config.memory.backend``; ``mirage`` is the
       reference's splat, ``voxel`` ours in the same slot).
     text: (Lt, text_dim) caption embedding (padded to text_len) or None (the empty prompt).
@@ -646,17 +646,8 @@ def load_vae(config: ml_collections.ConfigDict, autoencoder_export: str | None =
   if not ae_path:
     raise InputError(start or "config.denoiser", "denoiser.autoencoder_checkpoint",
                      "empty along the export chain: give --autoencoder")
-  vae_params, ae_config, _ = checkpoint.load_export(ae_path)
-  if ae_config.stage != "autoencoder":
-    raise InputError(ae_path, "stage", f"expected an autoencoder export, got {ae_config.stage!r}")
-  ae_family = families.family_name(ae_config)
-  if ae_family != "wan":
-    raise InputError(ae_path, "autoencoder.family", f"the Wan DiT {start} needs the "
-                     f"Wan VAE, this export is family {ae_family!r}")
+  vae, ae_config = wan_vae.load_export(ae_path, "denoiser.autoencoder_checkpoint")
   # As JSON: an export's lists stand for a live config's tuples.
   if json.loads(ae_config.autoencoder.to_json()) != json.loads(config.autoencoder.to_json()):
     raise InputError(ae_path, "autoencoder", "not the VAE this DiT was exported with")
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: wan_vae.WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, vae_params)
-  return nnx.merge(graphdef, state)
+  return vae
