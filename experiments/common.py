@@ -24,6 +24,7 @@ def base_config(stage: str | None) -> ml_collections.ConfigDict:
     raise ValueError(f"config argument must be one of {STAGES}, got {stage!r}")
   c = ml_collections.ConfigDict()
   c.stage = stage
+  c.family = "small"  # the model family (mirage_jax.families): read by the registry only
   c.seed = 0
   # JAX's persistent compilation cache: a restarted or resumed run (or another process of
   # the same job) loads its compiled steps instead of compiling again; '' = off.

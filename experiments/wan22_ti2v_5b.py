@@ -24,6 +24,7 @@ def parse_arg(arg: str | None) -> tuple[str, str]:
 def get_config(arg=None):
   stage, variant = parse_arg(arg)
   c = common.base_config(stage)
+  c.family = "wan"
   c.variant = variant
   c.autoencoder = wan_vae.wan_vae_config(variant)
   c.denoiser.model = wan_dit.wan_dit_config(variant)

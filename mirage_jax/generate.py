@@ -8,7 +8,7 @@ The input is the reference's ``geometry.npz`` (see ``data_pipelines/files.py``):
 0 (RGB + depth) and every frame's camera are used. Frame 0 and the intrinsics are resized
 to cover the model's resolution and centre-cropped (the input pipeline's resize).
 
-The export's config picks the model family (``config.denoiser.model.family``):
+The export's config picks the model family (``config.family``, read by ``mirage_jax.families``):
 
 * small (ours, RGB-D autoencoder): as above; the memory is written with generated depth.
 * wan (Wan2.2 DiT + VACE + Wan VAE, ``python -m mirage_jax.convert_wan``; the rollout is

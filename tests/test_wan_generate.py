@@ -354,10 +354,10 @@ def test_bad_inputs_are_one_line(export, small_export, geometry_npz, tmp_path):
   # The small family's autoencoder under a Wan DiT, and the other way round.
   small_ae = checkpoint.export_config(small_export).denoiser.autoencoder_checkpoint
   _one_line_error(gen(f"--checkpoint={export}", f"--autoencoder={small_ae}"),
-                  small_ae, "autoencoder.family")
+                  small_ae, "family")
   wan_vae_export = os.path.join(os.path.dirname(export), "vae")
   _one_line_error(gen(f"--checkpoint={small_export}", f"--autoencoder={wan_vae_export}"),
-                  wan_vae_export, "autoencoder.family")
+                  wan_vae_export, "family")
   # Moving-content handling the Wan family does not have.
   _one_line_error(gen(f"--checkpoint={export}", "--object_slots"), "--object_slots", "object_slots")
   # No depth in the file: the Wan rollout has nothing to write its memory with.

@@ -318,7 +318,7 @@ def test_bad_inputs(world, tmp_path):
   assert "nowhere" in str(e)
   c.denoiser.base_checkpoint = world["vae"]  # a VAE export, not a DiT
   e = _stage_error(c)
-  assert e.where.endswith("config.json") and e.field == "denoiser.model.family"
+  assert e.where.endswith("config.json") and e.field == "family"
   # A DiT export of another model: same family, other width.
   other = tmp_path / "other"
   meta = json.loads((Path(world["base"]) / "config.json").read_text())

@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mirage_jax import checkpoint, diffusion, geometry, world_model
+from mirage_jax import checkpoint, diffusion, families, geometry, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.families.small import autoencoder, conditioning, denoiser
@@ -158,9 +158,9 @@ class WorldModel(world_model.WorldModel):
     """
     dn, config = load_model(denoiser_export)
     ae_path = autoencoder_export or config.denoiser.autoencoder_checkpoint
-    ae_family = conditioning.upgrade(checkpoint.export_config(ae_path)).family
+    ae_family = families.family_name(checkpoint.export_config(ae_path))
     if ae_family != "small":
-      raise InputError(ae_path, "autoencoder.family", f"the denoiser {denoiser_export} is of the "
+      raise InputError(ae_path, "family", f"the denoiser {denoiser_export} is of the "
                        f"small family and needs its RGB-D autoencoder, this export is {ae_family!r}")
     ae, ae_config = load_model(ae_path)
     if ae_config.stage != "autoencoder" or ae_config.autoencoder.to_dict() != config.autoencoder.to_dict():

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mirage_jax import diffusion, paths
+from mirage_jax import diffusion, families, paths
 from mirage_jax.errors import InputError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -205,7 +205,7 @@ def upgrade(config):
   ``family`` set and every field added since the first exports filled with the value they
   were made with (a copy; present fields are kept). ``denoiser.caption_dropout`` stays
   absent on a converted base: it keeps the released model's own training."""
-  from mirage_jax import families, world_model  # pylint: disable=g-import-not-at-top
+  from mirage_jax import world_model  # pylint: disable=g-import-not-at-top
   defaults = dict(_DEFAULTS) if "denoiser" in config else {}
   return world_model.with_defaults(config, {"family": families.check_family(config, "wan"),
                                              **defaults})
@@ -258,9 +258,10 @@ def export_chain(path: str, model_cfg) -> list[tuple[str, Any]]:
     cfg = read_export_config(path)
     where = paths.join(path, "config.json")
     model = cfg.get("denoiser", {}).get("model", {}) if cfg.get("denoiser") else {}
-    if cfg.get("stage") != "denoiser" or model.get("family") != "wan":
-      raise InputError(where, "denoiser.model.family", f"not a Wan DiT export (stage "
-                       f"{cfg.get('stage')!r}, family {model.get('family')!r})")
+    family = families.family_name(cfg) if cfg.get("stage") == "denoiser" else None
+    if family != "wan":
+      raise InputError(where, "family", f"not a Wan DiT export (stage {cfg.get('stage')!r}, "
+                       f"family {family!r})")
     for field in _SAME_MODEL:
       a, b = model.get(field), model_cfg.get(field)
       if (tuple(a) if isinstance(a, (list, tuple)) else a) != (

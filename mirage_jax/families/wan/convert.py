@@ -38,6 +38,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from mirage_jax import families
 from mirage_jax.families.wan import weight_files
 from mirage_jax.errors import InputError
 
@@ -459,9 +460,10 @@ def to_reference(checkpoint: str, output: str, dtype: str | None = None) -> dict
     cfg = config.denoiser.model
   except (OSError, ValueError, KeyError, AttributeError) as e:
     raise InputError(meta_path, "config", f"unreadable export config ({e})") from e
-  if config.get("stage") != "denoiser" or cfg.get("family") != "wan":
-    raise InputError(meta_path, "config.denoiser.model.family", "not a Wan DiT export "
-                     f"(stage {config.get('stage')!r}, family {cfg.get('family')!r})")
+  family = families.family_name(config) if config.get("stage") == "denoiser" else None
+  if family != "wan":
+    raise InputError(meta_path, "config.family", "not a Wan DiT export "
+                     f"(stage {config.get('stage')!r}, family {family!r})")
   layout = wan_dit.original_layout(cfg)
   groups = {g: [(p, t) for p, t in layout.items() if wan_dit.key_group(t.keys[0]) == g]
             for g in ("vace", "lora")}

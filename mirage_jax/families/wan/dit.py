@@ -76,7 +76,6 @@ def wan_dit_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   ``lora_rank`` > 0 to add adapters), float32.
   """
   cfg = ml_collections.ConfigDict()
-  cfg.family = "wan"
   cfg.patch_size = (1, 2, 2)
   cfg.in_channels = 48
   cfg.out_channels = 48

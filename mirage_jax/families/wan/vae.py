@@ -97,7 +97,6 @@ def wan_vae_config(variant: str = "ti2v_5b") -> ml_collections.ConfigDict:
                      f"unknown variant {variant!r}; known: {sorted(_VARIANTS)}")
   enc, dec = _VARIANTS[variant]
   cfg = ml_collections.ConfigDict()
-  cfg.family = "wan"
   cfg.variant = variant
   cfg.z_dim = 48
   cfg.in_channels = 3  # RGB only
@@ -120,8 +119,6 @@ def wan_vae_config(variant: str = "ti2v_5b") -> ml_collections.ConfigDict:
 
 def _check_config(cfg) -> None:
   where = "wan_vae config"
-  if cfg.get("family", "wan") != "wan":
-    raise InputError(where, "family", f"expected 'wan', got {cfg.family!r}")
   if cfg.patch_size != 2 or cfg.in_channels != 3:
     raise InputError(where, "patch_size", "the Wan2.2 VAE is RGB with a 2x2 patchify")
   if len(cfg.dim_mult) != 4 or len(cfg.temporal_downsample) != 3:
@@ -951,15 +948,15 @@ def load_export(path: str, field: str = "autoencoder_checkpoint"
   Returns:
     (the VAE with the exported params, the export's training config).
   """
-  from mirage_jax import checkpoint, paths  # pylint: disable=g-import-not-at-top
+  from mirage_jax import checkpoint, families, paths  # pylint: disable=g-import-not-at-top
   if not path or not paths.isdir(path):
     raise InputError(path or "<empty>", field, "no such export directory (a Wan VAE export: "
                      "convert_wan's EXPORT/vae)")
   params, config, _ = checkpoint.load_export(path)
-  if config.get("stage") != "autoencoder" or config.autoencoder.get("family") != "wan":
-    raise InputError(paths.join(path, "config.json"), "autoencoder.family",
+  if config.get("stage") != "autoencoder" or families.family_name(config) != "wan":
+    raise InputError(path, "family",
                      f"not a Wan VAE export (stage {config.get('stage')!r}, family "
-                     f"{config.autoencoder.get('family')!r})")
+                     f"{families.family_name(config)!r})")
   graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state), config
