@@ -93,15 +93,6 @@ def _cpu_only() -> bool:
   return platforms.strip() == "cpu"
 
 
-def local_batch_size(global_batch_size: int, where: str = "config.train.batch_size") -> int:
-  """This process's share of the global batch (every process loads the same amount)."""
-  count = jax.process_count()
-  if global_batch_size % count:
-    raise InputError(where, "batch_size",
-                     f"global batch {global_batch_size} not divisible by {count} processes")
-  return global_batch_size // count
-
-
 def batch_sharding(mesh: Mesh, batch_axes: Any, ndim: int) -> NamedSharding:
   """Sharding of a batch-major array: dim 0 over ``batch_axes``, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))

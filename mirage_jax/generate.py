@@ -80,14 +80,6 @@ _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free gui
 _INIT_DISTRIBUTED = distributed.define_flags()
 
 
-def wan_flags_given() -> str | None:
-  """The first Wan-only flag set on the command line (for refusing it on the small family)."""
-  for flag in (_CAPTION, _EMPTY_TEXT, _GUIDANCE):
-    if flag.value is not None:
-      return flag.name
-  return None
-
-
 def check_text_files(*flag_values) -> None:
   """Refuses a missing embedding file before the model is loaded (seconds)."""
   for flag in flag_values:

@@ -725,8 +725,3 @@ def open_weights(path: str) -> WeightFile:
   raise InputError(path, "file", "unknown weights format (expected .safetensors, "
                    ".safetensors.index.json or a torch .pth)")
 
-
-def iter_tensors(weights: WeightFile) -> Iterator[tuple[str, np.ndarray]]:
-  """(key, tensor) for every key, one tensor in memory at a time."""
-  for key in weights.keys():
-    yield key, weights.read(key)
