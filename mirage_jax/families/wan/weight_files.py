@@ -30,7 +30,7 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes  # also registers the numpy dtype name "bfloat16" the library asks for
 import numpy as np
