@@ -15,7 +15,6 @@ from mirage_jax.memory.config import MemoryConfig
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
 from mirage_jax.families.small import stages as small_stages
-from mirage_jax.memory import baselines, latent_cache
 from tests.test_rollout import _trajectory
 from tests.test_train import _batch, _mesh_config, _one_step, tiny_config
 

@@ -154,6 +154,40 @@ def assemble(reference: jax.Array | None, target: jax.Array, preceding: jax.Arra
   return jnp.concatenate([p.astype(target.dtype) for p in parts], axis=1)
 
 
+def predict(dit, references: jax.Array | None, target: jax.Array,
+            preceding: jax.Array | None, target_sigmas: jax.Array, text: jax.Array,
+            vace: jax.Array, *, integer_timesteps: bool = False, **dit_kwargs) -> jax.Array:
+  """The DiT's prediction on the target frames of ``[reference | target | preceding]``:
+  the one forward pass the training loss and the rollout's sampler both make.
+
+  Args:
+    dit: a ``dit.WanDiT`` with its VACE branch.
+    references: (B, R, h, w, 48) clean or None. target: (B, T, h, w, 48) noisy.
+    preceding: (B, P, h, w, 48) clean or None.
+    target_sigmas: (B, T) flow sigmas of the target frames (:func:`frame_timesteps`).
+    text: (B, Lt, D) embedding. vace: (B, T + P, h, w, 96 or 97) (:func:`vace_context`).
+    integer_timesteps: round the timesteps (the sampler's: the reference's DiT sees integer
+      timesteps, which the float32 trip through sigma may miss by an ulp).
+    dit_kwargs: the DiT's other keywords (``frame_mask``; ``deterministic``, ``rngs``).
+  Returns:
+    (B, T, h, w, 48) the prediction (flow velocity) on the target frames.
+  """
+  r = 0 if references is None else references.shape[1]
+  p = 0 if preceding is None else preceding.shape[1]
+  t = frame_timesteps(target_sigmas, r, p)
+  if integer_timesteps:
+    t = jnp.round(t)
+  out = dit(assemble(references, target, preceding), t, text, num_reference=r,
+            vace_context=vace, **dit_kwargs)
+  return out[:, r:r + target.shape[1]]
+
+
+def memory_scene(memory: jax.Array, coverage: jax.Array) -> jax.Array:
+  """A memory read as the VACE input's memory channels: (F, h, w, 48) float32, zeros in
+  holes (``coverage`` (F, h, w) bool False)."""
+  return jnp.where(coverage[..., None], memory.astype(jnp.float32), 0.0)
+
+
 def splat_memory(backend, memory_cfg, src_latents: jax.Array, src_depth: jax.Array,
                  src_K: jax.Array, src_c2w: jax.Array, src_static: jax.Array,
                  dst_K: jax.Array, dst_c2w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -172,7 +206,7 @@ def splat_memory(backend, memory_cfg, src_latents: jax.Array, src_depth: jax.Arr
   ids = jnp.arange(src_latents.shape[0], dtype=jnp.int32)
   state = backend.write(state, src_latents, src_depth, src_K, src_c2w, src_static, ids)
   mem, cov = backend.read(state, dst_K, dst_c2w)
-  return jnp.where(cov[..., None], mem.astype(jnp.float32), 0.0), cov
+  return memory_scene(mem, cov), cov
 
 
 def caption_or_empty(text: jax.Array, empty: jax.Array, drop: jax.Array) -> jax.Array:
@@ -182,7 +216,8 @@ def caption_or_empty(text: jax.Array, empty: jax.Array, drop: jax.Array) -> jax.
 
 
 __all__ = ["add_noise", "assemble", "caption_or_empty", "control_latents", "flow_loss",
-           "frame_timesteps", "sample_sigmas", "shift_sigma", "splat_memory", "vace_context"]
+           "frame_timesteps", "memory_scene", "predict", "sample_sigmas", "shift_sigma",
+           "splat_memory", "vace_context"]
 
 
 # ----------------------------------------------------------------------------- exports

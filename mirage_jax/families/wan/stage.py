@@ -55,7 +55,8 @@ class WanStage(StageBase):
   clean first target latent with its depth; 'preceding': the preceding latents; 'both') and
   read into the target + preceding cameras; the VACE input is that read and the encoded
   all-ones control (``wan_mirage.vace_context``); the DiT sees ``[references | noisy target
-  | preceding]`` with per-frame timesteps; loss as ``wan_mirage.flow_loss``. Captions are
+  | preceding]`` with per-frame timesteps (``wan_mirage.predict``, the forward pass the
+  world model's sampler makes); loss as ``wan_mirage.flow_loss``. Captions are
   dropped (replaced by the empty-prompt embedding) with probability
   ``config.denoiser.caption_dropout`` and wherever the clip has none.
   """
@@ -294,12 +295,9 @@ class WanStage(StageBase):
     drop = jax.random.bernoulli(k_drop, d.caption_dropout, (b,)) | ~batch["has_text"]
     text = self.wm.caption_or_empty(batch["text"], frozen["empty_text"], drop)
     refs = batch["reference_latents"] if self.num_reference else None
-    latents = self.wm.assemble(refs, noisy, batch["preceding_latents"])
-    timesteps = self.wm.frame_timesteps(sigmas, self.num_reference, self.num_preceding)
-    pred = model(latents, timesteps, text, num_reference=self.num_reference,
-                 vace_context=vace, deterministic=False, rngs=nnx.Rngs(dropout=k_lora))
-    r = self.num_reference
-    loss = self.wm.flow_loss(pred[:, r:r + self.num_target], x0, noise, d.first_frame_clean)
+    pred = self.wm.predict(model, refs, noisy, batch["preceding_latents"], sigmas, text, vace,
+                           deterministic=False, rngs=nnx.Rngs(dropout=k_lora))
+    loss = self.wm.flow_loss(pred, x0, noise, d.first_frame_clean)
     return loss, {"memory_coverage": coverage.astype(jnp.float32).mean(),
                   "caption_dropped": drop.astype(jnp.float32).mean()}
 
