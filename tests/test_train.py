@@ -15,6 +15,7 @@ from experiments import tiny_cpu
 from mirage_jax import geometry, metrics_log, sharding
 from mirage_jax import families
 from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import conditioning as small_conditioning
 from mirage_jax.families.small import stages as small_stages
 from mirage_jax.training import flops as flops_lib
 from mirage_jax.training import inputs as inputs_lib
@@ -277,10 +278,11 @@ def test_self_generated_memory_is_what_the_rollout_writes():
                              jnp.arange(n, dtype=jnp.int32))
   mem, cov = roll.backend.read(state, K[n:m], c2w[n:m])
   nc = d.context_frames
-  lat, rgb, want_depth = roll._denoise_impl(
-      roll.ae_state, roll.dn_state, mem, cov, K[n:m], c2w[n:m], latents[0, n - nc:n],
-      K[n - nc:n], c2w[n - nc:n], rng)
-  want = roll._encode_impl(roll.ae_state, rgb, want_depth)  # sampler.reencode_latents
+  cond, _ = small_conditioning.dit_inputs(roll.memory_cfg, mem, cov, K[n:m], c2w[n:m],
+                                          latents[0, n - nc:n], K[n - nc:n], c2w[n - nc:n])
+  wm = roll.model
+  lat, rgb, want_depth = wm._denoise_impl(wm.ae_state, wm.dn_state, cond, rng)
+  want = wm._encode_impl(wm.ae_state, rgb, want_depth)  # sampler.reencode_latents
   assert float(jnp.abs(want - lat).max()) > 1e-3  # re-encoding is not the identity
   np.testing.assert_allclose(gen[0], want, atol=2e-4)
   np.testing.assert_allclose(gen_depth[0], want_depth, rtol=1e-4, atol=1e-4)

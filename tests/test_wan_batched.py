@@ -132,13 +132,13 @@ def test_padded_slots_equal_exactly_the_real_frames(world, clips):
     noise = jax.random.normal(key, (1, L) + lat.shape[1:], jnp.float32)
     from mirage_jax.families.wan import conditioning as wan_mirage  # pylint: disable=g-import-not-at-top
     vace = wan_mirage.vace_context(jnp.concatenate([scene, pad_s])[None], control)
-    got = sample(r.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace, r.model.text,
+    got = sample(r.model.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace, r.model.text,
                  r.model.empty_text, jnp.asarray(mask)[None])[0]
     # The control video of L + P latents starts as that of L (the VAE is causal in time).
     np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"k={k}, n={n}")
     assert float(jnp.max(jnp.abs(got[1:] - first))) > 1e-2
   # Without the mask the padding does change the sample (the test can fail).
-  unmasked = sample(r.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace,
+  unmasked = sample(r.model.dit_state, noise, first[None, None], pad_r[None], pad_p[None], vace,
                     r.model.text, r.model.empty_text, jnp.ones((1, R + L + P), bool))[0]
   assert float(jnp.max(jnp.abs(unmasked - want))) > 1e-3
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from data_pipelines import build, encode_latents, latent_clips
 from experiments import mirage_wan22_5b, wan22_ti2v_5b
-from mirage_jax import checkpoint, memory
+from mirage_jax import checkpoint, diffusion, memory
 from mirage_jax.families.wan import convert as wan_convert
 from mirage_jax.families.wan import weight_files
 from mirage_jax.errors import InputError
@@ -110,7 +110,7 @@ def test_vace_context_timesteps_noise_and_loss():
   x0 = jax.random.normal(jax.random.key(1), (2, 3, 2, 2, 48))
   noise = jax.random.normal(jax.random.key(2), x0.shape)
   s = jnp.array([[0.0, 0.5, 1.0], [0.0, 0.25, 0.75]])
-  noisy = wan_mirage.add_noise(x0, noise, s)
+  noisy = diffusion.add_noise(x0, noise, s)
   np.testing.assert_array_equal(noisy[:, 0], x0[:, 0])
   np.testing.assert_allclose(noisy[0, 2], noise[0, 2], atol=1e-6)
   perfect = noise - x0

@@ -1,9 +1,13 @@
 """The small family's conditioning: what training and generation share.
 
-The DiT's inputs of a chunk are built from the memory read into the chunk's cameras (the
-static memory, object slots splatted over it), the retrieved reference frames and the clean
-context latents; :func:`memory_config`, :func:`object_config` and :func:`reference_settings`
-read the settings of both from a config at the model's latent geometry.
+The DiT's inputs of a chunk are built by ONE function, :func:`dit_inputs`, from the memory
+read into the chunk's cameras (the static memory, object slots splatted over it), the
+retrieved reference frames and the clean context latents; the denoiser stage's loss
+(``stages.DenoiserStage._condition``, per clip under ``memory.batch_map``) and the world
+model's jitted chunk step (``world_model.WorldModel._chunk_impl``) both call it, and both
+sample a chunk from noise with :func:`sample` (the stage for its scheduled-sampling memory
+frames). :func:`memory_config`, :func:`object_config` and :func:`reference_settings` read
+the settings of both from a config at the model's latent geometry.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mirage_jax import families, world_model
+from mirage_jax import diffusion, families, geometry, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
-from mirage_jax.families.small import autoencoder
+from mirage_jax.families.small import autoencoder, denoiser
 from mirage_jax.memory import objects as objects_lib
 
 
@@ -82,6 +86,75 @@ def splat_objects(objects, memory, coverage, K, c2w, frame_index):
   """
   lat, cov, _, _ = objects_lib.render(objects, K, c2w, frame_index)
   return jnp.where(cov[..., None], lat.astype(memory.dtype), memory), coverage | cov
+
+
+def dit_inputs(memory_cfg: memory_lib.MemoryConfig, memory, coverage, K, c2w, context,
+               context_K, context_c2w, *, objects=None, frame_index=None, bank=None,
+               start=None, num_context: int = 0, num_references: int = 0):
+  """The denoiser's conditioning of one chunk of one clip (no batch axis).
+
+  Training (targets: the window's frames after the memory frames) and generation (targets:
+  the chunk's frames) both build the DiT's inputs here, from what each holds:
+
+    1. the object slots (when given) advanced to ``frame_index`` and drawn over the static
+       memory read (:func:`splat_objects`);
+    2. ``num_references`` frames retrieved from the reference bank by voxel IoU
+       (``memory.references.retrieve_references``; frames ``>= start - num_context`` are the
+       recent context already, so not eligible), put before the clean context: the
+       denoiser's memory prior falls back on the last context frame;
+    3. Plücker rays at latent size of the targets and of that context.
+
+  Args:
+    memory_cfg: the memory's settings (image and latent geometry).
+    memory: (T, h, w, C) static memory read into the targets; coverage (T, h, w) bool.
+    K: (T, 3, 3) image intrinsics of the targets; c2w (T, 4, 4).
+    context: (Nc, h, w, C) clean latents with cameras context_K (Nc, 3, 3), context_c2w
+      (Nc, 4, 4).
+    objects: ``memory.objects.ObjectState`` or None; frame_index (T,) int32 the targets'
+      frames (with objects).
+    bank: the reference bank (``frame_bank`` state) when ``num_references`` > 0; start ()
+      int32 the first target frame (may be traced).
+  Returns:
+    cond: memory (T, h, w, C) float32, coverage (T, h, w) float32, rays (T, h, w, 6),
+      context (k + Nc, h, w, C), context_rays (k + Nc, h, w, 6) (k = ``num_references``);
+    info: coverage (T, h, w) bool (objects included), references (k,) int32 the frame of
+      each reference (-1 where none passed and the newest banked frame stood in).
+  """
+  if objects is not None:
+    memory, coverage = splat_objects(objects, memory, coverage, K, c2w, frame_index)
+  references = jnp.zeros((0,), jnp.int32)
+  if num_references:  # references first: memory_prior falls back on the last context frame
+    eligible = bank.frame < start - num_context
+    ref_lat, ref_K, ref_c2w, slots, found = memory_lib.references.retrieve_references(
+        bank, eligible, K, c2w, num_references)
+    references = jnp.where(found, bank.frame[slots], -1)
+  rays = lambda K, c2w: geometry.plucker_rays(
+      memory_lib.splatting.latent_intrinsics(memory_cfg, K), c2w, memory_cfg.latent_height,
+      memory_cfg.latent_width)
+  context_rays = rays(context_K, context_c2w)
+  if num_references:
+    context = jnp.concatenate([ref_lat.astype(context.dtype), context], 0)
+    context_rays = jnp.concatenate([rays(ref_K, ref_c2w), context_rays], 0)
+  cond = dict(memory=memory.astype(jnp.float32), coverage=coverage.astype(jnp.float32),
+              rays=rays(K, c2w), context=context, context_rays=context_rays)
+  return cond, dict(coverage=coverage, references=references)
+
+
+def sample(model, prediction: str, cond, noise, sampler, guidance_scale=None):
+  """Latents of a chunk from ``noise`` (B, T, h, w, C) at t = 1, conditioned on ``cond``
+  (:func:`dit_inputs`' with a leading batch axis), by ``sampler``'s method, steps and shift;
+  with ``guidance_scale``, classifier-free guidance against the memory-free branch.
+  Returns (B, T, h, w, C)."""
+
+  def velocity(x, t, conditioned=True):
+    m, c = ((cond["memory"], cond["coverage"]) if conditioned else
+            (jnp.zeros_like(cond["memory"]), jnp.zeros_like(cond["coverage"])))
+    tt = jnp.full(x.shape[:2], t, jnp.float32)
+    return denoiser.predict(model, prediction, x, tt, cond["rays"], m, c, cond["context"],
+                            cond["context_rays"])[0]
+
+  return diffusion.sample(velocity, noise, int(sampler.num_steps), sampler.method,
+                          float(sampler.shift), guidance_scale)
 
 
 def anchor_depth(depth, memory_depth, coverage, *, rescale: bool = True,

@@ -4,7 +4,9 @@
   * ``denoiser``: the frozen autoencoder (``config.denoiser.autoencoder_checkpoint``) encodes
     the clip; several earlier frames are written into the spatial memory with the same
     ``mirage_jax.memory`` write/read code the rollout uses, read into the target cameras, and
-    the DiT learns flow matching on the target chunk with the context frames clean.
+    the DiT learns flow matching on the target chunk with the context frames clean; its
+    inputs come from ``conditioning.dit_inputs``, the function the world model's chunk step
+    calls.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mirage_jax import checkpoint as ckpt_lib
 from mirage_jax import diffusion
-from mirage_jax import geometry
 from mirage_jax import memory as memory_lib
 from mirage_jax.families.small import conditioning
 from mirage_jax.errors import InputError
@@ -86,7 +87,10 @@ class DenoiserStage(StageBase):
   read into each target camera conditions the denoiser. Clean context (t = 0): the
   ``reference_frames`` memory frames that the rollout's rule retrieves for the targets
   (``memory_lib.references.retrieve_references`` on a bank of the memory frames, the last
-  ``context_frames`` not eligible), then the last ``context_frames`` memory frames.
+  ``context_frames`` not eligible), then the last ``context_frames`` memory frames
+  (``conditioning.dit_inputs``, as the rollout's chunk step). Scheduled sampling
+  (``self_generated_memory``) draws memory frames with the rollout's sampler
+  (``conditioning.sample``).
   """
 
   fields = ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks")
@@ -161,12 +165,21 @@ class DenoiserStage(StageBase):
     return jax.lax.stop_gradient(latents)
 
   def _condition(self, latents, batch, memory_frames=None):
-    """Memory written from the first ``memory_frames`` (default the config's) of the window,
-    read into the rest (the targets); rays; context."""
+    """The DiT's inputs of the window's targets, as the rollout builds them for a chunk.
+
+    Per clip: the memory (the object slots and the reference bank when used) written from
+    the first ``memory_frames`` (default the config's) frames as the rollout would hold them
+    after those frames; the targets are the rest; then ``conditioning.dit_inputs`` with the
+    last ``context_frames`` memory frames as the clean context.
+
+    Args:
+      latents: (B, T, h, w, C); batch: depths, intrinsics, poses_c2w, dynamic_masks (B, T, ...).
+    Returns:
+      ``conditioning.dit_inputs``' cond with a leading (B,) axis.
+    """
     d = self.config.denoiser
     m = d.memory_frames if memory_frames is None else memory_frames
     nc, k = d.context_frames, self.refs.frames
-    hh, ww = self.latent_hw
     frame_ids = jnp.arange(m, dtype=jnp.int32)
 
     def one_clip(lat, depth, K, c2w, dyn):
@@ -174,34 +187,24 @@ class DenoiserStage(StageBase):
       state = self.memory.init(self.memory_cfg)
       state = self.memory.write(state, lat[:m], depth[:m], K[:m], c2w[:m], static, frame_ids)
       mem, coverage = self.memory.read(state, K[m:], c2w[m:])
+      objects = bank = None
       if self.object_cfg is not None:  # the slots the rollout would hold after these frames
         moving = autoencoder.dynamic_target(dyn[:m], self.factor)
-        objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat[:m], depth[:m], K[:m],
-                                      c2w[:m], moving, frame_ids)
-        target_ids = jnp.arange(m, lat.shape[0], dtype=jnp.int32)
-        mem, coverage = conditioning.splat_objects(objects, mem, coverage, K[m:], c2w[m:], target_ids)
-      if not k:
-        return mem, coverage, ()
-      bank = memory_lib.frame_bank.write(memory_lib.references.reference_bank_init(self.memory_cfg, m),
-                                                   lat[:m], depth[:m], K[:m], c2w[:m], static,
-                                                   frame_ids)
-      return mem, coverage, memory_lib.references.retrieve_references(bank, bank.frame < m - nc, K[m:], c2w[m:],
-                                                        k)[:3]
+        objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat[:m], depth[:m],
+                                      K[:m], c2w[:m], moving, frame_ids)
+      if k:
+        bank = memory_lib.frame_bank.write(
+            memory_lib.references.reference_bank_init(self.memory_cfg, m), lat[:m],
+            depth[:m], K[:m], c2w[:m], static, frame_ids)
+      ctx = slice(m - nc, m)
+      cond, _ = conditioning.dit_inputs(
+          self.memory_cfg, mem, coverage, K[m:], c2w[m:], lat[ctx], K[ctx], c2w[ctx],
+          objects=objects, frame_index=jnp.arange(m, lat.shape[0], dtype=jnp.int32),
+          bank=bank, start=m, num_context=nc, num_references=k)
+      return cond
 
-    mem, coverage, refs = memory_lib.batch_map(one_clip, latents, batch["depths"],
-                                               batch["intrinsics"], batch["poses_c2w"],
-                                               batch["dynamic_masks"])
-    lat_K = lambda K: memory_lib.splatting.latent_intrinsics(self.memory_cfg, K)
-    # (B, T, h, w, 6)
-    rays = geometry.plucker_rays(lat_K(batch["intrinsics"]), batch["poses_c2w"], hh, ww)
-    context, context_rays = latents[:, m - nc:m], rays[:, m - nc:m]
-    if k:  # references first: memory_prior falls back on the last context frame, as in rollout
-      ref_lat, ref_K, ref_c2w = refs  # (B, k, h, w, C), (B, k, 3, 3), (B, k, 4, 4)
-      context = jnp.concatenate([ref_lat.astype(latents.dtype), context], 1)
-      context_rays = jnp.concatenate([geometry.plucker_rays(lat_K(ref_K), ref_c2w, hh, ww),
-                                      context_rays], 1)
-    return dict(memory=mem.astype(jnp.float32), coverage=coverage.astype(jnp.float32),
-                rays=rays[:, m:], context=context, context_rays=context_rays)
+    return memory_lib.batch_map(one_clip, latents, batch["depths"], batch["intrinsics"],
+                                batch["poses_c2w"], batch["dynamic_masks"])
 
   def _generate_memory(self, model, frozen, latents, batch, rng):
     """Scheduled sampling of the memory writes: the last g memory frames as the rollout
@@ -218,14 +221,10 @@ class DenoiserStage(StageBase):
     part = {k: batch[k][:, :m] for k in ("depths", "intrinsics", "poses_c2w", "dynamic_masks")}
     cond = self._condition(latents[:, :m], part, m - g)
     b = latents.shape[0]
-
-    def velocity(x, t):
-      tt = jnp.full(x.shape[:2], t, jnp.float32)
-      return denoiser.predict(model, d.prediction, x, tt, cond["rays"], cond["memory"],
-                              cond["coverage"], cond["context"], cond["context_rays"])[0]
-
     noise = jax.random.normal(rng, (b, g) + latents.shape[2:], latents.dtype)
-    gen = diffusion.sample(velocity, noise, int(s.num_steps), s.method, float(s.shift))
+    # The rollout's sampler without its guidance (sampler.guidance_scale): scheduled
+    # sampling has always drawn the conditional branch only.
+    gen = conditioning.sample(model, d.prediction, cond, noise, s)
     ae = nnx.merge(self.ae_graphdef, nnx.State(frozen))
     rgb, depth = ae.decode(gen.reshape((b * g,) + gen.shape[2:]) / d.latent_scale)
     rgb, depth = rgb.reshape((b, g) + rgb.shape[1:]), depth.reshape((b, g) + depth.shape[1:])

@@ -4,10 +4,11 @@ Per chunk of ``target_frames`` cameras, ONE jitted call (:meth:`WorldModel.step`
 driver ``mirage_jax.rollout.Rollout``):
 
   1. read     the memory into the chunk's cameras -> projected latents + coverage;
-  2. denoise  from noise with the DiT, conditioned on memory, Plücker rays and clean context
-              (t = 0): ``reference_frames`` earlier latents retrieved by voxel IoU (the
-              reference's rule, ``memory.references.retrieve_references``), then the last
-              ``context_frames`` generated latents; then decode RGB-D;
+  2. denoise  from noise with the DiT, conditioned on memory (object slots drawn over it),
+              Plücker rays and clean context (t = 0): ``reference_frames`` earlier latents
+              retrieved by voxel IoU (the reference's rule,
+              ``memory.references.retrieve_references``), then the last ``context_frames``
+              generated latents; then decode RGB-D;
   3. write    the new latents back into memory with the *generated* depth (no external depth
               model; with ``config.memory.depth_from_memory``, tied to the memory's depth
               where the read covers, ``conditioning.anchor_depth``), leaving out cells the
@@ -29,9 +30,11 @@ backend's state, ``reference_bank`` frames, every ``reference_stride``-th frame 
 chunk), so memory and retrieval cost per chunk do not grow with the trajectory.
 
 The memory backend (``voxel`` ours, ``mirage`` the reference's append-only cloud, the
-baselines) is chosen by name; training builds its conditioning with the same
-``conditioning.memory_config`` + write/read and the same reference retrieval, so the model is
-trained as it is run.
+baselines) is chosen by name. Steps 1-2 build the DiT's inputs with
+``conditioning.dit_inputs`` (object slots over the read, reference retrieval, context with
+references first, Plücker rays) and sample with ``conditioning.sample``: the denoiser stage's
+loss (``stages.DenoiserStage``) calls the same two functions on memory written with the same
+``conditioning.memory_config`` + write/read, so the model is trained as it is run.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mirage_jax import checkpoint, diffusion, families, geometry, world_model
+from mirage_jax import checkpoint, families, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.families.small import autoencoder, conditioning, denoiser
@@ -191,20 +194,6 @@ class WorldModel(world_model.WorldModel):
       return jnp.zeros(latents.shape[:3], jnp.float32)
     return jax.nn.sigmoid(ae.dynamic_logits(latents / self.latent_scale))
 
-  def _render_objects_impl(self, objects, memory, coverage, K, c2w, frame_index):
-    """Object slots advanced to ``frame_index`` (T,) and splatted over the static read.
-
-    Args:
-      memory: (T, h, w, C) static read; coverage (T, h, w) bool. K (T, 3, 3), c2w (T, 4, 4).
-    Returns:
-      memory (T, h, w, C), coverage (T, h, w) (``conditioning.splat_objects``); positions (T, S, 3)
-      and idents (T, S) of the slots at each frame (-1 = empty).
-    """
-    memory, coverage = conditioning.splat_objects(objects, memory, coverage, K, c2w, frame_index)
-    positions = jax.vmap(lambda f: objects_lib.predict(objects, f))(frame_index)
-    idents = jnp.broadcast_to(jnp.where(objects.valid, objects.ident, -1), positions.shape[:2])
-    return memory, coverage, positions, idents
-
   def _encode_rgb(self, rgb01):
     """rgb_points' re-encoder: rendered rgb (F, H, W, 3) in [0, 1] -> latents (F, h, w, C).
 
@@ -214,49 +203,19 @@ class WorldModel(world_model.WorldModel):
     depth = jnp.full(rgb01.shape[:-1], 2.0, jnp.float32)
     return self._encode_impl(self.ae_state, rgb01 * 2.0 - 1.0, depth)
 
-  def _rays(self, K, c2w):
-    """Image intrinsics (F, 3, 3), c2w (F, 4, 4) -> Plücker rays (F, h, w, 6) at latent size."""
-    K_lat = memory_lib.splatting.latent_intrinsics(self.memory_cfg, K)
-    return geometry.plucker_rays(K_lat, c2w, *self.latent_hw)
-
-  def _retrieve_impl(self, bank, start, K, c2w):
-    """References for the chunk starting at frame ``start`` () int32 (traced: no recompile).
-
-    Frames ``>= start - context_frames`` are the recent context already, so not eligible.
-    Returns latents (k, h, w, C), intrinsics (k, 3, 3), c2w (k, 4, 4), and frames (k,)
-    int32 the frame index of each (-1 where none passed and the newest frame stands in).
-    """
-    eligible = bank.frame < start - self.num_context
-    lat, ref_K, ref_c2w, slots, found = memory_lib.references.retrieve_references(
-        bank, eligible, K, c2w, self.refs.frames)
-    return lat, ref_K, ref_c2w, jnp.where(found, bank.frame[slots], -1)
-
-  def _denoise_impl(self, ae_state, dn_state, memory, coverage, K, c2w, context, context_K,
-                    context_c2w, rng):
+  def _denoise_impl(self, ae_state, dn_state, cond, rng):
     """One chunk from noise.
 
     Args:
-      memory: (T, h, w, C) read latents; coverage (T, h, w) bool.
-      K, c2w: (T, 3, 3), (T, 4, 4) target cameras.
-      context: (Nc, h, w, C) clean latents with cameras context_K (Nc, 3, 3), context_c2w.
+      cond: ``conditioning.dit_inputs``' cond of the chunk (no batch axis).
     Returns:
       latents (T, h, w, C), rgb (T, H, W, 3) in [-1, 1], depth (T, H, W) metric.
     """
     dn = nnx.merge(self.dn_graphdef, dn_state)
-    rays, ctx_rays = self._rays(K, c2w)[None], self._rays(context_K, context_c2w)[None]
-    mem = memory.astype(jnp.float32)[None]
-    cov = coverage.astype(jnp.float32)[None]
-
-    def velocity(x, t, conditioned=True):
-      m, c = (mem, cov) if conditioned else (jnp.zeros_like(mem), jnp.zeros_like(cov))
-      tt = jnp.full(x.shape[:2], t, jnp.float32)
-      return denoiser.predict(dn, self.prediction, x, tt, rays, m, c, context[None], ctx_rays)[0]
-
-    noise = jax.random.normal(rng, (1,) + memory.shape, jnp.float32)
-    s = self.sampler
-    guidance = s.guidance_scale or None
-    latents = diffusion.sample(velocity, noise, int(s.num_steps), s.method, float(s.shift),
-                               guidance)[0]
+    cond = {k: v[None] for k, v in cond.items()}
+    noise = jax.random.normal(rng, cond["memory"].shape, jnp.float32)
+    latents = conditioning.sample(dn, self.prediction, cond, noise, self.sampler,
+                                  self.sampler.guidance_scale or None)[0]
     ae = nnx.merge(self.ae_graphdef, ae_state)
     rgb, depth = ae.decode(latents / self.latent_scale)
     return latents, rgb, depth
@@ -326,17 +285,18 @@ class WorldModel(world_model.WorldModel):
       mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
     positions = jnp.zeros((self.chunk, 0, 3), jnp.float32)
     idents = jnp.zeros((self.chunk, 0), jnp.int32)
-    if self.object_slots:
-      mem, cov, positions, idents = self._render_objects_impl(carry["objects"], mem, cov, Kc,
-                                                              c2wc, ids)
+    objects = carry.get("objects")
+    if self.object_slots:  # where each slot is at each frame (outputs only)
+      positions = jax.vmap(lambda f: objects_lib.predict(objects, f))(ids)
+      idents = jnp.broadcast_to(jnp.where(objects.valid, objects.ident, -1), positions.shape[:2])
     ctx, ctx_K, ctx_c2w = carry["ctx"], carry["ctx_K"], carry["ctx_c2w"]
-    full = (ctx, ctx_K, ctx_c2w)
-    ref_frames = jnp.zeros((0,), jnp.int32)
-    if self.refs.frames:  # references first: memory_prior falls back on the last frame
-      *refs, ref_frames = self._retrieve_impl(carry["bank"], chunk["start"], Kc, c2wc)
-      full = tuple(jnp.concatenate([r, c], 0) for r, c in zip(refs, full))
+    cond, info = conditioning.dit_inputs(
+        self.memory_cfg, mem, cov, Kc, c2wc, ctx, ctx_K, ctx_c2w, objects=objects,
+        frame_index=ids, bank=carry.get("bank"), start=chunk["start"],
+        num_context=self.num_context, num_references=self.refs.frames)
+    cov, ref_frames = info["coverage"], info["references"]
     key, sub = jax.random.split(jax.random.wrap_key_data(carry["rng"]))
-    lat, rgb, depth = self._denoise_impl(ae_state, dn_state, mem, cov, Kc, c2wc, *full, sub)
+    lat, rgb, depth = self._denoise_impl(ae_state, dn_state, cond, sub)
     if self.reencode:  # back onto the encoder's latents: off-manifold error stops compounding
       lat = self._encode_impl(ae_state, rgb, depth)
     if self.depth_from_memory:  # the static read's depth: object slots carry none

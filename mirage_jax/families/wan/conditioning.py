@@ -132,11 +132,6 @@ def frame_timesteps(target_sigmas: jax.Array, num_reference: int, num_preceding:
                           jnp.zeros((b, num_preceding), jnp.float32)], axis=1)
 
 
-# ``(1 - s) x0 + s noise`` per frame (x0, noise (B, T, h, w, C), sigmas (B, T)): the
-# family's noising is the shared one, the same ops in the same order.
-add_noise = diffusion.add_noise
-
-
 def flow_loss(pred_target: jax.Array, x0: jax.Array, noise: jax.Array,
               first_clean: bool = True) -> jax.Array:
   """The reference's loss: MSE (float32, no weighting) to ``noise - x0`` on the target
@@ -151,6 +146,40 @@ def assemble(reference: jax.Array | None, target: jax.Array, preceding: jax.Arra
   """``[reference | target | preceding]`` along time; each (B, n, h, w, C) or None."""
   parts = [p for p in (reference, target, preceding) if p is not None and p.shape[1]]
   return jnp.concatenate([p.astype(target.dtype) for p in parts], axis=1)
+
+
+def predict(dit, references: jax.Array | None, target: jax.Array,
+            preceding: jax.Array | None, target_sigmas: jax.Array, text: jax.Array,
+            vace: jax.Array, *, integer_timesteps: bool = False, **dit_kwargs) -> jax.Array:
+  """The DiT's prediction on the target frames of ``[reference | target | preceding]``:
+  the one forward pass the training loss and the rollout's sampler both make.
+
+  Args:
+    dit: a ``dit.WanDiT`` with its VACE branch.
+    references: (B, R, h, w, 48) clean or None. target: (B, T, h, w, 48) noisy.
+    preceding: (B, P, h, w, 48) clean or None.
+    target_sigmas: (B, T) flow sigmas of the target frames (:func:`frame_timesteps`).
+    text: (B, Lt, D) embedding. vace: (B, T + P, h, w, 96 or 97) (:func:`vace_context`).
+    integer_timesteps: round the timesteps (the sampler's: the reference's DiT sees integer
+      timesteps, which the float32 trip through sigma may miss by an ulp).
+    dit_kwargs: the DiT's other keywords (``frame_mask``; ``deterministic``, ``rngs``).
+  Returns:
+    (B, T, h, w, 48) the prediction (flow velocity) on the target frames.
+  """
+  r = 0 if references is None else references.shape[1]
+  p = 0 if preceding is None else preceding.shape[1]
+  t = frame_timesteps(target_sigmas, r, p)
+  if integer_timesteps:
+    t = jnp.round(t)
+  out = dit(assemble(references, target, preceding), t, text, num_reference=r,
+            vace_context=vace, **dit_kwargs)
+  return out[:, r:r + target.shape[1]]
+
+
+def memory_scene(memory: jax.Array, coverage: jax.Array) -> jax.Array:
+  """A memory read as the VACE input's memory channels: (F, h, w, 48) float32, zeros in
+  holes (``coverage`` (F, h, w) bool False)."""
+  return jnp.where(coverage[..., None], memory.astype(jnp.float32), 0.0)
 
 
 def splat_memory(backend, memory_cfg, src_latents: jax.Array, src_depth: jax.Array,
@@ -171,7 +200,7 @@ def splat_memory(backend, memory_cfg, src_latents: jax.Array, src_depth: jax.Arr
   ids = jnp.arange(src_latents.shape[0], dtype=jnp.int32)
   state = backend.write(state, src_latents, src_depth, src_K, src_c2w, src_static, ids)
   mem, cov = backend.read(state, dst_K, dst_c2w)
-  return jnp.where(cov[..., None], mem.astype(jnp.float32), 0.0), cov
+  return memory_scene(mem, cov), cov
 
 
 def caption_or_empty(text: jax.Array, empty: jax.Array, drop: jax.Array) -> jax.Array:
@@ -180,8 +209,9 @@ def caption_or_empty(text: jax.Array, empty: jax.Array, drop: jax.Array) -> jax.
   return jnp.where(drop[:, None, None], empty[None].astype(text.dtype), text)
 
 
-__all__ = ["add_noise", "assemble", "caption_or_empty", "control_latents", "flow_loss",
-           "frame_timesteps", "sample_sigmas", "splat_memory", "vace_context"]
+__all__ = ["assemble", "caption_or_empty", "control_latents", "flow_loss",
+           "frame_timesteps", "memory_scene", "predict", "sample_sigmas", "splat_memory",
+           "vace_context"]
 
 
 # ----------------------------------------------------------------------------- exports

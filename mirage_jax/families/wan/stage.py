@@ -18,6 +18,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mirage_jax import diffusion
 from mirage_jax import memory as memory_lib
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
@@ -40,7 +41,7 @@ def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> "WanSta
 class WanStage(StageBase):
   """Fine-tuning Mirage on a frozen Wan2.2 base (the reference's ``scripts/train.py``).
 
-  ``config.denoiser.model.family == 'wan'``. The WanDiT's base params (everything but the
+  ``config.family == 'wan'``. The WanDiT's base params (everything but the
   VACE branch and the LoRA adapters) are frozen and come from ``config.denoiser.base_checkpoint``
   (a ``convert_wan`` DiT export, or a fine-tune export of one, followed to its base); they go
   through the step as ``frozen["base"]``, FSDP-sharded by the mesh rules like trainable params
@@ -55,7 +56,8 @@ class WanStage(StageBase):
   clean first target latent with its depth; 'preceding': the preceding latents; 'both') and
   read into the target + preceding cameras; the VACE input is that read and the encoded
   all-ones control (``wan_mirage.vace_context``); the DiT sees ``[references | noisy target
-  | preceding]`` with per-frame timesteps; loss as ``wan_mirage.flow_loss``. Captions are
+  | preceding]`` with per-frame timesteps (``wan_mirage.predict``, the forward pass the
+  world model's sampler makes); loss as ``wan_mirage.flow_loss``. Captions are
   dropped (replaced by the empty-prompt embedding) with probability
   ``config.denoiser.caption_dropout`` and wherever the clip has none.
   """
@@ -287,19 +289,16 @@ class WanStage(StageBase):
     sigmas = self.wm.sample_sigmas(k_sig, b, self.num_target, d.time_shift, d.first_frame_clean,
                                    *self.noise_levels)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    noisy = self.wm.add_noise(x0, noise, sigmas)
+    noisy = diffusion.add_noise(x0, noise, sigmas)
     memory, coverage = self.memory_read(batch)
     vace = self.wm.vace_context(memory, frozen["control"],
                                 coverage if d.vace_coverage else None)
     drop = jax.random.bernoulli(k_drop, d.caption_dropout, (b,)) | ~batch["has_text"]
     text = self.wm.caption_or_empty(batch["text"], frozen["empty_text"], drop)
     refs = batch["reference_latents"] if self.num_reference else None
-    latents = self.wm.assemble(refs, noisy, batch["preceding_latents"])
-    timesteps = self.wm.frame_timesteps(sigmas, self.num_reference, self.num_preceding)
-    pred = model(latents, timesteps, text, num_reference=self.num_reference,
-                 vace_context=vace, deterministic=False, rngs=nnx.Rngs(dropout=k_lora))
-    r = self.num_reference
-    loss = self.wm.flow_loss(pred[:, r:r + self.num_target], x0, noise, d.first_frame_clean)
+    pred = self.wm.predict(model, refs, noisy, batch["preceding_latents"], sigmas, text, vace,
+                           deterministic=False, rngs=nnx.Rngs(dropout=k_lora))
+    loss = self.wm.flow_loss(pred, x0, noise, d.first_frame_clean)
     return loss, {"memory_coverage": coverage.astype(jnp.float32).mean(),
                   "caption_dropped": drop.astype(jnp.float32).mean()}
 

@@ -22,7 +22,8 @@ Per chunk (``memory.latent_frame_indices`` gives the video frame of each latent)
              ``config.denoiser.reference_frames``) among the latents generated so far;
   3. denoise the DiT sees ``[references R | target L | preceding P]`` with timesteps 0 | [0,
              t, ..., t] | 0, the text embedding, and the VACE input
-             ``wan_mirage.vace_context([target_scene | preceding_scene], control)``; FlowUniPC
+             ``wan_mirage.vace_context([target_scene | preceding_scene], control)``
+             (``wan_mirage.predict``, the forward pass the training loss makes); FlowUniPC
              (``config.sampler``: 20 steps, shift 5, order 2), the clean latent 0 re-written
              after every step; no CFG unless ``guidance_scale`` > 0 (the negative text is the
              empty-prompt embedding);
@@ -65,6 +66,11 @@ padded to the most chunks, a chunk past a trajectory's end changes nothing of it
 a batch of any lengths reuses the one compiled step. The host syncs once, after the first
 chunk (compilation); ``timed`` (``generate``'s timings) blocks after every chunk. Ground
 truth for the oracle row is encoded outside the step.
+
+Training (``stage.WanStage.loss``) builds the same inputs with the same functions
+(``memory_scene`` of a read, ``vace_context``, ``predict``), with two differences of the
+reference's training: the preceding latents' memory channels are the memory read into their
+cameras (here, the reads they were generated with), and the timesteps are not rounded.
 
 Every backend is written with everything generated (the reference's rule; the small
 family's ``write_new_only`` and dynamic masking are not applied), and ``rgb_points`` is not
@@ -318,17 +324,15 @@ class WorldModel(world_model.WorldModel):
       (1, L, h, w, 48) float32, latent 0 = ``first``.
     """
     dit = nnx.merge(self.dit_graphdef, dit_state)
-    r, p, length = references.shape[1], preceding.shape[1], noise.shape[1]
+    length = noise.shape[1]
 
     def model_fn(x, timestep, conditioned=True):
       sigma = jnp.full((1, length), timestep / wan_mirage.NUM_TRAIN_TIMESTEPS, jnp.float32)
       # The DiT sees the reference's integer timesteps: rounding undoes the float32 trip
       # through sigma (1000 * (989 / 1000) is 989.00006 in float32).
-      t = jnp.round(wan_mirage.frame_timesteps(sigma.at[:, 0].set(0.0), r, p))
-      out = dit(wan_mirage.assemble(references, x, preceding), t,
-                text if conditioned else empty_text, num_reference=r, vace_context=vace,
-                frame_mask=frame_mask)
-      return out[:, r:r + length]
+      return wan_mirage.predict(dit, references, x, preceding, sigma.at[:, 0].set(0.0),
+                                text if conditioned else empty_text, vace,
+                                integer_timesteps=True, frame_mask=frame_mask)
 
     put_first = lambda x: x.at[:, :1].set(first.astype(x.dtype))
     return diffusion.sample_unipc(model_fn, put_first(noise), self.num_steps, self.shift,
@@ -437,7 +441,7 @@ class WorldModel(world_model.WorldModel):
     L, P, R = st.latents, st.preceding_latents, self.num_references
     Kc, c2wc = chunk["K"], chunk["c2w"]
     mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
-    scene = jnp.where(cov[..., None], mem.astype(jnp.float32), 0.0)
+    scene = wan_mirage.memory_scene(mem, cov)
     hist, count = carry["hist"], carry["count"]
     # Chunk 0's latent 0 is frame 0's: it is generated with this chunk's read.
     hist_scene = jnp.where(chunk["first"], carry["hist_scene"].at[-1].set(scene[0]),
