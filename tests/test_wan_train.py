@@ -22,6 +22,7 @@ from mirage_jax.families.wan import weight_files
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import exports as wan_exports
 from mirage_jax.families.wan import stage as wan_stage
 from mirage_jax.families.wan import vae as wan_vae
 from mirage_jax.training import inputs as inputs_lib
@@ -172,12 +173,12 @@ def test_train_loss_falls(world, tmp_path):
   checkpoint.export_params(workdir, export)
   params, cfg, _ = checkpoint.load_export(export)
   assert cfg.denoiser.base_checkpoint == world["base"]
-  flat = wan_mirage.flat_paths(params)
+  flat = wan_exports.flat_paths(params)
   assert all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in flat)
-  model, _ = wan_mirage.load_dit(export)
+  model, _ = wan_exports.load_dit(export)
   base, _, _ = checkpoint.load_export(world["base"])
-  state = wan_mirage.flat_paths(nnx.state(model, nnx.Param).to_pure_dict())
-  for p, v in wan_mirage.flat_paths(base).items():
+  state = wan_exports.flat_paths(nnx.state(model, nnx.Param).to_pure_dict())
+  for p, v in wan_exports.flat_paths(base).items():
     np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
   for p, v in flat.items():
     np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
@@ -190,7 +191,7 @@ def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
   assert isinstance(stage, wan_stage.WanStage)
   stage.load_frozen(mesh, mesh_lib.logical_rules(config))
   setup = step_lib.make_setup(config, stage, mesh)
-  trainable = wan_mirage.flat_paths(setup.abstract["params"])
+  trainable = wan_exports.flat_paths(setup.abstract["params"])
   assert trainable and all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in trainable)
   n_train = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
   n_base = sum(x.size for x in jax.tree.leaves(stage.frozen["base"]))
@@ -283,7 +284,7 @@ def test_two_processes_train_like_one(world, tmp_path):
   params = []
   for w in (one, two):
     checkpoint.export_params(w, w + "_export", use_ema=False)
-    params.append(wan_mirage.flat_paths(checkpoint.load_export(w + "_export")[0]))
+    params.append(wan_exports.flat_paths(checkpoint.load_export(w + "_export")[0]))
   diff = {"/".join(p): float(np.abs(np.asarray(params[1][p]) - np.asarray(params[0][p])).max())
           for p in params[0]}
   print("WAN_MULTIHOST", json.dumps(dict(  # pytest -s

@@ -24,6 +24,7 @@ from mirage_jax import sharding
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
+from mirage_jax.families.wan import exports
 from mirage_jax.training.flops import model_flops
 from mirage_jax.training.stage import Batch, StageBase, noise_levels, train_memory_config
 
@@ -155,19 +156,19 @@ class WanStage(StageBase):
       t_shard = sharding.logical_to_sharding(t_specs, mesh, rules, t_abs)
     abstract = {}
     for tree, sh in ((rest.to_pure_dict(), shard), (t_abs, t_shard)):
-      flat_a, flat_s = self.wm.flat_paths(tree), self.wm.flat_paths(sh)
+      flat_a, flat_s = exports.flat_paths(tree), exports.flat_paths(sh)
       for p, a in flat_a.items():
         abstract[p] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=flat_s[p])
-    loaded = self.wm.load_dit_params(d.base_checkpoint, self.cfg, abstract)
-    base_paths = set(self.wm.flat_paths(rest.to_pure_dict()))
+    loaded = exports.load_dit_params(d.base_checkpoint, self.cfg, abstract)
+    base_paths = set(exports.flat_paths(rest.to_pure_dict()))
     missing = sorted(base_paths - set(loaded))
     if missing:
       raise InputError(d.base_checkpoint, "/".join(missing[0]), "missing from the base export "
                        f"(and not trained by train_stages {tuple(d.train_stages)}): "
                        f"{len(missing)} frozen params absent")
-    base = self.wm.nest({p: v for p, v in loaded.items() if p in base_paths})
+    base = exports.nest({p: v for p, v in loaded.items() if p in base_paths})
     initial = {p: v for p, v in loaded.items() if p not in base_paths}
-    self.initial_params = self.wm.nest(initial) if initial else None
+    self.initial_params = exports.nest(initial) if initial else None
     replicated = NamedSharding(mesh, PartitionSpec())
     self.frozen = {"base": base,
                    "control": jax.device_put(self._control(), replicated),

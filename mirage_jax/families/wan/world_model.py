@@ -101,6 +101,7 @@ from mirage_jax import diffusion, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
+from mirage_jax.families.wan import exports
 from mirage_jax.families.wan import vae as wan_vae
 
 TEXT_TOKENS = 512  # the reference's umT5 sequence length
@@ -269,13 +270,13 @@ class WorldModel(world_model.WorldModel):
   @staticmethod
   def load(denoiser_export: str, autoencoder_export: str | None = None):
     """(config, vae, dit) of a Wan-family export: a ``convert_wan`` DiT export or a fine-tune
-    export of one (``conditioning.load_dit`` follows ``denoiser.base_checkpoint``).
+    export of one (``exports.load_dit`` follows ``denoiser.base_checkpoint``).
 
     The VAE comes from ``autoencoder_export``, else the first ``denoiser.autoencoder_checkpoint``
     along the export chain (newest first; ``convert_wan`` sets it on the root export); it must
     be a Wan-family autoencoder export with the config the DiT was exported with.
     """
-    dit, config = wan_mirage.load_dit(denoiser_export)
+    dit, config = exports.load_dit(denoiser_export)
     return wan_mirage.upgrade(config), load_vae(config, autoencoder_export, denoiser_export), dit
 
   @staticmethod
@@ -643,7 +644,7 @@ def load_vae(config: ml_collections.ConfigDict, autoencoder_export: str | None =
   ae_path = autoencoder_export or d.autoencoder_checkpoint
   start = denoiser_export or d.base_checkpoint
   if not ae_path and start:
-    chain = wan_mirage.export_chain(start, config.denoiser.model)[::-1]
+    chain = exports.export_chain(start, config.denoiser.model)[::-1]
     ae_path = next((c.denoiser.autoencoder_checkpoint for c in
                     (wan_mirage.upgrade(c) for _, c in chain)
                     if c.denoiser.autoencoder_checkpoint), None)
