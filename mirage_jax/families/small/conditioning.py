@@ -90,7 +90,8 @@ def splat_objects(objects, memory, coverage, K, c2w, frame_index):
 
 def dit_inputs(memory_cfg: memory_lib.MemoryConfig, memory, coverage, K, c2w, context,
                context_K, context_c2w, *, objects=None, frame_index=None, bank=None,
-               start=None, num_context: int = 0, num_references: int = 0):
+               start=None, num_context: int = 0, num_references: int = 0, target_rays=None,
+               context_rays=None):
   """The denoiser's conditioning of one chunk of one clip (no batch axis).
 
   Training (targets: the window's frames after the memory frames) and generation (targets:
@@ -114,6 +115,9 @@ def dit_inputs(memory_cfg: memory_lib.MemoryConfig, memory, coverage, K, c2w, co
       frames (with objects).
     bank: the reference bank (``frame_bank`` state) when ``num_references`` > 0; start ()
       int32 the first target frame (may be traced).
+    target_rays, context_rays: the rays of the targets (T, h, w, 6) and of the context
+      (Nc, h, w, 6) when the caller has them (training computes a window's rays in one batched
+      call; computing them here per clip can round differently in the last bit).
   Returns:
     cond: memory (T, h, w, C) float32, coverage (T, h, w) float32, rays (T, h, w, 6),
       context (k + Nc, h, w, C), context_rays (k + Nc, h, w, 6) (k = ``num_references``);
@@ -131,12 +135,15 @@ def dit_inputs(memory_cfg: memory_lib.MemoryConfig, memory, coverage, K, c2w, co
   rays = lambda K, c2w: geometry.plucker_rays(
       memory_lib.splatting.latent_intrinsics(memory_cfg, K), c2w, memory_cfg.latent_height,
       memory_cfg.latent_width)
-  context_rays = rays(context_K, context_c2w)
+  if context_rays is None:
+    context_rays = rays(context_K, context_c2w)
+  if target_rays is None:
+    target_rays = rays(K, c2w)
   if num_references:
     context = jnp.concatenate([ref_lat.astype(context.dtype), context], 0)
     context_rays = jnp.concatenate([rays(ref_K, ref_c2w), context_rays], 0)
   cond = dict(memory=memory.astype(jnp.float32), coverage=coverage.astype(jnp.float32),
-              rays=rays(K, c2w), context=context, context_rays=context_rays)
+              rays=target_rays, context=context, context_rays=context_rays)
   return cond, dict(coverage=coverage, references=references)
 
 

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mirage_jax import checkpoint as ckpt_lib
 from mirage_jax import diffusion
+from mirage_jax import geometry
 from mirage_jax import memory as memory_lib
 from mirage_jax.families.small import conditioning
 from mirage_jax.errors import InputError
@@ -181,8 +182,13 @@ class DenoiserStage(StageBase):
     m = d.memory_frames if memory_frames is None else memory_frames
     nc, k = d.context_frames, self.refs.frames
     frame_ids = jnp.arange(m, dtype=jnp.int32)
+    # The window's rays in one batched call, as before the conditioning was shared with the
+    # rollout (per-clip calls inside batch_map may round differently in the last bit).
+    window_rays = geometry.plucker_rays(
+        memory_lib.splatting.latent_intrinsics(self.memory_cfg, batch["intrinsics"]),
+        batch["poses_c2w"], *self.latent_hw)  # (B, T, h, w, 6)
 
-    def one_clip(lat, depth, K, c2w, dyn):
+    def one_clip(lat, depth, K, c2w, dyn, rays):
       static = dyn[:m] == 0
       state = self.memory.init(self.memory_cfg)
       state = self.memory.write(state, lat[:m], depth[:m], K[:m], c2w[:m], static, frame_ids)
@@ -200,11 +206,12 @@ class DenoiserStage(StageBase):
       cond, _ = conditioning.dit_inputs(
           self.memory_cfg, mem, coverage, K[m:], c2w[m:], lat[ctx], K[ctx], c2w[ctx],
           objects=objects, frame_index=jnp.arange(m, lat.shape[0], dtype=jnp.int32),
-          bank=bank, start=m, num_context=nc, num_references=k)
+          bank=bank, start=m, num_context=nc, num_references=k, target_rays=rays[m:],
+          context_rays=rays[ctx])
       return cond
 
     return memory_lib.batch_map(one_clip, latents, batch["depths"], batch["intrinsics"],
-                                batch["poses_c2w"], batch["dynamic_masks"])
+                                batch["poses_c2w"], batch["dynamic_masks"], window_rays)
 
   def _generate_memory(self, model, frozen, latents, batch, rng):
     """Scheduled sampling of the memory writes: the last g memory frames as the rollout
