@@ -61,9 +61,8 @@ def make_rollout(config: ml_collections.ConfigDict, ae, dn, backend: str | None 
   """
   options = dict(sampling_options or {})
   cls = families.world_model(config)
-  model = cls(config, ae, dn, backend, **options, **kwargs)
-  cls.check_guidance(config, options.get("guidance_scale"))
-  return Rollout(model)
+  cls.check_guidance(config, options.get("guidance_scale"))  # before the (slow) model setup
+  return Rollout(cls(config, ae, dn, backend, **options, **kwargs))
 
 
 def check_guidance(config: ml_collections.ConfigDict, scale: float | None = None) -> None:
