@@ -48,7 +48,7 @@ def bench(precision: str, steps: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import stage as wan_stage  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import stages as wan_stage  # pylint: disable=g-import-not-at-top
   from mirage_jax.training import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
   from mirage_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from mirage_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top

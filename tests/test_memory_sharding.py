@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from experiments import mirage_wan22_5b
 from mirage_jax import memory as memory_lib
 from mirage_jax.families.small import stages as small_stages
-from mirage_jax.families.wan import stage as wan_stage
+from mirage_jax.families.wan import stages as wan_stage
 from mirage_jax.memory import objects
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib

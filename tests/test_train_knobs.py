@@ -17,7 +17,7 @@ from mirage_jax import diffusion, rollout, sharding
 from mirage_jax.errors import InputError
 from mirage_jax.families.small import denoiser as dn
 from mirage_jax.families.small import stages as small_stages
-from mirage_jax.families.wan import stage as wan_stage
+from mirage_jax.families.wan import stages as wan_stage
 from mirage_jax.nn import layers
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import mesh as mesh_lib

@@ -138,7 +138,7 @@ def test_load_dispatches_on_family(world):
   r = rollout.make_rollout(config, vae, dit, "mirage")
   assert [list(p) for p in r.model.plan(NUM_FRAMES)] == [list(range(0, 33, 4)), list(range(32, 65, 4))]
   with pytest.raises(Exception, match="family"):
-    families.get("small").WorldModel(config, vae, dit)  # the small family refuses a Wan config
+    families.world_model("small")(config, vae, dit)  # the small family refuses a Wan config
 
 
 # ----------------------------------------------------------------------------- CLI

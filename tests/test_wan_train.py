@@ -23,7 +23,7 @@ from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
 from mirage_jax.families.wan import exports as wan_exports
-from mirage_jax.families.wan import stage as wan_stage
+from mirage_jax.families.wan import stages as wan_stage
 from mirage_jax.families.wan import vae as wan_vae
 from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import loop as loop_lib

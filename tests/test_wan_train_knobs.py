@@ -12,7 +12,7 @@ from mirage_jax import diffusion
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
-from mirage_jax.families.wan import stage as wan_stage
+from mirage_jax.families.wan import stages as wan_stage
 from tests.test_memory_sharding import wan_memory_batch
 from tests.test_wan_dit import _forward, _inputs, _ours, _random_original, _tiny
 

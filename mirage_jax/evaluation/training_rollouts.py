@@ -13,7 +13,7 @@ no oracle or composite rows) and returns:
            uint8 (T, H, W', 3), upscaled to at least 64 pixels high.
 
 Both families. The small family generates with the EMA denoiser on the frozen
-autoencoder; the Wan family (``families.wan.stage.WanStage``) with the EMA of the trained VACE/LoRA params
+autoencoder; the Wan family (``families.wan.stages.WanStage``) with the EMA of the trained VACE/LoRA params
 over the frozen base DiT (the reference keeps no EMA: ``ema_decay`` 0 makes it the params),
 decoded by the Wan VAE of ``config.denoiser.autoencoder_checkpoint`` (else the one the base
 export names), writing each latent with the loop's given depth, sampled with the empty

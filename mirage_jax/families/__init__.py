@@ -1,8 +1,9 @@
 """The model families, and the one place that picks one for a config.
 
 A family is one package under ``mirage_jax/families/<name>/`` (its networks, its
-conditioning, its training stages, its export loading); the rest of the project reaches it
-only through :func:`get`. Removing a family is deleting its folder and its name here.
+conditioning, its training stages, its export loading) with two modules the rest of the
+project reaches through this registry: ``world_model`` (class ``WorldModel``,
+:func:`world_model`) and ``stages`` (``make_stage``, :func:`make_stage`). Removing a family is deleting its folder and its name here.
 
   * ``small``: the RGB-D autoencoder + DiT of this project, CPU-sized to pod-sized;
   * ``wan``: Mirage's own networks (Wan2.2-TI2V-5B DiT + VACE + LoRA, the Wan2.2 VAE).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import types
+from typing import Any
 
 import ml_collections
 
@@ -61,9 +63,22 @@ def get(config_or_name: ml_collections.ConfigDict | str) -> types.ModuleType:
   return importlib.import_module(f"mirage_jax.families.{name}")
 
 
+def _family_module(config_or_name: ml_collections.ConfigDict | str, module: str):
+  get(config_or_name)  # checks the name
+  name = config_or_name if isinstance(config_or_name, str) else family_name(config_or_name)
+  return importlib.import_module(f"mirage_jax.families.{name}.{module}")
+
+
 def world_model(config_or_name: ml_collections.ConfigDict | str):
-  """The ``WorldModel`` class (``mirage_jax.world_model.WorldModel``) of a config's family."""
-  return get(config_or_name).WorldModel
+  """The ``WorldModel`` class (``mirage_jax.world_model.WorldModel``) of a config's family:
+  its module ``world_model``."""
+  return _family_module(config_or_name, "world_model").WorldModel
+
+
+def make_stage(config: ml_collections.ConfigDict, frozen: Any = None):
+  """The training stage of ``config.stage`` from the family's module ``stages``
+  (``make_stage(config, frozen)``); imported only when training."""
+  return _family_module(config, "stages").make_stage(config, frozen)
 
 
 def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -9,5 +9,5 @@
   * ``loop``: ``train_and_evaluate``, the loop that runs them.
 
 The stages themselves live with their family (``mirage_jax.families.<name>``), reached
-through ``mirage_jax.families.get(config).make_stage``.
+through ``mirage_jax.families.make_stage``.
 """

@@ -30,7 +30,7 @@ from mirage_jax.training.stage import Batch, Stage, State
 
 
 def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
-  """The stage named by ``config.stage``, from its family (``families.get(config)``).
+  """The stage named by ``config.stage``, from its family (``families.make_stage``).
 
   Args:
     frozen: the stage's frozen params (the small denoiser's autoencoder); None: loaded later
@@ -38,7 +38,7 @@ def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
   """
   if config.stage not in ("autoencoder", "denoiser"):
     raise InputError("config.stage", "stage", f"expected 'autoencoder' or 'denoiser', got {config.stage!r}")
-  return families.get(config).make_stage(config, frozen)
+  return families.make_stage(config, frozen)
 
 
 # ============================================================================= sharded state
