@@ -201,7 +201,13 @@ def _memory_maze_clip(index: int, *, name: str, first_seed: int, frames_per_clip
 
 def _file_clip(index: int, *, root: str, paths: tuple[str, ...]) -> tuple[Clip, str]:
   path = Path(paths[index])
-  return files.load_clip(path), files.clip_name(path, Path(root))
+  clip = files.load_clip(path)
+  t = len(clip["frames"])
+  for key in files.KNOWN_FIELDS:  # frames repeated to fill a camera path are no training data
+    if key in clip and int(clip[key]) < t:
+      raise InputError(path, key, f"only {int(clip[key])} of {t} frames have their own data "
+                       "(a generate input made by data_pipelines.make_geometry, not a training clip)")
+  return clip, files.clip_name(path, Path(root))
 
 
 class ProceduralRooms(_ClipsBuilder):

@@ -13,6 +13,13 @@ Two layouts are read:
   come from a folder ``<name>/`` of images named by timestamp (``<timestamp>.png/.jpg``) or
   from a video ``<name>.mp4/.gif/.avi`` beside the file, one frame per line.
 
+``known_frames ()`` and ``known_depths ()`` (optional ints in a ``geometry.npz``, default T):
+frames 0..known_frames-1 have their own RGB and 0..known_depths-1 their own depth; later
+ones repeat the last known one. ``python -m data_pipelines.make_geometry`` writes them for
+a file made from fewer frames than cameras (e.g. only ``first_frame.png``): such a file is
+input for ``generate`` (which reads frame 0 and the cameras; the Wan family every depth),
+not training data (``posed_files`` builds refuse it).
+
 Missing depth: RealEstate10K has none. Its clips get ``depths`` filled with the constant
 ``PLACEHOLDER_DEPTH`` (so they pass the clip format's depth > 0 check) and the extra field
 ``has_depth = False``; every clip read here carries ``has_depth`` (() bool), and consumers
@@ -41,6 +48,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Depth written for sources without depth; flagged by has_depth = False.
 PLACEHOLDER_DEPTH = 1.0
 _NPZ_REQUIRED = ("depths", "poses_c2w", "intrinsics", "fps")
+# How many leading frames have their own RGB / depth (module docstring); default: all.
+KNOWN_FIELDS = ("known_frames", "known_depths")
 _RE10K_COLUMNS = 19  # timestamp, fx, fy, cx, cy, k1, k2, 12 numbers of w2c.
 
 
@@ -60,7 +69,7 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
   return _to_rgb(frames, path, video=True)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
   """Reads one image as RGB.  Returns (H, W, 3) uint8."""
   try:
     image = np.asarray(iio.imread(path))
@@ -128,7 +137,7 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
   Returns:
     A validated clip (see ``data_pipelines/clip.py``) plus ``has_depth`` (() bool), True
     unless the file itself says otherwise (files written by ``save_geometry_npz`` from a
-    clip without depth).
+    clip without depth), and ``known_frames``, ``known_depths`` (() int64, module docstring).
   """
   path = Path(path)
   if not path.is_file():
@@ -138,7 +147,7 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
     if key not in arrays:
       raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
   _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "dynamic_masks", "object_tracks",
-                                "has_depth"))
+                                "has_depth", *KNOWN_FIELDS))
   depths = arrays["depths"]
   if depths.ndim != 3:
     raise InputError(path, "depths", f"expected shape (T, H, W), got {depths.shape}")
@@ -163,6 +172,12 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
               object_tracks=arrays.get("object_tracks"))
   clip = validate_clip(clip, str(path))
   clip["has_depth"] = np.bool_(arrays.get("has_depth", True))
+  for key in KNOWN_FIELDS:
+    n = np.asarray(arrays.get(key, t))
+    if n.size != 1 or not np.issubdtype(n.dtype, np.integer) or not 1 <= int(n.reshape(())) <= t:
+      raise InputError(path, key, f"expected one integer in [1, {t}] (frames with their own data), "
+                       f"got {n!r}")
+    clip[key] = np.int64(n.reshape(()))
   return clip
 
 
@@ -172,12 +187,15 @@ def save_geometry_npz(path: str | os.PathLike, clip: Clip) -> None:
   Args:
     path: destination file.
     clip: a clip in the format of ``data_pipelines/clip.py`` (validated here first);
-      ``has_depth`` is kept when present.
+      ``has_depth``, ``known_frames`` and ``known_depths`` are kept when present.
   """
   path = Path(path)
   checked = validate_clip(clip, str(path))
   if "has_depth" in clip:
     checked["has_depth"] = np.bool_(clip["has_depth"])
+  for key in KNOWN_FIELDS:
+    if key in clip:
+      checked[key] = np.int64(clip[key])
   path.parent.mkdir(parents=True, exist_ok=True)
   with atomic_output(path) as tmp:
     with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
@@ -234,7 +252,7 @@ def _re10k_frames(path: Path, stamps: np.ndarray) -> np.ndarray:
       found = [folder / f"{stamp}{s}" for s in IMAGE_SUFFIXES if (folder / f"{stamp}{s}").is_file()]
       if not found:
         raise InputError(folder, "frames", f"no image named {stamp}.png/.jpg for timestamp {stamp}")
-      images.append(_read_image(found[0]))
+      images.append(read_image(found[0]))
       if images[-1].shape != images[0].shape:
         raise InputError(found[0], "frames", f"size {images[-1].shape[:2]} differs from the first "
                          f"frame's {images[0].shape[:2]}")
@@ -246,6 +264,41 @@ def _re10k_frames(path: Path, stamps: np.ndarray) -> np.ndarray:
   if len(frames) != len(stamps):
     raise InputError(video, "frames", f"video has {len(frames)} frames, {path.name} has {len(stamps)} cameras")
   return frames
+
+
+def re10k_cameras(path: str | os.PathLike, height: int, width: int
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+  """The cameras of a RealEstate10K camera file, for frames of ``height`` x ``width`` pixels.
+
+  Returns:
+    intrinsics (T, 3, 3) float64 in pixels, poses_c2w (T, 4, 4) float64 (OpenCV), and fps
+    from the median timestamp step.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise InputError(path, "file", "does not exist")
+  stamps, rows = _parse_re10k(path)
+  return (*_re10k_geometry(path, rows, height, width), 1e6 / float(np.median(np.diff(stamps))))
+
+
+def _re10k_geometry(path: Path, rows: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+  """Parsed camera rows (T, 18) -> intrinsics (T, 3, 3) in pixels and poses_c2w (T, 4, 4)."""
+  t = len(rows)
+  intrinsics = np.zeros((t, 3, 3), np.float64)
+  intrinsics[:, 0, 0], intrinsics[:, 1, 1] = rows[:, 0] * w, rows[:, 1] * h
+  intrinsics[:, 0, 2], intrinsics[:, 1, 2], intrinsics[:, 2, 2] = rows[:, 2] * w, rows[:, 3] * h, 1.0
+  w2c = np.tile(np.eye(4), (t, 1, 1))
+  w2c[:, :3, :4] = rows[:, 6:].reshape(t, 3, 4)
+  R = w2c[:, :3, :3]
+  # Check before inverting: a singular matrix would otherwise fail inside the inversion.
+  err = np.abs(R @ np.swapaxes(R, 1, 2) - np.eye(3)).max(axis=(1, 2))
+  if np.any(err > 1e-3) or np.any(np.linalg.det(R) < 0):
+    n = int(np.argwhere((err > 1e-3) | (np.linalg.det(R) < 0))[0, 0]) + 2
+    raise InputError(path, f"line {n}", f"w2c rotation is not orthonormal with det +1 (|RR^T - I| = {err[n - 2]:.2g})")
+  c2w = np.tile(np.eye(4), (t, 1, 1))
+  c2w[:, :3, :3] = np.swapaxes(R, 1, 2)
+  c2w[:, :3, 3] = -np.einsum("tji,tj->ti", R, w2c[:, :3, 3])
+  return intrinsics, c2w
 
 
 def load_re10k(path: str | os.PathLike) -> Clip:
@@ -261,20 +314,7 @@ def load_re10k(path: str | os.PathLike) -> Clip:
   stamps, rows = _parse_re10k(path)
   frames = _re10k_frames(path, stamps)
   t, h, w, _ = frames.shape
-  intrinsics = np.zeros((t, 3, 3), np.float64)
-  intrinsics[:, 0, 0], intrinsics[:, 1, 1] = rows[:, 0] * w, rows[:, 1] * h
-  intrinsics[:, 0, 2], intrinsics[:, 1, 2], intrinsics[:, 2, 2] = rows[:, 2] * w, rows[:, 3] * h, 1.0
-  w2c = np.tile(np.eye(4), (t, 1, 1))
-  w2c[:, :3, :4] = rows[:, 6:].reshape(t, 3, 4)
-  R = w2c[:, :3, :3]
-  # Check before inverting: a singular matrix would otherwise fail inside the inversion.
-  err = np.abs(R @ np.swapaxes(R, 1, 2) - np.eye(3)).max(axis=(1, 2))
-  if np.any(err > 1e-3) or np.any(np.linalg.det(R) < 0):
-    n = int(np.argwhere((err > 1e-3) | (np.linalg.det(R) < 0))[0, 0]) + 2
-    raise InputError(path, f"line {n}", f"w2c rotation is not orthonormal with det +1 (|RR^T - I| = {err[n - 2]:.2g})")
-  c2w = np.tile(np.eye(4), (t, 1, 1))
-  c2w[:, :3, :3] = np.swapaxes(R, 1, 2)
-  c2w[:, :3, 3] = -np.einsum("tji,tj->ti", R, w2c[:, :3, 3])
+  intrinsics, c2w = _re10k_geometry(path, rows, h, w)
   fps = 1e6 / float(np.median(np.diff(stamps)))
   clip = validate_clip(dict(frames=frames, depths=np.full((t, h, w), PLACEHOLDER_DEPTH, np.float32),
                             intrinsics=intrinsics, poses_c2w=c2w, fps=fps), str(path))

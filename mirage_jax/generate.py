@@ -4,8 +4,10 @@
       --geometry_path=clip/geometry.npz --output_dir=out/clip [--memory=voxel] [--num_frames=N] \\
       [--[no]mask_dynamic] [--[no]object_slots]
 
-The input is the reference's ``geometry.npz`` (see ``data_pipelines/files.py``): only frame
-0 (RGB + depth) and every frame's camera are used. Frame 0 and the intrinsics are resized
+The input is the reference's ``geometry.npz`` (see ``data_pipelines/files.py``; made from a
+built dataset's clip or from your own frames, depth and cameras by ``python -m
+data_pipelines.make_geometry``): only frame 0 (RGB + depth) and every frame's camera are used
+(the Wan family: every frame's depth too). Frame 0 and the intrinsics are resized
 to cover the model's resolution and centre-cropped (the input pipeline's resize).
 
 The export's config picks the model family (``config.family``, read by ``mirage_jax.families``):
@@ -119,6 +121,12 @@ def _main() -> int:
         else "the first frame's depth is needed (the file has none)")
   if len(clip["poses_c2w"]) < 2:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
+  used = min(len(clip["poses_c2w"]), _NUM_FRAMES.value or len(clip["poses_c2w"]))
+  if wm.needs_depths and int(clip["known_depths"]) < used:  # make_geometry from fewer depths
+    raise InputError(_GEOMETRY.value, "known_depths", (
+        f"the {config.family} rollout writes every generated frame into the memory with the "
+        f"file's depth of that frame, and only {int(clip['known_depths'])} of the {used} frames "
+        "have their own depth"))
   options = wm.sampling_options(config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value,
                                 guidance_scale=_GUIDANCE.value)
   def claim(stack: contextlib.ExitStack) -> str:
