@@ -4,7 +4,8 @@ The oracle for the ``mirage`` memory backend is the reference's ``LatentPointClo
 (``src/mirage/latent_point_cloud.py`` of microsoft/LatentSpatialMemory). This script is run BY
 HAND (never at test time) against a local checkout, on CPU, in float32:
 
-  git clone /work/.mirror/microsoft+LatentSpatialMemory/repo /tmp/lsm_ref_splat
+  git clone https://github.com/microsoft/LatentSpatialMemory /tmp/lsm_ref_splat
+  git -C /tmp/lsm_ref_splat checkout b2cd7383140ca0e11cbb0bc9594a7c8286b6a427  # the goldens' reference_commit
   .venv/bin/python tests/goldens/make_splat_goldens.py \\
       --reference=/tmp/lsm_ref_splat --output=tests/goldens/mirage_splat.npz
 

@@ -6,7 +6,8 @@ h..2h-1) and VACE under per-token timesteps. For those the reference code itself
 oracle. This script is run BY HAND (never at test time) against a local checkout of
 microsoft/LatentSpatialMemory, on CPU, in float32:
 
-  git clone /work/.mirror/microsoft+LatentSpatialMemory/repo /tmp/lsm_ref
+  git clone https://github.com/microsoft/LatentSpatialMemory /tmp/lsm_ref
+  git -C /tmp/lsm_ref checkout b2cd7383140ca0e11cbb0bc9594a7c8286b6a427  # the goldens' reference_commit
   .venv/bin/python tests/goldens/make_wan_goldens.py \\
       --reference=/tmp/lsm_ref --output=tests/goldens/wan_reference.npz
 
