@@ -15,7 +15,9 @@ def get_config(stage=None):
   c = common.base_config(stage)
   c.mesh = dict(data=1, fsdp=-1, context=1, tensor=1)
   c.data.dataset = "procedural_rooms"
-  c.data.data_dir = "/gcs/mirage_data"  # a filesystem every host mounts (gcsfuse, Filestore)
+  # Storage every host reads: a gs:// URL directly, not a gcsfuse mount (README "Cloud
+  # Storage (gs://) paths"). Name your bucket with --config.data.data_dir=gs://...
+  c.data.data_dir = "gs://BUCKET/datasets"
   c.data.build.update(num_clips=200_000, frames_per_clip=96, resolution=256)
   c.data.update(resolution=(256, 256), stride=1, worker_count=8, read_threads=8)
   c.autoencoder = autoencoder.autoencoder_config("base")
