@@ -1,4 +1,4 @@
-"""Training-step knobs (issue 15) on the tiny denoiser: CPU step time and loss after N steps.
+"""Training-step knobs on the tiny denoiser: CPU step time and loss after N steps.
 
   python benchmarks/bench_train_knobs.py --steps=30
 

@@ -1,4 +1,4 @@
-"""Wan DiT precision policy (issue 15) on the tiny Wan family: CPU step time and loss.
+"""Wan DiT precision policy on the tiny Wan family: CPU step time and loss.
 
   python benchmarks/bench_wan_precision.py --steps=20
 

@@ -27,10 +27,11 @@ def get_config(arg=None):
   # PSNR against ground truth favours the mean: on held-out loops 2 Euler steps gave
   # +0.8 dB revisit PSNR over 8 (BENCHMARKS.md). Shift 5 (the reference's) puts the middle
   # time at 0.83 instead of 0.5: +0.36 dB voxel revisit PSNR on held-out loops (better on
-  # 8 of 8) and +0.23 dB on the Memory Maze protocol (BENCHMARKS.md, issue 17).
+  # 8 of 8) and +0.23 dB on the Memory Maze protocol (BENCHMARKS.md, "Where the oracle gap
+  # comes from").
   c.sampler.update(num_steps=2, shift=5.0)
   # Decoding and re-encoding each chunk's latents before they become context and memory:
-  # +1.8 dB voxel revisit PSNR on held-out loops (better on 8 of 8), BENCHMARKS.md (issue 17).
+  # +1.8 dB voxel revisit PSNR on held-out loops (better on 8 of 8), BENCHMARKS.md.
   c.sampler.reencode_latents = True
   # 2x downsampling (16x16 latents at 32x32): at 4x the autoencoder alone capped memory
   # reads at 22.9 dB PSNR vs 25.6 dB here (BENCHMARKS.md); patches of 2 keep 64 tokens/frame.
