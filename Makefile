@@ -3,31 +3,42 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: main test venv chromium
+.PHONY: main test venv debian-packages
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: setup.py $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,oracle]"
+# The main job's install: the package and Apache Beam (every dataset build runs on it).
+$(VENV)/.installed-main: setup.py $(BIN)/python
+	$(BIN)/pip install -q -e ".[beam]"
 	touch $@
 
-venv: $(VENV)/.installed
+# The test install adds the test tools, the numerical oracles (torch, diffusers), the
+# Memory Maze extra and libtpu (AOT tests), so that no test has a reason to skip.
+$(VENV)/.installed-test: setup.py $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev,oracle,memory_maze,tpu]"
+	touch $@
+
+venv: $(VENV)/.installed-main
 
 # Fresh clone -> dataset -> trained tiny model -> revisit videos -> benchmark table.
 main: venv
 	$(BIN)/python -m mirage_jax.main_job --workdir=runs/tiny
 
-# Debian's Chromium for the index.html report test (installed when missing; needs root or sudo).
+# Debian's packages the tests need, installed when missing (needs root or sudo): Chromium
+# for the index.html report test, libosmesa6 for Memory Maze's headless MuJoCo rendering.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+debian-packages:
+	@{ command -v chromium >/dev/null 2>&1 && dpkg -s libosmesa6 >/dev/null 2>&1; } || { \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq chromium libosmesa6; }
 
-# CPU tests with 8 fake devices (set in tests/conftest.py); the diffusers/torch oracles and
-# Chromium must be installed (their tests would otherwise skip). tests/conftest.py shares
-# one JAX compilation cache, .jax_cache/tests, among the workers and the CLI subprocesses
-# (empty in a fresh clone, so CI gains within one run; `rm -rf .jax_cache` clears it).
-test: venv chromium
-	MIRAGE_REQUIRE_ORACLES=1 MIRAGE_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q -x -n 2 tests
+# CPU tests with 8 fake devices (set in tests/conftest.py). MIRAGE_NO_SKIPS=1: a missing
+# test dependency is an error at start-up and any skipped test fails the run
+# (tests/conftest.py). Every test has a time limit (pytest-timeout; pytest.ini). The suite
+# shares one JAX compilation cache, .jax_cache/tests, among the workers and the CLI
+# subprocesses (empty in a fresh clone, so CI gains within one run; `rm -rf .jax_cache`
+# clears it).
+test: $(VENV)/.installed-test debian-packages
+	MIRAGE_NO_SKIPS=1 MUJOCO_GL=osmesa $(BIN)/python -m pytest -q -x -n 2 tests

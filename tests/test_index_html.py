@@ -1,7 +1,7 @@
 """index.html of an evaluation: built from a tiny evaluation, opened in headless Chromium.
 
 Debian's ``chromium`` must be installed (``make test`` installs it and sets
-MIRAGE_REQUIRE_CHROMIUM=1, so there a missing browser fails instead of skipping).
+MIRAGE_NO_SKIPS=1, so there a missing browser fails the run instead of skipping).
 """
 
 import io
@@ -20,8 +20,6 @@ from tests.test_generate import run_cli, save_tiny_export
 def _chromium() -> str:
   path = find_chromium()
   if path is None:
-    if os.environ.get("MIRAGE_REQUIRE_CHROMIUM") == "1":
-      pytest.fail("MIRAGE_REQUIRE_CHROMIUM=1 but no chromium on PATH (apt-get install chromium)")
     pytest.skip("no chromium on PATH (apt-get install chromium)")
   return path
 
