@@ -320,6 +320,16 @@ def test_trainable_filter_selects_adapters_and_vace():
   assert paths(wan_dit.trainable_filter(cfg, ("lora",))) == lora
   assert paths(wan_dit.trainable_filter(cfg, ("vace",))) == vace
   assert paths(wan_dit.trainable_filter(_tiny(), ("lora",))) == set()  # rank 0: none
+  # 'base': every param outside the VACE branch and the adapters, freely combined.
+  base = everything - lora - vace
+  assert base and paths(wan_dit.trainable_filter(cfg, ("base",))) == base
+  assert paths(wan_dit.trainable_filter(cfg, ("base", "lora"))) == base | lora
+  assert paths(wan_dit.trainable_filter(cfg, ("vace", "base"))) == base | vace
+  assert paths(wan_dit.trainable_filter(cfg, ("base", "vace", "lora"))) == everything
+  assert paths(wan_dit.frozen_filter(cfg, ("base", "vace", "lora"))) == set()
+  assert paths(wan_dit.frozen_filter(cfg, ("base",))) == lora | vace
+  with pytest.raises(InputError, match="bogus"):
+    wan_dit.trainable_filter(cfg, ("base", "bogus"))
   # Gradients through the filter reach exactly those params, and all of them.
   latents, text, vace_in = _inputs(cfg, seed=9, b=1, f=2)
   diff = nnx.DiffState(0, wan_dit.trainable_filter(cfg))

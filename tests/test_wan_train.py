@@ -184,13 +184,45 @@ def test_train_loss_falls(world, tmp_path):
     np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
 
 
-def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
-  config = _config(world)
+def train_steps(config, latents: str, steps: int) -> dict:
+  """``steps`` train steps of ``config``'s stage on the latent clips ``latents``, driven by
+  hand (no loop): the stage, setup, initial and final state, the frozen params before and
+  after (host copies) and the last metrics."""
+  from mirage_jax import distributed  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.build_mesh(config)
   stage = step_lib.make_stage(config)
-  assert isinstance(stage, wan_stage.WanStage)
   stage.load_frozen(mesh, mesh_lib.logical_rules(config))
   setup = step_lib.make_setup(config, stage, mesh)
+  state = step_lib.init_state(config, stage, setup)
+  src = latent_clips.LatentClips(latents, "train")
+  it = inputs_lib.make_input(config, src, split="train")
+  shapes = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
+  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in shapes.items()})
+  axes = mesh_lib.batch_axes(mesh, setup.rules)
+  frozen_before = jax.tree.map(np.asarray, stage.frozen)
+  frozen = jax.device_put(stage.frozen, setup.frozen_sharding())
+  p0 = jax.tree.map(np.asarray, state["params"])
+  metrics = None
+  for _ in range(steps):
+    local = next(it)
+    batch = distributed.global_batch({k: local[k] for k in stage.fields}, mesh, axes)
+    with setup.context():
+      state, metrics = step(state, batch, frozen)
+  return dict(stage=stage, setup=setup, params0=p0, state=state, metrics=metrics,
+              frozen_before=frozen_before, frozen_after=jax.tree.map(np.asarray, frozen))
+
+
+def changed_params(run: dict) -> dict:
+  """Per trainable param: did the steps of :func:`train_steps` change it (nested dict)."""
+  return jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), run["params0"],
+                      run["state"]["params"])
+
+
+def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
+  config = _config(world)
+  run = train_steps(config, world["latents"], 3)
+  stage, setup = run["stage"], run["setup"]
+  assert isinstance(stage, wan_stage.WanStage)
   trainable = wan_exports.flat_paths(setup.abstract["params"])
   assert trainable and all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in trainable)
   n_train = sum(x.size for x in jax.tree.leaves(setup.abstract["params"]))
@@ -200,33 +232,23 @@ def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
   # The frozen base is FSDP-sharded like params, not replicated.
   kernel = stage.frozen["base"]["blocks"]["ffn_in"]["kernel"]
   assert not kernel.sharding.is_fully_replicated
-  before = jax.tree.map(np.asarray, stage.frozen["base"])
-  state = step_lib.init_state(config, stage, setup)
-  src = latent_clips.LatentClips(world["latents"], "train")
-  it = inputs_lib.make_input(config, src, split="train")
-  shapes = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
-  step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in shapes.items()})
-  axes = mesh_lib.batch_axes(mesh, setup.rules)
-  from mirage_jax import distributed
-  frozen = jax.device_put(stage.frozen, setup.frozen_sharding())
-  p0 = jax.tree.map(np.asarray, state["params"])
-  for _ in range(3):
-    local = next(it)
-    batch = distributed.global_batch({k: local[k] for k in stage.fields}, mesh, axes)
-    with setup.context():
-      state, metrics = step(state, batch, frozen)
-  assert np.isfinite(float(metrics["loss"]))
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, frozen["base"]))
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), p0, state["params"])
-  assert all(jax.tree.leaves(changed["vace"]))
+  assert np.isfinite(float(run["metrics"]["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, run["frozen_before"]["base"],
+               run["frozen_after"]["base"])
+  assert all(jax.tree.leaves(changed_params(run)["vace"]))
   assert n_base > 0 and n_train > 0
 
 
 def test_exact_resume_after_sigterm(world, tmp_path, monkeypatch):
   """A SIGTERM mid-run saves at the next step and returns; the rerun continues exactly."""
+  check_exact_resume(lambda: _config(world, steps=8, log_every=2), tmp_path, monkeypatch)
+
+
+def check_exact_resume(make_config, tmp_path, monkeypatch) -> None:
+  """``make_config()`` (8 steps, a log every 2) run straight, and stopped by a SIGTERM at
+  step 4 then rerun: same losses and params, to the bit."""
   straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-  kw = dict(log_every=2)
-  loop_lib.train_and_evaluate(_config(world, steps=8, **kw), straight)
+  loop_lib.train_and_evaluate(make_config(), straight)
   reached = checkpoint.PreemptionFlag.reached
 
   # A real signal through the real handler, at a fixed step (a log step, so the two runs'
@@ -239,7 +261,7 @@ def test_exact_resume_after_sigterm(world, tmp_path, monkeypatch):
   handler = signal.getsignal(signal.SIGTERM)
   with monkeypatch.context() as m:
     m.setattr(checkpoint.PreemptionFlag, "reached", sigterm_at_step_4)
-    config = _config(world, steps=8, **kw)
+    config = make_config()
     config.checkpoint.every = 100  # only the preemption saves
     loop_lib.train_and_evaluate(config, resumed)
   ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), every=1, keep=1)
@@ -247,7 +269,7 @@ def test_exact_resume_after_sigterm(world, tmp_path, monkeypatch):
   ckpt.close()
   assert len(_metrics(resumed)) == 2  # stopped at step 4, not run to the end
   assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is uninstalled
-  loop_lib.train_and_evaluate(_config(world, steps=8, **kw), resumed)
+  loop_lib.train_and_evaluate(make_config(), resumed)
   ma, mb = _metrics(straight), _metrics(resumed)
   assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=0, abs=0)
   out_a, out_b = str(tmp_path / "ea"), str(tmp_path / "eb")

@@ -647,26 +647,37 @@ def count_params(model_or_state) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
-def trainable_filter(cfg, stages: Sequence[str] = ("vace", "lora")):
-  """nnx filter of the trainable params: LoRA adapters and/or the VACE branch.
+TRAIN_STAGES = ("base", "vace", "lora")
 
-  The base DiT is always frozen. ``stages`` picks what trains, as the reference's
-  ``--stage`` does ('vace': the whole VACE branch; 'lora': the adapters).
+
+def trainable_filter(cfg, stages: Sequence[str] = ("vace", "lora")):
+  """nnx filter of the trainable params: any union of the base DiT, the VACE branch and the
+  LoRA adapters.
+
+  ``stages`` picks what trains: 'vace' (the whole VACE branch) and 'lora' (the adapters), as
+  the reference's ``--stage``; 'base' (ours: every other nnx.Param, i.e. the Wan DiT itself,
+  for pretraining or full fine-tuning). ``("base", "vace", "lora")`` trains every param.
+  A part the model lacks (vace off, lora_rank 0) adds nothing; nothing at all gives
+  ``nnx.Nothing``.
   """
-  unknown = set(stages) - {"vace", "lora"}
+  unknown = set(stages) - set(TRAIN_STAGES)
   if unknown:
     raise InputError("wan_dit.trainable_filter", "stages", f"unknown {sorted(unknown)}; "
-                     "known: ['lora', 'vace']")
+                     f"known: {sorted(TRAIN_STAGES)}")
+  in_vace = nnx.PathContains("vace")
   parts = []
+  if "base" in stages:
+    parts.append(nnx.All(nnx.Param, nnx.Not(LoRAParam), nnx.Not(in_vace)))
   if "lora" in stages and cfg.lora_rank:
     parts.append(LoRAParam)
   if "vace" in stages and cfg.vace:
-    parts.append(nnx.All(nnx.Param, nnx.PathContains("vace")))
+    parts.append(nnx.All(nnx.Param, in_vace))
   return nnx.Any(*parts) if parts else nnx.Nothing
 
 
 def frozen_filter(cfg, stages: Sequence[str] = ("vace", "lora")):
-  """nnx filter of the params :func:`trainable_filter` leaves out."""
+  """nnx filter of the params :func:`trainable_filter` leaves out (none when ``stages``
+  holds all three parts)."""
   return nnx.All(nnx.Param, nnx.Not(trainable_filter(cfg, stages)))
 
 

@@ -1,5 +1,6 @@
-"""The Wan family's training stage: fine-tuning Mirage (VACE and/or LoRA) on a frozen Wan2.2
-DiT, on pre-encoded latent clips.
+"""The Wan family's training stage: the Wan2.2 DiT on pre-encoded latent clips, fine-tuning
+Mirage (VACE and/or LoRA) on a frozen base, or training the base itself (pretraining from
+scratch or full fine-tuning).
 
 The family has no autoencoder stage: its VAE comes converted from the released weights
 (``python -m mirage_jax.convert_wan``).
@@ -30,8 +31,7 @@ from mirage_jax.training.stage import Batch, StageBase, noise_levels, train_memo
 
 
 def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> "WanStage":
-  """The Wan fine-tuning stage (``config.stage == 'denoiser'``); ``frozen``: see
-  :class:`WanStage`."""
+  """The Wan DiT stage (``config.stage == 'denoiser'``); ``frozen``: see :class:`WanStage`."""
   if config.stage != "denoiser":
     raise InputError("config.stage", "stage", f"the wan family trains only the 'denoiser' "
                      f"stage (its VAE comes converted: python -m mirage_jax.convert_wan), got "
@@ -40,16 +40,25 @@ def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> "WanSta
 
 
 class WanStage(StageBase):
-  """Fine-tuning Mirage on a frozen Wan2.2 base (the reference's ``scripts/train.py``).
+  """Training the WanDiT: Mirage fine-tuning on a frozen Wan2.2 base (the reference's
+  ``scripts/train.py``), or the base itself.
 
-  ``config.family == 'wan'``. The WanDiT's base params (everything but the
-  VACE branch and the LoRA adapters) are frozen and come from ``config.denoiser.base_checkpoint``
-  (a ``convert_wan`` DiT export, or a fine-tune export of one, followed to its base); they go
-  through the step as ``frozen["base"]``, FSDP-sharded by the mesh rules like trainable params
-  but with no optimizer state. What trains is ``config.denoiser.train_stages`` ('vace' and/or
-  'lora', as the reference's ``--stage``). A trainable part found in the base export starts
-  from it; one not found starts as the reference initialises it (VACE: PyTorch-default random
-  weights with ``after_proj`` zero; LoRA: A random, B zero).
+  ``config.family == 'wan'``. What trains is ``config.denoiser.train_stages``, any of
+  'vace', 'lora' (as the reference's ``--stage``) and 'base' (every other param: the Wan DiT
+  itself). The params that do not train are frozen and come from
+  ``config.denoiser.base_checkpoint`` (a ``convert_wan`` DiT export, or an export of a run
+  on one, followed to its root); they go through the step as ``frozen["base"]``,
+  FSDP-sharded by the mesh rules like trainable params but with no optimizer state (empty
+  when everything trains). A trainable part found in the base export starts from it; one not
+  found starts as the reference initialises it (VACE: PyTorch-default random weights with
+  ``after_proj`` zero; LoRA: A random, B zero). With 'base' in train_stages and no
+  base_checkpoint the run starts from scratch: every param from the random init
+  (``config.seed``), the frozen ones included (a frozen VACE branch then adds zero: its
+  ``after_proj`` is zero; frozen LoRA likewise: B is zero).
+
+  ``model.vace == False`` (a plain Wan DiT, pretraining): the loss is plain Wan TI2V flow
+  matching on the same sequence, without the memory read and the VACE input; the memory
+  config, the camera fields and the control latents (so the VAE) are not used.
 
   Batches are pre-encoded latent clips (``data_pipelines.latent_clips``; nothing is encoded
   per step). Per clip: the memory (``config.memory.backend``) is written from the source
@@ -58,13 +67,16 @@ class WanStage(StageBase):
   read into the target + preceding cameras; the VACE input is that read and the encoded
   all-ones control (``wan_mirage.vace_context``); the DiT sees ``[references | noisy target
   | preceding]`` with per-frame timesteps (``wan_mirage.predict``, the forward pass the
-  world model's sampler makes); loss as ``wan_mirage.flow_loss``. Captions are
+  world model's sampler makes; without VACE: no ``vace``); loss as
+  ``wan_mirage.flow_loss``. Captions are
   dropped (replaced by the empty-prompt embedding) with probability
   ``config.denoiser.caption_dropout`` and wherever the clip has none.
   """
 
   FIELDS = ("target_latents", "preceding_latents", "reference_latents", "depths",
             "static_masks", "intrinsics", "poses_c2w", "text", "has_text")
+  # What only the memory read needs (a DiT without VACE reads no memory).
+  GEOMETRY = ("depths", "static_masks", "intrinsics", "poses_c2w")
   MEMORY_WRITE = ("first_target", "preceding", "both")
 
   def __init__(self, config: ml_collections.ConfigDict, frozen: Any = None):
@@ -78,10 +90,11 @@ class WanStage(StageBase):
     if d.preceding_frames < 0 or d.reference_frames < 0:
       raise InputError("config.denoiser", "preceding_frames", "must be >= 0 (and "
                        "reference_frames >= 0)")
-    if d.memory_write not in self.MEMORY_WRITE:
+    self.uses_vace = bool(self.cfg.vace)  # False: a plain Wan DiT, no memory, no VACE input
+    if self.uses_vace and d.memory_write not in self.MEMORY_WRITE:
       raise InputError("config.denoiser", "memory_write", f"expected one of "
                        f"{self.MEMORY_WRITE}, got {d.memory_write!r}")
-    if d.memory_write != "first_target" and not d.preceding_frames:
+    if self.uses_vace and d.memory_write != "first_target" and not d.preceding_frames:
       raise InputError("config.denoiser", "memory_write", "needs preceding_frames > 0")
     h, w = (int(r) for r in config.data.resolution)
     if h % 32 or w % 32:
@@ -99,26 +112,29 @@ class WanStage(StageBase):
       raise InputError("config.denoiser", "train_stages", f"{tuple(d.train_stages)} trains "
                        "nothing with this model (vace off or lora_rank 0)")
     want_ch = 96 + (1 if d.vace_coverage else 0)
-    if not self.cfg.vace or self.cfg.vace_in_channels != want_ch:
+    if self.uses_vace and self.cfg.vace_in_channels != want_ch:
       raise InputError("config.denoiser.model", "vace_in_channels", f"the VACE input has "
                        f"{want_ch} channels (memory 48 + control 48"
                        f"{' + coverage 1' if d.vace_coverage else ''}); model has "
-                       f"vace={self.cfg.vace}, vace_in_channels={self.cfg.vace_in_channels}")
+                       f"vace_in_channels={self.cfg.vace_in_channels}")
+    self.from_scratch = "base" in d.train_stages and not d.base_checkpoint
     self.noise_levels = noise_levels(config)
-    self.memory = memory_lib.get_backend(config.memory.backend)
-    self.memory_cfg = train_memory_config(config, wan_mirage.memory_config(config),
-                                          len(self._memory_sources()))
+    if self.uses_vace:
+      self.memory = memory_lib.get_backend(config.memory.backend)
+      self.memory_cfg = train_memory_config(config, wan_mirage.memory_config(config),
+                                            len(self._memory_sources()))
     model = nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
     self._graphdef_full, trainable, rest = nnx.split(model, self.trainable, ...)
-    self.base_abstract = rest.to_pure_dict()
+    self.base_abstract = rest.to_pure_dict()  # {} when everything trains
     self.base_specs = nnx.get_partition_spec(rest).to_pure_dict()
     self.initial_params = None
     f_lat = self.num_target + self.num_preceding
     if frozen == "abstract":  # shapes only (AOT)
       sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
       self.frozen = {"base": self.base_abstract,
-                     "control": sds((f_lat,) + self.latent_hw + (48,)),
                      "empty_text": sds((d.text_len, self.cfg.text_dim))}
+      if self.uses_vace:
+        self.frozen["control"] = sds((f_lat,) + self.latent_hw + (48,))
     elif frozen is not None:
       self.frozen = frozen
     else:
@@ -137,19 +153,52 @@ class WanStage(StageBase):
     with sharding.use_rules(rules):
       base = sharding.logical_to_sharding(self.base_specs, mesh, rules, self.base_abstract,
                                           params=True)
-    return {"base": base, "control": replicated, "empty_text": replicated}
+    out = {"base": base, "empty_text": replicated}
+    if self.uses_vace:
+      out["control"] = replicated
+    return out
 
   def load_frozen(self, mesh: Mesh, rules) -> None:
-    """Loads the frozen base (sharded), the control latents and the empty-prompt embedding;
-    sets ``self.frozen`` and ``self.initial_params`` (trainable params the base has)."""
+    """Loads the frozen base (sharded; from the random init when training from scratch),
+    the control latents (with VACE) and the empty-prompt embedding; sets ``self.frozen``
+    and ``self.initial_params`` (trainable params the base export has)."""
     d = self.config.denoiser
-    if not d.base_checkpoint:
+    if not d.base_checkpoint and not self.from_scratch:
       raise InputError("config.denoiser.base_checkpoint", "base_checkpoint", "the Wan "
                        "fine-tuning stage needs a Wan DiT export (python -m "
-                       "mirage_jax.convert_wan)")
+                       "mirage_jax.convert_wan), unless train_stages has 'base' (from scratch)")
+    shard = self.frozen_shardings(mesh, rules)["base"]
+    if self.from_scratch:
+      base, n_initial = self._init_frozen(mesh, rules, shard), 0
+    else:
+      base, n_initial = self._load_base(mesh, rules, shard)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.frozen = {"base": base, "empty_text": jax.device_put(self._empty_text(), replicated)}
+    if self.uses_vace:
+      self.frozen["control"] = jax.device_put(self._control(), replicated)
+    logging.info("Wan base from %s: %d frozen params; %d trainable params start from it",
+                 d.base_checkpoint or "the random init (from scratch)",
+                 len(exports.flat_paths(self.base_abstract)), n_initial)
+
+  def _init_frozen(self, mesh: Mesh, rules, shard) -> dict:
+    """The frozen params at the random init of ``config.seed`` (the one ``init_state`` gives
+    the trainable ones), created in their shardings; {} when everything trains."""
+    if not self.base_abstract:
+      return {}
+
+    def init():
+      _, _, rest = nnx.split(self.build(nnx.Rngs(self.config.seed)), self.trainable, ...)
+      return rest.to_pure_dict()
+
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+      return jax.jit(init, out_shardings=shard)()
+
+  def _load_base(self, mesh: Mesh, rules, shard) -> tuple[dict, int]:
+    """(frozen params from the base export chain, the number of trainable params found
+    there: set as ``self.initial_params``)."""
+    d = self.config.denoiser
     model = nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
     _, trainable, rest = nnx.split(model, self.trainable, ...)
-    shard = self.frozen_shardings(mesh, rules)["base"]
     t_specs = nnx.get_partition_spec(trainable).to_pure_dict()
     t_abs = trainable.to_pure_dict()
     with sharding.use_rules(rules):
@@ -169,12 +218,7 @@ class WanStage(StageBase):
     base = exports.nest({p: v for p, v in loaded.items() if p in base_paths})
     initial = {p: v for p, v in loaded.items() if p not in base_paths}
     self.initial_params = exports.nest(initial) if initial else None
-    replicated = NamedSharding(mesh, PartitionSpec())
-    self.frozen = {"base": base,
-                   "control": jax.device_put(self._control(), replicated),
-                   "empty_text": jax.device_put(self._empty_text(), replicated)}
-    logging.info("Wan base from %s: %d frozen params; %d trainable params start from it",
-                 d.base_checkpoint, len(base_paths), len(initial))
+    return base, len(initial)
 
   def rollout_args(self, graphdef, ema) -> tuple:
     """(no autoencoder, the EMA params ``ema`` over the frozen base gathered to the host, the
@@ -229,7 +273,8 @@ class WanStage(StageBase):
 
   @property
   def fields(self) -> tuple[str, ...]:
-    return tuple(f for f in self.FIELDS if f != "reference_latents" or self.num_reference)
+    return tuple(f for f in self.FIELDS if (f != "reference_latents" or self.num_reference)
+                 and (self.uses_vace or f not in self.GEOMETRY))
 
   def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
     b = self.config.data.batch_size
@@ -291,17 +336,20 @@ class WanStage(StageBase):
                                    *self.noise_levels)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     noisy = diffusion.add_noise(x0, noise, sigmas)
-    memory, coverage = self.memory_read(batch)
-    vace = self.wm.vace_context(memory, frozen["control"],
-                                coverage if d.vace_coverage else None)
+    metrics = {}
+    vace = None
+    if self.uses_vace:
+      memory, coverage = self.memory_read(batch)
+      vace = self.wm.vace_context(memory, frozen["control"],
+                                  coverage if d.vace_coverage else None)
+      metrics["memory_coverage"] = coverage.astype(jnp.float32).mean()
     drop = jax.random.bernoulli(k_drop, d.caption_dropout, (b,)) | ~batch["has_text"]
     text = self.wm.caption_or_empty(batch["text"], frozen["empty_text"], drop)
     refs = batch["reference_latents"] if self.num_reference else None
     pred = self.wm.predict(model, refs, noisy, batch["preceding_latents"], sigmas, text, vace,
                            deterministic=False, rngs=nnx.Rngs(dropout=k_lora))
     loss = self.wm.flow_loss(pred, x0, noise, d.first_frame_clean)
-    return loss, {"memory_coverage": coverage.astype(jnp.float32).mean(),
-                  "caption_dropped": drop.astype(jnp.float32).mean()}
+    return loss, dict(metrics, caption_dropped=drop.astype(jnp.float32).mean())
 
   def step_flops(self, batch_size: int) -> float:
     h, w = self.latent_hw
@@ -309,13 +357,15 @@ class WanStage(StageBase):
     args = (jax.ShapeDtypeStruct((batch_size, f, h, w, 48), jnp.float32),
             jax.ShapeDtypeStruct((batch_size, f), jnp.float32),
             jax.ShapeDtypeStruct((batch_size, self.config.denoiser.text_len, self.cfg.text_dim),
-                                 jnp.float32),
-            jax.ShapeDtypeStruct((batch_size, f - self.num_reference, h, w,
-                                  self.cfg.vace_in_channels), jnp.float32))
+                                 jnp.float32))
+    if self.uses_vace:
+      args += (jax.ShapeDtypeStruct((batch_size, f - self.num_reference, h, w,
+                                     self.cfg.vace_in_channels), jnp.float32),)
     fwd = model_flops(lambda: self.build(nnx.Rngs(0)),
-                      lambda m, x, t, c, v: m(x, t, c, num_reference=self.num_reference,
-                                              vace_context=v), *args)
-    # Backward through the whole DiT (the VACE hints feed every later block) is ~2x forward
-    # for activations; the frozen weights' gradients are not formed, but the trainable ones
-    # are: 3x forward is the usual upper bound.
+                      lambda m, x, t, c, v=None: m(x, t, c, num_reference=self.num_reference,
+                                                   vace_context=v), *args)
+    # Backward = the activations' gradients (~1x forward, through the whole DiT: the VACE
+    # hints feed every later block) + the weights' gradients (~1x forward when every weight
+    # trains). Full training: exactly the usual 3x forward; with a frozen base its weight
+    # gradients are not formed, so 3x is an upper bound there.
     return 3.0 * fwd

@@ -95,6 +95,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from mirage_jax import diffusion, world_model
@@ -197,7 +198,8 @@ class WorldModel(world_model.WorldModel):
 
   Args:
     config: the export's config (family 'wan'); upgraded (:meth:`upgrade`) here.
-    vae: ``vae.WanVAE``. dit: ``dit.WanDiT`` (with its VACE branch).
+    vae: ``vae.WanVAE``. dit: ``dit.WanDiT`` (with its VACE branch; without one, a plain
+      pretrained Wan base, it generates without the memory).
     backend: memory backend name (default ``config.memory.backend``; ``mirage`` is the
       reference's splat, ``voxel`` ours in the same slot).
     text: (Lt, text_dim) caption embedding (padded to text_len) or None (the empty prompt).
@@ -227,9 +229,12 @@ class WorldModel(world_model.WorldModel):
     if config.family != self.name:
       raise InputError("config.denoiser.model", "family", "the Wan WorldModel needs a "
                        f"Wan-family export, got {config.family!r}")
-    if dit.vace is None:
-      raise InputError("config.denoiser.model", "vace", "the DiT has no VACE branch: the "
-                       "memory has no way in (convert with --vace)")
+    # A DiT without its VACE branch (a pretrained plain Wan base) generates each chunk from
+    # its first latent, the preceding latents and the references only: the memory is still
+    # written and read (coverage is reported) but has no way into the DiT.
+    self.uses_memory = dit.vace is not None
+    if not self.uses_memory:
+      logging.warning("the Wan DiT has no VACE branch: generating without the memory")
     self.config = config
     self.settings = wan_settings(config)
     self.chunk = self.settings.chunk_frames
@@ -308,8 +313,11 @@ class WorldModel(world_model.WorldModel):
                                                               *self.latent_hw)
     return self._control[num_latents]
 
-  def vace_input(self, scene: jax.Array) -> jax.Array:
-    """Memory reads of target + preceding frames (F, h, w, 48) -> VACE input (1, F, h, w, 96)."""
+  def vace_input(self, scene: jax.Array) -> jax.Array | None:
+    """Memory reads of target + preceding frames (F, h, w, 48) -> VACE input (1, F, h, w, 96);
+    None for a DiT without VACE."""
+    if not self.uses_memory:
+      return None
     return wan_mirage.vace_context(scene.astype(jnp.float32)[None], self.control(scene.shape[0]))
 
   def _sample_impl(self, dit_state, noise, first, references, preceding, vace, text, empty_text,
@@ -319,7 +327,8 @@ class WorldModel(world_model.WorldModel):
     Args:
       noise: (1, L, h, w, 48). first: (1, 1, h, w, 48) the clean latent 0.
       references: (1, R, h, w, 48). preceding: (1, P, h, w, 48) clean latents.
-      vace: (1, L + P, h, w, 96). text, empty_text: (1, text_len, text_dim).
+      vace: (1, L + P, h, w, 96), or None (a DiT without VACE).
+      text, empty_text: (1, text_len, text_dim).
       frame_mask: optional (1, R + L + P) bool, False = a padding slot (``WanDiT``).
     Returns:
       (1, L, h, w, 48) float32, latent 0 = ``first``.
@@ -425,7 +434,8 @@ class WorldModel(world_model.WorldModel):
     and the result equals the chunk with exactly those frames (tests/test_wan_batched.py).
 
     Args:
-      control: (L + P, h, w, 48) encoded all-ones video. text, empty_text: (1, Lt, D).
+      control: (L + P, h, w, 48) encoded all-ones video (None without VACE).
+      text, empty_text: (1, Lt, D).
       carry: as :meth:`_start_impl` returns it.
       chunk: K (L, 3, 3), c2w (L, 4, 4), depth (L, H, W) the given depth of each latent's
         video frame, frame (L,) int32 those video frames (unclipped; cameras and depths
@@ -461,7 +471,8 @@ class WorldModel(world_model.WorldModel):
       refs = found_lat[jnp.clip(jnp.arange(R) - (R - n_r), 0, R - 1)]
     frame_mask = jnp.concatenate([jnp.arange(R) >= R - n_r, jnp.ones((L,), bool),
                                   jnp.arange(P) < n_p])
-    vace = wan_mirage.vace_context(jnp.concatenate([scene, prec_scene], 0)[None], control)
+    vace = (wan_mirage.vace_context(jnp.concatenate([scene, prec_scene], 0)[None], control)
+            if self.uses_memory else None)
     key, sub = jax.random.split(jax.random.wrap_key_data(carry["rng"]))
     noise = jax.random.normal(sub, (1, L) + scene.shape[1:], jnp.float32)
     lat = self._sample_impl(dit_state, noise, hist[-1][None, None], refs[None], prec[None], vace,
@@ -506,8 +517,8 @@ class WorldModel(world_model.WorldModel):
 
   def params(self) -> tuple:
     st = self.settings
-    return (self.vae_state, self.dit_state, self.control(st.latents + st.preceding_latents),
-            self.text, self.empty_text)
+    control = self.control(st.latents + st.preceding_latents) if self.uses_memory else None
+    return (self.vae_state, self.dit_state, control, self.text, self.empty_text)
 
   def start(self, params, state, frame0, depth0, K0, c2w0, rng):
     return self._start_impl(params[0], state, frame0, depth0, K0, c2w0, rng), {}
