@@ -37,6 +37,10 @@ equals the chunked one (tests/test_wan_vae.py checks it):
 Latents are normalised with 48 per-channel constants of the released model (not in the
 .pth): ``z = (mu - mean) / std``; ``decode`` undoes it first.
 
+Training (``families.wan.stages.WanVAEStage``) runs the whole-clip path on the posterior
+sample; ``cfg.remat`` (optional) recomputes each level's and middle block's activations in
+the backward pass.
+
 Weights: ``original_layout(cfg)`` maps our parameters to the keys of ``Wan2.2_VAE.pth``
 (names of ``wan2_2/modules/vae2_2.py``); ``load_original(model, get)`` fills a model from an
 original state dict.
