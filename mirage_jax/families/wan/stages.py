@@ -1,9 +1,11 @@
-"""The Wan family's training stage: the Wan2.2 DiT on pre-encoded latent clips, fine-tuning
-Mirage (VACE and/or LoRA) on a frozen base, or training the base itself (pretraining from
-scratch or full fine-tuning).
+"""The Wan family's training stages.
 
-The family has no autoencoder stage: its VAE comes converted from the released weights
-(``python -m mirage_jax.convert_wan``).
+  * ``denoiser`` (:class:`WanStage`): the Wan2.2 DiT on pre-encoded latent clips: fine-tuning
+    Mirage (VACE and/or LoRA) on a frozen base, or training the base itself (pretraining from
+    scratch, or full fine-tuning);
+  * ``autoencoder`` (:class:`WanVAEStage`): the Wan2.2 VAE (encoder + decoder) on RGB clips of
+    1 + 4 k frames, from scratch or continuing a VAE export (a ``convert_wan`` one of the
+    released weights, or an export of this stage).
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit
 from mirage_jax.families.wan import exports
+from mirage_jax.families.wan import vae as wan_vae
 from mirage_jax.training.flops import model_flops
 from mirage_jax.training.stage import Batch, StageBase, noise_levels, train_memory_config
 
 
-def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> "WanStage":
-  """The Wan DiT stage (``config.stage == 'denoiser'``); ``frozen``: see :class:`WanStage`."""
+def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> StageBase:
+  """The stage named by ``config.stage``: 'denoiser' (:class:`WanStage`; ``frozen``: see
+  there) or 'autoencoder' (:class:`WanVAEStage`)."""
+  if config.stage == "autoencoder":
+    return WanVAEStage(config, frozen)
   if config.stage != "denoiser":
-    raise InputError("config.stage", "stage", f"the wan family trains only the 'denoiser' "
-                     f"stage (its VAE comes converted: python -m mirage_jax.convert_wan), got "
+    raise InputError("config.stage", "stage", f"expected 'autoencoder' or 'denoiser', got "
                      f"{config.stage!r}")
   return WanStage(config, frozen)
 
@@ -369,3 +374,169 @@ class WanStage(StageBase):
     # trains). Full training: exactly the usual 3x forward; with a frozen base its weight
     # gradients are not formed, so 3x is an upper bound there.
     return 3.0 * fwd
+
+
+# ============================================================================= the VAE
+
+
+def vae_loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config.autoencoder_loss`` (absent fields: their defaults), checked.
+
+  Fields: ``l1_weight`` (3.0) and ``kl_weight`` (3e-6), the Wan report's weights of its L1
+  reconstruction and KL terms; ``sample_posterior`` (True): decode ``mu + sigma * eps``
+  (False: decode ``mu``, a plain autoencoder).
+  """
+  defaults = dict(l1_weight=3.0, kl_weight=3e-6, sample_posterior=True)
+  given = config.get("autoencoder_loss") or {}
+  given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise InputError("config.autoencoder_loss", unknown[0], f"unknown field; known: "
+                     f"{sorted(defaults)}")
+  out = {**defaults, **dict(given)}
+  for name in ("l1_weight", "kl_weight"):
+    if not out[name] >= 0:
+      raise InputError("config.autoencoder_loss", name, f"must be >= 0, got {out[name]!r}")
+  if out["l1_weight"] == 0:
+    raise InputError("config.autoencoder_loss", "l1_weight", "must be > 0 (the only "
+                     "reconstruction term)")
+  return out
+
+
+class WanVAEStage(StageBase):
+  """Training the Wan2.2 VAE (``families.wan.vae.WanVAE``, encoder + decoder) on RGB clips.
+
+  ``config.family == 'wan'``, ``config.stage == 'autoencoder'``. Batches: the video
+  pipeline's ``frames`` (B, T, H, W, 3), RGB in [-1, 1] (uint8 on the way to the device,
+  converted in the step), with T = ``config.data.num_frames`` = 1 + 4 k and H, W =
+  ``config.data.resolution`` multiples of 16 (the VAE's 4x time and 16x space factors).
+
+  Loss (per clip, then the batch mean). The Wan report (Wan: Open and Advanced Large-Scale
+  Video Generative Models, arXiv 2503.20314, "Wan-VAE / Training") trains the VAE with "L1
+  reconstruction loss, KL loss, and LPIPS perceptual loss, weighted by coefficients of 3,
+  3e-6, and 3", on 128x128 5-frame clips after inflating a 2D image VAE, and then fine-tunes
+  with a GAN loss from a 3D discriminator. Neither the Wan2.1 nor the Wan2.2 repository
+  publishes VAE training code, so the normalisation of the terms is not known; here:
+
+    loss = l1_weight * mean|x - D(z)| + kl_weight * sum KL(q(z|x) || N(0, I)) / #pixel values
+
+  i.e. the L1 mean over pixel values and the KL summed over latent elements and divided by
+  the same count: the per-sample-sum convention of the LDM autoencoders (whose KL weight,
+  1e-6, is of this order) rescaled to O(1). ``z = mu + exp(logvar / 2) * eps`` from the
+  encoder's moments (``WanVAE.encode_moments``: mean and log-variance, as the released
+  encoder's 2 x 48 output channels), logvar clipped to [-30, 20] as LDM's posterior does;
+  the decoder runs on raw (unnormalised) z, without the inference clamp to [-1, 1] (it would
+  stop the gradient of saturated pixels). Weights: ``config.autoencoder_loss``
+  (:func:`vae_loss_settings`).
+
+  Left out: LPIPS needs a pretrained VGG/AlexNet whose weights cannot be fetched here and no
+  maintained JAX LPIPS package with bundled weights is installed; the GAN term is the
+  report's last fine-tuning stage only. Without them reconstructions are blurrier than the
+  released VAE's; L1 + KL is the report's recipe minus the perceptual term.
+
+  Start: random init, or ``config.autoencoder_checkpoint``, a Wan VAE export (``convert_wan``'s
+  ``EXPORT/vae`` or an export of this stage) of the same sizes, restored straight into the
+  params' shardings (``load_frozen``). The export of a run (``python -m mirage_jax.export``)
+  is a Wan VAE export like a converted one: ``families.wan.vae.load_export`` loads it and
+  ``data_pipelines.encode_latents --vae`` encodes with it, normalising with
+  ``config.autoencoder.latents_mean/std`` (the released constants unless changed; a VAE
+  trained from scratch has its own latent statistics, the ``latent_std`` metric shows their
+  scale).
+
+  Sharding: the params' logical axes through ``config.logical_rules`` (FSDP), activations
+  constrained to ("batch", ...) inside the VAE; remat: ``config.autoencoder.remat`` (per
+  level and middle block); precision: ``config.autoencoder.dtype`` / ``param_dtype``.
+  """
+
+  fields = ("frames",)
+
+  def __init__(self, config: ml_collections.ConfigDict, frozen: Any = None):
+    self.config = config
+    d = config.data
+    t = int(d.num_frames)
+    step = wan_vae.temporal_factor(config.autoencoder)
+    if t < 1 or (t - 1) % step:
+      raise InputError("config.data", "num_frames", f"the Wan VAE takes 1 + {step} k frames "
+                       f"(1, 5, 9, ...), got {t}")
+    f = wan_vae.spatial_factor(config.autoencoder)
+    h, w = (int(r) for r in d.resolution)
+    if h < f or w < f or h % f or w % f:
+      raise InputError("config.data", "resolution", f"{(h, w)}: height and width must be "
+                       f"positive multiples of {f} (the VAE's spatial factor)")
+    self.loss_settings = vae_loss_settings(config)
+    self.checkpoint = config.get("autoencoder_checkpoint", "") or ""
+    # With an export to start from, ``load_frozen`` (called when frozen is None) reads it.
+    self.frozen = None if self.checkpoint and frozen != "abstract" else {}
+    self.initial_params = None
+
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    return wan_vae.WanVAE(self.config.autoencoder, rngs=rngs)
+
+  def load_frozen(self, mesh: Mesh, rules) -> None:
+    """Sets ``initial_params`` from ``config.autoencoder_checkpoint``, each param restored
+    straight into its sharding on ``mesh`` (nothing is frozen: ``frozen`` becomes {})."""
+    from mirage_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from mirage_jax import families, paths  # pylint: disable=g-import-not-at-top
+    self.frozen = {}
+    path = self.checkpoint
+    if not path:
+      return
+    field = "autoencoder_checkpoint"
+    if not paths.isdir(path):
+      raise InputError(path, field, "no such export directory (a Wan VAE export: "
+                       "convert_wan's EXPORT/vae, or python -m mirage_jax.export of this stage)")
+    cfg = ckpt_lib.export_config(path)
+    where = paths.join(path, "config.json")
+    if cfg.get("stage") != "autoencoder" or families.family_name(cfg) != "wan":
+      raise InputError(where, "family", f"not a Wan VAE export (stage {cfg.get('stage')!r}, "
+                       f"family {families.family_name(cfg)!r})")
+    mine = self.config.autoencoder
+    for name in ("z_dim", "in_channels", "patch_size", "encoder_dim", "decoder_dim",
+                 "dim_mult", "encoder_res_blocks", "decoder_res_blocks", "temporal_downsample"):
+      a, b = cfg.autoencoder.get(name), mine.get(name)
+      norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+      if norm(a) != norm(b):
+        raise InputError(where, f"autoencoder.{name}", f"{a!r} in the export, {b!r} in the "
+                         "config: an export of another VAE")
+    _, params = nnx.split(nnx.eval_shape(lambda: self.build(nnx.Rngs(0))), nnx.Param)
+    with sharding.use_rules(rules):
+      shardings = sharding.logical_to_sharding(
+          nnx.get_partition_spec(params).to_pure_dict(), mesh, rules, params.to_pure_dict(),
+          params=True)
+    loaded, _, step = ckpt_lib.load_export(path, shardings, dtype=jnp.dtype(mine.param_dtype))
+    self.initial_params = loaded
+    logging.info("Wan VAE starts from %s (step %d)", path, step)
+
+  def loss(self, model, frozen, batch: Batch, rng):
+    """batch: frames (B, T, H, W, 3) in [-1, 1]. Returns the loss and metrics: ``l1`` (mean
+    |x - D(z)|), ``kl`` (per latent element), ``psnr`` (dB, of the clamped reconstruction,
+    range [-1, 1], mean over clips), ``latent_std`` (std of the posterior means) and
+    ``logvar`` (their mean log-variance)."""
+    del frozen
+    s = self.loss_settings
+    video = batch["frames"].astype(jnp.float32)
+    mu, logvar = model.encode_moments(video, chunked=False)  # (B, T_lat, h, w, z) each
+    logvar = jnp.clip(logvar, -30.0, 20.0)
+    z = mu
+    if s["sample_posterior"]:
+      z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mu.shape, mu.dtype)
+    recon = model.decode(z, normalized=False, chunked=False, clamp=False)
+    per_value = video[0].size
+    l1 = jnp.mean(jnp.abs(recon - video))
+    kl_elem = 0.5 * (jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)
+    kl_per_clip = jnp.sum(kl_elem, axis=(1, 2, 3, 4)) / per_value
+    loss = s["l1_weight"] * l1 + s["kl_weight"] * jnp.mean(kl_per_clip)
+    mse = jnp.mean(jnp.square(jnp.clip(recon, -1.0, 1.0) - video), axis=(1, 2, 3, 4))
+    psnr = jnp.mean(10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10)))
+    return loss, {"l1": l1, "kl": jnp.mean(kl_elem), "psnr": psnr,
+                  "latent_std": jnp.std(mu), "logvar": jnp.mean(logvar)}
+
+  def step_flops(self, batch_size: int) -> float:
+    d = self.config.data
+    h, w = d.resolution
+    video = jax.ShapeDtypeStruct((batch_size, d.num_frames, h, w, 3), jnp.float32)
+    fwd = model_flops(lambda: self.build(nnx.Rngs(0)),
+                      lambda m, v: m.decode(m.encode_moments(v, chunked=False)[0],
+                                            normalized=False, chunked=False, clamp=False),
+                      video)
+    return 3.0 * fwd  # forward + backward (twice the forward)

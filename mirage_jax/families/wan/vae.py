@@ -37,6 +37,10 @@ equals the chunked one (tests/test_wan_vae.py checks it):
 Latents are normalised with 48 per-channel constants of the released model (not in the
 .pth): ``z = (mu - mean) / std``; ``decode`` undoes it first.
 
+Training (``families.wan.stages.WanVAEStage``) runs the whole-clip path on the posterior
+sample; ``cfg.remat`` (optional) recomputes each level's and middle block's activations in
+the backward pass.
+
 Weights: ``original_layout(cfg)`` maps our parameters to the keys of ``Wan2.2_VAE.pth``
 (names of ``wan2_2/modules/vae2_2.py``); ``load_original(model, get)`` fills a model from an
 original state dict.
@@ -114,6 +118,9 @@ def wan_vae_config(variant: str = "ti2v_5b") -> ml_collections.ConfigDict:
   cfg.attention = "auto"  # attention.IMPLS (the middle blocks' per-frame attention)
   cfg.dtype = "float32"
   cfg.param_dtype = "float32"
+  # Optional ``cfg.remat`` (training, e.g. experiments/wan22_pretrain.py): 'none' (absent:
+  # the same) or a ``layers.REMAT_POLICIES`` name, applied to each encoder/decoder level and
+  # middle block (see :func:`_run`).
   return cfg
 
 
@@ -126,6 +133,21 @@ def _check_config(cfg) -> None:
   for name in ("latents_mean", "latents_std"):
     if len(cfg[name]) != cfg.z_dim:
       raise InputError(where, name, f"needs {cfg.z_dim} values, got {len(cfg[name])}")
+  remat = cfg.get("remat", "none")
+  if remat != "none" and remat not in layers.REMAT_POLICIES:
+    raise InputError(where, "remat", f"expected 'none' or one of "
+                     f"{sorted(layers.REMAT_POLICIES)}, got {remat!r}")
+
+
+def _run(module: nnx.Module, x: jax.Array, cache, remat: str):
+  """``module(x, cache)``, under ``jax.checkpoint`` with policy ``remat`` unless 'none': the
+  backward pass then recomputes the block's activations instead of keeping them (training
+  at high resolution; the forward result is the same)."""
+  if remat == "none":
+    return module(x, cache)
+  fn = nnx.remat(lambda m, x, c: m(x, c), policy=layers.REMAT_POLICIES[remat],
+                 prevent_cse=False)
+  return fn(module, x, cache)
 
 
 def spatial_factor(cfg) -> int:
@@ -451,6 +473,7 @@ class Encoder(nnx.Module):
     self.middle = _Middle(dims[-1], impl=cfg.get("attention", "auto"), **kw)
     self.norm_out = ChannelRMSNorm(dims[-1], **kw)
     self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, **kw)
+    self.remat = cfg.get("remat", "none")
 
   def __call__(self, x: jax.Array, cache):
     """x: one chunk (or the whole clip) of patchified frames; cache: a pytree or None."""
@@ -461,9 +484,9 @@ class Encoder(nnx.Module):
     levels = cache.get("levels", (None,) * len(self.levels))
     new["levels"] = [None] * len(self.levels)
     for i, level in enumerate(self.levels):
-      x, new["levels"][i] = level(x, levels[i])
+      x, new["levels"][i] = _run(level, x, levels[i], self.remat)
     new["levels"] = tuple(new["levels"])
-    x, new["middle"] = self.middle(x, cache.get("middle"))
+    x, new["middle"] = _run(self.middle, x, cache.get("middle"), self.remat)
     x, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(x)), cache.get("conv_out"))
     return x, new
 
@@ -485,17 +508,18 @@ class Decoder(nnx.Module):
         for i in range(n)])
     self.norm_out = ChannelRMSNorm(dims[-1], **kw)
     self.conv_out = CausalConv3d(dims[-1], cfg.in_channels * cfg.patch_size ** 2, **kw)
+    self.remat = cfg.get("remat", "none")
 
   def __call__(self, x: jax.Array, cache):
     cache = cache or {}
     new = {}
     x = constrain(x, _ACT)
     x, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
-    x, new["middle"] = self.middle(x, cache.get("middle"))
+    x, new["middle"] = _run(self.middle, x, cache.get("middle"), self.remat)
     levels = cache.get("levels", (None,) * len(self.levels))
     new["levels"] = [None] * len(self.levels)
     for i, level in enumerate(self.levels):
-      x, new["levels"][i] = level(x, levels[i])
+      x, new["levels"][i] = _run(level, x, levels[i], self.remat)
     new["levels"] = tuple(new["levels"])
     x, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(x)), cache.get("conv_out"))
     return x, new
