@@ -51,7 +51,7 @@ from data_pipelines import clip as clip_lib
 from mirage_jax import geometry
 from mirage_jax.errors import InputError
 
-CROP_MODES = ("center", "random")
+CROP_MODES = ("center", "random", "random_native")
 FRAMES_DTYPES = ("float32", "uint8")
 
 
@@ -80,7 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
     revisit_distance: metres between camera centres of a revisit pair, at most.
     revisit_angle_deg: degrees between viewing directions of a revisit pair, at most.
     min_revisit_gap: window frames between the two frames of a revisit pair, at least (>= 2).
-    crop: "center" or "random".
+    crop: "center", "random", or "random_native" (random crops of windows not resized down
+      first: see :func:`resize_and_crop`).
     shard_index, shard_count: this process's rows of each global batch (shard k of n: rows
       [k * B / n, (k + 1) * B / n)); None = jax.process_index() / count(). Processes
       whose devices hold the same rows (a model axis across hosts) share a shard_index.
@@ -211,8 +212,13 @@ def _adjust_intrinsics(K, sx, sy, top, left):
 
 
 def resize_and_crop(example: dict[str, np.ndarray], resolution: tuple[int, int],
-                    rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+                    rng: np.random.Generator | None, native: bool = False
+                    ) -> dict[str, np.ndarray]:
   """Resizes a window to cover ``resolution`` (aspect kept), then crops to it.
+
+  ``native``: a window that already covers ``resolution`` is not shrunk, only cropped (crops
+  at the source's own scale: a convolutional network trained on them sees the textures it
+  will see on whole frames).
 
   RGB is area-averaged (bilinear when upsampling); depth and masks take the nearest pixel,
   so depth stays an observed value (> 0, no blended edges) and ids stay ids.
@@ -229,6 +235,8 @@ def resize_and_crop(example: dict[str, np.ndarray], resolution: tuple[int, int],
   t, h, w = example["depths"].shape
   out_h, out_w = resolution
   scale = max(out_h / h, out_w / w)
+  if native:
+    scale = max(scale, 1.0)
   new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
   if rng is None:
     top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
@@ -264,7 +272,8 @@ class _MakeExample:
     self.seed = seed
     self.uint8_frames = uint8_frames
     self.resolution = resolution
-    self.random_crop = crop == "random"
+    self.random_crop = crop in ("random", "random_native")
+    self.native_crop = crop == "random_native"
     self.window_kwargs = dict(
         num_frames=num_frames, stride=stride, require_revisit=require_revisit,
         revisit_distance=revisit_distance, revisit_angle_deg=revisit_angle_deg,
@@ -289,7 +298,8 @@ class _MakeExample:
     idx, is_revisit = choose_window(clip["poses_c2w"], rng, **self.window_kwargs)
     example = {k: clip[k][idx] for k in ("frames", "depths", "intrinsics", "poses_c2w",
                                          "dynamic_masks")}
-    example = resize_and_crop(example, self.resolution, rng if self.random_crop else None)
+    example = resize_and_crop(example, self.resolution, rng if self.random_crop else None,
+                              native=self.native_crop)
     if self.uint8_frames:
       example["frames"] = np.clip(np.rint(example["frames"]), 0, 255).astype(np.uint8)
     else:

@@ -67,6 +67,8 @@ def assert_batches_equal(a, b):
     ((40, 60), (16, 16), "random"),   # 1/2.5, random crop
     ((30, 30), (16, 20), "random"),   # 2/3, crop of the height
     ((12, 12), (16, 20), "random"),   # upsampling 5/3
+    ((40, 60), (16, 16), "random_native"),  # no resize, random crop
+    ((12, 12), (16, 20), "random_native"),  # too small: upsampled to cover, as "random"
 ])
 def test_adjusted_intrinsics_project_onto_the_moved_content(src_hw, resolution, crop):
   # Red encodes the source column and green the source row, linearly: resampling reproduces a
@@ -104,6 +106,27 @@ def test_adjusted_intrinsics_project_onto_the_moved_content(src_hw, resolution, 
     np.testing.assert_allclose(np.asarray(uv)[inside], np.broadcast_to(centres, uv.shape)[inside],
                                atol=0.1)
     np.testing.assert_allclose(np.asarray(z), 3.0, rtol=1e-4)
+
+
+def test_native_crops_are_pixels_of_the_source():
+  """crop='random_native': each output frame is a block of the source frame, unresized, at
+  offsets that vary with the seed."""
+  t, h, w = 2, 40, 60
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+  clip = make_clip([(0.0, 0.0, 0.0)] * t, [(0.0, 0.0, 2.0)] * t, height=h, width=w,
+                   frames=frames)
+  offsets = set()
+  for seed in range(6):
+    batch = next(pipeline.make_iterator(
+        [clip], num_frames=t, stride=1, resolution=(16, 24), batch_size=1, seed=seed,
+        crop="random_native", shard_index=0, shard_count=1, frames_dtype="uint8"))
+    out = np.asarray(batch["frames"][0])
+    found = [(y, x) for y in range(h - 15) for x in range(w - 23)
+             if np.array_equal(frames[:, y:y + 16, x:x + 24], out)]
+    assert len(found) == 1, seed
+    offsets.add(found[0])
+  assert len(offsets) > 1
 
 
 def test_depth_and_masks_are_resampled_nearest():
