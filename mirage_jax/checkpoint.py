@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -220,7 +220,8 @@ def _replicated_abstract(tree_metadata: Any) -> Any:
 
 
 def export_params(workdir: str, output: str, *, use_ema: bool = True,
-                  dtype: str | None = None, step: int | None = None) -> int:
+                  dtype: str | None = None, step: int | None = None,
+                  update_config: Callable[[dict, Any], dict] | None = None) -> int:
   """Writes a params-only checkpoint (EMA by default, optionally cast) for evaluation.
 
   Runs on the calling process alone, without waiting for the others of a multi-process job
@@ -232,6 +233,10 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     use_ema: export the EMA params (else the raw params).
     dtype: e.g. ``'bfloat16'`` to cast floating params, or None to keep them.
     step: which checkpoint (default: the latest).
+    update_config: called with the run's config (a JSON dict) and the exported params (host
+      arrays) before ``config.json`` is written; returns the config to write (constants
+      measured with the trained weights, e.g. a Wan VAE's latent statistics). The export
+      stays all-or-nothing: a failure here leaves no export.
   Returns:
     The exported step.
   """
@@ -269,12 +274,14 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
   # Host arrays: Orbax saves a process's own jax.Arrays only when every process joins the save,
   # NumPy arrays from one process alone; 1 or N processes write the same export.
   params = jax.device_get(params)
+  config = restored[CONFIG]
+  if update_config is not None:
+    config = update_config(config, params)
   if paths.is_remote(output):
     # Cloud Storage has no rename: config.json, which load_export needs, is written last.
     with _params_checkpointer(alone) as ckptr:
       ckptr.save(paths.join(output, "params"), params)
-    paths.write_text(paths.join(output, "config.json"), _export_meta(restored[CONFIG], step,
-                                                                      key, dtype))
+    paths.write_text(paths.join(output, "config.json"), _export_meta(config, step, key, dtype))
     return int(step)
   # Written under a temporary name beside ``output``, renamed when complete: an export that
   # dies leaves no ``output`` (and no half export that a rerun would refuse to replace).
@@ -288,7 +295,7 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
     with _params_checkpointer(alone) as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(_export_meta(restored[CONFIG], step, key, dtype))
+      f.write(_export_meta(config, step, key, dtype))
     os.rename(tmp, output)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -33,7 +33,12 @@ def _define_flags() -> None:
       dtype=flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
                               "Cast floating params (default: keep)."),
       raw=flags.DEFINE_bool("raw_params", False, "Export the raw params instead of the EMA."),
-      step=flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."))
+      step=flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."),
+      latent_stats=flags.DEFINE_integer(
+          "latent_stats_batches", 0, "A Wan VAE run: measure its latents' per-channel mean "
+          "and std on this many batches of the run's own training data and store them in the "
+          "export (autoencoder.latents_mean/std, which normalise the latents the DiT sees; a "
+          "VAE trained from scratch needs its own). 0: keep the config's."))
 
 
 def _main() -> int:
@@ -43,9 +48,21 @@ def _main() -> int:
   paths.check_reachable(workdir, "--workdir")
   paths.check_reachable(output, "--output")
   _INIT_DISTRIBUTED()
+  batches = _FLAGS["latent_stats"].value
+  if batches < 0:
+    raise InputError("--latent_stats_batches", "latent_stats_batches", f"must be >= 0, got "
+                     f"{batches}")
+  update = None
+  if batches:
+    # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import vae as wan_vae
+    from mirage_jax.training import inputs
+    # pylint: enable=g-import-not-at-top
+    update = lambda config, params: wan_vae.calibrated_config(
+        config, params, inputs.training_videos(config, batches), "--latent_stats_batches")
   step = distributed.on_process_zero(lambda: checkpoint.export_params(
       workdir, output, use_ema=not _FLAGS["raw"].value, dtype=_FLAGS["dtype"].value,
-      step=_FLAGS["step"].value), "export written")
+      step=_FLAGS["step"].value, update_config=update), "export written")
   if jax.process_index() == 0:
     print(f"exported step {step} to {output}")
   return 0

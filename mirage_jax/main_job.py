@@ -24,16 +24,20 @@ Memory Maze clips in stage 1 and runs the Memory Maze protocol as stage 4 instea
 (``evaluate --benchmark=memory_maze``: ``--memory_maze_context`` frames given, as many
 generated, on the held-out ``--memory_maze_seeds``; ``evaluation/memory_maze_protocol.py``).
 
-``--family=wan`` runs the Wan-family pipeline instead (tiny networks, CPU):
+``--family=wan`` runs the Wan-family pipeline instead: the Wan2.2 architecture at tiny widths
+(``experiments/wan_tiny_cpu.py``), every network trained here, on a CPU:
 
-  python -m mirage_jax.main_job --family=wan --workdir=runs/wan_tiny [--denoiser_steps=200]
+  python -m mirage_jax.main_job --family=wan --workdir=runs/wan_tiny
 
-  1. random "pretrained" Wan2.2 files in the released layout (DiT and VAE safetensors,
-     ``<workdir>/release``), converted by ``convert_wan`` (``<workdir>/wan_export/{dit,vae}``);
-  2. the procedural dataset, encoded to latent clips by the converted VAE (``<workdir>/latents``);
-  3. VACE + LoRA fine-tuned on the frozen base (``experiments/mirage_wan22_5b.py:tiny``),
-     exported; the loss curve is printed;
-  4. held-out loop trajectories generated and scored by the revisit benchmark; its table.
+  1. the procedural rooms at 128x128 (``<workdir>/data``);
+  2. the Wan VAE trained from scratch (L1 + KL) and exported with its own latent statistics
+     (``<workdir>/vae_export``);
+  3. the dataset encoded by it to latent clips (``<workdir>/latents``);
+  4. the Wan DiT trained from scratch on them, without memory (``<workdir>/dit_export``);
+  5. Mirage's VACE + LoRA fine-tuned on that frozen DiT (``<workdir>/denoiser_export``);
+  6. held-out loop trajectories generated and scored by the revisit benchmark, with the
+     pretrained DiT alone as the baseline trained without memory (row ``none (trained)``);
+     the table, each memory's per-loop gain over it, and the claims.
 """
 
 from __future__ import annotations
@@ -87,7 +91,10 @@ _MAZE_CONTEXT = flags.DEFINE_integer(
     "generated frames.")
 _MAZE_SEEDS = flags.DEFINE_string("memory_maze_seeds", "1000000:1000004",
                                   "a:b held-out maze seeds of that protocol.")
-_WAN_CLIPS = flags.DEFINE_integer("wan_clips", 8, "--family=wan: procedural training clips.")
+_WAN_CLIPS = flags.DEFINE_integer("wan_clips", None, "--family=wan: procedural training clips "
+                                  "(default: experiments/wan_tiny_cpu.py's).")
+_WAN_BASE_STEPS = flags.DEFINE_integer("wan_base_steps", None, "--family=wan: steps of the Wan "
+                                       "DiT's pretraining (default: the config's).")
 _WAN_SAMPLER_STEPS = flags.DEFINE_integer("wan_sampler_steps", None, "--family=wan: sampler "
                                           "steps of the exported model (default: the config's).")
 
@@ -121,8 +128,9 @@ def _banner(text: str) -> None:
   print(f"\n=== {text} ===", flush=True)
 
 
-def train_and_export(config, workdir: str, name: str) -> str:
-  """Trains ``config.stage`` into ``<workdir>/<name>`` (resuming) and exports it once."""
+def train_and_export(config, workdir: str, name: str, update_config=None) -> str:
+  """Trains ``config.stage`` into ``<workdir>/<name>`` (resuming) and exports it once
+  (``update_config``: see ``checkpoint.export_params``)."""
   from mirage_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from mirage_jax.training import loop  # pylint: disable=g-import-not-at-top
   export_dir = os.path.join(workdir, f"{name}_export")
@@ -131,7 +139,8 @@ def train_and_export(config, workdir: str, name: str) -> str:
     return export_dir
   t0 = time.time()
   metrics = loop.train_and_evaluate(config, os.path.join(workdir, name))
-  step = checkpoint.export_params(os.path.join(workdir, name), export_dir)
+  step = checkpoint.export_params(os.path.join(workdir, name), export_dir,
+                                  update_config=update_config)
   if step < config.train.steps:
     # Preempted (SIGTERM: the loop saved and returned): a partial model must not be exported,
     # or the next run would reuse it instead of resuming.
@@ -264,95 +273,108 @@ def _run_command(module: str, *args: str) -> None:
 
 
 def _main_wan(workdir: str) -> int:
-  """``--family=wan`` (see the module docstring): random release files -> convert_wan ->
-  latent clips -> VACE + LoRA fine-tune -> export -> revisit benchmark."""
+  """``--family=wan`` (see the module docstring): procedural rooms -> Wan VAE pretrained ->
+  latent clips -> Wan DiT pretrained -> Mirage VACE + LoRA fine-tune -> revisit benchmark."""
   # pylint: disable=g-import-not-at-top
   import jax
   from data_pipelines import builders, latent_clips
-  from mirage_jax.families.wan import convert as wan_convert
-  from mirage_jax.families.wan import weight_files
-  from mirage_jax.families.wan import original_layout
-  from mirage_jax.families.wan import dit as wan_dit
+  from mirage_jax import checkpoint
   from mirage_jax.families.wan import vae as wan_vae
+  from mirage_jax.training import inputs
   # pylint: enable=g-import-not-at-top
-  config = load_config_file(os.path.join(_EXPERIMENTS, "mirage_wan22_5b.py"),
-                            "--family").get_config("tiny")
-  d = config.denoiser
-  if _DN_STEPS.value:
-    config.train.steps = _DN_STEPS.value
+  experiment = load_config_file(os.path.join(_EXPERIMENTS, "wan_tiny_cpu.py"), "--family")
+  vae_config, base_config, config = (experiment.get_config(s) for s in experiment.STAGES)
+  data_dir, latents = os.path.join(workdir, "data"), os.path.join(workdir, "latents")
+  for c, steps in ((vae_config, _AE_STEPS.value), (base_config, _WAN_BASE_STEPS.value),
+                   (config, _DN_STEPS.value)):
+    if steps:
+      c.train.steps = steps
+    if _WAN_CLIPS.value:
+      c.data.build.num_clips = _WAN_CLIPS.value
+    if jax.device_count() < c.mesh.fsdp:  # a plain CPU process has one device
+      c.mesh = dict(data=1, fsdp=1, context=1, tensor=-1)
+  vae_config.data.data_dir = os.path.abspath(data_dir)
   if _WAN_SAMPLER_STEPS.value:
     config.sampler.num_steps = _WAN_SAMPLER_STEPS.value
-  if jax.device_count() < config.mesh.fsdp:  # a plain CPU process has one device
-    config.mesh = dict(data=1, fsdp=1, context=1, tensor=-1)
+  d = config.denoiser
+  stats_batches = max(1, experiment.LATENT_STATS_CLIPS // vae_config.data.batch_size)
 
-  _banner("1/4 random 'pretrained' Wan2.2 (released layout) -> convert_wan")
-  export = os.path.join(workdir, "wan_export")
-  if os.path.isdir(export):
-    print(f"reusing {export}")
-  else:
-    release = os.path.join(workdir, "release")
-    os.makedirs(release, exist_ok=True)
-    # No VACE file: the fine-tune trains VACE from scratch on the plain base, as the reference.
-    dit = original_layout.random_original(
-        wan_dit.original_layout(wan_dit.wan_dit_config("tiny")), 0,
-        keep=lambda k: wan_dit.key_group(k) == "dit")
-    vae = original_layout.random_original(
-        wan_vae.original_layout(wan_vae.wan_vae_config("tiny")), 1)
-    dit_file = os.path.join(release, wan_convert.DIT_FILE)
-    vae_file = os.path.join(release, "Wan2.2_VAE.safetensors")  # the released .pth's tensors
-    weight_files.write_safetensors(dit_file, dit)
-    weight_files.write_safetensors(vae_file, vae)
-    print(f"wrote {len(dit)} DiT and {len(vae)} VAE tensors under {release}")
-    release_config = load_config_file(os.path.join(_EXPERIMENTS, "wan22_ti2v_5b.py"), "--family")
-    wan_convert.convert(export, dit=dit_file, vae=vae_file, variant="tiny",
-                        configs=release_config.export_configs("tiny"))
-    print(f"converted -> {export}/{{dit,vae}}")
-
-  _banner("2/4 procedural dataset -> latent clips")
-  data_dir, latents = os.path.join(workdir, "data"), os.path.join(workdir, "latents")
-  h, w = config.data.resolution
-  builder = builders.make_builder("procedural_rooms", data_dir, "default",
-                                  num_clips=_WAN_CLIPS.value, resolution=h,
-                                  frames_per_clip=d.target_frames + d.preceding_frames + 2)
+  _banner("1/6 procedural dataset")
+  v = vae_config.data
+  builder = builders.make_builder(v.dataset, data_dir, v.config_name, **v.build.to_dict())
   print(("reused " if builders.prepare(builder) else "built ") + builder.data_dir)
+
+  _banner("2/6 Wan VAE, from scratch")
+  vae_export = train_and_export(vae_config, workdir, "vae", update_config=lambda c, p: (
+      wan_vae.calibrated_config(c, p, inputs.training_videos(c, stats_batches), "main_job")))
+  print_loss_curve(os.path.join(workdir, "vae", "metrics.jsonl"), "psnr")
+
+  _banner("3/6 the dataset -> latent clips (the VAE just trained)")
   if os.path.exists(os.path.join(latents, latent_clips.METADATA)):
     print(f"reusing {latents}")
   else:
+    h, w = config.data.resolution
     _run_command("data_pipelines.encode_latents", f"--data_dir={data_dir}",
-                 "--dataset=procedural_rooms", "--config_name=default",
-                 f"--vae={os.path.join(export, 'vae')}", f"--output_dir={latents}",
+                 f"--dataset={v.dataset}", f"--config_name={v.config_name}",
+                 f"--vae={vae_export}", f"--output_dir={latents}", f"--resolution={h},{w}",
                  f"--target_frames={d.target_frames}", f"--preceding_frames={d.preceding_frames}",
+                 f"--windows_per_clip={experiment.WINDOWS_PER_CLIP}",
                  f"--text_len={d.text_len}", f"--text_dim={d.model.text_dim}")
+  # The DiT runs record the VAE their latents come from (its latent statistics included): the
+  # world model decodes with it and checks it is that one.
+  vae_settings = checkpoint.export_config(vae_export).autoencoder
+  for c in (base_config, config):
+    c.data.data_dir = os.path.abspath(latents)
+    c.autoencoder = vae_settings
+    c.denoiser.autoencoder_checkpoint = os.path.abspath(vae_export)
 
-  _banner("3/4 fine-tune VACE + LoRA on the frozen base")
-  d.base_checkpoint = os.path.abspath(os.path.join(export, "dit"))
-  config.data.data_dir = os.path.abspath(latents)
+  _banner("4/6 Wan DiT, from scratch (no memory)")
+  base_export = train_and_export(base_config, workdir, "dit")
+  print_loss_curve(os.path.join(workdir, "dit", "metrics.jsonl"))
+
+  _banner("5/6 Mirage: VACE + LoRA fine-tuned on the frozen pretrained DiT")
+  d.base_checkpoint = os.path.abspath(base_export)
   dn_export = train_and_export(config, workdir, "denoiser")
   losses = print_loss_curve(os.path.join(workdir, "denoiser", "metrics.jsonl"))
 
-  _banner("4/4 revisit benchmark")
+  _banner("6/6 revisit benchmark")
   revisit_dir = os.path.join(workdir, "eval", "revisit")
   first = _HELDOUT_SEED.value
+  # The pretrained DiT alone is the baseline trained without memory: row 'none (trained)'.
+  baselines = {"none": base_export}
   _evaluate(["--benchmark=revisit", f"--checkpoint={dn_export}",
              f"--backends={','.join(_BACKENDS.value)}",
              f"--procedural_seeds={first}:{first + _NUM_TRAJECTORIES.value}",
-             f"--num_frames={_NUM_FRAMES.value}"], revisit_dir)
+             f"--num_frames={_NUM_FRAMES.value}",
+             "--baseline_checkpoints=" + ",".join(f"{b}={p}" for b, p in baselines.items())],
+            revisit_dir, rows=baseline_rows(baselines))
   print_revisit_table(revisit_dir)
+  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(revisit_dir, "metrics.json")) as f:
+    metrics = json.load(f)["revisit"]
+  for b in ("mirage", "voxel"):
+    diff = revisit.paired_difference(metrics, b, "none" + revisit.TRAINED)
+    if diff is not None:
+      print(f"  {b} - none (trained) revisit PSNR: {diff['mean']:+.2f} dB (per loop: "
+            f"{diff['min']:+.2f} .. {diff['max']:+.2f}, {diff['better']} of {diff['count']} better)")
+  claims = revisit.claims(metrics["summary"])
   if len(losses) >= 2:
-    print(f"  [{'PASS' if losses[-1] < losses[0] else 'FAIL'}] training loss falls "
-          f"({losses[0]:.4g} -> {losses[-1]:.4g})")
+    claims["training loss falls"] = losses[-1] < losses[0]
+  for claim, ok in claims.items():
+    print(f"  [{'PASS' if ok else 'FAIL'}] {claim}")
   print(f"\nvideos: {os.path.join(revisit_dir, 'videos')}/<trajectory>/<row>.mp4")
   print(f"report: {os.path.abspath(os.path.join(revisit_dir, 'index.html'))}")
   return 0
 
 
-def print_loss_curve(metrics_jsonl: str) -> list[float]:
-  """Prints the logged (step, loss) of a training run; returns the losses."""
+def print_loss_curve(metrics_jsonl: str, metric: str = "loss") -> list[float]:
+  """Prints the logged (step, ``metric``) of a training run; returns the logged values."""
   with open(metrics_jsonl) as f:
     records = [json.loads(line) for line in f if line.strip()]
-  records = [r for r in records if "loss" in r]
-  print("loss curve: " + ", ".join(f"{r.get('step', '?')}:{r['loss']:.4g}" for r in records))
-  return [r["loss"] for r in records]
+  records = [r for r in records if metric in r]
+  label = "loss curve" if metric == "loss" else f"{metric} curve"
+  print(f"{label}: " + ", ".join(f"{r.get('step', '?')}:{r[metric]:.4g}" for r in records))
+  return [r[metric] for r in records]
 
 
 def revisit_rows(summary: dict, cost: dict | None = None, lengths=()) -> list[dict]:

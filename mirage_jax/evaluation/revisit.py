@@ -586,6 +586,24 @@ def claims(summary: Mapping[str, Any]) -> dict[str, bool]:
   return out
 
 
+def paired_difference(metrics: Mapping[str, Any], row: str, baseline: str,
+                      key: str = "psnr_revisit") -> dict[str, float] | None:
+  """``row`` minus ``baseline`` on each trajectory (a revisit benchmark's ``metrics``, with
+  ``trajectories``): mean, min, max, the count of trajectories where ``row`` is better, and
+  their number; None when no trajectory scores both. The spread across trajectories is what
+  a difference of the means has to beat."""
+  diffs = []
+  for result in metrics.get("trajectories", {}).values():
+    rows = result.get("rows", {})
+    a, b = (_float(rows.get(r, {}).get(key)) for r in (row, baseline))
+    if np.isfinite(a) and np.isfinite(b):
+      diffs.append(a - b)
+  if not diffs:
+    return None
+  return dict(mean=float(np.mean(diffs)), min=float(np.min(diffs)), max=float(np.max(diffs)),
+              better=int(np.sum(np.asarray(diffs) > 0)), count=len(diffs))
+
+
 def oracle_gap(summary: Mapping[str, Any], row: str = "voxel") -> dict[str, float] | None:
   """How far ``row`` is below the oracle on revisits, and why (None without both rows).
 

@@ -61,6 +61,15 @@ def make_input(config: ml_collections.ConfigDict, source: Sequence[Any], *, spli
   return iter(pipeline.from_config(source, data, where=where, start_step=start_step))
 
 
+def training_videos(config: dict | ml_collections.ConfigDict, batches: int):
+  """``batches`` batches of the run's training frames: (B, T, H, W, 3) float32 in [-1, 1]
+  each, read as training reads them (from step 0, this process's share)."""
+  config = ml_collections.ConfigDict(config)
+  it = make_input(config, make_sources(config)["train"], split="train")
+  for _ in range(batches):
+    yield pipeline.frames_to_float(next(it)["frames"])
+
+
 def check_input_rows(config: ml_collections.ConfigDict, mesh: Mesh, num_records: int) -> None:
   """Start-up check on all processes: each feeds the batch rows its devices hold (disjoint,
   or identical across a model axis spanning hosts) from the same data stream."""

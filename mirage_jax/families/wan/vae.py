@@ -49,7 +49,7 @@ original state dict.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -981,7 +981,51 @@ def load_export(path: str, field: str = "autoencoder_checkpoint"
     raise InputError(path, "family",
                      f"not a Wan VAE export (stage {config.get('stage')!r}, family "
                      f"{families.family_name(config)!r})")
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config.autoencoder, rngs=nnx.Rngs(0))))
+  return from_params(config.autoencoder, params), config
+
+
+def from_params(cfg, params) -> WanVAE:
+  """The WanVAE of config ``cfg`` with ``params`` (nested dict of arrays, as exported)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state), config
+  return nnx.merge(graphdef, state)
+
+
+def calibrated_config(config: dict, params: Any, videos: Iterable[jax.Array],
+                      where: str = "latent statistics") -> dict:
+  """A Wan VAE run's config (JSON dict) with ``autoencoder.latents_mean/std`` measured by its
+  VAE ``params`` on ``videos`` (:func:`latent_statistics`): the export of a VAE trained from
+  scratch then normalises its own latents. ``where`` names the caller in errors."""
+  from mirage_jax import families  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(config)
+  if cfg.get("stage") != "autoencoder" or families.family_name(cfg) != "wan":
+    raise InputError(where, "stage", f"latent statistics are measured for a Wan VAE run only "
+                     f"(this one: stage {cfg.get('stage')!r}, family {families.family_name(cfg)!r})")
+  mean, std = latent_statistics(from_params(cfg.autoencoder, params), videos)
+  config["autoencoder"]["latents_mean"] = [float(v) for v in mean]
+  config["autoencoder"]["latents_std"] = [float(v) for v in std]
+  return config
+
+
+def latent_statistics(vae: WanVAE, videos: Iterable[jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation, (z_dim,) each, of the raw posterior means of
+  ``videos`` (an iterable of (B, T, H, W, 3) arrays in [-1, 1]): the ``latents_mean`` /
+  ``latents_std`` that :meth:`WanVAE.normalize` uses. The released constants are the real
+  Wan VAE's; a VAE trained from scratch has latents of its own scale, and the DiT's flow
+  matching (noise ~ N(0, I)) wants them near zero mean and unit variance."""
+  graphdef, state = nnx.split(vae)
+  encode = jax.jit(lambda s, v: nnx.merge(graphdef, s).encode(v, normalize=False))
+  total = np.zeros(vae.cfg.z_dim, np.float64)
+  total_sq = np.zeros(vae.cfg.z_dim, np.float64)
+  count = 0
+  for video in videos:
+    mu = np.asarray(encode(state, jnp.asarray(video)), np.float64).reshape(-1, vae.cfg.z_dim)
+    total += mu.sum(0)
+    total_sq += np.square(mu).sum(0)
+    count += mu.shape[0]
+  if not count:
+    raise InputError("latent_statistics", "videos", "no video to measure")
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+  return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
