@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 ENV = "MIRAGE_FAULT_AT"
 POINTS = ("step", "saving")
@@ -58,6 +59,8 @@ def at(point: str, step: int) -> None:
   want_point, want_step, action = _parse(value)
   if (point, int(step)) != (want_point, want_step):
     return
+  # Said on stderr first, so a test can tell the fault fired from an unrelated crash.
+  print(f"{ENV}={value}: fault injected", file=sys.stderr, flush=True)
   if action == "raise":
     raise FaultInjected(f"{ENV}={value}")
   os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
