@@ -3,9 +3,10 @@
   python benchmarks/bench_faults.py [--faults=20] [--steps=40] [--seed=0] [--workdir=DIR]
 
 Runs ``python -m mirage_jax.main`` (tiny config, 16x16, one CPU device) once without
-interruption, then again with ``--faults`` interruptions drawn from ``--seed`` (SIGKILL at a
-random moment, SIGKILL while an async checkpoint save is being written, SIGTERM), each
-0-3 steps after a (re)start, restarting after each. Prints the figures: faults injected (by kind), kills that landed during a save,
+interruption, then again with ``--faults`` interruptions drawn from ``--seed`` (SIGKILL after
+a step, SIGKILL inside an async checkpoint save before it is committed, SIGTERM), each 1-3
+steps after a (re)start, restarting after each; the trainer interrupts itself at that point
+(``MIRAGE_FAULT_AT``). Prints the figures: faults injected (by kind), kills that landed during a save,
 restarts that resumed from the latest complete checkpoint, and data lost (losses that differ
 from or are missing against the uninterrupted run, corrupt checkpoints, final train state or
 input position (the step) that differ) -- all must be 0. Harness: ``tests/test_faults.py``.
@@ -29,7 +30,7 @@ from tests import test_faults as harness  # pylint: disable=g-import-not-at-top
 
 _FAULTS = flags.DEFINE_integer("faults", 20, "Interruptions in the campaign.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps (checkpoints every 2).")
-_SEED = flags.DEFINE_integer("seed", 0, "Draws the faults' kinds, steps and delays.")
+_SEED = flags.DEFINE_integer("seed", 0, "Draws the faults' kinds and steps.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs go (default: a temporary folder).")
 
 
@@ -49,7 +50,7 @@ def main(argv) -> None:
   outcomes = harness.run_campaign(root / "faulted", data_dir, env, faults, root / "logs", steps)
   problems = harness.check_against(root / "reference", root / "faulted", steps)
   for o in outcomes:
-    print(f"{o.fault.kind:12s} after {o.fault.after_steps} steps +{o.fault.delay:.3f} s: "
+    print(f"{o.fault.kind:12s} {o.fault.after_steps} steps after the start (step {o.at_step}): "
           f"injected={o.injected} during_save={o.during_save} latest complete checkpoint="
           f"{o.latest_before_restart} resumed from={o.resumed_from}")
   injected = [o for o in outcomes if o.injected]

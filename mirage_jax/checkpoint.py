@@ -34,6 +34,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mirage_jax import faults
 from mirage_jax import paths
 from mirage_jax.errors import InputError
 
@@ -89,9 +90,14 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.every = int(every)
+    self._saving = -1  # the step of the save under way (read by the fault point)
+    # Orbax runs this in an async save after the arrays are written, before it commits the
+    # step: the test-only fault point "saving" (mirage_jax.faults; nothing unless set).
+    at_saving = ocp.AsyncOptions(post_finalization_callback=lambda: faults.at("saving",
+                                                                              self._saving))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep), enable_async_checkpointing=bool(async_save),
-        create=True)
+        async_options=at_saving if async_save else None, create=True)
     self.manager = _manager(directory, options)
 
   def latest_step(self) -> int | None:
@@ -103,6 +109,8 @@ class Checkpointer:
     items = {STATE: ocp.args.PyTreeSave(state)}
     if config is not None:
       items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json()))
+    self.manager.wait_until_finished()  # as Orbax's save does first: no earlier save is under way
+    self._saving = int(step)
     self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
   def save_if_due(self, step: int, state: Any,

@@ -379,12 +379,13 @@ def print_loss_curve(metrics_jsonl: str, metric: str = "loss") -> list[float]:
 
 def revisit_rows(summary: dict, cost: dict | None = None, lengths=()) -> list[dict]:
   """Table rows of a revisit summary, with the scaling cost columns where ``cost`` has them."""
+  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
   cost = cost or {}
   rows = []
   for row, s in summary.items():
     if not isinstance(s, dict) or "psnr_revisit" not in s:
       continue
-    line = dict(row=row, psnr_revisit=s.get("psnr_revisit"), ssim_revisit=s.get("ssim_revisit"),
+    line = dict(row=revisit.row_label(row), psnr_revisit=s.get("psnr_revisit"), ssim_revisit=s.get("ssim_revisit"),
                 psnr_all=s.get("psnr_all"), psnr_unseen=s.get("psnr_unseen"),
                 ssim_unseen=s.get("ssim_unseen"), revisit_loss=s.get("revisit_loss"))
     for n in lengths:

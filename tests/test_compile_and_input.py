@@ -155,7 +155,7 @@ def test_aot_executable_round_trip_runs_the_same_training(tmp_path):
   env = {**os.environ, "MIRAGE_ROUND_TRIP_CHILD": "1", "JAX_ENABLE_COMPILATION_CACHE": "false"}
   test_id = f"{__file__}::test_aot_executable_round_trip_runs_the_same_training"
   child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
-                          test_id], env=env, capture_output=True, text=True,
+                          test_id], env=env, capture_output=True, text=True, timeout=570,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-2000:]
   assert "1 passed" in child.stdout
@@ -209,25 +209,28 @@ class _Device:
 
 
 def test_log_has_step_time_data_wait_mfu_and_hbm_where_reported(monkeypatch):
-  import time
   config = tiny_config()
   pending = [{"loss": np.float32(1.0 + i), "grad_norm": np.float32(1.0),
               "learning_rate": np.float32(1e-3), "nonfinite": np.int32(0)} for i in range(4)]
   clips = [np.arange(8)] * 4
-  t_last = time.perf_counter() - 2.0  # 4 steps in about 2 s, 0.4 s of it waiting for input
+  # The loop's clock, replaced: steps 5..8 took 2 s since the last log at t=100 s, 0.4 s
+  # of it waiting for input; 2 steps remain.
+  monkeypatch.setattr(loop_lib, "_clock", lambda: 102.0)
   writer = _Writer()
-  out = loop_lib._log(config, writer, pending, clips, 8, 4, t_last, 10, 1e12, 10.0, 0.4)
+  out = loop_lib._log(config, writer, pending, clips, 8, 4, 100.0, 10, 1e12, 10.0, 0.4)
   assert out["loss"] == pytest.approx(2.5)
-  assert out["step_time_s"] == pytest.approx(0.5, rel=0.2)
+  assert out["step_time_s"] == pytest.approx(0.5)
+  assert out["examples_per_s"] == pytest.approx(config.data.batch_size / 0.5)
+  assert out["tflops_per_s"] == pytest.approx(2.0)  # 1e12 FLOPs a step in 0.5 s
   assert out["data_wait_s"] == pytest.approx(0.1)
-  assert out["mfu"] == pytest.approx(1.0 / out["step_time_s"] / 10.0)
+  assert out["mfu"] == pytest.approx(0.2)  # 2 TFLOP/s of a 10 TFLOP/s peak
   assert not any(k.startswith("hbm") for k in out)  # CPU: memory_stats() is None
   assert writer.rows == [(8, out)]
 
   monkeypatch.setattr(loop_lib.jax, "local_devices",
                       lambda: [_Device(3 << 30, 5 << 30, 16 << 30), _Device(4 << 30, 4 << 30,
                                                                             16 << 30)])
-  out = loop_lib._log(config, writer, pending, clips, 8, 4, t_last, 10, 1e12, 10.0, 0.4)
+  out = loop_lib._log(config, writer, pending, clips, 8, 4, 100.0, 10, 1e12, 10.0, 0.4)
   assert out["hbm_bytes_in_use"] == 4 << 30
   assert out["hbm_peak_bytes"] == 5 << 30
   assert out["hbm_in_use_fraction"] == pytest.approx(0.25)

@@ -1,13 +1,19 @@
 """Determinism on CPU: same seed and config -> bitwise-identical losses, state and data order.
 
-The training loop's pieces (pipeline -> global batch -> jitted step) run twice from the
-initial state in one process on one device; the memory write/read runs twice as well. Across processes
-(restarts included) ``tests/test_faults.py`` compares full ``mirage_jax.main`` runs.
+Two separate processes (each compiling for itself: no compilation cache, and different
+``PYTHONHASHSEED``s, so set/dict order cannot leak in) run the training loop's pieces
+(pipeline -> global batch -> jitted step) from the same initial state on one device, and the
+memory write/read; their results must be the same bits. Full ``mirage_jax.main`` runs,
+restarts included, are compared in ``tests/test_faults.py``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +28,9 @@ from mirage_jax.training import step as step_lib
 from tests.test_memory import make_frames
 from tests.test_train import synthetic_sources, tiny_config
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
+MEMORIES = ("voxel", "mirage")
 
 
 def _config(data_seed: int = 0):
@@ -76,33 +84,8 @@ def _run(data_seed: int = 0) -> tuple[list[dict], list[list[int]], dict]:
   return jax.device_get(metrics), clips, jax.device_get(state)
 
 
-@pytest.fixture(scope="module")
-def first_run():
-  return _run()
-
-
-def test_same_seed_same_config_gives_bitwise_identical_training(first_run):
-  metrics_a, clips_a, state_a = first_run
-  metrics_b, clips_b, state_b = _run()
-  assert clips_a == clips_b
-  for step, (a, b) in enumerate(zip(metrics_a, metrics_b), start=1):
-    for key in a:  # ==, not approx: the same bits
-      assert np.array_equal(a[key], b[key]), (step, key, a[key], b[key])
-  leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
-  assert len(leaves_a) == len(leaves_b)
-  assert all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
-
-
-def test_another_data_seed_changes_order_and_losses(first_run):
-  # The comparison above can fail: a different seed gives different batches and losses.
-  metrics_a, clips_a, _ = first_run
-  metrics_c, clips_c, _ = _run(data_seed=1)
-  assert clips_c != clips_a
-  assert [m["loss"] for m in metrics_c] != [m["loss"] for m in metrics_a]
-
-
-@pytest.mark.parametrize("name", ["voxel", "mirage"])
-def test_memory_write_read_is_bitwise_repeatable(name):
+def _memory_case(name: str):
+  """(jitted write-then-read of 5 frames into memory ``name``, the frames)."""
   cfg = MemoryConfig(image_height=16, image_width=16, latent_height=8, latent_width=8,
                      latent_channels=4, capacity=2048, feature_dtype="float32")
   be = get_backend(name)
@@ -114,13 +97,75 @@ def test_memory_write_read_is_bitwise_repeatable(name):
     state = be.write(be.init(cfg), **frames)
     return be.read(state, target["intrinsics"], target["c2w"])
 
-  (lat_a, cov_a), (lat_b, cov_b) = write_read(frames), write_read(frames)
-  assert np.asarray(cov_a).mean() > 0.5
-  np.testing.assert_array_equal(np.asarray(lat_a), np.asarray(lat_b))
-  np.testing.assert_array_equal(np.asarray(cov_a), np.asarray(cov_b))
+  return write_read, frames
+
+
+def _child(out: str) -> None:
+  """What one process computes: training with data seeds 0 and 1, and each memory's read."""
+  arrays = {}
+  for seed in (0, 1):
+    metrics, clips, state = _run(data_seed=seed)
+    arrays[f"seed{seed}/clips"] = np.asarray(clips)
+    for step, m in enumerate(metrics, start=1):
+      for key, value in m.items():
+        arrays[f"seed{seed}/step{step}/{key}"] = np.asarray(value)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+      arrays[f"seed{seed}/state{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  for name in MEMORIES:
+    write_read, frames = _memory_case(name)
+    lat, cov = write_read(frames)
+    arrays[f"memory/{name}/latents"], arrays[f"memory/{name}/coverage"] = map(np.asarray,
+                                                                              (lat, cov))
+  np.savez(out, **arrays)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> list[dict[str, np.ndarray]]:
+  """``_child``'s arrays from two fresh processes, one after the other."""
+  root = tmp_path_factory.mktemp("determinism")
+  runs = []
+  for i in range(2):
+    out = root / f"process{i}.npz"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONHASHSEED=str(i),
+               JAX_ENABLE_COMPILATION_CACHE="false")
+    done = subprocess.run(
+        [sys.executable, "-c", f"from tests.test_determinism import _child; _child({str(out)!r})"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(out) as f:
+      runs.append(dict(f))
+  return runs
+
+
+@pytest.mark.timeout(660)  # two processes, each compiling the step and the memories
+def test_two_processes_give_bitwise_identical_training_and_memory(two_processes):
+  a, b = two_processes
+  assert sorted(a) == sorted(b)
+  assert any(k.startswith("seed0/state") for k in a) and "seed0/step4/loss" in a
+  assert "memory/voxel/latents" in a and "memory/mirage/latents" in a
+  for key in sorted(a):  # ==, not approx: the same bits (NaN nowhere: it would differ too)
+    assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+  for name in MEMORIES:
+    assert a[f"memory/{name}/coverage"].mean() > 0.5  # the read saw what was written
+
+
+@pytest.mark.timeout(660)
+def test_another_data_seed_changes_order_and_losses(two_processes):
+  # The comparison above can fail: a different seed gives different batches and losses.
+  a = two_processes[0]
+  assert not np.array_equal(a["seed0/clips"], a["seed1/clips"])
+  assert [a[f"seed0/step{s}/loss"] for s in range(1, STEPS + 1)] != [
+      a[f"seed1/step{s}/loss"] for s in range(1, STEPS + 1)]
+
+
+@pytest.mark.parametrize("name", MEMORIES)
+def test_memory_read_ignores_frame_order_within_a_write(name):
   # Frames are written in one call as a batch: shuffling that batch (same frame_index
   # values) must not change what is read.
+  write_read, frames = _memory_case(name)
+  lat_a, cov_a = write_read(frames)
   order = jnp.array([3, 0, 4, 1, 2])
   lat_c, cov_c = write_read(jax.tree.map(lambda x: x[order], frames))
+  assert np.asarray(cov_a).mean() > 0.5
   np.testing.assert_array_equal(np.asarray(cov_a), np.asarray(cov_c))
   np.testing.assert_allclose(np.asarray(lat_a), np.asarray(lat_c), atol=1e-6)

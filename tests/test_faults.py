@@ -1,9 +1,11 @@
 """Fault injection: the trainer (``python -m mirage_jax.main``) killed and restarted.
 
 A campaign runs the tiny trainer as a subprocess and interrupts it again and again:
-SIGKILL at a random moment, SIGKILL while an async checkpoint save is being written (a
-``<step>.orbax-checkpoint-tmp`` folder exists), SIGTERM (must save and exit 0); after each
-fault it restarts the same command. At the end every step's loss, the final train state and
+SIGKILL after a step, SIGKILL inside an async checkpoint save before Orbax commits it (a
+``<step>.orbax-checkpoint-tmp`` folder is left), SIGTERM (must save and exit 0); after each
+fault it restarts the same command. The trainer interrupts itself at the named point
+(``MIRAGE_FAULT_AT``, ``mirage_jax/faults.py``), so every fault lands where it is meant to,
+without a race between the test and the trainer. At the end every step's loss, the final train state and
 the input position (derived from the step) must equal an uninterrupted run's, bit for bit, and every
 checkpoint left on disk must restore.
 
@@ -21,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -29,11 +30,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mirage_jax import checkpoint
+from mirage_jax import checkpoint, faults
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
+CHECKPOINT_EVERY = 2
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+RUN_DEADLINE_S = 300  # one trainer run on a loaded 2-core machine (the first compiles)
 # The tiny config at 16x16 on a 10-clip procedural dataset; checkpoints every 2 steps.
 DATASET = dict(num_clips=10, frames_per_clip=6, resolution=16, moving_objects=0)
 
@@ -47,7 +50,7 @@ def trainer_command(workdir: Path, data_dir: Path, steps: int = STEPS, *extra: s
           "--config.data.read_buffer_size=1", "--config.autoencoder.base_channels=8",
           f"--config.train.steps={steps}", "--config.train.log_every=1",
           "--config.train.tensorboard=False", "--config.train.peak_tflops_per_device=1.0",
-          "--config.checkpoint.every=2", "--config.checkpoint.keep=3", *extra]
+          f"--config.checkpoint.every={CHECKPOINT_EVERY}", "--config.checkpoint.keep=3", *extra]
 
 
 def trainer_env(cache_dir: Path) -> dict[str, str]:
@@ -80,20 +83,13 @@ def logged(workdir: Path) -> dict[int, dict]:
   return rows
 
 
-def metrics_size(workdir: Path) -> int:
-  path = workdir / "metrics.jsonl"
-  return path.stat().st_size if path.exists() else 0
-
-
-def logged_steps(workdir: Path, since: int = 0) -> list[int]:
-  """Steps of the complete lines of metrics.jsonl after byte ``since``, while it is written."""
+def logged_steps(workdir: Path) -> list[int]:
+  """Steps of the complete lines of metrics.jsonl (a killed run may leave half a line)."""
   path = workdir / "metrics.jsonl"
   if not path.exists():
     return []
-  with open(path) as f:
-    f.seek(since)
-    text = f.read()
-  lines = text[:text.rfind("\n") + 1].splitlines()  # a line being written has no newline yet
+  text = path.read_text()
+  lines = text[:text.rfind("\n") + 1].splitlines()
   return [json.loads(line)["step"] for line in lines]
 
 
@@ -107,8 +103,9 @@ def complete_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def saves_in_progress(workdir: Path) -> set[tuple[str, int]]:
-  """(name, inode) of the temporary folders of checkpoint saves under way (or killed)."""
+def saves_in_progress(workdir: Path) -> set[tuple[str, int, int]]:
+  """(name, inode, mtime) of the temporary folders of checkpoint saves under way (or killed):
+  a folder a later save wrote into (or made anew) is another element."""
   folder = workdir / "checkpoints"
   if not folder.is_dir():
     return set()
@@ -116,7 +113,8 @@ def saves_in_progress(workdir: Path) -> set[tuple[str, int]]:
   for p in folder.iterdir():
     try:
       if p.name.endswith(TMP_SUFFIX):
-        found.add((p.name, p.stat().st_ino))
+        st = p.stat()
+        found.add((p.name, st.st_ino, st.st_mtime_ns))
     except FileNotFoundError:  # renamed into place meanwhile
       pass
   return found
@@ -138,23 +136,48 @@ def load_checkpoint(workdir: Path, step: int) -> dict:
 # ----------------------------------------------------------------------------- the campaign
 
 
+def wait_for(proc: subprocess.Popen, log: Path, what: str, deadline_s: float = RUN_DEADLINE_S) -> int:
+  """``proc``'s exit status; kills it and fails, naming ``what`` and its log, past the deadline."""
+  try:
+    return proc.wait(timeout=deadline_s)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"{what} did not end within {deadline_s} s; log tail:\n"
+                         f"{log.read_text()[-3000:]}") from None
+
+
 @dataclasses.dataclass
 class Fault:
-  """One interruption: ``kind`` once the run has logged ``after_steps`` steps (+ ``delay`` s).
+  """One interruption, ``after_steps`` (>= 1) steps after where the run starts.
 
-  kind: "kill" (SIGKILL), "kill_saving" (SIGKILL as soon as a new checkpoint save is being
-  written) or "term" (SIGTERM: the trainer must save and exit 0).
+  kind: "kill" (SIGKILL after that step), "kill_saving" (SIGKILL inside the first
+  checkpoint save at or after that step, before Orbax commits it) or "term" (SIGTERM after
+  that step: the trainer must save that step and exit 0).
   """
   kind: str
-  after_steps: int  # steps this run logs first (0: SIGKILL while it starts up)
-  delay: float = 0.0
+  after_steps: int
+
+  def step(self, start: int) -> int:
+    """The step the fault fires at in a run that starts from step ``start``."""
+    step = start + self.after_steps
+    if self.kind == "kill_saving":  # the next checkpoint step
+      return -(-step // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
+    return step
+
+  def spec(self, start: int) -> str:
+    """``MIRAGE_FAULT_AT`` for the run (``mirage_jax/faults.py``)."""
+    if self.kind == "kill_saving":
+      return faults.spec("saving", self.step(start), "kill")
+    return faults.spec("step", self.step(start), {"kill": "kill", "term": "term"}[self.kind])
 
 
 @dataclasses.dataclass
 class Outcome:
   """What one faulted run did, and whether the restart after it resumed correctly."""
   fault: Fault
-  injected: bool = False  # the signal reached a running trainer
+  at_step: int  # where the fault fired
+  injected: bool = False  # the fault stopped a running trainer where it was meant to
   during_save: bool = False  # a checkpoint save was left unfinished by the kill
   latest_before_restart: int | None = None
   resumed_from: int | None = None  # from the next run's log (None: started afresh)
@@ -165,70 +188,61 @@ class Outcome:
 
 
 def random_faults(count: int, seed: int, max_steps: int = 3) -> list[Fault]:
-  """``count`` faults, kinds, steps (0..max_steps after each start) and delays from ``seed``."""
+  """``count`` faults, kinds and steps (1..max_steps after each start) drawn from ``seed``."""
   rng = random.Random(seed)
-  return [Fault(rng.choice(["kill", "kill_saving", "term"]), rng.randint(0, max_steps),
-                round(rng.uniform(0.0, 0.3), 3)) for _ in range(count)]
+  return [Fault(rng.choice(["kill", "kill_saving", "term"]), rng.randint(1, max_steps))
+          for _ in range(count)]
 
 
-def _interrupt(proc: subprocess.Popen, workdir: Path, fault: Fault, steps: int) -> Outcome:
-  """Waits for the fault's moment, signals the trainer (unless it finished first), waits."""
-  outcome = Outcome(fault)
-  old_saves = saves_in_progress(workdir)  # left over from earlier kills
-  old_lines = metrics_size(workdir)  # logged by earlier runs: this run's progress comes after
-  fire_at = None
-  while proc.poll() is None:
-    # SIGTERM waits for a step logged by this run: its handler is installed by then.
-    if len(logged_steps(workdir, old_lines)) >= max(fault.after_steps, fault.kind == "term"):
-      if fault.kind == "kill_saving":
-        if saves_in_progress(workdir) - old_saves:
-          proc.send_signal(signal.SIGKILL)
-          break
-      else:
-        fire_at = fire_at or time.monotonic() + fault.delay
-        if time.monotonic() >= fire_at:
-          proc.send_signal(signal.SIGKILL if fault.kind == "kill" else signal.SIGTERM)
-          break
-    time.sleep(0.002)
-  rc = proc.wait()
-  finished = last_logged_step(workdir) == steps
+def _outcome(rc: int, log: Path, workdir: Path, fault: Fault, start: int,
+             old_saves: set) -> Outcome:
+  """How a run started at step ``start`` and faulted ended: exit status, the fault's own line
+  in its log, its last logged step and the checkpoints it left."""
+  at_step = fault.step(start)
+  outcome = Outcome(fault, at_step)
+  new_saves = saves_in_progress(workdir) - old_saves
+  fired = f"{faults.ENV}={fault.spec(start)}: fault injected" in log.read_text()
   if fault.kind == "term":
-    # The handler is gone once the loop is over: a late SIGTERM just ends a finished run.
-    assert rc == 0 or finished and rc == -signal.SIGTERM, f"SIGTERM: exit status {rc}"
-    outcome.injected = not finished
-    if outcome.injected:  # saved at the step it stopped at
-      assert complete_steps(workdir)[-1:] == [last_logged_step(workdir)], complete_steps(workdir)
-  else:
-    outcome.injected = rc == -signal.SIGKILL
-  outcome.during_save = bool(saves_in_progress(workdir) - old_saves)
+    assert rc == 0, f"SIGTERM after step {at_step}: exit status {rc}"
+    # Saved the step it stopped at, and ran no further.
+    outcome.injected = fired and (complete_steps(workdir)[-1:] == [at_step] ==
+                                  [last_logged_step(workdir)])
+  elif fault.kind == "kill":
+    outcome.injected = fired and rc == -signal.SIGKILL and last_logged_step(workdir) == at_step
+  else:  # killed inside the save of at_step: its temporary folder is left, uncommitted
+    outcome.injected = (fired and rc == -signal.SIGKILL and
+                        any(name == f"{at_step}{TMP_SUFFIX}" for name, *_ in new_saves)
+                        and at_step not in complete_steps(workdir))
+  outcome.during_save = bool(new_saves)
   outcome.latest_before_restart = (complete_steps(workdir) or [None])[-1]
   return outcome
 
 
-def run_campaign(workdir: Path, data_dir: Path, env: dict, faults: list[Fault],
+def run_campaign(workdir: Path, data_dir: Path, env: dict, faults_: list[Fault],
                  logs: Path, steps: int = STEPS) -> list[Outcome]:
   """Runs the trainer, interrupting it with each fault in turn, then lets it finish.
 
   Returns:
-    One outcome per fault. Raises AssertionError when the last run does not finish cleanly
-    or a SIGTERM does not lead to a checkpoint and exit status 0.
+    One outcome per fault. Raises AssertionError when a run outlives its deadline, the last
+    run does not finish cleanly or a SIGTERM does not end in exit status 0.
   """
   logs.mkdir(parents=True, exist_ok=True)
   outcomes: list[Outcome] = []
-  for attempt in range(len(faults) + 1):
+  env = {k: v for k, v in env.items() if k != faults.ENV}
+  for attempt in range(len(faults_) + 1):
     log = logs / f"run{attempt}.txt"
+    start = (complete_steps(workdir) or [0])[-1]  # where the run resumes (checked below)
+    fault = faults_[attempt] if attempt < len(faults_) else None
+    run_env = dict(env, **{faults.ENV: fault.spec(start)}) if fault else env
+    old_saves = saves_in_progress(workdir)  # left over from earlier kills
     with open(log, "w") as f:
-      proc = subprocess.Popen(trainer_command(workdir, data_dir, steps), cwd=ROOT, env=env,
+      proc = subprocess.Popen(trainer_command(workdir, data_dir, steps), cwd=ROOT, env=run_env,
                               stdout=f, stderr=subprocess.STDOUT)
-    try:
-      if attempt < len(faults):
-        outcomes.append(_interrupt(proc, workdir, faults[attempt], steps))
-      else:
-        assert proc.wait() == 0, log.read_text()[-3000:]
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    rc = wait_for(proc, log, f"trainer run {attempt} ({run_env.get(faults.ENV, 'no fault')})")
+    if fault:
+      outcomes.append(_outcome(rc, log, workdir, fault, start, old_saves))
+    else:
+      assert rc == 0, log.read_text()[-3000:]
     if attempt:  # where this run says it resumed from
       found = re.search(r"resumed from step (\d+)", log.read_text())
       outcomes[attempt - 1].resumed_from = int(found.group(1)) if found else None
@@ -264,25 +278,27 @@ def setup(tmp_path_factory):
   build_dataset(data_dir)
   reference = root / "reference"
   done = subprocess.run(trainer_command(reference, data_dir), cwd=ROOT, env=env,
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, timeout=RUN_DEADLINE_S)
   assert done.returncode == 0, done.stderr[-3000:]
   return root, data_dir, env, reference
 
 
+@pytest.mark.timeout(900)  # six trainer runs (the reference compiles, the rest hit the cache)
 def test_killed_and_restarted_training_equals_an_uninterrupted_run(setup):
   root, data_dir, env, reference = setup
   assert sorted(logged(reference)) == list(range(1, STEPS + 1))
-  # After 1, 2, 2 and 2 steps of each run: SIGKILL, SIGKILL mid-save, SIGTERM, SIGKILL mid-save.
-  faults = [Fault("kill", 1, 0.05), Fault("kill_saving", 2), Fault("term", 2, 0.1),
-            Fault("kill_saving", 2)]
+  # SIGKILL after step 3 (step 2's async save may or may not be committed by then: either
+  # way the restart must resume from what is); SIGKILL inside the next save 2 steps on;
+  # SIGTERM 1 step on; SIGKILL inside the next save 2 steps on; then the run to the end.
+  faults_ = [Fault("kill", 3), Fault("kill_saving", 2), Fault("term", 1),
+             Fault("kill_saving", 2)]
   workdir = root / "faulted"
-  outcomes = run_campaign(workdir, data_dir, env, faults, root / "logs")
+  outcomes = run_campaign(workdir, data_dir, env, faults_, root / "logs")
   for o in outcomes:
     assert o.injected, o
     assert o.resumed_correctly, o
-  # At least one kill landed while an async save was being written, and the restart
-  # ignored that unfinished checkpoint.
-  assert any(o.during_save for o in outcomes if o.fault.kind == "kill_saving"), outcomes
+    if o.fault.kind == "kill_saving":  # the restart ignored the unfinished checkpoint
+      assert o.during_save and (o.latest_before_restart or 0) < o.at_step, o
   problems = check_against(reference, workdir)
   assert problems == dict(wrong_or_missing_losses=0, corrupt_checkpoints=0,
                           final_state_differs=0, data_position_differs=0)
@@ -298,7 +314,8 @@ def test_halt_on_nonfinite_names_step_and_batch_and_keeps_the_last_good_checkpoi
                         "--config.optimizer.warmup_steps=0",
                         "--config.optimizer.grad_clip_norm=0.0",
                         "--config.checkpoint.every=1", "--config.train.log_every=4")
-  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=RUN_DEADLINE_S)
   assert done.returncode != 0
   found = re.search(r"FloatingPointError: step (\d+): non-finite loss or gradient norm on "
                     r"the batch of clip_index \[([\d, ]+)\]", done.stderr)

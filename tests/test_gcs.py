@@ -7,8 +7,9 @@ TensorStore (Orbax) by ``TENSORSTORE_GCS_HTTP_URL`` with a fixed test token, Arr
 ``CLOUD_STORAGE_EMULATOR_ENDPOINT``. Credential discovery is kept off the network
 (``NO_GCE_CHECK``, metadata host on a closed loopback port, gcsfs token ``anon``).
 
-Exercised: a tiny training run with ``--workdir=gs://...``, SIGKILLed once a checkpoint is
-committed, resumed to the end; ``export`` to ``gs://`` (the same params as a local export);
+Exercised: a tiny training run with ``--workdir=gs://...``, SIGKILLed inside its second
+checkpoint save (the test-only fault point ``MIRAGE_FAULT_AT``), resumed from the first to
+the end; ``export`` to ``gs://`` (the same params as a local export);
 ``generate`` from a ``gs://`` export into a ``gs://`` output folder (the same depths as from
 the local export); training from a dataset uploaded to the bucket (the same losses as from
 the local copy); ``evaluate`` into a ``gs://`` output folder; bad buckets, an unreachable
@@ -43,6 +44,7 @@ from tests import test_faults, test_generate
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "mirage-test"
 STEPS = 6
+DEADLINE_S = 300  # one command on a loaded 2-core machine
 
 
 def _free_port() -> int:
@@ -131,7 +133,7 @@ def _one_line_error(result: subprocess.CompletedProcess, flag: str) -> str:
 
 def _cli(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, timeout=DEADLINE_S)
 
 
 @pytest.mark.slow
@@ -143,24 +145,22 @@ def test_train_kill_resume_export_on_gcs(gcs, tmp_path):
   command = test_faults.trainer_command(workdir, data_dir, STEPS)
   t0 = time.perf_counter()
 
-  # First run: SIGKILL as soon as a checkpoint is committed on the bucket.
-  with open(tmp_path / "run1.log", "w") as log:
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-      while proc.poll() is None and not _committed_steps(workdir):
-        time.sleep(0.2)
-      proc.send_signal(signal.SIGKILL)
-    finally:
-      rc = proc.wait()
-  assert rc == -signal.SIGKILL, (tmp_path / "run1.log").read_text()[-3000:]
-  killed_at = _committed_steps(workdir)
-  assert killed_at and killed_at[-1] < STEPS, killed_at
+  # First run: the trainer SIGKILLs itself inside the save of step 4 (checkpoints every 2
+  # steps), before Orbax commits it; the save of step 2 was committed before that one began.
+  log = tmp_path / "run1.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(command, cwd=ROOT, env=dict(env, MIRAGE_FAULT_AT="saving:4:kill"),
+                            stdout=f, stderr=subprocess.STDOUT)
+  rc = test_faults.wait_for(proc, log, "the first gs:// training run")
+  assert rc == -signal.SIGKILL, log.read_text()[-3000:]
+  assert _committed_steps(workdir) == [2]
 
   # Second run resumes from the bucket and finishes.
-  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=DEADLINE_S)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert f"resumed from step {killed_at[-1]}" in done.stderr, done.stderr[-3000:]
-  assert _committed_steps(workdir)[-1] == STEPS
+  assert "resumed from step 2" in done.stderr, done.stderr[-3000:]
+  assert _committed_steps(workdir)[-1] == STEPS  # step 4 saved again, and the rest
   config = json.loads(paths.open(paths.join(workdir, "config.json")).read())
   assert config["train"]["steps"] == STEPS
   logged = [json.loads(l)["step"] for l in
@@ -290,7 +290,7 @@ def test_train_from_gcs_dataset(gcs, tmp_path):
   for where, data_dir in (("gcs", remote), ("local", str(local))):
     workdirs[where] = tmp_path / f"run_{where}"
     result = subprocess.run(test_faults.trainer_command(workdirs[where], data_dir, 2), cwd=ROOT,
-                            env=env, capture_output=True, text=True)
+                            env=env, capture_output=True, text=True, timeout=DEADLINE_S)
     assert result.returncode == 0, result.stderr[-3000:]
     if where == "gcs":
       seconds = time.perf_counter() - t0

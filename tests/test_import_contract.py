@@ -47,7 +47,7 @@ LAYERS: dict[str, dict] = {
     "core": dict(modules=(
         "mirage_jax.errors", "mirage_jax.paths", "mirage_jax.atomic", "mirage_jax.geometry",
         "mirage_jax.diffusion", "mirage_jax.sharding", "mirage_jax.distributed",
-        "mirage_jax.checkpoint", "mirage_jax.metrics_log", "mirage_jax.prefetch",
+        "mirage_jax.checkpoint", "mirage_jax.metrics_log", "mirage_jax.prefetch", "mirage_jax.faults",
         "=mirage_jax"), may_import=("core",)),
     # L1: shared network blocks, the spatial memory, the world-model interface, and the
     # training pieces a family's stage builds on (the Stage protocol, FLOP counting).

@@ -1,6 +1,9 @@
-"""main_job's stages: a training stopped early (preempted) is never exported as if finished."""
+"""main_job: a training stopped early (preempted) is never exported as if finished; the small
+family's job end to end at reduced size."""
 
+import html
 import os
+import re
 
 import ml_collections
 import pytest
@@ -38,3 +41,54 @@ def test_a_finished_training_is_exported_and_then_reused(tmp_path, monkeypatch):
   assert out == os.path.join(str(tmp_path), "denoiser_export") and os.path.isdir(out)
   _fake_training(monkeypatch, saved_step=-1)  # not called again: the export is reused
   assert main_job.train_and_export(config, str(tmp_path), "denoiser") == out
+
+
+SMALL_ARGS = ("--autoencoder_steps=20", "--denoiser_steps=20", "--num_trajectories=2",
+              "--num_frames=20", "--lengths=20,40", "--object_trajectories=1",
+              "--backends=none,mirage,voxel")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_small_family_main_job_end_to_end(tmp_path):
+  """``make main``'s job at reduced size (20 steps per stage, 2 loops of 20 frames, one loop
+  with objects): every stage runs for real (no mocks), every table and claim is printed, the
+  report links each evaluation, and a second run reuses everything."""
+  import json  # pylint: disable=g-import-not-at-top
+  from tests.test_generate import run_cli  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "tiny"
+  result = run_cli("mirage_jax.main_job", f"--workdir={workdir}", *SMALL_ARGS)
+  assert result.returncode == 0, result.stderr[-4000:]
+  out = result.stdout
+  for stage in ("1/4 dataset", "2/4 autoencoder", "3/4 denoiser", "4/4 evaluation"):
+    assert f"=== {stage}" in out, out[-3000:]
+  for export in ("autoencoder_export", "denoiser_export"):
+    assert (workdir / export / "config.json").exists(), export
+  # Training ran the asked steps: the denoiser's last logged step is 20.
+  with open(workdir / "denoiser" / "metrics.jsonl") as f:
+    steps = [json.loads(line).get("step") for line in f if line.strip()]
+  assert max(s for s in steps if s is not None) == 20, steps
+  # The revisit/cost table has every backend's row and both lengths' cost columns.
+  summary = json.loads((workdir / "eval" / "revisit" / "metrics.json").read_text())["revisit"]["summary"]
+  assert {"none", "mirage", "voxel"} <= set(summary)
+  table = out[out.index("| row "):]
+  assert "cache_MB@20" in table and "s/chunk@40" in table, table[:2000]
+  for row in ("none (memory off)", "mirage", "voxel"):
+    assert re.search(rf"^\|\s*{re.escape(row)}\s*\|", table, re.M), table[:2000]
+  assert "moving objects:" in out
+  # Every claim is printed with its verdict, and the summary page shows the same verdicts.
+  claims = [line.strip() for line in out.splitlines() if line.strip().startswith(("[PASS]", "[FAIL]"))]
+  assert any("voxel revisit PSNR" in c for c in claims), claims
+  assert any("chunk" in c for c in claims), claims  # the scaling claim
+  page = (workdir / "eval" / "index.html").read_text()
+  for claim in claims:  # the page shows each claim with the same verdict
+    verdict, text = claim[1:5], html.escape(claim.split("] ", 1)[1])
+    assert re.search(re.escape(text) + r".{0,200}" + verdict, page, re.S), claim
+  for name in ("revisit", "scaling", "objects"):
+    assert (workdir / "eval" / name / "index.html").exists(), name
+    assert f"{name}/index.html" in page, name
+  assert f"report: {(workdir / 'eval' / 'index.html').resolve()}" in out
+
+  again = run_cli("mirage_jax.main_job", f"--workdir={workdir}", *SMALL_ARGS)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert "reused " in again.stdout and again.stdout.count("reusing") >= 4, again.stdout[-3000:]

@@ -100,7 +100,7 @@ def test_revisit_rows_from_different_checkpoints(exports, loop_clip):
   summary, _ = revisit.summarize({"a": res})
   assert list(revisit.claims(summary)) == [f"voxel revisit PSNR >= {row} + 4 dB"]
   del summary[row]
-  assert list(revisit.claims(summary)) == ["voxel revisit PSNR >= none + 4 dB"]
+  assert list(revisit.claims(summary)) == ["voxel revisit PSNR >= none (memory off) + 4 dB"]
   with pytest.raises(Exception, match="already a row"):
     revisit.RevisitRunner(config, ae, dn, ["none"], 12, oracle=False, composite=False,
                           extra_rows={"none": baseline})

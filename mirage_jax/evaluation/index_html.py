@@ -105,7 +105,7 @@ def _revisit_body(metrics: Mapping[str, Any]) -> tuple[dict, str, list[str]]:
     names = [r for r, s in summary.items() if r != "reference" and isinstance(s, dict)]
     rows += [r for r in names if r not in rows]
     columns = [c for c in revisit.SCALARS if any(summary[r].get(c) is not None for r in names)]
-    table_rows = [dict(row=r, **summary[r]) for r in names]
+    table_rows = [dict(row=revisit.row_label(r), **summary[r]) for r in names]
     table_rows.append(dict(row="ground truth (floor)", **summary.get("reference", {})))
     per_traj = [dict(trajectory=t, **{r: res["rows"][r].get("psnr_revisit") for r in res["rows"]})
                 for t, res in metrics[group]["trajectories"].items()]

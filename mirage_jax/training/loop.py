@@ -20,6 +20,7 @@ from absl import logging
 
 from mirage_jax import checkpoint as ckpt_lib
 from mirage_jax import distributed
+from mirage_jax import faults
 from mirage_jax import metrics_log
 from mirage_jax import paths
 from mirage_jax import prefetch
@@ -33,6 +34,9 @@ from mirage_jax.training.mesh import batch_axes, build_mesh, logical_rules
 from mirage_jax.training.stage import Stage, State
 from mirage_jax.training.step import (TrainSetup, init_state, make_eval_step, make_setup,
                                       make_stage, make_train_step)
+
+# The host clock of the step timings (seconds); a test replaces it to check the arithmetic.
+_clock = time.perf_counter
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -137,9 +141,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < total:
       if profile_steps and step == profile_start:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      t_wait = time.perf_counter()
+      t_wait = _clock()
       local, batch = next(batches)
-      data_wait += time.perf_counter() - t_wait
+      data_wait += _clock() - t_wait
       with setup.context():
         state, metrics = train_step(state, batch, frozen)
       step += 1
@@ -150,21 +154,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         jax.profiler.stop_trace()
       if t_last is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(metrics)
-        t_last, step_last, data_wait = time.perf_counter(), step, 0.0
+        t_last, step_last, data_wait = _clock(), step, 0.0
       if step % config.train.log_every == 0 or step == total:
         last = _log(config, writer, pending, pending_clips, step, step_last, t_last, total,
                     step_flops, peak, data_wait)
-        t_last, step_last, pending, pending_clips = time.perf_counter(), step, [], []
+        t_last, step_last, pending, pending_clips = _clock(), step, [], []
         data_wait = 0.0
       if config.eval.every and (step % config.eval.every == 0 or step == total):
-        t_eval = time.perf_counter()
+        t_eval = _clock()
         writer.write_scalars(step, evaluate(config, stage, setup, eval_step, state, frozen,
                                             sources["validation"]))
         if rollouts is not None:
           scalars, videos = eval_rollouts(rollouts, stage, setup, state)
           writer.write_scalars(step, scalars)
           writer.write_videos(step, videos, fps=rollouts.trajectories[0].fps)
-        t_last += time.perf_counter() - t_eval  # keep evals out of the step time
+        t_last += _clock() - t_eval  # keep evals out of the step time
+      faults.at("step", step)  # test-only (MIRAGE_FAULT_AT); nothing unless set
       preempted = preemption.reached(step)
       if (pending and config.train.nonfinite == "halt" and (preempted or (
           config.checkpoint.every and step % config.checkpoint.every == 0))):
@@ -244,7 +249,7 @@ def _log(config, writer, pending, clips, step, step_last, t_last, total, step_fl
   out["nonfinite_steps"] = float(len(bad))
   steps_done = step - step_last
   if steps_done > 0:
-    seconds = (time.perf_counter() - t_last) / steps_done
+    seconds = (_clock() - t_last) / steps_done
     out["step_time_s"] = seconds
     out["examples_per_s"] = config.data.batch_size / seconds
     out["tflops_per_s"] = step_flops / seconds / 1e12
