@@ -29,7 +29,9 @@ _FRAMES = flags.DEFINE_integer("frames", 5, "psnr: frames per clip (1 + 4k).")
 _BATCH = flags.DEFINE_integer("batch", 2, "psnr: clips per step.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 300, "psnr: training steps.")
 _EVERY = flags.DEFINE_integer("every", 50, "psnr: steps between evaluated checkpoints.")
-_CASES = [(res, frames, batch) for res in (64, 128) for frames in (5, 9) for batch in (1, 2, 4)]
+_CASES = flags.DEFINE_list("cases", [f"{r}x{f}x{b}" for r in (64, 128) for f in (5, 9)
+                                      for b in (1, 2, 4)],
+                           "step: RESxFRAMESxBATCH cases.")
 
 
 def _config(res: int, frames: int, batch: int):
@@ -46,7 +48,8 @@ def _step_times() -> None:
   from mirage_jax.training import mesh as mesh_lib
   from mirage_jax.training import step as step_lib
   from mirage_jax.training.inputs import abstract_batch
-  for res, frames, batch in _CASES:
+  for case in _CASES.value:
+    res, frames, batch = (int(v) for v in case.split("x"))
     config = _config(res, frames, batch)
     stage = step_lib.make_stage(config)
     mesh = mesh_lib.build_mesh(config)

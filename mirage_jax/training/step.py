@@ -134,7 +134,9 @@ def _overlay(tree: dict, new: Mapping, shardings: dict) -> dict:
     if isinstance(v, Mapping):
       out[k] = _overlay(tree[k], v, shardings[k])
     else:
-      out[k] = jax.device_put(jnp.asarray(v, tree[k].dtype), shardings[k])
+      # A copy: params and EMA both start from ``new``, and the step donates the state; one
+      # buffer in both would be donated twice (a segfault on CPU).
+      out[k] = jax.device_put(jnp.asarray(v, tree[k].dtype), shardings[k], may_alias=False)
   return out
 
 

@@ -499,12 +499,18 @@ class WanVAEStage(StageBase):
         raise InputError(where, f"autoencoder.{name}", f"{a!r} in the export, {b!r} in the "
                          "config: an export of another VAE")
     _, params = nnx.split(nnx.eval_shape(lambda: self.build(nnx.Rngs(0))), nnx.Param)
+    abstract = params.to_pure_dict()
     with sharding.use_rules(rules):
       shardings = sharding.logical_to_sharding(
-          nnx.get_partition_spec(params).to_pure_dict(), mesh, rules, params.to_pure_dict(),
-          params=True)
-    loaded, _, step = ckpt_lib.load_export(path, shardings, dtype=jnp.dtype(mine.param_dtype))
-    self.initial_params = loaded
+          nnx.get_partition_spec(params).to_pure_dict(), mesh, rules, abstract, params=True)
+    # The export names list entries '0', '1', ...; the state's pure dict has int keys.
+    loaded, _, step = ckpt_lib.load_export(path, exports.nest(exports.flat_paths(shardings)),
+                                           dtype=jnp.dtype(mine.param_dtype))
+
+    def like(tree, stored):
+      return {k: like(v, stored[str(k)]) if isinstance(v, dict) else stored[str(k)]
+              for k, v in tree.items()}
+    self.initial_params = like(abstract, loaded)
     logging.info("Wan VAE starts from %s (step %d)", path, step)
 
   def loss(self, model, frozen, batch: Batch, rng):
