@@ -49,8 +49,8 @@ def test_config_and_stage_dispatch():
   assert dict(big.mesh) == mirage_wan22_5b.MESHES["v5e_256"]["mesh"]
   assert big.denoiser.model.dim == 3072 and big.denoiser.model.num_layers == 30
   assert dict(wan22_pretrain.get_config().mesh) == mirage_wan22_5b.MESHES["v5p_128"]["mesh"]
-  with pytest.raises(ValueError, match="not available yet"):
-    wan22_pretrain.get_config("autoencoder,tiny")
+  ae = wan22_pretrain.get_config("autoencoder,tiny")
+  assert ae.stage == "autoencoder" and ae.family == "wan" and (ae.data.num_frames - 1) % 4 == 0
   with pytest.raises(ValueError, match="stage"):
     wan22_pretrain.get_config("bogus")
   with pytest.raises(ValueError, match="mesh"):
