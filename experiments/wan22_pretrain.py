@@ -105,6 +105,7 @@ def denoiser_config(variant: str, mesh: str | None):
   d.train_stages = ("base",)
   d.base_checkpoint = ""  # from the random init; an export here continues from it
   d.model.vace = False  # a plain Wan DiT: no VACE branch, no memory read
+  c.memory.backend = "none"  # and so, generating alone, it keeps no memory
   d.model.lora_rank = 0
   if variant == "ti2v_5b":
     # From scratch: a higher rate than the reference's fine-tuning 1e-5, warmed up and
