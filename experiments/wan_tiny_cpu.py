@@ -45,6 +45,10 @@ def get_config(arg=None):
   if stage == "autoencoder":
     c = wan22_pretrain.get_config("autoencoder,tiny")
     c.data.update(resolution=(64, 64), num_frames=5, batch_size=2, crop="random_native")
+    # Decode the posterior mean: sampled latents kept the posterior's noise (log-variance
+    # still -0.2 after 300 steps, noise std 0.9 against latents of std 1.7) and capped the
+    # reconstruction at 17 dB PSNR (BENCHMARKS.md); the KL term still regularises the mean.
+    c.autoencoder_loss.sample_posterior = False
     c.optimizer.update(learning_rate=1e-3, end_learning_rate=1e-4, warmup_steps=20)
     c.train.update(steps=500, log_every=25)
   else:
