@@ -71,14 +71,13 @@ def _check_main_job(module_globals) -> None:
 
 def _check_build(module_globals) -> None:
   """data_pipelines.build: local-only paths, the Beam runner, its extra and its options."""
-  del module_globals
   from absl import flags  # pylint: disable=g-import-not-at-top
   from data_pipelines import builders  # pylint: disable=g-import-not-at-top
   from mirage_jax import paths  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  for name in ("data_dir", "source_dir"):
-    paths.require_local(f[name].value, f"--{name}", "build locally, then copy the dataset "
-                        "folder up")
+  if f["beam_runner"].value in module_globals["LOCAL_RUNNERS"]:
+    for name in ("data_dir", "source_dir"):
+      paths.require_local(f[name].value, f"--{name}", "build locally")
   builders.beam_options(f["beam_runner"].value, f["beam_options"].value)
 
 
