@@ -51,6 +51,10 @@ _BEAM_OPTIONS = flags.DEFINE_list(
     "direct_num_workers=2,direct_running_mode=multi_processing or project=...,region=...).")
 
 
+# Runners whose workers share this machine's disk.
+LOCAL_RUNNERS = ("", "DirectRunner", "PrismRunner")
+
+
 def build(dataset: str, data_dir: str, config_name: str = "default", *, beam_runner: str = "",
           beam_options: Sequence[str] = (), **params) -> tuple[tfds.core.DatasetBuilder, bool]:
   """Builds or reuses one dataset (see the module docstring).
@@ -74,10 +78,13 @@ def main(argv: list[str]) -> int:
   for flag in (_DATASET, _DATA_DIR):
     if not flag.value:
       raise InputError(f"--{flag.name}", flag.name, "is required")
-  # Beam and the TFDS writer here write local files; training reads a gs:// copy.
-  for flag in (_DATA_DIR, _SOURCE_DIR):
-    paths.require_local(flag.value, f"--{flag.name}", "build locally, then copy the dataset "
-                        "folder up")
+  # Beam's in-process and local-process runners write local files; training reads a gs://
+  # copy. A cluster runner's workers cannot reach this machine's disk: there the folders
+  # must be storage every worker reads (README, "Dataset builds on Beam").
+  if _BEAM_RUNNER.value in LOCAL_RUNNERS:
+    for flag in (_DATA_DIR, _SOURCE_DIR):
+      paths.require_local(flag.value, f"--{flag.name}", "build locally (or on a cluster "
+                          "--beam_runner), then copy the dataset folder up")
   tfds.disable_progress_bar()
   if not flags.FLAGS["verbosity"].present:  # TFDS logs routine notes as warnings: keep stderr for errors.
     logging.set_verbosity(logging.ERROR)
