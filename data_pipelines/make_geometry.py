@@ -44,23 +44,33 @@ from absl import app, flags
 from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
-_OUTPUT = flags.DEFINE_string("output", None, "The geometry.npz to write.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
-# From a built dataset.
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Built datasets (python -m data_pipelines.build).")
-_DATASET = flags.DEFINE_string("dataset", "procedural_rooms", "Dataset name under --data_dir.")
-_CONFIG_NAME = flags.DEFINE_string("config_name", "default", "Dataset config name.")
-_SPLIT = flags.DEFINE_string("split", "test", "Dataset split (train, validation, test).")
-_CLIP = flags.DEFINE_integer("clip", 0, "Index of the clip in --split.")
-_RANGE = flags.DEFINE_string("frame_range", None, "a:b keeps frames a..b-1 of the clip (default all).")
-# From your own files.
-_FRAMES = flags.DEFINE_string("frames", None, "An image (the first frame), a video or a folder of images.")
-_DEPTH = flags.DEFINE_string("depth", None, "Depth in metres: .npy (H, W) or (K, H, W), or an .npz of one.")
-_CAMERAS = flags.DEFINE_string("cameras", None, "RealEstate10K camera .txt, or .npz with poses_c2w "
-                               "(T, 4, 4) and intrinsics (T, 3, 3) or (3, 3) in pixels.")
-_FPS = flags.DEFINE_float("fps", None, "Frame rate (default: the cameras file's, else 30).")
+# The command's flags are defined only when it runs as a script (tests import this module
+# beside other commands that define flags of the same names).
+_OUTPUT = _OVERWRITE = _DATA_DIR = _DATASET = _CONFIG_NAME = _SPLIT = _CLIP = _RANGE = None
+_FRAMES = _DEPTH = _CAMERAS = _FPS = None
+_OWN_FLAGS = ()
 
-_OWN_FLAGS = (_FRAMES, _DEPTH, _CAMERAS)
+
+def _define_flags() -> None:
+  global _OUTPUT, _OVERWRITE, _DATA_DIR, _DATASET, _CONFIG_NAME, _SPLIT, _CLIP, _RANGE  # pylint: disable=global-statement
+  global _FRAMES, _DEPTH, _CAMERAS, _FPS, _OWN_FLAGS  # pylint: disable=global-statement
+  _OUTPUT = flags.DEFINE_string("output", None, "The geometry.npz to write.")
+  _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+  # From a built dataset.
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built datasets (python -m data_pipelines.build).")
+  _DATASET = flags.DEFINE_string("dataset", "procedural_rooms", "Dataset name under --data_dir.")
+  _CONFIG_NAME = flags.DEFINE_string("config_name", "default", "Dataset config name.")
+  _SPLIT = flags.DEFINE_string("split", "test", "Dataset split (train, validation, test).")
+  _CLIP = flags.DEFINE_integer("clip", 0, "Index of the clip in --split.")
+  _RANGE = flags.DEFINE_string("frame_range", None, "a:b keeps frames a..b-1 of the clip (default all).")
+  # From your own files.
+  _FRAMES = flags.DEFINE_string("frames", None, "An image (the first frame), a video or a folder of images.")
+  _DEPTH = flags.DEFINE_string("depth", None, "Depth in metres: .npy (H, W) or (K, H, W), or an .npz of one.")
+  _CAMERAS = flags.DEFINE_string("cameras", None, "RealEstate10K camera .txt, or .npz with poses_c2w "
+                                 "(T, 4, 4) and intrinsics (T, 3, 3) or (3, 3) in pixels.")
+  _FPS = flags.DEFINE_float("fps", None, "Frame rate (default: the cameras file's, else 30).")
+
+  _OWN_FLAGS = (_FRAMES, _DEPTH, _CAMERAS)
 
 
 # ----------------------------------------------------------------------------- a built dataset
@@ -260,4 +270,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=parse_flags)
