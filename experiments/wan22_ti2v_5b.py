@@ -3,10 +3,11 @@
   --config=experiments/wan22_ti2v_5b.py[:<stage>[,tiny]]
 
 ``<stage>`` is 'autoencoder' or 'denoiser' (default); ',tiny' picks the test-size variant of
-both networks. The weights come from the released files through
-``python -m mirage_jax.convert_wan`` (it writes both exports with this config). Training and
-generation do not drive this family yet: the config carries the sizes and the reference's
-numbers.
+both networks. This is the config of the released weights: ``python -m mirage_jax.convert_wan``
+writes both exports with it. The runs build on it: ``experiments/mirage_wan22_5b.py``
+(Mirage's VACE + LoRA fine-tuning, the reference's recipe), ``experiments/wan22_pretrain.py``
+(the VAE and the whole DiT trained from scratch) and ``experiments/wan_tiny_cpu.py`` (all of
+it at tiny widths on a CPU: ``python -m mirage_jax.main_job --family=wan``).
 """
 
 from experiments import common
