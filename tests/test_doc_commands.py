@@ -222,6 +222,18 @@ COMMANDS: dict[str, Doc] = {
         example="python -m mirage_jax.main --config=experiments/mirage_wan22_5b.py:ti2v_5b,v5p_128 "
                 "--config.denoiser.base_checkpoint=EXPORT/dit --config.data.data_dir=LATENTS "
                 "--workdir=DIR"),
+    "table_wan_vae_pretrain": Doc(
+        r"python -m mirage_jax\.main --config=experiments/wan22_pretrain\.py:autoencoder,\S+ .*--workdir=\S+.*", R,
+        "dry", f"the 705M-param VAE {POD_WHY}; tests/test_wan_vae_train.py trains the tiny one "
+        "(and main_job --family=wan, tests/test_wan_pipeline.py)", loose=True,
+        example="python -m mirage_jax.main --config=experiments/wan22_pretrain.py:autoencoder,ti2v_5b,v5p_128 "
+                "--config.data.data_dir=DIR --workdir=DIR"),
+    "table_wan_dit_pretrain": Doc(
+        r"python -m mirage_jax\.main --config=experiments/wan22_pretrain\.py:denoiser,\S+ .*--workdir=\S+", R,
+        "dry", f"the 5B DiT {POD_WHY}; tests/test_wan_pretrain.py trains the tiny one (and "
+        "main_job --family=wan, tests/test_wan_pipeline.py)", loose=True,
+        example="python -m mirage_jax.main --config=experiments/wan22_pretrain.py:denoiser,ti2v_5b,v5p_128 "
+                "--config.data.data_dir=LATENTS --workdir=DIR"),
     # ---- README: from `make main` to your own generate (make main's names -> this clone's)
     "own_geometry_dataset": Doc(
         "python -m data_pipelines.make_geometry --data_dir=runs/tiny/data --split=test --clip=0 "
