@@ -289,6 +289,8 @@ def _main_wan(workdir: str) -> int:
                    (config, _DN_STEPS.value)):
     if steps:
       c.train.steps = steps
+      # A shortened run still logs a curve (at least 5 points).
+      c.train.log_every = min(c.train.log_every, max(1, steps // 5))
     if _WAN_CLIPS.value:
       c.data.build.num_clips = _WAN_CLIPS.value
     if jax.device_count() < c.mesh.fsdp:  # a plain CPU process has one device
