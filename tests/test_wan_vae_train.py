@@ -81,6 +81,8 @@ def trained(rooms, tmp_path_factory):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # training + compiles: ~6 min on a loaded 2-core machine
 def test_reconstruction_improves(trained):
   """Held-out PSNR after training beats the random init's by a wide margin, and the training
   L1 falls."""
@@ -135,6 +137,8 @@ def test_remat_gives_the_same_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # training + compiles: ~6 min on a loaded 2-core machine
 def test_exact_resume_after_sigterm(rooms, tmp_path, monkeypatch):
   """A SIGTERM mid-run saves at the next step and returns 0; the rerun continues exactly."""
   straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
@@ -172,6 +176,8 @@ def test_exact_resume_after_sigterm(rooms, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # training + compiles: ~6 min on a loaded 2-core machine
 def test_export_is_a_wan_vae_export(trained, rooms, tmp_path):
   """The run's export loads with load_export and encode_latents encodes with it (as with a
   converted VAE): the stored latents are the trained VAE's encoding of the window."""
@@ -193,6 +199,8 @@ def test_export_is_a_wan_vae_export(trained, rooms, tmp_path):
                              atol=0.05 * (1 + np.abs(want).max()))  # stored in bf16
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # training + compiles: ~6 min on a loaded 2-core machine
 def test_continues_from_an_export(trained, rooms, tmp_path):
   """``config.autoencoder_checkpoint``: the run starts from the export's params (its first
   loss is the trained model's, far below a fresh start's)."""
@@ -210,6 +218,7 @@ def test_continues_from_an_export(trained, rooms, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+@pytest.mark.timeout(1500)  # the TPU compile took 452 s on a loaded 2-core machine
 def test_compile_for_v5e_2x2():
   from mirage_jax import aot  # pylint: disable=g-import-not-at-top
   config = _config("unused")
