@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
     "dm-pix==0.4.5",
     "tensorboardX==2.6.5",  # TensorBoard event files (metrics_log)
     "pillow>=10",
-    "safetensors==0.8.0",  # the Wan2.2 release's weights (families/wan/weight_files.py)
+    "safetensors==0.8.0",  # the Wan2.2 release's weights (weight_files.py)
 ]
 
 EXTRAS_REQUIRE = {

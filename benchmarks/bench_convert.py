@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 
-from mirage_jax.families.wan import weight_files
+from mirage_jax import weight_files
 from mirage_jax.errors import InputError, run_cli
 
 _LAYERS = flags.DEFINE_integer("layers", 2, "DiT blocks (the release has 30).")

@@ -285,7 +285,7 @@ def test_latent_encoding_on_two_beam_workers_writes_the_files_of_one(tmp_path):
   from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
   from experiments import wan22_ti2v_5b  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import convert as wan_convert  # pylint: disable=g-import-not-at-top
-  from mirage_jax.families.wan import weight_files  # pylint: disable=g-import-not-at-top
+  from mirage_jax import weight_files  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import original_layout  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=g-import-not-at-top
   from mirage_jax.families.wan import vae as wan_vae  # pylint: disable=g-import-not-at-top

@@ -17,7 +17,7 @@ from flax import nnx
 
 from mirage_jax import checkpoint, convert_wan
 from mirage_jax.families.wan import convert as wan_convert
-from mirage_jax.families.wan import weight_files
+from mirage_jax import weight_files
 from mirage_jax.errors import InputError, run_cli
 from mirage_jax.families.wan import original_layout
 from mirage_jax.families.wan import dit as wan_dit

@@ -48,11 +48,12 @@ LAYERS: dict[str, dict] = {
         "mirage_jax.errors", "mirage_jax.paths", "mirage_jax.atomic", "mirage_jax.geometry",
         "mirage_jax.diffusion", "mirage_jax.sharding", "mirage_jax.distributed",
         "mirage_jax.checkpoint", "mirage_jax.metrics_log", "mirage_jax.prefetch", "mirage_jax.faults",
+        "mirage_jax.weight_files",
         "=mirage_jax"), may_import=("core",)),
     # L1: shared network blocks, the spatial memory, the world-model interface, and the
     # training pieces a family's stage builds on (the Stage protocol, FLOP counting).
     "base": dict(modules=(
-        "mirage_jax.nn", "mirage_jax.memory", "mirage_jax.world_model",
+        "mirage_jax.nn", "mirage_jax.memory", "mirage_jax.world_model", "mirage_jax.depth",
         "mirage_jax.training.flops", "mirage_jax.training.stage"),
         may_import=("core", "base")),
     # L1 (beside base): clip sources, dataset builders and readers. They read and write

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mirage_jax.families.wan import weight_files
+from mirage_jax import weight_files
 from mirage_jax.errors import InputError
 
 torch = pytest.importorskip("torch")

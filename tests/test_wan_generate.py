@@ -23,7 +23,7 @@ from data_pipelines import files, procedural
 from mirage_jax import rollout
 from mirage_jax import checkpoint, families
 from mirage_jax.families.wan import convert as wan_convert
-from mirage_jax.families.wan import weight_files
+from mirage_jax import weight_files
 from mirage_jax.families.wan import world_model as wan_world_model
 from mirage_jax.evaluation import revisit
 from mirage_jax.families.wan import original_layout

@@ -18,7 +18,7 @@ from data_pipelines import build, encode_latents, latent_clips
 from experiments import mirage_wan22_5b, wan22_ti2v_5b
 from mirage_jax import checkpoint, diffusion, memory
 from mirage_jax.families.wan import convert as wan_convert
-from mirage_jax.families.wan import weight_files
+from mirage_jax import weight_files
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import dit as wan_dit

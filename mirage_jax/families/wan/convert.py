@@ -39,7 +39,7 @@ from absl import logging
 from flax import traverse_util
 
 from mirage_jax import families
-from mirage_jax.families.wan import weight_files
+from mirage_jax import weight_files
 from mirage_jax.errors import InputError
 
 # The released files' names in the release folder.
