@@ -137,7 +137,8 @@ class Rollout:
 
     Args:
       first_frame: (H, W, 3) uint8 or float in [-1, 1].
-      first_depth: (H, W) metric depth of the first frame (> 0).
+      first_depth: (H, W) metric depth of the first frame (> 0), or None (estimated by a
+        model that can: not ``model.needs_first_depth``).
       intrinsics: (T, 3, 3) at the model's image resolution. poses_c2w: (T, 4, 4) OpenCV.
       depths: (T, H, W) metric z-depth of every frame, for a model that writes each new
         latent with its frame's given depth (``model.needs_depths``: the Wan family).
@@ -173,9 +174,13 @@ class Rollout:
                         depths, oracle_frames) -> None:
     h, w = self.image_hw
     T = poses_c2w.shape[0]
-    if first_frame.shape[:2] != (h, w) or first_depth.shape != (h, w):
+    if first_depth is None and self.model.needs_first_depth:
+      raise InputError(where, "depth", "frame 0 has no depth: give it (the geometry file's "
+                       "depth), or estimate it with a metric --depth_model")
+    depth_shape = (h, w) if first_depth is None else np.shape(first_depth)
+    if first_frame.shape[:2] != (h, w) or depth_shape != (h, w):
       raise InputError(where, "first_frame", f"expected ({h}, {w}) to match the model, got "
-                       f"{first_frame.shape[:2]} and depth {first_depth.shape}")
+                       f"{first_frame.shape[:2]} and depth {depth_shape}")
     if intrinsics.shape != (T, 3, 3):
       raise InputError(where, "intrinsics", f"expected ({T}, 3, 3), got {intrinsics.shape}")
     geometry.check_poses(poses_c2w, where)
@@ -197,7 +202,9 @@ class Rollout:
     sampler, decode, memory write) with no host sync inside.
 
     Args:
-      first_frames: B arrays (H, W, 3) uint8 or float in [-1, 1]. first_depths: B (H, W).
+      first_frames: B arrays (H, W, 3) uint8 or float in [-1, 1]. first_depths: B (H, W),
+        or None entries where frame 0's depth is not known (a model with a metric depth
+        estimator estimates it: not ``needs_first_depth``).
       intrinsics: B arrays (T_b, 3, 3). poses_c2w: B arrays (T_b, 4, 4).
       depths: None, or B arrays (T_b, H, W) the given depth of every frame (required by a
         model with ``needs_depths``; frame 0 is written with ``first_depths``).
@@ -240,7 +247,9 @@ class Rollout:
       f0 = np.asarray(first_frames[b])
       frames0.append(f0.astype(np.float32) / 127.5 - 1.0 if f0.dtype == np.uint8
                      else f0.astype(np.float32))
-      depths0.append(np.asarray(first_depths[b], np.float32))
+      # Unknown depth goes in as zeros: the model's start estimates it there.
+      depths0.append(np.zeros(m.image_hw, np.float32) if first_depths[b] is None
+                     else np.asarray(first_depths[b], np.float32))
       Ks.append(np.asarray(intrinsics[b], np.float32))
       poses.append(np.asarray(poses_c2w[b], np.float32))
       if depths[b] is not None:  # frame 0 is written with first_depth

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mirage_jax.depth import estimator as depth_estimator
 from mirage_jax.errors import InputError
 
 
@@ -46,6 +47,9 @@ class WorldModel(abc.ABC):
   # ---------------------------------------------------------------- capability flags
   name: str = ""  # the family's name (``mirage_jax.families.FAMILIES``)
   needs_depths: bool = False  # generate() wants the given depth of every frame
+  needs_first_depth: bool = True  # generate() wants frame 0's depth (else it estimates it)
+  # Where written depth may come from (``mirage_jax.depth.estimator``), the first the default.
+  depth_estimators: tuple[str, ...] = ("given",)
   has_depth_head: bool = True  # the decoder returns depth (else result depths is None)
   moving_content: bool = True  # handles mask_dynamic / object slots
   given_context: bool = True  # ground-truth frames can be the clean context (given_frames)
@@ -103,6 +107,15 @@ class WorldModel(abc.ABC):
                          f"the {cls.name!r} family")
     return {}
 
+  @classmethod
+  def depth_options(cls, estimator: str | None = None, model: str | None = None,
+                    align: bool | None = None) -> depth_estimator.DepthOptions:
+    """The checked depth choice (the ``--depth_estimator``, ``--depth_model`` and
+    ``--depth_align`` flags) for this family's constructor's ``depth``; None: the family's
+    default (``depth_estimators[0]``), or ``depth_anything`` when a model is given."""
+    return depth_estimator.depth_options(estimator, model, align, default=cls.depth_estimators[0],
+                                         allowed=cls.depth_estimators, family=cls.name)
+
   # ---------------------------------------------------------------- the chunk plan (host)
   @abc.abstractmethod
   def num_chunks(self, num_frames: int) -> int:
@@ -124,8 +137,18 @@ class WorldModel(abc.ABC):
 
   def check_trajectory(self, where: str, first_frame, first_depth, intrinsics, poses_c2w,
                        depths, oracle_frames) -> None:
-    """Family checks of one trajectory beyond the driver's (shapes, poses): e.g. the given
-    depths. Default: none."""
+    """Family checks of one trajectory beyond the driver's (shapes, poses). Default: a model
+    that writes the given depth (``needs_depths``) has the depth of every frame."""
+    if not self.needs_depths:
+      return
+    h, w = self.image_hw
+    T = np.shape(poses_c2w)[0]
+    if depths is None:
+      raise InputError(where, "depths", "with --depth_estimator=given every new frame is "
+                       "written with its given depth: give the depth of all frames, or "
+                       "estimate it (--depth_estimator=depth_anything --depth_model=...)")
+    if np.shape(depths) != (T, h, w):
+      raise InputError(where, "depths", f"expected ({T}, {h}, {w}), got {np.shape(depths)}")
 
   # ---------------------------------------------------------------- jitted pieces
   @abc.abstractmethod
@@ -136,7 +159,8 @@ class WorldModel(abc.ABC):
   def start(self, params, state, frame0, depth0, K0, c2w0, rng):
     """Frame 0 of one trajectory into the memory/context: ``(carry, first outputs)``.
 
-    Args: state the memory to write into; frame0 (H, W, 3) in [-1, 1]; depth0 (H, W);
+    Args: state the memory to write into; frame0 (H, W, 3) in [-1, 1]; depth0 (H, W)
+    (all zeros when not given: only a model without ``needs_first_depth`` gets that);
     K0 (3, 3); c2w0 (4, 4); rng (2,) uint32 key data.
     """
 

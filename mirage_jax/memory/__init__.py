@@ -56,6 +56,9 @@ class Backend(NamedTuple):
   read: Callable
   nbytes: Callable
   capacity_bytes: Callable
+  # read(..., with_depth=True) also returns (F, h, w) the depth of what each cell shows
+  # (0 where empty): the backends that keep points in 3D.
+  reads_depth: bool = False
 
 
 # Each backend module has ``init``, ``write``, ``read`` and ``nbytes``.
@@ -63,6 +66,7 @@ _BACKENDS = {"voxel": voxel, "mirage": mirage, "none": none, "frame_bank": frame
              "rgb_points": rgb_points}
 
 BACKEND_NAMES = tuple(_BACKENDS)
+_READS_DEPTH = ("voxel", "mirage")
 
 
 def get_backend(name: str, *, encode_fn: Callable | None = None) -> Backend:
@@ -82,7 +86,8 @@ def get_backend(name: str, *, encode_fn: Callable | None = None) -> Backend:
     if encode_fn is None:
       raise InputError("memory config", "backend", "rgb_points needs encode_fn (the autoencoder's encoder)")
     read = functools.partial(read, encode_fn=encode_fn)
-  return Backend(name, module.init, module.write, read, module.nbytes, capacity_bytes)
+  return Backend(name, module.init, module.write, read, module.nbytes, capacity_bytes,
+                 reads_depth=name in _READS_DEPTH)
 
 
 def capacity_for(backend: str, num_frames: int, cfg) -> dict[str, int]:

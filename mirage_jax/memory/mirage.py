@@ -282,7 +282,8 @@ def _reference_splat(points, features, valid, age_rank, K, c2w, height: int, wid
     age_rank: (N,) int32, distinct, larger = appended later (breaks exact depth ties).
     K: (3, 3) intrinsics of the (height, width) grid. c2w: (4, 4).
   Returns:
-    image (height, width, C) (zeros where empty), coverage (height, width) bool.
+    image (height, width, C) (zeros where empty), coverage (height, width) bool, depth
+    (height, width) float32 camera depth of each cell's point (0 where empty).
   """
   n_cells = height * width
   cells, z = reference_cells(points, valid, K, c2w, height, width)  # n_cells: a dump for misses
@@ -296,18 +297,21 @@ def _reference_splat(points, features, valid, age_rank, K, c2w, height: int, wid
   best = best[:-1].reshape(height, width)
   covered = best >= 0
   image = jnp.where(covered[..., None], features[jnp.maximum(best, 0)], 0)
-  return image, covered
+  depth = jnp.where(covered, zmin[:-1].reshape(height, width), 0.0)
+  return image, covered, depth
 
 
-def read(state: PointState, intrinsics, c2w):
+def read(state: PointState, intrinsics, c2w, *, with_depth: bool = False):
   """Nearest-cell z-buffer splat of all points into F cameras at latent resolution, with the
   reference's conventions (integer pixel coordinates, rounding, z > 0, closest wins, exact
   depth ties to the newest point).
 
   Args:
     intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
+    with_depth: also return the camera z-depth of each cell's point (static).
   Returns:
-    latents (F, h, w, C) (zeros where empty), coverage (F, h, w) bool.
+    latents (F, h, w, C) (zeros where empty), coverage (F, h, w) bool; with ``with_depth``,
+    depth (F, h, w) float32 too (0 where empty).
   """
   cfg = state.cfg
   h, w = cfg.latent_height, cfg.latent_width
@@ -318,7 +322,8 @@ def read(state: PointState, intrinsics, c2w):
   def one(K1, c2w1):
     return _reference_splat(state.points, state.features, state.valid, age_rank, K1, c2w1, h, w)
 
-  return jax.vmap(one)(K, c2w)
+  image, covered, depth = jax.vmap(one)(K, c2w)
+  return (image, covered, depth) if with_depth else (image, covered)
 
 
 def nbytes(state: PointState) -> int:

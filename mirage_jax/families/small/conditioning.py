@@ -189,9 +189,8 @@ def anchor_depth(depth, memory_depth, coverage, *, rescale: bool = True,
   up = lambda x: jnp.repeat(jnp.repeat(x, sy, 1), sx, 2)
   out = depth.astype(jnp.float32)
   if rescale:
-    ratio = jnp.nanmedian(jnp.where(ok, memory_depth / jnp.where(ok, gen, 1.0), jnp.nan), axis=(1, 2))
-    enough = ok.sum(axis=(1, 2)) >= min_cells
-    out = out * jnp.where(enough, ratio, 1.0)[:, None, None]
+    scale, _ = depth_align.median_scale(out, memory_depth, coverage, min_cells=min_cells)
+    out = out * scale[:, None, None]
   return jnp.where(up(ok), up(memory_depth.astype(jnp.float32)), out)
 
 

@@ -49,6 +49,7 @@ from flax import nnx
 
 from mirage_jax import checkpoint, families, world_model
 from mirage_jax import memory as memory_lib
+from mirage_jax.depth import estimator as depth_estimator
 from mirage_jax.errors import InputError
 from mirage_jax.families.small import autoencoder, conditioning, denoiser
 from mirage_jax.memory import objects as objects_lib
@@ -96,11 +97,13 @@ class WorldModel(world_model.WorldModel):
   moving_content = True
   given_context = True
   benchmarks = ("revisit", "memory_maze", "objects", "scaling")
+  depth_estimators = ("decoder", "given", "depth_anything")
 
   def __init__(self, config: ml_collections.ConfigDict, ae: nnx.Module, dn: nnx.Module,
                backend: str | None = None, *, mask_dynamic: bool | None = None,
                object_slots: bool | None = None, text=None, empty_text=None,
-               guidance_scale: float | None = None, **memory_overrides):
+               guidance_scale: float | None = None,
+               depth: depth_estimator.DepthOptions | None = None, **memory_overrides):
     for flag, value in (("caption_embedding", text), ("empty_text_embedding", empty_text),
                         ("guidance_scale", guidance_scale)):
       if value is not None:
@@ -124,7 +127,18 @@ class WorldModel(world_model.WorldModel):
     self.backend_name = backend or config.memory.backend
     self.write_new_only = self.backend_name in config.memory.write_new_only
     self.memory_cfg = conditioning.memory_config(config, **memory_overrides)
-    self.depth_from_memory = self.backend_name in config.memory.depth_from_memory
+    # Where written depth comes from: the decoder's (default), the input's, or a depth model.
+    depth = depth or self.depth_options()
+    if depth.estimator not in self.depth_estimators:
+      raise InputError("--depth_estimator", "depth_estimator", f"the small family takes "
+                       f"{self.depth_estimators}, got {depth.estimator!r}")
+    self.given_depth = depth.estimator == "given"
+    self.depth_model = depth_estimator.Monocular.from_options(depth)
+    self.needs_depths = self.given_depth
+    self.needs_first_depth = self.depth_model is None or self.depth_model.needs_first_depth
+    # Anchoring to the memory's depth is the decoder's alignment.
+    self.depth_from_memory = (depth.estimator == "decoder"
+                              and self.backend_name in config.memory.depth_from_memory)
     self.depth_rescale = bool(config.memory.depth_from_memory_rescale)
     if self.depth_from_memory and self.backend_name != "voxel":
       raise InputError("config.memory", "depth_from_memory", f"the {self.backend_name!r} backend "
@@ -222,18 +236,22 @@ class WorldModel(world_model.WorldModel):
 
   # --------------------------------------------------------------------------- one chunk step
 
-  def _start_impl(self, ae_state, state, frame0, depth0, K0, c2w0, rng):
+  def _start_impl(self, ae_state, depth_state, state, frame0, depth0, K0, c2w0, rng):
     """Frame 0 of one trajectory into the memories: the carry of :meth:`_chunk_impl`.
 
     Args:
       state: the memory state frame 0 is written into (empty or pre-filled).
-      frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric. K0: (3, 3). c2w0: (4, 4).
+      frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric (all zeros when not given: the
+        depth model's estimate). K0: (3, 3). c2w0: (4, 4).
       rng: (2,) uint32 key data of the trajectory's sampling key.
     Returns:
-      carry: dict of memory, rng, ctx (Nc, h, w, C), ctx_K, ctx_c2w, and objects / bank
-      when used; frame 0's outputs: rgb (1, H, W, 3), depth (1, H, W), coverage (1, h, w),
-      dynamic (1, h, w), positions (1, S, 3), idents (1, S).
+      carry: dict of memory, rng, ctx (Nc, h, w, C), ctx_K, ctx_c2w, and objects / bank /
+      depth_fit when used; frame 0's outputs: rgb (1, H, W, 3), depth (1, H, W), coverage
+      (1, h, w), dynamic (1, h, w), positions (1, S, 3), idents (1, S).
     """
+    fit = None
+    if self.depth_model is not None:
+      depth0, fit = self.depth_model.first(depth_state, frame0, depth0)
     K, c2w, given = K0[None], c2w0[None], depth0[None]
     lat0 = self._encode_impl(ae_state, frame0[None], given)
     dyn0 = self._dynamic_impl(ae_state, lat0)
@@ -241,6 +259,8 @@ class WorldModel(world_model.WorldModel):
     ids = jnp.zeros((1,), jnp.int32)
     carry = dict(memory=self.backend.write(state, lat0, given, K, c2w, static0, ids,
                                            rgb=(frame0[None] + 1.0) / 2.0), rng=rng)
+    if fit is not None:
+      carry["depth_fit"] = fit
     positions, idents = jnp.zeros((1, 0, 3), jnp.float32), jnp.zeros((1, 0), jnp.int32)
     if self.object_slots:
       objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat0, given, K, c2w,
@@ -256,15 +276,19 @@ class WorldModel(world_model.WorldModel):
     carry.update(ctx=jnp.repeat(lat0, nc, 0), ctx_K=jnp.repeat(K, nc, 0),
                  ctx_c2w=jnp.repeat(c2w, nc, 0))
     rgb0, d0 = nnx.merge(self.ae_graphdef, ae_state).decode(lat0 / self.latent_scale)
+    if self.depth_model is not None or self.given_depth:
+      d0 = given  # the depth frame 0 was written with
     return carry, dict(rgb=rgb0, depth=d0, coverage=jnp.ones_like(dyn0), dynamic=dyn0,
                        positions=positions, idents=idents)
 
-  def _chunk_impl(self, ae_state, dn_state, carry, chunk, *, oracle: bool):
+  def _chunk_impl(self, ae_state, dn_state, depth_state, carry, chunk, *, oracle: bool):
     """One chunk of one trajectory: read -> denoise (whole sampler) -> decode -> write.
 
     Args:
+      depth_state: the depth model's state (None without one).
       carry: as :meth:`_start_impl` returns it.
-      chunk: K (F, 3, 3), c2w (F, 4, 4), frame (F,) int32 frame indices (a short chunk is
+      chunk: K (F, 3, 3), c2w (F, 4, 4), depth (F, H, W) the given depth (with the given
+        depth only), frame (F,) int32 frame indices (a short chunk is
         padded with its last camera), start () int32 first frame, real () int32 frames
         that exist (padded frames are never written; 0: the trajectory has ended, nothing
         changes). With ``oracle``: use (F,) bool frames written from ground truth, their
@@ -273,16 +297,17 @@ class WorldModel(world_model.WorldModel):
       oracle: static; without it no frame is written from ground truth.
     Returns:
       the new carry; outputs: latents (F, h, w, C), rgb (F, H, W, 3) in [-1, 1], depth
-      (F, H, W), coverage (F, h, w) bool, dynamic (F, h, w), positions (F, S, 3), idents
+      (F, H, W) (the depth written: decoded, given or estimated), coverage (F, h, w) bool, dynamic (F, h, w), positions (F, S, 3), idents
       (F, S), references (k,) frame index of each reference (-1 = fallback; k = 0 without).
     """
     Kc, c2wc, ids = chunk["K"], chunk["c2w"], chunk["frame"]
     real = (jnp.arange(self.chunk) < chunk["real"])[:, None, None]
-    if self.depth_from_memory:
+    mem_depth = None
+    if self.depth_from_memory or (self.depth_model is not None and self.backend.reads_depth):
       mem, cov, mem_depth = self.backend.read(carry["memory"], Kc, c2wc, with_depth=True)
-      static_cov = cov
     else:
       mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
+    static_cov = cov
     positions = jnp.zeros((self.chunk, 0, 3), jnp.float32)
     idents = jnp.zeros((self.chunk, 0), jnp.int32)
     objects = carry.get("objects")
@@ -301,6 +326,11 @@ class WorldModel(world_model.WorldModel):
       lat = self._encode_impl(ae_state, rgb, depth)
     if self.depth_from_memory:  # the static read's depth: object slots carry none
       depth = conditioning.anchor_depth(depth, mem_depth, static_cov, rescale=self.depth_rescale)
+    fit = carry.get("depth_fit")
+    if self.given_depth:
+      depth = chunk["depth"]
+    elif self.depth_model is not None:
+      depth, fit, _ = self.depth_model.chunk(depth_state, rgb, mem_depth, static_cov, fit)
     dyn = self._dynamic_impl(ae_state, lat)
     w_lat, w_rgb, w_depth, w_dyn = lat, rgb, depth, dyn
     if oracle:  # a chunk straddling N mixes the two
@@ -317,6 +347,8 @@ class WorldModel(world_model.WorldModel):
       static = static & (~cov | use.any()) if oracle else static & ~cov
     new = dict(carry, rng=jax.random.key_data(key), memory=self.backend.write(
         carry["memory"], w_lat, w_depth, Kc, c2wc, static, ids, rgb=(w_rgb + 1.0) / 2.0))
+    if fit is not None:
+      new["depth_fit"] = fit
     if self.object_slots:
       observed = use if oracle else jnp.zeros((self.chunk,), bool)
       new["objects"] = objects_lib.observe(carry["objects"], w_lat, w_depth, Kc, c2wc, moving,
@@ -340,10 +372,11 @@ class WorldModel(world_model.WorldModel):
   # --------------------------------------------------------------------------- the driver's
 
   def params(self) -> tuple:
-    return (self.ae_state, self.dn_state)
+    depth_state = None if self.depth_model is None else self.depth_model.state
+    return (self.ae_state, self.dn_state, depth_state)
 
   def start(self, params, state, frame0, depth0, K0, c2w0, rng):
-    return self._start_impl(params[0], state, frame0, depth0, K0, c2w0, rng)
+    return self._start_impl(params[0], params[2], state, frame0, depth0, K0, c2w0, rng)
 
   def step(self, params, carry, chunk, *, oracle: bool):
     return self._chunk_impl(*params, carry, chunk, oracle=oracle)
@@ -368,6 +401,8 @@ class WorldModel(world_model.WorldModel):
                  c2w=np.stack([poses[r][i] for r, i in enumerate(idx)]),
                  frame=idx.astype(np.int32), start=np.full((Bp,), start, np.int32),
                  real=real.astype(np.int32))
+    if self.given_depth:
+      chunk["depth"] = np.stack([depths[r][i] for r, i in enumerate(idx)]).astype(np.float32)
     return chunk, dict(idx=idx, real=real)
 
   def oracle_chunk(self, encode, gts, order, plan, given, ctx_given) -> dict[str, Any]:

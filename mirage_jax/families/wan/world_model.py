@@ -100,6 +100,7 @@ from flax import nnx
 
 from mirage_jax import diffusion, world_model
 from mirage_jax import memory as memory_lib
+from mirage_jax.depth import estimator as depth_estimator
 from mirage_jax.errors import InputError
 from mirage_jax.families.wan import conditioning as wan_mirage
 from mirage_jax.families.wan import exports
@@ -207,12 +208,16 @@ class WorldModel(world_model.WorldModel):
     guidance_scale: CFG scale (> 0 turns CFG on, negative = ``empty_text``); None: the
       config's ``sampler.guidance_scale`` (0 = off, the reference's default).
     mask_dynamic, object_slots: refused when true (moving content is not handled yet).
+    depth: where the depth of generated frames comes from (``depth.estimator.DepthOptions``):
+      ``given`` (default: the input's depth of every frame) or ``depth_anything`` (estimated
+      from each decoded frame inside the step and aligned to the memory).
     memory_overrides: fields of ``MemoryConfig`` to change (e.g. ``capacity``).
   """
 
   name = "wan"
-  needs_depths = True  # generate() wants the depth of every frame (see the module docstring)
+  needs_depths = True  # with the ``given`` depth: generate() wants the depth of every frame
   has_depth_head = False  # the Wan VAE decodes RGB only
+  depth_estimators = ("given", "depth_anything")
   moving_content = False
   given_context = False  # the clean context is always its own generation
   benchmarks = ("revisit",)
@@ -221,7 +226,11 @@ class WorldModel(world_model.WorldModel):
                backend: str | None = None, *, text: np.ndarray | None = None,
                empty_text: np.ndarray | None = None, guidance_scale: float | None = None,
                mask_dynamic: bool | None = None, object_slots: bool | None = None,
-               **memory_overrides):
+               depth: depth_estimator.DepthOptions | None = None, **memory_overrides):
+    depth = depth or self.depth_options()
+    if depth.estimator not in self.depth_estimators:
+      raise InputError("--depth_estimator", "depth_estimator", f"the Wan family takes "
+                       f"{self.depth_estimators} (its VAE decodes no depth), got {depth.estimator!r}")
     for flag, value in (("mask_dynamic", mask_dynamic), ("object_slots", object_slots)):
       if value:
         raise InputError(f"--{flag}", flag, "the Wan family does not handle moving content yet")
@@ -261,6 +270,9 @@ class WorldModel(world_model.WorldModel):
     self.vae_graphdef, self.vae_state = nnx.split(vae)
     self.dit_graphdef, self.dit_state = nnx.split(dit)
     self.backend = memory_lib.get_backend(self.backend_name, encode_fn=self._no_rgb_encoder)
+    self.depth_model = depth_estimator.Monocular.from_options(depth)
+    self.needs_depths = self.depth_model is None
+    self.needs_first_depth = self.depth_model is None or self.depth_model.needs_first_depth
     self._sample = jax.jit(self._sample_impl)  # sample_chunk's (unpadded) path
     self._control: dict[int, jax.Array] = {}
     st = self.settings
@@ -392,7 +404,7 @@ class WorldModel(world_model.WorldModel):
 
   # --------------------------------------------------------------------------- one chunk step
 
-  def _start_impl(self, vae_state, state, frame0, depth0, K0, c2w0, rng):
+  def _start_impl(self, vae_state, depth_state, state, frame0, depth0, K0, c2w0, rng):
     """Frame 0 of one trajectory: the carry of :meth:`_chunk_impl`.
 
     Frame 0's latent is written into the memory twice, as the reference does (its
@@ -401,15 +413,21 @@ class WorldModel(world_model.WorldModel):
 
     Args:
       state: the memory state frame 0 is written into (empty or pre-filled).
-      frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric. K0: (3, 3). c2w0: (4, 4).
+      frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric; all zeros when not given (then
+        the depth model's estimate). K0: (3, 3). c2w0: (4, 4).
       rng: (2,) uint32 key data of the trajectory's sampling key.
     Returns:
-      dict of memory, bank (with references), hist (P + 1, h, w, 48) float32 the last
-      generated latents, newest last (here frame 0's only), hist_scene (P + 1, h, w, 48) the
-      memory read each was generated with, count () int32 latents generated so far, rng.
+      (carry: dict of memory, bank (with references), hist (P + 1, h, w, 48) float32 the
+      last generated latents, newest last (here frame 0's only), hist_scene (P + 1, h, w, 48)
+      the memory read each was generated with, count () int32 latents generated so far, rng,
+      and with a depth model depth_fit (2,) its alignment; first outputs: depth (H, W) the
+      depth frame 0 was written with).
     """
     vae = nnx.merge(self.vae_graphdef, vae_state)
     lat0 = vae.tiled_encode(frame0[None, None])[0].astype(jnp.float32)  # (1, h, w, 48)
+    fit = None
+    if self.depth_model is not None:
+      depth0, fit = self.depth_model.first(depth_state, frame0, depth0)
     K, c2w, depth = K0[None], c2w0[None], depth0[None]
     every = jnp.ones((1,) + self.image_hw, bool)
     ids = jnp.zeros((1,), jnp.int32)
@@ -418,13 +436,15 @@ class WorldModel(world_model.WorldModel):
     n = self.settings.preceding_latents + 1
     carry = dict(memory=memory, hist=jnp.repeat(lat0, n, 0), hist_scene=jnp.zeros((n,) + lat0.shape[1:]),
                  count=jnp.ones((), jnp.int32), rng=rng)
+    if fit is not None:
+      carry["depth_fit"] = fit
     if self.num_references:
       bank = memory_lib.references.reference_bank_init(self.memory_cfg, self.settings.reference_bank)
       carry["bank"] = memory_lib.frame_bank.write(bank, lat0, depth, K, c2w, every, ids)
-    return carry
+    return carry, dict(depth=depth0)
 
-  def _chunk_impl(self, vae_state, dit_state, control, text, empty_text, carry, chunk, *,
-                  oracle: bool):
+  def _chunk_impl(self, vae_state, dit_state, control, text, empty_text, depth_state, carry,
+                  chunk, *, oracle: bool):
     """One chunk of one trajectory with fixed shapes: read -> sample -> decode -> write.
 
     The DiT always sees ``[R references | L target | P preceding]``: the references that
@@ -436,9 +456,10 @@ class WorldModel(world_model.WorldModel):
     Args:
       control: (L + P, h, w, 48) encoded all-ones video (None without VACE).
       text, empty_text: (1, Lt, D).
+      depth_state: the depth model's state (None with the given depth).
       carry: as :meth:`_start_impl` returns it.
       chunk: K (L, 3, 3), c2w (L, 4, 4), depth (L, H, W) the given depth of each latent's
-        video frame, frame (L,) int32 those video frames (unclipped; cameras and depths
+        video frame (with the given depth only), frame (L,) int32 those video frames (unclipped; cameras and depths
         past the trajectory's end repeat its last), first () bool chunk 0, real () int32
         latents 1..real lie inside the trajectory (the others are never written), active ()
         bool the chunk belongs to the trajectory (else nothing of the carry changes). With
@@ -446,12 +467,18 @@ class WorldModel(world_model.WorldModel):
       oracle: static; without it nothing is written from ground truth.
     Returns:
       the new carry; outputs: rgb (4L - 3, H, W, 3) in [-1, 1], coverage (L, h, w) bool,
-      latents (L, h, w, 48) float32, references () int32 references used.
+      latents (L, h, w, 48) float32, references () int32 references used; with a depth
+      model, depth (L - 1, H, W) the depth latents 1.. were written with and aligned
+      (L - 1,) bool those fitted to the memory's own depth.
     """
     st = self.settings
     L, P, R = st.latents, st.preceding_latents, self.num_references
     Kc, c2wc = chunk["K"], chunk["c2w"]
-    mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
+    mem_depth = None
+    if self.depth_model is not None and self.backend.reads_depth:
+      mem, cov, mem_depth = self.backend.read(carry["memory"], Kc, c2wc, with_depth=True)
+    else:
+      mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
     scene = wan_mirage.memory_scene(mem, cov)
     hist, count = carry["hist"], carry["count"]
     # Chunk 0's latent 0 is frame 0's: it is generated with this chunk's read.
@@ -483,11 +510,22 @@ class WorldModel(world_model.WorldModel):
     w_lat = lat[1:]
     if oracle:
       w_lat = jnp.where(chunk["use"][1:, None, None, None], chunk["o_lat"][1:], w_lat)
+    fit = carry.get("depth_fit")
+    if self.depth_model is None:
+      w_depth = chunk["depth"][1:]
+    else:  # latent k stands for the chunk's video frame 4k (decoded rgb[4k])
+      frames = rgb[st.temporal * jnp.arange(1, L)]
+      w_depth, fit, aligned = self.depth_model.chunk(
+          depth_state, frames, None if mem_depth is None else mem_depth[1:], cov[1:], fit)
+      if oracle:  # ground-truth latents go with their ground-truth depth
+        w_depth = jnp.where(chunk["use"][1:, None, None], chunk["o_depth"][1:], w_depth)
     real = jnp.arange(1, L) <= chunk["real"]
     static = jnp.broadcast_to(real[:, None, None], (L - 1,) + self.image_hw)
-    write = (chunk["depth"][1:], Kc[1:], c2wc[1:], static, chunk["frame"][1:])
+    write = (w_depth, Kc[1:], c2wc[1:], static, chunk["frame"][1:])
     new = dict(carry, rng=jax.random.key_data(key),
                memory=self.backend.write(carry["memory"], w_lat, *write))
+    if fit is not None:
+      new["depth_fit"] = fit
     if R:  # padded latents take a slot with no valid point: nothing retrieves them
       new["bank"] = memory_lib.frame_bank.write(carry["bank"], w_lat, *write)
     # The last P + 1 of [history, the chunk's real new latents] (generated, not ground truth).
@@ -496,7 +534,10 @@ class WorldModel(world_model.WorldModel):
     new.update(hist=last(hist, lat[1:]), hist_scene=last(hist_scene, scene[1:]),
                count=count + chunk["real"])
     new = jax.tree.map(lambda a, b: jnp.where(chunk["active"], a, b), new, carry)
-    return new, dict(rgb=rgb, coverage=cov, latents=lat, references=n_r)
+    out = dict(rgb=rgb, coverage=cov, latents=lat, references=n_r)
+    if self.depth_model is not None:
+      out.update(depth=w_depth, aligned=aligned)
+    return new, out
 
   def _encode_impl(self, vae_state, frames):
     """(F, H, W, 3) in [-1, 1], F = 4k + 1 -> (k + 1, h, w, 48) float32 latents (tiled)."""
@@ -505,23 +546,14 @@ class WorldModel(world_model.WorldModel):
 
   # --------------------------------------------------------------------------- the driver's
 
-  def check_trajectory(self, where, first_frame, first_depth, intrinsics, poses_c2w, depths,
-                       oracle_frames) -> None:
-    h, w = self.image_hw
-    T = poses_c2w.shape[0]
-    if depths is None:
-      raise InputError(where, "depths", "the Wan rollout writes every latent with its "
-                       "frame's given depth: pass the depth of all frames")
-    if np.shape(depths) != (T, h, w):
-      raise InputError(where, "depths", f"expected ({T}, {h}, {w}), got {np.shape(depths)}")
-
   def params(self) -> tuple:
     st = self.settings
     control = self.control(st.latents + st.preceding_latents) if self.uses_memory else None
-    return (self.vae_state, self.dit_state, control, self.text, self.empty_text)
+    depth_state = None if self.depth_model is None else self.depth_model.state
+    return (self.vae_state, self.dit_state, control, self.text, self.empty_text, depth_state)
 
   def start(self, params, state, frame0, depth0, K0, c2w0, rng):
-    return self._start_impl(params[0], state, frame0, depth0, K0, c2w0, rng), {}
+    return self._start_impl(params[0], params[5], state, frame0, depth0, K0, c2w0, rng)
 
   def step(self, params, carry, chunk, *, oracle: bool):
     return self._chunk_impl(*params, carry, chunk, oracle=oracle)
@@ -544,30 +576,39 @@ class WorldModel(world_model.WorldModel):
     real = np.sum(idx[None, 1:] < lengths[:, None], axis=1)
     chunk = dict(K=np.stack([Ks[r][i] for r, i in enumerate(cams)]),
                  c2w=np.stack([poses[r][i] for r, i in enumerate(cams)]),
-                 depth=np.stack([depths[r][i] for r, i in enumerate(cams)]),
                  frame=np.broadcast_to(idx, (Bp, L)).astype(np.int32),
                  first=np.full((Bp,), c == 0), real=real.astype(np.int32),
                  active=c < num_chunks)
+    if self.needs_depths:
+      chunk["depth"] = np.stack([depths[r][i] for r, i in enumerate(cams)])
     return chunk, dict(idx=idx, real=real, start=c * st.new_frames, active=c < num_chunks)
 
   def oracle_chunk(self, encode, gts, order, plan, given, ctx_given) -> dict[str, Any]:
     """use (Bp, L) and o_lat (Bp, L, h, w, 48), the chunk's ground-truth video frames
-    encoded (zeros when no row takes ground truth in this chunk)."""
+    encoded (zeros when no row takes ground truth in this chunk); with a depth model, o_depth
+    (Bp, L, H, W) their ground-truth depth (the given depth's rows write with ``depth``)."""
     h, w = self.image_hw
     st = self.settings
     idx = plan["idx"]
     Bp, L = len(order), st.latents
     use = idx[None] < given[:, None]  # (Bp, L)
+    extra = {}
+    if self.depth_model is not None:
+      o_depth = np.ones((Bp, L, h, w), np.float32)
+      for row, b in enumerate(order):
+        if given[row]:
+          o_depth[row] = gts[b][1][np.minimum(idx, given[row] - 1)]
+      extra["o_depth"] = o_depth
     if not use.any():
       lh, lw = self.latent_hw
       return dict(use=use, o_lat=np.zeros((Bp, L, lh, lw, wan_mirage.LATENT_CHANNELS),
-                                          np.float32))
+                                          np.float32), **extra)
     video = np.zeros((Bp, st.chunk_frames, h, w, 3), np.float32)
     for row, b in enumerate(order):
       if given[row] and use[row].any():  # padded with the last ground-truth frame
         gi = np.minimum(np.arange(idx[0], idx[0] + st.chunk_frames), given[row] - 1)
         video[row] = gts[b][0][gi].astype(np.float32) / 127.5 - 1.0
-    return dict(use=use, o_lat=encode((video,)))
+    return dict(use=use, o_lat=encode((video,)), **extra)
 
   def written(self, chunk, out) -> tuple:
     lat = out["latents"][:, 1:]
@@ -576,13 +617,17 @@ class WorldModel(world_model.WorldModel):
     L = self.settings.latents
     real = jnp.arange(1, L)[None] <= chunk["real"][:, None]
     static = jnp.broadcast_to(real[..., None, None], real.shape + self.image_hw)
-    return (lat, chunk["depth"][:, 1:], chunk["K"][:, 1:], chunk["c2w"][:, 1:], static,
+    depth = chunk["depth"][:, 1:] if self.depth_model is None else out["depth"]
+    return (lat, depth, chunk["K"][:, 1:], chunk["c2w"][:, 1:], static,
             chunk["frame"][:, 1:], None)
 
   def trajectory_result(self, b, T, first, outs, plans, carry) -> dict[str, Any]:
     """frames (T, H, W, 3) uint8 (truncated, as the reference), depths None, coverage
     (T, h, w) of the latent each frame belongs to, num_references (per chunk), latent_frames,
-    and zeros for the small family's moving-content outputs (see ``rollout.Rollout.generate``)."""
+    and zeros for the small family's moving-content outputs (see ``rollout.Rollout.generate``).
+    With a depth model also latent_depths (len(latent_frames), H, W) the depth each latent
+    frame was written with (estimated and aligned; frame 0's given when given) and
+    depth_aligned (len(latent_frames),) bool those fitted to the memory's own depth."""
     st = self.settings
     C = st.chunk_frames
     lh, lw = self.latent_hw
@@ -600,7 +645,14 @@ class WorldModel(world_model.WorldModel):
     rgb_all = np.concatenate(rgb, 0).astype(np.float32)
     cov_all = np.concatenate(cov, 0).astype(np.float32)
     cov_all[0] = 1.0
+    extra = {}
+    if self.depth_model is not None:
+      extra["latent_depths"] = np.concatenate(
+          [first["depth"][b][None]] + [o["depth"][b][:p["real"][b]] for o, p in chunks], 0)
+      extra["depth_aligned"] = np.concatenate(
+          [[False]] + [o["aligned"][b][:p["real"][b]] for o, p in chunks], 0)
     return dict(
+        **extra,
         # Truncation, as the reference's uint8 conversion.
         frames=np.floor((np.clip(rgb_all, -1, 1) + 1.0) * 127.5).astype(np.uint8),
         depths=None,
