@@ -79,3 +79,69 @@ def test_depth_options_refuse_what_the_family_cannot_take():
     with pytest.raises(InputError, match=field):
       estimator.depth_options(est, model, al, default="given",
                               allowed=("given", "depth_anything"), family="wan")
+
+
+def _monocular(kind="metric", align_=True):
+  """A Monocular around a tiny random network whose output is then replaced by a known
+  function of the image (channel 0 + 2): the alignment is what is under test."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mirage_jax.depth import depth_anything  # pylint: disable=g-import-not-at-top
+  cfg = depth_anything.model_config("tiny", kind)
+  mono = estimator.Monocular(depth_anything.DepthAnythingV2(cfg, rngs=nnx.Rngs(0)), cfg,
+                             align=align_, min_cells=8)
+  mono._raw = lambda state, rgb: rgb[..., 0] + 2.0  # pylint: disable=protected-access
+  return mono
+
+
+def _images_for(out):
+  """(F, H, W, 3) images whose patched network output is ``out`` (F, H, W)."""
+  return jnp.repeat((jnp.asarray(out) - 2.0)[..., None], 3, -1)
+
+
+def test_monocular_first_frame_takes_the_given_depth_or_the_metric_estimate():
+  mono = _monocular()
+  true, _ = _scene(f=1)
+  depth, fit = mono.first(mono.state, _images_for(true / 2.0)[0], jnp.asarray(true[0]))
+  np.testing.assert_allclose(np.asarray(depth), true[0])  # the given depth is kept
+  np.testing.assert_allclose(np.asarray(fit), [2.0, 0.0], rtol=1e-5)  # and sets the scale
+  depth, fit = mono.first(mono.state, _images_for(true / 2.0)[0], jnp.zeros_like(true[0]))
+  np.testing.assert_allclose(np.asarray(depth), true[0] / 2.0, rtol=1e-6)  # metric as is
+  np.testing.assert_allclose(np.asarray(fit), [1.0, 0.0])
+
+
+def test_monocular_chunk_fits_covered_frames_and_carries_the_last_fit():
+  mono = _monocular()
+  true, memory = _scene(f=3)
+  est = true / np.array([3.0, 5.0, 7.0], np.float32)[:, None, None]  # drifting scale
+  cov = np.ones(memory.shape, bool)
+  cov[2] = False  # frame 2 sees only new content
+  depth, fit, own = mono.chunk(mono.state, _images_for(est), jnp.asarray(memory),
+                               jnp.asarray(cov), jnp.array([2.0, 0.0]))
+  assert np.asarray(own).tolist() == [True, True, False]
+  # Covered frames land on the memory's scale; the uncovered one takes the last fit (5).
+  np.testing.assert_allclose(np.asarray(depth[:2]), true[:2], rtol=0.03)
+  np.testing.assert_allclose(np.asarray(depth[2]), est[2] * 5.0, rtol=0.03)
+  np.testing.assert_allclose(float(fit[0]), 5.0, rtol=0.03)
+  # Nothing covered: the carried fit for every frame, and it stays.
+  depth, fit2, own = mono.chunk(mono.state, _images_for(est), jnp.asarray(memory),
+                                jnp.zeros(memory.shape, bool), jnp.array([2.0, 0.0]))
+  assert not np.asarray(own).any() and np.asarray(fit2).tolist() == [2.0, 0.0]
+  np.testing.assert_allclose(np.asarray(depth), est * 2.0, rtol=1e-6)
+  # Unaligned: the raw metric output, whatever the memory says.
+  raw = _monocular(align_=False)
+  depth, _, own = raw.chunk(raw.state, _images_for(est), jnp.asarray(memory), jnp.asarray(cov),
+                            jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(np.asarray(depth), est, rtol=1e-6)
+
+
+def test_relative_models_need_alignment_and_frame_zero_depth():
+  with pytest.raises(InputError, match="depth_align"):
+    _monocular("relative", align_=False)
+  mono = _monocular("relative")
+  assert mono.needs_first_depth and not _monocular().needs_first_depth
+  true, memory = _scene(f=2, seed=3)
+  disp = (1.0 / true - 0.05) / 0.4  # relative inverse depth, unknown affine
+  depth, fit, own = mono.chunk(mono.state, _images_for(disp), jnp.asarray(memory),
+                               jnp.ones(memory.shape, bool), jnp.array([1.0, 0.0]))
+  assert np.asarray(own).all()
+  assert np.median(np.abs(np.asarray(depth) - true) / true) < 0.03

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -103,8 +104,8 @@ class Monocular:
     if options.estimator != "depth_anything":
       return None
     from mirage_jax.depth import depth_anything  # pylint: disable=g-import-not-at-top
-    model, config = depth_anything.load_export(options.model)
-    return cls(model, config.depth_model, align=options.align, min_cells=options.min_cells)
+    model, model_cfg = depth_anything.load_export(options.model)
+    return cls(model, model_cfg, align=options.align, min_cells=options.min_cells)
 
   @property
   def needs_first_depth(self) -> bool:
@@ -158,8 +159,8 @@ class Monocular:
       coverage: (F, h, w) bool.
       fit: (2,) the carried fit.
     Returns:
-      depth (F, H, W) float32, the new carried fit (2,) (the last frame's own fit, else
-      ``fit``), own (F,) bool the frames fitted to the memory.
+      depth (F, H, W) float32, the new carried fit (2,) (the last frame's), own (F,) bool
+      the frames fitted to the memory (the others take the newest fit before them).
     """
     out = self._raw(state, rgb)
     f = out.shape[0]
@@ -167,11 +168,10 @@ class Monocular:
     if not self.align or memory_depth is None:
       return self._to_depth(out, carried), fit, jnp.zeros((f,), bool)
     own_fit, own = self._fit(out, memory_depth, coverage, self.min_cells)
-    fits = jnp.where(own[:, None], own_fit, carried)
-    # The newest frame with its own fit sets the scale of what comes next.
-    last = jnp.max(jnp.where(own, jnp.arange(f), -1))
-    new_fit = jnp.where(last >= 0, own_fit[jnp.maximum(last, 0)], fit)
-    return self._to_depth(out, fits), new_fit, own
+    # A frame without its own fit takes the newest one before it (frames are in time order).
+    last = jax.lax.cummax(jnp.where(own, jnp.arange(f), -1), axis=0)
+    fits = jnp.where((last >= 0)[:, None], own_fit[jnp.maximum(last, 0)], carried)
+    return self._to_depth(out, fits), fits[-1], own
 
 
 def abs_rel(depth, true_depth):
