@@ -173,6 +173,9 @@ class Rollout:
                         depths, oracle_frames) -> None:
     h, w = self.image_hw
     T = poses_c2w.shape[0]
+    if first_depth is None:
+      raise InputError(where, "first_depth", "none: give the depth of frame 0 (and, for the Wan "
+                       "family with --depth_estimator=given, of every frame), or estimate it")
     if first_frame.shape[:2] != (h, w) or first_depth.shape != (h, w):
       raise InputError(where, "first_frame", f"expected ({h}, {w}) to match the model, got "
                        f"{first_frame.shape[:2]} and depth {first_depth.shape}")

@@ -511,7 +511,8 @@ class WorldModel(world_model.WorldModel):
     T = poses_c2w.shape[0]
     if depths is None:
       raise InputError(where, "depths", "the Wan rollout writes every latent with its "
-                       "frame's given depth: pass the depth of all frames")
+                       "frame's given depth: give the depth of frame 0 (and, for the Wan family "
+                       "with --depth_estimator=given, of every frame), or estimate it")
     if np.shape(depths) != (T, h, w):
       raise InputError(where, "depths", f"expected ({T}, {h}, {w}), got {np.shape(depths)}")
 
