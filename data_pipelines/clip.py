@@ -32,6 +32,16 @@ Clip = dict[str, np.ndarray]
 REQUIRED_FIELDS = ("frames", "depths", "intrinsics", "poses_c2w", "fps")
 
 
+def check_depths(depths: np.ndarray, where: str, field: str = "depths") -> None:
+  """Raise InputError unless ``depths`` (any shape) is float, finite and > 0 (metric z-depth)."""
+  if not np.issubdtype(depths.dtype, np.floating):
+    raise InputError(where, field, f"expected a float dtype, got {depths.dtype}")
+  if not np.all(np.isfinite(depths)):
+    raise InputError(where, field, f"{int(np.sum(~np.isfinite(depths)))} non-finite values")
+  if np.any(depths <= 0):
+    raise InputError(where, field, f"{int(np.sum(depths <= 0))} values <= 0")
+
+
 def validate_clip(clip: Mapping[str, Any], where: str) -> Clip:
   """Checks a clip and returns it with canonical dtypes.
 
@@ -52,14 +62,9 @@ def validate_clip(clip: Mapping[str, Any], where: str) -> Clip:
     raise InputError(where, "frames", f"empty clip, shape {frames.shape}")
 
   depths = np.asarray(clip["depths"])
-  if not np.issubdtype(depths.dtype, np.floating):
-    raise InputError(where, "depths", f"expected a float dtype, got {depths.dtype}")
   if depths.shape != (t, h, w):
     raise InputError(where, "depths", f"expected shape {(t, h, w)} to match frames, got {depths.shape}")
-  if not np.all(np.isfinite(depths)):
-    raise InputError(where, "depths", f"{int(np.sum(~np.isfinite(depths)))} non-finite values")
-  if np.any(depths <= 0):
-    raise InputError(where, "depths", f"{int(np.sum(depths <= 0))} values <= 0")
+  check_depths(depths, where)
 
   intrinsics = np.asarray(clip["intrinsics"])
   if intrinsics.shape[:1] != (t,):

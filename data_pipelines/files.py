@@ -35,15 +35,21 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import imageio.v3 as iio
 import numpy as np
 
-from data_pipelines.clip import Clip, validate_clip
+from data_pipelines.clip import Clip, check_depths, validate_clip
+from mirage_jax import geometry
 from mirage_jax.atomic import atomic_output
 from mirage_jax.errors import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".avi")
+# The reference's names for the frames of a geometry.npz without them, in its folder.
+REFERENCE_VIDEO, REFERENCE_FIRST_FRAME = "clip.mp4", "first_frame.png"
+# Frame rate of a file that gives none (the reference's inference files have no fps).
+DEFAULT_FPS = 30.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Depth written for sources without depth; flagged by has_depth = False.
 PLACEHOLDER_DEPTH = 1.0
@@ -92,10 +98,13 @@ def _to_rgb(frames: np.ndarray, path, video: bool) -> np.ndarray:
 
 
 def _video_beside(path: Path) -> Path | None:
-  """The video for ``path``: ``<stem>.<video suffix>``, else the only video in its folder."""
+  """The video for ``path``: ``<stem>.<video suffix>``, else ``clip.mp4`` (the reference's
+  name), else the only video in its folder."""
   for suffix in VIDEO_SUFFIXES:
     if path.with_suffix(suffix).is_file():
       return path.with_suffix(suffix)
+  if (path.parent / REFERENCE_VIDEO).is_file():
+    return path.parent / REFERENCE_VIDEO
   videos = sorted(p for p in path.parent.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
   if len(videos) > 1:
     raise InputError(path, "frames", f"no frames in the file and {len(videos)} videos beside it, "
@@ -152,6 +161,10 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
   if depths.ndim != 3:
     raise InputError(path, "depths", f"expected shape (T, H, W), got {depths.shape}")
   t, h, w = depths.shape
+  cameras = len(arrays["poses_c2w"]) if arrays["poses_c2w"].ndim == 3 else t
+  if "frames" in arrays and len(arrays["frames"]) == 1 < cameras:
+    raise InputError(path, "frames", f"frame 0 only, for {cameras} cameras: an input of "
+                     "generate (load_inference_geometry), not a clip with every frame")
 
   if "frames" in arrays:
     frames = arrays["frames"]
@@ -181,6 +194,109 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
   return clip
 
 
+def load_inference_geometry(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a ``geometry.npz`` as ``generate`` takes it: every camera, frame 0 at least.
+
+  What the reference's ``load_video_geometry_for_inference`` reads, plus ours:
+
+  * ``poses_c2w (T, 4, 4)`` and ``intrinsics (T, 3, 3)`` or ``(3, 3)`` (pixels of the
+    frames): required. ``fps`` optional (default ``DEFAULT_FPS``; the reference stores none).
+  * frames: ``frames (N, H, W, 3) uint8`` in the file, else the video ``<stem>.mp4/.gif/.avi``
+    or ``clip.mp4`` (or the only video) beside it, else ``first_frame.png`` beside it. N is 1
+    (frame 0 only) or T, as the reference accepts (0 < N < T other than 1 is refused: the
+    frames of a camera path cannot be part-known). Never resized: a frame whose size differs
+    from the depth (or, without depth, the file's ``processed_size (2,)``) is refused.
+  * depth: ``depths (N, H, W)`` metric z-depth, N = T (every frame), 1 or an ``(H, W)`` array
+    (frame 0 only; so is frame 0's map repeated T times beside one frame, as the reference's
+    first-frame files store it),
+    or absent. ``has_depth`` False (placeholder depth) reads as absent; ``known_frames`` /
+    ``known_depths`` < T (``make_geometry`` from fewer frames) read as frame 0 only.
+  * ``masks``, ``frame_indices``, ``original_size`` and other keys are not used.
+
+  Returns:
+    dict: frames (1 or T, H, W, 3) uint8; first_depth (H, W) float32 or None; depths (T, H,
+    W) float32 or None (None unless the file has every frame's own depth); intrinsics (T, 3,
+    3) float32; poses_c2w (T, 4, 4) float32; fps float; frames_path (the file the frames
+    came from). Every problem is one ``InputError`` naming the file and the field.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise InputError(path, "file", "does not exist")
+  arrays = _load_npz(path)
+  for key in ("poses_c2w", "intrinsics"):
+    if key not in arrays:
+      raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
+  _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "has_depth",
+                                "processed_size", *KNOWN_FIELDS))
+  poses = arrays["poses_c2w"]
+  geometry.check_poses(poses, str(path))
+  t = len(poses)
+  intrinsics = arrays["intrinsics"]
+  if intrinsics.shape == (3, 3):
+    intrinsics = np.broadcast_to(intrinsics, (t, 3, 3))
+  if intrinsics.ndim == 3 and intrinsics.shape[1:] == (3, 3) and len(intrinsics) != t:
+    raise InputError(path, "poses_c2w", f"{t} cameras, but intrinsics holds {len(intrinsics)} "
+                     "(one per frame, or one (3, 3) shared)")
+  geometry.check_intrinsics(intrinsics, str(path))
+  known = {}
+  for key in KNOWN_FIELDS:
+    n = np.asarray(arrays.get(key, t))
+    if n.size != 1 or not np.issubdtype(n.dtype, np.integer) or not 1 <= int(n.reshape(())) <= t:
+      raise InputError(path, key, f"expected one integer in [1, {t}] (frames with their own data), "
+                       f"got {n!r}")
+    known[key] = int(n.reshape(()))
+
+  depths = first_depth = None
+  if "depths" in arrays and bool(np.asarray(arrays.get("has_depth", True)).reshape(-1)[0]):
+    d = arrays["depths"]
+    d = d[None] if d.ndim == 2 else d
+    if d.ndim != 3 or len(d) not in (1, t):
+      raise InputError(path, "depths", f"expected (T={t}, H, W) (every frame), (1, H, W) or "
+                       f"(H, W) (frame 0 only), got {arrays['depths'].shape}")
+    check_depths(d, str(path))
+    first_depth = d[0].astype(np.float32)
+    if len(d) == t and known["known_depths"] == t:
+      depths = d.astype(np.float32)
+  hw = None if first_depth is None else first_depth.shape
+  if hw is None and "processed_size" in arrays:  # the reference's size of its frames
+    size = np.asarray(arrays["processed_size"]).reshape(-1)
+    if size.size == 2 and np.all(size > 0):
+      hw = tuple(int(x) for x in size)
+
+  frames_path = path
+  if "frames" in arrays:
+    frames = arrays["frames"]
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+      raise InputError(path, "frames", f"expected (N, H, W, 3) uint8, got {frames.dtype} {frames.shape}")
+  else:
+    video = _video_beside(path)
+    first = path.parent / REFERENCE_FIRST_FRAME
+    if video is not None:
+      frames_path, frames = video, read_video(video)
+    elif first.is_file():
+      frames_path, frames = first, read_image(first)[None]
+    else:
+      raise InputError(path, "frames", f"not in the file, and no video (.mp4/.gif/.avi) or "
+                       f"{REFERENCE_FIRST_FRAME} beside it")
+  if len(frames) not in (1, t):
+    raise InputError(frames_path, "frames", f"{len(frames)} frames; expected 1 (frame 0 only) or "
+                     f"{t} (one per camera of {path.name})")
+  if hw is not None and frames.shape[1:3] != hw:
+    raise InputError(frames_path, "frames", f"size {frames.shape[1]}x{frames.shape[2]}, but "
+                     f"{path.name}'s {'depth' if first_depth is not None else 'processed_size'} is "
+                     f"{hw[0]}x{hw[1]} (frames are not resized: resize the image to match)")
+  if len(frames) > 1 and known["known_frames"] < t:
+    frames = frames[:1]  # the later ones repeat the last known frame
+  if depths is not None and len(frames) == 1 < t and np.all(depths == depths[:1]):
+    depths = None  # frame 0's depth repeated for every camera, as the reference stores it
+  fps = np.asarray(arrays.get("fps", DEFAULT_FPS), np.float64).reshape(-1)
+  if fps.size != 1 or not np.isfinite(fps[0]) or fps[0] <= 0:
+    raise InputError(path, "fps", f"expected one positive number, got {arrays['fps']!r}")
+  return dict(frames=np.ascontiguousarray(frames), first_depth=first_depth, depths=depths,
+              intrinsics=np.asarray(intrinsics, np.float32), poses_c2w=np.asarray(poses, np.float32),
+              fps=float(fps[0]), frames_path=str(frames_path))
+
+
 def save_geometry_npz(path: str | os.PathLike, clip: Clip) -> None:
   """Writes a clip as ``geometry.npz`` with the frames inside; atomic (temp file, then rename).
 
@@ -200,6 +316,25 @@ def save_geometry_npz(path: str | os.PathLike, clip: Clip) -> None:
   with atomic_output(path) as tmp:
     with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
       np.savez_compressed(f, **checked)
+
+
+def save_first_frame_geometry(path: str | os.PathLike, clip: Clip) -> None:
+  """Writes a clip as a frame-0-only ``geometry.npz`` (``load_inference_geometry``): every
+  camera, frame 0's RGB and (when the clip has depth) its depth; atomic.
+
+  Arrays: ``frames (1, H, W, 3)``, ``depths (1, H, W)`` (absent when ``has_depth`` is
+  False), ``intrinsics (T, 3, 3)``, ``poses_c2w (T, 4, 4)``, ``fps ()``.
+  """
+  path = Path(path)
+  checked = validate_clip(clip, str(path))
+  out = dict(frames=checked["frames"][:1], intrinsics=checked["intrinsics"],
+             poses_c2w=checked["poses_c2w"], fps=checked["fps"])
+  if bool(clip.get("has_depth", True)):
+    out["depths"] = checked["depths"][:1]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with atomic_output(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez_compressed(f, **out)
 
 
 # ----------------------------------------------------------------------------- RealEstate10K

@@ -29,6 +29,12 @@ family reads only frame 0 (RGB and depth) and every camera, so one frame is enou
 family writes every frame's depth into its memory and refuses a file with fewer depth maps
 than frames to generate. Such a file is not training data (``posed_files`` builds refuse it).
 
+``--first_frame_only`` writes frame 0 alone (RGB, and depth where the source has it) with
+every camera (``--depth`` may then be left out: a file without depth, for a model that
+estimates it): ``frames (1, H, W, 3)``, ``depths (1, H, W)``, ``intrinsics (T, 3, 3)``,
+``poses_c2w (T, 4, 4)``, ``fps`` (the reference's first-frame inference input; read by
+``files.load_inference_geometry``, refused by the ``posed_files`` builds).
+
 Every bad input is one line naming the file and the field (exit 2); an existing ``--output``
 is never replaced without ``--overwrite``. The file is written atomically (temp, then rename).
 """
@@ -47,15 +53,17 @@ from mirage_jax.errors import InputError, parse_flags, run_cli
 # The command's flags are defined only when it runs as a script (tests import this module
 # beside other commands that define flags of the same names).
 _OUTPUT = _OVERWRITE = _DATA_DIR = _DATASET = _CONFIG_NAME = _SPLIT = _CLIP = _RANGE = None
-_FRAMES = _DEPTH = _CAMERAS = _FPS = None
+_FRAMES = _DEPTH = _CAMERAS = _FPS = _FIRST_ONLY = None
 _OWN_FLAGS = ()
 
 
 def _define_flags() -> None:
   global _OUTPUT, _OVERWRITE, _DATA_DIR, _DATASET, _CONFIG_NAME, _SPLIT, _CLIP, _RANGE  # pylint: disable=global-statement
-  global _FRAMES, _DEPTH, _CAMERAS, _FPS, _OWN_FLAGS  # pylint: disable=global-statement
+  global _FRAMES, _DEPTH, _CAMERAS, _FPS, _OWN_FLAGS, _FIRST_ONLY  # pylint: disable=global-statement
   _OUTPUT = flags.DEFINE_string("output", None, "The geometry.npz to write.")
   _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+  _FIRST_ONLY = flags.DEFINE_bool("first_frame_only", False, "Write frame 0's RGB and depth "
+                                  "with every camera only (an input of generate).")
   # From a built dataset.
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Built datasets (python -m data_pipelines.build).")
   _DATASET = flags.DEFINE_string("dataset", "procedural_rooms", "Dataset name under --data_dir.")
@@ -199,12 +207,18 @@ def read_cameras(path: str, height: int, width: int) -> tuple[np.ndarray, np.nda
   return intrinsics, poses, fps
 
 
-def from_files(frames_path: str, depth_path: str, cameras_path: str,
+def from_files(frames_path: str, depth_path: str | None, cameras_path: str,
                fps: float | None = None) -> dict[str, np.ndarray]:
-  """Your own frames, depth and cameras (module docstring) as a clip dict."""
+  """Your own frames, depth and cameras (module docstring) as a clip dict.
+
+  Without ``depth_path`` (``--first_frame_only``) the depth is a placeholder and the clip
+  says ``has_depth`` False.
+  """
+  from data_pipelines import files  # pylint: disable=g-import-not-at-top
   frames = read_frames(frames_path)
-  depth = read_depth(depth_path)
   k, h, w, _ = frames.shape
+  depth = (read_depth(depth_path) if depth_path
+           else np.full((1, h, w), files.PLACEHOLDER_DEPTH, np.float32))
   if depth.shape[1:] != (h, w):
     raise InputError(depth_path, "depth", f"size {depth.shape[1]}x{depth.shape[2]} differs from "
                      f"the frames' {h}x{w}")
@@ -222,8 +236,9 @@ def from_files(frames_path: str, depth_path: str, cameras_path: str,
   from data_pipelines.clip import validate_clip  # pylint: disable=g-import-not-at-top
   # Validated here so that a bad camera (intrinsics, a non-rigid pose) names the cameras file.
   clip = validate_clip(dict(frames=fill(frames), depths=fill(depth), intrinsics=intrinsics,
-                            poses_c2w=poses, fps=np.float32(fps or file_fps or 30.0)), cameras_path)
-  return dict(clip, has_depth=np.bool_(True), known_frames=np.int64(k),
+                            poses_c2w=poses, fps=np.float32(fps or file_fps or files.DEFAULT_FPS)),
+                       cameras_path)
+  return dict(clip, has_depth=np.bool_(bool(depth_path)), known_frames=np.int64(k),
               known_depths=np.int64(len(depth)))
 
 
@@ -240,8 +255,9 @@ def _main() -> int:
   if _DATA_DIR.value and own:
     raise InputError(f"--{own[0].name}", own[0].name, "give either --data_dir (a built dataset's "
                      "clip) or --frames/--depth/--cameras (your own files), not both")
-  if not _DATA_DIR.value and len(own) != len(_OWN_FLAGS):
-    missing = [f for f in _OWN_FLAGS if not f.value]
+  needed = [f for f in _OWN_FLAGS if not (f is _DEPTH and _FIRST_ONLY.value)]  # depth optional there
+  if not _DATA_DIR.value and any(not f.value for f in needed):
+    missing = [f for f in needed if not f.value]
     raise InputError(f"--{missing[0].name}", missing[0].name, "required with --frames/--depth/"
                      "--cameras (or give --data_dir and --clip for a built dataset's clip)")
   if os.path.isdir(_OUTPUT.value):
@@ -254,9 +270,14 @@ def _main() -> int:
     source = f"{_DATA_DIR.value} {_DATASET.value} {_SPLIT.value}[{_CLIP.value}]"
   else:
     clip = from_files(_FRAMES.value, _DEPTH.value, _CAMERAS.value, _FPS.value)
-    source = f"{_FRAMES.value}, {_DEPTH.value}, {_CAMERAS.value}"
-  files.save_geometry_npz(_OUTPUT.value, clip)  # validates the clip (one line per bad field)
+    source = ", ".join(f.value for f in _OWN_FLAGS if f.value)
   t, h, w = clip["depths"].shape
+  if _FIRST_ONLY.value:
+    files.save_first_frame_geometry(_OUTPUT.value, clip)  # validates the clip
+    print(f"wrote {_OUTPUT.value}: {t} cameras, frame 0 of {h}x{w} "
+          f"{'with' if clip.get('has_depth', True) else 'without'} its depth (from {source})")
+    return 0
+  files.save_geometry_npz(_OUTPUT.value, clip)  # validates the clip (one line per bad field)
   print(f"wrote {_OUTPUT.value}: {t} cameras, {h}x{w} frames, {int(clip.get('known_frames', t))} "
         f"with their own RGB, {int(clip.get('known_depths', t))} with their own depth "
         f"(from {source})")

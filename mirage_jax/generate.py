@@ -4,20 +4,25 @@
       --geometry_path=clip/geometry.npz --output_dir=out/clip [--memory=voxel] [--num_frames=N] \\
       [--[no]mask_dynamic] [--[no]object_slots]
 
-The input is the reference's ``geometry.npz`` (see ``data_pipelines/files.py``; made from a
-built dataset's clip or from your own frames, depth and cameras by ``python -m
+The input is the reference's ``geometry.npz`` (read by ``files.load_inference_geometry``;
+made from a built dataset's clip or from your own frames, depth and cameras by ``python -m
 data_pipelines.make_geometry``): only frame 0 (RGB + depth) and every frame's camera are used
-(the Wan family: every frame's depth too). Frame 0 and the intrinsics are resized
-to cover the model's resolution and centre-cropped (the input pipeline's resize).
+(the Wan family: every frame's depth too), so the file may hold frame 0 alone (in the file,
+or ``first_frame.png`` / ``clip.mp4`` beside it) with every camera. A file without the depth
+a family needs is refused in one line. Frame 0 and the intrinsics are resized to cover the
+model's resolution and centre-cropped (the input pipeline's resize).
 
 The export's config picks the model family (``config.family``, read by ``mirage_jax.families``):
 
 * small (ours, RGB-D autoencoder): as above; the memory is written with generated depth.
 * wan (Wan2.2 DiT + VACE + Wan VAE, ``python -m mirage_jax.convert_wan``; the rollout is
   ``mirage_jax/families/wan/world_model.py``): chunks of 33 then 32 new video frames, FlowUniPC (20 steps,
-  shift 5) without CFG unless ``--guidance_scale`` > 0. The Wan VAE decodes RGB only and the
-  reference's depth model (MapAnything) is not available, so every new latent is written into
-  the memory with the file's depth of its video frame: a file without depth is refused.
+  shift 5) without CFG unless ``--guidance_scale`` > 0. The Wan VAE decodes RGB only, so
+  each new latent is written into the memory either with the file's depth of its video frame
+  (``--depth_estimator=given``, the default: a file without every frame's depth is refused)
+  or with the depth a Depth Anything V2 export estimates from the decoded frame inside the
+  chunk step, aligned to the memory (``--depth_model=<export>``; the reference estimates with
+  MapAnything). With a metric depth model frame 0's depth is optional too.
   ``--caption_embedding`` is the caption's umT5 embedding, a ``.npy`` of shape (Lt <= 512,
   text_dim); without it the empty prompt is used, whose embedding is ``--empty_text_embedding``
   (the same shape) or all zeros when that is not given (also the CFG negative).
@@ -39,9 +44,11 @@ them while the others wait):
                          cell moves, ``object_positions (T, S, 3)`` and ``object_idents
                          (T, S)`` (-1 = empty) of the object slots at each frame (S = 0
                          without slots) (small);
-  cameras.npz            (wan, which generates no depth) ``intrinsics (T, 3, 3)``,
+  cameras.npz            (wan, which decodes no depth) ``intrinsics (T, 3, 3)``,
                          ``poses_c2w (T, 4, 4)``, ``latent_frames (L,)`` the video frame each
                          latent written into the memory stands for, ``coverage (T, h, w)``;
+                         with a depth model also ``latent_depths (L, H, W)`` the depth each
+                         was written with, ``depth_aligned (L,)`` those fitted to the memory;
   timings.json           per chunk: memory seconds (read + write), whole-chunk seconds, cache
                          bytes after it; totals. The first chunk includes compilation.
 """
@@ -79,6 +86,16 @@ _EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty 
                                   "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
                                "(negative prompt: the empty one; default: config.sampler, 0 = off).")
+# Depth of generated frames (mirage_jax.depth.estimator).
+_DEPTH_ESTIMATOR = flags.DEFINE_enum(
+    "depth_estimator", None, ["given", "decoder", "depth_anything"], "Where the depth written "
+    "into the memory comes from: the file's depth of every frame (given), the small family's "
+    "decoder (its default), or a Depth Anything V2 export (--depth_model; the Wan family's "
+    "default is given).")
+_DEPTH_MODEL = flags.DEFINE_string("depth_model", None, "Depth Anything V2 export "
+                                   "(mirage_jax.convert_depth, or a trained 'depth' stage).")
+_DEPTH_ALIGN = flags.DEFINE_bool("depth_align", None, "Fit each estimated depth to the memory's "
+                                 "depth (default: on; off keeps a metric model's raw output).")
 _INIT_DISTRIBUTED = distributed.define_flags()
 
 
@@ -87,6 +104,58 @@ def check_text_files(*flag_values) -> None:
   for flag in flag_values:
     if flag.value is not None and not os.path.isfile(flag.value):
       raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
+
+
+# How a user gets the depth a family needs and the file lacks.
+DEPTH_HOW = ("give the depth of frame 0 (and, for the Wan family with --depth_estimator=given, "
+             "of every frame), or estimate it")
+
+
+def require_depth(path: str, geo: dict, family: str, needs_every: bool,
+                  needs_first: bool = True) -> None:
+  """Refuses a geometry file without the depth the family writes into its memory.
+
+  Args:
+    geo: ``files.load_inference_geometry``'s dict (``first_depth`` / ``depths`` None when the
+      file lacks them). needs_every: the rollout writes every frame with its given depth.
+    needs_first: frame 0's depth is not estimated.
+  """
+  if needs_first and geo["first_depth"] is None:
+    raise InputError(path, "depth", f"none for frame 0, which the {family} rollout writes into "
+                     f"its memory first: {DEPTH_HOW}")
+  if needs_every and geo["depths"] is None:
+    raise InputError(path, "depth", f"frame 0's only, and the {family} rollout writes every "
+                     f"generated frame with its frame's given depth: {DEPTH_HOW}")
+
+
+def fit_inputs(geo: dict, resolution, num_frames: int | None = None) -> dict:
+  """A loaded geometry file's first ``num_frames`` cameras at the model's resolution.
+
+  Frame 0 (and the depth there is) resized to cover ``resolution`` and centre-cropped, the
+  intrinsics following (``revisit.fit_clip``: the input pipeline's resize).
+
+  Args:
+    geo: ``files.load_inference_geometry``'s dict. resolution: (H, W) of the model.
+  Returns:
+    first_frame (H, W, 3) uint8; first_depth (H, W) or None; depths (T', H, W) or None (as
+    in ``geo``); intrinsics (T', 3, 3); poses_c2w (T', 4, 4).
+  """
+  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
+  t = len(geo["poses_c2w"]) if num_frames is None else min(num_frames, len(geo["poses_c2w"]))
+  if geo["depths"] is not None:
+    depth = geo["depths"][:t]
+  elif geo["first_depth"] is not None:
+    depth = geo["first_depth"][None]
+  else:  # resized and dropped: fit_clip resizes RGB beside depth
+    depth = np.ones((1, *geo["frames"].shape[1:3]), np.float32)
+  # Frame 0 beside every depth map (a view, not a copy): fit_clip resizes them together.
+  frames = np.broadcast_to(geo["frames"][:1], (len(depth), *geo["frames"].shape[1:]))
+  fitted = revisit.fit_clip(dict(frames=frames, depths=depth, intrinsics=geo["intrinsics"],
+                                 poses_c2w=geo["poses_c2w"]), resolution, t)
+  return dict(first_frame=fitted["frames"][0],
+              first_depth=None if geo["first_depth"] is None else fitted["depths"][0],
+              depths=None if geo["depths"] is None else fitted["depths"],
+              intrinsics=fitted["intrinsics"], poses_c2w=fitted["poses_c2w"])
 
 
 def _main() -> int:
@@ -111,22 +180,16 @@ def _main() -> int:
   check_text_files(_CAPTION, _EMPTY_TEXT)
   paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   paths.check_reachable(_OUTPUT.value, "--output_dir")
-  clip = files.load_geometry_npz(_GEOMETRY.value)
+  geo = files.load_inference_geometry(_GEOMETRY.value)
   config = families.upgrade(checkpoint.export_config(_CHECKPOINT.value))
   wm = families.world_model(config)
-  if not clip["has_depth"]:
-    raise InputError(_GEOMETRY.value, "has_depth", (
-        f"the {config.family} rollout writes every generated frame into the memory with the "
-        "file's depth (there is no depth model here), and the file has none") if wm.needs_depths
-        else "the first frame's depth is needed (the file has none)")
-  if len(clip["poses_c2w"]) < 2:
+  if len(geo["poses_c2w"]) < 2:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
-  used = min(len(clip["poses_c2w"]), _NUM_FRAMES.value or len(clip["poses_c2w"]))
-  if wm.needs_depths and int(clip["known_depths"]) < used:  # make_geometry from fewer depths
-    raise InputError(_GEOMETRY.value, "known_depths", (
-        f"the {config.family} rollout writes every generated frame into the memory with the "
-        f"file's depth of that frame, and only {int(clip['known_depths'])} of the {used} frames "
-        "have their own depth"))
+  if _DEPTH_MODEL.value:
+    paths.check_reachable(_DEPTH_MODEL.value, "--depth_model")
+  depth = wm.depth_options(_DEPTH_ESTIMATOR.value, _DEPTH_MODEL.value, _DEPTH_ALIGN.value)
+  require_depth(_GEOMETRY.value, geo, config.family, needs_every=depth.estimator == "given",
+                needs_first=depth.estimator != "depth_anything")
   options = wm.sampling_options(config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value,
                                 guidance_scale=_GUIDANCE.value)
   def claim(stack: contextlib.ExitStack) -> str:
@@ -138,17 +201,18 @@ def _main() -> int:
 
   with contextlib.ExitStack() as staged:
     directory = distributed.on_process_zero(lambda: claim(staged), "generate: output dir")
-    fps = _FPS.value or float(clip["fps"])
+    fps = _FPS.value or geo["fps"]
     config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
-    clip = revisit.fit_clip(clip, config.data.resolution, _NUM_FRAMES.value)
+    clip = fit_inputs(geo, config.data.resolution, _NUM_FRAMES.value)
     backend = _MEMORY.value or config.memory.backend
     num_frames = len(clip["poses_c2w"])
     r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
                              object_slots=_OBJECT_SLOTS.value, sampling_options=options,
+                             depth=depth,
                              **memory.capacity_for(backend, num_frames, wm.memory_config(config)))
     start = time.perf_counter()
-    extra = dict(depths=clip["depths"]) if wm.needs_depths else {}
-    out = r.generate(clip["frames"][0], clip["depths"][0], clip["intrinsics"], clip["poses_c2w"],
+    extra = dict(depths=clip["depths"]) if r.model.needs_depths else {}
+    out = r.generate(clip["first_frame"], clip["first_depth"], clip["intrinsics"], clip["poses_c2w"],
                      seed=_SEED.value, timed=True, **extra)
     total = time.perf_counter() - start
 
@@ -159,7 +223,9 @@ def _main() -> int:
         with report.atomic_output(os.path.join(directory, "cameras.npz")) as tmp:
           with open(tmp, "wb") as f:
             np.savez_compressed(f, intrinsics=clip["intrinsics"], poses_c2w=clip["poses_c2w"],
-                                latent_frames=out["latent_frames"], coverage=out["coverage"])
+                                latent_frames=out["latent_frames"], coverage=out["coverage"],
+                                **{k: out[k] for k in ("latent_depths", "depth_aligned")
+                                   if k in out})
       else:
         video.write_mp4(os.path.join(directory, "depth.mp4"), video.depth_to_rgb(out["depths"]), fps=fps)
         with report.atomic_output(os.path.join(directory, "depth.npz")) as tmp:

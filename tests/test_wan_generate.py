@@ -324,6 +324,18 @@ def test_cfg_uses_the_empty_prompt(world, clip):
   np.testing.assert_allclose(same.model.sample_chunk(key, first, scene), a, atol=1e-5)
 
 
+def test_promptless_run_uses_the_empty_prompt(world, tmp_path):
+  """No --caption_embedding: the text is the empty prompt's embedding (as the reference)."""
+  config, vae, dit = world
+  empty = np.random.default_rng(2).standard_normal((3, int(config.denoiser.model.text_dim)))
+  np.save(tmp_path / "empty.npy", empty.astype(np.float32))
+  options = wan_world_model.rollout_options(config, None, str(tmp_path / "empty.npy"), None)
+  assert options["text"] is None
+  r = rollout.make_rollout(config, vae, dit, "mirage", sampling_options=options)
+  np.testing.assert_array_equal(r.model.text, r.model.empty_text)
+  np.testing.assert_array_equal(r.model.text[0, :3], empty.astype(np.float32))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -366,7 +378,15 @@ def test_bad_inputs_are_one_line(export, small_export, geometry_npz, tmp_path):
   data["has_depth"] = np.bool_(False)
   np.savez(no_depth, **data)
   _one_line_error(gen(f"--checkpoint={export}", f"--geometry_path={no_depth}"),
-                  str(no_depth), "has_depth")
+                  str(no_depth), "depth")
+  # Frame 0's depth only: the Wan rollout writes every frame with its given depth.
+  first_only = tmp_path / "first_only.npz"
+  data = dict(np.load(geometry_npz))
+  np.savez(first_only, frames=data["frames"][:1], depths=data["depths"][:1],
+           intrinsics=data["intrinsics"], poses_c2w=data["poses_c2w"])
+  result = gen(f"--checkpoint={export}", f"--geometry_path={first_only}")
+  _one_line_error(result, str(first_only), "depth")
+  assert "--depth_estimator=given" in result.stderr
   # evaluate: the small family's benchmarks refuse a Wan export before loading it.
   ev = run_cli("mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=scaling",
                f"--output_dir={tmp_path / 'ev'}")

@@ -353,6 +353,8 @@ class RevisitRunner:
       (its ``config.memory.backend``); same resolution as ``config``.
     first_visit_coverage: ``max_coverage`` of :func:`first_visit_frames` (its ``min_gap``
       is the pairing's).
+    depth: where the memory model's rows take written depth from (``WorldModel.depth_options``;
+      default: the family's); the oracle and extra rows keep their family's default.
   """
 
   def __init__(self, config, ae, dn, backends: Sequence[str], max_frames: int, *,
@@ -360,18 +362,19 @@ class RevisitRunner:
                pairing: Mapping[str, Any] | None = None,
                sampling_options: Mapping[str, Any] | None = None,
                extra_rows: Mapping[str, tuple] | None = None,
-               first_visit_coverage: float = 0.5):
+               first_visit_coverage: float = 0.5, depth: Any = None):
     unknown = [b for b in backends if b not in memory_lib.BACKEND_NAMES]
     if unknown:
       raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: "
                        f"{', '.join(memory_lib.BACKEND_NAMES)})")
     base = families.world_model(config).memory_config(config)
 
-    def make(b, world=(config, ae, dn)):
+    def make(b, world=(config, ae, dn), **options):
       cfg = families.world_model(world[0]).memory_config(world[0])
       return rollout.make_rollout(*world, backend=b, sampling_options=dict(sampling_options or {}),
-                                  **capacity_for(b or world[0].memory.backend, max_frames, cfg))
-    self.rows = {b: make(b) for b in backends}
+                                  **capacity_for(b or world[0].memory.backend, max_frames, cfg),
+                                  **options)
+    self.rows = {b: make(b, depth=depth) for b in backends}
     self.oracle_backend = config.memory.backend
     if oracle:
       self.rows[ORACLE] = make(self.oracle_backend)
