@@ -76,6 +76,7 @@ succeeded, one process only):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -83,7 +84,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from mirage_jax import distributed, paths
+from mirage_jax import depth, distributed, paths
 from mirage_jax import checkpoint, families
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
@@ -145,6 +146,7 @@ _FIRST_VISIT = flags.DEFINE_float(
     "first_visit_coverage", 0.5, "A frame is a first-visit frame (psnr_unseen, ssim_unseen) "
     "when ground truth seen >= --min_revisit_gap frames earlier covers at most this fraction.")
 # Scaling.
+_DEPTH_OPTIONS = depth.define_flags()
 _LENGTHS = flags.DEFINE_list("lengths", ["64", "256", "1024", "4096"], "Trajectory lengths (frames).")
 _TIMED = flags.DEFINE_integer("timed_chunks", 2, "Chunks timed at the end of each length.")
 _PERIOD = flags.DEFINE_integer("scaling_period", 64, "Frames per loop of the scaling camera path.")
@@ -290,6 +292,7 @@ def _revisit(config, ae, dn) -> None:
         config, ae, dn, _BACKENDS.value, max(lengths), oracle=_ORACLE.value, composite=_COMPOSITE.value,
         pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
         sampling_options=_sampling_options(config), first_visit_coverage=_FIRST_VISIT.value,
+        depth=_DEPTH_OPTIONS(families.world_model(config)),
         extra_rows={row: _with_sampler_steps(rollout.load_world_model(path))
                     for row, path in baselines.items()})
     video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
@@ -307,6 +310,7 @@ def _revisit(config, ae, dn) -> None:
                  baseline_checkpoints=baselines, first_visit_coverage=_FIRST_VISIT.value,
                  sampler_steps=int(config.sampler.num_steps),
                  depth_from_memory=list(config.memory.get("depth_from_memory", ())),
+                 depth=dataclasses.asdict(_DEPTH_OPTIONS(families.world_model(config))),
                  reencode_latents=bool(config.sampler.get("reencode_latents", False)),
                  seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
                  oracle_backend=config.memory.backend,

@@ -62,7 +62,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from mirage_jax import distributed, paths
+from mirage_jax import depth, distributed, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
@@ -86,16 +86,7 @@ _EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty 
                                   "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
                                "(negative prompt: the empty one; default: config.sampler, 0 = off).")
-# Depth of generated frames (mirage_jax.depth.estimator).
-_DEPTH_ESTIMATOR = flags.DEFINE_enum(
-    "depth_estimator", None, ["given", "decoder", "depth_anything"], "Where the depth written "
-    "into the memory comes from: the file's depth of every frame (given), the small family's "
-    "decoder (its default), or a Depth Anything V2 export (--depth_model; the Wan family's "
-    "default is given).")
-_DEPTH_MODEL = flags.DEFINE_string("depth_model", None, "Depth Anything V2 export "
-                                   "(mirage_jax.convert_depth, or a trained 'depth' stage).")
-_DEPTH_ALIGN = flags.DEFINE_bool("depth_align", None, "Fit each estimated depth to the memory's "
-                                 "depth (default: on; off keeps a metric model's raw output).")
+_DEPTH_OPTIONS = depth.define_flags()
 _INIT_DISTRIBUTED = distributed.define_flags()
 
 
@@ -185,11 +176,11 @@ def _main() -> int:
   wm = families.world_model(config)
   if len(geo["poses_c2w"]) < 2:
     raise InputError(_GEOMETRY.value, "poses_c2w", "need at least 2 cameras to generate along")
-  if _DEPTH_MODEL.value:
-    paths.check_reachable(_DEPTH_MODEL.value, "--depth_model")
-  depth = wm.depth_options(_DEPTH_ESTIMATOR.value, _DEPTH_MODEL.value, _DEPTH_ALIGN.value)
-  require_depth(_GEOMETRY.value, geo, config.family, needs_every=depth.estimator == "given",
-                needs_first=depth.estimator != "depth_anything")
+  depth_opts = _DEPTH_OPTIONS(wm)
+  if depth_opts.model:
+    paths.check_reachable(depth_opts.model, "--depth_model")
+  require_depth(_GEOMETRY.value, geo, config.family, needs_every=depth_opts.estimator == "given",
+                needs_first=depth_opts.estimator != "depth_anything")
   options = wm.sampling_options(config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value,
                                 guidance_scale=_GUIDANCE.value)
   def claim(stack: contextlib.ExitStack) -> str:
@@ -208,7 +199,7 @@ def _main() -> int:
     num_frames = len(clip["poses_c2w"])
     r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,
                              object_slots=_OBJECT_SLOTS.value, sampling_options=options,
-                             depth=depth,
+                             depth=depth_opts,
                              **memory.capacity_for(backend, num_frames, wm.memory_config(config)))
     start = time.perf_counter()
     extra = dict(depths=clip["depths"]) if r.model.needs_depths else {}

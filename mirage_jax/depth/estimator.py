@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mirage_jax.depth import ESTIMATORS
 from mirage_jax.depth import align as align_lib
 from mirage_jax.errors import InputError
 
-ESTIMATORS = ("given", "decoder", "depth_anything")
 
 
 @dataclasses.dataclass(frozen=True)
