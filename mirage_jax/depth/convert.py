@@ -144,7 +144,6 @@ def _original_name(key: str) -> str | None:
         return f"backbone.encoder.layer.{i}.layer_scale{sub[2]}.lambda1"
     return key
   if parts[0] == "depth_head":
-    rest = ".".join(parts[1:])
     leaf = parts[-1]
     stem = ".".join(parts[1:-1])
     for k in range(4):
@@ -166,7 +165,6 @@ def _original_name(key: str) -> str | None:
              "scratch.output_conv2.2": "head.conv3"}
     if stem in heads:
       return f"{heads[stem]}.{leaf}"
-    del rest
   return key
 
 
@@ -235,9 +233,13 @@ def convert_params(path: str, cfg) -> dict:
     plan[key] = [(dst, fn)]
     want[key] = _torch_shape(kind, ours[dst])
   covered = {p for targets in plan.values() for p, _ in targets}
-  for missing in sorted(set(ours) - covered, key=list(ours).index):
-    source = next((k for k, (d, _, _) in table.items() if d == missing), missing)
-    raise InputError(path, source, f"missing from the file {hint}")
+  if covered != set(ours):
+    present = set(keys)
+    for source in sorted(torch_keys(cfg, layout)):
+      if source not in present and source not in IGNORED and not (
+          layout == "transformers" and any(_hf_name(k) == source for k in present)):
+        raise InputError(path, source, f"missing from the file {hint}")
+    raise AssertionError(f"converter: {sorted(set(ours) - covered)[:3]} not covered")
   for key, shape in want.items():
     if tuple(wf.shape(key)) != shape:
       raise InputError(path, key, f"shape {tuple(wf.shape(key))}, the {cfg.variant} "
@@ -262,11 +264,33 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
 
 
 def torch_keys(cfg, layout: str = "transformers") -> set[str]:
-  """The keys a released file of ``cfg`` holds (mask_token included), for checks."""
-  hf = set(_hf_table(cfg)) | {"backbone.embeddings.mask_token"}
+  """The keys a released file of ``cfg`` holds (mask_token included; transformers >= 5
+  attention names)."""
   if layout == "transformers":
-    return hf
-  raise InputError("torch_keys", "layout", f"unknown layout {layout!r}")
+    return set(_hf_table(cfg)) | {"backbone.embeddings.mask_token"}
+  if layout != "original":
+    raise InputError("torch_keys", "layout", f"unknown layout {layout!r}")
+  wb = lambda stem: {f"{stem}.weight", f"{stem}.bias"}
+  keys = {"pretrained.cls_token", "pretrained.pos_embed", "pretrained.mask_token"}
+  keys |= wb("pretrained.patch_embed.proj") | wb("pretrained.norm")
+  for i in range(cfg.num_layers):
+    b = f"pretrained.blocks.{i}"
+    for stem in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+      keys |= wb(f"{b}.{stem}")
+    keys |= {f"{b}.ls1.gamma", f"{b}.ls2.gamma"}
+  h = "depth_head"
+  for k in range(4):
+    keys |= wb(f"{h}.projects.{k}") | {f"{h}.scratch.layer{k + 1}_rn.weight"}
+    r = f"{h}.scratch.refinenet{k + 1}"
+    keys |= wb(f"{r}.out_conv")
+    for u in (1, 2):
+      for c in (1, 2):
+        keys |= wb(f"{r}.resConfUnit{u}.conv{c}")
+  for k in (0, 1, 3):
+    keys |= wb(f"{h}.resize_layers.{k}")
+  keys |= wb(f"{h}.scratch.output_conv1") | wb(f"{h}.scratch.output_conv2.0")
+  keys |= wb(f"{h}.scratch.output_conv2.2")
+  return keys
 
 
 def write_export(output: str, params: dict, cfg, *, source: str, dtype: str | None = None
