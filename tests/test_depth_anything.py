@@ -24,7 +24,8 @@ from mirage_jax.errors import InputError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from transformers.models.depth_anything import modeling_depth_anything as hf_da  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from transformers.models.depth_anything import modeling_depth_anything as hf_da
 
 # Relative to max|oracle|: the bar of the brief; measured values are in BENCHMARKS.md.
 PARITY_TOL = 1e-4
@@ -100,7 +101,8 @@ def _original_names(state, num_fusions=4):
       (r"backbone\.embeddings\.patch_embeddings\.projection\.", "pretrained.patch_embed.proj."),
       (r"backbone\.layernorm\.", "pretrained.norm."),
       (r"backbone\.encoder\.layer\.(\d+)\.attention\.o_proj\.", r"pretrained.blocks.\1.attn.proj."),
-      (r"backbone\.encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1", r"pretrained.blocks.\1.ls\2.gamma"),
+      (r"backbone\.encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1",
+       r"pretrained.blocks.\1.ls\2.gamma"),
       (r"backbone\.encoder\.layer\.(\d+)\.", r"pretrained.blocks.\1."),
       (r"neck\.reassemble_stage\.layers\.(\d)\.projection\.", r"depth_head.projects.\1."),
       (r"neck\.reassemble_stage\.layers\.(\d)\.resize\.", r"depth_head.resize_layers.\1."),
@@ -208,11 +210,9 @@ def test_full_size_params_match_transformers(variant):
   shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
   assert set(shapes) == convert.torch_keys(cfg)
   model = da.abstract_model(cfg)
-  ours = {k: tuple(v.shape)
-          for k, v in da._flat(nnx.state(model, nnx.Param).to_pure_dict()).items()}  # pylint: disable=protected-access
-  table = convert._hf_table(cfg)  # pylint: disable=protected-access
-  for key, (dst, _, kind) in table.items():
-    assert convert._torch_shape(kind, ours[dst]) == shapes[key], key  # pylint: disable=protected-access
+  ours = da.param_shapes(cfg)
+  for key, (dst, _, kind) in convert.layout(cfg).items():
+    assert convert.torch_shape(kind, ours[dst]) == shapes[key], key
   n_theirs = sum(math.prod(s) for s in shapes.values())
   assert da.num_params(model) + cfg.hidden_size == n_theirs
   print(f"{variant}: {da.num_params(model):,} params (+ mask_token = transformers' {n_theirs:,})")

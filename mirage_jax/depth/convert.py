@@ -33,7 +33,6 @@ import shutil
 from typing import Callable
 
 import numpy as np
-from flax import nnx
 
 from mirage_jax import weight_files
 from mirage_jax.depth import depth_anything as da
@@ -41,8 +40,6 @@ from mirage_jax.errors import InputError
 
 IGNORED = ("backbone.embeddings.mask_token", "pretrained.mask_token")
 
-# One source tensor -> one or more of our params: (our path, transform of the source array).
-_Entry = tuple[str, Callable[[np.ndarray], np.ndarray], tuple[int, ...]]
 
 
 def _linear(w: np.ndarray) -> np.ndarray:
@@ -61,7 +58,7 @@ def _same(w: np.ndarray) -> np.ndarray:
   return w
 
 
-def _hf_table(cfg) -> dict[str, tuple[str, Callable, str]]:
+def layout(cfg) -> dict[str, tuple[str, Callable, str]]:
   """transformers key -> (our param path, transform, torch layout kind)."""
   t: dict[str, tuple[str, Callable, str]] = {}
 
@@ -168,7 +165,7 @@ def _original_name(key: str) -> str | None:
   return key
 
 
-def _torch_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+def torch_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
   """The torch tensor's shape that gives our param of shape ``ours``."""
   if kind == "linear":
     return ours[::-1]
@@ -201,13 +198,12 @@ def convert_params(path: str, cfg) -> dict:
     InputError: naming ``path`` and the key: a missing key, an unexpected one, a wrong shape.
   """
   da.check_config(cfg)
-  model = da.abstract_model(cfg)
-  ours = {k: tuple(v.shape) for k, v in da._flat(nnx.state(model, nnx.Param).to_pure_dict()).items()}  # pylint: disable=protected-access
-  table = _hf_table(cfg)
+  ours = da.param_shapes(cfg)
+  table = layout(cfg)
   assert set(d for d, _, _ in table.values()) == set(ours), "converter table out of date"
   wf = weight_files.open_weights(path)
   keys = list(wf.keys())
-  layout = _layout_of(keys, path)
+  naming = _layout_of(keys, path)
   hint = f"(a {cfg.variant}/{cfg.kind} model expects other weights: wrong --variant?)"
   # source key -> [(our path, transform)], and the source shape we need.
   plan: dict[str, list[tuple[str, Callable]]] = {}
@@ -215,29 +211,30 @@ def convert_params(path: str, cfg) -> dict:
   for key in keys:
     if key in IGNORED:
       continue
-    if layout == "original" and key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
+    if naming == "original" and key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
       parts = key.split(".")
       i, leaf = parts[2], parts[-1]
       d = cfg.hidden_size
       plan[key] = [(f"blocks/{i}/{n}/{'kernel' if leaf == 'weight' else 'bias'}",
-                    (lambda w, j=j: w[j * d:(j + 1) * d].T if w.ndim == 2 else w[j * d:(j + 1) * d]))
+                    lambda w, j=j: _linear(w[j * d:(j + 1) * d]) if w.ndim == 2
+                    else w[j * d:(j + 1) * d])
                    for j, n in enumerate("qkv")]
       if any(p not in ours for p, _ in plan[key]):
         raise InputError(path, key, f"not a weight of the model {hint}")
       want[key] = (3 * d, d) if leaf == "weight" else (3 * d,)
       continue
-    name = _hf_name(key) if layout == "transformers" else _original_name(key)
+    name = _hf_name(key) if naming == "transformers" else _original_name(key)
     if name not in table:
       raise InputError(path, key, f"unexpected key: not a weight of the model {hint}")
     dst, fn, kind = table[name]
     plan[key] = [(dst, fn)]
-    want[key] = _torch_shape(kind, ours[dst])
+    want[key] = torch_shape(kind, ours[dst])
   covered = {p for targets in plan.values() for p, _ in targets}
   if covered != set(ours):
     present = set(keys)
-    for source in sorted(torch_keys(cfg, layout)):
+    for source in sorted(torch_keys(cfg, naming)):
       if source not in present and source not in IGNORED and not (
-          layout == "transformers" and any(_hf_name(k) == source for k in present)):
+          naming == "transformers" and any(_hf_name(k) == source for k in present)):
         raise InputError(path, source, f"missing from the file {hint}")
     raise AssertionError(f"converter: {sorted(set(ours) - covered)[:3]} not covered")
   for key, shape in want.items():
@@ -263,13 +260,13 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
   return out
 
 
-def torch_keys(cfg, layout: str = "transformers") -> set[str]:
+def torch_keys(cfg, naming: str = "transformers") -> set[str]:
   """The keys a released file of ``cfg`` holds (mask_token included; transformers >= 5
   attention names)."""
-  if layout == "transformers":
-    return set(_hf_table(cfg)) | {"backbone.embeddings.mask_token"}
-  if layout != "original":
-    raise InputError("torch_keys", "layout", f"unknown layout {layout!r}")
+  if naming == "transformers":
+    return set(layout(cfg)) | {"backbone.embeddings.mask_token"}
+  if naming != "original":
+    raise InputError("torch_keys", "naming", f"unknown naming {naming!r}")
   wb = lambda stem: {f"{stem}.weight", f"{stem}.bias"}
   keys = {"pretrained.cls_token", "pretrained.pos_embed", "pretrained.mask_token"}
   keys |= wb("pretrained.patch_embed.proj") | wb("pretrained.norm")

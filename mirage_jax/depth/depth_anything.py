@@ -171,7 +171,7 @@ def _resize_hw(x: jax.Array, mh: np.ndarray, mw: np.ndarray) -> jax.Array:
 
 
 def resize_bicubic(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
-  """torch's bicubic resize (align_corners=False, no antialias) of x (N, h, w, C) -> (N, H, W, C)."""
+  """torch's bicubic resize (align_corners=False, no antialias): x (N, h, w, C) -> (N, H, W, C)."""
   return _resize_hw(x, _bicubic_matrix(x.shape[1], hw[0]), _bicubic_matrix(x.shape[2], hw[1]))
 
 
@@ -396,6 +396,12 @@ def abstract_model(cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> DepthAnyt
 def _flat(tree: Any) -> dict[str, Any]:
   return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): x
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+  """'blocks/0/q/kernel' -> shape, for every param of ``DepthAnythingV2(cfg)`` (abstract)."""
+  state = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+  return {k: tuple(v.shape) for k, v in _flat(state).items()}
 
 
 def load_export(path: str, dtype=None) -> tuple[DepthAnythingV2, ml_collections.ConfigDict]:
