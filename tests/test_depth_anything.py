@@ -329,6 +329,8 @@ def test_bad_sizes_refused():
     da.model_config("huge")
   with pytest.raises(InputError, match=r"field 'input_size'"):
     da.model_config("tiny", input_size=100)
+  with pytest.raises(InputError, match=r"field 'max_depth'"):
+    da.model_config("small", "metric", max_depth=0.0)
 
 
 # ----------------------------------------------------------------------------- exports

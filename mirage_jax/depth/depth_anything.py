@@ -128,6 +128,8 @@ def check_config(cfg, where: str = "depth_model") -> None:
                      f"[0, {cfg.num_layers})")
   if cfg.input_size % PATCH_SIZE:
     raise InputError(where, "input_size", f"{cfg.input_size} is not a multiple of {PATCH_SIZE}")
+  if not cfg.max_depth > 0:
+    raise InputError(where, "max_depth", f"{cfg.max_depth}: must be > 0 (metres)")
 
 
 # ----------------------------------------------------------------------------- resampling
