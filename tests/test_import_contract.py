@@ -74,7 +74,8 @@ LAYERS: dict[str, dict] = {
     # L4: command-line tools. Imported by nothing (rule c), so they may import any layer.
     "clis": dict(modules=(
         "mirage_jax.main", "mirage_jax.generate", "mirage_jax.evaluate", "mirage_jax.export",
-        "mirage_jax.aot", "mirage_jax.convert_wan", "mirage_jax.main_job",
+        "mirage_jax.aot", "mirage_jax.convert_wan", "mirage_jax.convert_depth",
+        "mirage_jax.main_job",
         "data_pipelines.build", "data_pipelines.encode_latents", "data_pipelines.make_geometry"),
         may_import=("core", "base", "data", "families", "services", "clis")),
 }
