@@ -56,7 +56,7 @@ def get_config(arg=None):
   c.depth_train = dict(silog_lambda=0.5, dtype="float32", param_dtype="float32")
   c.optimizer.update(learning_rate=1e-3, end_learning_rate=1e-5, warmup_steps=50,
                      weight_decay=0.01, ema_decay=0.99)
-  c.train.update(steps=1500 if data == "procedural" else 600, log_every=50, tensorboard=False)
+  c.train.update(steps=2000 if data == "procedural" else 600, log_every=50, tensorboard=False)
   c.checkpoint.update(every=250, keep=2)
   c.eval.update(every=250, batches=2)
   return c

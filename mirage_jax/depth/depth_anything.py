@@ -163,6 +163,10 @@ def load_export(path: str) -> tuple[DepthAnythingV2, ml_collections.ConfigDict]:
   abstract = nnx.eval_shape(lambda: DepthAnythingV2(cfg, rngs=nnx.Rngs(0)))
   graphdef, want = nnx.split(abstract, nnx.Param)
   want = want.to_pure_dict()
+  # Orbax writes the list indices of nnx.List as strings; the model's state has ints.
+  relabel = lambda t: ({(int(k) if isinstance(k, str) and k.isdigit() else k): relabel(v)
+                        for k, v in t.items()} if isinstance(t, dict) else t)
+  params = relabel(params)
   got_shapes = jax.tree.map(lambda a: tuple(a.shape), params)
   want_shapes = jax.tree.map(lambda a: tuple(a.shape), want)
   if got_shapes != want_shapes:

@@ -83,9 +83,19 @@ def silog_loss(pred: jax.Array, target: jax.Array, valid: jax.Array,
   n = jnp.maximum(w.sum(), 1.0)
   # Invalid pixels enter as log 1 - log 1 = 0 (and get no gradient), never as log 0.
   g = (jnp.log(jnp.where(valid, target, 1.0)) - jnp.log(jnp.where(valid, pred, 1.0))) * w
-  mean_sq, mean = (g * g).sum() / n, g.sum() / n
-  # The floor keeps sqrt's gradient finite at a perfect fit.
-  return jnp.sqrt(jnp.maximum(mean_sq - lambd * mean * mean, 1e-12))
+  mean = g.sum() / n
+  # mean(g^2) - lambd mean(g)^2 written as var(g) + (1 - lambd) mean(g)^2: the same value
+  # without float32's cancellation of two near-equal terms (a pure scale error with
+  # lambd = 1 left ~1e-7 of it, 4e-4 after the sqrt). The floor keeps sqrt's gradient
+  # finite at a perfect fit.
+  var = (jnp.square(g - mean) * w).sum() / n
+  return jnp.sqrt(jnp.maximum(var + (1.0 - lambd) * mean * mean, 1e-12))
+
+
+def valid_pixels(depths: jax.Array, max_depth: float) -> jax.Array:
+  """Pixels with a usable target: finite, > 0 (0 = no depth) and <= max_depth (the released
+  metric training's mask; a metric network cannot output more)."""
+  return jnp.isfinite(depths) & (depths > 0) & (depths <= max_depth)
 
 
 def abs_rel(pred: jax.Array, target: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -138,9 +148,6 @@ class DepthStage(StageBase):
     return depth_anything.DepthAnythingV2(self.cfg, rngs=rngs, dtype=self.dtype,
                                           param_dtype=self.param_dtype)
 
-  def valid(self, depths: jax.Array) -> jax.Array:
-    """Pixels with a usable target: finite, > 0 (no depth) and <= max_depth."""
-    return jnp.isfinite(depths) & (depths > 0) & (depths <= self.cfg.max_depth)
 
   def loss(self, model, frozen, batch: Batch, rng):
     """batch: frames (B, T, H, W, 3) in [-1, 1], depths (B, T, H, W) -> SiLog, metrics."""
@@ -149,7 +156,7 @@ class DepthStage(StageBase):
     frames = batch["frames"].reshape(b * t, h, w, 3)
     target = batch["depths"].reshape(b * t, h, w).astype(jnp.float32)
     pred = depth_anything.estimate(model, frames)  # (B T, H, W)
-    valid = self.valid(target)
+    valid = valid_pixels(target, self.cfg.max_depth)
     loss = silog_loss(pred, target, valid, self.lambd)
     n = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
     raw, aligned = jax.lax.stop_gradient(abs_rel(pred, target, valid))
