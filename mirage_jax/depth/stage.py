@@ -10,8 +10,9 @@ only (``model_config``, ``estimate``, ``load_export``): the export of a run
 which ``depth_anything.load_export`` loads.
 
 Loss: the scale-invariant log loss (SiLog) of Depth Anything V2's metric fine-tuning
-(Yang et al., "Depth Anything V2", arXiv 2406.09414, Sec. 7 / its ``metric_depth`` code;
-from Eigen et al. 2014), on valid pixels ``0 < d* <= max_depth``::
+(Yang et al., "Depth Anything V2", arXiv 2406.09414; its released ``metric_depth`` training
+uses ``SiLogLoss(lambd=0.5)``; the loss is Eigen et al.'s, arXiv 1406.2283), on valid pixels
+``0 < d* <= max_depth``::
 
     g = log d* - log d,    loss = sqrt(mean(g^2) - lambda * mean(g)^2),   lambda = 0.5
 
