@@ -77,7 +77,14 @@ def world_model(config_or_name: ml_collections.ConfigDict | str):
 
 def make_stage(config: ml_collections.ConfigDict, frozen: Any = None):
   """The training stage of ``config.stage`` from the family's module ``stages``
-  (``make_stage(config, frozen)``); imported only when training."""
+  (``make_stage(config, frozen)``); imported only when training.
+
+  ``'depth'`` (``mirage_jax.depth.stage``) belongs to no family: a monocular depth network
+  trained on the frames of any family's data, so it is found by its stage name alone.
+  """
+  if config.get("stage") == "depth":
+    from mirage_jax.depth import stage as depth_stage  # pylint: disable=g-import-not-at-top
+    return depth_stage.make_stage(config, frozen)
   return _family_module(config, "stages").make_stage(config, frozen)
 
 

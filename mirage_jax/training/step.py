@@ -29,6 +29,10 @@ from mirage_jax.training.optimizer import make_optimizer
 from mirage_jax.training.stage import Batch, Stage, State
 
 
+# 'depth' is family-independent (mirage_jax.depth.stage, reached by the registry by name).
+STAGES = ("autoencoder", "denoiser", "depth")
+
+
 def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
   """The stage named by ``config.stage``, from its family (``families.make_stage``).
 
@@ -36,8 +40,8 @@ def make_stage(config: ml_collections.ConfigDict, frozen: Any = None) -> Stage:
     frozen: the stage's frozen params (the small denoiser's autoencoder); None: loaded later
       by ``stage.load_frozen``; "abstract": shapes only (compiling ahead of time).
   """
-  if config.stage not in ("autoencoder", "denoiser"):
-    raise InputError("config.stage", "stage", f"expected 'autoencoder' or 'denoiser', got {config.stage!r}")
+  if config.stage not in STAGES:
+    raise InputError("config.stage", "stage", f"expected one of {STAGES}, got {config.stage!r}")
   return families.make_stage(config, frozen)
 
 
