@@ -176,8 +176,9 @@ COMMANDS: dict[str, Doc] = {
                                              "--split=test --frame_range=0:12"))),
     "table_generate": Doc(
         "python -m mirage_jax.generate --checkpoint=EXPORT --geometry_path=geometry.npz "
-        "--output_dir=OUT [--memory=voxel]", R, "run",
-        f"EXPORT -> the denoiser export, OUT -> out/generate, [--memory=voxel] taken; {GEN_WHY}",
+        "--output_dir=OUT [--memory=voxel] [--depth_model=DEPTH_EXPORT]", R, "run",
+        f"EXPORT -> the denoiser export, OUT -> out/generate, [--memory=voxel] taken, "
+        f"[--depth_model] left out (tests/test_depth_generation.py generates with one); {GEN_WHY}",
         subs=(("EXPORT", "exports/dit"), ("OUT", "out/generate"), ("[--memory=voxel]", "--memory=voxel")),
         flags=(GEN_FRAMES,)),
     "table_evaluate": Doc(
@@ -206,6 +207,16 @@ COMMANDS: dict[str, Doc] = {
         "random files in the released layout", loose=True,
         example="python -m mirage_jax.convert_wan --wan_dir=Wan2.2-TI2V-5B --vace=vace.safetensors "
                 "--lora=lora.safetensors --output=EXPORT --dtype=bfloat16 --merge_lora"),
+    "table_convert_depth": Doc(
+        r"python -m mirage_jax\.convert_depth --weights=\S+ --variant=\S+ --kind=\S+ --output=\S+", R,
+        "dry", "needs the released Depth Anything V2 weights; tests/test_depth_anything.py "
+        "converts random files in both released layouts", loose=True,
+        example="python -m mirage_jax.convert_depth --weights=depth_anything_v2_vits.pth "
+                "--variant=small --kind=relative --output=DEPTH_EXPORT"),
+    "table_train_depth": Doc(
+        "python -m mirage_jax.main --config=experiments/depth_tiny_cpu.py --workdir=DIR", R, "run",
+        f"DIR -> runs/depth, on the dataset the build row made; {STEPS_WHY}",
+        subs=(("DIR", "runs/depth"),), flags=(STEPS,)),
     "table_to_reference": Doc(
         r"python -m mirage_jax\.convert_wan --to_reference --checkpoint=\S+ --output=\S+", R, "dry",
         "needs a Wan export; tests/test_convert_wan.py", loose=True,
@@ -340,7 +351,7 @@ COMMANDS: dict[str, Doc] = {
 # The chains, in the docs' order; every ``run`` entry is in exactly one.
 CHAINS = {
     "readme_table": ("build", "table_train_ae", "table_export_ae", "table_train_dn", "table_export_dn",
-                     "table_geometry", "table_generate", "table_evaluate",
+                     "table_train_depth", "table_geometry", "table_generate", "table_evaluate",
                      "own_geometry_dataset", "own_generate", "own_geometry_files"),
     "gcs": ("gs_train_ae", "gs_export_ae", "gs_train_dn", "gs_export_dn", "gs_geometry", "gs_generate"),
     "beam_local": ("beam_local",),
@@ -579,14 +590,16 @@ def _export_written(path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_readme_table_chain(clone):
-  """build -> train (stage 1) -> export -> train (stage 2) -> export -> make_geometry ->
-  generate -> evaluate, then "From make main to your own generate"."""
+  """build -> train (stage 1) -> export -> train (stage 2) -> export -> train a depth
+  estimator -> make_geometry -> generate -> evaluate, then "From make main to your own
+  generate"."""
   for name in CHAINS["readme_table"][1:]:
     if name == "own_geometry_files":
       _write_own_files(clone)
     result = run_entry(name, clone)
     if name.startswith("table_train"):
-      workdir = clone / ("runs/ae" if name.endswith("ae") else "runs/dit")
+      workdir = clone / {"table_train_ae": "runs/ae", "table_train_dn": "runs/dit",
+                         "table_train_depth": "runs/depth"}[name]
       steps = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
       assert steps[-1] == 2, steps
     elif name.startswith("table_export"):
