@@ -48,6 +48,9 @@ flags.DEFINE_bool("generate", False, "Compile one generation chunk instead: the 
                   "sampler of the Wan rollout (DiT + VACE at every step) and the VAE decode of "
                   "one latent tile (the rollout decodes the chunk tile by tile).")
 flags.DEFINE_integer("steps", 20, "Sampler steps (--generate).")
+flags.DEFINE_string("depth_variant", "large", "--generate: also compile the chunk's depth "
+                    "estimation (Depth Anything V2 of this size, metric, f32, replicated) and "
+                    "its alignment to the memory for the chunk's new latent frames ('' = off).")
 flags.DEFINE_string("remat", None, "Override the config's remat policy.")
 flags.DEFINE_bool("scan_layers", True, "Scan the layer stacks.")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "chunked", "splash"],
@@ -130,10 +133,29 @@ def generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
   def decode(state, latents):
     return wan_vae.jit_decode(nnx.merge(vae_graphdef, state), latents, clamp=False)
 
+  depth = None
+  if FLAGS.depth_variant:
+    from mirage_jax.depth import depth_anything, estimator  # pylint: disable=g-import-not-at-top
+    depth_cfg = depth_anything.model_config(FLAGS.depth_variant, "metric")
+    mono = estimator.Monocular(depth_anything.abstract_model(depth_cfg), depth_cfg)
+    depth_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                              sharding=replicated), mono.state)
+    new = lat_t - 1  # latents 1.. of a chunk are new; each is estimated from its video frame
+    depth_args = (depth_state, f32(new, FLAGS.height, FLAGS.width, 3), f32(new, h, w),
+                  jax.ShapeDtypeStruct((new, h, w), jnp.bool_, sharding=replicated), f32(2))
   with jax.set_mesh(mesh), sharding.use_rules(rules):
     s_bytes, s_mem, s_xla, s_traced = _compiled_stats(ro._sample_impl, *sample_args)  # pylint: disable=protected-access
     d_bytes, d_mem, d_xla, d_traced = _compiled_stats(decode, vae_abstract,
                                                       f32(1, lat_t, th, tw, c))
+    if FLAGS.depth_variant:
+      e_bytes, e_mem, e_xla, e_traced = _compiled_stats(mono.chunk, *depth_args)
+      depth = {"variant": FLAGS.depth_variant, "frames": new,
+               "input_hw": list(depth_anything.input_hw(FLAGS.height, FLAGS.width,
+                                                        depth_cfg.input_size)),
+               "params": depth_anything.num_params(depth_anything.abstract_model(depth_cfg)),
+               "memory_per_chip_gib": e_bytes / 2**30,
+               "temporaries_gib": e_mem.temp_size_in_bytes / 2**30,
+               "traced_tflops": e_traced / 1e12, "xla_cost_tflops_per_chip": e_xla / 1e12}
   n = mesh.size
   frames = r + lat_t + p
   forward = forward_flops(cfg, batch=1, frames=frames, references=r,
@@ -160,6 +182,8 @@ def generate_report(cfg, mesh, rules, graphdef, abstract_params, lat_t, h, w,
           "xla_cost_tflops_per_chip": d_xla / 1e12},
       "hbm_per_chip_gib": hbm_gib,
   }
+  if depth is not None:
+    report["depth_estimate_and_align"] = depth
   print(json.dumps(report, indent=2))
 
 
