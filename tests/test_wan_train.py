@@ -245,8 +245,8 @@ def test_exact_resume_after_sigterm(world, tmp_path, monkeypatch):
 
 
 def check_exact_resume(make_config, tmp_path, monkeypatch) -> None:
-  """``make_config()`` (8 steps, a log every 2) run straight, and stopped by a SIGTERM at
-  step 4 then rerun: same losses and params, to the bit."""
+  """``make_config()`` (more than 4 steps, a log every 2) run straight, and stopped by a
+  SIGTERM at step 4 then rerun: same losses and params, to the bit."""
   straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
   loop_lib.train_and_evaluate(make_config(), straight)
   reached = checkpoint.PreemptionFlag.reached

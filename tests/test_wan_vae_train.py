@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from mirage_jax.families.wan import vae as wan_vae
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib
+from tests.test_wan_train import check_exact_resume
 
 RES, FRAMES = 32, 5  # 2x2 latents, 2 latent frames
 TRAIN_STEPS = 30
@@ -141,36 +141,7 @@ def test_remat_gives_the_same_gradients():
 @pytest.mark.timeout(1500)  # training + compiles: ~6 min on a loaded 2-core machine
 def test_exact_resume_after_sigterm(rooms, tmp_path, monkeypatch):
   """A SIGTERM mid-run saves at the next step and returns 0; the rerun continues exactly."""
-  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-  kw = dict(steps=6, log_every=2)
-  loop_lib.train_and_evaluate(_config(rooms, **kw), straight)
-  reached = checkpoint.PreemptionFlag.reached
-
-  def sigterm_at_step_4(self, step):
-    if step == 4:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return reached(self, step)
-
-  handler = signal.getsignal(signal.SIGTERM)
-  with monkeypatch.context() as m:
-    m.setattr(checkpoint.PreemptionFlag, "reached", sigterm_at_step_4)
-    config = _config(rooms, **kw)
-    config.checkpoint.every = 100  # only the preemption saves
-    loop_lib.train_and_evaluate(config, resumed)
-  ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), every=1, keep=1)
-  assert ckpt.latest_step() == 4
-  ckpt.close()
-  assert len(_metrics(resumed)) == 2
-  assert signal.getsignal(signal.SIGTERM) == handler
-  loop_lib.train_and_evaluate(_config(rooms, **kw), resumed)
-  ma, mb = _metrics(straight), _metrics(resumed)
-  assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=0, abs=0)
-  out_a, out_b = str(tmp_path / "ea"), str(tmp_path / "eb")
-  checkpoint.export_params(straight, out_a)
-  checkpoint.export_params(resumed, out_b)
-  pa, _, _ = checkpoint.load_export(out_a)
-  pb, _, _ = checkpoint.load_export(out_b)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), pa, pb)
+  check_exact_resume(lambda: _config(rooms, steps=6, log_every=2), tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- export
