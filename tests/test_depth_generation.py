@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from data_pipelines import files, procedural
-from mirage_jax import rollout
+from mirage_jax import families, rollout
 from mirage_jax.depth import convert as depth_convert
 from mirage_jax.depth import depth_anything
 from mirage_jax.evaluation import revisit
@@ -77,7 +77,7 @@ def _median_ratio(depths, truth):
 
 def test_wan_generates_a_loop_from_one_frame_with_estimated_depth(wan, depth_export, loop):
   config, vae, dit = wan
-  wm_cls = type(rollout.make_rollout(config, vae, dit, "none").model)
+  wm_cls = families.world_model(config)
   make = lambda align: rollout.make_rollout(
       config, vae, dit, "mirage", capacity=NUM_FRAMES * 16,
       depth=wm_cls.depth_options("depth_anything", depth_export, align))
@@ -111,7 +111,7 @@ def test_wan_generates_a_loop_from_one_frame_with_estimated_depth(wan, depth_exp
 def test_small_family_writes_the_estimated_depth_instead_of_its_decoders(tmp_path, depth_export):
   config, ae, dn = rollout.load_world_model(save_tiny_export(str(tmp_path)))
   clip = procedural.render_clip(5, 9, 32, 32, trajectory="loop")
-  cls = type(rollout.make_rollout(config, ae, dn, "voxel").model)
+  cls = families.world_model(config)
   outs = {}
   for name, opts in (("decoder", cls.depth_options()),
                      ("given", cls.depth_options("given")),
