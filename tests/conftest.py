@@ -26,6 +26,8 @@ TEST_DEPENDENCIES = {
     "diffusers.models.transformers.transformer_wan": "pip install -e '.[oracle]'",
     "diffusers.schedulers": "pip install -e '.[oracle]'",
     "transformers.models.depth_anything.modeling_depth_anything": "pip install -e '.[oracle]'",
+    "transformers.models.umt5.modeling_umt5": "pip install -e '.[oracle]'",
+    "sentencepiece": "pip install -e '.[dev]'",
     "libtpu": "pip install -e '.[tpu]'",
     "scipy.ndimage": "pip install scipy",
 }
