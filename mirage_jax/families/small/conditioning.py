@@ -20,6 +20,7 @@ import ml_collections
 
 from mirage_jax import diffusion, families, geometry, world_model
 from mirage_jax import memory as memory_lib
+from mirage_jax.depth import align as depth_align
 from mirage_jax.errors import InputError
 from mirage_jax.families.small import autoencoder, denoiser
 from mirage_jax.memory import objects as objects_lib
