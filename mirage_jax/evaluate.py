@@ -81,7 +81,6 @@ import json
 import os
 import sys
 
-import numpy as np
 from absl import app, flags
 
 from mirage_jax import depth, distributed, paths

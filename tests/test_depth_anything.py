@@ -10,7 +10,6 @@ import math
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
