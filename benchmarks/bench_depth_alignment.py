@@ -15,8 +15,8 @@ per-loop difference to (a), min..max over loops) and the abs-rel of the written 
 against the truth (frames after the first). The loss from (a) to (c) is what a user of real
 depth weights pays for not having the future's depth.
 
-  python benchmarks/bench_depth_alignment.py --checkpoint=runs/tiny/dit_export \\
-      --depth_model=runs/depth/export --data_dir=runs/tiny/data --num_trajectories=8
+  python benchmarks/bench_depth_alignment.py --checkpoint=runs/tiny/denoiser_export \\
+      --depth_model=runs/depth/export --procedural_seeds=100000:100008 --num_trajectories=8
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ from absl import app, flags
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Small-family denoiser export.", required=True)
 _DEPTH_MODEL = flags.DEFINE_string("depth_model", None, "Depth Anything V2 export (metric).",
                                    required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Built datasets (held-out split: --split).",
-                                required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Built datasets (held-out split: --split).")
+_SEEDS = flags.DEFINE_string("procedural_seeds", None, "Held-out procedural loops a:b instead "
+                             "of a dataset (what make main's revisit table runs).")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split.")
 _NUM = flags.DEFINE_integer("num_trajectories", 8, "Held-out loops.")
+_FRAMES = flags.DEFINE_integer("num_frames", 48, "Frames per procedural loop (make main's 48).")
 _BACKEND = flags.DEFINE_string("backend", "voxel", "Memory backend.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("output_dir", None, "Keep each row's report here (default: temp).")
@@ -50,8 +52,9 @@ ROWS = (("(a) given", ["--depth_estimator=given"]),
 
 def _run(row_flags: list[str], out: str) -> dict:
   args = [sys.executable, "-m", "mirage_jax.evaluate", "--benchmark=revisit",
-          f"--checkpoint={_CHECKPOINT.value}", f"--data_dir={_DATA_DIR.value}",
-          f"--split={_SPLIT.value}", f"--num_trajectories={_NUM.value}",
+          f"--checkpoint={_CHECKPOINT.value}", f"--num_trajectories={_NUM.value}",
+          *([f"--procedural_seeds={_SEEDS.value}", f"--num_frames={_FRAMES.value}"] if _SEEDS.value else
+            [f"--data_dir={_DATA_DIR.value}", f"--split={_SPLIT.value}"]),
           f"--backends={_BACKEND.value}", "--nooracle", "--nocomposite", "--novideos",
           f"--seed={_SEED.value}", f"--output_dir={out}", *row_flags]
   if any("depth_anything" in f for f in row_flags):
@@ -69,6 +72,8 @@ def _per_loop(result: dict, key: str) -> np.ndarray:
 
 def main(argv) -> None:
   del argv
+  if not (_DATA_DIR.value or _SEEDS.value):
+    raise app.UsageError("give --data_dir or --procedural_seeds")
   root = _OUT.value or tempfile.mkdtemp(prefix="bench_depth_alignment_")
   results, seconds = {}, {}
   for name, row_flags in ROWS:
