@@ -165,11 +165,10 @@ def test_batched_trajectories_align_independently(tmp_path, depth_export):
   cls = families.world_model(config)
   r = rollout.make_rollout(config, ae, dn, "voxel", depth=cls.depth_options(None, depth_export))
   clips = [procedural.render_clip(s, n, 32, 32, trajectory="loop") for s, n in ((21, 9), (22, 6))]
-  args = lambda cs: ([c["frames"][0] for c in cs], [c["depths"][0] * (1 + i) for i, c in
-                                                      enumerate(cs)],
-                     [c["intrinsics"] for c in cs], [c["poses_c2w"] for c in cs])
-  both = r.generate_batch(*args(clips), seeds=[0, 1], progress=False)
-  alone = r.generate_batch(*[[a[1]] for a in args(clips)], seeds=[1], progress=False)
+  args = ([c["frames"][0] for c in clips], [c["depths"][0] * (1 + i) for i, c in enumerate(clips)],
+          [c["intrinsics"] for c in clips], [c["poses_c2w"] for c in clips])
+  both = r.generate_batch(*args, seeds=[0, 1], progress=False)
+  alone = r.generate_batch(*[[a[1]] for a in args], seeds=[1], progress=False)
   np.testing.assert_allclose(both[1]["depths"], alone[0]["depths"], rtol=1e-5, atol=1e-5)
   # Frame 0's given depth (doubled for the second) sets each row's own scale.
   ratio = [np.median(o["depths"][1:] / c["depths"][1:]) for o, c in zip(both, clips)]
