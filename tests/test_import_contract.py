@@ -54,6 +54,7 @@ LAYERS: dict[str, dict] = {
     # training pieces a family's stage builds on (the Stage protocol, FLOP counting).
     "base": dict(modules=(
         "mirage_jax.nn", "mirage_jax.memory", "mirage_jax.world_model", "mirage_jax.depth",
+        "mirage_jax.text",
         "mirage_jax.training.flops", "mirage_jax.training.stage"),
         may_import=("core", "base")),
     # L1 (beside base): clip sources, dataset builders and readers. They read and write
@@ -75,6 +76,7 @@ LAYERS: dict[str, dict] = {
     "clis": dict(modules=(
         "mirage_jax.main", "mirage_jax.generate", "mirage_jax.evaluate", "mirage_jax.export",
         "mirage_jax.aot", "mirage_jax.convert_wan", "mirage_jax.convert_depth",
+        "mirage_jax.convert_text",
         "mirage_jax.main_job",
         "data_pipelines.build", "data_pipelines.encode_latents", "data_pipelines.make_geometry"),
         may_import=("core", "base", "data", "families", "services", "clis")),
