@@ -28,6 +28,9 @@ the dtype's minimum (no query attends to them), padded QUERIES still run and the
 are then set to zero (``WanPrompter.encode_prompt`` zeroes ``[len:]``; Wan's own
 ``T5EncoderModel`` cuts them off, which the DiT's cross-attention, unmasked, would see as
 zeros after its padding to 512). So a prompt gives the same embedding at any padded length.
+Each row is zeroed at its own length: what the reference gives for one prompt per call, as
+Mirage calls it (prompt and negative prompt apart). For a batch its loop,
+``prompt_emb[:, v:] = 0`` over every row's ``v``, would cut every row at the shortest.
 
 Precision. Matmuls run in ``dtype`` (bf16 as released, or f32); the residual stream, the
 norms, the attention scores and their softmax in float32. (The reference runs the stream in
