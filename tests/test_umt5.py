@@ -6,7 +6,6 @@ the full-size (xxl) parameter set, the export round trip and one-line refusals."
 from __future__ import annotations
 
 import json
-import math
 import re
 
 import jax
@@ -206,7 +205,7 @@ def test_full_size_params_match_transformers():
   assert set(shapes) == convert.torch_keys(cfg, "transformers") | {TIED}
   ours = umt5.param_shapes(cfg)
   for dst, (keys, linear) in convert.layout(cfg, "transformers").items():
-    for i, key in enumerate(keys):
+    for key in keys:
       shape = ours[dst][1:] if dst.startswith("blocks/") else ours[dst]
       assert (shape[::-1] if linear else shape) == shapes[key], key
   n_theirs = sum(p.numel() for p in theirs.parameters())  # the tied pair counted once

@@ -25,8 +25,6 @@ so converting the 5.7B-parameter release costs the memory of the export (11 GiB 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import ml_dtypes
 import numpy as np
 
@@ -133,11 +131,16 @@ def convert_params(path: str, cfg, dtype: str = "float32") -> dict:
                          f"{cfg.variant} encoder needs {want} {hint}")
   flat: dict[str, np.ndarray] = {}
   for dst, (sources, linear) in table.items():
-    read: Callable[[str], np.ndarray] = lambda k: np.asarray(wf.read(alias.get(k, k))).astype(
-        target, copy=False)
-    slices = [np.ascontiguousarray(read(k).T) if linear else read(k) for k in sources]
-    flat[dst] = np.stack(slices) if dst.startswith("blocks/") else slices[0]
-    del slices
+    # Filled slice by slice: one source tensor in memory beside the export, never a list.
+    out = np.empty(ours[dst], target)
+    for i, key in enumerate(sources):
+      x = np.asarray(wf.read(alias.get(key, key))).astype(target, copy=False)
+      if dst.startswith("blocks/"):
+        out[i] = x.T if linear else x
+      else:
+        out[...] = x.T if linear else x
+      del x
+    flat[dst] = out
   wf.close()
   return _nest(flat)
 
