@@ -250,7 +250,22 @@ def test_missing_and_unexpected_keys_refused(oracle, tmp_path):
   with pytest.raises(InputError, match=r"field 'encoder\.block\.0\.layer\.2\.extra\.weight': "
                      "unexpected"):
     convert.convert_params(str(tmp_path / "extra.safetensors"), oracle["cfg"])
+  # A full encoder-decoder checkpoint: its decoder half and LM head are read past.
+  seq2seq = dict(state, **{"decoder.block.0.layer.0.SelfAttention.q.weight":
+                           np.ones((64, 64), np.float32), "lm_head.weight": np.ones((512, 64),
+                                                                                    np.float32)})
+  weight_files.write_safetensors(str(tmp_path / "seq2seq.safetensors"), seq2seq)
+  got = convert.convert_params(str(tmp_path / "seq2seq.safetensors"), oracle["cfg"])
+  want = convert.convert_params(str(oracle["dir"] / "hf.safetensors"), oracle["cfg"])
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
   wan = {_wan_name(k): torch.from_numpy(v) for k, v in state.items() if _wan_name(k)}
+  wan["decoder.norm.weight"] = torch.ones(64)  # no decoder in a Wan file: unexpected there
+  torch.save(wan, str(tmp_path / "w_extra.pth"))
+  with pytest.raises(InputError, match=r"w_extra\.pth: field 'decoder\.norm\.weight': "
+                     "unexpected"):
+    convert.convert_params(str(tmp_path / "w_extra.pth"), oracle["cfg"])
+  del wan["decoder.norm.weight"]
   del wan["blocks.0.ffn.fc1.weight"]
   torch.save(wan, str(tmp_path / "w.pth"))
   with pytest.raises(InputError, match=r"w\.pth: field 'blocks\.0\.ffn\.fc1\.weight': missing"):
