@@ -329,6 +329,40 @@ def _export_meta(config: dict, step: int, source: str, dtype: str | None) -> str
                     indent=2)
 
 
+def write_export(output: str, params: Any, config: dict, *, source: str,
+                 dtype: str | None = None) -> None:
+  """Writes host ``params`` (a pure dict of numpy arrays) and ``config`` as an export that
+  :func:`load_export` reads: the converters' writer (weights from released files).
+
+  Written under a temporary name beside ``output`` and renamed when complete, so a failed
+  conversion leaves no half export.
+
+  Args:
+    output: local export directory (must not exist yet).
+    params: nested dict of arrays (``nnx.State.to_pure_dict()``'s structure).
+    config: the export's config (JSON-able dict), e.g. ``{"depth_model": cfg.to_dict()}``.
+    source: where the weights came from (recorded in ``config.json``).
+    dtype: the dtype the params were cast to (recorded), or None.
+  """
+  if os.path.exists(output):
+    raise InputError("--output", "output", f"{output} already exists")
+  parent = os.path.dirname(os.path.abspath(output))
+  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output))}.{os.getpid()}.tmp")
+  try:
+    os.makedirs(tmp)
+  except OSError as e:
+    raise InputError("--output", "output", f"cannot create {output} ({e.strerror or e})") from e
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), params)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(_export_meta(config, 0, source, dtype))
+    os.rename(tmp, output)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def export_config(path: str) -> ml_collections.ConfigDict:
   """The training config of an export (its ``config.json``, local or ``gs://``), without
   loading the params. Raises an ``InputError`` naming the file when it is missing or

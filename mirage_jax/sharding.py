@@ -28,7 +28,7 @@ from mirage_jax.errors import InputError
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Logical names. Parameter axes: embed, mlp, heads, head_dim, layers, conv_in, conv_out,
-# patch_in, latent_ch, cond_embed. Activation axes: batch, frames, tokens, height, width,
+# patch_in, latent_ch, cond_embed, vocab. Activation axes: batch, frames, tokens, height, width,
 # act_embed, act_mlp, act_heads, cond_tokens.
 DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
@@ -42,6 +42,7 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_in", None),
     ("latent_ch", None),
     ("cond_embed", None),
+    ("vocab", None),  # a token-embedding table's rows (its columns are 'embed')
     # activations
     ("batch", ("data", "fsdp")),
     ("frames", None),

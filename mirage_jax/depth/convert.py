@@ -27,9 +27,7 @@ transposed convolution convolves.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from typing import Callable
 
 import numpy as np
@@ -293,34 +291,16 @@ def torch_keys(cfg, naming: str = "transformers") -> set[str]:
 def write_export(output: str, params: dict, cfg, *, source: str, dtype: str | None = None
                  ) -> None:
   """Writes ``params`` (pure dict) and ``{'depth_model': cfg}`` as an export that
-  :func:`depth_anything.load_export` (and ``checkpoint.load_export``) read.
-
-  Written under a temporary name beside ``output`` and renamed when complete, so a failed
-  conversion leaves no half export.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # writing only
+  :func:`depth_anything.load_export` (and ``checkpoint.load_export``) read
+  (:func:`checkpoint.write_export`: all or nothing)."""
+  from mirage_jax import checkpoint  # pylint: disable=g-import-not-at-top  # orbax: writing only
 
   if os.path.exists(output):
     raise InputError("--output", "output", f"{output} already exists")
   if dtype is not None:
     params = _map(params, lambda x: x.astype(dtype))
-  parent = os.path.dirname(os.path.abspath(output))
-  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output))}.{os.getpid()}.tmp")
-  try:
-    os.makedirs(tmp)
-  except OSError as e:
-    raise InputError("--output", "output", f"cannot create {output} ({e.strerror or e})") from e
-  try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, "params"), params)
-    meta = {"config": {"depth_model": cfg.to_dict()}, "step": 0, "source": source,
-            "dtype": dtype}
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(meta, f, indent=2)
-    os.rename(tmp, output)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  checkpoint.write_export(output, params, {"depth_model": cfg.to_dict()}, source=source,
+                          dtype=dtype)
 
 
 def _map(tree: dict, fn: Callable) -> dict:

@@ -1,1 +1,3 @@
-"""Text conditioning in JAX: the umT5-xxl tokenizer, prompt cleaning and encoder."""
+"""Text conditioning: the umT5-xxl encoder (``umt5``) that turns prompts into the Wan DiT's
+(B, 512, 4096) text embeddings, its converter from the released weights (``convert``), and
+the tokenizer with the reference's prompt cleaning (``tokenizer``)."""
