@@ -97,58 +97,6 @@ def check_text_files(*flag_values) -> None:
       raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
 
 
-# How a user gets the depth a family needs and the file lacks.
-DEPTH_HOW = ("give the depth of frame 0 (and, for the Wan family with --depth_estimator=given, "
-             "of every frame), or estimate it")
-
-
-def require_depth(path: str, geo: dict, family: str, needs_every: bool,
-                  needs_first: bool = True) -> None:
-  """Refuses a geometry file without the depth the family writes into its memory.
-
-  Args:
-    geo: ``files.load_inference_geometry``'s dict (``first_depth`` / ``depths`` None when the
-      file lacks them). needs_every: the rollout writes every frame with its given depth.
-    needs_first: frame 0's depth is not estimated.
-  """
-  if needs_first and geo["first_depth"] is None:
-    raise InputError(path, "depth", f"none for frame 0, which the {family} rollout writes into "
-                     f"its memory first: {DEPTH_HOW}")
-  if needs_every and geo["depths"] is None:
-    raise InputError(path, "depth", f"frame 0's only, and the {family} rollout writes every "
-                     f"generated frame with its frame's given depth: {DEPTH_HOW}")
-
-
-def fit_inputs(geo: dict, resolution, num_frames: int | None = None) -> dict:
-  """A loaded geometry file's first ``num_frames`` cameras at the model's resolution.
-
-  Frame 0 (and the depth there is) resized to cover ``resolution`` and centre-cropped, the
-  intrinsics following (``revisit.fit_clip``: the input pipeline's resize).
-
-  Args:
-    geo: ``files.load_inference_geometry``'s dict. resolution: (H, W) of the model.
-  Returns:
-    first_frame (H, W, 3) uint8; first_depth (H, W) or None; depths (T', H, W) or None (as
-    in ``geo``); intrinsics (T', 3, 3); poses_c2w (T', 4, 4).
-  """
-  from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
-  t = len(geo["poses_c2w"]) if num_frames is None else min(num_frames, len(geo["poses_c2w"]))
-  if geo["depths"] is not None:
-    depth = geo["depths"][:t]
-  elif geo["first_depth"] is not None:
-    depth = geo["first_depth"][None]
-  else:  # resized and dropped: fit_clip resizes RGB beside depth
-    depth = np.ones((1, *geo["frames"].shape[1:3]), np.float32)
-  # Frame 0 beside every depth map (a view, not a copy): fit_clip resizes them together.
-  frames = np.broadcast_to(geo["frames"][:1], (len(depth), *geo["frames"].shape[1:]))
-  fitted = revisit.fit_clip(dict(frames=frames, depths=depth, intrinsics=geo["intrinsics"],
-                                 poses_c2w=geo["poses_c2w"]), resolution, t)
-  return dict(first_frame=fitted["frames"][0],
-              first_depth=None if geo["first_depth"] is None else fitted["depths"][0],
-              depths=None if geo["depths"] is None else fitted["depths"],
-              intrinsics=fitted["intrinsics"], poses_c2w=fitted["poses_c2w"])
-
-
 def _main() -> int:
   # numpy and the video reader beside the .npz read local files.
   for flag in (_GEOMETRY, _CAPTION, _EMPTY_TEXT):
@@ -163,7 +111,7 @@ def _main() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import files  # pylint: disable=g-import-not-at-top
   from mirage_jax import checkpoint, families, memory, rollout  # pylint: disable=g-import-not-at-top
-  from mirage_jax.evaluation import report, revisit, video  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import inference_inputs, report, revisit, video  # pylint: disable=g-import-not-at-top
 
   if _MEMORY.value is not None and _MEMORY.value not in memory.BACKEND_NAMES:
     raise InputError("--memory", "memory", f"unknown backend {_MEMORY.value!r} (known: "
@@ -179,7 +127,7 @@ def _main() -> int:
   depth_opts = _DEPTH_OPTIONS(wm)
   if depth_opts.model:
     paths.check_reachable(depth_opts.model, "--depth_model")
-  require_depth(_GEOMETRY.value, geo, config.family, needs_every=depth_opts.estimator == "given",
+  inference_inputs.require_depth(_GEOMETRY.value, geo, config.family, needs_every=depth_opts.estimator == "given",
                 needs_first=depth_opts.estimator != "depth_anything")
   options = wm.sampling_options(config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value,
                                 guidance_scale=_GUIDANCE.value)
@@ -194,7 +142,7 @@ def _main() -> int:
     directory = distributed.on_process_zero(lambda: claim(staged), "generate: output dir")
     fps = _FPS.value or geo["fps"]
     config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
-    clip = fit_inputs(geo, config.data.resolution, _NUM_FRAMES.value)
+    clip = inference_inputs.fit_inputs(geo, config.data.resolution, _NUM_FRAMES.value)
     backend = _MEMORY.value or config.memory.backend
     num_frames = len(clip["poses_c2w"])
     r = rollout.make_rollout(config, ae, dn, backend=backend, mask_dynamic=_MASK_DYNAMIC.value,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import files
-from mirage_jax import generate
+from mirage_jax.evaluation import inference_inputs
 from mirage_jax.errors import InputError
 from tests.fixtures_util import synthetic_clip
 from tests.test_generate import run_cli, save_tiny_export
@@ -99,8 +99,8 @@ def test_first_frame_png_and_clip_mp4_beside_the_file(clip, tmp_path):
 
 def test_fit_inputs_keeps_the_first_frame_and_every_camera(clip, tmp_path):
   files.save_geometry_npz(tmp_path / "full.npz", clip)
-  full = generate.fit_inputs(files.load_inference_geometry(tmp_path / "full.npz"), (32, 32), 4)
-  first = generate.fit_inputs(files.load_inference_geometry(
+  full = inference_inputs.fit_inputs(files.load_inference_geometry(tmp_path / "full.npz"), (32, 32), 4)
+  first = inference_inputs.fit_inputs(files.load_inference_geometry(
       _write(tmp_path / "first.npz", **_first_only(clip))), (32, 32), 4)
   assert first["depths"] is None and full["depths"].shape == (4, 32, 32)
   for key in ("first_frame", "first_depth", "intrinsics", "poses_c2w"):
@@ -155,10 +155,10 @@ def test_missing_depth_is_refused_naming_file_and_depth(clip, tmp_path):
       _write(tmp_path / "g.npz", **_first_only(clip, depth=False)))
   first = files.load_inference_geometry(_write(tmp_path / "f.npz", **_first_only(clip)))
   with pytest.raises(InputError, match=r"g\.npz: field 'depth'.*frame 0.*or estimate it"):
-    generate.require_depth(str(tmp_path / "g.npz"), no_depth, "small", needs_every=False)
-  generate.require_depth(str(tmp_path / "f.npz"), first, "small", needs_every=False)
+    inference_inputs.require_depth(str(tmp_path / "g.npz"), no_depth, "small", needs_every=False)
+  inference_inputs.require_depth(str(tmp_path / "f.npz"), first, "small", needs_every=False)
   with pytest.raises(InputError, match=r"f\.npz: field 'depth'.*--depth_estimator=given"):
-    generate.require_depth(str(tmp_path / "f.npz"), first, "wan", needs_every=True)
+    inference_inputs.require_depth(str(tmp_path / "f.npz"), first, "wan", needs_every=True)
 
 
 def test_loader_for_clips_refuses_a_first_frame_only_file(clip, tmp_path):
