@@ -59,8 +59,6 @@ def text_files(output: str, text_encoder: str | None, tokenizer: str | None):
   (None, None) without them. Everything is checked before the export is written."""
   if not prompts.check_pair(text_encoder, tokenizer):
     return None, None
-  for flag, value in (("--text_encoder", text_encoder), ("--tokenizer", tokenizer)):
-    paths.require_local(value, flag, "copy it to a local disk first")
   def update(config: dict, params):
     del params
     c = ml_collections.ConfigDict(config)

@@ -178,7 +178,7 @@ def fit_inputs(geo: dict, resolution, num_frames: int | None = None) -> dict:
 
 def _main() -> int:
   # numpy and the video reader beside the .npz read local files.
-  for flag in (_GEOMETRY, _CAPTION, _EMPTY_TEXT, _PROMPT_FILE, _TOKENIZER):
+  for flag in (_GEOMETRY, _CAPTION, _EMPTY_TEXT):
     paths.require_local(flag.value, f"--{flag.name}", "copy it to a local disk first")
   for flag, value in (("--checkpoint", _CHECKPOINT.value), ("--geometry_path", _GEOMETRY.value)):
     if not value:
