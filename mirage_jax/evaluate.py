@@ -164,7 +164,8 @@ _REENTRY_GAP = flags.DEFINE_integer("reentry_gap", 4, "Frames out of view before
 _CAPTION = flags.DEFINE_string("caption_embedding", None, "Wan: a caption's umT5 embedding for every "
                                "trajectory, .npy (Lt <= 512, text_dim) (default: the empty prompt).")
 _EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty prompt's umT5 "
-                                  "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
+                                  "embedding, .npy (Lt <= 512, text_dim) (default: the export's "
+                                  "empty_text.npy, else umT5 of \"\" by the text encoder).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
                                "(default: config.sampler, 0 = off).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Wan: a text prompt for every trajectory "

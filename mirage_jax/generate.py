@@ -90,7 +90,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non
 _CAPTION = flags.DEFINE_string("caption_embedding", None, "Wan: the caption's umT5 embedding, "
                                ".npy (Lt <= 512, text_dim) (default: the empty prompt).")
 _EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty prompt's umT5 "
-                                  "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
+                                  "embedding, .npy (Lt <= 512, text_dim) (default: the export's "
+                                  "empty_text.npy, else umT5 of \"\" by the text encoder).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
                                "(negative prompt: the empty one; default: config.sampler, 0 = off).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Wan: the text prompt (encoded by the umT5 "

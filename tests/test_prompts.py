@@ -262,3 +262,22 @@ def test_convert_wan_refuses_a_wrong_encoder_before_writing(exports, text):
                           vace=str(d / "vace.safetensors"), variant="tiny", configs=_configs(),
                           text_encoder=encoder, tokenizer=text["tokenizer"])
     assert e.value.field == field and not os.path.exists(out)
+
+
+def test_evaluate_revisit_with_a_prompt(exports, text, tmp_path):
+  """evaluate --benchmark=revisit takes the same prompt flags (one prompt for every
+  trajectory); a prompt without an encoder is refused before anything loads."""
+  ev = lambda *a: run_cli("mirage_jax.evaluate", "--benchmark=revisit",
+                          "--procedural_seeds=100001:100002", "--num_frames=9", "--backends=none",
+                          "--novideos", "--nooracle", "--nocomposite", *a)
+  _one_line_error(ev(f"--checkpoint={exports['plain']}", "--prompt=x",
+                     f"--output_dir={tmp_path / 'refused'}"), "--text_encoder", "text_encoder")
+  assert not (tmp_path / "refused").exists()
+  out = tmp_path / "eval"
+  result = ev(f"--checkpoint={exports['plain']}", f"--prompt={PROMPT}", "--negative_prompt=dark",
+              f"--text_encoder={text['encoder']}", f"--tokenizer={text['tokenizer']}",
+              f"--output_dir={out}")
+  assert result.returncode == 0, result.stderr
+  assert "ZEROS" not in result.stderr
+  rows = json.loads((out / "metrics.json").read_text())["revisit"]["summary"]
+  assert "none" in rows
