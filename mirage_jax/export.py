@@ -17,6 +17,7 @@ with ``mirage_jax.families.small.world_model.load_model``, a denoiser with its a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -80,7 +81,6 @@ def text_files(output: str, text_encoder: str | None, tokenizer: str | None):
 
 
 def _absolute(path: str) -> str:
-  import os  # pylint: disable=g-import-not-at-top
   return path if paths.is_remote(path) else os.path.abspath(path)
 
 

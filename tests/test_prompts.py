@@ -173,9 +173,10 @@ def test_no_path_feeds_zeros_as_the_empty_prompt(enc, text, exports, tmp_path, c
   assert not np.any(stage_empty(exports["plain"]))
 
 
-def test_export_params_writes_the_files_atomically(text, tmp_path):
-  """checkpoint.export_params(add_files=...): the array lands in the export, and a failing
-  text check leaves no export."""
+def test_export_text_flags_refused_in_one_line(text, tmp_path):
+  """mirage_jax.export --text_encoder/--tokenizer: an encoder of another width, one flag
+  without the other, a run that is not a Wan DiT's (checked before anything is written;
+  tests/test_checkpoint.py checks that a failing add_files leaves no export)."""
   update, add = export_cli.text_files(str(tmp_path / "x"), text["wide"], text["tokenizer"])
   from experiments import mirage_wan22_5b  # pylint: disable=g-import-not-at-top
   with pytest.raises(InputError) as e:
