@@ -19,8 +19,9 @@ The records of clip ``i`` go to ``<split>-<k>-of-<n>.array_record`` with ``k = i
 (``--num_shards`` n), in clip order: every runner and worker count writes the same files.
 This process then writes ``metadata.json`` (last: it marks the folder complete),
 ``control_latents.npy`` (the VACE control channels for this window's latent frames) and
-``empty_text.npy`` (from ``--empty_text``; without it training uses zeros, an approximation of
-the umT5 embedding of "").
+``empty_text.npy`` (from ``--empty_text``; without it training uses the base export's, or
+umT5 of "" by the config's text encoder, and zeros, with a warning, only when neither is
+known).
 
 Captions: ``--text_embeddings`` is an ``.npz`` of ``clip_id -> (Lt, D)`` embeddings (umT5-xxl:
 512 x 4096; no text encoder runs here). Clips without one get ``has_text = False``.

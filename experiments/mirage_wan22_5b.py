@@ -50,7 +50,12 @@ def get_config(arg=None):
   d.preceding_frames = 8  # video frames before the target: 2 latent frames
   d.reference_frames = 8  # latent frames, each an image encoded alone
   d.text_len = 512  # umT5 tokens
-  d.empty_text = ""  # .npy (text_len, text_dim); default: the latent dataset's, else zeros
+  # The empty prompt's umT5 embedding, .npy (Lt <= text_len, text_dim); default: the latent
+  # dataset's, else the base export's, else encoded with text_encoder + tokenizer (also
+  # found along the base export chain); zeros, with a warning, only when none is known.
+  d.empty_text = ""
+  d.text_encoder = ""  # a convert_text umT5 export
+  d.tokenizer = ""  # its google/umt5-xxl tokenizer folder
   d.caption_dropout = 0.1
   d.first_frame_clean = True
   d.memory_write = "first_target"  # the reference's: the clean first target latent

@@ -31,6 +31,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -229,7 +230,8 @@ def _replicated_abstract(tree_metadata: Any) -> Any:
 
 def export_params(workdir: str, output: str, *, use_ema: bool = True,
                   dtype: str | None = None, step: int | None = None,
-                  update_config: Callable[[dict, Any], dict] | None = None) -> int:
+                  update_config: Callable[[dict, Any], dict] | None = None,
+                  add_files: Callable[[dict], dict[str, np.ndarray]] | None = None) -> int:
   """Writes a params-only checkpoint (EMA by default, optionally cast) for evaluation.
 
   Runs on the calling process alone, without waiting for the others of a multi-process job
@@ -245,6 +247,9 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
       arrays) before ``config.json`` is written; returns the config to write (constants
       measured with the trained weights, e.g. a Wan VAE's latent statistics). The export
       stays all-or-nothing: a failure here leaves no export.
+    add_files: called with the config to write (after ``update_config``); returns arrays
+      saved (``.npy``) under their names in the export beside ``params/`` (e.g. a Wan DiT's
+      ``empty_text.npy``), written before ``config.json``. A failure leaves no export.
   Returns:
     The exported step.
   """
@@ -285,10 +290,18 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
   config = restored[CONFIG]
   if update_config is not None:
     config = update_config(config, params)
+  files = add_files(config) if add_files is not None else {}
+
+  def save_files(directory: str) -> None:
+    for name, array in files.items():
+      with paths.open(paths.join(directory, name), "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
   if paths.is_remote(output):
     # Cloud Storage has no rename: config.json, which load_export needs, is written last.
     with _params_checkpointer(alone) as ckptr:
       ckptr.save(paths.join(output, "params"), params)
+    save_files(output)
     paths.write_text(paths.join(output, "config.json"), _export_meta(config, step, key, dtype))
     return int(step)
   # Written under a temporary name beside ``output``, renamed when complete: an export that
@@ -302,6 +315,7 @@ def export_params(workdir: str, output: str, *, use_ema: bool = True,
   try:
     with _params_checkpointer(alone) as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
+    save_files(tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(_export_meta(config, step, key, dtype))
     os.rename(tmp, output)

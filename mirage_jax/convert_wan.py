@@ -2,7 +2,8 @@
 weights (+ Mirage's VACE/LoRA files) -> exports, and an export's VACE/LoRA back.
 
   python -m mirage_jax.convert_wan --wan_dir=Wan2.2-TI2V-5B --vace=vace.safetensors \\
-      --lora=lora.safetensors --output=runs/wan_export [--dtype=bfloat16] [--merge_lora]
+      --lora=lora.safetensors --output=runs/wan_export [--dtype=bfloat16] [--merge_lora] \\
+      [--text_encoder=runs/umt5_xxl --tokenizer=Wan2.2-TI2V-5B/google/umt5-xxl]
   python -m mirage_jax.convert_wan --to_reference --checkpoint=runs/wan_export/dit \\
       --output=runs/wan_reference
 
@@ -10,6 +11,9 @@ weights (+ Mirage's VACE/LoRA files) -> exports, and an export's VACE/LoRA back.
 ``.index.json``, or one file) and ``Wan2.2_VAE.pth``; ``--dit`` / ``--vae`` name them
 separately. The exports get the configs of ``--config`` (default
 ``experiments/wan22_ti2v_5b.py``), its ``get_config('<stage>,<--variant>')`` for each stage.
+With ``--text_encoder`` (a ``convert_text`` export) and ``--tokenizer``, umT5's embedding of
+the empty prompt is stored as ``dit/empty_text.npy`` and both paths in the DiT's config, so
+``generate --prompt`` needs no more flags.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("checkpoint", None, "--to_reference: the DiT export.", flag_values=fv)
   flags.DEFINE_float("save_batch_mb", 256, "Params written per Orbax save (MB); a larger "
                        "parameter is written alone.", flag_values=fv)
+  flags.DEFINE_string("text_encoder", None, "umT5 export (python -m mirage_jax.convert_text): "
+                      "its embedding of the empty prompt is stored in the DiT export "
+                      "(needs --tokenizer).", flag_values=fv)
+  flags.DEFINE_string("tokenizer", None, "The umT5 tokenizer folder (google/umt5-xxl in "
+                      "--wan_dir) of --text_encoder.", flag_values=fv)
   flags.DEFINE_bool("compress", True, "zstd-compress the stored params (--nocompress: larger "
                     "files, a lower peak memory).", flag_values=fv)
 
@@ -89,7 +98,8 @@ def run(fv: flags.FlagValues) -> int:
   if not fv.output:
     raise InputError("--output", "output", "required")
   # torch/safetensors readers, and a temporary folder renamed into place when complete.
-  for name in ("output", "wan_dir", "dit", "vae", "vace", "lora", "checkpoint"):
+  for name in ("output", "wan_dir", "dit", "vae", "vace", "lora", "checkpoint", "text_encoder",
+               "tokenizer"):
     paths.require_local(fv[name].value, f"--{name}", "convert on a local disk, then copy the "
                         "export up")
   if fv.to_reference:
@@ -108,7 +118,8 @@ def run(fv: flags.FlagValues) -> int:
                                 lora=fv.lora, variant=fv.variant, dtype=fv.dtype,
                                 merge_lora=fv.merge_lora, lora_rank=fv.lora_rank,
                                 lora_alpha=fv.lora_alpha, batch_mb=fv.save_batch_mb,
-                                compress=fv.compress)
+                                compress=fv.compress, text_encoder=fv.text_encoder,
+                                tokenizer=fv.tokenizer)
   print(f"wrote {fv.output}/vae and {fv.output}/dit ({summary['seconds']:.1f} s, "
         f"LoRA: {summary['lora']})")
   return 0

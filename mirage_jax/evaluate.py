@@ -29,8 +29,10 @@ A Wan-family export (the config's family is read by ``mirage_jax.families``; ``m
 runs the revisit benchmark through the same rows: every row generates with the Wan DiT +
 VACE (the backend's read in the VACE slot), writing each latent with the trajectory's
 ground-truth depth of its frame (the reference's depth model is not available); it has no
-generated depth, so its rows carry no geometric or depth scores. ``--caption_embedding``,
-``--empty_text_embedding`` and ``--guidance_scale`` are as in ``mirage_jax.generate``. The
+generated depth, so its rows carry no geometric or depth scores. ``--prompt`` /
+``--prompt_file`` (one prompt for every trajectory), ``--negative_prompt``, ``--text_encoder``,
+``--tokenizer``, ``--caption_embedding``, ``--empty_text_embedding`` and ``--guidance_scale``
+are as in ``mirage_jax.generate``. The
 scaling and objects benchmarks and the Memory Maze rows run the small family only.
 
 Batching (revisit): each process generates ``--trajectory_batch`` trajectories at once (default
@@ -162,9 +164,20 @@ _REENTRY_GAP = flags.DEFINE_integer("reentry_gap", 4, "Frames out of view before
 _CAPTION = flags.DEFINE_string("caption_embedding", None, "Wan: a caption's umT5 embedding for every "
                                "trajectory, .npy (Lt <= 512, text_dim) (default: the empty prompt).")
 _EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty prompt's umT5 "
-                                  "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
+                                  "embedding, .npy (Lt <= 512, text_dim) (default: the export's "
+                                  "empty_text.npy, else umT5 of \"\" by the text encoder).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
                                "(default: config.sampler, 0 = off).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Wan: a text prompt for every trajectory "
+                              "(encoded by the umT5 --text_encoder).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Wan: a UTF-8 file holding the prompt "
+                                   "on one line (instead of --prompt).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Wan: the CFG negative prompt "
+                                "(default: the empty prompt).")
+_TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "Wan: umT5 export (default: the "
+                                    "export's denoiser.text_encoder).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Wan: the umT5 tokenizer folder (default: "
+                                 "the export's denoiser.tokenizer).")
 # Multi-process.
 _INIT_DISTRIBUTED = distributed.define_flags()
 
@@ -377,10 +390,19 @@ def _merge_parts(out: str, results: dict) -> dict | None:
   return {g: dict(sorted(res.items())) for g, res in merged.items()}
 
 
+_OPTIONS: list[dict] = []  # computed once: a prompt is encoded once per run
+
+
 def _sampling_options(config) -> dict:
   """The family's sampling options from the command line (the Wan family's text/CFG)."""
-  return families.world_model(config).sampling_options(
-      config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value, guidance_scale=_GUIDANCE.value)
+  if not _OPTIONS:
+    from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+    text = prompts.command_line_prompt(_PROMPT.value, _PROMPT_FILE.value, _CAPTION.value)
+    _OPTIONS.append(families.world_model(config).sampling_options(
+        config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value,
+        guidance_scale=_GUIDANCE.value, prompt=text, negative_prompt=_NEGATIVE.value,
+        text_encoder=_TEXT_ENCODER.value, tokenizer=_TOKENIZER.value))
+  return _OPTIONS[0]
 
 
 def _scaling(config, ae, dn) -> None:

@@ -2,6 +2,11 @@
 
   python -m mirage_jax.export --workdir=runs/tiny --output=runs/tiny_export [--dtype=bfloat16]
 
+A Wan-family DiT run: ``--text_encoder=<convert_text export> --tokenizer=<google/umt5-xxl
+folder>`` encodes the empty prompt once and stores it as ``empty_text.npy`` in the export
+(``denoiser.empty_text``, with ``denoiser.text_encoder`` / ``denoiser.tokenizer``), which
+generation and training then use instead of zeros.
+
 Several processes (``jax.distributed``, the flags of ``mirage_jax.main``): process 0 writes
 the export, the same files one process writes, and the others wait for it.
 
@@ -12,13 +17,16 @@ with ``mirage_jax.families.small.world_model.load_model``, a denoiser with its a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
+import ml_collections
 from absl import app, flags
 
-from mirage_jax import checkpoint, distributed, paths
+from mirage_jax import checkpoint, distributed, families, paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.text import prompts
 
 # The command's flags are defined only when it runs as a script (tests import this module),
 # so that flags defined on import cannot clash with the importer's own.
@@ -38,7 +46,42 @@ def _define_flags() -> None:
           "latent_stats_batches", 0, "A Wan VAE run: measure its latents' per-channel mean "
           "and std on this many batches of the run's own training data and store them in the "
           "export (autoencoder.latents_mean/std, which normalise the latents the DiT sees; a "
-          "VAE trained from scratch needs its own). 0: keep the config's."))
+          "VAE trained from scratch needs its own). 0: keep the config's."),
+      text_encoder=flags.DEFINE_string(
+          "text_encoder", None, "A Wan DiT run: umT5 export (python -m mirage_jax.convert_text) "
+          "whose embedding of the empty prompt is stored in the export (needs --tokenizer)."),
+      tokenizer=flags.DEFINE_string("tokenizer", None, "A Wan DiT run: the umT5 tokenizer "
+                                    "folder of --text_encoder (google/umt5-xxl)."))
+
+
+def text_files(output: str, text_encoder: str | None, tokenizer: str | None):
+  """(update_config, add_files) for ``checkpoint.export_params`` storing umT5's embedding of
+  "" as ``<output>/empty_text.npy`` (a Wan-family DiT run only; both paths needed), or
+  (None, None) without them. Everything is checked before the export is written."""
+  if not prompts.check_pair(text_encoder, tokenizer):
+    return None, None
+  def update(config: dict, params):
+    del params
+    c = ml_collections.ConfigDict(config)
+    if families.family_name(c) != "wan" or c.get("stage") != "denoiser":
+      raise InputError("--text_encoder", "text_encoder", "only a Wan-family DiT run stores "
+                       f"an empty-prompt embedding (this run: stage {c.get('stage')!r}, family "
+                       f"{families.family_name(c)!r})")
+    prompts.check_width(text_encoder, int(c.denoiser.model.text_dim))
+    config = dict(config, denoiser=dict(
+        config["denoiser"], empty_text=paths.join(_absolute(output), "empty_text.npy"),
+        text_encoder=_absolute(text_encoder), tokenizer=_absolute(tokenizer)))
+    return config
+
+  def files(config: dict) -> dict:
+    del config
+    return {"empty_text.npy": prompts.PromptEncoder(text_encoder, tokenizer).empty()}
+
+  return update, files
+
+
+def _absolute(path: str) -> str:
+  return path if paths.is_remote(path) else os.path.abspath(path)
 
 
 def _main() -> int:
@@ -52,6 +95,8 @@ def _main() -> int:
   if batches < 0:
     raise InputError("--latent_stats_batches", "latent_stats_batches", f"must be >= 0, got "
                      f"{batches}")
+  text_update, text_add = text_files(output, _FLAGS["text_encoder"].value,
+                                     _FLAGS["tokenizer"].value)
   update = None
   if batches:
     # pylint: disable=g-import-not-at-top
@@ -62,10 +107,24 @@ def _main() -> int:
         config, params, inputs.training_videos(config, batches), "--latent_stats_batches")
   step = distributed.on_process_zero(lambda: checkpoint.export_params(
       workdir, output, use_ema=not _FLAGS["raw"].value, dtype=_FLAGS["dtype"].value,
-      step=_FLAGS["step"].value, update_config=update), "export written")
+      step=_FLAGS["step"].value, update_config=_chain(update, text_update),
+      add_files=text_add), "export written")
   if jax.process_index() == 0:
     print(f"exported step {step} to {output}")
   return 0
+
+
+def _chain(*updates):
+  """update_config functions applied in turn (None ones skipped); None when none is given."""
+  updates = [u for u in updates if u is not None]
+  if not updates:
+    return None
+
+  def update(config, params):
+    for u in updates:
+      config = u(config, params)
+    return config
+  return update
 
 
 def main(argv) -> None:

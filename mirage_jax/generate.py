@@ -23,13 +23,20 @@ The export's config picks the model family (``config.family``, read by ``mirage_
   or with the depth a Depth Anything V2 export estimates from the decoded frame inside the
   chunk step, aligned to the memory (``--depth_model=<export>``; the reference estimates with
   MapAnything). With a metric depth model frame 0's depth is optional too.
-  ``--caption_embedding`` is the caption's umT5 embedding, a ``.npy`` of shape (Lt <= 512,
-  text_dim); without it the empty prompt is used, whose embedding is ``--empty_text_embedding``
-  (the same shape) or all zeros when that is not given (also the CFG negative).
+  The text: ``--prompt`` (or ``--prompt_file``, a UTF-8 file of one line), encoded by the
+  umT5 export ``--text_encoder`` (``python -m mirage_jax.convert_text``) with its tokenizer
+  folder ``--tokenizer`` (both default to the export's ``denoiser.text_encoder`` /
+  ``denoiser.tokenizer``, which ``convert_wan --text_encoder --tokenizer`` stores), or
+  ``--caption_embedding``, a saved umT5 embedding ``.npy`` of shape (Lt <= 512, text_dim).
+  Without either, the empty prompt: ``--empty_text_embedding`` (the same shape), else the
+  export's ``empty_text.npy``, else umT5 of "" by the known encoder (zeros, with a warning,
+  only when none is known). The CFG negative is ``--negative_prompt``, else the empty prompt
+  (the reference's).
 
       python -m mirage_jax.generate --checkpoint=runs/wan_export/dit \\
           --geometry_path=clip/geometry.npz --output_dir=out/wan --memory=mirage \\
-          [--caption_embedding=caption.npy] [--empty_text_embedding=empty.npy] [--guidance_scale=5]
+          [--prompt="a camera walks through a sunlit kitchen"] [--guidance_scale=5] \\
+          [--negative_prompt=TEXT] [--text_encoder=runs/umt5_xxl --tokenizer=google/umt5-xxl]
 
 Outputs in ``--output_dir`` (refused if it exists and is not empty, unless ``--overwrite``;
 every file written under a temporary name, then renamed; with several processes, the flags
@@ -83,9 +90,21 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non
 _CAPTION = flags.DEFINE_string("caption_embedding", None, "Wan: the caption's umT5 embedding, "
                                ".npy (Lt <= 512, text_dim) (default: the empty prompt).")
 _EMPTY_TEXT = flags.DEFINE_string("empty_text_embedding", None, "Wan: the empty prompt's umT5 "
-                                  "embedding, .npy (Lt <= 512, text_dim) (default: zeros).")
+                                  "embedding, .npy (Lt <= 512, text_dim) (default: the export's "
+                                  "empty_text.npy, else umT5 of \"\" by the text encoder).")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Wan: classifier-free guidance scale "
                                "(negative prompt: the empty one; default: config.sampler, 0 = off).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Wan: the text prompt (encoded by the umT5 "
+                              "--text_encoder; default: the empty prompt).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Wan: a UTF-8 file holding the prompt "
+                                   "on one line (instead of --prompt).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Wan: the CFG negative prompt "
+                                "(default: the empty prompt, as the reference).")
+_TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "Wan: umT5 export (python -m "
+                                    "mirage_jax.convert_text) (default: the export's "
+                                    "denoiser.text_encoder).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Wan: the umT5 tokenizer folder "
+                                 "(google/umt5-xxl; default: the export's denoiser.tokenizer).")
 _DEPTH_OPTIONS = depth.define_flags()
 _INIT_DISTRIBUTED = distributed.define_flags()
 
@@ -95,6 +114,15 @@ def check_text_files(*flag_values) -> None:
   for flag in flag_values:
     if flag.value is not None and not os.path.isfile(flag.value):
       raise InputError(flag.value, flag.name, "no such file (a .npy of shape (Lt, text_dim))")
+
+
+def prompt_options(prompt, prompt_file, negative, text_encoder, tokenizer, caption) -> dict:
+  """The prompt flags (absl flag holders) as ``sampling_options`` keywords, checked before
+  anything loads (``prompts.command_line_prompt``)."""
+  from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  text = prompts.command_line_prompt(prompt.value, prompt_file.value, caption.value)
+  return dict(prompt=text, negative_prompt=negative.value, text_encoder=text_encoder.value,
+              tokenizer=tokenizer.value)
 
 
 def _main() -> int:
@@ -117,6 +145,7 @@ def _main() -> int:
     raise InputError("--memory", "memory", f"unknown backend {_MEMORY.value!r} (known: "
                      f"{', '.join(memory.BACKEND_NAMES)})")
   check_text_files(_CAPTION, _EMPTY_TEXT)
+  text = prompt_options(_PROMPT, _PROMPT_FILE, _NEGATIVE, _TEXT_ENCODER, _TOKENIZER, _CAPTION)
   paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   paths.check_reachable(_OUTPUT.value, "--output_dir")
   geo = files.load_inference_geometry(_GEOMETRY.value)
@@ -127,10 +156,12 @@ def _main() -> int:
   depth_opts = _DEPTH_OPTIONS(wm)
   if depth_opts.model:
     paths.check_reachable(depth_opts.model, "--depth_model")
-  inference_inputs.require_depth(_GEOMETRY.value, geo, config.family, needs_every=depth_opts.estimator == "given",
-                needs_first=depth_opts.estimator != "depth_anything")
+  inference_inputs.require_depth(_GEOMETRY.value, geo, config.family,
+                                 needs_every=depth_opts.estimator == "given",
+                                 needs_first=depth_opts.estimator != "depth_anything")
+  # Prompts are encoded here, before the world model loads (the umT5 encoder is then freed).
   options = wm.sampling_options(config, caption=_CAPTION.value, empty_text=_EMPTY_TEXT.value,
-                                guidance_scale=_GUIDANCE.value)
+                                guidance_scale=_GUIDANCE.value, **text)
   def claim(stack: contextlib.ExitStack) -> str:
     # A gs:// --output_dir is written locally, then uploaded when ``stack`` closes.
     directory = stack.enter_context(paths.staged_dir(_OUTPUT.value, "--output_dir",
@@ -185,7 +216,8 @@ def _main() -> int:
           family=config.family,
           **(dict(num_references=out["num_references"],
                   guidance_scale=r.model.guidance_scale or 0.0,
-                  caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value)
+                  caption_embedding=_CAPTION.value, empty_text_embedding=_EMPTY_TEXT.value,
+                  prompt=text["prompt"], negative_prompt=text["negative_prompt"])
              if "num_references" in out else {}),
           cache_bytes=out["cache_bytes"], object_bytes=out["object_bytes"], total_seconds=total,
           seconds_per_chunk_after_first=float(np.mean([c["chunk_seconds"] for c in steady])),

@@ -95,12 +95,19 @@ class WorldModel(abc.ABC):
 
   @classmethod
   def sampling_options(cls, config: ml_collections.ConfigDict, *, caption: str | None = None,
-                       empty_text: str | None = None, guidance_scale: float | None = None
+                       empty_text: str | None = None, guidance_scale: float | None = None,
+                       prompt: str | None = None, negative_prompt: str | None = None,
+                       text_encoder: str | None = None, tokenizer: str | None = None
                        ) -> dict[str, Any]:
     """Constructor options from the command line's files and flags (default: none; a family
-    that takes none refuses a given one, the flags being the Wan family's)."""
+    that takes none refuses a given one, the flags being the Wan family's): the text
+    (``prompt`` or the ``caption`` embedding file), the empty prompt's embedding file, the
+    CFG scale and ``negative_prompt``, the umT5 ``text_encoder`` export and its
+    ``tokenizer`` folder."""
     given = {"caption_embedding": caption, "empty_text_embedding": empty_text,
-             "guidance_scale": guidance_scale}
+             "guidance_scale": guidance_scale, "prompt": prompt,
+             "negative_prompt": negative_prompt, "text_encoder": text_encoder,
+             "tokenizer": tokenizer}
     for flag, value in given.items():
       if value is not None:
         raise InputError(f"--{flag}", flag, f"only the Wan family takes it; this export is of "

@@ -111,6 +111,23 @@ def test_export_and_load_round_trip(run_a, tmp_path):
     checkpoint.export_params(run_a, out)
 
 
+def test_export_add_files_all_or_nothing(run_a, tmp_path):
+  """add_files' arrays land in the export beside params/ (a Wan DiT's empty_text.npy); a
+  failure there leaves no export and no temporary folder."""
+  out = tmp_path / "with_files"
+  seen = []
+  checkpoint.export_params(run_a, str(out), add_files=lambda c: seen.append(c) or {
+      "extra.npy": np.arange(3, dtype=np.float32)})
+  np.testing.assert_array_equal(np.load(out / "extra.npy"), np.arange(3, dtype=np.float32))
+  assert "stage" in seen[0] and checkpoint.export_config(str(out)).stage == seen[0]["stage"]
+
+  def refuse(config):
+    raise ValueError("refused")
+  with pytest.raises(ValueError, match="refused"):
+    checkpoint.export_params(run_a, str(tmp_path / "refused"), add_files=refuse)
+  assert sorted(os.listdir(tmp_path)) == ["with_files"]
+
+
 _RUN_LONG = """
 import sys
 from tests.test_train import synthetic_sources, tiny_config

@@ -206,7 +206,14 @@ COMMANDS: dict[str, Doc] = {
         "needs the released Wan2.2 weights (tens of GB); tests/test_convert_wan.py converts "
         "random files in the released layout", loose=True,
         example="python -m mirage_jax.convert_wan --wan_dir=Wan2.2-TI2V-5B --vace=vace.safetensors "
-                "--lora=lora.safetensors --output=EXPORT --dtype=bfloat16 --merge_lora"),
+                "--lora=lora.safetensors --output=EXPORT --dtype=bfloat16 --merge_lora "
+                "--text_encoder=UMT5_EXPORT --tokenizer=Wan2.2-TI2V-5B/google/umt5-xxl"),
+    "table_convert_text": Doc(
+        r"python -m mirage_jax\.convert_text --weights=\S+ --output=\S+", R, "dry",
+        "needs the released umT5-xxl encoder (11 GiB); tests/test_umt5.py converts random files "
+        "in both released layouts, tests/test_prompts.py encodes prompts with one", loose=True,
+        example="python -m mirage_jax.convert_text "
+                "--weights=Wan2.2-TI2V-5B/models_t5_umt5-xxl-enc-bf16.pth --output=UMT5_EXPORT"),
     "table_convert_depth": Doc(
         r"python -m mirage_jax\.convert_depth --weights=\S+ --variant=\S+ --kind=\S+ --output=\S+", R,
         "dry", "needs the released Depth Anything V2 weights; tests/test_depth_anything.py "

@@ -57,9 +57,10 @@ CLEANED = {
 LONG = " ".join(["camera forest river 城市"] * 400)  # far more than 512 tokens
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-  """A T5-style tokenizer folder of ~500 tokens trained on generated sentences."""
+def make_tokenizer_folder(d):
+  """Trains a T5-style tokenizer of ~500 tokens (490 pieces + 10 ``<extra_id_*>``) on
+  generated sentences and saves it as a ``google/umt5-xxl``-like folder in ``d`` (a
+  pathlib.Path); returns ``d``."""
   rng = random.Random(0)
   # Lower-case letters only: upper case and digits stay outside the vocabulary (-> <unk>).
   syllables = [c + v for c in "bcdfghjklmnprstvwxz" for v in "aeiouéü"]
@@ -68,7 +69,6 @@ def folder(tmp_path_factory):
            "café", "naïve", "lots", "of", "space", "tag", "rock", "roll", "red", "line", "emoji"]
   words += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(1500)]
   sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 15))) for _ in range(1500)]
-  d = tmp_path_factory.mktemp("umt5")
   with open(d / "spiece.model", "wb") as f:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=f, vocab_size=490, model_type="unigram",
@@ -92,6 +92,11 @@ def folder(tmp_path_factory):
   (d / "tokenizer_config.json").write_text(json.dumps(
       {**special, "tokenizer_class": "T5Tokenizer", "extra_ids": EXTRA_IDS, "legacy": True}))
   return d
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return make_tokenizer_folder(tmp_path_factory.mktemp("umt5"))
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ _RUN_ONLY_FIELDS = (
     "data.config_name", "data.build.", "data.seed", "data.shuffle", "data.num_epochs",
     "data.shard_index", "data.shard_count", "data.worker_count", "data.worker_buffer_size",
     "data.read_threads", "data.read_buffer_size", "denoiser.autoencoder_checkpoint",
-    "denoiser.base_checkpoint", "denoiser.empty_text")
+    "denoiser.base_checkpoint", "denoiser.empty_text", "denoiser.text_encoder",
+    "denoiser.tokenizer")
 
 
 def executable_key(config: ml_collections.ConfigDict, devices: list[Any],

@@ -224,6 +224,8 @@ _DEFAULTS = {
     "denoiser.reference_bank": 16,
     "denoiser.text_len": 512,  # the reference's umT5 sequence length
     "denoiser.empty_text": "",
+    "denoiser.text_encoder": "",  # a umT5 export (convert_text) and its tokenizer folder
+    "denoiser.tokenizer": "",
     "denoiser.autoencoder_checkpoint": "",
     "denoiser.base_checkpoint": "",
 }

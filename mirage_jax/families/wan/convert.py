@@ -281,7 +281,8 @@ def convert(output: str, *, dit: str, vae: str, configs: tuple[Any, Any],
             vace: str | None = None, lora: str | None = None, variant: str = "ti2v_5b",
             dtype: str | None = None, merge_lora: bool = False, lora_rank: int | None = None,
             lora_alpha: float | None = None, batch_mb: float = 256,
-            compress: bool = True) -> dict:
+            compress: bool = True, text_encoder: str | None = None,
+            tokenizer: str | None = None) -> dict:
   """Released files -> ``<output>/vae`` and ``<output>/dit`` exports (see the module doc).
 
   Args:
@@ -297,6 +298,11 @@ def convert(output: str, *, dit: str, vae: str, configs: tuple[Any, Any],
     configs: (autoencoder-stage, denoiser-stage) experiment configs to convert into instead
       of ``experiments/wan22_ti2v_5b.py``'s for ``variant`` (e.g. fewer layers, to
       benchmark at full width).
+    text_encoder, tokenizer: a umT5 export (``convert_text``) and its tokenizer folder, or
+      None: umT5's embedding of "" is stored as ``<output>/dit/empty_text.npy``
+      (``denoiser.empty_text``; the two paths as ``denoiser.text_encoder`` /
+      ``denoiser.tokenizer``), the empty prompt and CFG negative of generation. Checked
+      (width = the DiT's text_dim, the tokenizer's vocabulary) before any weight is read.
   Returns:
     A summary: tensors and bytes read, seconds.
   Raises:
@@ -327,6 +333,7 @@ def convert(output: str, *, dit: str, vae: str, configs: tuple[Any, Any],
                        "(rank 0): give the rank of --lora")
   else:
     cfg.lora_rank = 0
+  empty_text = _empty_prompt(text_encoder, tokenizer, int(cfg.text_dim))
   dit_layout = wan_dit.original_layout(cfg)
   vae_layout = wan_vae.original_layout(vae_config.autoencoder)
 
@@ -380,9 +387,15 @@ def convert(output: str, *, dit: str, vae: str, configs: tuple[Any, Any],
                     {"config": json.loads(vae_config.to_json()), **base}, int(batch_mb * 2**20),
                     compress)
       dit_config.denoiser.autoencoder_checkpoint = os.path.join(output, "vae")
+      if empty_text is not None:
+        dit_config.denoiser.empty_text = os.path.join(output, "dit", EMPTY_TEXT)
+        dit_config.denoiser.text_encoder = os.path.abspath(text_encoder)
+        dit_config.denoiser.tokenizer = os.path.abspath(tokenizer)
       _write_export(os.path.join(tmp, "dit"), dit_leaves, dtype_np,
                     {"config": json.loads(dit_config.to_json()), **base}, int(batch_mb * 2**20),
                     compress)
+      if empty_text is not None:
+        np.save(os.path.join(tmp, "dit", EMPTY_TEXT), empty_text, allow_pickle=False)
       os.rename(tmp, output)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -395,6 +408,20 @@ def convert(output: str, *, dit: str, vae: str, configs: tuple[Any, Any],
           "vae": sum(len(t.keys) for t in vae_layout.values())}
   logging.info("converted %s in %.1f s", read, seconds)
   return {"tensors": read, "seconds": seconds, "lora": lora_mode}
+
+
+EMPTY_TEXT = "empty_text.npy"  # in the DiT export: umT5's embedding of "" (Lt, text_dim)
+
+
+def _empty_prompt(text_encoder: str | None, tokenizer: str | None,
+                  text_dim: int) -> np.ndarray | None:
+  """(1, text_dim) umT5 embedding of "" (``prompts.PromptEncoder.empty``), None without a
+  text encoder; refuses one of the two paths alone, or an encoder of another width."""
+  from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  if not prompts.check_pair(text_encoder, tokenizer):
+    return None
+  prompts.check_width(text_encoder, text_dim)
+  return prompts.PromptEncoder(text_encoder, tokenizer).empty()
 
 
 def _dit_leaves(layout: dict, read: Callable[[str], np.ndarray], dtype: np.dtype, cfg,

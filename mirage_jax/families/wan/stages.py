@@ -255,24 +255,24 @@ class WanStage(StageBase):
     return np.asarray(self.wm.control_latents(vae, want[0], *self.latent_hw))
 
   def _empty_text(self) -> np.ndarray:
-    """(Lt, D): ``config.denoiser.empty_text`` (.npy), else the dataset's empty_text.npy,
-    else zeros (an approximation: umT5's embedding of "" is not zero)."""
+    """(text_len, D) umT5 embedding of "" that dropped captions become:
+    ``config.denoiser.empty_text`` (.npy (Lt <= text_len, D), zero-padded), else the
+    dataset's empty_text.npy, else the base export chain's file or the known text encoder's
+    ``empty()`` (``world_model.empty_prompt``), else zeros with a warning (umT5's embedding
+    of "" is not zero)."""
     from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
+    from mirage_jax.families.wan import world_model  # pylint: disable=g-import-not-at-top
     d = self.config.denoiser
     want = (d.text_len, self.cfg.text_dim)
-    where = d.empty_text
-    empty = (latent_clips.load_side_array(os.path.dirname(where) or ".",
-                                          os.path.basename(where)) if where
-             else self._data_side(latent_clips.EMPTY_TEXT))
-    if where and empty is None:
-      raise InputError(where, "empty_text", "no such file")
-    if empty is None:
-      logging.warning("no empty-prompt embedding: dropped captions become zeros")
-      return np.zeros(want, np.float32)
-    if empty.shape != want:
-      raise InputError(where or self.config.data.data_dir, "empty_text", f"shape "
-                       f"{empty.shape}, the config needs {want}")
-    return np.asarray(empty, np.float32)
+    if not d.empty_text:
+      empty = self._data_side(latent_clips.EMPTY_TEXT)
+      if empty is not None:
+        if empty.shape != want:
+          raise InputError(self.config.data.data_dir, "empty_text", f"shape {empty.shape}, "
+                           f"the config needs {want}")
+        return np.asarray(empty, np.float32)
+    empty, _ = world_model.empty_prompt(self.config, what="caption dropout in training")
+    return np.zeros(want, np.float32) if empty is None else np.asarray(empty, np.float32)
 
   # --------------------------------------------------------------------------- input
 

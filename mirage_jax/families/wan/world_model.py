@@ -40,10 +40,13 @@ is refused by the callers with a one-line error; there is no silent fallback (th
 family's RGB-D autoencoder does not share the Wan latent space, so it cannot stand in).
 
 Text. The DiT's cross-attention takes a (Lt, text_dim) umT5 embedding, zero-padded to
-``denoiser.text_len`` tokens (512, as the reference's prompter pads). Without a caption, the
-empty-prompt embedding is used; it is all zeros unless a file with the real one (umT5 of "")
-is given (``--empty_text_embedding``, or the config's ``denoiser.empty_text``). No text
-encoder runs here.
+``denoiser.text_len`` tokens (512, as the reference's prompter pads): a prompt encoded by the
+umT5 export (``mirage_jax.text.prompts``; ``--prompt``, ``--text_encoder``, ``--tokenizer``)
+or a saved embedding (``--caption_embedding``). Without a prompt, the empty prompt is used
+(also the CFG negative unless ``--negative_prompt``), umT5 of "" (:func:`empty_prompt`):
+``--empty_text_embedding``, else the export's ``denoiser.empty_text`` file (``convert_wan`` /
+``mirage_jax.export`` with ``--text_encoder`` write it), else encoded by the known text
+encoder; all zeros, with a warning, only when none of these is known.
 
 Shapes. Every chunk is ONE jitted call with fixed shapes (:meth:`WanRollout._chunk_impl`:
 read -> retrieve -> the whole sampler -> decode -> write, no host sync inside): the DiT always
@@ -88,7 +91,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import jax
@@ -98,7 +100,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mirage_jax import diffusion, world_model
+from mirage_jax import diffusion, paths, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.depth import estimator as depth_estimator
 from mirage_jax.errors import InputError
@@ -179,10 +181,11 @@ def load_text_embedding(path: str | None, text_dim: int, flag: str,
   if not path:
     return np.zeros((length, text_dim), np.float32)
   field = flag.lstrip("-")
-  if not os.path.isfile(path):
+  if not paths.isfile(path):  # an export's empty_text.npy may be on gs://
     raise InputError(path, field, "no such file (a .npy of shape (Lt, text_dim))")
   try:
-    emb = np.load(path, allow_pickle=False)
+    with paths.open(path, "rb") as f:
+      emb = np.load(f, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise InputError(path, field, f"not a readable .npy ({e})") from None
   if not isinstance(emb, np.ndarray) or emb.ndim != 2 or emb.shape[1] != text_dim or not (
@@ -309,8 +312,9 @@ class WorldModel(world_model.WorldModel):
     return load_vae(config)
 
   @classmethod
-  def sampling_options(cls, config, *, caption=None, empty_text=None, guidance_scale=None):
-    return rollout_options(config, caption, empty_text, guidance_scale)
+  def sampling_options(cls, config, *, caption=None, empty_text=None, guidance_scale=None,
+                       **text):
+    return rollout_options(config, caption, empty_text, guidance_scale, **text)
 
   def _no_rgb_encoder(self, rgb01):
     raise InputError("--memory", "memory", "rgb_points re-encodes rendered RGB, which the Wan "
@@ -666,21 +670,118 @@ class WorldModel(world_model.WorldModel):
     )
 
 
-def rollout_options(config: ml_collections.ConfigDict, caption: str | None,
-                    empty_text: str | None, guidance_scale: float | None) -> dict:
-  """:class:`WanRollout` keyword arguments from the command line's text-embedding files
-  (checked against the DiT's text_dim; a bad file is a one-line error naming it and the
-  flag's field) and guidance scale. Without ``empty_text`` the config's
-  ``denoiser.empty_text`` file is used when it names one, else zeros."""
+def text_setting(config: ml_collections.ConfigDict, field: str) -> tuple[str, str]:
+  """(value, where) of ``denoiser.<field>`` (``empty_text``, ``text_encoder``, ``tokenizer``):
+  the config's, else the newest along its base export chain (a fine-tune export finds what
+  ``convert_wan`` stored with its base); ('', '') when none sets it."""
+  d = wan_mirage.upgrade(config).denoiser
+  if d[field]:
+    return d[field], f"denoiser.{field}"
+  if d.base_checkpoint:
+    for path, c in exports.export_chain(d.base_checkpoint, config.denoiser.model)[::-1]:
+      value = wan_mirage.upgrade(c).denoiser[field]
+      if value:
+        return value, f"denoiser.{field}"
+  return "", ""
+
+
+_ZEROS_WARNED = []
+
+
+def _warn_zeros(what: str) -> None:
+  if not _ZEROS_WARNED:  # once per process: a training run asks on every restart only
+    _ZEROS_WARNED.append(what)
+    logging.warning("no umT5 text encoder and no empty-prompt embedding are known: %s uses "
+                    "ZEROS as the empty prompt (umT5 of \"\" is not zeros). Give "
+                    "--text_encoder=<convert_text export> and --tokenizer=<google/umt5-xxl "
+                    "folder> (or --empty_text_embedding), or convert/export the DiT with "
+                    "them.", what)
+
+
+class TextEncoders:
+  """The prompt encoder of a Wan-family config, loaded on first use: ``--text_encoder`` /
+  ``--tokenizer`` (``text_encoder``, ``tokenizer``), else the config's (or its base
+  chain's) ``denoiser.text_encoder`` / ``denoiser.tokenizer``. Its width is checked against
+  the DiT's ``text_dim`` before its params load."""
+
+  def __init__(self, config: ml_collections.ConfigDict, text_encoder: str | None = None,
+               tokenizer: str | None = None):
+    self.text_dim = int(config.denoiser.model.text_dim)
+    self.encoder = (text_encoder, "--text_encoder") if text_encoder else text_setting(
+        config, "text_encoder")
+    self.tokenizer = (tokenizer, "--tokenizer") if tokenizer else text_setting(
+        config, "tokenizer")
+    self._loaded = None
+
+  @property
+  def known(self) -> bool:
+    return bool(self.encoder[0] and self.tokenizer[0])
+
+  def get(self, why: str):
+    """The ``prompts.PromptEncoder``; ``why``: what needs it (named in the error)."""
+    if self._loaded is not None:
+      return self._loaded
+    from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+    for (value, _), flag in ((self.encoder, "--text_encoder"), (self.tokenizer, "--tokenizer")):
+      if not value:
+        raise InputError(flag, flag[2:], f"{why} needs the umT5 text encoder (a "
+                         "convert_text export) and its tokenizer folder: give --text_encoder "
+                         "and --tokenizer, or convert the DiT with them")
+    prompts.check_width(self.encoder[0], self.text_dim)
+    self._loaded = prompts.PromptEncoder(self.encoder[0], self.tokenizer[0])
+    return self._loaded
+
+
+def empty_prompt(config: ml_collections.ConfigDict, encoders: TextEncoders | None = None,
+                 what: str = "generation") -> tuple[np.ndarray | None, str]:
+  """(text_len, text_dim) umT5 embedding of "" (zero-padded) and where it came from: the config's (or its base
+  chain's) ``denoiser.empty_text`` file, else the known text encoder's ``empty()``; (None,
+  '') with a warning (once) when neither is known, and the caller uses zeros."""
   dim, length = int(config.denoiser.model.text_dim), text_length(config)
-  flag = "--empty_text_embedding"
-  if not empty_text and wan_mirage.upgrade(config).denoiser.empty_text:
-    empty_text, flag = config.denoiser.empty_text, "denoiser.empty_text"
-  return dict(
-      text=(load_text_embedding(caption, dim, "--caption_embedding", length) if caption
-            else None),
-      empty_text=load_text_embedding(empty_text, dim, flag, length) if empty_text else None,
-      guidance_scale=guidance_scale)
+  path, where = text_setting(config, "empty_text")
+  if path:
+    return load_text_embedding(path, dim, where, length), path
+  encoders = encoders or TextEncoders(config)
+  if encoders.known:
+    return load_or_pad(encoders.get("the empty prompt").empty(), dim, length), encoders.encoder[0]
+  _warn_zeros(what)
+  return None, ""
+
+
+def rollout_options(config: ml_collections.ConfigDict, caption: str | None,
+                    empty_text: str | None, guidance_scale: float | None, *,
+                    prompt: str | None = None, negative_prompt: str | None = None,
+                    text_encoder: str | None = None, tokenizer: str | None = None) -> dict:
+  """:class:`WanRollout` keyword arguments from the command line: the text (``prompt``
+  encoded, or the ``caption`` embedding file; neither: the empty prompt), the CFG negative
+  (``negative_prompt`` encoded, else the empty prompt) and the guidance scale.
+
+  The empty prompt: the ``empty_text`` file, else :func:`empty_prompt`. Files are checked
+  against the DiT's text_dim, the encoder's width too; a bad one is a one-line error naming
+  it and the field.
+  """
+  if caption and prompt is not None:
+    raise InputError("--prompt", "prompt", "give --prompt (or --prompt_file) or "
+                     "--caption_embedding, not both")
+  dim, length = int(config.denoiser.model.text_dim), text_length(config)
+  encoders = TextEncoders(config, text_encoder, tokenizer)
+  if caption:
+    text = load_text_embedding(caption, dim, "--caption_embedding", length)
+  elif prompt is not None:
+    text = encoders.get("--prompt").encode([prompt])[0]
+  else:
+    text = None
+  if empty_text:
+    empty = load_text_embedding(empty_text, dim, "--empty_text_embedding", length)
+  else:
+    empty, _ = empty_prompt(config, encoders)
+  if negative_prompt is not None:
+    negative = encoders.get("--negative_prompt").encode([negative_prompt])[0]
+    if text is None:  # the text stays the empty prompt, not the negative one
+      text = empty if empty is not None else np.zeros((1, dim), np.float32)
+  else:
+    negative = empty
+  return dict(text=text, empty_text=negative, guidance_scale=guidance_scale)
 
 
 def load_or_pad(emb: np.ndarray, text_dim: int, length: int = TEXT_TOKENS) -> np.ndarray:
