@@ -295,9 +295,9 @@ def convert(output: str, *, dit: str, vae: str, configs: tuple[Any, Any],
     lora_rank, lora_alpha: the LoRA's (default: the variant's).
     batch_mb: params per Orbax save (MB).
     compress: zstd-compress the stored params (see :func:`write_params`).
-    configs: (autoencoder-stage, denoiser-stage) experiment configs to convert into instead
-      of ``experiments/wan22_ti2v_5b.py``'s for ``variant`` (e.g. fewer layers, to
-      benchmark at full width).
+    configs: (autoencoder-stage, denoiser-stage) experiment configs to convert into (the
+      command line passes ``experiments/wan22_ti2v_5b.py``'s for ``--variant``; fewer layers
+      benchmark at full width). The library imports no experiment config.
     text_encoder, tokenizer: a umT5 export (``convert_text``) and its tokenizer folder, or
       None: umT5's embedding of "" is stored as ``<output>/dit/empty_text.npy``
       (``denoiser.empty_text``; the two paths as ``denoiser.text_encoder`` /
@@ -318,10 +318,7 @@ def convert(output: str, *, dit: str, vae: str, configs: tuple[Any, Any],
     raise InputError("--merge_lora", "merge_lora", "needs --lora")
   dtype_np = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
 
-  if configs is None:
-    vae_config, dit_config = _config("autoencoder", variant), _config("denoiser", variant)
-  else:
-    vae_config, dit_config = (copy.deepcopy(c) for c in configs)
+  vae_config, dit_config = (copy.deepcopy(c) for c in configs)
   cfg = dit_config.denoiser.model
   cfg.vace = bool(vace)
   if lora:
