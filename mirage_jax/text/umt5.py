@@ -45,7 +45,6 @@ the DiT (``embed`` over ``fsdp``, heads and MLP units over ``tensor``).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +54,7 @@ from flax import nnx
 
 from mirage_jax.errors import InputError
 from mirage_jax.nn import layers
+from mirage_jax.nn import params as params_lib
 from mirage_jax.sharding import constrain
 
 VARIANTS = ("xxl", "tiny")
@@ -247,20 +247,13 @@ def abstract_model(cfg, dtype=jnp.float32, param_dtype=jnp.float32) -> UMT5Encod
                                             param_dtype=param_dtype))
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): x
-          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
 
 def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
   """'blocks/q/kernel' -> shape (stacked: leading num_layers), for every param (abstract)."""
-  state = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
-  return {k: tuple(v.shape) for k, v in _flat(state).items()}
+  return params_lib.shapes(abstract_model(cfg))
 
 
-def num_params(model: nnx.Module) -> int:
-  """Parameter count (works on an abstract model)."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+num_params = params_lib.count  # parameter count (works on an abstract model)
 
 
 def load_export(path: str, dtype=jnp.float32, param_dtype=None
@@ -286,17 +279,5 @@ def load_export(path: str, dtype=jnp.float32, param_dtype=None
   params, _, _ = checkpoint.load_export(path, dtype=param_dtype)
   saved_dtype = jax.tree.leaves(params)[0].dtype
   model = abstract_model(cfg, dtype=dtype, param_dtype=saved_dtype)
-  state = nnx.state(model, nnx.Param)
-  want, have = _flat(state.to_pure_dict()), _flat(params)
   hint = f"(an export of another variant? config says {cfg.variant})"
-  for key in sorted(want.keys() - have.keys()):
-    raise InputError(path, f"params/{key}", f"missing from the export {hint}")
-  for key in sorted(have.keys() - want.keys()):
-    raise InputError(path, f"params/{key}", f"not a parameter of the model {hint}")
-  for key in sorted(want):
-    if tuple(have[key].shape) != tuple(want[key].shape):
-      raise InputError(path, f"params/{key}", f"saved shape {tuple(have[key].shape)}, the "
-                       f"config builds {tuple(want[key].shape)} {hint}")
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
-  return model, cfg
+  return params_lib.restore(model, params, path, hint), cfg
