@@ -27,8 +27,8 @@ from flax import nnx
 
 from mirage_jax.depth import ESTIMATORS
 from mirage_jax.depth import align as align_lib
+from mirage_jax.depth import depth_anything
 from mirage_jax.errors import InputError
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,6 @@ class Monocular:
   """
 
   def __init__(self, model: nnx.Module, model_cfg, *, align: bool = True, min_cells: int = 8):
-    from mirage_jax.depth import depth_anything  # pylint: disable=g-import-not-at-top
-    self._estimate = depth_anything.estimate
     self.kind = str(model_cfg.kind)
     if self.kind not in ("metric", "relative"):
       raise InputError("depth model", "kind", f"expected 'metric' or 'relative', got {self.kind!r}")
@@ -103,7 +101,6 @@ class Monocular:
     """The estimator of ``options`` (None unless ``depth_anything``), its export loaded."""
     if options.estimator != "depth_anything":
       return None
-    from mirage_jax.depth import depth_anything  # pylint: disable=g-import-not-at-top
     model, model_cfg = depth_anything.load_export(options.model)
     return cls(model, model_cfg, align=options.align, min_cells=options.min_cells)
 
@@ -114,7 +111,7 @@ class Monocular:
 
   def _raw(self, state, rgb):
     """(F, H, W, 3) in [-1, 1] -> (F, H, W) the network's output at image resolution."""
-    return self._estimate(nnx.merge(self.graphdef, state), rgb)
+    return depth_anything.estimate(nnx.merge(self.graphdef, state), rgb)
 
   def _to_depth(self, out, fit):
     """Network output (F, H, W) and fits (F, 2) -> (F, H, W) depth."""
