@@ -285,6 +285,7 @@ def _revisit(config, ae, dn) -> None:
   from mirage_jax.evaluation import report, revisit  # pylint: disable=g-import-not-at-top
   out = _local_output
   resolution = tuple(config.data.resolution)
+  depth_options = _DEPTH_OPTIONS(families.world_model(config))
   if _BENCHMARK.value == "memory_maze":
     from mirage_jax.evaluation import memory_maze_protocol as protocol  # pylint: disable=g-import-not-at-top
     n, seeds = _maze_protocol_settings(config)
@@ -304,7 +305,7 @@ def _revisit(config, ae, dn) -> None:
         config, ae, dn, _BACKENDS.value, max(lengths), oracle=_ORACLE.value, composite=_COMPOSITE.value,
         pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
         sampling_options=_sampling_options(config), first_visit_coverage=_FIRST_VISIT.value,
-        depth=_DEPTH_OPTIONS(families.world_model(config)),
+        depth=depth_options,
         extra_rows={row: _with_sampler_steps(rollout.load_world_model(path))
                     for row, path in baselines.items()})
     video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
@@ -322,7 +323,7 @@ def _revisit(config, ae, dn) -> None:
                  baseline_checkpoints=baselines, first_visit_coverage=_FIRST_VISIT.value,
                  sampler_steps=int(config.sampler.num_steps),
                  depth_from_memory=list(config.memory.get("depth_from_memory", ())),
-                 depth=dataclasses.asdict(_DEPTH_OPTIONS(families.world_model(config))),
+                 depth=dataclasses.asdict(depth_options),
                  reencode_latents=bool(config.sampler.get("reencode_latents", False)),
                  seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
                  oracle_backend=config.memory.backend,
