@@ -41,4 +41,4 @@ debian-packages:
 # subprocesses (empty in a fresh clone, so CI gains within one run; `rm -rf .jax_cache`
 # clears it).
 test: $(VENV)/.installed-test debian-packages
-	MIRAGE_NO_SKIPS=1 MUJOCO_GL=osmesa $(BIN)/python -m pytest -q -x -n 2 tests
+	MIRAGE_NO_SKIPS=1 MUJOCO_GL=osmesa $(BIN)/python -m pytest -q -x -n 2 --dist loadfile tests

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices, deterministic, quiet."""
 
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -81,3 +82,29 @@ def pytest_sessionfinish(session, exitstatus):
     print(f"\nMIRAGE_NO_SKIPS=1: {len(skipped)} tests skipped:\n  " + "\n  ".join(skipped))
     if exitstatus == 0:
       session.exitstatus = 1
+
+
+# Measured seconds per test file (tests/durations.json, written by `python -m
+# tests.record_durations REPORT.xml` from a `pytest --junitxml` run). ``make test`` runs with
+# ``--dist loadfile``: each file on one worker, so a module fixture (a trained export, a
+# compiled model) is built once, not once per worker. Files go out longest first, so the two
+# workers do not end with one long file running alone (longest-processing-time-first
+# scheduling); a file not in the record counts as the median file.
+DURATIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  try:
+    with open(DURATIONS_FILE) as f:
+      seconds = json.load(f)
+  except (OSError, ValueError):
+    return
+  if not seconds:
+    return
+  typical = sorted(seconds.values())[len(seconds) // 2]
+  order = {}
+  for i, item in enumerate(items):
+    order.setdefault(item.nodeid.split("::")[0], i)
+  # Stable: tests keep their order within a file; files sort by cost, then collection order.
+  items.sort(key=lambda it: (-seconds.get(it.nodeid.split("::")[0], typical),
+                             order[it.nodeid.split("::")[0]]))
