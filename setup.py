@@ -33,7 +33,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # tensorboard: its event-file reader checks what metrics_log wrote; websockets drives
     # headless Chromium over the DevTools protocol (the index.html report test).
-    "dev": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout==2.4.0", "hypothesis>=6.100", "tensorboard==2.21.0",
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "pytest-timeout==2.4.0", "hypothesis>=6.100", "tensorboard==2.21.0",
             "websockets>=13",
             # Dataset builds run on Apache Beam (tests, `make main`): the "beam" extra's pin.
             "apache-beam==2.77.0",

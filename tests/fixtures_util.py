@@ -30,3 +30,26 @@ def synthetic_clip(seed: int, num_frames: int = 4, height: int = 8, width: int =
       "dynamic_masks": rng.integers(0, moving_objects + 1, (num_frames, height, width), dtype=np.uint8),
       "object_tracks": rng.normal(size=(moving_objects, num_frames, 3)).astype(np.float32),
   }
+
+
+def made_once(tmp_path_factory, name: str, make) -> "pathlib.Path":
+  """A folder ``make(folder)`` fills once per test run, shared by every pytest-xdist worker.
+
+  Test files that need the same built thing (a dataset, a converted model) call this from
+  their fixtures: the first caller builds it under a file lock while the others wait, then
+  all read it. A build that failed part way (no completion marker) is built again.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import filelock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the workers' basetemps are siblings: share their parent
+  folder = root / f"made-once-{name}"
+  with filelock.FileLock(str(folder) + ".lock"):
+    if not (folder / ".complete").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      make(folder)
+      (folder / ".complete").touch()
+  return folder

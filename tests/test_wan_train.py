@@ -29,6 +29,7 @@ from mirage_jax.training import inputs as inputs_lib
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib
+from tests.fixtures_util import made_once
 
 torch = pytest.importorskip("torch")
 
@@ -42,11 +43,9 @@ def _rand(rng, shape):
   return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def _make_world(d: Path) -> None:
   """Released-layout random tiny Wan2.2 (no VACE, no LoRA) -> exports; 8 procedural clips ->
-  latent clips."""
-  d = tmp_path_factory.mktemp("wan_world")
+  latent clips (their counts in counts.json)."""
   rng = np.random.default_rng(0)
   cfg = wan_dit.wan_dit_config("tiny")
   cfg.vace, cfg.lora_rank = False, 0
@@ -67,8 +66,17 @@ def world(tmp_path_factory):
       data_dir=str(d / "data"), dataset="procedural_rooms", config_name="default",
       vae=str(d / "export" / "vae"), output_dir=str(d / "latents"), target_frames=TARGET,
       preceding_frames=PRECEDING, text_len=8, text_dim=32)
-  return dict(dir=d, counts=counts, base=str(d / "export" / "dit"),
-              vae=str(d / "export" / "vae"), latents=str(d / "latents"))
+  (d / "counts.json").write_text(json.dumps(counts))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """The tiny Wan world of :func:`_make_world`, built once per run (this file and
+  tests/test_wan_pretrain.py use it)."""
+  d = made_once(tmp_path_factory, "wan_world", _make_world)
+  return dict(dir=d, counts=json.loads((d / "counts.json").read_text()),
+              base=str(d / "export" / "dit"), vae=str(d / "export" / "vae"),
+              latents=str(d / "latents"))
 
 
 def _config(world, **train_kw):
