@@ -39,6 +39,8 @@ debian-packages:
 # (tests/conftest.py). Every test has a time limit (pytest-timeout; pytest.ini). The suite
 # shares one JAX compilation cache, .jax_cache/tests, among the workers and the CLI
 # subprocesses (empty in a fresh clone, so CI gains within one run; `rm -rf .jax_cache`
-# clears it).
+# clears it). --dist loadfile: each test file runs on one worker, so its module fixtures (a
+# trained export, a compiled model) are built once; files start longest first
+# (tests/durations.json, tests/conftest.py).
 test: $(VENV)/.installed-test debian-packages
 	MIRAGE_NO_SKIPS=1 MUJOCO_GL=osmesa $(BIN)/python -m pytest -q -x -n 2 --dist loadfile tests
