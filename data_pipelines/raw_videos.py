@@ -136,7 +136,11 @@ def _ffmpeg() -> str:
 
 
 def _last_line(text: str) -> str:
-  lines = [" ".join(l.split()) for l in text.splitlines() if l.strip()]
+  """The last line of an ffmpeg message, without its ``[demuxer @ 0x...]`` prefix (which
+  holds a memory address: reasons must be the same on every run)."""
+  lines = [" ".join(re.sub(r"\[[^\]]*@ 0x[0-9a-f]+\]", "", l).split())
+           for l in text.splitlines() if l.strip()]
+  lines = [l for l in lines if l]
   return lines[-1][:200] if lines else "no message"
 
 
@@ -171,6 +175,8 @@ def probe(path: str) -> Probe:
   cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-i", path, "-map", "0:v:0", "-c", "copy",
          "-f", "framecrc", "-"]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=_FFMPEG_TIMEOUT_S, check=False)
+  if "matches no streams" in r.stderr:
+    raise Skip("unreadable", "no video stream")
   if r.returncode != 0:
     raise Skip("unreadable", f"ffmpeg cannot read it ({_last_line(r.stderr)})")
   tb = re.search(r"^#tb 0: (\d+)/(\d+)", r.stdout, re.M)
@@ -217,16 +223,26 @@ def decode(path: str, first: int, last: int, height: int, width: int, top: int,
 
 
 def encode(path: str, frames: np.ndarray, fps: float) -> None:
-  """(T, H, W, 3) uint8 -> an H.264 yuv420p mp4 at ``path`` (the reference's clip format)."""
-  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  """(T, H, W, 3) uint8 -> an H.264 yuv420p mp4 at ``path`` (the reference's clip format).
+
+  Its own ffmpeg process rather than ``imageio_ffmpeg.write_frames``, whose ``preexec_fn``
+  is unsafe in the threads a Beam worker runs DoFns in (its ffmpeg died at random there).
+  """
   t, h, w, _ = frames.shape
-  writer = imageio_ffmpeg.write_frames(
-      path, (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-      macro_block_size=1, ffmpeg_log_level="error", output_params=["-threads", "1"])
-  writer.send(None)
-  for i in range(t):
-    writer.send(np.ascontiguousarray(frames[i]).tobytes())
-  writer.close()
+  cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+         "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt",
+         "yuv420p", "-threads", "1", path]
+  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  try:
+    for i in range(t):
+      proc.stdin.write(np.ascontiguousarray(frames[i]).tobytes())
+    proc.stdin.close()
+  except BrokenPipeError:
+    pass  # ffmpeg stopped: its status and message follow
+  err = proc.stderr.read().decode(errors="replace")
+  if proc.wait(timeout=_FFMPEG_TIMEOUT_S) != 0:
+    raise OSError(f"ffmpeg could not write {path}: {_last_line(err)}")
 
 
 # ----------------------------------------------------------------------------- one clip

@@ -1,8 +1,9 @@
 """Raw videos -> clip folders (data_pipelines/raw_videos.py, cut_clips): tiny synthetic videos.
 
 Each synthetic source frame shows its own frame number as 8 black/white bars inside the
-region the centre crop keeps, on a red margin that the crop must cut away; so reading a clip
-back tells exactly which source frames landed in it, and whether the crop was centred.
+region the centre crop keeps, on a grey margin that the crop must cut away; so reading a clip
+back tells exactly which source frames landed in it, and whether the crop was centred to the
+pixel (a grey edge row or column; grey, not a colour: chroma is subsampled, luma is not).
 """
 
 from __future__ import annotations
@@ -54,21 +55,25 @@ def write_video(path: Path, n: int, height: int, width: int, fps: float,
       ffmpeg_log_level="error", output_params=["-movflags", "+faststart"] if faststart else [])
   writer.send(None)
   for i in range(n):
-    frame = np.zeros((height, width, 3), np.uint8)
-    frame[..., 0] = 255  # the margin: red
+    frame = np.full((height, width, 3), 128, np.uint8)  # the margin: grey
     bars = np.zeros((H, W, 3), np.uint8)
     for b in range(8):
       if (i >> b) & 1:
         bars[:, b * W // 8:(b + 1) * W // 8] = 255
-    frame[top:top + H, left:left + W] = bars
+    if top >= 0 and left >= 0:  # (a source smaller than the crop: all grey)
+      frame[top:top + H, left:left + W] = bars
     writer.send(frame.tobytes())
   writer.close()
 
 
 def frame_numbers(frames: np.ndarray) -> list[int]:
-  """The numbers ``write_video`` drew, read at the bars' centres; asserts no red margin."""
-  redness = frames[..., 0].astype(int) - frames[..., 1].astype(int)
-  assert redness.max() < 60, "red margin in the clip: the crop is not centred"
+  """The numbers ``write_video`` drew, read at the bars' centres; asserts no grey edge."""
+  grey = frames.astype(np.float32).mean(-1)
+  bar = W // 8
+  inside = [x for x in range(W) if 2 <= x % bar <= bar - 2]  # away from the bars' own edges
+  edges = np.concatenate([grey[:, 0, inside], grey[:, -1, inside], grey[:, 2:-2, 0],
+                          grey[:, 2:-2, -1]], axis=1)
+  assert np.abs(edges - 127.5).min() > 60, "a grey edge in the clip: the crop is off-centre"
   out = []
   for f in frames:
     bits = [f[H // 2 - 4:H // 2 + 4, b * W // 8 + 3:(b + 1) * W // 8 - 3].mean() > 128
@@ -107,7 +112,7 @@ def videos(tmp_path_factory) -> Path:
   write_video(root / "zero.mp4", 0, 50, 84, 24)
   (root / "header.mp4").write_bytes(b"\x00garbage" * 8 + data[64:])
   write_video(root / "short.mp4", 6, 50, 84, 24)
-  write_video(root / "small.mp4", 20, 40, 70, 24)  # below 48 x 80
+  write_video(root / "small.mp4", 40, 40, 70, 24)  # below 48 x 80
   write_video(root / "slow.mp4", 12, 50, 84, 6)  # 2 s, but 6 fps < 8
   (root / "notes.txt").write_text("not a video: ignored")
   return root
