@@ -150,6 +150,7 @@ class Probe:
   times: np.ndarray  # (N,) float64, ascending, times[0] == 0
   width: int
   height: int
+  first_pts_s: float = 0.0  # the first frame's own timestamp (s): times + this = timestamps
 
   @property
   def interval(self) -> float:
@@ -172,8 +173,9 @@ def probe(path: str) -> Probe:
   Raises:
     Skip: unreadable container, no video stream, no frames or no timestamps.
   """
-  cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-i", path, "-map", "0:v:0", "-c", "copy",
-         "-f", "framecrc", "-"]
+  # -copyts: the stream's own timestamps, as decode() selects frames by them.
+  cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-copyts", "-i", path, "-map", "0:v:0", "-c",
+         "copy", "-f", "framecrc", "-"]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=_FFMPEG_TIMEOUT_S, check=False)
   if "matches no streams" in r.stderr:
     raise Skip("unreadable", "no video stream")
@@ -196,30 +198,48 @@ def probe(path: str) -> Probe:
   if min(pts) == -(2 ** 63):
     raise Skip("unreadable", "frames without timestamps")
   t = np.sort(np.asarray(pts, np.float64)) * int(tb.group(1)) / int(tb.group(2))
-  return Probe(times=t - t[0], width=int(dims.group(1)), height=int(dims.group(2)))
+  return Probe(times=t - t[0], width=int(dims.group(1)), height=int(dims.group(2)),
+               first_pts_s=float(t[0]))
 
 
-def decode(path: str, first: int, last: int, height: int, width: int, top: int,
-           left: int) -> np.ndarray:
+# Decoding starts this long before a clip's first frame (a seek to the keyframe before it),
+# not at the file's start: the frames in between are decoded and dropped by timestamp.
+SEEK_MARGIN_S = 2.0
+
+
+def decode(path: str, p: Probe, first: int, last: int, height: int, width: int, top: int,
+           left: int) -> tuple[np.ndarray, float]:
   """Frames ``first..last`` (display order) cropped to ``height x width`` at (top, left).
 
+  The frames are chosen by their timestamps (``p``'s), so where decoding starts does not
+  matter: it seeks to ``SEEK_MARGIN_S`` before the first one (the seek lands on the keyframe
+  before that), and, should that give fewer frames (a file whose seek index misleads),
+  decodes again from the start.
+
   Returns:
-    (last - first + 1, height, width, 3) uint8.
+    ((last - first + 1, height, width, 3) uint8, the seek used in seconds: 0 = from the start).
   Raises:
     Skip: the decoder fails or ends before ``last``.
   """
   n = last - first + 1
-  vf = f"select=between(n\\,{first}\\,{last}),crop={width}:{height}:{left}:{top}:exact=1"
-  cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-threads", "1", "-i", path, "-map", "0:v:0",
-         "-vf", vf, "-fps_mode", "passthrough", "-frames:v", str(n), "-f", "rawvideo",
-         "-pix_fmt", "rgb24", "-threads", "1", "-"]
-  r = subprocess.run(cmd, capture_output=True, timeout=_FFMPEG_TIMEOUT_S, check=False)
+  gaps = np.diff(p.times)
+  eps = 0.25 * (float(gaps[gaps > 0].min()) if (gaps > 0).any() else 1.0)
+  lo, hi = p.first_pts_s + p.times[first] - eps, p.first_pts_s + p.times[last] + eps
+  vf = (f"select=between(t\\,{lo:.6f}\\,{hi:.6f}),"
+        f"crop={width}:{height}:{left}:{top}:exact=1")
   size = height * width * 3
-  got = len(r.stdout) // size
-  if r.returncode != 0 or got < n:
-    why = _last_line(r.stderr.decode(errors="replace")) if r.stderr.strip() else "no error"
-    raise Skip("unreadable", f"decoded {got} of the {n} frames needed ({why})")
-  return np.frombuffer(r.stdout[:n * size], np.uint8).reshape(n, height, width, 3)
+  seek = max(0.0, float(p.times[first]) - SEEK_MARGIN_S)
+  for at in ((seek, 0.0) if seek > 0 else (0.0,)):
+    cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-threads", "1", "-copyts",
+           *(["-ss", f"{at:.6f}"] if at > 0 else []), "-i", path, "-map", "0:v:0", "-vf", vf,
+           "-fps_mode", "passthrough", "-frames:v", str(n), "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-threads", "1", "-"]
+    r = subprocess.run(cmd, capture_output=True, timeout=_FFMPEG_TIMEOUT_S, check=False)
+    got = len(r.stdout) // size
+    if r.returncode == 0 and got >= n:
+      return np.frombuffer(r.stdout[:n * size], np.uint8).reshape(n, height, width, 3), at
+  why = _last_line(r.stderr.decode(errors="replace")) if r.stderr.strip() else "no error"
+  raise Skip("unreadable", f"decoded {got} of the {n} frames needed ({why})")
 
 
 def encode(path: str, frames: np.ndarray, fps: float) -> None:
@@ -295,8 +315,8 @@ def cut(local_path: str, video: str, s: CutSettings) -> tuple[np.ndarray, dict[s
   p = probe(local_path)
   plan = plan_clip(p, video, s)
   src = plan["source_frames"]
-  frames = decode(local_path, int(src[0]), int(src[-1]), s.height, s.width, plan["top"],
-                  plan["left"])
+  frames, _ = decode(local_path, p, int(src[0]), int(src[-1]), s.height, s.width,
+                        plan["top"], plan["left"])
   meta = {
       "source_video": video, "source_fps": p.fps, "source_frames": len(p.times),
       "source_size": [p.height, p.width], "start_s": plan["start_s"],

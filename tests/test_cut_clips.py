@@ -45,14 +45,16 @@ BROKEN = {  # name -> the kind it must be skipped as
 
 
 def write_video(path: Path, n: int, height: int, width: int, fps: float,
-                faststart: bool = False) -> None:
+                faststart: bool = False, keyframes_every: int = 0) -> None:
   """A video whose frame i shows i in binary inside the centred H x W region (module doc)."""
   import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   path.parent.mkdir(parents=True, exist_ok=True)
   top, left = (height - H) // 2, (width - W) // 2
   writer = imageio_ffmpeg.write_frames(
       str(path), (width, height), fps=fps, codec="libx264", quality=None, macro_block_size=1,
-      ffmpeg_log_level="error", output_params=["-movflags", "+faststart"] if faststart else [])
+      ffmpeg_log_level="error",
+      output_params=((["-movflags", "+faststart"] if faststart else []) +
+                     (["-g", str(keyframes_every)] if keyframes_every else [])))
   writer.send(None)
   for i in range(n):
     frame = np.full((height, width, 3), 128, np.uint8)  # the margin: grey
@@ -84,7 +86,7 @@ def frame_numbers(frames: np.ndarray) -> list[int]:
 
 def read_mp4(path: Path) -> np.ndarray:
   p = raw_videos.probe(str(path))
-  return raw_videos.decode(str(path), 0, len(p.times) - 1, p.height, p.width, 0, 0)
+  return raw_videos.decode(str(path), p, 0, len(p.times) - 1, p.height, p.width, 0, 0)[0]
 
 
 def expected_clip(name: str, n: int, fps: float) -> tuple[float, list[int]]:
@@ -182,6 +184,23 @@ def test_clips_on_two_workers_hold_the_reference_frames(videos, tmp_path):
   with pytest.raises(InputError, match="not empty"):
     raw_videos.run(str(videos), str(tmp_path / "other"), SETTINGS)
   assert os.listdir(tmp_path / "other") == ["mine.txt"]
+
+
+def test_decoding_from_a_seek_gives_the_frames_of_decoding_from_the_start(tmp_path, monkeypatch):
+  """A clip deep in a long source: decode() seeks (to a keyframe before it) and picks frames
+  by timestamp; the frames are those a decode from the file's start gives."""
+  path = tmp_path / "long.mp4"
+  write_video(path, 150, 52, 84, 30, keyframes_every=12)  # 5 s, a keyframe every 0.4 s
+  p = raw_videos.probe(str(path))
+  args = (str(path), p, 100, 120, H, W, 2, 2)
+  monkeypatch.setattr(raw_videos, "SEEK_MARGIN_S", 0.05)
+  seeked, at = raw_videos.decode(*args)
+  assert at == pytest.approx(p.times[100] - 0.05)
+  monkeypatch.setattr(raw_videos, "SEEK_MARGIN_S", 100.0)
+  whole, at = raw_videos.decode(*args)
+  assert at == 0.0
+  np.testing.assert_array_equal(seeked, whole)
+  assert frame_numbers(seeked) == list(range(100, 121))
 
 
 def test_an_existing_folder_is_never_replaced(videos, tmp_path):
