@@ -46,15 +46,22 @@ def main() -> None:
                       "-pix_fmt", "yuv420p", os.path.join(src, f"v{i}.mp4")], check=True)
     s = raw_videos.CutSettings()
     parts = {"probe": 0.0, "decode": 0.0, "encode": 0.0}
+    cpu_parts = dict.fromkeys(parts, 0.0)
+
+    def children_cpu() -> float:
+      r = resource.getrusage(resource.RUSAGE_CHILDREN)
+      return r.ru_utime + r.ru_stime
+
     timed = {name: getattr(raw_videos, name) for name in parts}
 
     def timer(name):
       def run(*a, **k):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), children_cpu()
         try:
           return timed[name](*a, **k)
         finally:
           parts[name] += time.perf_counter() - t
+          cpu_parts[name] += children_cpu() - c
       return run
 
     for name in parts:
@@ -72,7 +79,8 @@ def main() -> None:
           f"{args.fps:g} fps {args.seconds:g} s sources: {total / n:.2f} s per clip, "
           f"{n / total:.3f} clips/s/worker; per clip: " +
           ", ".join(f"{k} {v / n:.2f} s" for k, v in parts.items()) +
-          f"; ffmpeg CPU time {cpu / n:.2f} s per clip")
+          f"; ffmpeg CPU time per clip {cpu / n:.2f} s (" +
+          ", ".join(f"{k} {v / n:.2f} s" for k, v in cpu_parts.items()) + ")")
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
