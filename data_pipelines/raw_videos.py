@@ -31,8 +31,18 @@ step, with the reference's rules:
 
 Writes never replace anything: a folder is staged aside and renamed into place (local) or
 uploaded file by file with ``clip.json`` last (``gs://``, where each object appears whole); a
-complete folder found at the start is kept as it is. Decoding and encoding use the ffmpeg
-binary that ``imageio-ffmpeg`` ships (one thread each: Beam runs one worker per core).
+complete folder found at the start is kept as it is.
+
+Decoding and encoding run the ffmpeg binary that ``imageio-ffmpeg`` (already a dependency)
+ships, one thread each (Beam runs one worker per core; one thread also keeps x264's output
+the same on every machine). Why not PyAV: it would add a second copy of the FFmpeg libraries
+as a new dependency for nothing this step needs: ``probe`` reads every frame's timestamp from
+the packets without decoding (``-c copy -f framecrc``), ``decode`` seeks to 2 s before the
+clip and keeps the frames whose timestamps are the clip's (``select`` on ``t`` with
+``-copyts``: exact wherever the seek lands; a variable frame rate is handled), the crop is
+ffmpeg's ``crop`` at exact offsets. ``gs://`` sources are copied to a local file first (ffmpeg
+seeks in files). Not handled: a rotation tag (phone videos) is ignored, frames are cut as
+stored.
 """
 
 from __future__ import annotations
@@ -230,7 +240,8 @@ def decode(path: str, p: Probe, first: int, last: int, height: int, width: int, 
   size = height * width * 3
   seek = max(0.0, float(p.times[first]) - SEEK_MARGIN_S)
   for at in ((seek, 0.0) if seek > 0 else (0.0,)):
-    cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-threads", "1", "-copyts",
+    # -noautorotate: frames as stored, the size probe() read (a rotation tag is not applied).
+    cmd = [_ffmpeg(), "-v", "error", "-nostdin", "-threads", "1", "-copyts", "-noautorotate",
            *(["-ss", f"{at:.6f}"] if at > 0 else []), "-i", path, "-map", "0:v:0", "-vf", vf,
            "-fps_mode", "passthrough", "-frames:v", str(n), "-f", "rawvideo", "-pix_fmt", "rgb24",
            "-threads", "1", "-"]

@@ -13,8 +13,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,6 @@ from mirage_jax.errors import InputError
 from tests import test_gcs
 from tests.test_gcs import gcs  # pylint: disable=unused-import  # the emulator fixture
 
-ROOT = Path(__file__).resolve().parents[1]
 H, W = 48, 80
 SETTINGS = raw_videos.CutSettings(fps=8, height=H, width=W, frames=9, seed=3,
                                   preceding_frames=2, target_frames=5)
@@ -229,22 +226,26 @@ def test_bad_settings_are_one_line_errors(videos, tmp_path):
   assert not (tmp_path / "x").exists()
 
 
-def test_gcs_videos_to_gcs_clips_by_the_cli(videos, gcs, tmp_path):  # pylint: disable=redefined-outer-name
-  """The command line, with both folders on the Cloud Storage emulator: the clips of the
-  reference's rules, the skipped videos listed; a second run with other settings refused."""
+def test_gcs_videos_to_gcs_clips_by_the_cli(videos, gcs, tmp_path, capsys):  # pylint: disable=redefined-outer-name
+  """The command line (its main, in this process, which the emulator fixture points at the
+  bucket), with both folders on Cloud Storage: the clips of the reference's rules, the
+  skipped videos listed; a second run with other settings refused."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from data_pipelines import cut_clips  # pylint: disable=g-import-not-at-top
   from mirage_jax import paths  # pylint: disable=g-import-not-at-top
-  env = gcs
+  del gcs
   bucket = f"gs://{test_gcs.BUCKET}"
   for name in (*GOOD, "short.mp4", "header.mp4"):
     paths.upload(str(videos / name), f"{bucket}/raw/{name}")
   args = [f"--videos={bucket}/raw", f"--output_dir={bucket}/clips", "--fps=8", "--size=48x80",
           "--frames=9", "--seed=3", "--preceding_frames=2", "--target_frames=5"]
-  result = subprocess.run([sys.executable, "-m", "data_pipelines.cut_clips", *args], cwd=ROOT,
-                          env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "skipped short.mp4: " in result.stdout and "skipped header.mp4: " in result.stdout
-  assert "6 videos: " in result.stdout, result.stdout
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    assert cut_clips.main(flags.FLAGS(["cut_clips", *args])) == 0
+  out = capsys.readouterr().out
+  assert "skipped short.mp4: " in out and "skipped header.mp4: " in out
+  assert "6 videos: " in out, out
   outcomes = json.loads(paths.open(f"{bucket}/clips/{raw_videos.SUMMARY_FILE}").read())
   local = tmp_path / "local"
   for o in outcomes:
