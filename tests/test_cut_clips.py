@@ -200,6 +200,40 @@ def test_decoding_from_a_seek_gives_the_frames_of_decoding_from_the_start(tmp_pa
   assert frame_numbers(seeked) == list(range(100, 121))
 
 
+def test_fuzzed_videos_are_written_or_skipped_never_raised(tmp_path):
+  """Random truncations and byte corruptions of a good video (seeded): each gives a complete
+  clip or a skip with a one-line reason, never an exception."""
+  good = tmp_path / "good.mp4"
+  write_video(good, 40, 52, 84, 24, faststart=True, keyframes_every=8)
+  data = good.read_bytes()
+  rng = np.random.default_rng(0)
+  src = tmp_path / "src"
+  for i in range(8):
+    lo = 0 if i < 4 else len(data) // 3  # anywhere (the index first), then the frames' data
+    if i % 2:
+      blob = data[:int(rng.integers(max(lo, 16), len(data)))]
+    else:
+      arr = np.frombuffer(data, np.uint8).copy()
+      at = rng.integers(lo, len(data), size=int(rng.integers(1, 64)))
+      arr[at] = rng.integers(0, 256, size=len(at))
+      blob = arr.tobytes()
+    src.mkdir(exist_ok=True)
+    (src / f"f{i}.mp4").write_bytes(blob)
+  out = tmp_path / "out"
+  out.mkdir()
+  past_probe = 0
+  for i in range(8):
+    o = raw_videos.process_video((f"{i:08d}", f"f{i}.mp4"), str(src), str(out), SETTINGS)
+    past_probe += o["kind"] != "unreadable" or o["reason"].startswith("decoded")
+    if o["status"] == "skipped":
+      assert o["kind"] in raw_videos.SKIP_KINDS and o["reason"] and "\n" not in o["reason"], o
+      assert not (out / o["folder"]).exists()
+    else:
+      assert o["status"] == "written", o
+      assert read_mp4(out / o["folder"] / "clip.mp4").shape == (SETTINGS.frames, H, W, 3)
+  assert past_probe >= 2  # the fuzz reached past the header, into the frames
+
+
 def test_an_existing_folder_is_never_replaced(videos, tmp_path):
   """write_folder onto a complete folder (as a retried or racing worker would) keeps it."""
   frames = np.zeros((SETTINGS.frames, H, W, 3), np.uint8)
