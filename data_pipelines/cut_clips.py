@@ -24,42 +24,53 @@ from absl import app, flags
 from data_pipelines import raw_videos
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
-_VIDEOS = flags.DEFINE_string("videos", None, "Folder (or gs:// prefix) searched for videos.")
-_OUTPUT = flags.DEFINE_string("output_dir", None, "Folder (or gs:// prefix) of clip folders.")
-_FPS = flags.DEFINE_integer("fps", 16, "Clip frame rate.")
-_SIZE = flags.DEFINE_string("size", "704x1280", "Clip HEIGHTxWIDTH (a centre crop, no resize).")
-_FRAMES = flags.DEFINE_integer("frames", 81, "Frames per clip.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the video order, clip starts and samples.")
-_MAX = flags.DEFINE_integer("max_videos", 0, "Cut only the first N videos of the seeded "
-                            "order (0: all).")
-_PRE = flags.DEFINE_integer("preceding_frames", 8, "Preceding frames of train_sample.json.")
-_TGT = flags.DEFINE_integer("target_frames", 33, "Target frames of train_sample.json.")
-_RUNNER = flags.DEFINE_string("beam_runner", "", "Beam runner (as data_pipelines.build); "
-                              "empty: in this process.")
-_OPTIONS = flags.DEFINE_list("beam_options", [], "Beam pipeline options, name=value.")
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags (defined when run, as data_pipelines.encode_latents's: other CLIs
+  that share names, e.g. --beam_runner, may be imported in the same process)."""
+  flags.DEFINE_string("videos", None, "Folder (or gs:// prefix) searched for videos.",
+                      flag_values=fv)
+  flags.DEFINE_string("output_dir", None, "Folder (or gs:// prefix) of clip folders.",
+                      flag_values=fv)
+  flags.DEFINE_integer("fps", 16, "Clip frame rate.", flag_values=fv)
+  flags.DEFINE_string("size", "704x1280", "Clip HEIGHTxWIDTH (a centre crop, no resize).",
+                      flag_values=fv)
+  flags.DEFINE_integer("frames", 81, "Frames per clip.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the video order, clip starts and samples.",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_videos", 0, "Cut only the first N videos of the seeded order "
+                       "(0: all).", flag_values=fv)
+  flags.DEFINE_integer("preceding_frames", 8, "Preceding frames of train_sample.json.",
+                       flag_values=fv)
+  flags.DEFINE_integer("target_frames", 33, "Target frames of train_sample.json.",
+                       flag_values=fv)
+  flags.DEFINE_string("beam_runner", "", "Beam runner (as data_pipelines.build); empty: in "
+                      "this process.", flag_values=fv)
+  flags.DEFINE_list("beam_options", [], "Beam pipeline options, name=value.", flag_values=fv)
 
 
-def settings() -> raw_videos.CutSettings:
-  height, width = raw_videos.parse_size(_SIZE.value)
-  return raw_videos.CutSettings(fps=_FPS.value, height=height, width=width,
-                                frames=_FRAMES.value, seed=_SEED.value,
-                                preceding_frames=_PRE.value, target_frames=_TGT.value)
+def settings(fv: flags.FlagValues = flags.FLAGS) -> raw_videos.CutSettings:
+  height, width = raw_videos.parse_size(fv.size)
+  return raw_videos.CutSettings(fps=fv.fps, height=height, width=width, frames=fv.frames,
+                                seed=fv.seed, preceding_frames=fv.preceding_frames,
+                                target_frames=fv.target_frames)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], fv: flags.FlagValues = flags.FLAGS) -> int:
+  """Cuts as the flags say; prints one line per skipped video, the totals and where."""
   if len(argv) > 1:
     raise InputError("command line", "arguments", f"unexpected {argv[1:]} (all options are --flags)")
-  for flag in (_VIDEOS, _OUTPUT):
-    if not flag.value:
-      raise InputError(f"--{flag.name}", flag.name, "is required")
+  for name in ("videos", "output_dir"):
+    if not fv[name].value:
+      raise InputError(f"--{name}", name, "is required")
   start = time.perf_counter()
-  result = raw_videos.run(_VIDEOS.value, _OUTPUT.value, settings(), max_videos=_MAX.value,
-                          beam_runner=_RUNNER.value, beam_options=_OPTIONS.value)
+  result = raw_videos.run(fv.videos, fv.output_dir, settings(fv), max_videos=fv.max_videos,
+                          beam_runner=fv.beam_runner, beam_options=fv.beam_options)
   for line in raw_videos.summary_lines(result["outcomes"]):
     print(line)
-  print(f"clip folders in {_OUTPUT.value} ({time.perf_counter() - start:.1f} s)")
+  print(f"clip folders in {fv.output_dir} ({time.perf_counter() - start:.1f} s)")
   return 0
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: run_cli(lambda: main(argv)), flags_parser=parse_flags)

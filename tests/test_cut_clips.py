@@ -265,7 +265,7 @@ def test_gcs_videos_to_gcs_clips_by_the_cli(videos, gcs, tmp_path, capsys):  # p
   bucket), with both folders on Cloud Storage: the clips of the reference's rules, the
   skipped videos listed; a second run with other settings refused."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from data_pipelines import build  # pylint: disable=g-import-not-at-top,unused-import
   from data_pipelines import cut_clips  # pylint: disable=g-import-not-at-top
   from mirage_jax import paths  # pylint: disable=g-import-not-at-top
   del gcs
@@ -274,9 +274,9 @@ def test_gcs_videos_to_gcs_clips_by_the_cli(videos, gcs, tmp_path, capsys):  # p
     paths.upload(str(videos / name), f"{bucket}/raw/{name}")
   args = [f"--videos={bucket}/raw", f"--output_dir={bucket}/clips", "--fps=8", "--size=48x80",
           "--frames=9", "--seed=3", "--preceding_frames=2", "--target_frames=5"]
-  with flagsaver.flagsaver():
-    flags.FLAGS.unparse_flags()
-    assert cut_clips.main(flags.FLAGS(["cut_clips", *args])) == 0
+  fv = flags.FlagValues()  # (build's --beam_runner is in absl's global flags: no clash)
+  cut_clips.define_flags(fv)
+  assert cut_clips.main(fv(["cut_clips", *args]), fv) == 0
   out = capsys.readouterr().out
   assert "skipped short.mp4: " in out and "skipped header.mp4: " in out
   assert "6 videos: " in out, out
