@@ -12,7 +12,8 @@ runner's workers need storage they all see). Each video gives one folder
 ``train_target_rgb.mp4`` and ``clip.json`` (the reference's layout; the rules are in
 ``data_pipelines/raw_videos.py``). Videos that give no clip are listed with their reason at
 the end; the run goes on. A non-empty ``--output_dir`` is refused unless it was written by
-the same command (then complete folders are kept and the rest is cut: a resume).
+the same command over the same videos (then complete folders are kept and the rest is cut: a
+resume). Clip folders written under ``--videos`` are not taken for videos.
 """
 
 from __future__ import annotations

@@ -459,10 +459,20 @@ def _write_summary(outcomes: list[dict], output_dir: str) -> None:
   paths.write_text(paths.join(output_dir, SUMMARY_FILE), json.dumps(outcomes, indent=1))
 
 
-def run_params(videos: str, s: CutSettings, max_videos: int) -> dict[str, Any]:
-  """What defines a run's output (stored in RUN_FILE, compared on reuse)."""
+def run_params(videos: str, found: Sequence[str], s: CutSettings,
+               max_videos: int) -> dict[str, Any]:
+  """What defines a run's output (stored in RUN_FILE, compared on reuse). The list of videos
+  found is part of it: folder numbers depend on it, so a resume over a changed set of videos
+  would keep folders that now belong to other videos."""
+  listing = hashlib.sha256("\n".join(found).encode("utf-8")).hexdigest()
   return {"videos": paths.resolve(videos), "max_videos": max_videos,
-          **dataclasses.asdict(s)}
+          "videos_found": len(found), "video_list_sha256": listing, **dataclasses.asdict(s)}
+
+
+def _inside(path: str, root: str) -> str | None:
+  """``path`` relative to ``root`` (``/``-separated) if it lies under it, else None."""
+  path, root = paths.resolve(path).rstrip("/"), paths.resolve(root).rstrip("/")
+  return path[len(root) + 1:].replace(os.sep, "/") if path.startswith(root + "/") else None
 
 
 def _check_output(output_dir: str, params: dict) -> None:
@@ -504,10 +514,13 @@ def run(videos: str, output_dir: str, settings: CutSettings, *, max_videos: int 
   if not paths.isdir(videos):
     raise InputError(videos, "videos", "no such folder")
   found = list_videos(videos)
+  below = _inside(output_dir, videos)
+  if below is not None:  # the clips are no source videos (on a second run they would be)
+    found = [v for v in found if not v.startswith(below + "/")]
   if not found:
     raise InputError(videos, "videos", f"no videos ({' '.join(VIDEO_EXTS)}) under it")
   jobs = assign_folders(found, settings.seed, max_videos)
-  params = run_params(videos, settings, max_videos)
+  params = run_params(videos, found, settings, max_videos)
   _check_output(output_dir, params)
   try:
     paths.makedirs(output_dir)

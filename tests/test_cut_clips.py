@@ -176,6 +176,18 @@ def test_clips_on_two_workers_hold_the_reference_frames(videos, tmp_path):
     raw_videos.run(str(videos), str(tmp_path / "one"), raw_videos.CutSettings(
         **{**SETTINGS.__dict__, "seed": 4}))
   assert tree_digest(tmp_path / "one") == snapshot
+  # A changed set of videos: the folder numbers would change, so it is another run.
+  more = tmp_path / "more"
+  shutil.copytree(videos, more)
+  write_video(more / "e.mp4", 30, 48, 80, 24)
+  with pytest.raises(InputError, match=r"video_list_sha256.*choose another --output_dir"):
+    raw_videos.run(str(more), str(tmp_path / "one"), SETTINGS)
+  assert tree_digest(tmp_path / "one") == snapshot
+  # Clips written under the videos' folder are not taken for videos on the next run.
+  raw_videos.run(str(more), str(more / "clips"), SETTINGS, max_videos=4)
+  assert list((more / "clips").rglob("clip.mp4"))
+  again = raw_videos.run(str(more), str(more / "clips"), SETTINGS, max_videos=4)
+  assert "written" not in again["counters"] and again["counters"]["kept"] >= 1
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "mine.txt").write_text("x")
   with pytest.raises(InputError, match="not empty"):
