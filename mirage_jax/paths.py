@@ -83,6 +83,24 @@ def listdir(path: str) -> list[str]:
   return sorted(os.listdir(path))
 
 
+def list_files(root: str) -> list[str]:
+  """Every file under ``root`` at any depth, as sorted ``/``-separated relative paths.
+
+  Under a URL: one recursive listing (fsspec ``find``), not a request per file.
+  """
+  if is_remote(root):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    _epath(root)  # the listing-cache setting
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    return sorted(p[len(base) + 1:] for p in fs.find(base) if p.startswith(base + "/"))
+  out = []
+  for folder, _, names in os.walk(root):
+    rel = os.path.relpath(folder, root)
+    out += [name if rel == "." else "/".join([*rel.split(os.sep), name]) for name in names]
+  return sorted(out)
+
+
 def makedirs(path: str) -> None:
   """Creates a local directory and its parents; nothing to create under a URL."""
   if not is_remote(path):

@@ -81,11 +81,20 @@ def _check_build(module_globals) -> None:
   builders.beam_options(f["beam_runner"].value, f["beam_options"].value)
 
 
+def _check_cut_clips(module_globals) -> None:
+  """data_pipelines.cut_clips: the clip settings and the Beam runner and its options."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+  module_globals["settings"]().check()
+  builders.beam_options(flags.FLAGS["beam_runner"].value, flags.FLAGS["beam_options"].value)
+
+
 _CHECKS = {
     "mirage_jax.main": _check_main,
     "mirage_jax.aot": _check_aot,
     "mirage_jax.main_job": _check_main_job,
     "data_pipelines.build": _check_build,
+    "data_pipelines.cut_clips": _check_cut_clips,
 }
 
 

@@ -301,6 +301,12 @@ COMMANDS: dict[str, Doc] = {
         "machine_type=n2-standard-8,experiments=use_runner_v2", R, "dry",
         "needs a Google Cloud project; checked up to the runner (without the documented "
         "apache-beam[gcp] install it must stop with exactly that install step)"),
+    # ---- README: clips from raw videos
+    "cut_clips": Doc(
+        "python -m data_pipelines.cut_clips --videos=VIDEOS --output_dir=CLIPS --fps=16 "
+        "--size=704x1280 --frames=81 --seed=0", R, "dry",
+        "needs raw videos at least 704x1280 and 5 s long; tests/test_cut_clips.py runs this "
+        "command on tiny synthetic videos with both folders on the GCS emulator"),
     # ---- README: trained baselines, Memory Maze
     "baselines_main_job": Doc("python -m mirage_jax.main_job --workdir=runs/tiny --train_baselines=none,frame_bank",
                               R, "dry", MAIN_JOB_WHY + " (with --train_baselines)"),

@@ -78,7 +78,8 @@ LAYERS: dict[str, dict] = {
         "mirage_jax.aot", "mirage_jax.convert_wan", "mirage_jax.convert_depth",
         "mirage_jax.convert_text",
         "mirage_jax.main_job",
-        "data_pipelines.build", "data_pipelines.encode_latents", "data_pipelines.make_geometry"),
+        "data_pipelines.build", "data_pipelines.encode_latents", "data_pipelines.make_geometry",
+        "data_pipelines.cut_clips"),
         may_import=("core", "base", "data", "families", "services", "clis")),
 }
 CLIS = frozenset(LAYERS["clis"]["modules"])
