@@ -26,16 +26,17 @@ batches under one ``jax.jit`` (one compile per image size).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mirage_jax import weight_files
 from mirage_jax.errors import InputError
+
+# JAX and the weight readers are imported where used: command lines (``main_job``) define
+# this module's flags before JAX loads.
 
 NETS = ("alex", "vgg")
 # The cell of an LPIPS column when no weights were given: no number, and the flag to give.
@@ -98,7 +99,7 @@ def default_linear(net: str) -> str | None:
   return None
 
 
-def _read(w: weight_files.WeightFile, key: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+def _read(w, key: str, shape: tuple[int, ...], what: str) -> np.ndarray:
   if key not in w:
     raise InputError(w.path, key, f"missing: not {what} (its keys: "
                      f"{', '.join(sorted(w.keys())[:4]) or 'none'}{', ...' if len(w) > 4 else ''})")
@@ -118,6 +119,7 @@ def load_params(net: str, backbone: str, linear: str) -> dict[str, list]:
   Raises:
     InputError: naming the file and the key of a missing tensor or a wrong shape.
   """
+  from mirage_jax import weight_files  # pylint: disable=g-import-not-at-top
   _check_net(net)
   what = f"a torchvision {'AlexNet' if net == 'alex' else 'VGG16'} state dict"
   convs = []
@@ -141,6 +143,8 @@ def distance(params, a, b, net: str):
   Returns:
     (N,) distances.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   layers, (window, stride) = _ARCH[net]
   shift, scale = jnp.asarray(_SHIFT), jnp.asarray(_SCALE)
   # Both images in one batch: the backbone runs once.
@@ -168,7 +172,10 @@ def distance(params, a, b, net: str):
   return total
 
 
-_distance = jax.jit(distance, static_argnames="net")
+@functools.cache
+def _jitted():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(distance, static_argnames="net")
 
 
 @dataclasses.dataclass
@@ -207,7 +214,7 @@ class LPIPS:
       pad = self.batch - len(pa)
       if pad:
         pa, pb = (np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) for x in (pa, pb))
-      out.append(np.asarray(_distance(self.params, pa, pb, net=self.net))[:len(pa) - pad])
+      out.append(np.asarray(_jitted()(self.params, pa, pb, net=self.net))[:len(pa) - pad])
     return (np.concatenate(out) if out else np.zeros((0,), np.float32)).reshape(lead)
 
   def describe(self) -> dict[str, str]:
@@ -230,8 +237,8 @@ def load(backbone: str, net: str = "alex", linear: str | None = None,
     if linear is None:
       raise InputError(flag, flag.lstrip("-"), f"no LPIPS linear layers: give the lpips "
                        f"wheel's lpips/weights/v0.1/{net}.pth (or pip install lpips)")
-  params = load_params(net, backbone, linear)
-  params = jax.tree.map(jnp.asarray, params)
+  import jax  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(jax.numpy.asarray, load_params(net, backbone, linear))
   return LPIPS(net=net, backbone=backbone, linear=linear, params=params)
 
 
