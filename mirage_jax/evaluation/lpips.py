@@ -99,6 +99,23 @@ def default_linear(net: str) -> str | None:
   return None
 
 
+def backbone_shapes(net: str) -> dict[str, tuple[int, ...]]:
+  """The torchvision state-dict entries LPIPS reads of ``net``'s backbone, with their shapes."""
+  _check_net(net)
+  out = {}
+  for c in _ARCH[net][0]:
+    if isinstance(c, _Conv):
+      out[f"features.{c.index}.weight"] = (c.out, c.inp, c.kernel, c.kernel)
+      out[f"features.{c.index}.bias"] = (c.out,)
+  return out
+
+
+def linear_shapes(net: str) -> dict[str, tuple[int, ...]]:
+  """The linear layers' entries (the lpips wheel's ``weights/v0.1/<net>.pth``), with shapes."""
+  _check_net(net)
+  return {f"lin{k}.model.1.weight": (1, ch, 1, 1) for k, ch in enumerate(_tap_channels(net))}
+
+
 def _read(w, key: str, shape: tuple[int, ...], what: str) -> np.ndarray:
   if key not in w:
     raise InputError(w.path, key, f"missing: not {what} (its keys: "
@@ -122,15 +139,12 @@ def load_params(net: str, backbone: str, linear: str) -> dict[str, list]:
   from mirage_jax import weight_files  # pylint: disable=g-import-not-at-top
   _check_net(net)
   what = f"a torchvision {'AlexNet' if net == 'alex' else 'VGG16'} state dict"
-  convs = []
   with weight_files.open_weights(backbone) as w:
-    for c in _ARCH[net][0]:
-      if isinstance(c, _Conv):
-        convs.append((_read(w, f"features.{c.index}.weight", (c.out, c.inp, c.kernel, c.kernel), what),
-                      _read(w, f"features.{c.index}.bias", (c.out,), what)))
+    flat = [_read(w, key, shape, what) for key, shape in backbone_shapes(net).items()]
   with weight_files.open_weights(linear) as w:
-    lins = [_read(w, f"lin{k}.model.1.weight", (1, ch, 1, 1), f"LPIPS v0.1 linear layers "
-                  f"of {net!r}").reshape(ch) for k, ch in enumerate(_tap_channels(net))]
+    lins = [_read(w, key, shape, f"LPIPS v0.1 linear layers of {net!r}").reshape(-1)
+            for key, shape in linear_shapes(net).items()]
+  convs = list(zip(flat[0::2], flat[1::2]))  # (weight, bias) per convolution, in order
   return {"convs": convs, "lins": lins}
 
 
