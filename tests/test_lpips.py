@@ -3,25 +3,33 @@ files, and the tables that must not print a number without pretrained weights.""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
 from mirage_jax import weight_files
 from mirage_jax.errors import InputError
+from mirage_jax.evaluation import index_html, report, revisit
 from mirage_jax.evaluation import lpips as ours
 
-torch = pytest.importorskip("torch")
-oracle = pytest.importorskip("tests.lpips_oracle")
+
+def _torch():
+  return pytest.importorskip("torch")
 
 
 def _reference(net: str, seed: int):
   """lpips.LPIPS with a random backbone (nothing downloaded) and the wheel's linear layers."""
+  torch = _torch()
+  oracle = pytest.importorskip("tests.lpips_oracle")
   torch.manual_seed(seed)
   return oracle.lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval()
 
 
 def _export_backbone(model, path: str) -> None:
   """The backbone as torchvision names it (lpips' ``net.slice<k>.<i>`` = ``features.<i>``)."""
+  torch = _torch()
   sd = {"features." + k.split(".", 2)[2]: v.detach().clone()
         for k, v in model.state_dict().items() if k.startswith("net.slice")}
   torch.save(sd, path)
@@ -29,6 +37,7 @@ def _export_backbone(model, path: str) -> None:
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_parity_with_lpips_package(tmp_path, net):
+  torch = _torch()
   model = _reference(net, seed=0)
   backbone = str(tmp_path / f"{net}.pth")
   _export_backbone(model, backbone)
@@ -57,6 +66,7 @@ def test_parity_with_lpips_package(tmp_path, net):
 
 
 def test_bad_weight_files(tmp_path):
+  torch = _torch()
   model = _reference("alex", seed=0)
   good = str(tmp_path / "alex.pth")
   _export_backbone(model, good)
@@ -92,3 +102,78 @@ def test_bad_weight_files(tmp_path):
     weight_files.write_safetensors(st, {k: w.read(k) for k in w.keys()})
   x = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
   np.testing.assert_array_equal(ours.load(st)(x, x[:, ::-1]), ours.load(good)(x, x[:, ::-1]))
+
+
+def _trajectory(t: int = 6) -> revisit.Trajectory:
+  rng = np.random.default_rng(0)
+  return revisit.Trajectory(
+      name="t", frames=rng.integers(0, 256, (t, 16, 16, 3), dtype=np.uint8),
+      depths=np.ones((t, 16, 16), np.float32), intrinsics=np.tile(np.eye(3), (t, 1, 1)),
+      poses_c2w=np.tile(np.eye(4), (t, 1, 1)), dynamic_masks=np.zeros((t, 16, 16), np.uint8))
+
+
+def test_score_frames_computes_lpips_only_when_given():
+  truth = _trajectory()
+  frames = np.clip(truth.frames.astype(int) + 20, 0, 255).astype(np.uint8)
+  pairs = np.array([-1, -1, -1, -1, 1, 2])
+  unseen = np.array([False, True, True, False, False, False])
+  calls = []
+
+  def fake(a, b):  # stands for an LPIPS: per-frame mean absolute difference
+    calls.append(a.shape)
+    return np.abs(np.asarray(a) - np.asarray(b)).mean(axis=(1, 2, 3))
+
+  plain = revisit.score_frames(frames, truth, pairs, first_visit=unseen)
+  assert not [k for k in plain if k.startswith("lpips")]
+  s = revisit.score_frames(frames, truth, pairs, first_visit=unseen, lpips=fake)
+  assert calls == [(6, 16, 16, 3)]  # one batched call, [0, 1] floats
+  per = fake(frames / 255.0, truth.frames / 255.0)
+  assert np.isnan(s["lpips_per_frame"][0])  # the given frame
+  np.testing.assert_allclose(s["lpips_per_frame"][1:], per[1:], rtol=1e-6)
+  np.testing.assert_allclose(s["lpips_all"], per[1:].mean(), rtol=1e-6)
+  np.testing.assert_allclose(s["lpips_revisit"], per[4:].mean(), rtol=1e-6)
+  np.testing.assert_allclose(s["lpips_unseen"], per[1:3].mean(), rtol=1e-6)
+  summary, curves = revisit.summarize({"t": dict(rows={"voxel": s}, reference={},
+                                                 revisit_frames=2, first_visit=unseen)})
+  assert summary["voxel"]["lpips_revisit"] == pytest.approx(s["lpips_revisit"])
+  assert "lpips" in curves["voxel"]
+  assert "lpips" not in revisit.summarize({"t": dict(rows={"voxel": plain}, reference={},
+                                                     revisit_frames=2)})[1]["voxel"]
+
+
+def _revisit_page(folder, weights, lpips_revisit=None) -> str:
+  row = dict(psnr_all=20.0, ssim_all=0.5, psnr_revisit=21.0, ssim_revisit=0.6)
+  if lpips_revisit is not None:
+    row.update(lpips_all=0.3, lpips_revisit=lpips_revisit, lpips_unseen=0.2)
+  os.makedirs(folder)
+  report.write_metrics_json(os.path.join(folder, "metrics.json"), dict(
+      benchmark="revisit", lpips=weights, revisit=dict(
+          summary=dict(voxel=row, none=dict(row), reference={}, revisit_frames=3),
+          trajectories={"t": dict(rows={"voxel": row})})))
+  return open(index_html.write_index(folder)).read()
+
+
+def test_tables_say_lpips_was_not_scored_without_weights(tmp_path):
+  """No weights: every row's LPIPS cell says so (never a number); with them, the numbers."""
+  text = _revisit_page(str(tmp_path / "none"), None)
+  assert text.count(f"<td>{ours.NO_WEIGHTS}</td>") == 2 * 3  # 2 rows x lpips_{all,revisit,unseen}
+  assert "<th>lpips_revisit</th>" in text
+  described = dict(net="alex", backbone="/w/a.pth", linear="/w/l.pth", version="0.1")
+  text = _revisit_page(str(tmp_path / "alex"), described, lpips_revisit=0.125)
+  assert ours.NO_WEIGHTS not in text and "<td>0.125</td>" in text
+  # The cells even when a (stale) number sits in a summary whose run had no weights.
+  rows = ours.table_rows([dict(row="voxel", lpips_revisit=0.1, psnr_revisit=20.0)],
+                         ["row", "psnr_revisit", "lpips_revisit"], None)
+  table = report.format_table(rows, ["row", "psnr_revisit", "lpips_revisit"])
+  assert ours.NO_WEIGHTS in table and "0.100" not in table and "20.000" in table
+  json.dumps(rows)  # still JSON
+
+
+def test_default_linear_layers_and_unknown_net():
+  path = ours.default_linear("alex")
+  if path is not None:  # the lpips wheel is installed (the oracle extra)
+    with weight_files.open_weights(path) as w:
+      assert {k: w.shape(k) for k in w.keys()} == ours.linear_shapes("alex")
+  with pytest.raises(InputError, match="unknown 'squeeze'") as e:
+    ours.load("/nonexistent.pth", "squeeze")
+  assert e.value.field == "lpips_net"
