@@ -102,6 +102,10 @@ def test_bad_weight_files(tmp_path):
     weight_files.write_safetensors(st, {k: w.read(k) for k in w.keys()})
   x = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
   np.testing.assert_array_equal(ours.load(st)(x, x[:, ::-1]), ours.load(good)(x, x[:, ::-1]))
+  # Images too small for AlexNet's pooling: a clear error, not an empty reduction.
+  assert (ours.min_size("alex"), ours.min_size("vgg")) == (31, 16)
+  with pytest.raises(ValueError, match="needs at least 31 pixels"):
+    ours.load(st)(x[:, :30], x[:, :30])
 
 
 def _trajectory(t: int = 6) -> revisit.Trajectory:

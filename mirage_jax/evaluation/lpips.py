@@ -80,6 +80,22 @@ def _tap_channels(net: str) -> list[int]:
   return [layers[i - 1].out for i, layer in enumerate(layers) if layer == _TAP]
 
 
+@functools.cache
+def min_size(net: str) -> int:
+  """The smallest image side ``net``'s layers leave at least one pixel of."""
+  def last(size):
+    for layer in _ARCH[net][0]:
+      if isinstance(layer, _Conv):
+        size = (size + 2 * layer.pad - layer.kernel) // layer.stride + 1
+      elif layer == _POOL:
+        window, stride = _ARCH[net][1]
+        size = (size - window) // stride + 1
+      if size < 1:
+        return 0
+    return size
+  return next(n for n in range(1, 1024) if last(n) >= 1)
+
+
 def _check_net(net: str) -> None:
   if net not in NETS:
     raise InputError("--lpips_net", "lpips_net", f"unknown {net!r} (known: {', '.join(NETS)})")
@@ -199,14 +215,15 @@ class LPIPS:
   Attributes:
     net: "alex" or "vgg". backbone, linear: the weight files it was loaded from.
     params: :func:`load_params`' dict, as JAX arrays.
-    batch: frames per jitted call (a fixed size: one compile per image size; the last
-      batch is padded).
+    batch: image pairs per jitted call (a fixed size: one compile per image size; the last
+      batch is padded); None: up to 16, fewer for large images (batch x H x W at most 4M
+      pixels, which bounds VGG16's activations).
   """
   net: str
   backbone: str
   linear: str
   params: dict
-  batch: int = 16
+  batch: int | None = None
 
   def __call__(self, a, b, data_range: float = 1.0) -> np.ndarray:
     """LPIPS per frame.
@@ -221,11 +238,15 @@ class LPIPS:
       raise ValueError(f"LPIPS: expected two (..., H, W, 3) images, got {a.shape} and {b.shape}")
     lead = a.shape[:-3]
     a, b = (x.reshape((-1,) + x.shape[-3:]) * (2.0 / data_range) - 1.0 for x in (a, b))
-    n = len(a)
+    n, (h, w) = len(a), a.shape[1:3]
+    if min(h, w) < min_size(self.net):
+      raise ValueError(f"LPIPS ({self.net}): images of {h}x{w}; its backbone needs at least "
+                       f"{min_size(self.net)} pixels a side")
+    batch = self.batch or max(1, min(16, (1 << 22) // (h * w)))
     out = []
-    for i in range(0, n, self.batch):
-      pa, pb = a[i:i + self.batch], b[i:i + self.batch]
-      pad = self.batch - len(pa)
+    for i in range(0, n, batch):
+      pa, pb = a[i:i + batch], b[i:i + batch]
+      pad = batch - len(pa)
       if pad:
         pa, pb = (np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) for x in (pa, pb))
       out.append(np.asarray(_jitted()(self.params, pa, pb, net=self.net))[:len(pa) - pad])
