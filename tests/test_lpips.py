@@ -89,6 +89,13 @@ def test_bad_weight_files(tmp_path):
   with pytest.raises(InputError) as e:
     ours.load(good, "alex", linear=vgg_linear)
   assert (e.value.where, e.value.field) == (vgg_linear, "lin1.model.1.weight")
+  # Random (untrained) linear layers: LPIPS' are >= 0.
+  random_lin = {f"lin{k}.model.1.weight": torch.randn(1, c, 1, 1)
+                for k, c in enumerate([64, 192, 384, 256, 256])}
+  torch.save(random_lin, tmp_path / "random_lin.pth")
+  with pytest.raises(InputError, match="negative or NaN weights") as e:
+    ours.load(good, "alex", linear=str(tmp_path / "random_lin.pth"))
+  assert e.value.field == "lin0.model.1.weight"
   # Not a weight file at all; the backbone given where the linear layers go.
   (tmp_path / "junk.pth").write_bytes(b"junk")
   with pytest.raises(InputError, match="not a torch zip"):

@@ -150,7 +150,8 @@ def load_params(net: str, backbone: str, linear: str) -> dict[str, list]:
   Returns:
     ``{"convs": [(w (O, I, k, k), b (O,)), ...], "lins": [(C_k,), ...]}`` float32 numpy.
   Raises:
-    InputError: naming the file and the key of a missing tensor or a wrong shape.
+    InputError: naming the file and the key of a missing tensor, a wrong shape, or a
+      negative linear weight (an untrained layer).
   """
   from mirage_jax import weight_files  # pylint: disable=g-import-not-at-top
   _check_net(net)
@@ -160,6 +161,11 @@ def load_params(net: str, backbone: str, linear: str) -> dict[str, list]:
   with weight_files.open_weights(linear) as w:
     lins = [_read(w, key, shape, f"LPIPS v0.1 linear layers of {net!r}").reshape(-1)
             for key, shape in linear_shapes(net).items()]
+  for key, lin in zip(linear_shapes(net), lins):
+    # LPIPS clamps these to >= 0 while training: a negative one is an untrained (random) layer.
+    if not np.all(lin >= 0):
+      raise InputError(linear, key, f"{int(np.sum(~(lin >= 0)))} negative or NaN weights: not "
+                       "LPIPS' trained linear layers (those are >= 0)")
   convs = list(zip(flat[0::2], flat[1::2]))  # (weight, bias) per convolution, in order
   return {"convs": convs, "lins": lins}
 
