@@ -57,6 +57,12 @@ half); each row of
 ``voxel+objects`` carrying it in object slots) scored for ghosting in the static region at
 revisits, object PSNR, position error, detection and identity at re-entry.
 
+LPIPS (revisit: ``lpips_all``, ``lpips_revisit``, ``lpips_unseen``; objects: ``lpips_revisit``;
+Memory Maze: ``lpips``; ``evaluation/lpips.py``) is scored only with pretrained weights:
+``--lpips_backbone=FILE`` (torchvision's AlexNet or VGG16 state dict, ``--lpips_net=alex|vgg``)
+and the linear layers (``--lpips_linear``, default the installed lpips package's). Without
+them nothing LPIPS is computed and its columns read "—, no LPIPS weights (--lpips_backbone)".
+
 Outputs in ``--output_dir`` (refused if non-empty unless ``--overwrite``; files are written
 atomically; a ``gs://`` folder is written locally and each file uploaded once the run has
 succeeded, one process only):
@@ -66,7 +72,8 @@ succeeded, one process only):
   metrics.json            every number: per trajectory and row, summaries, per-frame curves
                           (revisit), or the scaling entries and protocol (scaling);
   quality_vs_frame.png    mean PSNR against frame index per row (revisit), also
-  ssim_vs_frame.png       SSIM; memory_maze_*.png for the Memory Maze variant;
+  ssim_vs_frame.png       SSIM; lpips_vs_frame.png LPIPS (with its weights); memory_maze_*.png
+                          for the Memory Maze variant;
   first_visit_vs_frame.png  PSNR on first-visit frames only (no memory coverage; revisit);
   videos/<traj>/<row>.mp4 generated | ground truth | memory coverage (revisit), and
   videos/<traj>/ground_truth.mp4;
@@ -88,6 +95,7 @@ from absl import app, flags
 from mirage_jax import depth, distributed, paths
 from mirage_jax import checkpoint, families
 from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.evaluation import lpips
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
 _AUTOENCODER = flags.DEFINE_string("autoencoder", None,
@@ -178,10 +186,13 @@ _TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "Wan: umT5 export (def
                                     "export's denoiser.text_encoder).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Wan: the umT5 tokenizer folder (default: "
                                  "the export's denoiser.tokenizer).")
+# LPIPS (revisit, objects, Memory Maze): scored only with pretrained weights.
+_LPIPS = lpips.define_flags()
 # Multi-process.
 _INIT_DISTRIBUTED = distributed.define_flags()
 
-_TABLE = ("row", "psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
+_TABLE = ("row", "psnr_all", "ssim_all", "lpips_all", "psnr_revisit", "ssim_revisit",
+          "lpips_revisit", "psnr_first_visit",
           "psnr_unseen", "ssim_unseen", "psnr_revisit_generated", "revisit_loss",
           "geometric_psnr", "coverage_revisit", "cache_bytes", "chunk_seconds")
 
@@ -305,7 +316,7 @@ def _revisit(config, ae, dn) -> None:
         config, ae, dn, _BACKENDS.value, max(lengths), oracle=_ORACLE.value, composite=_COMPOSITE.value,
         pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
         sampling_options=_sampling_options(config), first_visit_coverage=_FIRST_VISIT.value,
-        depth=depth_options,
+        depth=depth_options, lpips=_lpips_scorer,
         extra_rows={row: _with_sampler_steps(rollout.load_world_model(path))
                     for row, path in baselines.items()})
     video_dir = os.path.join(out, "videos") if _VIDEOS.value else None
@@ -326,7 +337,7 @@ def _revisit(config, ae, dn) -> None:
                  depth=dataclasses.asdict(depth_options),
                  reencode_latents=bool(config.sampler.get("reencode_latents", False)),
                  seed=_SEED.value, resolution=list(resolution), chunk_frames=int(config.denoiser.target_frames),
-                 oracle_backend=config.memory.backend,
+                 oracle_backend=config.memory.backend, lpips=_lpips_described(),
                  pairing=dict(max_distance=_DISTANCE.value, max_angle_deg=_ANGLE.value, min_gap=_GAP.value),
                  source=_SEEDS.value and f"procedural loop seeds {_SEEDS.value}" or
                  f"{_DATA_DIR.value}/{_DATASET.value}/{_CONFIG_NAME.value}:{_SPLIT.value}")
@@ -345,11 +356,16 @@ def _revisit(config, ae, dn) -> None:
     report.plot_quality_vs_frame(os.path.join(out, f"{prefix}ssim_vs_frame.png"),
                                  {r: c["ssim"] for r, c in curves.items()}, ylabel="SSIM",
                                  title=f"{group}: SSIM vs ground truth")
+    if all("lpips" in c for c in curves.values()):
+      report.plot_quality_vs_frame(os.path.join(out, f"{prefix}lpips_vs_frame.png"),
+                                   {r: c["lpips"] for r, c in curves.items()}, ylabel="LPIPS",
+                                   title=f"{group}: LPIPS ({_lpips_scorer.net}) vs ground truth")
     report.plot_quality_vs_frame(os.path.join(out, f"{prefix}first_visit_vs_frame.png"),
                                  {r: c["psnr_unseen"] for r, c in curves.items()},
                                  title=f"{group}: PSNR on first-visit frames (no memory coverage)")
-    rows = [dict(row=r, **{c: s.get(c) for c in _TABLE[1:]}) for r, s in summary.items()
-            if r != "reference" and isinstance(s, dict)]
+    rows = lpips.table_rows([dict(row=r, **{c: s.get(c) for c in _TABLE[1:]})
+                             for r, s in summary.items() if r != "reference" and isinstance(s, dict)],
+                            _TABLE, metrics["lpips"])
     print(f"\n{group}: {len(res)} trajectories, {summary['revisit_frames']} revisit frames, "
           f"{summary['first_visit_frames']} first-visit frames; "
           f"ground truth floor: {summary['reference']}")
@@ -459,7 +475,7 @@ def _objects(config, ae, dn) -> None:
   if mine:
     runner = objects_benchmark.ObjectsRunner(config, ae, dn, _OBJECT_ROWS.value, num_frames,
                                              pairing=pairing, min_pixels=_MIN_PIXELS.value,
-                                             gap=_REENTRY_GAP.value)
+                                             gap=_REENTRY_GAP.value, lpips=_lpips_scorer)
   for seed in mine:
     clip = objects_benchmark.render_object_clip(seed, num_frames, config.data.resolution,
                                                 _MOVING.value, context)
@@ -476,16 +492,25 @@ def _objects(config, ae, dn) -> None:
       source=f"procedural loop seeds {seeds.start}:{seeds.stop}", num_frames=num_frames,
       moving_objects=_MOVING.value, context=context, pairing=pairing,
       reentry=dict(min_object_pixels=_MIN_PIXELS.value, gap=_REENTRY_GAP.value, span=3),
-      summary=summary, trajectories=results))
+      lpips=_lpips_described(), summary=summary, trajectories=results))
   print(f"\nobjects: {len(results)} trajectories, " +
         ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in objects_benchmark.COUNTS))
-  print(report.format_table([dict(row=r, **summary[r]) for r in _OBJECT_ROWS.value],
-                            ("row",) + objects_benchmark.SCALARS, ".3f"))
+  print(report.format_table(
+      lpips.table_rows([dict(row=r, **summary[r]) for r in _OBJECT_ROWS.value],
+                       objects_benchmark.SCALARS, _lpips_described()),
+      ("row",) + objects_benchmark.SCALARS, ".3f"))
 
 
 # The local folder the benchmarks write into: --output_dir itself, or for a gs:// one a
 # staging folder uploaded when the run ends (see _main).
 _local_output = ""
+# The LPIPS of --lpips_backbone (None without: nothing LPIPS is computed), loaded in _run.
+_lpips_scorer = None
+
+
+def _lpips_described() -> dict | None:
+  """metrics.json's ``lpips``: the weights that scored it, or None (not scored)."""
+  return _lpips_scorer.describe() if _lpips_scorer is not None else None
 
 
 def _main() -> int:
@@ -509,7 +534,7 @@ def _main() -> int:
 
 def _run(output_dir: str) -> int:
   """Runs --benchmark with its outputs written to the local folder ``output_dir``."""
-  global _local_output
+  global _local_output, _lpips_scorer
   _local_output = output_dir
   paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   _INIT_DISTRIBUTED()
@@ -529,6 +554,8 @@ def _run(output_dir: str) -> int:
   if bad:
     raise InputError("--depth_from_memory", "depth_from_memory", f"{bad[0]!r} reads no depth; "
                      "only 'voxel' takes its depth from the memory")
+  # Bad LPIPS weight files fail here, before the model load; scaling scores no images.
+  _lpips_scorer = _LPIPS.load() if _BENCHMARK.value != "scaling" else None
   if _BENCHMARK.value == "objects":
     _object_settings()  # refuse bad flags before loading the model
   if _BENCHMARK.value in ("revisit", "memory_maze"):

@@ -53,6 +53,7 @@ from absl import app, flags, logging
 
 from mirage_jax import paths
 from mirage_jax.errors import InputError, load_config_file, parse_flags, run_cli
+from mirage_jax.evaluation import lpips
 
 # The experiment configs the job runs, loaded by path (the library does not import experiments/).
 _EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -91,6 +92,8 @@ _MAZE_CONTEXT = flags.DEFINE_integer(
     "generated frames.")
 _MAZE_SEEDS = flags.DEFINE_string("memory_maze_seeds", "1000000:1000004",
                                   "a:b held-out maze seeds of that protocol.")
+# LPIPS of the revisit, objects and Memory Maze evaluations (passed on to evaluate).
+_LPIPS = lpips.define_flags()
 _WAN_CLIPS = flags.DEFINE_integer("wan_clips", None, "--family=wan: procedural training clips "
                                   "(default: experiments/wan_tiny_cpu.py's).")
 _WAN_BASE_STEPS = flags.DEFINE_integer("wan_base_steps", None, "--family=wan: steps of the Wan "
@@ -198,11 +201,13 @@ def _main() -> int:
                   f"--num_frames={_NUM_FRAMES.value}"]
   if baselines:
     revisit_args.append("--baseline_checkpoints=" + ",".join(f"{b}={p}" for b, p in baselines.items()))
-  _evaluate(revisit_args, os.path.join(eval_dir, "revisit"), rows=baseline_rows(baselines))
+  revisit_args += _LPIPS.args()
+  _evaluate(revisit_args, os.path.join(eval_dir, "revisit"), rows=baseline_rows(baselines),
+            lpips_scored=True)
   if _MORE_STEPS.value > 0:
     more = os.path.join(eval_dir, f"revisit_steps{_MORE_STEPS.value}")
     _evaluate([*revisit_args, f"--sampler_steps={_MORE_STEPS.value}", "--novideos"], more,
-              rows=baseline_rows(baselines))
+              rows=baseline_rows(baselines), lpips_scored=True)
     print(f"\nrevisit with {_MORE_STEPS.value} sampler steps (config: "
           f"{dn_config.sampler.num_steps}):")
     print_revisit_table(more)
@@ -211,8 +216,8 @@ def _main() -> int:
   if _OBJECT_TRAJECTORIES.value > 0:
     first = _OBJECT_SEED.value
     _evaluate(["--benchmark=objects", f"--checkpoint={dn_export}",
-               f"--procedural_seeds={first}:{first + _OBJECT_TRAJECTORIES.value}"],
-              os.path.join(eval_dir, "objects"))
+               f"--procedural_seeds={first}:{first + _OBJECT_TRAJECTORIES.value}",
+               *_LPIPS.args()], os.path.join(eval_dir, "objects"), lpips_scored=True)
   claims = print_claims(eval_dir)
   from mirage_jax.evaluation import index_html  # pylint: disable=g-import-not-at-top
   reports = {name: os.path.join(eval_dir, name, "index.html")
@@ -237,7 +242,8 @@ def _memory_maze_protocol(eval_dir: str, dn_export: str, baselines: dict) -> int
           f"--memory_maze_seeds={_MAZE_SEEDS.value}", f"--trajectory_batch={max(count, 0)}"]
   if baselines:
     args.append("--baseline_checkpoints=" + ",".join(f"{b}={p}" for b, p in baselines.items()))
-  _evaluate(args, out, rows=baseline_rows(baselines), group=memory_maze_protocol.GROUP)
+  _evaluate(args + _LPIPS.args(), out, rows=baseline_rows(baselines),
+            group=memory_maze_protocol.GROUP, lpips_scored=True)
   with open(os.path.join(out, "metrics.json")) as f:
     print("\n" + memory_maze_protocol.format_table(json.load(f)))
   print(f"\nvideos: {os.path.join(out, 'videos')}/<trajectory>/<row>.mp4")
@@ -251,14 +257,19 @@ def baseline_rows(baselines) -> list[str]:
   return [b + revisit.TRAINED for b in baselines]
 
 
-def _evaluate(args: list[str], output_dir: str, rows: list[str] = (), group: str = "revisit") -> None:
+def _evaluate(args: list[str], output_dir: str, rows: list[str] = (), group: str = "revisit",
+              lpips_scored: bool = False) -> None:
   """Runs ``mirage_jax.evaluate`` into ``output_dir`` unless it already finished there
-  (with ``rows`` among the rows of its ``group``: a run without the baselines is redone)."""
+  (with ``rows`` among the rows of its ``group``: a run without the baselines is redone;
+  for an evaluation that scores LPIPS (``lpips_scored``), so is one without LPIPS once
+  ``--lpips_backbone`` is given)."""
   metrics = os.path.join(output_dir, "metrics.json")
   if os.path.exists(metrics):
     with open(metrics) as f:
-      have = json.load(f).get(group, {}).get("summary", {})
-    if all(r in have for r in rows):
+      done = json.load(f)
+    have = done.get(group, {}).get("summary", {})
+    lpips_missing = lpips_scored and _LPIPS.backbone.value and not done.get("lpips")
+    if all(r in have for r in rows) and not lpips_missing:
       print(f"reusing {output_dir}")
       return
   _run_command("mirage_jax.evaluate", f"--output_dir={output_dir}", "--overwrite", *args)
@@ -348,8 +359,8 @@ def _main_wan(workdir: str) -> int:
              f"--backends={','.join(_BACKENDS.value)}",
              f"--procedural_seeds={first}:{first + _NUM_TRAJECTORIES.value}",
              f"--num_frames={_NUM_FRAMES.value}",
-             "--baseline_checkpoints=" + ",".join(f"{b}={p}" for b, p in baselines.items())],
-            revisit_dir, rows=baseline_rows(baselines))
+             "--baseline_checkpoints=" + ",".join(f"{b}={p}" for b, p in baselines.items()),
+             *_LPIPS.args()], revisit_dir, rows=baseline_rows(baselines), lpips_scored=True)
   print_revisit_table(revisit_dir)
   from mirage_jax.evaluation import revisit  # pylint: disable=g-import-not-at-top
   with open(os.path.join(revisit_dir, "metrics.json")) as f:
@@ -388,7 +399,7 @@ def revisit_rows(summary: dict, cost: dict | None = None, lengths=()) -> list[di
     if not isinstance(s, dict) or "psnr_revisit" not in s:
       continue
     line = dict(row=revisit.row_label(row), psnr_revisit=s.get("psnr_revisit"), ssim_revisit=s.get("ssim_revisit"),
-                psnr_all=s.get("psnr_all"), psnr_unseen=s.get("psnr_unseen"),
+                lpips_revisit=s.get("lpips_revisit"), psnr_all=s.get("psnr_all"), psnr_unseen=s.get("psnr_unseen"),
                 ssim_unseen=s.get("ssim_unseen"), revisit_loss=s.get("revisit_loss"))
     for n in lengths:
       if (row, n) in cost:
@@ -402,9 +413,12 @@ def print_revisit_table(revisit_dir: str) -> list[dict]:
   """Prints the revisit benchmark's table (``<revisit_dir>/metrics.json``); returns its rows."""
   from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   with open(os.path.join(revisit_dir, "metrics.json")) as f:
-    rows = revisit_rows(json.load(f)["revisit"]["summary"])
-  print("\n" + report.format_table(rows, ["row", "psnr_revisit", "ssim_revisit", "psnr_all",
-                                           "psnr_unseen", "ssim_unseen"], ".3f"))
+    metrics = json.load(f)
+  columns = ["row", "psnr_revisit", "ssim_revisit", "lpips_revisit", "psnr_all", "psnr_unseen",
+             "ssim_unseen"]
+  rows = lpips.table_rows(revisit_rows(metrics["revisit"]["summary"]), columns,
+                          metrics.get("lpips"))
+  print("\n" + report.format_table(rows, columns, ".3f"))
   return rows
 
 
@@ -421,14 +435,15 @@ def print_claims(eval_dir: str) -> dict[str, bool]:
   """
   from mirage_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   with open(os.path.join(eval_dir, "revisit", "metrics.json")) as f:
-    summary = json.load(f)["revisit"]["summary"]
+    metrics = json.load(f)
+  summary = metrics["revisit"]["summary"]
   entries = report.read_scaling_json(os.path.join(eval_dir, "scaling", "scaling.json"))
   lengths = sorted({e["frames"] for e in entries})
   cost = {(e["backend"], e["frames"]): e for e in entries}
-  rows = revisit_rows(summary, cost, lengths)
-  columns = ["row", "psnr_revisit", "ssim_revisit", "psnr_all", "psnr_unseen", "ssim_unseen",
-             "revisit_loss"]
+  columns = ["row", "psnr_revisit", "ssim_revisit", "lpips_revisit", "psnr_all", "psnr_unseen",
+             "ssim_unseen", "revisit_loss"]
   columns += [f"cache_MB@{n}" for n in lengths] + [f"s/chunk@{n}" for n in lengths]
+  rows = lpips.table_rows(revisit_rows(summary, cost, lengths), columns, metrics.get("lpips"))
   print("\n" + report.format_table(rows, columns, ".3f"))
 
   from mirage_jax.evaluation import revisit, scaling  # pylint: disable=g-import-not-at-top
@@ -453,9 +468,11 @@ def _object_claims(path: str) -> dict[str, bool]:
     return {}
   from mirage_jax.evaluation import objects_benchmark, report  # pylint: disable=g-import-not-at-top
   with open(path) as f:
-    summary = json.load(f)["summary"]
-  rows = [dict(row=r, **{c: s.get(c) for c in objects_benchmark.SCALARS})
-          for r, s in summary.items() if isinstance(s, dict)]
+    metrics = json.load(f)
+  summary = metrics["summary"]
+  rows = lpips.table_rows([dict(row=r, **{c: s.get(c) for c in objects_benchmark.SCALARS})
+                           for r, s in summary.items() if isinstance(s, dict)],
+                          objects_benchmark.SCALARS, metrics.get("lpips"))
   print("\nmoving objects: " + ", ".join(f"{summary[c]} {c.replace('_', ' ')}"
                                          for c in objects_benchmark.COUNTS))
   print(report.format_table(rows, ["row", *objects_benchmark.SCALARS], ".3f"))

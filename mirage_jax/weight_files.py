@@ -9,7 +9,9 @@ not of the file.
 
 * :class:`SafetensorsFile`: one ``.safetensors`` file, read by the ``safetensors`` library.
 * :class:`ShardedSafetensors`: ``*.safetensors.index.json`` with a ``weight_map`` key -> shard.
-* :class:`PthFile`: a ``torch.save`` zip (``<name>/data.pkl`` + ``<name>/data/<n>``). Its
+* :class:`PthFile`: a ``torch.save`` zip (``<name>/data.pkl`` + ``<name>/data/<n>``), or the
+  legacy (pre torch 1.6) stream: header pickles, the state dict's pickle, the storage keys,
+  then each storage's element count and bytes (e.g. LPIPS' linear layers). Its
   pickle goes through a restricted unpickler that resolves only the globals a plain tensor
   state dict uses, each to a function of ours; anything else (an object, a class, a
   ``__reduce__`` payload) is refused by name before it can run.
@@ -519,6 +521,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     super().__init__(file)
     self._where = where
     self.refused: str | None = None
+    self.storages: dict[str, _Storage] = {}  # key -> its first record
 
   def find_class(self, module: str, name: str):
     allowed = _ALLOWED_GLOBALS.get((module, name))
@@ -528,16 +531,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return allowed
 
   def persistent_load(self, pid):
-    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+    # zip: ("storage", type, key, location, numel); legacy: the same + view metadata, which
+    # torch >= 0.4 always writes as None (storage views are older than any file we read).
+    if (not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage"
         or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
-        or not isinstance(pid[4], int) or pid[4] < 0):
+        or not isinstance(pid[4], int) or pid[4] < 0 or (len(pid) == 6 and pid[5] is not None)):
       raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:200]}")
-    return _Storage(pid[2], pid[1].dtype, pid[4])
+    storage = _Storage(pid[2], pid[1].dtype, pid[4])
+    self.storages.setdefault(storage.key, storage)
+    return storage
+
+
+# torch's legacy (pre 1.6) stream: these two pickles open it (torch.serialization).
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
 
 
 class PthFile(WeightFile):
   """A ``torch.save`` file of a tensor state dict, read without torch and without running
-  pickled code.
+  pickled code: the zip format (torch >= 1.6) or the legacy stream before it.
 
   The dict may sit under ``"model_state"`` (the reference's VAE loader unwraps that key;
   other containers are refused). Tensors are read lazily, one at a time, honouring each
@@ -545,27 +557,34 @@ class PthFile(WeightFile):
   would give them).
 
   Raises:
-    InputError: naming the file and the offending global, key or record: not a torch zip
-      file, a legacy (pre-1.6) file, a pickle that names anything but tensors, a value that
-      is not a tensor, a view outside its storage, a truncated member.
+    InputError: naming the file and the offending global, key or record: neither a torch
+      zip nor a legacy torch file, a pickle that names anything but tensors, a value that
+      is not a tensor, a view outside its storage, a truncated member or stream.
   """
 
   def __init__(self, path: str):
     self.path = str(path)
-    try:
-      self._zip = zipfile.ZipFile(self.path)
-    except OSError as e:
-      raise InputError(self.path, "file", f"cannot open ({e.strerror or e})") from e
-    except zipfile.BadZipFile as e:
-      with open(self.path, "rb") as f:
-        legacy = f.read(2) == b"\x80\x02"
-      raise InputError(self.path, "file", "a legacy (pre torch 1.6) pickle file: not read; "
-                       "re-save it with torch.save in a current torch" if legacy else
-                       f"not a torch zip file ({e})") from e
+    self._zip, self._f = None, None
+    # Legacy files: storage key -> (offset of its bytes in the file, byte count).
+    self._spans: dict[str, tuple[int, int]] = {}
     try:
       self._f = open(self.path, "rb")
-      self._prefix = self._find_prefix()
-      self._tensors = self._unpickle()
+    except OSError as e:
+      raise InputError(self.path, "file", f"cannot open ({e.strerror or e})") from e
+    try:
+      try:
+        self._zip = zipfile.ZipFile(self.path)
+      except zipfile.BadZipFile as e:
+        self._f.seek(0)
+        if self._f.read(2) != b"\x80\x02":  # the legacy stream opens with a protocol-2 pickle
+          raise InputError(self.path, "file", f"not a torch zip file ({e}) nor a legacy "
+                           "torch file") from e
+        self._f.seek(0)
+        self._tensors = self._read_legacy()
+      else:
+        self._prefix = self._find_prefix()
+        with self._zip.open(self._prefix + "data.pkl") as f:
+          self._tensors = self._unpickle(f, "data.pkl")[0]
       self._members: dict[str, zipfile.ZipInfo] = {}
       for key, t in self._tensors.items():
         self._check_tensor(key, t)
@@ -586,21 +605,25 @@ class PthFile(WeightFile):
     self._byteorder = "<" if order == "little" else ">"
     return prefix
 
-  def _unpickle(self) -> dict[str, _PthTensor]:
-    with self._zip.open(self._prefix + "data.pkl") as f:
-      unpickler = _RestrictedUnpickler(f, self.path)
-      try:
-        obj = unpickler.load()
-      except Exception as e:  # pylint: disable=broad-except  # any malformed pickle
-        if unpickler.refused:
-          raise InputError(self.path, unpickler.refused, "the pickle names this global; only "
-                           "plain tensor state dicts are read (nothing was executed)") from e
-        raise InputError(self.path, "data.pkl", f"not a tensor state dict ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from e
+  def _load(self, f, what: str) -> tuple[Any, _RestrictedUnpickler]:
+    """One pickle from ``f`` through the restricted unpickler; ``what`` names it in errors."""
+    unpickler = _RestrictedUnpickler(f, self.path)
+    try:
+      return unpickler.load(), unpickler
+    except Exception as e:  # pylint: disable=broad-except  # any malformed pickle
+      if unpickler.refused:
+        raise InputError(self.path, unpickler.refused, "the pickle names this global; only "
+                         "plain tensor state dicts are read (nothing was executed)") from e
+      raise InputError(self.path, what, f"not a tensor state dict ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:200]})") from e
+
+  def _unpickle(self, f, what: str) -> tuple[dict[str, _PthTensor], dict[str, _Storage]]:
+    """The state dict's pickle: key -> tensor record, and the storages it names."""
+    obj, unpickler = self._load(f, what)
     if isinstance(obj, dict) and isinstance(obj.get("model_state"), dict):
       obj = obj["model_state"]
     if not isinstance(obj, dict):
-      raise InputError(self.path, "data.pkl", f"holds a {type(obj).__name__}, not a state dict")
+      raise InputError(self.path, what, f"holds a {type(obj).__name__}, not a state dict")
     for key, value in obj.items():
       if not isinstance(key, str):
         raise InputError(self.path, str(key), f"a {type(key).__name__} key (state dict keys "
@@ -608,7 +631,41 @@ class PthFile(WeightFile):
       if not isinstance(value, _PthTensor):
         raise InputError(self.path, key, f"a {type(value).__name__}, not a tensor (nested "
                          "containers other than 'model_state' are not read)")
-    return dict(obj)
+    return dict(obj), unpickler.storages
+
+  def _read_legacy(self) -> dict[str, _PthTensor]:
+    """The legacy stream: magic number, protocol version, system info, the state dict, the
+    sorted storage keys, then per key an int64 element count and the storage's bytes."""
+    f = self._f
+    if self._load(f, "magic number")[0] != _LEGACY_MAGIC:
+      raise InputError(self.path, "magic number", "not a torch file")
+    version = self._load(f, "protocol_version")[0]
+    if version != _LEGACY_PROTOCOL:
+      raise InputError(self.path, "protocol_version", f"{version!r}, expected "
+                       f"{_LEGACY_PROTOCOL}")
+    info = self._load(f, "sys_info")[0]
+    if not isinstance(info, dict) or not isinstance(info.get("little_endian"), bool):
+      raise InputError(self.path, "sys_info", f"no little_endian flag in {str(info)[:100]}")
+    self._byteorder = "<" if info["little_endian"] else ">"
+    tensors, storages = self._unpickle(f, "state dict")
+    keys = self._load(f, "storage keys")[0]
+    if not isinstance(keys, list) or sorted(storages) != sorted(keys):
+      raise InputError(self.path, "storage keys", f"{str(keys)[:100]} do not match the "
+                       f"storages the state dict names ({sorted(storages)[:5]})")
+    offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    for key in keys:
+      f.seek(offset)
+      head = f.read(8)
+      if len(head) < 8:
+        raise InputError(self.path, f"storage {key}", "the file ends before it (truncated?)")
+      numel = int.from_bytes(head, "little" if self._byteorder == "<" else "big", signed=True)
+      nbytes = numel * storages[key].dtype.itemsize
+      if numel < 0 or offset + 8 + nbytes > size:
+        raise InputError(self.path, f"storage {key}", f"{numel} elements at byte {offset + 8} "
+                         f"run past the end of the {size}-byte file (truncated?)")
+      self._spans[key] = (offset + 8, nbytes)
+      offset += 8 + nbytes
+    return tensors
 
   def _member(self, key: str, storage: _Storage) -> zipfile.ZipInfo:
     name = f"{self._prefix}data/{storage.key}"
@@ -617,12 +674,19 @@ class PthFile(WeightFile):
     except KeyError:
       raise InputError(self.path, key, f"its storage record {name} is missing") from None
 
+  def _storage_bytes(self, key: str, storage: _Storage) -> tuple[str, int]:
+    """(the storage's name for messages, the bytes the file holds for it)."""
+    if self._zip is None:
+      return f"storage {storage.key}", self._spans[storage.key][1]
+    info = self._member(key, storage)
+    return info.filename, info.file_size
+
   def _check_tensor(self, key: str, t: _PthTensor) -> None:
-    info = self._member(key, t.storage)
+    name, nbytes = self._storage_bytes(key, t.storage)
     itemsize = t.storage.dtype.itemsize
-    if info.file_size < t.storage.numel * itemsize:
-      raise InputError(self.path, key, f"storage {info.filename} holds {info.file_size} "
-                       f"bytes, {t.storage.numel} elements need {t.storage.numel * itemsize}")
+    if nbytes < t.storage.numel * itemsize:
+      raise InputError(self.path, key, f"{name} holds {nbytes} bytes, {t.storage.numel} "
+                       f"elements need {t.storage.numel * itemsize}")
     if math.prod(t.shape) > 0:
       last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
       if last >= t.storage.numel:
@@ -657,6 +721,17 @@ class PthFile(WeightFile):
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     return info.header_offset + 30 + name_len + extra_len
 
+  def _read_bytes(self, key: str, storage: _Storage, start: int, length: int) -> np.ndarray:
+    """``length`` bytes from ``start`` of the storage's data, as uint8."""
+    if self._zip is None:
+      return _read_range(self._f, self._spans[storage.key][0] + start, length)
+    info = self._member(key, storage)
+    if info.compress_type == zipfile.ZIP_STORED:
+      return _read_range(self._f, self._data_offset(info) + start, length)
+    with self._zip.open(info) as f:  # torch never compresses; a re-zipped file still reads
+      f.seek(start)
+      return np.frombuffer(bytearray(f.read(length)), np.uint8)
+
   def read(self, key: str) -> np.ndarray:
     t = self._tensor(key)
     dtype = t.storage.dtype
@@ -666,14 +741,8 @@ class PthFile(WeightFile):
     # Only the elements the view spans are read.
     last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
     start, length = t.offset * itemsize, (last + 1 - t.offset) * itemsize
-    info = self._member(key, t.storage)
     try:
-      if info.compress_type == zipfile.ZIP_STORED:
-        raw = _read_range(self._f, self._data_offset(info) + start, length)
-      else:  # torch never compresses; a re-zipped file still reads, through zipfile
-        with self._zip.open(info) as f:
-          f.seek(start)
-          raw = np.frombuffer(bytearray(f.read(length)), np.uint8)
+      raw = self._read_bytes(key, t.storage, start, length)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
       raise InputError(self.path, key, f"cannot read its storage ({e})") from e
     if self._byteorder == ">" and itemsize > 1:
@@ -686,9 +755,10 @@ class PthFile(WeightFile):
     return np.ascontiguousarray(view)
 
   def close(self) -> None:
-    if getattr(self, "_f", None) is not None:
+    if self._zip is not None:
+      self._zip.close()
+    if self._f is not None:
       self._f.close()
-    self._zip.close()
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -696,7 +766,7 @@ class PthFile(WeightFile):
 
 def open_weights(path: str) -> WeightFile:
   """The reader for ``path``: ``*.safetensors``, ``*.safetensors.index.json``, ``*.pth`` /
-  ``*.pt`` / ``*.bin`` (torch zip), or a folder of ``*.safetensors`` (its index JSON if it
+  ``*.pt`` / ``*.bin`` (torch zip or legacy), or a folder of ``*.safetensors`` (its index JSON if it
   has one, else every ``.safetensors`` file in it).
 
   Raises:

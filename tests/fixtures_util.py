@@ -53,3 +53,26 @@ def made_once(tmp_path_factory, name: str, make) -> "pathlib.Path":
       make(folder)
       (folder / ".complete").touch()
   return folder
+
+
+def write_random_lpips_weights(folder: str, net: str = "alex") -> tuple[str, str]:
+  """A random LPIPS backbone and linear layers as safetensors, for plumbing tests only (their
+  distances mean nothing). He-initialised so every layer's features are alive.
+
+  Returns:
+    (backbone path, linear path).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  from mirage_jax import weight_files  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import lpips  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  backbone = {}
+  for key, shape in lpips.backbone_shapes(net).items():
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    backbone[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) if len(shape) > 1
+                     else np.full(shape, 0.01)).astype(np.float32)
+  linear = {k: rng.random(s).astype(np.float32) for k, s in lpips.linear_shapes(net).items()}
+  paths = os.path.join(folder, f"{net}_backbone.safetensors"), os.path.join(folder, f"{net}_linear.safetensors")
+  for path, tensors in zip(paths, (backbone, linear)):
+    weight_files.write_safetensors(path, tensors)
+  return paths

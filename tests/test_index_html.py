@@ -160,6 +160,8 @@ def test_main_job_claims_and_summary_page(tmp_path, capsys):
                     "voxel time per chunk at 1024 within 20% of 64 frames": True}
   out = capsys.readouterr().out
   assert "[FAIL] voxel revisit PSNR >= mirage - 1 dB" in out
+  from mirage_jax.evaluation import lpips  # pylint: disable=g-import-not-at-top
+  assert out.count(lpips.NO_WEIGHTS) == 4  # the revisit table's rows: no LPIPS weights given
   assert ("oracle - voxel revisit PSNR: 2.50 dB; on revisits of the given frame 0.50 dB, of "
           "generated ones 3.00 dB, of which voxel's memory loses 0.25 dB") in out
   (tmp_path / "revisit" / "index.html").write_text("<html></html>")

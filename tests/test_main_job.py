@@ -43,6 +43,33 @@ def test_a_finished_training_is_exported_and_then_reused(tmp_path, monkeypatch):
   assert main_job.train_and_export(config, str(tmp_path), "denoiser") == out
 
 
+def test_lpips_flags_reach_the_evaluations_and_redo_one_without_lpips(tmp_path, monkeypatch):
+  """``--lpips_backbone`` is passed on; an earlier evaluation without LPIPS is then redone,
+  one with it reused (no subprocess: ``_run_command`` records)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  ran = []
+  monkeypatch.setattr(main_job, "_run_command", lambda module, *args: ran.append(args))
+  out = tmp_path / "objects"
+  out.mkdir()
+  (out / "metrics.json").write_text(json.dumps(dict(benchmark="objects", lpips=None, summary={})))
+  backbone = str(tmp_path / "alexnet-owt-7be5be79.pth")
+  with flagsaver.flagsaver():
+    flags.FLAGS(["main_job"])
+    main_job._evaluate(["--benchmark=objects"], str(out), lpips_scored=True)
+    assert ran == []  # no weights asked for: reused
+    flags.FLAGS(["main_job", f"--lpips_backbone={backbone}", "--lpips_net=alex"])
+    args = ["--benchmark=objects", *main_job._LPIPS.args()]
+    assert args[1:] == [f"--lpips_backbone={backbone}", "--lpips_net=alex"]
+    main_job._evaluate(args, str(out), lpips_scored=True)
+    assert len(ran) == 1 and ran[0][-2:] == tuple(args[1:])  # redone, with the weights
+    (out / "metrics.json").write_text(json.dumps(dict(benchmark="objects", summary={},
+                                                      lpips=dict(net="alex"))))
+    main_job._evaluate(args, str(out), lpips_scored=True)
+    assert len(ran) == 1  # has LPIPS: reused
+
+
 SMALL_ARGS = ("--autoencoder_steps=20", "--denoiser_steps=20", "--num_trajectories=2",
               "--num_frames=20", "--lengths=20,40", "--object_trajectories=1",
               "--backends=none,mirage,voxel")

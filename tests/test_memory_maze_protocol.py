@@ -18,9 +18,11 @@ from experiments import tiny_cpu
 from mirage_jax import geometry, rollout
 from mirage_jax import families
 from mirage_jax.errors import InputError
+from mirage_jax.evaluation import lpips
 from mirage_jax.evaluation import memory_maze_protocol as protocol
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
+from tests.fixtures_util import write_random_lpips_weights
 from tests.test_generate import ROOT, run_cli, save_tiny_export
 
 
@@ -126,6 +128,18 @@ def test_table_puts_rows_beside_the_paper():
   assert "30.800" in paper and "0.898" in paper and "0.069" in paper
   assert "26.400" in rows["Po et al. 2025: causal transformer"]
   assert "32.600" in rows["Po et al. 2025: full-context upper bound"]
+  # No LPIPS weights: our rows' LPIPS cells say so (no number, no bare dash); the paper's stays.
+  for name, line in rows.items():
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    lpips_cell = cells[protocol.COLUMNS.index("lpips")]
+    assert lpips_cell == ("0.069" if "SSM" in name else "-" if name.startswith("Po et al.")
+                          else lpips.NO_WEIGHTS), (name, lpips_cell)
+  # With weights: the number.
+  metrics["lpips"] = dict(net="alex", backbone="/w/alexnet.pth", linear="/w/alex.pth", version="0.1")
+  metrics[protocol.GROUP]["summary"]["voxel"]["lpips_all"] = 0.25
+  text = protocol.format_table(metrics)
+  assert "LPIPS: v0.1 alex." in text and lpips.NO_WEIGHTS not in text
+  assert "0.250" in next(line for line in text.splitlines() if "voxel (ours)" in line)
 
 
 def _fake_missing(tmp_path, error: str) -> dict:
@@ -173,9 +187,12 @@ def test_main_job_refuses_an_unknown_config_variant(tmp_path):
 def test_evaluate_cli_memory_maze_protocol(tmp_path):
   export = save_tiny_export(str(tmp_path / "export"))
   out = tmp_path / "maze"
+  # LPIPS through the whole flow (random weights: the numbers only test the plumbing).
+  backbone, linear = write_random_lpips_weights(str(tmp_path))
   result = run_cli("mirage_jax.evaluate", "--benchmark=memory_maze", f"--checkpoint={export}",
                    "--memory_maze_context=3", "--memory_maze_seeds=1000000:1000001",
-                   "--backends=none,voxel", "--novideos", f"--output_dir={out}")
+                   "--backends=none,voxel", "--novideos", f"--output_dir={out}",
+                   f"--lpips_backbone={backbone}", f"--lpips_linear={linear}")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["benchmark"] == "memory_maze" and "revisit" not in metrics
@@ -185,6 +202,13 @@ def test_evaluate_cli_memory_maze_protocol(tmp_path):
   row = res["rows"]["voxel"]
   assert row["psnr_per_frame"][:3] == [None] * 3  # given, not scored
   np.testing.assert_allclose(row["psnr_all"], np.mean(row["psnr_per_frame"][3:]), rtol=1e-6)
+  assert row["lpips_per_frame"][:3] == [None] * 3 and min(row["lpips_per_frame"][3:]) > 0
+  np.testing.assert_allclose(row["lpips_all"], np.mean(row["lpips_per_frame"][3:]), rtol=1e-6)
+  assert metrics["lpips"]["net"] == "alex" and metrics["lpips"]["backbone"] == backbone
+  assert "LPIPS: v0.1 alex." in result.stdout and lpips.NO_WEIGHTS not in result.stdout
+  voxel_line = next(line for line in result.stdout.splitlines() if " voxel (ours) |" in line)
+  assert f"{metrics[protocol.GROUP]['summary']['voxel']['lpips_all']:.3f}" in voxel_line
+  assert (out / "memory_maze_lpips_vs_frame.png").exists()
   assert set(res["rows"]) == {"none", "voxel", "oracle", "composite"}
   assert "Po et al. 2025: causal transformer" in result.stdout
   assert "Memory Maze protocol beside Po et al. 2025" in (out / "index.html").read_text()

@@ -9,7 +9,7 @@ import pytest
 
 from mirage_jax import geometry
 from mirage_jax.errors import InputError
-from mirage_jax.evaluation import objects_benchmark, revisit
+from mirage_jax.evaluation import lpips, objects_benchmark, revisit
 from tests.test_generate import run_cli, save_tiny_export
 
 T, H, W = 12, 16, 16
@@ -167,6 +167,10 @@ def test_evaluate_cli_objects_and_refusal(tmp_path):
     assert summary[row]["cache_bytes"] > 0 and math.isfinite(summary[row]["static_psnr_all"])
     assert (out / "videos" / "seed200000" / f"{row}.mp4").stat().st_size > 0
   assert "object_psnr_reentry" in result.stdout  # the table
+  # No LPIPS weights given: nothing computed, and the table says so.
+  assert metrics["lpips"] is None and all(summary[r]["lpips_revisit"] is None for r in summary
+                                          if isinstance(summary[r], dict))  # NaN in JSON
+  assert lpips.NO_WEIGHTS in result.stdout
 
   bad = run_cli("mirage_jax.evaluate", *args[:-1], f"--output_dir={tmp_path / 'bad'}",
                 "--object_rows=voxel,rgb")
@@ -174,6 +178,16 @@ def test_evaluate_cli_objects_and_refusal(tmp_path):
   assert bad.stderr.strip().splitlines() == [
       "error: --object_rows: field 'object_rows': unknown 'rgb' (known: mirage, voxel, voxel+objects)"]
   assert not (tmp_path / "bad").exists()  # refused before anything was written
+  # A bad LPIPS weight file: one line naming the file and the field, before the model loads.
+  junk = tmp_path / "alexnet.pth"
+  junk.write_bytes(b"junk")
+  bad = run_cli("mirage_jax.evaluate", *args[:-1], f"--output_dir={tmp_path / 'bad'}",
+                f"--lpips_backbone={junk}")
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines() == [
+      f"error: {junk}: field 'file': not a torch zip file (File is not a zip file) nor a legacy "
+      "torch file"]
+  assert not (tmp_path / "bad").exists()
 
 
 def test_slot_position_error_uses_the_nearest_live_slot():

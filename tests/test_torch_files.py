@@ -53,10 +53,12 @@ def _state_dict() -> dict:
   )
 
 
-def test_pth_matches_torch(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pth_matches_torch(tmp_path, legacy):
+  """Zip files and the legacy (pre torch 1.6) stream, e.g. LPIPS' linear layers."""
   sd = _state_dict()
   path = str(tmp_path / "w.pth")
-  torch.save(sd, path)
+  torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
   with weight_files.open_weights(path) as w:
     assert isinstance(w, weight_files.PthFile)
     assert w.keys() == list(sd)
@@ -132,13 +134,26 @@ def test_pth_pickled_code_refused_not_run(tmp_path, kind):
   assert not target.exists()
 
 
-def test_pth_legacy_and_garbage_refused(tmp_path):
-  torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-  with pytest.raises(InputError, match="legacy"):
-    weight_files.PthFile(str(tmp_path / "legacy.pth"))
+def test_pth_garbage_refused(tmp_path):
   (tmp_path / "junk.pth").write_bytes(b"not a zip at all")
   with pytest.raises(InputError, match="not a torch zip"):
     weight_files.PthFile(str(tmp_path / "junk.pth"))
+
+
+def test_pth_legacy_truncated_and_code_refused(tmp_path):
+  path = tmp_path / "legacy.pth"
+  torch.save({"w": torch.randn(64, 64)}, path, _use_new_zipfile_serialization=False)
+  data = path.read_bytes()
+  path.write_bytes(data[:-100])
+  with pytest.raises(InputError, match="truncated") as e:
+    weight_files.PthFile(str(path))
+  assert e.value.where == str(path) and e.value.field.startswith("storage ")
+  target = tmp_path / "pwned"
+  torch.save(collections.OrderedDict(w=torch.ones(3), x=_Payload(str(target))), path,
+             _use_new_zipfile_serialization=False)
+  with pytest.raises(InputError, match="nothing was executed"):
+    weight_files.PthFile(str(path))
+  assert not target.exists()
 
 
 def test_pth_truncated_refused(tmp_path):

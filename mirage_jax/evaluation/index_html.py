@@ -20,7 +20,7 @@ import urllib.parse
 from typing import Any, Mapping, Sequence
 
 from mirage_jax.atomic import atomic_output
-from mirage_jax.evaluation import report
+from mirage_jax.evaluation import lpips, report
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -104,8 +104,11 @@ def _revisit_body(metrics: Mapping[str, Any]) -> tuple[dict, str, list[str]]:
       claims = revisit.claims(summary)
     names = [r for r, s in summary.items() if r != "reference" and isinstance(s, dict)]
     rows += [r for r in names if r not in rows]
-    columns = [c for c in revisit.SCALARS if any(summary[r].get(c) is not None for r in names)]
-    table_rows = [dict(row=revisit.row_label(r), **summary[r]) for r in names]
+    # LPIPS columns always: a number, or that no weights were given.
+    columns = [c for c in revisit.SCALARS if c.startswith("lpips")
+               or any(summary[r].get(c) is not None for r in names)]
+    table_rows = lpips.table_rows([dict(row=revisit.row_label(r), **summary[r]) for r in names],
+                                  columns, metrics.get("lpips"))
     table_rows.append(dict(row="ground truth (floor)", **summary.get("reference", {})))
     per_traj = [dict(trajectory=t, **{r: res["rows"][r].get("psnr_revisit") for r in res["rows"]})
                 for t, res in metrics[group]["trajectories"].items()]
@@ -131,7 +134,8 @@ def _objects_body(metrics: Mapping[str, Any]) -> tuple[dict, str, list[str]]:
   counts = ", ".join(f"{summary[c]} {c.replace('_', ' ')}" for c in bench.COUNTS if c in summary)
   return (bench.claims(summary),
           f"<h2>Moving objects: {len(metrics['trajectories'])} trajectories, {_esc(counts)}</h2>"
-          + _table([dict(row=r, **summary[r]) for r in rows if r in summary], ["row", *bench.SCALARS]),
+          + _table(lpips.table_rows([dict(row=r, **summary[r]) for r in rows if r in summary],
+                                    bench.SCALARS, metrics.get("lpips")), ["row", *bench.SCALARS]),
           rows)
 
 
@@ -141,7 +145,8 @@ def _memory_maze_body(metrics: Mapping[str, Any]) -> tuple[dict, str, list[str]]
   claims, body, rows = _revisit_body(metrics)
   head = ("<h2>Memory Maze protocol beside Po et al. 2025</h2><p>"
           + _esc(protocol.format_table(metrics).splitlines()[0]) + "</p>"
-          + _table(protocol.table_rows(metrics[protocol.GROUP]["summary"]), list(protocol.COLUMNS)))
+          + _table(protocol.table_rows(metrics[protocol.GROUP]["summary"], metrics.get("lpips")),
+                   list(protocol.COLUMNS)))
   return claims, head + body, rows
 
 

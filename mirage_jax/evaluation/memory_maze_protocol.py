@@ -15,8 +15,10 @@ maze (seeds disjoint from the training mazes, :func:`check_seeds`):
      their encodings (``Rollout.generate_batch(given_frames=...)``).
   3. Frames ``N .. 2N-1`` are generated along the recorded camera poses (the model is
      conditioned on poses, not actions) and scored: PSNR and SSIM per frame, their means
-     over the generated frames (``psnr_all``, ``ssim_all``), and per-frame curves. LPIPS
-     needs pretrained network weights that are not available offline here: not scored.
+     over the generated frames (``psnr_all``, ``ssim_all``), and per-frame curves; LPIPS
+     (``evaluation/lpips.py``, the table's ``lpips``: ``lpips_all``) when pretrained weights
+     are given (``--lpips_backbone``; the paper's figure is AlexNet's, ``--lpips_net=alex``),
+     else its column says it was not scored.
 
 Rows (``evaluation/revisit.py``'s runner): the memory model with each memory backend
 (``none``: its memory switched off, not a model trained without memory; ``frame_bank``:
@@ -32,7 +34,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from mirage_jax.errors import InputError
-from mirage_jax.evaluation import report, revisit
+from mirage_jax.evaluation import lpips, report, revisit
 
 # Key of the protocol's results in evaluate's metrics.json.
 GROUP = "memory_maze"
@@ -107,30 +109,34 @@ def trajectory(seed: int, n: int, model_hw: Sequence[int], render=None) -> revis
 
 
 def describe(n: int, seeds: range, model_hw: Sequence[int]) -> dict[str, Any]:
-  """The protocol's settings and its scale-down against the paper (for metrics.json)."""
+  """The protocol's settings and its scale-down against the paper (for metrics.json; the
+  LPIPS weights are metrics.json's ``lpips``)."""
   return dict(policy=POLICY, given_frames=n, generated_frames=n, rendered_resolution=RESOLUTION,
-              model_resolution=list(model_hw), seeds=f"{seeds.start}:{seeds.stop}", paper=PAPER,
-              lpips="not scored: needs pretrained network weights, not available offline")
+              model_resolution=list(model_hw), seeds=f"{seeds.start}:{seeds.stop}", paper=PAPER)
 
 
-def table_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """Rows of the protocol's table from a ``revisit.summarize`` summary, then the anchors."""
+def table_rows(summary: Mapping[str, Any], lpips_weights: Any = None) -> list[dict[str, Any]]:
+  """Rows of the protocol's table from a ``revisit.summarize`` summary, then the anchors.
+
+  ``lpips_weights``: metrics.json's ``lpips`` (None: not scored, and our rows' ``lpips``
+  cells say so; the anchors keep the paper's figure).
+  """
   rows = []
   for name, s in summary.items():
     if not isinstance(s, dict) or "psnr_all" not in s:
       continue
     rows.append(dict(row=LABELS.get(name, name), psnr_all=s.get("psnr_all"),
-                     ssim_all=s.get("ssim_all"), psnr_revisit=s.get("psnr_revisit"),
-                     coverage_revisit=s.get("coverage_revisit")))
-  return rows + [dict(a) for a in ANCHORS]
+                     ssim_all=s.get("ssim_all"), lpips=s.get("lpips_all"),
+                     psnr_revisit=s.get("psnr_revisit"), coverage_revisit=s.get("coverage_revisit")))
+  return lpips.table_rows(rows, COLUMNS, lpips_weights) + [dict(a) for a in ANCHORS]
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:
   """The table of an ``evaluate --benchmark=memory_maze`` metrics.json, anchors included.
 
   Our rows score N generated frames after N given at the protocol's resolution; the
-  anchors are the paper's (400 + 400). ``psnr_all``/``ssim_all``: means over the generated
-  frames; ``psnr_revisit``: over generated frames that revisit an earlier view.
+  anchors are the paper's (400 + 400). ``psnr_all``/``ssim_all``/``lpips``: means over the
+  generated frames; ``psnr_revisit``: over generated frames that revisit an earlier view.
   """
   result = metrics[GROUP]
   p = metrics.get("protocol", {})
@@ -139,5 +145,12 @@ def format_table(metrics: Mapping[str, Any]) -> str:
           f"{p.get('generated_frames', '?')} generated and scored, rendered at "
           f"{p.get('rendered_resolution', '?')}x{p.get('rendered_resolution', '?')}; "
           f"the paper: {PAPER['context']} given, {PAPER['generated']} generated at 64x64. "
-          "LPIPS: not scored here (no pretrained weights offline).")
-  return head + "\n" + report.format_table(table_rows(result["summary"]), COLUMNS, ".3f")
+          + _lpips_note(metrics.get("lpips")))
+  return head + "\n" + report.format_table(table_rows(result["summary"], metrics.get("lpips")),
+                                           COLUMNS, ".3f")
+
+
+def _lpips_note(weights: Mapping[str, Any] | None) -> str:
+  if not weights:
+    return "LPIPS: not scored (no pretrained weights given: --lpips_backbone)."
+  return f"LPIPS: v{weights.get('version', '0.1')} {weights.get('net', '?')}."

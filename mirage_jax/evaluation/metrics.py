@@ -16,10 +16,9 @@ Conventions chosen here:
   * Masked metrics count only pixels where the mask is True; pixels outside the mask have
     no influence on the value (for SSIM, the local statistics are mask-weighted too).
 
-LPIPS is not provided: it needs pretrained AlexNet/VGG weights and LPIPS' learned linear
-heads, which cannot be downloaded in this environment, and a randomly initialised network
-would give numbers that mean nothing. PSNR, SSIM and the geometric-consistency score below
-are the image metrics this project reports.
+LPIPS is in ``lpips.py`` beside this module: it needs pretrained AlexNet/VGG weights and
+LPIPS' learned linear layers, given by the user (a randomly initialised network would give
+numbers that mean nothing), so the benchmarks score it only when they are given.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ Scores of a row on one trajectory (NaN when no frame applies):
                            (``revisit.pair_revisits``): a ghost of an object left in memory
                            where it used to be lowers it. ``static_psnr_all``: every scored
                            frame.
+  ``lpips_revisit``        LPIPS (``evaluation/lpips.py``) of whole revisit frames, only with
+                           LPIPS weights (``--lpips_backbone``).
   ``ghost_psnr``           PSNR over the *ghost region* of every scored frame: static pixels
                            whose surface point was hidden behind a moving object in some
                            earlier frame (:func:`ghost_regions`), i.e. where a memory that
@@ -82,7 +84,7 @@ ROWS = {
     "voxel": dict(backend="voxel", mask_dynamic=True, object_slots=False),
     "voxel+objects": dict(backend="voxel", mask_dynamic=True, object_slots=True),
 }
-SCALARS = ("static_psnr_revisit", "static_psnr_all", "ghost_psnr", "object_psnr_reentry", "object_position_error_m",
+SCALARS = ("static_psnr_revisit", "static_psnr_all", "lpips_revisit", "ghost_psnr", "object_psnr_reentry", "object_position_error_m",
            "object_detection_rate", "slot_position_error_m", "slot_identity_kept", "identity_consistency",
            "cache_bytes", "chunk_seconds")
 SLOT_GATE_M = 1.0  # metres between an object and the slot said to hold it
@@ -289,7 +291,7 @@ def identity_consistent(frame: np.ndarray, mask: np.ndarray, k: int, object_colo
 
 
 def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *, min_pixels: int = 4,
-                  gap: int = 4, span: int = 3) -> dict[str, Any]:
+                  gap: int = 4, span: int = 3, lpips=None) -> dict[str, Any]:
   """Scores one rollout on one trajectory (the module docstring defines each score).
 
   Args:
@@ -299,6 +301,7 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
     clip: the ground truth.
     pairs: (T,) first-visit frame of each frame, -1 for none.
     min_pixels, gap, span: re-entry events and frames (:func:`reentry_events`).
+    lpips: optional ``evaluation.lpips.LPIPS``; without it ``lpips_revisit`` is left out.
   Returns:
     dict of the scores named in ``SCALARS`` but the rollout's costs, plus ``COUNTS``.
   """
@@ -335,7 +338,10 @@ def score_objects(out: Mapping[str, Any], clip: ObjectClip, pairs: np.ndarray, *
       live = np.asarray(slots[i])[np.asarray(idents[i]) >= 0]
       slot_errors.append(float(np.linalg.norm(live - clip.object_tracks[k, i], axis=-1).min()))
     consistent.append(identity_consistent(out["frames"][i], region, k, colours, clip.background[i]))
-  return dict(static_psnr_revisit=_nanmean(static[revisits]), static_psnr_all=_nanmean(static[scored]),
+  extra = {}
+  if lpips is not None:  # revisit frames only: the frames the score is about
+    extra["lpips_revisit"] = _nanmean(lpips(gen[revisits], gt[revisits]))
+  return dict(**extra, static_psnr_revisit=_nanmean(static[revisits]), static_psnr_all=_nanmean(static[scored]),
               ghost_psnr=_nanmean(ghost_psnr[ghost_frames]), ghost_frames=int(ghost_frames.sum()),
               object_psnr_reentry=_nanmean(psnr), object_position_error_m=_nanmean(errors),
               object_detection_rate=_nanmean(detected), slot_position_error_m=_nanmean(slot_errors),
@@ -359,10 +365,12 @@ class ObjectsRunner:
     max_frames: the longest trajectory that will be run.
     pairing: keyword arguments of ``revisit.pair_revisits``.
     min_pixels, gap, span: re-entry events and frames (:func:`score_objects`).
+    lpips: optional ``evaluation.lpips.LPIPS`` (:func:`score_objects`).
   """
 
   def __init__(self, config, ae, dn, rows: Sequence[str], max_frames: int, *,
-               pairing: Mapping[str, Any] | None = None, min_pixels: int = 4, gap: int = 4, span: int = 3):
+               pairing: Mapping[str, Any] | None = None, min_pixels: int = 4, gap: int = 4, span: int = 3,
+               lpips=None):
     check_rows(rows)
     base = families.world_model(config).memory_config(config)
 
@@ -372,7 +380,7 @@ class ObjectsRunner:
       return rollout.make_rollout(config, ae, dn, backend, **spec, **capacity_for(backend, max_frames, base))
     self.rows = {r: make(ROWS[r]) for r in rows}
     self.pairing = dict(pairing or {})
-    self.scoring = dict(min_pixels=int(min_pixels), gap=int(gap), span=int(span))
+    self.scoring = dict(min_pixels=int(min_pixels), gap=int(gap), span=int(span), lpips=lpips)
     self.max_frames = int(max_frames)
 
   def run(self, clip: ObjectClip, *, seed: int = 0, video_dir: str | None = None,
@@ -421,7 +429,8 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
   """
   as_float = lambda v: np.nan if v is None else float(v)
   rows = list(dict.fromkeys(r for res in results.values() for r in res["rows"]))
-  summary = {row: {k: _nanmean([as_float(res["rows"][row][k]) for res in results.values()
+  # .get: lpips_revisit is there only when LPIPS was scored.
+  summary = {row: {k: _nanmean([as_float(res["rows"][row].get(k)) for res in results.values()
                                 if row in res["rows"]]) for k in SCALARS} for row in rows}
   summary.update({c: int(sum(res[c] for res in results.values())) for c in COUNTS})
   return summary

@@ -79,7 +79,8 @@ ORACLE, COMPOSITE = "oracle", "composite"
 GROUND_TRUTH = "ground_truth"
 # Scalar scores of a row (means over the frames they name).
 SCALARS = ("psnr_all", "ssim_all", "psnr_revisit", "ssim_revisit", "psnr_first_visit",
-           "ssim_first_visit", "psnr_unseen", "ssim_unseen", "psnr_revisit_given",
+           "ssim_first_visit", "psnr_unseen", "ssim_unseen", "lpips_all", "lpips_revisit",
+           "lpips_unseen", "psnr_revisit_given",
            "psnr_revisit_generated", "revisit_loss", "geometric_psnr",
            "geometric_fraction", "depth_abs_rel", "depth_delta1", "coverage_revisit",
            "cache_bytes", "chunk_seconds")
@@ -199,7 +200,7 @@ def pair_revisits(poses_c2w: np.ndarray, max_distance: float = 0.5, max_angle_de
 
 def score_frames(frames: np.ndarray, truth: Trajectory, pairs: np.ndarray,
                  depths: np.ndarray | None = None, coverage: np.ndarray | None = None,
-                 first_visit: np.ndarray | None = None) -> dict[str, Any]:
+                 first_visit: np.ndarray | None = None, lpips=None) -> dict[str, Any]:
   """Scores one generated (or composited) clip against ground truth.
 
   Frames ``< max(truth.context, 1)`` were given, not generated: they are left out of every
@@ -213,6 +214,8 @@ def score_frames(frames: np.ndarray, truth: Trajectory, pairs: np.ndarray,
     coverage: optional (T, h, w) memory coverage in [0, 1] at any integer-divisible size.
     first_visit: optional (T,) bool frames with no memory coverage
       (:func:`first_visit_frames`): ``psnr_unseen``, ``ssim_unseen`` are their means.
+    lpips: optional ``evaluation.lpips.LPIPS``: adds ``lpips_all``, ``lpips_revisit``,
+      ``lpips_unseen`` and ``lpips_per_frame`` (without it nothing LPIPS is computed).
   Revisits are also split by their first visit: a given frame (``psnr_revisit_given``) or a
   generated one (``psnr_revisit_generated``). On the latter, ``revisit_loss`` is the PSNR of
   the first visits they revisit minus theirs: what is lost between the two visits, apart
@@ -251,9 +254,15 @@ def score_frames(frames: np.ndarray, truth: Trajectory, pairs: np.ndarray,
                depth_abs_rel=mean(err["abs_rel"], scored), depth_delta1=mean(err["delta1"], scored))
   if coverage is not None:
     out["coverage_revisit"] = mean(np.asarray(coverage, np.float32).mean(axis=(1, 2)), revisit)
+  if lpips is not None:
+    perceptual = lpips(gen, gt)
+    out.update(lpips_all=mean(perceptual, scored), lpips_revisit=mean(perceptual, revisit),
+               lpips_per_frame=np.where(scored, perceptual, np.nan))
   if first_visit is not None:
     unseen = scored & np.asarray(first_visit, bool)
     out.update(psnr_unseen=mean(psnr, unseen), ssim_unseen=mean(ssim, unseen))
+    if lpips is not None:
+      out["lpips_unseen"] = mean(perceptual, unseen)
   return out
 
 
@@ -355,6 +364,7 @@ class RevisitRunner:
       is the pairing's).
     depth: where the memory model's rows take written depth from (``WorldModel.depth_options``;
       default: the family's); the oracle and extra rows keep their family's default.
+    lpips: optional ``evaluation.lpips.LPIPS`` scoring every row (:func:`score_frames`).
   """
 
   def __init__(self, config, ae, dn, backends: Sequence[str], max_frames: int, *,
@@ -362,7 +372,7 @@ class RevisitRunner:
                pairing: Mapping[str, Any] | None = None,
                sampling_options: Mapping[str, Any] | None = None,
                extra_rows: Mapping[str, tuple] | None = None,
-               first_visit_coverage: float = 0.5, depth: Any = None):
+               first_visit_coverage: float = 0.5, depth: Any = None, lpips=None):
     unknown = [b for b in backends if b not in memory_lib.BACKEND_NAMES]
     if unknown:
       raise InputError("--backends", "backends", f"unknown {unknown[0]!r} (known: "
@@ -392,6 +402,7 @@ class RevisitRunner:
     self.composite = composite
     self.pairing = dict(pairing or {})
     self.first_visit_coverage = float(first_visit_coverage)
+    self.lpips = lpips
     self.image_hw = (base.image_height, base.image_width)
     self.max_frames = int(max_frames)
 
@@ -445,7 +456,7 @@ class RevisitRunner:
       outs = generate_trajectories(r, truths, seed=seed, progress=progress, oracle_frames=oracle)
       for b, (truth, out) in enumerate(zip(truths, outs)):
         scores = score_frames(out["frames"], truth, pairs[b], out["depths"], out["coverage"],
-                              unseen[b])
+                              unseen[b], lpips=self.lpips)
         scores.update(cache_bytes=out["cache_bytes"], chunk_seconds=out["chunk_seconds"])
         if name == ORACLE:
           scores["backend"] = self.oracle_backend
@@ -461,7 +472,7 @@ class RevisitRunner:
       if self.composite:
         frames, covered = trivial_composite(truth)
         rows[b][COMPOSITE] = score_frames(frames, truth, pairs[b], coverage=covered,
-                                          first_visit=unseen[b])
+                                          first_visit=unseen[b], lpips=self.lpips)
         if video_dir:
           _write_panel(video_dir, truth, COMPOSITE, frames, covered)
       p = pairs[b]
@@ -540,8 +551,8 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> tuple[dict, dict]:
   Returns:
     summary: row -> {scalar: mean over trajectories (NaN-skipping)} plus ``reference`` (the
     ground-truth floor), ``revisit_frames`` and ``first_visit_frames`` (totals); curves:
-    row -> {"psnr": (T,), "ssim": (T,), "psnr_unseen": (T,), "ssim_unseen": (T,)} means
-    over trajectories (the ``_unseen`` curves over first-visit frames only: NaN at an
+    row -> {"psnr": (T,), "ssim": (T,), "psnr_unseen": (T,), "ssim_unseen": (T,)} (and
+    "lpips", "lpips_unseen" when LPIPS was scored) means over trajectories (the ``_unseen`` curves over first-visit frames only: NaN at an
     index where no trajectory has one), shorter ones padded with NaN.
   """
   rows = {}
@@ -555,7 +566,9 @@ def summarize(results: Mapping[str, Mapping[str, Any]]) -> tuple[dict, dict]:
     summary[row] = {k: _nanmean([_float(p[k]) for p in per]) for k in SCALARS if k in per[0]}
     t = max(len(p["psnr_per_frame"]) for p in per)
     curves[row] = {}
-    for key in ("psnr", "ssim"):
+    for key in ("psnr", "ssim", "lpips"):
+      if not all(f"{key}_per_frame" in p for p in per):  # LPIPS: only when scored
+        continue
       stack, unseen = np.full((len(per), t), np.nan), np.full((len(per), t), np.nan)
       for i, (res, p) in enumerate(zip(has, per)):
         v = np.array([_float(x) for x in p[f"{key}_per_frame"]])
