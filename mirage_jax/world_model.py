@@ -54,6 +54,7 @@ class WorldModel(abc.ABC):
   moving_content: bool = True  # handles mask_dynamic / object slots
   given_context: bool = True  # ground-truth frames can be the clean context (given_frames)
   benchmarks: tuple[str, ...] = ()  # the ``mirage_jax.evaluate --benchmark`` values it runs
+  takes_text: bool = False  # conditioned on a text prompt (``sampling_options``' prompt)
 
   config: ml_collections.ConfigDict
   backend: Any

@@ -224,6 +224,7 @@ class WorldModel(world_model.WorldModel):
   moving_content = False
   given_context = False  # the clean context is always its own generation
   benchmarks = ("revisit",)
+  takes_text = True
 
   def __init__(self, config: ml_collections.ConfigDict, vae: nnx.Module, dit: nnx.Module,
                backend: str | None = None, *, text: np.ndarray | None = None,
