@@ -66,6 +66,7 @@ def _main() -> int:
     raise InputError(_CLIPS.value, "clips", "no RealEstate10K camera file (*.txt) there")
   if _STRIDE.value < 1:
     raise InputError("--stride", "stride", f"must be >= 1, got {_STRIDE.value}")
+  reconstruction.check_lpips(_LPIPS.value)  # before the model loads
   paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   config = families.upgrade(checkpoint.export_config(_CHECKPOINT.value))
   wm = families.world_model(config)

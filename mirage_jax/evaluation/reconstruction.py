@@ -29,19 +29,26 @@ def select_frames(clip: Mapping[str, Any], num_frames: int | None, stride: int) 
   return {k: np.asarray(clip[k])[keep] for k in ("frames", "depths", "intrinsics", "poses_c2w")}
 
 
-def lpips_scores(generated: np.ndarray, truth: np.ndarray, weights: str | None) -> np.ndarray | None:
-  """Per-frame LPIPS (T,), or None without ``weights``.
+def check_lpips(weights: str | None) -> Callable | None:
+  """The LPIPS function for ``weights`` (None without weights).
 
   The hook for ``metrics.lpips(a, b, weights=...)`` (uint8 (T, H, W, 3) frames -> (T,)), which
-  this build may not have: then given weights are refused in one line.
+  this build may not have: then given weights are refused in one line (call this before
+  loading a model).
   """
   if not weights:
     return None
-  fn: Callable | None = getattr(metrics, "lpips", None)
+  fn = getattr(metrics, "lpips", None)
   if fn is None:
     raise InputError("--lpips_weights", "lpips_weights", "this build has no LPIPS "
                      "(mirage_jax.evaluation.metrics.lpips)")
-  return np.asarray(fn(generated, truth, weights=weights), np.float64)
+  return fn
+
+
+def lpips_scores(generated: np.ndarray, truth: np.ndarray, weights: str | None) -> np.ndarray | None:
+  """Per-frame LPIPS (T,) of uint8 (T, H, W, 3) frames, or None without ``weights``."""
+  fn = check_lpips(weights)
+  return None if fn is None else np.asarray(fn(generated, truth, weights=weights), np.float64)
 
 
 def score_clip(generated: np.ndarray, truth: np.ndarray, lpips_weights: str | None = None) -> dict:
