@@ -1,5 +1,6 @@
 """WorldScore adapter (cases -> our inputs -> its output layout) and the RealEstate10K
-reconstruction protocol, on random tiny exports."""
+reconstruction protocol, on random tiny exports (small family; the Wan family's prompt path:
+tests/test_prompts.py)."""
 
 import json
 import os
@@ -139,6 +140,7 @@ def exports(tmp_path_factory):
   return save_tiny_export(d), make_depth_export(d)
 
 
+@pytest.mark.slow  # ~35 s on the loaded 2-core machine (the rollout and depth model compile)
 def test_worldscore_generation_end_to_end(exports, tmp_path):
   dn, depth_model = exports
   root = _dataset(tmp_path / "WorldScore-Dataset")
@@ -174,6 +176,7 @@ def test_worldscore_generation_end_to_end(exports, tmp_path):
   assert not ws.is_complete(static, 3)
 
 
+@pytest.mark.slow  # ~45 s on the loaded 2-core machine (the rollout and depth model compile)
 def test_re10k_reconstruction_end_to_end(exports, tmp_path):
   dn, depth_model = exports
   (tmp_path / "re10k").mkdir()
