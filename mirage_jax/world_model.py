@@ -116,6 +116,21 @@ class WorldModel(abc.ABC):
     return {}
 
   @classmethod
+  def encode_prompts(cls, config: ml_collections.ConfigDict, texts: list[str], *,
+                     text_encoder: str | None = None, tokenizer: str | None = None
+                     ) -> list[np.ndarray]:
+    """Each prompt's text embedding (Lt, text_dim), the text encoder loaded once (a family
+    with ``takes_text``; the others refuse)."""
+    del config, texts, text_encoder, tokenizer
+    raise InputError("prompt", "prompt", f"the {cls.name!r} family has no text input")
+
+  def set_text(self, embedding: np.ndarray) -> None:
+    """Conditions the next trajectories on ``embedding`` (Lt, text_dim) (``encode_prompts``)
+    without rebuilding the rollout (the text is an argument of the compiled step)."""
+    del embedding
+    raise InputError("prompt", "prompt", f"the {self.name!r} family has no text input")
+
+  @classmethod
   def depth_options(cls, estimator: str | None = None, model: str | None = None,
                     align: bool | None = None) -> depth_estimator.DepthOptions:
     """The checked depth choice (the ``--depth_estimator``, ``--depth_model`` and

@@ -115,20 +115,23 @@ def _main() -> int:
     return 0
   config, ae, dn = rollout.load_world_model(_CHECKPOINT.value, _AUTOENCODER.value)
   backend = _MEMORY.value or config.memory.backend
-  rollouts = {}  # (frames, prompt) -> Rollout: compiled once per trajectory length (and text)
+  texts = {}  # prompt -> embedding: the text encoder loaded once, freed before generating
+  if text_family:
+    unique = sorted({c.prompts[0] for c in todo})
+    texts = dict(zip(unique, wm.encode_prompts(config, unique, text_encoder=_TEXT_ENCODER.value,
+                                               tokenizer=_TOKENIZER.value)))
+    options = wm.sampling_options(config, guidance_scale=_GUIDANCE.value,
+                                  text_encoder=_TEXT_ENCODER.value, tokenizer=_TOKENIZER.value)
+  else:
+    options = {}
+  rollouts = {}  # trajectory length -> Rollout: compiled once per length; the text is swapped
 
-  def rollout_for(num_frames: int, prompt: str | None):
-    key = (num_frames, prompt)
-    if key not in rollouts:
-      options = wm.sampling_options(config, guidance_scale=_GUIDANCE.value, prompt=prompt,
-                                    text_encoder=_TEXT_ENCODER.value,
-                                    tokenizer=_TOKENIZER.value) if text_family else {}
-      if text_family:
-        rollouts.clear()  # one text at a time: the Wan rollouts are large
-      rollouts[key] = rollout.make_rollout(
+  def rollout_for(num_frames: int):
+    if num_frames not in rollouts:
+      rollouts[num_frames] = rollout.make_rollout(
           config, ae, dn, backend=backend, sampling_options=options, depth=depth_opts,
           **memory.capacity_for(backend, num_frames, wm.memory_config(config)))
-    return rollouts[key]
+    return rollouts[num_frames]
 
   for case in todo:
     case_dir = paths.join(_OUTPUT.value, case.relative_dir)
@@ -144,8 +147,11 @@ def _main() -> int:
                poses_c2w=worldscore.opencv_c2w(cams_blender).astype(np.float32))
     clip = inference_inputs.fit_inputs(geo, config.data.resolution)
     prompt = case.prompts[0] if text_family else None
-    out = rollout_for(t, prompt).generate(clip["first_frame"], None, clip["intrinsics"],
-                                          clip["poses_c2w"], seed=_SEED.value, progress=False)
+    r = rollout_for(t)
+    if text_family:
+      r.set_text(texts[prompt])
+    out = r.generate(clip["first_frame"], None, clip["intrinsics"], clip["poses_c2w"],
+                     seed=_SEED.value, progress=False)
     frames = worldscore.resize_frames(np.asarray(out["frames"]), width, height)
     seconds = time.perf_counter() - start
     worldscore.write_case(

@@ -223,3 +223,30 @@ def test_reconstruction_scores():
   clip = dict(frames=np.arange(10), depths=np.arange(10), intrinsics=np.arange(10),
               poses_c2w=np.arange(10))
   assert list(reconstruction.select_frames(clip, 3, 4)["frames"]) == [0, 4, 8]
+
+
+def test_rollout_set_text_refreshes_the_steps_parameters():
+  """A new prompt per case without rebuilding (recompiling) the rollout: the cached
+  parameters of every mesh follow the model's text."""
+  from mirage_jax import rollout  # pylint: disable=g-import-not-at-top
+
+  class Model:
+    text = np.zeros(2)
+    set_text = lambda self, e: setattr(self, "text", np.asarray(e))
+    params = lambda self: (self.text,)
+
+  r = rollout.Rollout(Model())
+  mesh = rollout.trajectory_mesh(1)
+  r._per_mesh[mesh] = dict(params=r.model.params(), step="compiled")  # pylint: disable=protected-access
+  r.set_text(np.ones(2))
+  fns = r._per_mesh[mesh]  # pylint: disable=protected-access
+  np.testing.assert_array_equal(fns["params"][0], [1, 1])
+  assert fns["step"] == "compiled"
+  # A family without text refuses prompts (the WorldScore CLI then leaves them unused).
+  from experiments import tiny_cpu  # pylint: disable=g-import-not-at-top
+  config = tiny_cpu.get_config("denoiser")
+  from mirage_jax import families  # pylint: disable=g-import-not-at-top
+  small = families.world_model(config)
+  assert not small.takes_text
+  with pytest.raises(InputError, match="has no text input"):
+    small.encode_prompts(config, ["a kitchen"])
