@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from flax import nnx
 
 from mirage_jax import checkpoint, families
@@ -284,7 +285,7 @@ def test_evaluate_revisit_with_a_prompt(exports, text, tmp_path):
   assert "none" in rows
 
 
-@pytest.mark.slow  # ~150 s on the loaded 2-core machine: the Wan chunk step with Depth Anything compiles
+@pytest.mark.slow  # 55-150 s on the loaded 2-core machine: the Wan chunk step with Depth Anything compiles
 def test_worldscore_case_prompt_drives_the_wan_family(exports, tmp_path):
   """worldscore_generate with a text export: the case's first styled prompt is the text."""
   from tests.test_depth_generation import make_depth_export  # pylint: disable=g-import-not-at-top
@@ -299,3 +300,9 @@ def test_worldscore_case_prompt_drives_the_wan_family(exports, tmp_path):
   mirage = json.loads((case / "mirage.json").read_text())
   assert mirage["prompt_used"] and mirage["prompt"] == "A kitchen. Photorealistic style."
   assert sorted(os.listdir(case / "frames")) == ["000.png", "001.png", "002.png"]
+  # 008: the same image, camera path and seed with another prompt, swapped into the same
+  # compiled rollout: other frames.
+  other = out / "static/photorealistic/indoor/kitchen/008"
+  assert json.loads((other / "mirage.json").read_text())["prompt"].startswith("A red barn")
+  a, b = (np.asarray(Image.open(d / "frames" / "002.png"), np.float32) for d in (case, other))
+  assert np.abs(a - b).mean() > 0.5

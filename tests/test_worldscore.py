@@ -102,10 +102,14 @@ def _dataset(root, size=(48, 48)):
               "dynamic/images/photorealistic/rigid/012.jpg"):
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / rel)
-  static = [dict(image="static/images/photorealistic/indoor/kitchen/007.png",
+  kitchen = root / "static/images/photorealistic/indoor/kitchen"
+  (kitchen / "008.png").write_bytes((kitchen / "007.png").read_bytes())
+  # 007 and 008: the same image and camera path, other prompts.
+  static = [dict(image=f"static/images/photorealistic/indoor/kitchen/{name}.png",
                  visual_movement="static", visual_style="photorealistic", scene_type="indoor",
                  camera_path=["push_in"], style="Photorealistic style.",
-                 prompt_list=["A kitchen.", "A stove"], content_list=[["stove"], ["stove"]])]
+                 prompt_list=[first, "A stove"], content_list=[["stove"], ["stove"]])
+            for name, first in (("007", "A kitchen."), ("008", "A red barn in snow."))]
   dynamic = [dict(image="dynamic/images/photorealistic/rigid/012.jpg",
                   visual_movement="dynamic", visual_style="photorealistic", motion_type="rigid",
                   camera_path=["fixed"], style="Photorealistic style.", prompt="A car drives",
@@ -117,7 +121,7 @@ def _dataset(root, size=(48, 48)):
 
 def test_load_cases(tmp_path):
   root = _dataset(tmp_path)
-  (case,) = ws.load_cases(root, "static")
+  case, _ = ws.load_cases(root, "static")
   assert case.relative_dir == "static/photorealistic/indoor/kitchen/007"
   assert case.prompts == ["A kitchen. Photorealistic style.", "A stove. Photorealistic style."]
   (dyn,) = ws.load_cases(root, "dynamic")
@@ -140,7 +144,7 @@ def exports(tmp_path_factory):
   return save_tiny_export(d), make_depth_export(d)
 
 
-@pytest.mark.slow  # ~35 s on the loaded 2-core machine (the rollout and depth model compile)
+@pytest.mark.slow  # 26-35 s on the loaded 2-core machine (the rollout and depth model compile)
 def test_worldscore_generation_end_to_end(exports, tmp_path):
   dn, depth_model = exports
   root = _dataset(tmp_path / "WorldScore-Dataset")
@@ -172,6 +176,11 @@ def test_worldscore_generation_end_to_end(exports, tmp_path):
   assert "anchor_frame_idx" not in json.loads((dynamic / "image_data.json").read_text())
   # Complete cases are skipped (WorldScore's regenerate: False) without loading the model.
   assert ws.is_complete(static, 3) and not ws.is_complete(static, 4)
+  # The small family ignores the prompts: 008 (same image, path and seed) is 007 again.
+  other = out / "static/photorealistic/indoor/kitchen/008"
+  for i in (1, 2):
+    np.testing.assert_array_equal(iio.imread(other / "frames" / f"00{i}.png"),
+                                  iio.imread(static / "frames" / f"00{i}.png"))
   os.remove(static / "frames" / "002.png")
   assert not ws.is_complete(static, 3)
 
