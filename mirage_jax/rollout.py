@@ -126,6 +126,14 @@ class Rollout:
           write=jax.jit(jax.vmap(write), in_shardings=bat, out_shardings=bat))
     return self._per_mesh[mesh]
 
+  def set_text(self, embedding: np.ndarray) -> None:
+    """Conditions the next trajectories on the text embedding (Lt, text_dim)
+    (``WorldModel.set_text``, a family with text): the compiled steps are kept, the text
+    being one of their parameters."""
+    self.model.set_text(embedding)
+    for mesh, functions in self._per_mesh.items():
+      functions["params"] = jax.device_put(self.model.params(), NamedSharding(mesh, PartitionSpec()))
+
   def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
                poses_c2w: np.ndarray, *, depths: np.ndarray | None = None, seed: int = 0,
                progress: bool = True, oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,

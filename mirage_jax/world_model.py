@@ -54,6 +54,7 @@ class WorldModel(abc.ABC):
   moving_content: bool = True  # handles mask_dynamic / object slots
   given_context: bool = True  # ground-truth frames can be the clean context (given_frames)
   benchmarks: tuple[str, ...] = ()  # the ``mirage_jax.evaluate --benchmark`` values it runs
+  takes_text: bool = False  # conditioned on a text prompt (``sampling_options``' prompt)
 
   config: ml_collections.ConfigDict
   backend: Any
@@ -113,6 +114,21 @@ class WorldModel(abc.ABC):
         raise InputError(f"--{flag}", flag, f"only the Wan family takes it; this export is of "
                          f"the {cls.name!r} family")
     return {}
+
+  @classmethod
+  def encode_prompts(cls, config: ml_collections.ConfigDict, texts: list[str], *,
+                     text_encoder: str | None = None, tokenizer: str | None = None
+                     ) -> list[np.ndarray]:
+    """Each prompt's text embedding (Lt, text_dim), the text encoder loaded once (a family
+    with ``takes_text``; the others refuse)."""
+    del config, texts, text_encoder, tokenizer
+    raise InputError("prompt", "prompt", f"the {cls.name!r} family has no text input")
+
+  def set_text(self, embedding: np.ndarray) -> None:
+    """Conditions the next trajectories on ``embedding`` (Lt, text_dim) (``encode_prompts``)
+    without rebuilding the rollout (the text is an argument of the compiled step)."""
+    del embedding
+    raise InputError("prompt", "prompt", f"the {self.name!r} family has no text input")
 
   @classmethod
   def depth_options(cls, estimator: str | None = None, model: str | None = None,

@@ -354,6 +354,18 @@ COMMANDS: dict[str, Doc] = {
         "CONFIG=experiments/base.py:denoiser WORKDIR=/shared/runs/base_dit sbatch launch/slurm.sbatch "
         "--config.denoiser.autoencoder_checkpoint=/shared/exports/base_ae", L, "script",
         "needs a Slurm GPU cluster"),
+    # ---- README: WorldScore and RealEstate10K
+    "worldscore_generate": Doc(
+        "python -m mirage_jax.worldscore_generate --checkpoint=EXPORT --depth_model=DEPTH_EXPORT "
+        "--cases=DATA_PATH/WorldScore-Dataset --output_dir=MODEL_PATH/mirage/worldscore_output "
+        "[--visual_movement=static,dynamic] [--frames=50] [--num_cases=N]", R, "dry",
+        "needs WorldScore's dataset and a depth model; tests/test_worldscore.py generates its "
+        "case format end to end with tiny random exports"),
+    "evaluate_re10k": Doc(
+        "python -m mirage_jax.evaluate_re10k --checkpoint=EXPORT --depth_model=DEPTH_EXPORT "
+        "--clips=re10k/test --output_dir=OUT [--num_frames=25] [--stride=1] [--num_clips=N]", R, "dry",
+        "needs RealEstate10K clips and a depth model; tests/test_worldscore.py runs the protocol "
+        "end to end on tiny clips with tiny random exports"),
     "pip_tpu": Doc("pip install -e '.[tpu]'", L, "pip", "installs (the suite's venv has it)"),
     "aot_v5p": Doc("python -m mirage_jax.aot --config=experiments/pod_v5p_128.py:denoiser --topology=v5p:4x4x4",
                    L, "dry", "compiling the pod step takes many minutes here"),

@@ -76,7 +76,7 @@ LAYERS: dict[str, dict] = {
     "clis": dict(modules=(
         "mirage_jax.main", "mirage_jax.generate", "mirage_jax.evaluate", "mirage_jax.export",
         "mirage_jax.aot", "mirage_jax.convert_wan", "mirage_jax.convert_depth",
-        "mirage_jax.convert_text",
+        "mirage_jax.convert_text", "mirage_jax.worldscore_generate", "mirage_jax.evaluate_re10k",
         "mirage_jax.main_job",
         "data_pipelines.build", "data_pipelines.encode_latents", "data_pipelines.make_geometry",
         "data_pipelines.cut_clips"),

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from flax import nnx
 
 from mirage_jax import checkpoint, families
@@ -282,3 +283,26 @@ def test_evaluate_revisit_with_a_prompt(exports, text, tmp_path):
   assert "ZEROS" not in result.stderr
   rows = json.loads((out / "metrics.json").read_text())["revisit"]["summary"]
   assert "none" in rows
+
+
+@pytest.mark.slow  # 55-150 s on the loaded 2-core machine: the Wan chunk step with Depth Anything compiles
+def test_worldscore_case_prompt_drives_the_wan_family(exports, tmp_path):
+  """worldscore_generate with a text export: the case's first styled prompt is the text."""
+  from tests.test_depth_generation import make_depth_export  # pylint: disable=g-import-not-at-top
+  from tests.test_worldscore import _dataset  # pylint: disable=g-import-not-at-top
+  root = _dataset(tmp_path / "WorldScore-Dataset")
+  out = tmp_path / "worldscore_output"
+  result = run_cli("mirage_jax.worldscore_generate", f"--checkpoint={exports['text']}",
+                   f"--depth_model={make_depth_export(str(tmp_path))}", f"--cases={root}",
+                   f"--output_dir={out}", "--visual_movement=static", "--frames=3")
+  assert result.returncode == 0, result.stderr
+  case = out / "static/photorealistic/indoor/kitchen/007"
+  mirage = json.loads((case / "mirage.json").read_text())
+  assert mirage["prompt_used"] and mirage["prompt"] == "A kitchen. Photorealistic style."
+  assert sorted(os.listdir(case / "frames")) == ["000.png", "001.png", "002.png"]
+  # 008: the same image, camera path and seed with another prompt, swapped into the same
+  # compiled rollout: other frames.
+  other = out / "static/photorealistic/indoor/kitchen/008"
+  assert json.loads((other / "mirage.json").read_text())["prompt"].startswith("A red barn")
+  a, b = (np.asarray(Image.open(d / "frames" / "002.png"), np.float32) for d in (case, other))
+  assert np.abs(a - b).mean() > 0.5

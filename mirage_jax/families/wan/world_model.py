@@ -224,6 +224,7 @@ class WorldModel(world_model.WorldModel):
   moving_content = False
   given_context = False  # the clean context is always its own generation
   benchmarks = ("revisit",)
+  takes_text = True
 
   def __init__(self, config: ml_collections.ConfigDict, vae: nnx.Module, dit: nnx.Module,
                backend: str | None = None, *, text: np.ndarray | None = None,
@@ -315,6 +316,15 @@ class WorldModel(world_model.WorldModel):
   def sampling_options(cls, config, *, caption=None, empty_text=None, guidance_scale=None,
                        **text):
     return rollout_options(config, caption, empty_text, guidance_scale, **text)
+
+  @classmethod
+  def encode_prompts(cls, config, texts, *, text_encoder=None, tokenizer=None):
+    encoder = TextEncoders(config, text_encoder, tokenizer).get("a prompt")
+    return [np.asarray(encoder.encode([t])[0]) for t in texts]
+
+  def set_text(self, embedding):
+    text_dim, length = int(self.config.denoiser.model.text_dim), text_length(self.config)
+    self.text = jnp.asarray(load_or_pad(embedding, text_dim, length))[None]
 
   def _no_rgb_encoder(self, rgb01):
     raise InputError("--memory", "memory", "rgb_points re-encodes rendered RGB, which the Wan "
