@@ -18,6 +18,8 @@ $(VENV)/.installed-main: setup.py $(BIN)/python
 # Memory Maze extra and libtpu (AOT tests), so that no test has a reason to skip.
 $(VENV)/.installed-test: setup.py $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev,oracle,memory_maze,tpu]"
+	# The LPIPS oracle without its torchvision requirement (setup.py, "oracle").
+	$(BIN)/pip install -q --no-deps lpips==0.1.4
 	touch $@
 
 venv: $(VENV)/.installed-main

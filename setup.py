@@ -46,13 +46,13 @@ EXTRAS_REQUIRE = {
             "sentencepiece==0.2.0"],
     # Numerical oracles for the Wan2.2, Depth Anything V2 and LPIPS parity tests (tests only,
     # never imported at run time). torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB
-    # CUDA build. transformers 5.25.0 leaves torch and diffusers at these pins. torchvision
-    # 0.28.0 is the release paired with torch 2.13 (its C++ ops need the CUDA build and do not
-    # load; tests/lpips_oracle.py imports its models without them); the lpips wheel also
-    # carries LPIPS' linear-layer weights (lpips/weights/v0.1/<net>.pth) that
+    # CUDA build. transformers 5.25.0 leaves torch and diffusers at these pins. No torchvision:
+    # the registry's wheels are built for CUDA torch and, beside this CPU torch, break every
+    # transformers and diffusers import; tests/lpips_oracle.py gives lpips the two backbones
+    # it needs. The lpips 0.1.4 wheel (the LPIPS
+    # oracle) requires torchvision, so `make test` installs it with --no-deps; it carries LPIPS' linear-layer weights (lpips/weights/v0.1/<net>.pth) that
     # mirage_jax/evaluation/lpips.py reads by default.
-    "oracle": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.25.0",
-               "torchvision==0.28.0", "lpips==0.1.4"],
+    "oracle": ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.25.0"],
     # Needs Debian's libosmesa6 and MUJOCO_GL=osmesa for headless rendering.
     "memory_maze": ["memory-maze==1.0.3", "dm-control==1.0.50", "mujoco==3.17.0", "gym"],
     "tpu": ["libtpu==0.0.52"],

@@ -3,13 +3,13 @@ score them against the real frames.
 
   python -m mirage_jax.evaluate_re10k --checkpoint=EXPORT --depth_model=DEPTH_EXPORT \\
       --clips=re10k/test --output_dir=out/re10k [--num_frames=25] [--stride=1] [--num_clips=N] \\
-      [--lpips_weights=PATH]
+      [--lpips_backbone=alexnet-owt-7be5be79.pth]
 
 ``--clips``: a RealEstate10K camera file (``<id>.txt``, frames in ``<id>/<timestamp>.png`` or a
 video beside it; ``data_pipelines.files.load_re10k``) or a folder searched for them. The
 protocol is ``evaluation/reconstruction.py``: frame 0 given, frames 1..T-1 generated along
-the clip's cameras and scored by PSNR / SSIM (and LPIPS with ``--lpips_weights``, where this
-build has LPIPS). RealEstate10K has no depth: frame 0's (and, for the Wan family, every new
+the clip's cameras and scored by PSNR / SSIM (and LPIPS with ``--lpips_backbone``: README,
+"LPIPS"). RealEstate10K has no depth: frame 0's (and, for the Wan family, every new
 frame's) comes from the Depth Anything export ``--depth_model``.
 
 Outputs in ``--output_dir`` (refused if non-empty unless ``--overwrite``):
@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from mirage_jax import depth, paths
+from mirage_jax.evaluation import lpips
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
@@ -41,10 +42,10 @@ _STRIDE = flags.DEFINE_integer("stride", 1, "Take every stride-th frame of the c
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", None, "Clips to evaluate (default all).")
 _MEMORY = flags.DEFINE_string("memory", None, "Memory backend (default: the training config's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (every clip).")
-_LPIPS = flags.DEFINE_string("lpips_weights", None, "LPIPS weights (scores LPIPS too).")
 _VIDEOS = flags.DEFINE_bool("videos", True, "Write generated | real videos.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs in a non-empty --output_dir.")
 _DEPTH_OPTIONS = depth.define_flags()
+_LPIPS = lpips.define_flags()
 
 
 def _main() -> int:
@@ -66,7 +67,7 @@ def _main() -> int:
     raise InputError(_CLIPS.value, "clips", "no RealEstate10K camera file (*.txt) there")
   if _STRIDE.value < 1:
     raise InputError("--stride", "stride", f"must be >= 1, got {_STRIDE.value}")
-  reconstruction.check_lpips(_LPIPS.value)  # before the model loads
+  lpips_scorer = _LPIPS.load()  # bad weight files are refused before the model loads
   paths.check_reachable(_CHECKPOINT.value, "--checkpoint")
   config = families.upgrade(checkpoint.export_config(_CHECKPOINT.value))
   wm = families.world_model(config)
@@ -98,7 +99,7 @@ def _main() -> int:
                                fitted["poses_c2w"], seed=_SEED.value, progress=False)
     generated = np.asarray(out["frames"])
     results[name] = dict(frames=t, **reconstruction.score_clip(generated, fitted["frames"],
-                                                               _LPIPS.value))
+                                                               lpips_scorer))
     if _VIDEOS.value:
       os.makedirs(os.path.join(_OUTPUT.value, "videos"), exist_ok=True)
       video.write_mp4(os.path.join(_OUTPUT.value, "videos", f"{name.replace('/', '_')}.mp4"),
@@ -109,9 +110,10 @@ def _main() -> int:
       benchmark="re10k_reconstruction", checkpoint=_CHECKPOINT.value, clips_source=_CLIPS.value,
       backend=backend, num_frames=_NUM_FRAMES.value, stride=_STRIDE.value, seed=_SEED.value,
       resolution=list(config.data.resolution), depth_model=depth_opts.model,
-      lpips_weights=_LPIPS.value, scored="frames 1..T-1 (frame 0 given)",
+      lpips=lpips_scorer.describe() if lpips_scorer else None, scored="frames 1..T-1 (frame 0 given)",
       summary=summary, clips=results))
-  table = report.format_table(reconstruction.table_rows(results, summary),
+  table = report.format_table(lpips.table_rows(reconstruction.table_rows(results, summary),
+                                              reconstruction.TABLE_COLUMNS, lpips_scorer),
                               reconstruction.TABLE_COLUMNS, ".3f")
   with report.atomic_output(os.path.join(_OUTPUT.value, "metrics.md")) as tmp:
     with open(tmp, "w") as f:

@@ -28,7 +28,7 @@ TEST_DEPENDENCIES = {
     "diffusers.schedulers": "pip install -e '.[oracle]'",
     "transformers.models.depth_anything.modeling_depth_anything": "pip install -e '.[oracle]'",
     "transformers.models.umt5.modeling_umt5": "pip install -e '.[oracle]'",
-    "tests.lpips_oracle": "pip install -e '.[oracle]'",  # lpips + torchvision's models
+    "tests.lpips_oracle": "pip install --no-deps lpips==0.1.4",  # not torchvision: see the module
     "sentencepiece": "pip install -e '.[dev]'",
     "libtpu": "pip install -e '.[tpu]'",
     "scipy.ndimage": "pip install scipy",

@@ -204,20 +204,24 @@ def test_re10k_reconstruction_end_to_end(exports, tmp_path):
   np.testing.assert_allclose(metrics["summary"]["psnr"],
                              np.mean([r["psnr"] for r in metrics["clips"].values()]))
   table = (out / "metrics.md").read_text()
-  assert "| clip3 |" in table and " mean |" in table
+  assert "| clip3 |" in table and " mean |" in table and "no LPIPS weights" in table
   assert iio.imread(out / "videos" / "clip3.mp4", index=None).shape[0] == 3
 
 
-def test_lpips_hook(monkeypatch):
-  frames = np.zeros((3, 16, 16, 3), np.uint8)
-  if not hasattr(reconstruction.metrics, "lpips"):  # refused in one line where LPIPS is absent
-    with pytest.raises(InputError, match="lpips_weights.*no LPIPS"):
-      reconstruction.check_lpips("w.pth")
-  calls = []
-  monkeypatch.setattr(reconstruction.metrics, "lpips", lambda a, b, weights: calls.append(
-      (a.shape, weights)) or np.full(len(a), 0.25), raising=False)
-  s = reconstruction.score_clip(frames, frames, lpips_weights="w.pth")
-  assert s["lpips"] == 0.25 and calls == [((2, 16, 16, 3), "w.pth")]  # frames 1.. only
+def test_lpips_scores_the_generated_frames_only(tmp_path):
+  """With a scorer, each generated frame (1..T-1) gets its LPIPS; frame 0 (given) none."""
+  from mirage_jax.evaluation import lpips  # pylint: disable=g-import-not-at-top
+  from tests.fixtures_util import write_random_lpips_weights  # pylint: disable=g-import-not-at-top
+  backbone, linear = write_random_lpips_weights(str(tmp_path))
+  scorer = lpips.load(backbone, "alex", linear)
+  rng = np.random.default_rng(1)
+  truth = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  generated = truth.copy()
+  generated[2] = 255 - generated[2]
+  s = reconstruction.score_clip(generated, truth, scorer)
+  per = s["per_frame"]["lpips"]
+  assert len(per) == 2 and per[0] == pytest.approx(0.0, abs=1e-6) and per[1] > 0.0
+  assert s["lpips"] == pytest.approx(np.mean(per))
 
 
 def test_reconstruction_scores():

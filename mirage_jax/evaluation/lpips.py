@@ -104,7 +104,7 @@ def _check_net(net: str) -> None:
 def default_linear(net: str) -> str | None:
   """The installed ``lpips`` package's ``weights/v0.1/<net>.pth``, or None (not installed).
 
-  The package is found, not imported (its import needs torch and torchvision).
+  The package is found, not imported (its import needs torch and torchvision; only its weight files are read).
   """
   _check_net(net)
   spec = importlib.util.find_spec("lpips")
@@ -277,7 +277,7 @@ def load(backbone: str, net: str = "alex", linear: str | None = None,
     linear = default_linear(net)
     if linear is None:
       raise InputError(flag, flag.lstrip("-"), f"no LPIPS linear layers: give the lpips "
-                       f"wheel's lpips/weights/v0.1/{net}.pth (or pip install lpips)")
+                       f"wheel's lpips/weights/v0.1/{net}.pth (or pip install --no-deps lpips==0.1.4)")
   import jax  # pylint: disable=g-import-not-at-top
   params = jax.tree.map(jax.numpy.asarray, load_params(net, backbone, linear))
   return LPIPS(net=net, backbone=backbone, linear=linear, params=params)

@@ -4,7 +4,7 @@ cameras, score them against the real ones.
 Per clip: the first ``num_frames`` frames (every ``stride``-th) at the model's resolution
 (``revisit.fit_clip``); frame 0 is given, frames 1..T-1 are generated along the clip's
 cameras and scored per frame by PSNR and SSIM (``metrics.py``, uint8 range) and, when LPIPS
-weights are given, by LPIPS through :func:`lpips_scores`. Per clip: the means over its scored
+weights are given (``--lpips_backbone``), by LPIPS (``lpips.py``). Per clip: the means over its scored
 frames; summary: the means over clips.
 """
 
@@ -29,30 +29,11 @@ def select_frames(clip: Mapping[str, Any], num_frames: int | None, stride: int) 
   return {k: np.asarray(clip[k])[keep] for k in ("frames", "depths", "intrinsics", "poses_c2w")}
 
 
-def check_lpips(weights: str | None) -> Callable | None:
-  """The LPIPS function for ``weights`` (None without weights).
-
-  The hook for ``metrics.lpips(a, b, weights=...)`` (uint8 (T, H, W, 3) frames -> (T,)), which
-  this build may not have: then given weights are refused in one line (call this before
-  loading a model).
-  """
-  if not weights:
-    return None
-  fn = getattr(metrics, "lpips", None)
-  if fn is None:
-    raise InputError("--lpips_weights", "lpips_weights", "this build has no LPIPS "
-                     "(mirage_jax.evaluation.metrics.lpips)")
-  return fn
-
-
-def lpips_scores(generated: np.ndarray, truth: np.ndarray, weights: str | None) -> np.ndarray | None:
-  """Per-frame LPIPS (T,) of uint8 (T, H, W, 3) frames, or None without ``weights``."""
-  fn = check_lpips(weights)
-  return None if fn is None else np.asarray(fn(generated, truth, weights=weights), np.float64)
-
-
-def score_clip(generated: np.ndarray, truth: np.ndarray, lpips_weights: str | None = None) -> dict:
+def score_clip(generated: np.ndarray, truth: np.ndarray, lpips_scorer: Callable | None = None
+               ) -> dict:
   """Scores frames 1..T-1 of ``generated`` against ``truth`` (both (T, H, W, 3) uint8).
+
+  ``lpips_scorer``: a loaded ``lpips.LPIPS`` (``--lpips_backbone``), or None (not scored).
 
   Returns:
     psnr, ssim, lpips (None without weights): means over the scored frames; per_frame: each
@@ -63,9 +44,8 @@ def score_clip(generated: np.ndarray, truth: np.ndarray, lpips_weights: str | No
   gen, ref = generated[1:], truth[1:]
   per_frame = dict(psnr=np.asarray(metrics.psnr(gen, ref, data_range=255.0), np.float64),
                    ssim=np.asarray(metrics.ssim(gen, ref, data_range=255.0), np.float64))
-  lp = lpips_scores(gen, ref, lpips_weights)
-  if lp is not None:
-    per_frame["lpips"] = lp
+  if lpips_scorer is not None:
+    per_frame["lpips"] = np.asarray(lpips_scorer(gen, ref, data_range=255.0), np.float64)
   out = {k: float(np.nanmean(per_frame[k])) if k in per_frame else None for k in SCALARS}
   out["per_frame"] = {k: v.tolist() for k, v in per_frame.items()}
   return out
