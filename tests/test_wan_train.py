@@ -1,5 +1,7 @@
 """Wan-family fine-tuning on CPU: a tiny random "pretrained" Wan2.2 converted by convert_wan,
-a procedural dataset pre-encoded to latent clips, VACE + LoRA trained on the frozen base."""
+a procedural dataset (with its generated captions) pre-encoded to latent clips and caption
+embeddings (a tiny random umT5 export and a tokenizer trained here), VACE + LoRA trained on
+the frozen base with the default 10% caption dropout."""
 
 from __future__ import annotations
 
@@ -63,12 +65,18 @@ def world(tmp_path_factory):
                       configs=wan22_ti2v_5b.export_configs("tiny"))
   build.build("procedural_rooms", str(d / "data"), num_clips=8, frames_per_clip=16,
               resolution=64)
+  from tests.test_prompts import write_encoder  # pylint: disable=g-import-not-at-top
+  from tests.test_text_tokenizer import make_tokenizer_folder  # pylint: disable=g-import-not-at-top
+  (d / "tokenizer").mkdir()
+  text = dict(encoder=write_encoder(str(d / "umt5")),
+              tokenizer=str(make_tokenizer_folder(d / "tokenizer")))
   counts = encode_latents.run(
       data_dir=str(d / "data"), dataset="procedural_rooms", config_name="default",
       vae=str(d / "export" / "vae"), output_dir=str(d / "latents"), target_frames=TARGET,
-      preceding_frames=PRECEDING, text_len=8, text_dim=32)
+      preceding_frames=PRECEDING, text_len=8, text_encoder=text["encoder"],
+      tokenizer=text["tokenizer"], text_batch=4)
   return dict(dir=d, counts=counts, base=str(d / "export" / "dit"),
-              vae=str(d / "export" / "vae"), latents=str(d / "latents"))
+              vae=str(d / "export" / "vae"), latents=str(d / "latents"), **text)
 
 
 def _config(world, **train_kw):
@@ -141,9 +149,10 @@ def test_latent_clips_match_a_direct_encoding(world):
   assert rec["target_latents"].shape == (3, 4, 4, 48)
   assert rec["preceding_latents"].shape == (2, 4, 4, 48)
   assert rec["depths"].shape == (5, 4, 4) and rec["intrinsics"].shape == (5, 3, 3)
-  assert not rec["has_text"] and rec["text"].shape == (8, 32)
+  assert rec["has_text"] and rec["text"].shape == (8, 32)
   clip = builders.record_to_clip(builders.load(str(world["dir"] / "data"), "procedural_rooms")
                                  .as_data_source("train")[int(rec["clip_index"])])
+  assert clip["caption"].startswith("A camera ")
   vae, _ = encode_latents.load_vae(world["vae"])
   frames = clip["frames"].astype(np.float32) / 127.5 - 1.0
   want = np.asarray(wan_vae.jit_encode(vae, jnp.asarray(frames[PRECEDING:PRECEDING + TARGET][None]))[0])
@@ -154,6 +163,45 @@ def test_latent_clips_match_a_direct_encoding(world):
   np.testing.assert_array_equal(rec["poses_c2w"], clip["poses_c2w"][ids])
   depth = encode_latents.resize_depth(clip["depths"][ids], 4, 4)
   np.testing.assert_allclose(rec["depths"], depth, rtol=1e-6)
+
+
+def test_captions_are_encoded_into_the_records(world):
+  """Each record's text is umT5 of its clip's caption (real tokens, zeros past them, in
+  bf16); an empty caption gets umT5 of "" (never zeros) and has_text False; the dataset's
+  empty_text.npy is umT5 of "", padded."""
+  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+  from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  enc = prompts.PromptEncoder(world["encoder"], world["tokenizer"], length=8)
+  source = builders.load(str(world["dir"] / "data"), "procedural_rooms").as_data_source("train")
+  src = latent_clips.LatentClips(world["latents"], "train")
+  captions = set()
+  for i in range(len(src)):
+    rec = src[i]
+    caption = builders.record_to_clip(source[int(rec["clip_index"])])["caption"]
+    captions.add(caption)
+    [want] = enc.encode([caption])
+    got = rec["text"].astype(np.float32)
+    assert rec["has_text"] and len(want) == 8  # truncated to text_len, </s> kept
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+  assert len(captions) == len(src)  # every room its own caption
+  empty = encode_latents.pad_text(enc.empty(), 8)
+  assert np.abs(empty[0]).max() > 0.1 and not np.any(empty[1:])
+  np.testing.assert_array_equal(np.load(os.path.join(world["latents"], latent_clips.EMPTY_TEXT)),
+                                empty)
+  assert src.metadata["text_encoder"] == os.path.abspath(world["encoder"])
+  assert src.metadata["captioned_clips"] == sum(world["counts"].values())
+  found = encode_latents.source_captions(str(world["dir"] / "data"), "procedural_rooms",
+                                         "default", ("train", "validation"))
+  assert len(found) == 7 and captions <= set(found.values())
+  # A clip whose caption is "" has no embedding: it gets the empty prompt's, flagged.
+  vae = encode_latents.Encoder(encode_latents.load_vae(world["vae"])[0])
+  [data] = encode_latents.encode_clip(
+      dict(source[0], caption=b""), 0, "uncaptioned", vae, resolution=None,
+      target_frames=TARGET, preceding_frames=PRECEDING, num_references=0, windows_per_clip=1,
+      texts={}, text_shape=(8, 32), empty=empty)
+  rec = latent_clips.decode_record(data)
+  assert not rec["has_text"]
+  np.testing.assert_array_equal(rec["text"], empty.astype(rec["text"].dtype))
 
 
 # ----------------------------------------------------------------------------- training
