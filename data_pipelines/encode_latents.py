@@ -102,7 +102,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("text_len", 512, "Lt: tokens a caption is padded to (the DiT's "
                        "config.denoiser.text_len).", flag_values=fv)
-  flags.DEFINE_integer("text_dim", 4096, "D when no embeddings are given.", flag_values=fv)
+  flags.DEFINE_integer("text_dim", 4096, "D: the DiT's text_dim (--text_encoder's width must "
+                       "match; without captions, the width of the empty text).", flag_values=fv)
   flags.DEFINE_integer("num_shards", 1, "ArrayRecord files per split (a file's writer holds "
                        "its records in memory: at scale, ~1000 clips per file).", flag_values=fv)
   flags.DEFINE_string("beam_runner", "", "Beam runner (data_pipelines.build's); empty: in "
@@ -415,7 +416,9 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
     if text_batch < 1 or text_len < 1:
       raise InputError("--text_batch", "text_batch", f"need text_batch >= 1 and text_len >= 1, "
                        f"got {text_batch}, {text_len}")
-    # A tokenizer of another vocabulary, an unreadable export: refused before anything runs.
+    # An encoder of another width than --text_dim (the DiT's text input), a tokenizer of
+    # another vocabulary, an unreadable export: refused before anything is written.
+    prompts.check_width(text_encoder, text_dim)
     encoder = prompts.PromptEncoder(text_encoder, tokenizer, length=text_len)
     text_dim = encoder.dim
   options = builders.beam_options(beam_runner, beam_options)

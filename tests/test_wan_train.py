@@ -73,7 +73,7 @@ def world(tmp_path_factory):
   counts = encode_latents.run(
       data_dir=str(d / "data"), dataset="procedural_rooms", config_name="default",
       vae=str(d / "export" / "vae"), output_dir=str(d / "latents"), target_frames=TARGET,
-      preceding_frames=PRECEDING, text_len=8, text_encoder=text["encoder"],
+      preceding_frames=PRECEDING, text_len=8, text_dim=32, text_encoder=text["encoder"],
       tokenizer=text["tokenizer"], text_batch=4)
   return dict(dir=d, counts=counts, base=str(d / "export" / "dit"),
               vae=str(d / "export" / "vae"), latents=str(d / "latents"), **text)
@@ -194,7 +194,7 @@ def test_captions_are_encoded_into_the_records(world):
                                          "default", ("train", "validation"))
   assert len(found) == 7 and captions <= set(found.values())
   # A clip whose caption is "" has no embedding: it gets the empty prompt's, flagged.
-  vae = encode_latents.Encoder(encode_latents.load_vae(world["vae"])[0])
+  vae = lambda v: np.zeros((len(v), (v.shape[1] - 1) // 4 + 1, 4, 4, 48), np.float32)  # no VAE
   [data] = encode_latents.encode_clip(
       dict(source[0], caption=b""), 0, "uncaptioned", vae, resolution=None,
       target_frames=TARGET, preceding_frames=PRECEDING, num_references=0, windows_per_clip=1,
@@ -207,19 +207,27 @@ def test_captions_are_encoded_into_the_records(world):
 # ----------------------------------------------------------------------------- training
 
 
-def test_train_loss_falls(world, tmp_path):
+def test_train_loss_falls(world, tmp_path, monkeypatch):
+  """Captioned latent clips, 10% caption dropout: the loss falls; the export holds the
+  trained params and the dataset's text encoder and empty prompt, and a prompt given to the
+  exported model reaches its DiT (with CFG: the stored empty prompt as the negative)."""
   workdir = str(tmp_path / "run")
   out = loop_lib.train_and_evaluate(_config(world, steps=120, log_every=20), workdir)
   losses = [m["loss"] for m in _metrics(workdir)]
   assert len(losses) == 6 and np.isfinite(losses).all()
   assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
   assert out["memory_coverage"] > 0.5  # the first target frame's splat covers the others
+  dropped = np.mean([m["caption_dropped"] for m in _metrics(workdir)])
+  assert 0.0 < dropped < 0.3, dropped  # every clip has a caption: ~10% dropped
 
   # The export holds the trained params only and points at the base; load_dit rebuilds the
-  # whole DiT from both.
+  # whole DiT from both. Without --text_encoder it names the latent dataset's.
+  from mirage_jax import export as export_cli  # pylint: disable=g-import-not-at-top
   export = str(tmp_path / "export")
-  checkpoint.export_params(workdir, export)
+  checkpoint.export_params(workdir, export, **dict(zip(
+      ("update_config", "add_files"), export_cli.dataset_text_files(export))))
   params, cfg, _ = checkpoint.load_export(export)
+  check_prompt_reaches_the_dit(export, world, monkeypatch)
   assert cfg.denoiser.base_checkpoint == world["base"]
   flat = wan_exports.flat_paths(params)
   assert all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in flat)
@@ -230,6 +238,41 @@ def test_train_loss_falls(world, tmp_path):
     np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
   for p, v in flat.items():
     np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
+
+
+def check_prompt_reaches_the_dit(export: str, world, monkeypatch) -> None:
+  """``generate --prompt`` from a fine-tune export with no text flags: the export names the
+  dataset's text encoder and stores its empty prompt; one sampled chunk with CFG feeds the
+  DiT umT5 of the prompt and that empty prompt (recorded at ``conditioning.predict``)."""
+  from mirage_jax import families  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import world_model as wan_wm  # pylint: disable=g-import-not-at-top
+  from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  cfg = checkpoint.export_config(export)
+  assert cfg.denoiser.text_encoder == os.path.abspath(world["encoder"])
+  assert cfg.denoiser.empty_text == os.path.join(export, latent_clips.EMPTY_TEXT)
+  empty = np.load(os.path.join(world["latents"], latent_clips.EMPTY_TEXT))
+  np.testing.assert_array_equal(np.load(cfg.denoiser.empty_text), empty)
+  prompt = "a camera walks a loop through blue rooms"
+  options = families.world_model(cfg).sampling_options(cfg, prompt=prompt, guidance_scale=3.0)
+  [want] = prompts.PromptEncoder(world["encoder"], world["tokenizer"], length=8).encode([prompt])
+  seen = []
+  predict = wan_mirage.predict
+
+  def spy(dit, refs, x, prec, sigmas, text, vace, **kw):
+    jax.debug.callback(lambda t: seen.append(np.asarray(t)[0]), text)
+    return predict(dit, refs, x, prec, sigmas, text, vace, **kw)
+
+  monkeypatch.setattr(wan_mirage, "predict", spy)
+  config, vae, dit = wan_wm.WorldModel.load(export)
+  wm = wan_wm.WorldModel(config, vae, dit, **options)
+  frames = np.zeros((1, 64, 64, 3), np.uint8)
+  wm.sample_chunk(jax.random.key(0), wm.encode(frames)[0],
+                  jnp.zeros((wm.settings.latents,) + wm.latent_hw + (48,)))
+  texts = {t.tobytes(): t for t in seen}
+  assert len(texts) == 2, len(texts)  # the prompt and the CFG negative, nothing else
+  got = sorted(texts.values(), key=lambda t: float(np.abs(t - empty).max()))
+  np.testing.assert_array_equal(got[0], empty)
+  np.testing.assert_allclose(got[1], encode_latents.pad_text(want, 8), rtol=1e-5, atol=1e-5)
 
 
 def train_steps(config, latents: str, steps: int) -> dict:
@@ -410,6 +453,31 @@ def test_bad_inputs(world, tmp_path):
     loop_lib.train_and_evaluate(c, str(tmp_path / "w"))
   with pytest.raises(InputError, match="encode_latents"):
     latent_clips.LatentClips(str(tmp_path), "train")
+
+
+def test_encode_latents_refuses_bad_text_inputs(world, tmp_path):
+  """A text encoder of another width than --text_dim, a tokenizer of another vocabulary, one
+  of --text_encoder/--tokenizer, captions given two ways: one line each, before anything
+  is written."""
+  from tests.test_prompts import write_encoder  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "refused"
+  common = dict(data_dir=str(world["dir"] / "data"), dataset="procedural_rooms",
+                config_name="default", vae=world["vae"], output_dir=str(out),
+                target_frames=TARGET, preceding_frames=PRECEDING, text_len=8, text_dim=32)
+  cases = (
+      (dict(text_encoder=write_encoder(str(tmp_path / "wide"), dim=64),
+            tokenizer=world["tokenizer"]), "text_encoder.dim", "wide"),
+      (dict(text_encoder=write_encoder(str(tmp_path / "vocab"), vocab_size=1024),
+            tokenizer=world["tokenizer"]), "vocab_size", "vocab"),
+      (dict(tokenizer=world["tokenizer"]), "text_encoder", "--text_encoder"),
+      (dict(text_encoder=world["encoder"], tokenizer=world["tokenizer"],
+            text_embeddings=str(tmp_path / "captions.npz")), "text_embeddings", "--text_emb"),
+  )
+  for kwargs, field, where in cases:
+    with pytest.raises(InputError) as e:
+      encode_latents.run(**common, **kwargs)
+    assert e.value.field == field and where in str(e.value.where), e.value
+    assert "\n" not in str(e.value) and not out.exists()
 
 
 @pytest.mark.slow
