@@ -329,10 +329,10 @@ def _write_shard(shard_and_clips, *, output_dir: str, split: str, num_shards: in
 
 
 def pad_text(emb: np.ndarray, length: int) -> np.ndarray:
-  """(Lt <= length, D) -> (length, D) float32, zeros past Lt (the reference's padding)."""
-  out = np.zeros((length, emb.shape[1]), np.float32)
-  out[:len(emb)] = emb
-  return out
+  """(Lt <= length, D) -> (length, D) float32, zeros past Lt (the reference's padding: the
+  Wan world model's ``load_or_pad``)."""
+  from mirage_jax.families.wan import world_model  # pylint: disable=g-import-not-at-top
+  return world_model.load_or_pad(emb, emb.shape[1], length)
 
 
 def source_captions(data_dir: str, dataset: str, config_name: str,
