@@ -15,8 +15,9 @@ without wrappers):
 Optional (sources that have them):
   object_tracks  (K, T, 3)    float32  world-space centre of object id k+1 at each frame.
   caption        python str            what the clip shows, in words (the text the Wan
-                                       family's umT5 encodes); "" = no caption. Posed files
-                                       read it from the npz or a caption file beside it
+                                       family's umT5 encodes); "" = no caption, the default
+                                       (validate_clip always sets it). Posed files read it
+                                       from the npz or a caption file beside it
                                        (data_pipelines/files.py), procedural rooms describe
                                        their own scene; datasets built before the field
                                        read back as "" (builders.record_to_clip).
@@ -108,8 +109,8 @@ def validate_clip(clip: Mapping[str, Any], where: str) -> Clip:
     if tracks.ndim != 3 or tracks.shape[1:] != (t, 3):
       raise InputError(where, "object_tracks", f"expected shape (K, {t}, 3), got {tracks.shape}")
     out["object_tracks"] = tracks
-  if clip.get("caption") is not None:
-    out["caption"] = check_caption(clip["caption"], where)
+  # Every validated clip has one: "" when the source gives none.
+  out["caption"] = "" if clip.get("caption") is None else check_caption(clip["caption"], where)
   return out
 
 

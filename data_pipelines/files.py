@@ -21,7 +21,7 @@ input for ``generate`` (which reads frame 0 and the cameras; the Wan family ever
 not training data (``posed_files`` builds refuse it).
 
 Captions (optional; the text the Wan family's umT5 encodes, ``clip["caption"]``): a
-``caption`` string inside a ``geometry.npz``, else a UTF-8 text file beside the clip file:
+non-empty ``caption`` string inside a ``geometry.npz``, else a UTF-8 text file beside the clip file:
 ``<stem>.caption.txt`` (e.g. ``room0.caption.txt`` for ``room0.npz`` or ``room0.txt``), else
 ``caption.txt`` in the same folder (the reference's one-folder-per-clip layout: ``geometry.npz``,
 ``clip.mp4``, ``caption.txt``). Its lines are joined by spaces; none of these: no caption.
@@ -166,7 +166,9 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
       raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
   _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "dynamic_masks", "object_tracks",
                                 "has_depth", *KNOWN_FIELDS))
-  caption = arrays["caption"] if "caption" in arrays else read_caption_beside(path)
+  caption = arrays.get("caption")  # an empty one (a clip saved without) defers to a file
+  if caption is None or (caption.dtype.kind in "US" and not str(caption.item()).strip()):
+    caption = read_caption_beside(path)
   depths = arrays["depths"]
   if depths.ndim != 3:
     raise InputError(path, "depths", f"expected shape (T, H, W), got {depths.shape}")

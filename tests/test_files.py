@@ -69,7 +69,7 @@ def test_captions_from_the_npz_or_a_file_beside_it(tmp_path):
   assert files.load_clip(tmp_path / "a" / "geometry.npz")["caption"] == "a red room"
   (tmp_path / "b").mkdir()
   files.save_geometry_npz(tmp_path / "b" / "geometry.npz", _clip())
-  assert "caption" not in files.load_clip(tmp_path / "b" / "geometry.npz")
+  assert files.load_clip(tmp_path / "b" / "geometry.npz")["caption"] == ""
   (tmp_path / "b" / "caption.txt").write_text("a hallway,\n  then a door\n")
   assert files.load_clip(tmp_path / "b" / "geometry.npz")["caption"] == "a hallway, then a door"
   (tmp_path / "b" / "geometry.caption.txt").write_text("its own")
