@@ -86,7 +86,9 @@ def clip_features(num_frames: int | None, height: int | None, width: int | None)
   frames (T,H,W,3) uint8, depths (T,H,W) float32, intrinsics (T,3,3) float32 (pixels),
   poses_c2w (T,4,4) float32 (OpenCV c2w), fps () float32, dynamic_masks (T,H,W) uint8,
   object_tracks (K,T,3) float32 (K = 0 without moving objects), has_depth () bool (False:
-  depths are files.PLACEHOLDER_DEPTH), clip_id () text (bytes when read), index () int64.
+  depths are files.PLACEHOLDER_DEPTH), clip_id () text (bytes when read), index () int64,
+  caption () text ("" = none; bytes when read; absent from datasets built before it:
+  ``record_to_clip`` gives "").
   """
   t, h, w = num_frames, height, width
   tensor = tfds.features.Tensor
@@ -104,6 +106,7 @@ def clip_features(num_frames: int | None, height: int | None, width: int | None)
       "has_depth": tfds.features.Scalar(dtype=np.bool_),
       "clip_id": tfds.features.Text(),
       "index": tfds.features.Scalar(dtype=np.int64),
+      "caption": tfds.features.Text(),
   })
 
 
@@ -116,14 +119,16 @@ def to_record(clip: Clip, clip_id: str, index: int) -> dict[str, Any]:
       "has_depth": bool(clip.get("has_depth", True)),
       "clip_id": clip_id,
       "index": index,
+      "caption": str(clip.get("caption", "")),
   }
 
 
 class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared machinery: config params, splits, the Beam transform of each split."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: posed clips with depth, poses, masks."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release: posed clips with depth, poses, masks.",
+                   "1.1.0": "A caption per clip (\"\" where the source has none)."}
   # Config fields that define this dataset (stored in metadata.json, compared on reuse).
   PARAMS: tuple[str, ...] = ()
 
@@ -424,7 +429,8 @@ def load(data_dir: str, dataset: str, config_name: str = "default") -> tfds.core
 
 
 def record_to_clip(record: dict[str, Any]) -> Clip:
-  """A record read back -> the clip dict with NumPy scalars and ``clip_id`` as str.
+  """A record read back -> the clip dict with NumPy scalars, ``clip_id`` and ``caption`` as
+  str (``caption`` "" in datasets built before the field).
 
   (``as_data_source`` returns scalars as Python float/bool/int and text as bytes.)
   """
@@ -434,4 +440,6 @@ def record_to_clip(record: dict[str, Any]) -> Clip:
   clip["index"] = np.int64(clip["index"])
   if isinstance(clip["clip_id"], bytes):
     clip["clip_id"] = clip["clip_id"].decode()
+  caption = clip.get("caption", b"")
+  clip["caption"] = caption.decode() if isinstance(caption, bytes) else str(caption)
   return clip

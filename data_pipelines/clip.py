@@ -14,6 +14,13 @@ without wrappers):
 
 Optional (sources that have them):
   object_tracks  (K, T, 3)    float32  world-space centre of object id k+1 at each frame.
+  caption        python str            what the clip shows, in words (the text the Wan
+                                       family's umT5 encodes); "" = no caption, the default
+                                       (validate_clip always sets it). Posed files read it
+                                       from the npz or a caption file beside it
+                                       (data_pipelines/files.py), procedural rooms describe
+                                       their own scene; datasets built before the field
+                                       read back as "" (builders.record_to_clip).
 
 World frame of the procedural scenes: y up, floor at y = 0 (other sources: their own).
 """
@@ -102,4 +109,23 @@ def validate_clip(clip: Mapping[str, Any], where: str) -> Clip:
     if tracks.ndim != 3 or tracks.shape[1:] != (t, 3):
       raise InputError(where, "object_tracks", f"expected shape (K, {t}, 3), got {tracks.shape}")
     out["object_tracks"] = tracks
+  # Every validated clip has one: "" when the source gives none.
+  out["caption"] = "" if clip.get("caption") is None else check_caption(clip["caption"], where)
   return out
+
+
+def check_caption(caption: Any, where: str) -> str:
+  """A clip's ``caption`` as a python str (bytes and 0-d string arrays, as npz files and
+  TFDS give them, are decoded); InputError for anything else or text with NUL bytes."""
+  if isinstance(caption, np.ndarray) and caption.ndim == 0 and caption.dtype.kind in "US":
+    caption = caption.item()
+  if isinstance(caption, bytes):
+    try:
+      caption = caption.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise InputError(where, "caption", f"not UTF-8 text ({e})") from None
+  if not isinstance(caption, str):
+    raise InputError(where, "caption", f"expected a string, got {type(caption).__name__}")
+  if "\x00" in caption:
+    raise InputError(where, "caption", "holds NUL bytes: not text")
+  return caption.strip()

@@ -3,7 +3,8 @@ r"""Pre-encodes a built posed-clip dataset into Wan latent clips, once.
   python -m data_pipelines.encode_latents --data_dir=DIR --dataset=procedural_rooms \
       --vae=EXPORT/vae --output_dir=LATENTS [--resolution=704,1280 --target_frames=33 \
       --preceding_frames=8 --num_references=0 --windows_per_clip=1 \
-      --text_embeddings=captions.npz --empty_text=empty.npy --num_shards=1]
+      --text_encoder=UMT5_EXPORT --tokenizer=UMT5_TOKENIZER --text_len=512 --num_shards=1]
+  # Or embeddings made elsewhere: --text_embeddings=captions.npz --empty_text=empty.npy
   # On Beam workers (as data_pipelines.build): --beam_runner=... --beam_options=...
 
 Each window of ``preceding_frames + target_frames`` video frames becomes one record
@@ -19,12 +20,26 @@ The records of clip ``i`` go to ``<split>-<k>-of-<n>.array_record`` with ``k = i
 (``--num_shards`` n), in clip order: every runner and worker count writes the same files.
 This process then writes ``metadata.json`` (last: it marks the folder complete),
 ``control_latents.npy`` (the VACE control channels for this window's latent frames) and
-``empty_text.npy`` (from ``--empty_text``; without it training uses the base export's, or
-umT5 of "" by the config's text encoder, and zeros, with a warning, only when neither is
-known).
+``empty_text.npy`` (umT5 of "" by ``--text_encoder``, or ``--empty_text``; without either
+training uses the base export's, or umT5 of "" by the config's text encoder, and zeros, with a
+warning, only when neither is known).
 
-Captions: ``--text_embeddings`` is an ``.npz`` of ``clip_id -> (Lt, D)`` embeddings (umT5-xxl:
-512 x 4096; no text encoder runs here). Clips without one get ``has_text = False``.
+Captions. ``--text_encoder`` (a ``python -m mirage_jax.convert_text`` export) and
+``--tokenizer`` (its ``google/umt5-xxl`` folder): each clip's ``caption`` (the source
+dataset's, ``data_pipelines/clip.py``) is encoded by umT5 BEFORE the Beam pipeline, in this
+process, as a JAX job on its devices: the distinct captions ``--text_batch`` at a time, jitted
+at one shape, the encoder's params sharded over the local devices (``PromptEncoder.
+encode_batch``). The embeddings (the real tokens) go to ``caption_embeddings.npz`` in the
+output folder (``clip_id -> (Lt_i, D)`` float32, written one array at a time), which the
+Beam workers then read as they read ``--text_embeddings``. (Why not on the Beam workers: see
+docs/DESIGN.md, "Caption embeddings".) Or ``--text_embeddings``: an ``.npz`` of
+``clip_id -> (Lt <= text_len, D)`` embeddings made elsewhere.
+
+Each record's ``text`` is its embedding zero-padded to ``(text_len, D)`` (the reference's
+``WanPrompter``: real tokens, zeros past the prompt's length) and ``has_text`` True; a clip
+with an empty caption (or no entry in ``--text_embeddings``) gets the empty prompt's real
+embedding (umT5 of ""; with ``--text_embeddings``: ``--empty_text`` when given, else zeros)
+and ``has_text = False``, which training treats as a dropped caption.
 
 References (``--num_references`` R > 0): among the clip's frames outside the window (every
 2nd, as the reference's candidates), the R with the largest voxel IoU (voxels of 0.1 m, the
@@ -56,6 +71,7 @@ from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+CAPTION_EMBEDDINGS = "caption_embeddings.npz"  # written with --text_encoder
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -78,8 +94,16 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_string("empty_text", "", ".npy (Lt, D): the empty prompt's embedding.",
                       flag_values=fv)
-  flags.DEFINE_integer("text_len", 512, "Lt when no embeddings are given.", flag_values=fv)
-  flags.DEFINE_integer("text_dim", 4096, "D when no embeddings are given.", flag_values=fv)
+  flags.DEFINE_string("text_encoder", "", "umT5 export (python -m mirage_jax.convert_text) "
+                      "that encodes each clip's caption (with --tokenizer).", flag_values=fv)
+  flags.DEFINE_string("tokenizer", "", "The text encoder's tokenizer folder (google/umt5-xxl).",
+                      flag_values=fv)
+  flags.DEFINE_integer("text_batch", 8, "Captions per umT5 call (--text_encoder).",
+                       flag_values=fv)
+  flags.DEFINE_integer("text_len", 512, "Lt: tokens a caption is padded to (the DiT's "
+                       "config.denoiser.text_len).", flag_values=fv)
+  flags.DEFINE_integer("text_dim", 4096, "D: the DiT's text_dim (--text_encoder's width must "
+                       "match; without captions, the width of the empty text).", flag_values=fv)
   flags.DEFINE_integer("num_shards", 1, "ArrayRecord files per split (a file's writer holds "
                        "its records in memory: at scale, ~1000 clips per file).", flag_values=fv)
   flags.DEFINE_string("beam_runner", "", "Beam runner (data_pipelines.build's); empty: in "
@@ -200,8 +224,12 @@ def _prepare(record, where: str, resolution) -> dict[str, np.ndarray]:
 
 def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
                 target_frames: int, preceding_frames: int, num_references: int,
-                windows_per_clip: int, texts: dict, text_shape: tuple[int, int]) -> list[bytes]:
-  """The encoded records (``latent_clips.encode_record``) of one source clip's windows."""
+                windows_per_clip: int, texts: dict, text_shape: tuple[int, int],
+                empty: np.ndarray | None = None) -> list[bytes]:
+  """The encoded records (``latent_clips.encode_record``) of one source clip's windows.
+
+  ``texts``: clip_id -> (Lt <= text_len, D) caption embedding; ``empty`` (text_len, D): the
+  empty prompt's, the text of clips without one (None: zeros)."""
   from mirage_jax.memory import mirage  # pylint: disable=g-import-not-at-top
   length = preceding_frames + target_frames
   pre_used = 1 + 4 * ((preceding_frames - 1) // 4)  # what the causal encoder consumes
@@ -235,6 +263,12 @@ def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
     static = ((ex["dynamic_masks"][ids] == 0) & np.isfinite(ex["depths"][ids])
               & (ex["depths"][ids] > 0))
     text = texts.get(ex["clip_id"])
+    if text is not None:
+      text = np.asarray(text)
+      if text.ndim != 2 or text.shape[1] != text_shape[1] or not 1 <= len(text) <= text_shape[0]:
+        raise InputError(ex["clip_id"], "text_embeddings", f"shape {text.shape}, expected "
+                         f"(Lt <= {text_shape[0]}, {text_shape[1]})")
+      text = pad_text(text, text_shape[0])
     refs = np.asarray(refs, np.int64)
     record = {
         "target_latents": tgt_lat.astype(_BF16),
@@ -246,14 +280,12 @@ def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
         "poses_c2w": ex["poses_c2w"][ids].astype(np.float32),
         "ref_intrinsics": ex["intrinsics"][refs].astype(np.float32).reshape(-1, 3, 3),
         "ref_poses_c2w": ex["poses_c2w"][refs].astype(np.float32).reshape(-1, 4, 4),
-        "text": (np.asarray(text).astype(_BF16) if text is not None
-                 else np.zeros(text_shape, _BF16)),
+        # No caption: the empty prompt's embedding (zeros only when none is known).
+        "text": (text if text is not None else empty if empty is not None
+                 else np.zeros(text_shape, np.float32)).astype(_BF16),
         "has_text": np.bool_(text is not None),
         "clip_index": np.int32(index),
     }
-    if record["text"].shape != tuple(text_shape):
-      raise InputError(ex["clip_id"], "text_embeddings", f"shape {record['text'].shape}, "
-                       f"expected {tuple(text_shape)}")
     out.append(latent_clips.encode_record(record))
   return out
 
@@ -296,6 +328,49 @@ def _write_shard(shard_and_clips, *, output_dir: str, split: str, num_shards: in
   return count
 
 
+def pad_text(emb: np.ndarray, length: int) -> np.ndarray:
+  """(Lt <= length, D) -> (length, D) float32, zeros past Lt (the reference's padding: the
+  Wan world model's ``load_or_pad``)."""
+  from mirage_jax.families.wan import world_model  # pylint: disable=g-import-not-at-top
+  return world_model.load_or_pad(emb, emb.shape[1], length)
+
+
+def source_captions(data_dir: str, dataset: str, config_name: str,
+                    splits) -> dict[str, str]:
+  """clip_id -> caption of every clip of ``splits`` of the source dataset (those with one)."""
+  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+  builder = builders.load(data_dir, dataset, config_name)
+  if "caption" not in builder.info.features:
+    return {}  # built before captions: none to encode
+  out = {}
+  for split in splits:
+    source = builder.as_data_source(split)
+    for i in range(len(source)):
+      clip = builders.record_to_clip(source[i])
+      if clip["caption"]:
+        out[clip["clip_id"]] = clip["caption"]
+  return out
+
+
+def write_caption_embeddings(path: str, captions: dict[str, str], encoder,
+                             batch_size: int) -> int:
+  """Encodes the distinct captions (``encoder.encode_batch``) and writes ``path``: an .npz of
+  clip_id -> (Lt_i, D) float32, one array at a time (tmp name, then rename). Returns the
+  number of distinct captions."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  distinct = sorted(set(captions.values()))
+  by_caption = {}
+  for i in range(0, len(distinct), 64 * batch_size):  # bounded host memory at scale
+    group = distinct[i:i + 64 * batch_size]
+    by_caption.update(zip(group, encoder.encode_batch(group, batch_size=batch_size)))
+  with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    for clip_id in sorted(captions):
+      with z.open(clip_id + ".npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, by_caption[captions[clip_id]], allow_pickle=False)
+  os.replace(path + ".tmp", path)
+  return len(distinct)
+
+
 def _open_texts(path: str):
   """The lazy ``clip_id -> (Lt, D)`` mapping of a ``--text_embeddings`` .npz ({} without)."""
   if not path:
@@ -310,6 +385,7 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
         resolution=None, target_frames: int = 33, preceding_frames: int = 8,
         num_references: int = 0, windows_per_clip: int = 1,
         splits=("train", "validation"), text_embeddings: str = "", empty_text: str = "",
+        text_encoder: str = "", tokenizer: str = "", text_batch: int = 8,
         text_len: int = 512, text_dim: int = 4096, num_shards: int = 1,
         beam_runner: str = "", beam_options=()) -> dict[str, int]:
   """Encodes the dataset on Beam (see the module docstring).
@@ -330,20 +406,35 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
   if os.path.exists(os.path.join(output_dir, latent_clips.METADATA)):
     raise InputError(output_dir, "output_dir", "already holds complete latent clips; choose "
                      "another --output_dir (nothing was changed)")
+  from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  encoder = None
+  if prompts.check_pair(text_encoder, tokenizer):
+    for flag, value in (("--text_embeddings", text_embeddings), ("--empty_text", empty_text)):
+      if value:
+        raise InputError(flag, flag[2:], "give --text_encoder/--tokenizer (captions encoded "
+                         f"here) or {flag} (embeddings made elsewhere), not both")
+    if text_batch < 1 or text_len < 1:
+      raise InputError("--text_batch", "text_batch", f"need text_batch >= 1 and text_len >= 1, "
+                       f"got {text_batch}, {text_len}")
+    # An encoder of another width than --text_dim (the DiT's text input), a tokenizer of
+    # another vocabulary, an unreadable export: refused before anything is written.
+    prompts.check_width(text_encoder, text_dim)
+    encoder = prompts.PromptEncoder(text_encoder, tokenizer, length=text_len)
+    text_dim = encoder.dim
   options = builders.beam_options(beam_runner, beam_options)
   model, _ = load_vae(vae)  # Here too: a bad export is the user's one-line error.
   texts = _open_texts(text_embeddings)
   if texts:
-    text_len, text_dim = texts[next(iter(texts.keys()))].shape
+    text_dim = texts[next(iter(texts.keys()))].shape[1]
   empty = None
   if empty_text:
     try:
       empty = np.load(empty_text, allow_pickle=False)
     except (OSError, ValueError) as e:
       raise InputError(empty_text, "empty_text", f"unreadable .npy ({e})") from e
-    if empty.shape != (text_len, text_dim):
+    if empty.ndim != 2 or empty.shape[1] != text_dim or not 1 <= len(empty) <= text_len:
       raise InputError(empty_text, "empty_text", f"shape {empty.shape}, expected "
-                       f"{(text_len, text_dim)}")
+                       f"(Lt <= {text_len}, {text_dim})")
   builder = builders.load(data_dir, dataset, config_name)
   sizes = {s: builder.info.splits[s].num_examples for s in splits}
   try:
@@ -352,9 +443,21 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
       os.remove(stale)  # Of an incomplete earlier run (no metadata.json): replaced below.
   except OSError as e:
     raise InputError(output_dir, "output_dir", f"cannot write there ({e})") from e
+  captions = {}
+  if encoder is not None:  # the captions, on this process's devices (module docstring)
+    t0 = time.perf_counter()
+    empty = encoder.empty()  # umT5 of "": the text of uncaptioned clips, never zeros
+    captions = source_captions(data_dir, dataset, config_name, splits)
+    text_embeddings = os.path.join(output_dir, CAPTION_EMBEDDINGS)
+    distinct = write_caption_embeddings(text_embeddings, captions, encoder, text_batch)
+    logging.info("umT5: %d captions (%d distinct) of %d-token prompts in %.1f s",
+                 len(captions), distinct, text_len, time.perf_counter() - t0)
+  if empty is not None:
+    empty = pad_text(np.asarray(empty, np.float32), text_len)
   settings = dict(resolution=resolution, target_frames=target_frames,
                   preceding_frames=preceding_frames, num_references=num_references,
-                  windows_per_clip=windows_per_clip, text_shape=(text_len, text_dim))
+                  windows_per_clip=windows_per_clip, text_shape=(text_len, text_dim),
+                  empty=empty)
   # Workers open the source themselves (a local folder must be one they all see).
   source_dir = (data_dir if "://" in data_dir else os.path.abspath(data_dir), dataset, config_name)
   t0 = time.perf_counter()
@@ -391,6 +494,9 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
               target_frames=target_frames, preceding_frames=preceding_frames,
               target_latent_frames=lat_t, preceding_latent_frames=lat_p,
               num_references=num_references, text_len=text_len, text_dim=text_dim,
+              text_encoder=os.path.abspath(text_encoder) if text_encoder else "",
+              tokenizer=os.path.abspath(tokenizer) if tokenizer else "",
+              captioned_clips=len(captions) if encoder is not None else None,
               intrinsics="pixels of the encoded images", num_shards=num_shards,
               frame_pairing="latent k of a chunk starting at video frame s uses frame s + 4k")
   tmp = os.path.join(output_dir, latent_clips.METADATA + ".tmp")
@@ -413,7 +519,8 @@ def main(argv) -> int:
     if not f[name].value:
       raise InputError(f"--{name}", name, "is required")
   # Written with local renames and globs; training reads a gs:// copy of the output.
-  for name in ("data_dir", "vae", "output_dir", "text_embeddings", "empty_text"):
+  for name in ("data_dir", "vae", "output_dir", "text_embeddings", "empty_text", "text_encoder",
+               "tokenizer"):
     paths.require_local(f[name].value, f"--{name}", "encode on a local disk, then copy the "
                         "output folder up")
   res = [int(x) for x in f.resolution] if f.resolution else None
@@ -422,6 +529,7 @@ def main(argv) -> int:
                preceding_frames=f.preceding_frames, num_references=f.num_references,
                windows_per_clip=f.windows_per_clip, splits=tuple(f.splits),
                text_embeddings=f.text_embeddings, empty_text=f.empty_text,
+               text_encoder=f.text_encoder, tokenizer=f.tokenizer, text_batch=f.text_batch,
                text_len=f.text_len, text_dim=f.text_dim, num_shards=f.num_shards,
                beam_runner=f.beam_runner, beam_options=f.beam_options)
   print(f"wrote {counts} latent clips to {f.output_dir}")

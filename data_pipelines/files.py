@@ -20,6 +20,14 @@ a file made from fewer frames than cameras (e.g. only ``first_frame.png``): such
 input for ``generate`` (which reads frame 0 and the cameras; the Wan family every depth),
 not training data (``posed_files`` builds refuse it).
 
+Captions (optional; the text the Wan family's umT5 encodes, ``clip["caption"]``): a
+non-empty ``caption`` string inside a ``geometry.npz``, else a UTF-8 text file beside the clip file:
+``<stem>.caption.txt`` (e.g. ``room0.caption.txt`` for ``room0.npz`` or ``room0.txt``), else
+``caption.txt`` in the same folder (the reference's one-folder-per-clip layout: ``geometry.npz``,
+``clip.mp4``, ``caption.txt``). Its lines are joined by spaces; none of these: no caption.
+Caption files are not ``.txt`` camera files: ``find_clips`` skips them. (``<stem>.txt`` is
+not used for captions, as ``.txt`` beside the clips already means a RealEstate10K camera file.)
+
 Missing depth: RealEstate10K has none. Its clips get ``depths`` filled with the constant
 ``PLACEHOLDER_DEPTH`` (so they pass the clip format's depth > 0 check) and the extra field
 ``has_depth = False``; every clip read here carries ``has_depth`` (() bool), and consumers
@@ -48,6 +56,7 @@ from mirage_jax.errors import InputError
 VIDEO_SUFFIXES = (".mp4", ".gif", ".avi")
 # The reference's names for the frames of a geometry.npz without them, in its folder.
 REFERENCE_VIDEO, REFERENCE_FIRST_FRAME = "clip.mp4", "first_frame.png"
+CAPTION_FILE, CAPTION_SUFFIX = "caption.txt", ".caption.txt"
 # Frame rate of a file that gives none (the reference's inference files have no fps).
 DEFAULT_FPS = 30.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -157,6 +166,9 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
       raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
   _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "dynamic_masks", "object_tracks",
                                 "has_depth", *KNOWN_FIELDS))
+  caption = arrays.get("caption")  # an empty one (a clip saved without) defers to a file
+  if caption is None or (caption.dtype.kind in "US" and not str(caption.item()).strip()):
+    caption = read_caption_beside(path)
   depths = arrays["depths"]
   if depths.ndim != 3:
     raise InputError(path, "depths", f"expected shape (T, H, W), got {depths.shape}")
@@ -182,7 +194,7 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
     intrinsics = np.broadcast_to(intrinsics, (t, 3, 3))
   clip = dict(frames=frames, depths=depths, intrinsics=intrinsics, poses_c2w=arrays["poses_c2w"],
               fps=arrays["fps"], dynamic_masks=arrays.get("dynamic_masks"),
-              object_tracks=arrays.get("object_tracks"))
+              object_tracks=arrays.get("object_tracks"), caption=caption)
   clip = validate_clip(clip, str(path))
   clip["has_depth"] = np.bool_(arrays.get("has_depth", True))
   for key in KNOWN_FIELDS:
@@ -452,12 +464,35 @@ def load_re10k(path: str | os.PathLike) -> Clip:
   intrinsics, c2w = _re10k_geometry(path, rows, h, w)
   fps = 1e6 / float(np.median(np.diff(stamps)))
   clip = validate_clip(dict(frames=frames, depths=np.full((t, h, w), PLACEHOLDER_DEPTH, np.float32),
-                            intrinsics=intrinsics, poses_c2w=c2w, fps=fps), str(path))
+                            intrinsics=intrinsics, poses_c2w=c2w, fps=fps,
+                            caption=read_caption_beside(path)), str(path))
   clip["has_depth"] = np.bool_(False)
   return clip
 
 
 # ----------------------------------------------------------------------------- folders
+
+
+def is_caption_file(path: Path) -> bool:
+  return path.name == CAPTION_FILE or path.name.endswith(CAPTION_SUFFIX)
+
+
+def read_caption_beside(path: Path) -> str | None:
+  """The caption of clip file ``path`` from ``<stem>.caption.txt`` or ``caption.txt`` beside
+  it (module docstring), lines joined by spaces; None without either. InputError (naming the
+  caption file) for one that is not UTF-8 text."""
+  for name in (path.stem + CAPTION_SUFFIX, CAPTION_FILE):
+    caption = path.parent / name
+    if caption.is_file():
+      try:
+        text = caption.read_bytes().decode("utf-8")
+      except (OSError, UnicodeDecodeError) as e:
+        raise InputError(caption, "caption", f"not a readable UTF-8 text file ({e})") from None
+      if "\x00" in text:
+        raise InputError(caption, "caption", "holds NUL bytes: not a text file")
+      return " ".join(line.strip() for line in text.splitlines() if line.strip())
+  return None
+
 
 
 def load_clip(path: str | os.PathLike) -> Clip:
@@ -471,12 +506,14 @@ def load_clip(path: str | os.PathLike) -> Clip:
 
 
 def find_clips(directory: str | os.PathLike) -> list[Path]:
-  """All clip files (``*.npz``, ``*.txt``) under ``directory``, recursively, in sorted order."""
+  """All clip files (``*.npz``, ``*.txt`` but caption files) under ``directory``,
+  recursively, in sorted order."""
   directory = Path(directory)
   if not directory.is_dir():
     raise InputError(directory, "source_dir", "is not a directory")
   found = sorted(p for p in directory.rglob("*")
-                 if p.suffix in (".npz", ".txt") and p.is_file() and not p.name.startswith("."))
+                 if p.suffix in (".npz", ".txt") and p.is_file() and not p.name.startswith(".")
+                 and not is_caption_file(p))
   if not found:
     raise InputError(directory, "source_dir", "holds no .npz or .txt clip files")
   return found

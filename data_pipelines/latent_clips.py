@@ -5,7 +5,10 @@ dataset); training on the Wan family reads these and never encodes pixels. A dat
 
   DIR/metadata.json                      shapes, source, VAE export, frame pairing
   DIR/control_latents.npy                (Tl + Pl, h, w, 48) f32: the encoded all-ones video
-  DIR/empty_text.npy                     optional (Lt, D): the empty prompt's embedding
+  DIR/empty_text.npy                     optional (Lt, D): the empty prompt's embedding (umT5
+                                         of "", zero-padded; with --text_encoder always)
+  DIR/caption_embeddings.npz             with --text_encoder: clip_id -> (Lt_i, D) float32
+                                         umT5 of each captioned clip (real tokens only)
   DIR/<split>-<k>-of-<n>.array_record    records written by process k of n
 
 One record (one window of a clip; ``L = Tl + Pl`` latent frames in the model's order, the
@@ -21,7 +24,10 @@ target's first):
                                               the memory backends rescale them to latent cells
   poses_c2w          (L, 4, 4)      float32   OpenCV camera-to-world
   ref_intrinsics     (R, 3, 3), ref_poses_c2w (R, 4, 4)
-  text               (Lt, D)        bfloat16  caption embedding (umT5-xxl: 512 x 4096); zeros
+  text               (Lt, D)        bfloat16  caption embedding (umT5-xxl: 512 x 4096), zeros
+                                              past the caption's tokens (the reference's
+                                              WanPrompter); no caption: the empty prompt's
+                                              embedding (zeros only when none was known)
   has_text           ()             bool      False: no caption; training uses the empty prompt
   clip_index         ()             int32
 
@@ -121,6 +127,15 @@ class LatentClips:
 
   def __getstate__(self):
     return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
+
+
+def read_metadata(data_dir: str) -> dict:
+  """``DIR/metadata.json`` ({} when absent)."""
+  path = os.path.join(str(data_dir), METADATA)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def load_side_array(data_dir: str, name: str) -> np.ndarray | None:

@@ -5,7 +5,10 @@
 A Wan-family DiT run: ``--text_encoder=<convert_text export> --tokenizer=<google/umt5-xxl
 folder>`` encodes the empty prompt once and stores it as ``empty_text.npy`` in the export
 (``denoiser.empty_text``, with ``denoiser.text_encoder`` / ``denoiser.tokenizer``), which
-generation and training then use instead of zeros.
+generation and training then use instead of zeros. Without the flags, a Wan DiT run trained
+on latent clips whose captions ``data_pipelines.encode_latents --text_encoder`` encoded stores
+that dataset's ``empty_text.npy`` (the embedding its dropped captions became) and names its
+text encoder and tokenizer, so ``generate --prompt`` runs from the export with no more flags.
 
 Several processes (``jax.distributed``, the flags of ``mirage_jax.main``): process 0 writes
 the export, the same files one process writes, and the others wait for it.
@@ -80,6 +83,38 @@ def text_files(output: str, text_encoder: str | None, tokenizer: str | None):
   return update, files
 
 
+def dataset_text_files(output: str):
+  """(update_config, add_files) for a Wan DiT run without ``--text_encoder``: when its
+  config sets no ``denoiser.empty_text`` and its latent dataset holds ``empty_text.npy`` (what
+  the stage's dropped captions became), that file goes into the export as
+  ``denoiser.empty_text``, and the dataset's text encoder and tokenizer
+  (``metadata.json``, written by ``encode_latents --text_encoder``) become
+  ``denoiser.text_encoder`` / ``denoiser.tokenizer`` where the config names none. Any other
+  run: unchanged."""
+  found = {}
+
+  def update(config: dict, params):
+    del params
+    c = ml_collections.ConfigDict(config)
+    d = c.get("denoiser")
+    if (families.family_name(c) != "wan" or c.get("stage") != "denoiser" or d is None
+        or c.data.get("dataset") != "wan_latents" or d.get("empty_text")):
+      return config
+    from data_pipelines import latent_clips  # pylint: disable=g-import-not-at-top
+    empty = latent_clips.load_side_array(c.data.data_dir, latent_clips.EMPTY_TEXT)
+    if empty is None:
+      return config
+    found["empty_text.npy"] = empty
+    meta = latent_clips.read_metadata(c.data.data_dir)
+    denoiser = dict(config["denoiser"], empty_text=paths.join(_absolute(output),
+                                                              "empty_text.npy"))
+    if meta.get("text_encoder") and not d.get("text_encoder"):
+      denoiser.update(text_encoder=meta["text_encoder"], tokenizer=meta["tokenizer"])
+    return dict(config, denoiser=denoiser)
+
+  return update, lambda config: dict(found)
+
+
 def _absolute(path: str) -> str:
   return path if paths.is_remote(path) else os.path.abspath(path)
 
@@ -97,6 +132,8 @@ def _main() -> int:
                      f"{batches}")
   text_update, text_add = text_files(output, _FLAGS["text_encoder"].value,
                                      _FLAGS["tokenizer"].value)
+  if text_update is None:
+    text_update, text_add = dataset_text_files(output)
   update = None
   if batches:
     # pylint: disable=g-import-not-at-top

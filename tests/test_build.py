@@ -38,7 +38,8 @@ def fake_renderers(monkeypatch):
     if seed in calls.fail_on:
       raise RuntimeError(f"renderer died on seed {seed}")
     calls.seeds.append(seed)
-    return synthetic_clip(seed, num_frames, height, width, moving_objects)
+    return {**synthetic_clip(seed, num_frames, height, width, moving_objects),
+            "caption": f"room {seed}" if seed % 2 else ""}
 
   def rollout_clip(seed, num_frames, height, width, maze_size=9):
     return synthetic_clip(seed + 1000 * maze_size, num_frames, height, width)
@@ -73,6 +74,7 @@ def test_records_equal_the_generated_clips(tmp_path):
       i = int(record["index"])
       clip = synthetic_clip(i, 8, 16, 16, moving_objects=2)
       assert record["clip_id"] == f"seed{i}" and record["has_depth"]
+      assert record["caption"] == (f"room {i}" if i % 2 else "")
       for key in CLIP_FIELDS:
         np.testing.assert_array_equal(record[key], clip[key], err_msg=key)
         assert record[key].dtype == np.asarray(clip[key]).dtype, key
@@ -80,6 +82,25 @@ def test_records_equal_the_generated_clips(tmp_path):
   loaded = builders.load(str(tmp_path), "procedural_rooms")
   assert {s: loaded.info.splits[s].num_examples for s in builders.SPLITS} == {"train": 4, "validation": 1, "test": 1}
   np.testing.assert_array_equal(_records(loaded, "test")[0]["frames"], _records(builder, "test")[0]["frames"])
+
+
+def test_dataset_built_before_captions_reads_empty_captions(tmp_path, monkeypatch):
+  """A dataset whose records have no ``caption`` feature (built before it) still loads; its
+  clips read back with caption ""."""
+  features, to_record = builders.clip_features, builders.to_record
+
+  def without_caption(*a):
+    return tfds.features.FeaturesDict({k: v for k, v in features(*a).items() if k != "caption"})
+
+  with monkeypatch.context() as m:
+    m.setattr(builders, "clip_features", without_caption)
+    m.setattr(builders, "to_record", lambda *a: {k: v for k, v in to_record(*a).items()
+                                                 if k != "caption"})
+    build.build("procedural_rooms", str(tmp_path), num_clips=3, frames_per_clip=2, resolution=8)
+  loaded = builders.load(str(tmp_path), "procedural_rooms")
+  assert "caption" not in loaded.info.features
+  [clip] = _records(loaded, "test")
+  assert clip["caption"] == "" and clip["frames"].shape == (2, 8, 8, 3)
 
 
 def test_rebuild_with_the_same_config_reuses(tmp_path, fake_renderers):
@@ -97,7 +118,7 @@ def test_other_config_at_the_same_place_is_refused_and_untouched(tmp_path):
   before = _tree_digest(tmp_path)
   with pytest.raises(InputError) as info:
     build.build("procedural_rooms", str(tmp_path), **{**TINY, "resolution": 8})
-  assert "resolution" in str(info.value) and "default/1.0.0" in str(info.value)
+  assert "resolution" in str(info.value) and "default/1.1.0" in str(info.value)
   assert _tree_digest(tmp_path) == before
   # Another config name is another dataset, side by side.
   _, reused = build.build("procedural_rooms", str(tmp_path), "small", **{**TINY, "resolution": 8})
@@ -236,7 +257,7 @@ def test_cli_refuses_a_different_existing_dataset_with_one_line(tmp_path):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-  assert "procedural_rooms/default/1.0.0" in lines[0] and "field 'resolution'" in lines[0]
+  assert "procedural_rooms/default/1.1.0" in lines[0] and "field 'resolution'" in lines[0]
   assert _tree_digest(tmp_path) == before
 
 
@@ -267,7 +288,7 @@ def test_cli_main_builds_then_reuses(tmp_path, capsys):
       assert build.main(flags.FLAGS(args)) == 0
   out = capsys.readouterr().out.splitlines()
   done = [line for line in out if line.startswith(("built", "reused"))]
-  assert done[0].startswith(f"built {tmp_path}/procedural_rooms/default/1.0.0 (train 4, validation 1, test 1) ")
+  assert done[0].startswith(f"built {tmp_path}/procedural_rooms/default/1.1.0 (train 4, validation 1, test 1) ")
   assert done[1].startswith("reused the complete dataset")
 
 

@@ -233,6 +233,15 @@ COMMANDS: dict[str, Doc] = {
         "needs a Wan VAE export; tests/test_wan_pipeline.py", loose=True,
         example="python -m data_pipelines.encode_latents --data_dir=DIR --vae=EXPORT/vae "
                 "--output_dir=LATENTS"),
+    "table_encode_captions": Doc(
+        r"python -m data_pipelines\.encode_latents --data_dir=\S+ --vae=\S+ --output_dir=\S+ "
+        r"--text_encoder=\S+ --tokenizer=\S+", R, "dry",
+        "needs a Wan VAE export and the umT5-xxl encoder (11 GiB); tests/test_wan_train.py "
+        "encodes a captioned procedural dataset with a tiny random umT5 and a tokenizer it "
+        "trains", loose=True,
+        example="python -m data_pipelines.encode_latents --data_dir=DIR --vae=EXPORT/vae "
+                "--output_dir=LATENTS --text_encoder=UMT5_EXPORT "
+                "--tokenizer=Wan2.2-TI2V-5B/google/umt5-xxl"),
     "table_wan_finetune": Doc(
         r"python -m mirage_jax\.main --config=experiments/mirage_wan22_5b\.py:\S+ .*--workdir=\S+", R,
         "dry", f"the 5B fine-tune {POD_WHY}; the tiny Wan run is main_job --family=wan "

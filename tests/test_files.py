@@ -61,6 +61,33 @@ def test_save_then_load_round_trips_every_field(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["geometry.npz"]  # No temp file left.
 
 
+def test_captions_from_the_npz_or_a_file_beside_it(tmp_path):
+  """``caption`` in the npz wins; else <stem>.caption.txt, else caption.txt; find_clips
+  does not take caption files for RealEstate10K camera files."""
+  (tmp_path / "a").mkdir()
+  files.save_geometry_npz(tmp_path / "a" / "geometry.npz", {**_clip(), "caption": " a red room "})
+  assert files.load_clip(tmp_path / "a" / "geometry.npz")["caption"] == "a red room"
+  (tmp_path / "b").mkdir()
+  files.save_geometry_npz(tmp_path / "b" / "geometry.npz", _clip())
+  assert files.load_clip(tmp_path / "b" / "geometry.npz")["caption"] == ""
+  (tmp_path / "b" / "caption.txt").write_text("a hallway,\n  then a door\n")
+  assert files.load_clip(tmp_path / "b" / "geometry.npz")["caption"] == "a hallway, then a door"
+  (tmp_path / "b" / "geometry.caption.txt").write_text("its own")
+  assert files.load_clip(tmp_path / "b" / "geometry.npz")["caption"] == "its own"
+  _write_re10k(tmp_path / "c.txt", synthetic_clip(7, 3, 6, 8))
+  (tmp_path / "c.caption.txt").write_text("a house")
+  assert files.load_clip(tmp_path / "c.txt")["caption"] == "a house"
+  assert [p.relative_to(tmp_path).as_posix() for p in files.find_clips(tmp_path)] == [
+      "a/geometry.npz", "b/geometry.npz", "c.txt"]
+  (tmp_path / "c.caption.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\x00")
+  with pytest.raises(InputError) as e:
+    files.load_clip(tmp_path / "c.txt")
+  assert e.value.field == "caption" and str(e.value.where).endswith("c.caption.txt")
+  assert "\n" not in str(e.value)
+  with pytest.raises(InputError, match="caption"):
+    files.load_geometry_npz(_write_npz(tmp_path / "n.npz", caption=np.arange(3)))
+
+
 def test_save_refuses_a_bad_clip_and_keeps_the_old_file(tmp_path):
   path = tmp_path / "geometry.npz"
   files.save_geometry_npz(path, _clip())

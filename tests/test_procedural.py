@@ -176,6 +176,24 @@ def test_same_seed_same_bytes_other_seed_differs():
     assert np.asarray(a[key]).tobytes() == np.asarray(b[key]).tobytes(), key
   c = render_clip(4, 8, 24, 32, trajectory="random", moving_objects=1)
   assert not np.array_equal(a["frames"], c["frames"])
+  assert a["caption"] != c["caption"]  # the caption says what differs
+
+
+def test_caption_describes_the_scene():
+  """The caption is made from the scene's own parameters: its path, rooms, the starting
+  room's wall colour, and each moving object (kind and colour)."""
+  from data_pipelines.procedural import clips  # pylint: disable=g-import-not-at-top
+  clip = validate_clip(render_clip(0, 12, 8, 8, trajectory="forward", moving_objects=2), "clip")
+  scene = clips.build_scene(0)
+  text = clip["caption"]
+  assert text.startswith("A camera moves forward through an indoor scene of "
+                         f"{len(scene.rooms)} room"), text
+  assert text.endswith(" move across the view.") and text.count(" and a ") >= 1, text
+  still = render_clip(0, 2, 8, 8, trajectory="pan")["caption"]
+  assert "pans around" in still and "across the view" not in still
+  assert clips.colour_name((1.0, 0.0, 0.0)) == "red"
+  assert clips.colour_name((0.1, 0.1, 0.4)) == "dark blue"
+  assert clips.colour_name((0.9, 0.9, 0.9)) == "white"
 
 
 def test_bad_arguments_raise_input_error():

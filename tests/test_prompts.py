@@ -94,6 +94,19 @@ def test_encode_is_the_model_on_the_real_tokens(enc, text):
   assert not np.allclose(got[0][-1], got[2][-1])  # different prompts, different embeddings
 
 
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_encode_batch_equals_one_at_a_time(enc, batch_size):
+  """Batched over the host's devices (8 in the tests: a batch of 8 is split over them, a
+  batch of 2 replicated; the params sharded by their logical axes): each prompt's embedding
+  is the one it gets alone."""
+  texts = [PROMPT, "", "forest", "a long corridor with red walls and a wooden floor"]
+  alone = enc.encode(texts)
+  got = enc.encode_batch(texts, batch_size=batch_size)
+  assert [g.shape for g in got] == [a.shape for a in alone]
+  for g, a in zip(got, alone):
+    np.testing.assert_allclose(g, a, rtol=1e-5, atol=1e-5)
+
+
 def test_tokenizer_of_another_encoder_refused(text):
   with pytest.raises(InputError) as e:
     prompts.PromptEncoder(text["big_vocab"], text["tokenizer"])

@@ -1,5 +1,7 @@
 """Wan-family fine-tuning on CPU: a tiny random "pretrained" Wan2.2 converted by convert_wan,
-a procedural dataset pre-encoded to latent clips, VACE + LoRA trained on the frozen base."""
+a procedural dataset (with its generated captions) pre-encoded to latent clips and caption
+embeddings (a tiny random umT5 export and a tokenizer trained here), VACE + LoRA trained on
+the frozen base with the default 10% caption dropout."""
 
 from __future__ import annotations
 
@@ -62,11 +64,17 @@ def _make_world(d: Path) -> None:
                       configs=wan22_ti2v_5b.export_configs("tiny"))
   build.build("procedural_rooms", str(d / "data"), num_clips=8, frames_per_clip=16,
               resolution=64)
+  from tests.test_prompts import write_encoder  # pylint: disable=g-import-not-at-top
+  from tests.test_text_tokenizer import make_tokenizer_folder  # pylint: disable=g-import-not-at-top
+  (d / "tokenizer").mkdir()
+  text = dict(encoder=write_encoder(str(d / "umt5")),
+              tokenizer=str(make_tokenizer_folder(d / "tokenizer")))
   counts = encode_latents.run(
       data_dir=str(d / "data"), dataset="procedural_rooms", config_name="default",
       vae=str(d / "export" / "vae"), output_dir=str(d / "latents"), target_frames=TARGET,
-      preceding_frames=PRECEDING, text_len=8, text_dim=32)
-  (d / "counts.json").write_text(json.dumps(counts))
+      preceding_frames=PRECEDING, text_len=8, text_dim=32, text_encoder=text["encoder"],
+      tokenizer=text["tokenizer"], text_batch=4)
+  (d / "world.json").write_text(json.dumps(dict(counts=counts, **text)))
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +82,8 @@ def world(tmp_path_factory):
   """The tiny Wan world of :func:`_make_world`, built once per run (this file and
   tests/test_wan_pretrain.py use it)."""
   d = made_once(tmp_path_factory, "wan_world", _make_world)
-  return dict(dir=d, counts=json.loads((d / "counts.json").read_text()),
-              base=str(d / "export" / "dit"), vae=str(d / "export" / "vae"),
-              latents=str(d / "latents"))
+  return dict(dir=d, base=str(d / "export" / "dit"), vae=str(d / "export" / "vae"),
+              latents=str(d / "latents"), **json.loads((d / "world.json").read_text()))
 
 
 def _config(world, **train_kw):
@@ -149,9 +156,10 @@ def test_latent_clips_match_a_direct_encoding(world):
   assert rec["target_latents"].shape == (3, 4, 4, 48)
   assert rec["preceding_latents"].shape == (2, 4, 4, 48)
   assert rec["depths"].shape == (5, 4, 4) and rec["intrinsics"].shape == (5, 3, 3)
-  assert not rec["has_text"] and rec["text"].shape == (8, 32)
+  assert rec["has_text"] and rec["text"].shape == (8, 32)
   clip = builders.record_to_clip(builders.load(str(world["dir"] / "data"), "procedural_rooms")
                                  .as_data_source("train")[int(rec["clip_index"])])
+  assert clip["caption"].startswith("A camera ")
   vae, _ = encode_latents.load_vae(world["vae"])
   frames = clip["frames"].astype(np.float32) / 127.5 - 1.0
   want = np.asarray(wan_vae.jit_encode(vae, jnp.asarray(frames[PRECEDING:PRECEDING + TARGET][None]))[0])
@@ -164,22 +172,69 @@ def test_latent_clips_match_a_direct_encoding(world):
   np.testing.assert_allclose(rec["depths"], depth, rtol=1e-6)
 
 
+def test_captions_are_encoded_into_the_records(world):
+  """Each record's text is umT5 of its clip's caption (real tokens, zeros past them, in
+  bf16); an empty caption gets umT5 of "" (never zeros) and has_text False; the dataset's
+  empty_text.npy is umT5 of "", padded."""
+  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
+  from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  enc = prompts.PromptEncoder(world["encoder"], world["tokenizer"], length=8)
+  source = builders.load(str(world["dir"] / "data"), "procedural_rooms").as_data_source("train")
+  src = latent_clips.LatentClips(world["latents"], "train")
+  captions = set()
+  for i in range(len(src)):
+    rec = src[i]
+    caption = builders.record_to_clip(source[int(rec["clip_index"])])["caption"]
+    captions.add(caption)
+    [want] = enc.encode([caption])
+    got = rec["text"].astype(np.float32)
+    assert rec["has_text"] and len(want) == 8  # truncated to text_len, </s> kept
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+  assert len(captions) == len(src)  # every room its own caption
+  empty = encode_latents.pad_text(enc.empty(), 8)
+  assert np.abs(empty[0]).max() > 0.1 and not np.any(empty[1:])
+  np.testing.assert_array_equal(np.load(os.path.join(world["latents"], latent_clips.EMPTY_TEXT)),
+                                empty)
+  assert src.metadata["text_encoder"] == os.path.abspath(world["encoder"])
+  assert src.metadata["captioned_clips"] == sum(world["counts"].values())
+  found = encode_latents.source_captions(str(world["dir"] / "data"), "procedural_rooms",
+                                         "default", ("train", "validation"))
+  assert len(found) == 7 and captions <= set(found.values())
+  # A clip whose caption is "" has no embedding: it gets the empty prompt's, flagged.
+  vae = lambda v: np.zeros((len(v), (v.shape[1] - 1) // 4 + 1, 4, 4, 48), np.float32)  # no VAE
+  [data] = encode_latents.encode_clip(
+      dict(source[0], caption=b""), 0, "uncaptioned", vae, resolution=None,
+      target_frames=TARGET, preceding_frames=PRECEDING, num_references=0, windows_per_clip=1,
+      texts={}, text_shape=(8, 32), empty=empty)
+  rec = latent_clips.decode_record(data)
+  assert not rec["has_text"]
+  np.testing.assert_array_equal(rec["text"], empty.astype(rec["text"].dtype))
+
+
 # ----------------------------------------------------------------------------- training
 
 
-def test_train_loss_falls(world, tmp_path):
+def test_train_loss_falls(world, tmp_path, monkeypatch):
+  """Captioned latent clips, 10% caption dropout: the loss falls; the export holds the
+  trained params and the dataset's text encoder and empty prompt, and a prompt given to the
+  exported model reaches its DiT (with CFG: the stored empty prompt as the negative)."""
   workdir = str(tmp_path / "run")
   out = loop_lib.train_and_evaluate(_config(world, steps=120, log_every=20), workdir)
   losses = [m["loss"] for m in _metrics(workdir)]
   assert len(losses) == 6 and np.isfinite(losses).all()
   assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
   assert out["memory_coverage"] > 0.5  # the first target frame's splat covers the others
+  dropped = np.mean([m["caption_dropped"] for m in _metrics(workdir)])
+  assert 0.0 < dropped < 0.3, dropped  # every clip has a caption: ~10% dropped
 
   # The export holds the trained params only and points at the base; load_dit rebuilds the
-  # whole DiT from both.
+  # whole DiT from both. Without --text_encoder it names the latent dataset's.
+  from mirage_jax import export as export_cli  # pylint: disable=g-import-not-at-top
   export = str(tmp_path / "export")
-  checkpoint.export_params(workdir, export)
+  checkpoint.export_params(workdir, export, **dict(zip(
+      ("update_config", "add_files"), export_cli.dataset_text_files(export))))
   params, cfg, _ = checkpoint.load_export(export)
+  check_prompt_reaches_the_dit(export, world, monkeypatch)
   assert cfg.denoiser.base_checkpoint == world["base"]
   flat = wan_exports.flat_paths(params)
   assert all(p[0] == "vace" or p[-1] in ("lora_a", "lora_b") for p in flat)
@@ -190,6 +245,41 @@ def test_train_loss_falls(world, tmp_path):
     np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
   for p, v in flat.items():
     np.testing.assert_array_equal(np.asarray(state[p]), np.asarray(v))
+
+
+def check_prompt_reaches_the_dit(export: str, world, monkeypatch) -> None:
+  """``generate --prompt`` from a fine-tune export with no text flags: the export names the
+  dataset's text encoder and stores its empty prompt; one sampled chunk with CFG feeds the
+  DiT umT5 of the prompt and that empty prompt (recorded at ``conditioning.predict``)."""
+  from mirage_jax import families  # pylint: disable=g-import-not-at-top
+  from mirage_jax.families.wan import world_model as wan_wm  # pylint: disable=g-import-not-at-top
+  from mirage_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  cfg = checkpoint.export_config(export)
+  assert cfg.denoiser.text_encoder == os.path.abspath(world["encoder"])
+  assert cfg.denoiser.empty_text == os.path.join(export, latent_clips.EMPTY_TEXT)
+  empty = np.load(os.path.join(world["latents"], latent_clips.EMPTY_TEXT))
+  np.testing.assert_array_equal(np.load(cfg.denoiser.empty_text), empty)
+  prompt = "a camera walks a loop through blue rooms"
+  options = families.world_model(cfg).sampling_options(cfg, prompt=prompt, guidance_scale=3.0)
+  [want] = prompts.PromptEncoder(world["encoder"], world["tokenizer"], length=8).encode([prompt])
+  seen = []
+  predict = wan_mirage.predict
+
+  def spy(dit, refs, x, prec, sigmas, text, vace, **kw):
+    jax.debug.callback(lambda t: seen.append(np.asarray(t)[0]), text)
+    return predict(dit, refs, x, prec, sigmas, text, vace, **kw)
+
+  monkeypatch.setattr(wan_mirage, "predict", spy)
+  config, vae, dit = wan_wm.WorldModel.load(export)
+  wm = wan_wm.WorldModel(config, vae, dit, **options)
+  frames = np.zeros((1, 64, 64, 3), np.uint8)
+  wm.sample_chunk(jax.random.key(0), wm.encode(frames)[0],
+                  jnp.zeros((wm.settings.latents,) + wm.latent_hw + (48,)))
+  texts = {t.tobytes(): t for t in seen}
+  assert len(texts) == 2, len(texts)  # the prompt and the CFG negative, nothing else
+  got = sorted(texts.values(), key=lambda t: float(np.abs(t - empty).max()))
+  np.testing.assert_array_equal(got[0], empty)
+  np.testing.assert_allclose(got[1], encode_latents.pad_text(want, 8), rtol=1e-5, atol=1e-5)
 
 
 def train_steps(config, latents: str, steps: int) -> dict:
@@ -370,6 +460,31 @@ def test_bad_inputs(world, tmp_path):
     loop_lib.train_and_evaluate(c, str(tmp_path / "w"))
   with pytest.raises(InputError, match="encode_latents"):
     latent_clips.LatentClips(str(tmp_path), "train")
+
+
+def test_encode_latents_refuses_bad_text_inputs(world, tmp_path):
+  """A text encoder of another width than --text_dim, a tokenizer of another vocabulary, one
+  of --text_encoder/--tokenizer, captions given two ways: one line each, before anything
+  is written."""
+  from tests.test_prompts import write_encoder  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "refused"
+  common = dict(data_dir=str(world["dir"] / "data"), dataset="procedural_rooms",
+                config_name="default", vae=world["vae"], output_dir=str(out),
+                target_frames=TARGET, preceding_frames=PRECEDING, text_len=8, text_dim=32)
+  cases = (
+      (dict(text_encoder=write_encoder(str(tmp_path / "wide"), dim=64),
+            tokenizer=world["tokenizer"]), "text_encoder.dim", "wide"),
+      (dict(text_encoder=write_encoder(str(tmp_path / "vocab"), vocab_size=1024),
+            tokenizer=world["tokenizer"]), "vocab_size", "vocab"),
+      (dict(tokenizer=world["tokenizer"]), "text_encoder", "--text_encoder"),
+      (dict(text_encoder=world["encoder"], tokenizer=world["tokenizer"],
+            text_embeddings=str(tmp_path / "captions.npz")), "text_embeddings", "--text_emb"),
+  )
+  for kwargs, field, where in cases:
+    with pytest.raises(InputError) as e:
+      encode_latents.run(**common, **kwargs)
+    assert e.value.field == field and where in str(e.value.where), e.value
+    assert "\n" not in str(e.value) and not out.exists()
 
 
 @pytest.mark.slow

@@ -85,18 +85,21 @@ def test_wan_sample_sigmas_schemes():
 
 
 class _Spy:
-  """Stands in for the DiT: records the timesteps and predicts zeros."""
+  """Stands in for the DiT: records the timesteps and the text and predicts zeros."""
 
   def __init__(self):
-    self.timesteps = None
+    self.timesteps = self.text = None
 
   def __call__(self, latents, timesteps, text, **_):
-    self.timesteps = np.asarray(timesteps)
+    self.timesteps, self.text = np.asarray(timesteps), np.asarray(text)
     return jnp.zeros(latents.shape, jnp.float32)
 
 
 @pytest.mark.parametrize("scheme", ["per_frame", "per_example"])
 def test_wan_stage_sends_the_scheme_to_the_dit(scheme):
+  """The noise-level scheme reaches the DiT's timesteps; and its text is the frozen
+  empty-prompt embedding (a sentinel here, not zeros) for uncaptioned and dropped rows,
+  the caption for the others."""
   config = mirage_wan22_5b.get_config("tiny")
   config.train.noise_levels = scheme
   config.data.batch_size = 4
@@ -106,12 +109,22 @@ def test_wan_stage_sends_the_scheme_to_the_dit(scheme):
   rng = np.random.default_rng(1)
   batch["text"] = jnp.asarray(rng.normal(size=(b, config.denoiser.text_len, stage.cfg.text_dim)),
                               jnp.float32)
-  batch["has_text"] = jnp.ones((b,), bool)
+  batch["has_text"] = jnp.asarray(np.arange(b) % 2 == 0)
   batch["reference_latents"] = jnp.zeros((b, 0) + batch["target_latents"].shape[2:])
   frozen = {k: jnp.zeros(v.shape, v.dtype) for k, v in stage.frozen.items() if k != "base"}
+  sentinel = rng.normal(size=frozen["empty_text"].shape).astype(np.float32) + 7.0
+  frozen["empty_text"] = jnp.asarray(sentinel)
   spy = _Spy()
-  loss, _ = stage.loss(spy, frozen, batch, jax.random.key(2))
+  key = jax.random.key(2)
+  loss, metrics = stage.loss(spy, frozen, batch, key)
   assert np.isfinite(float(loss))
+  _, drop = stage.caption_text(batch["text"], batch["has_text"], frozen["empty_text"],
+                               jax.random.split(key, 4)[2])  # the loss's own draw
+  drop = np.asarray(drop)
+  assert drop[1::2].all() and float(metrics["caption_dropped"]) == drop.mean()
+  for row in range(b):
+    np.testing.assert_array_equal(spy.text[row], sentinel if drop[row]
+                                  else np.asarray(batch["text"][row]))
   r, t = stage.num_reference, stage.num_target
   target = spy.timesteps[:, r:r + t]
   assert np.all(target[:, 0] == 0)  # first frame clean under every scheme
@@ -128,4 +141,38 @@ def test_wan_bad_noise_levels_config_is_named():
   config.train.noise_levels = "mixed"
   config.train.noise_levels_mixed_prob = 1.5
   with pytest.raises(InputError, match=r"noise_levels_mixed_prob"):
+    wan_stage.WanStage(config, "abstract")
+
+
+# ----------------------------------------------------------------------------- caption dropout
+
+
+def test_caption_dropout_replaces_the_fraction_p_with_the_empty_prompt():
+  """config.denoiser.caption_dropout p (0.1 by default, the reference's): about p of the
+  rows become the empty-prompt embedding exactly, the others stay the caption exactly; the
+  same step key drops the same rows; a row without a caption is always the empty prompt."""
+  config = mirage_wan22_5b.get_config("tiny")
+  assert config.denoiser.caption_dropout == 0.1
+  stage = wan_stage.WanStage(config, "abstract")
+  n, lt, dim = 2000, config.denoiser.text_len, stage.cfg.text_dim
+  rng = np.random.default_rng(0)
+  text = jnp.asarray(rng.normal(size=(n, lt, dim)), jnp.float32)
+  empty = jnp.asarray(rng.normal(size=(lt, dim)) + 3.0, jnp.float32)  # a sentinel, not zeros
+  has = np.ones(n, bool)
+  has[:50] = False
+  fn = jax.jit(stage.caption_text)
+  drops = []
+  for seed in range(5):
+    out, drop = (np.asarray(x) for x in fn(text, jnp.asarray(has), empty, jax.random.key(seed)))
+    np.testing.assert_array_equal(out[drop], np.broadcast_to(empty, (drop.sum(), lt, dim)))
+    np.testing.assert_array_equal(out[~drop], np.asarray(text)[~drop])
+    assert drop[:50].all()
+    drops.append(drop[50:])
+  frac = np.mean(drops)  # 9750 draws: std 0.003
+  assert abs(frac - 0.1) < 0.015, frac
+  assert not np.array_equal(drops[0], drops[1])  # another key, other rows
+  again = np.asarray(fn(text, jnp.asarray(has), empty, jax.random.key(0))[1])
+  np.testing.assert_array_equal(again[50:], drops[0])  # deterministic given the key
+  config.denoiser.caption_dropout = 1.5
+  with pytest.raises(InputError, match="caption_dropout"):
     wan_stage.WanStage(config, "abstract")

@@ -155,7 +155,8 @@ def render_clip(seed: int, num_frames: int, height: int, width: int, *, trajecto
     fov_y_deg: vertical field of view.
     fps: frame rate; objects move in m/s, so it sets their per-frame motion.
   Returns:
-    A clip dict in the format of data_pipelines/clip.py, with ``object_tracks (K, T, 3)``.
+    A clip dict in the format of data_pipelines/clip.py, with ``object_tracks (K, T, 3)``
+    and a ``caption`` (:func:`describe`) of the scene, path and objects.
   """
   where = "render_clip"
   if num_frames < 2:
@@ -191,4 +192,63 @@ def render_clip(seed: int, num_frames: int, height: int, width: int, *, trajecto
       "fps": np.float32(fps),
       "dynamic_masks": np.concatenate([p[2] for p in parts]),
       "object_tracks": tracks,
+      "caption": describe(scene, poses, trajectory),
   }
+
+
+# ----------------------------------------------------------------------------- captions
+
+_PATTERN_WORDS = {layout.PLAIN: "plain", layout.CHECKER: "checkered", layout.STRIPES: "striped",
+                  layout.BRICKS: "brick", layout.NOISE: "mottled", layout.PLANKS: "wooden plank",
+                  layout.OCTANTS: "patterned"}
+_PATH_WORDS = {"forward": "moves forward", "pan": "pans around", "corner": "turns a corner",
+               "orbit": "circles", "loop": "walks a loop"}
+# Upper hue bound (HSV, [0, 1)) of each colour name; red wraps around.
+_HUES = ((0.04, "red"), (0.11, "orange"), (0.18, "yellow"), (0.45, "green"), (0.54, "teal"),
+         (0.70, "blue"), (0.83, "purple"), (0.95, "pink"), (1.01, "red"))
+
+
+def colour_name(rgb) -> str:
+  """A plain-English name of an RGB colour in [0, 1]^3 (``white``, ``dark blue``, ...)."""
+  import colorsys  # pylint: disable=g-import-not-at-top
+  h, s, v = colorsys.rgb_to_hsv(*(float(c) for c in rgb))
+  if s < 0.2:
+    return "white" if v > 0.8 else "black" if v < 0.25 else "grey"
+  name = next(n for bound, n in _HUES if h < bound)
+  return f"dark {name}" if v < 0.45 else f"light {name}" if s < 0.4 and v > 0.75 else name
+
+
+def _surface(scene: Scene, mat: int) -> str:
+  return f"{colour_name(scene.mat_c1[mat])} {_PATTERN_WORDS[int(scene.mat_pattern[mat])]}"
+
+
+def _count(n: int, word: str, plural: str = "") -> str:
+  return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def describe(scene: Scene, poses_c2w: np.ndarray, trajectory: str) -> str:
+  """A one-paragraph caption from the scene's own parameters: the camera path, the rooms,
+  the walls and floor where the path starts, furniture, pillars and posters, and the moving
+  objects; so clips of different seeds get different captions that say what they show."""
+  rooms, halls = len(scene.rooms), len(scene.hallways)
+  start = int(scene.region_at(poses_c2w[0, [0, 2], 3].astype(np.float64)))
+  wall, floor, _ = (int(m) for m in scene.region_mats[max(start, 0)])
+  place = "a hallway" if start >= rooms else "a room"
+  furniture = int(np.sum(scene.box_mat != layout.ARCH))
+  parts = [f"A camera {_PATH_WORDS.get(trajectory, 'moves')} through an indoor scene of "
+           f"{_count(rooms, 'room')} joined by {_count(halls, 'hallway')}, starting in {place} "
+           f"with {_surface(scene, wall)} walls and a {_surface(scene, floor)} floor.",
+           f"There are {_count(furniture, 'piece', 'pieces')} of furniture, "
+           f"{_count(len(scene.cyl_r), 'pillar')} and {_count(len(scene.poster_shape), 'poster')}"
+           " on the walls."]
+  movers = []
+  for obj in scene.objects:
+    kind = ("figure" if len(obj.box_lo) and len(obj.sph_r) else "ball" if len(obj.sph_r)
+            else "box")
+    mat = int(obj.box_mat[-1] if len(obj.box_lo) else obj.sph_mat[0])
+    movers.append(f"a {colour_name(scene.mat_c1[mat])} {kind}")
+  if movers:
+    verb = "moves" if len(movers) == 1 else "move"
+    listed = movers[0] if len(movers) == 1 else ", ".join(movers[:-1]) + " and " + movers[-1]
+    parts.append(f"{listed[0].upper()}{listed[1:]} {verb} across the view.")
+  return " ".join(parts)

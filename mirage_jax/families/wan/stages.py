@@ -95,6 +95,9 @@ class WanStage(StageBase):
     if d.preceding_frames < 0 or d.reference_frames < 0:
       raise InputError("config.denoiser", "preceding_frames", "must be >= 0 (and "
                        "reference_frames >= 0)")
+    if not 0.0 <= float(d.caption_dropout) <= 1.0:
+      raise InputError("config.denoiser", "caption_dropout", f"a probability in [0, 1], got "
+                       f"{d.caption_dropout}")
     self.uses_vace = bool(self.cfg.vace)  # False: a plain Wan DiT, no memory, no VACE input
     if self.uses_vace and d.memory_write not in self.MEMORY_WRITE:
       raise InputError("config.denoiser", "memory_write", f"expected one of "
@@ -348,13 +351,24 @@ class WanStage(StageBase):
       vace = self.wm.vace_context(memory, frozen["control"],
                                   coverage if d.vace_coverage else None)
       metrics["memory_coverage"] = coverage.astype(jnp.float32).mean()
-    drop = jax.random.bernoulli(k_drop, d.caption_dropout, (b,)) | ~batch["has_text"]
-    text = self.wm.caption_or_empty(batch["text"], frozen["empty_text"], drop)
+    text, drop = self.caption_text(batch["text"], batch["has_text"], frozen["empty_text"],
+                                   k_drop)
     refs = batch["reference_latents"] if self.num_reference else None
     pred = self.wm.predict(model, refs, noisy, batch["preceding_latents"], sigmas, text, vace,
                            deterministic=False, rngs=nnx.Rngs(dropout=k_lora))
     loss = self.wm.flow_loss(pred, x0, noise, d.first_frame_clean)
     return loss, dict(metrics, caption_dropped=drop.astype(jnp.float32).mean())
+
+  def caption_text(self, text: jax.Array, has_text: jax.Array, empty: jax.Array,
+                   rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Caption dropout: the DiT's text (B, Lt, D), each row of ``text`` replaced by the
+    empty-prompt embedding ``empty`` (Lt, D) with probability
+    ``config.denoiser.caption_dropout`` (one Bernoulli draw of ``rng`` per row, so the same
+    step key drops the same rows) and wherever ``has_text`` (B,) is False; and the (B,) bool
+    rows replaced."""
+    p = float(self.config.denoiser.caption_dropout)
+    drop = jax.random.bernoulli(rng, p, has_text.shape) | ~has_text.astype(bool)
+    return self.wm.caption_or_empty(text, empty, drop), drop
 
   def step_flops(self, batch_size: int) -> float:
     h, w = self.latent_hw

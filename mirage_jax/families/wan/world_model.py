@@ -717,6 +717,7 @@ class TextEncoders:
   def __init__(self, config: ml_collections.ConfigDict, text_encoder: str | None = None,
                tokenizer: str | None = None):
     self.text_dim = int(config.denoiser.model.text_dim)
+    self.length = text_length(config)  # prompts truncated to the DiT's text input
     self.encoder = (text_encoder, "--text_encoder") if text_encoder else text_setting(
         config, "text_encoder")
     self.tokenizer = (tokenizer, "--tokenizer") if tokenizer else text_setting(
@@ -738,7 +739,7 @@ class TextEncoders:
                          "convert_text export) and its tokenizer folder: give --text_encoder "
                          "and --tokenizer, or convert the DiT with them")
     prompts.check_width(self.encoder[0], self.text_dim)
-    self._loaded = prompts.PromptEncoder(self.encoder[0], self.tokenizer[0])
+    self._loaded = prompts.PromptEncoder(self.encoder[0], self.tokenizer[0], length=self.length)
     return self._loaded
 
 
