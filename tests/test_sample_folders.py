@@ -189,3 +189,40 @@ def test_build_on_two_workers_skips_broken_folders_and_reads_back_exactly(tmp_pa
   shutil.rmtree(source / "00000000")  # even if the source changed meanwhile
   _, reused = build.build("reference_samples", data_dir, source_dir=str(source), num_clips=0)
   assert reused and _tree_digest(Path(data_dir)) == built
+
+
+def test_latent_static_mask_keeps_holes_and_their_bilinear_neighbours_out():
+  from data_pipelines import encode_latents  # pylint: disable=g-import-not-at-top
+  valid = np.ones((1, 8, 8), np.uint8)
+  valid[0, 0, 0] = 0  # one hole in the top-left 2x2 block of latent cell (0, 0)
+  dyn = np.zeros((1, 8, 8), np.uint8)
+  dyn[0, 6:, 6:] = 1  # latent cell (3, 3) moves
+  got = encode_latents.latent_static_mask(dyn, valid, 4, 4)[0]
+  want = np.ones((4, 4), bool)
+  want[0, 0] = want[3, 3] = False
+  np.testing.assert_array_equal(got, want)
+  valid[0, 3, 3] = 0  # a hole that cell (1, 1)'s bilinear taps (rows/cols 2..3) blend in
+  assert not encode_latents.latent_static_mask(dyn, valid, 4, 4)[0, 1, 1]
+
+
+def test_reference_frames_are_picked_with_the_reference_rule_and_defaults():
+  from data_pipelines import encode_latents as el  # pylint: disable=g-import-not-at-top
+  from mirage_jax import geometry  # pylint: disable=g-import-not-at-top
+  assert (el.REF_VOXEL_SIZE, el.REF_IOU_THRESHOLD, el.REF_MAX_COUNT, el.REF_STRIDE, el.REF_MIN_GAP) == (
+      0.1, 0.04, 8, 2, 2)  # the reference's data_config: 10 x 0.01, eps_iou, max_refs, K_ref_stride
+  assert el.reference_candidates(12, range(4, 8)) == [0, 1, 2, 9, 10, 11]
+  # A camera sliding sideways along a wall 2 m ahead, 0.6 m per frame; targets 0 and 8.
+  n, h, w = 9, 32, 32
+  c2w = np.stack([geometry.look_at([0.6 * i, 0, 0], [0.6 * i, 0, 1], up=(0, -1, 0)) for i in range(n)])
+  K = np.broadcast_to(geometry.intrinsics_from_fov(60.0, h, w), (n, 3, 3))
+  depths = np.full((n, h, w), 2.0, np.float32)
+  pick = lambda cands, targets, **kw: el.select_references(depths, K, c2w, cands, targets, **kw)
+  picked, ious = pick(list(range(1, 8)), [0, 8], stride=1)
+  assert picked == [1, 7, 2, 6, 3, 5]  # best first; frame 4 (half way) is below IoU 0.04
+  # Scored per target frame (frame 1 against frame 0 alone), not against the targets' union.
+  assert ious[0] == pick([1], [0], stride=1)[1][0] == pytest.approx(0.6)
+  assert pick(list(range(1, 8)), [0, 8])[0] == [1, 7, 3, 5]  # default stride 2: 1, 3, 5, 7
+  assert pick(list(range(1, 8)), [0, 8], max_refs=2)[0] == [1, 7]
+  keep = np.ones((n, h, w), bool)
+  keep[1] = False  # frame 1 all moving or holes: no points, no overlap
+  assert 1 not in pick([1, 7], [0, 8], keep=keep, stride=1)[0]
