@@ -291,13 +291,14 @@ def _encode_png(image: np.ndarray) -> bytes:
 
 def write_sample_folder(folder: str | os.PathLike, clip: Mapping[str, Any], *,
                         sample_meta: Mapping[str, Any] | None = None,
-                        entry_order: np.ndarray | None = None) -> None:
+                        entry_order: np.ndarray | None = None, lossless: bool = True) -> None:
   """Writes a clip as a sample folder (module docstring); each file atomically.
 
   Depth holes (``depth_valid`` 0) are written as 0 (not > 0: a hole for the reference too);
   depth is stored as half floats, as ViPE writes it, so depth round-trips exactly only when it
   is representable in float16. The video is lossless RGB (libx264rgb, qp 0), so frames
-  round-trip exactly (the reference's clips are lossy yuv420p).
+  round-trip exactly; ``lossless=False`` writes it as the reference's clips are (libx264,
+  yuv420p).
 
   Args:
     folder: created if needed.
@@ -311,8 +312,12 @@ def write_sample_folder(folder: str | os.PathLike, clip: Mapping[str, Any], *,
   t, h, w = c["depths"].shape
   folder.mkdir(parents=True, exist_ok=True)
   with atomic_output(folder / VIDEO) as tmp:
-    iio.imwrite(tmp, c["frames"], extension=".mp4", fps=float(c["fps"]), codec="libx264rgb",
-                output_params=["-qp", "0"], pixelformat="rgb24", macro_block_size=1)
+    if lossless:
+      iio.imwrite(tmp, c["frames"], extension=".mp4", fps=float(c["fps"]), codec="libx264rgb",
+                  output_params=["-qp", "0"], pixelformat="rgb24", macro_block_size=1)
+    else:
+      iio.imwrite(tmp, c["frames"], extension=".mp4", fps=float(c["fps"]), codec="libx264",
+                  pixelformat="yuv420p", macro_block_size=1)
   depths = np.where(c["depth_valid"] > 0, c["depths"], 0.0)
   for name, entries in ((DEPTH_ZIP, [(f"{i:05d}.exr", _encode_exr(depths[i])) for i in range(t)]),
                         (MASK_ZIP, [(f"{i:05d}.png", _encode_png(np.where(c["dynamic_masks"][i] > 0, 255, 0)

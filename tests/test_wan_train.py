@@ -161,6 +161,10 @@ def test_latent_clips_match_a_direct_encoding(world):
 def test_script_recipe_reads_the_same_latents_without_preceding(world):
   """The reference script's default recipe (no references, no preceding frames) trains on the
   paper recipe's latent dataset: the preceding latents are dropped at load."""
+  context = lambda c: (c.denoiser.preceding_frames, c.denoiser.reference_frames, c.data.drop_preceding)
+  assert context(mirage_wan22_5b.get_config()) == context(mirage_wan22_5b.get_config(
+      "ti2v_5b,v5p_128,paper")) == (8, 8, False)  # the paper's recipe is the default
+  assert context(mirage_wan22_5b.get_config("ti2v_5b,script")) == (0, 0, True)
   c = mirage_wan22_5b.get_config("tiny,script")
   c.denoiser.base_checkpoint, c.data.data_dir = world["base"], world["latents"]
   assert (c.denoiser.preceding_frames, c.denoiser.reference_frames, c.data.drop_preceding) == (0, 0, True)
