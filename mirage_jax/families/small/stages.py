@@ -56,14 +56,15 @@ class AutoencoderStage(StageBase):
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.frozen: dict = {}
-    self.fields = ("frames", "depths") + (
+    self.fields = ("frames", "depths", "depth_valid") + (
         ("dynamic_masks",) if config.autoencoder.get("dynamic_head_width", 0) else ())
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
     return autoencoder.Autoencoder(self.config.autoencoder, rngs)
 
   def loss(self, model, frozen, batch: Batch, rng):
-    """batch: frames (B, T, H, W, 3) in [-1, 1], depths (B, T, H, W)[, dynamic_masks (B, T, H, W)]."""
+    """batch: frames (B, T, H, W, 3) in [-1, 1], depths, depth_valid (B, T, H, W)[,
+    dynamic_masks (B, T, H, W)]."""
     del frozen
     b, t, h, w, _ = batch["frames"].shape
     flat = {k: v.reshape((b * t,) + v.shape[2:]) for k, v in batch.items() if k in self.fields}
