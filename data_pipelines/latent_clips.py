@@ -16,7 +16,8 @@ target's first):
   reference_latents  (R, h, w, 48)  bfloat16  earlier/later frames, each encoded alone
   depths             (L, h, w)      float32   z-depth at latent resolution (bilinear, half-pixel
                                               centres, no antialiasing, as the reference resizes)
-  static_masks       (L, h, w)      uint8     1 = static (nearest), 0 = moving or invalid
+  static_masks       (L, h, w)      uint8     1 = memory may take the cell: static (nearest) and
+                                              its depth observed (encode_latents.latent_static_mask)
   intrinsics         (L, 3, 3)      float32   in PIXELS of the encoded images (16 h x 16 w);
                                               the memory backends rescale them to latent cells
   poses_c2w          (L, 4, 4)      float32   OpenCV camera-to-world

@@ -163,7 +163,7 @@ def test_broken_folders_are_refused_with_one_line_naming_the_file(tmp_path):
   _assert_same_clip(got, good["00000002"])
 
 
-@pytest.mark.slow  # Starts Beam worker processes (~N s on 2 cores).
+@pytest.mark.slow  # Starts Beam worker processes (~35 s on the loaded 2-core machine).
 def test_build_on_two_workers_skips_broken_folders_and_reads_back_exactly(tmp_path):
   source = tmp_path / "samples"
   good, broken = make_folders(source)
