@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import re
 import shutil
@@ -16,8 +17,11 @@ from data_pipelines import build, builders, clip as clip_lib
 from mirage_jax.errors import InputError
 from tests.fixtures_util import synthetic_clip
 
-pytest.importorskip("OpenEXR")
-from data_pipelines import sample_folders as sf  # pylint: disable=g-import-not-at-top
+from data_pipelines import sample_folders as sf
+
+# The tests that write or read EXR depth need the "samples" extra (openexr).
+needs_exr = pytest.mark.skipif(not importlib.util.find_spec("OpenEXR"),
+                               reason="pip install -e '.[samples]' (openexr)")
 
 T, H, W = 5, 8, 12
 
@@ -67,6 +71,7 @@ def test_validate_clip_takes_depth_holes_only_through_depth_valid():
   assert clip_lib.liftable(np.array([0, 1, 0, 0]), np.array([1, 1, 0, 1])).tolist() == [True, False, False, True]
 
 
+@needs_exr
 def test_folder_round_trip_and_the_reference_conventions(tmp_path):
   clip = holey_clip(3)
   order = np.array([3, 0, 4, 1, 2])  # pose/intrinsics entries out of frame order
@@ -150,6 +155,7 @@ def make_folders(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
   return good, broken
 
 
+@needs_exr
 def test_broken_folders_are_refused_with_one_line_naming_the_file(tmp_path):
   good, broken = make_folders(tmp_path)
   for name, case in broken.items():
@@ -163,6 +169,7 @@ def test_broken_folders_are_refused_with_one_line_naming_the_file(tmp_path):
   _assert_same_clip(got, good["00000002"])
 
 
+@needs_exr
 @pytest.mark.slow  # Starts Beam worker processes (~35 s on the loaded 2-core machine).
 def test_build_on_two_workers_skips_broken_folders_and_reads_back_exactly(tmp_path):
   source = tmp_path / "samples"
