@@ -43,7 +43,9 @@ EXTRAS_REQUIRE = {
             # tests/test_text_tokenizer.py trains its umT5-style tokenizer with sentencepiece;
             # 0.2.0's model schema loads under the protobuf 6 that the pins above bring (0.2.3's
             # needs protobuf 7).
-            "sentencepiece==0.2.0"],
+            "sentencepiece==0.2.0",
+            # tests/test_sample_folders.py: the "samples" extra's pin.
+            "openexr==3.5.3"],
     # Numerical oracles for the Wan2.2, Depth Anything V2 and LPIPS parity tests (tests only,
     # never imported at run time). torch 2.13.0 is the CPU build; a looser pin pulls a multi-GB
     # CUDA build. transformers 5.25.0 leaves torch and diffusers at these pins. No torchvision:
@@ -60,6 +62,10 @@ EXTRAS_REQUIRE = {
     "gcs": ["gcsfs==2026.10.1"],
     # data_pipelines.build; --beam_runner=DataflowRunner needs apache-beam[gcp]==2.77.0.
     "beam": ["apache-beam==2.77.0"],
+    # --dataset=reference_samples: the reference's EXR depth maps (depth.zip). The OpenEXR
+    # project's own bindings (self-contained wheels, the module the reference imports);
+    # imageio reads EXR only through FreeImage, a binary it downloads at run time.
+    "samples": ["openexr==3.5.3"],
 }
 
 setup(

@@ -14,7 +14,10 @@ On several local processes, or on a cluster (README: "Dataset builds on Beam"):
 Every runner and worker count writes the same records (data_pipelines/builders.py).
 
 Files on disk: ``--dataset=posed_files --source_dir=FOLDER`` (geometry.npz / RealEstate10K
-.txt; --num_clips=0 takes every file).
+.txt; --num_clips=0 takes every file). The reference's sample folders (clip.mp4, depth.zip,
+pose.npz, ...; ``data_pipelines/sample_folders.py``): ``--dataset=reference_samples
+--source_dir=FOLDER --num_clips=0`` (needs the ``samples`` extra); a broken folder is skipped
+with a warning naming the file, the build goes on.
 
 Every build writes into a temporary folder renamed into place at the end: a build that dies
 leaves nothing that looks complete. A complete dataset with the same parameters is reused; one
@@ -32,17 +35,20 @@ from absl import app, flags, logging
 from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
-_DATASET = flags.DEFINE_string("dataset", None, "procedural_rooms | memory_maze | posed_files.")
+_DATASET = flags.DEFINE_string("dataset", None, "procedural_rooms | memory_maze | posed_files | "
+                               "reference_samples.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir to build into.")
 _CONFIG_NAME = flags.DEFINE_string("config_name", "default", "Name of this dataset config.")
-_NUM_CLIPS = flags.DEFINE_integer("num_clips", 16, "Clips over all splits (posed_files: 0 = all).")
+_NUM_CLIPS = flags.DEFINE_integer("num_clips", 16, "Clips over all splits (posed_files, "
+                                  "reference_samples: 0 = all).")
 _FRAMES = flags.DEFINE_integer("frames_per_clip", 64, "Frames per clip (renderers).")
 _RESOLUTION = flags.DEFINE_integer("resolution", 64, "Height = width in pixels (renderers).")
 _MOVING = flags.DEFINE_integer("moving_objects", 0, "Moving objects per room (procedural_rooms).")
 _TRAJECTORY = flags.DEFINE_string("trajectory", "loop", "Camera path (procedural_rooms).")
 _MAZE_SIZE = flags.DEFINE_integer("maze_size", 9, "Maze size (memory_maze).")
 _FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "Clip i is rendered with seed first_seed + i.")
-_SOURCE_DIR = flags.DEFINE_string("source_dir", "", "Folder of clip files (posed_files).")
+_SOURCE_DIR = flags.DEFINE_string("source_dir", "", "Folder of clip files (posed_files) or sample "
+                                  "folders (reference_samples).")
 _BEAM_RUNNER = flags.DEFINE_string(
     "beam_runner", "", "Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, "
     "...); empty: Beam's DirectRunner in this process.")

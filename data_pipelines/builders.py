@@ -6,6 +6,11 @@ One builder per source:
 * ``memory_maze``: ``data_pipelines.memory_maze.rollout_clip`` (needs the ``memory_maze`` extra).
 * ``posed_files``: every ``geometry.npz`` / RealEstate10K ``.txt`` under ``source_dir``
   (``data_pipelines/files.py``), in sorted path order.
+* ``reference_samples``: every sample folder of the reference's data pipeline (``clip.mp4``,
+  ``depth.zip``, ``pose.npz``, ... annotated by ViPE; ``data_pipelines/sample_folders.py``)
+  under ``source_dir``, in sorted path order. A broken folder is skipped, not fatal: its one-
+  line reason (naming the file) is logged as a warning and counted (Beam counter
+  ``skipped_clips``); the build goes on with the others.
 
 Each record is one clip in the format of ``data_pipelines/clip.py`` plus three fields; see
 ``clip_features`` for the feature spec. ``builder.as_data_source(split)`` returns a random-
@@ -86,9 +91,9 @@ def clip_features(num_frames: int | None, height: int | None, width: int | None)
   frames (T,H,W,3) uint8, depths (T,H,W) float32, intrinsics (T,3,3) float32 (pixels),
   poses_c2w (T,4,4) float32 (OpenCV c2w), fps () float32, dynamic_masks (T,H,W) uint8,
   object_tracks (K,T,3) float32 (K = 0 without moving objects), has_depth () bool (False:
-  depths are files.PLACEHOLDER_DEPTH), clip_id () text (bytes when read), index () int64,
-  caption () text ("" = none; bytes when read; absent from datasets built before it:
-  ``record_to_clip`` gives "").
+  depths are clip.PLACEHOLDER_DEPTH), depth_valid (T,H,W) uint8 (0 = a depth hole, holding
+  the placeholder), caption () text ("" = none; bytes when read; absent from datasets built
+  before it: ``record_to_clip`` gives ""), clip_id () text (bytes when read), index () int64.
   """
   t, h, w = num_frames, height, width
   tensor = tfds.features.Tensor
@@ -104,9 +109,10 @@ def clip_features(num_frames: int | None, height: int | None, width: int | None)
       # Zlib also because TFDS's BYTES decoding fails on an empty (K = 0) variable-shape array.
       "object_tracks": tensor(shape=(None, t, 3), dtype=np.float32, encoding=zlib),
       "has_depth": tfds.features.Scalar(dtype=np.bool_),
+      "depth_valid": tensor(shape=(t, h, w), dtype=np.uint8, encoding=zlib),
+      "caption": tfds.features.Text(),
       "clip_id": tfds.features.Text(),
       "index": tfds.features.Scalar(dtype=np.int64),
-      "caption": tfds.features.Text(),
   })
 
 
@@ -117,9 +123,10 @@ def to_record(clip: Clip, clip_id: str, index: int) -> dict[str, Any]:
       **{k: clip[k] for k in ("frames", "depths", "intrinsics", "poses_c2w", "fps", "dynamic_masks")},
       "object_tracks": clip.get("object_tracks", np.zeros((0, t, 3), np.float32)),
       "has_depth": bool(clip.get("has_depth", True)),
+      "depth_valid": clip.get("depth_valid", np.ones(clip["depths"].shape, np.uint8)),
+      "caption": str(clip.get("caption", "")),
       "clip_id": clip_id,
       "index": index,
-      "caption": str(clip.get("caption", "")),
   }
 
 
@@ -128,7 +135,8 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First release: posed clips with depth, poses, masks.",
-                   "1.1.0": "A caption per clip (\"\" where the source has none)."}
+                   "1.1.0": "A caption per clip (\"\" where the source has none) and the depth "
+                            "validity mask depth_valid (0 at depth holes)."}
   # Config fields that define this dataset (stored in metadata.json, compared on reuse).
   PARAMS: tuple[str, ...] = ()
 
@@ -163,13 +171,17 @@ class _ClipsBuilder(tfds.core.GeneratorBasedBuilder):
     """A picklable ``index -> (validated clip, clip_id)``; Beam ships it to the workers."""
     raise NotImplementedError
 
+  # True: a clip whose maker raises InputError is skipped (logged, counted), not fatal.
+  SKIP_BAD_CLIPS = False
+
   def _split_generators(self, dl_manager):
     del dl_manager
     n = self.num_clips()
     make = self.clip_maker()
     by_split = {split: [i for i in range(n) if split_of(i, n) == split] for split in SPLITS}
     # TFDS refuses empty splits (posed_files with fewer than 3 files has some).
-    return {split: _records_transform(indices, make) for split, indices in by_split.items() if indices}
+    return {split: _records_transform(indices, make, self.SKIP_BAD_CLIPS)
+            for split, indices in by_split.items() if indices}
 
   def _generate_examples(self):
     raise NotImplementedError("_split_generators returns the Beam transforms")
@@ -180,9 +192,26 @@ def _keyed_record(index: int, make: Callable[[int], tuple[Clip, str]]) -> tuple[
   return index, to_record(clip, clip_id, index)
 
 
-def _records_transform(indices: list[int], make: Callable[[int], tuple[Clip, str]]):
-  """Beam: () -> (index, record) of each clip index; Reshuffle spreads the clips over workers."""
+def _keyed_record_or_skip(index: int, make: Callable[[int], tuple[Clip, str]]):
+  """[(index, record)], or [] with a logged, counted reason when the clip is bad input."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  try:
+    return [_keyed_record(index, make)]
+  except InputError as e:
+    logging.warning("skipped clip %d: %s", index, e)
+    beam.metrics.Metrics.counter("reference_samples", "skipped_clips").inc()
+    return []
+
+
+def _records_transform(indices: list[int], make: Callable[[int], tuple[Clip, str]],
+                       skip_bad: bool = False):
+  """Beam: () -> (index, record) of each clip index; Reshuffle spreads the clips over workers.
+
+  ``skip_bad``: clips whose maker raises InputError are left out (see SKIP_BAD_CLIPS).
+  """
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  if skip_bad:
+    return beam.Create(indices) | beam.Reshuffle() | beam.FlatMap(_keyed_record_or_skip, make)
   return beam.Create(indices) | beam.Reshuffle() | beam.Map(_keyed_record, make)
 
 
@@ -268,7 +297,35 @@ class PosedFiles(_ClipsBuilder):
                              paths=tuple(str(p) for p in self._paths))
 
 
-BUILDERS = {b.name: b for b in (ProceduralRooms, MemoryMaze, PosedFiles)}
+def _sample_folder_clip(index: int, *, root: str, paths: tuple[str, ...]) -> tuple[Clip, str]:
+  from data_pipelines import sample_folders  # pylint: disable=g-import-not-at-top
+  path = Path(paths[index])
+  return sample_folders.read_sample_folder(path), path.relative_to(root).as_posix()
+
+
+class ReferenceSamples(PosedFiles):
+  """The reference's ViPE-annotated sample folders: video, EXR depth with holes, poses, masks, captions."""
+
+  SKIP_BAD_CLIPS = True
+
+  @functools.cached_property
+  def _paths(self) -> list[Path]:
+    from data_pipelines import sample_folders  # pylint: disable=g-import-not-at-top
+    root = Path(self.builder_config.source_dir)
+    found = sample_folders.find_sample_folders(root)
+    n = self.builder_config.num_clips
+    if n > len(found):
+      raise InputError(root, "num_clips", f"asked for {n} clips, the folder holds {len(found)}")
+    return found[:n] if n else found
+
+  def clip_maker(self):
+    sample_folders = importlib.import_module("data_pipelines.sample_folders")
+    sample_folders._exr()  # pylint: disable=protected-access  # here: a missing extra is one line
+    return functools.partial(_sample_folder_clip, root=self.builder_config.source_dir,
+                             paths=tuple(str(p) for p in self._paths))
+
+
+BUILDERS = {b.name: b for b in (ProceduralRooms, MemoryMaze, PosedFiles, ReferenceSamples)}
 
 
 # ----------------------------------------------------------------------------- build & load
@@ -282,7 +339,7 @@ def make_builder(dataset: str, data_dir: str, config_name: str = "default", **kw
   if dataset not in BUILDERS:
     raise InputError("--dataset", "dataset", f"unknown {dataset!r}; expected one of {sorted(BUILDERS)}")
   config = ClipsConfig(name=config_name, **kwargs)
-  if dataset != "posed_files" and config.num_clips < 3:
+  if dataset not in ("posed_files", "reference_samples") and config.num_clips < 3:
     raise InputError("--num_clips", "num_clips", f"need at least 3 (one per split), got {config.num_clips}")
   return BUILDERS[dataset](data_dir=data_dir, config=config)
 
@@ -432,14 +489,18 @@ def record_to_clip(record: dict[str, Any]) -> Clip:
   """A record read back -> the clip dict with NumPy scalars, ``clip_id`` and ``caption`` as
   str (``caption`` "" in datasets built before the field).
 
-  (``as_data_source`` returns scalars as Python float/bool/int and text as bytes.)
+  (``as_data_source`` returns scalars as Python float/bool/int and text as bytes.) Records of
+  datasets built before ``depth_valid`` and ``caption`` existed read as all-valid depth and
+  an empty caption.
   """
   clip = dict(record)
   clip["fps"] = np.float32(clip["fps"])
   clip["has_depth"] = np.bool_(clip["has_depth"])
   clip["index"] = np.int64(clip["index"])
-  if isinstance(clip["clip_id"], bytes):
-    clip["clip_id"] = clip["clip_id"].decode()
-  caption = clip.get("caption", b"")
-  clip["caption"] = caption.decode() if isinstance(caption, bytes) else str(caption)
+  for key in ("clip_id", "caption"):
+    if isinstance(clip.get(key), bytes):
+      clip[key] = clip[key].decode()
+  clip.setdefault("caption", "")
+  if clip.get("depth_valid") is None:
+    clip["depth_valid"] = np.ones(np.shape(clip["depths"]), np.uint8)
   return clip

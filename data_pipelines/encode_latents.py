@@ -41,11 +41,19 @@ with an empty caption (or no entry in ``--text_embeddings``) gets the empty prom
 embedding (umT5 of ""; with ``--text_embeddings``: ``--empty_text`` when given, else zeros)
 and ``has_text = False``, which training treats as a dropped caption.
 
-References (``--num_references`` R > 0): among the clip's frames outside the window (every
-2nd, as the reference's candidates), the R with the largest voxel IoU (voxels of 0.1 m, the
-reference's 10 x scene voxel) between their depth points and the target frames' points. The
-reference keeps only candidates above IoU 0.04 and so has a variable count; here R is fixed
-(the best R, whatever their IoU) so batches have one shape.
+References (``--num_references`` R > 0): picked as the reference's
+``reference_frames.select_reference_frames`` picks them, with its defaults: candidates are the
+clip's frames at least 2 frames outside the window (``REF_MIN_GAP``), every 2nd of them
+(``--ref_stride``) is scored by its largest voxel IoU (``--ref_voxel_size`` 0.1 m, the
+reference's 10 x scene voxel) with any one target frame, counting static pixels with observed
+depth only; those with IoU >= ``--ref_iou_threshold`` (0.04) are kept, best first, at most R
+(the reference's ``max_refs``, 8). The reference then has a variable count; here the R slots
+are fixed so batches have one shape: slots left over take the best candidates below the
+threshold (then the best again when the clip has fewer candidates than R).
+
+Depth holes (the clip's ``depth_valid``; all of a clip with ``has_depth`` False) never reach
+memory: a latent cell's ``static_masks`` is 0 unless its nearest pixel is static and every
+pixel its bilinear depth blends is observed (``latent_static_mask``).
 """
 
 from __future__ import annotations
@@ -54,10 +62,8 @@ import glob
 import json
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
@@ -87,6 +93,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("target_frames", 33, "Target video frames (1 + 4 k).", flag_values=fv)
   flags.DEFINE_integer("preceding_frames", 8, "Preceding video frames (>= 1).", flag_values=fv)
   flags.DEFINE_integer("num_references", 0, "Reference frames per window.", flag_values=fv)
+  flags.DEFINE_float("ref_voxel_size", REF_VOXEL_SIZE, "Voxel (m) of the reference-frame IoU "
+                     "(the reference's 10 x scene_voxel_size).", flag_values=fv)
+  flags.DEFINE_float("ref_iou_threshold", REF_IOU_THRESHOLD, "IoU a reference frame needs "
+                     "(the reference's eps_iou); slots left over take the best below it.",
+                     flag_values=fv)
+  flags.DEFINE_integer("ref_stride", REF_STRIDE, "Every n-th candidate frame is scored (the "
+                       "reference's K_ref_stride).", flag_values=fv)
   flags.DEFINE_integer("windows_per_clip", 1, "Windows per clip (consecutive, not "
                        "overlapping, from the clip's start).", flag_values=fv)
   flags.DEFINE_list("splits", ["train", "validation"], "Splits to encode.", flag_values=fv)
@@ -140,31 +153,82 @@ def resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
   return mask[:, rows][:, :, cols]
 
 
-def _voxels(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray, voxel: float) -> set:
-  """Voxel keys of the world points of one frame's depth (any resolution)."""
+def latent_static_mask(dynamic_masks: np.ndarray, depth_valid: np.ndarray, h: int, w: int
+                       ) -> np.ndarray:
+  """(F, H, W) object ids and depth validity -> (F, h, w) bool: the latent cells memory may
+  take (``clip.liftable`` at latent resolution).
+
+  Static by the nearest pixel (the reference's mask resize); observed depth only where every
+  bilinear tap of ``resize_depth`` is observed, so a cell's depth never blends a hole's
+  placeholder in (the reference's NaN holes propagate through its bilinear resize the same way).
+  """
+  static = resize_mask(clip_lib.liftable(dynamic_masks), h, w)
+  observed = resize_depth(np.asarray(depth_valid, np.float32), h, w) >= 1.0 - 1e-6
+  return static & observed
+
+
+# The reference's reference-frame selection (data_process/data_config.py, SampleConfig):
+# IoU voxels 10 x scene_voxel_size 0.01 m, eps_iou, max_refs, K_ref_stride,
+# min_gap_for_candidates.
+REF_VOXEL_SIZE, REF_IOU_THRESHOLD, REF_MAX_COUNT, REF_STRIDE, REF_MIN_GAP = 0.1, 0.04, 8, 2, 2
+
+
+def _voxels(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray, voxel: float,
+            keep: np.ndarray | None = None) -> set:
+  """Voxel keys of the world points of one frame's depth (any resolution); ``keep`` (H, W)
+  bool leaves out moving pixels and depth holes."""
   h, w = depth.shape
   v, u = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
   x = (u - K[0, 2]) / K[0, 0] * depth
   y = (v - K[1, 2]) / K[1, 1] * depth
   cam = np.stack([x, y, depth], -1).reshape(-1, 3)
   ok = np.isfinite(cam).all(-1) & (cam[:, 2] > 0)
+  if keep is not None:
+    ok &= np.asarray(keep, bool).reshape(-1)
   world = cam[ok] @ c2w[:3, :3].T + c2w[:3, 3]
   return set(map(tuple, np.floor(world / voxel).astype(np.int64)))
 
 
-def select_references(depths, K, c2w, candidates, targets, num: int, voxel: float = 0.1):
-  """The ``num`` candidate frames of largest voxel IoU with the union of the target frames."""
-  target = set().union(*(_voxels(depths[i], K[i], c2w[i], voxel) for i in targets))
-  scores = []
-  for c in candidates:
-    vox = _voxels(depths[c], K[c], c2w[c], voxel)
-    union = len(vox | target)
-    scores.append(len(vox & target) / union if union else 0.0)
-  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-  picked = [candidates[i] for i in order[:num]]
-  while len(picked) < num:  # fewer candidates than asked: repeat the best
-    picked.append(picked[-1] if picked else targets[0])
-  return picked
+def reference_candidates(num_frames: int, window: range, min_gap: int = REF_MIN_GAP) -> list[int]:
+  """The reference's candidates: frames outside the window (preceding + target frames) at
+  least ``min_gap`` frames from it (``sample_indices.sample_frame_indices``)."""
+  return [i for i in range(num_frames)
+          if i not in window and min(abs(i - window.start), abs(i - (window.stop - 1))) >= min_gap]
+
+
+def select_references(depths, K, c2w, candidates, targets, *, keep=None,
+                      voxel_size: float = REF_VOXEL_SIZE, iou_threshold: float = REF_IOU_THRESHOLD,
+                      max_refs: int = REF_MAX_COUNT, stride: int = REF_STRIDE):
+  """The reference's ``reference_frames.select_reference_frames``, with its defaults.
+
+  Every ``stride``-th candidate is scored by its largest voxel IoU with any one target frame
+  (per frame, not against the targets' union); those with IoU >= ``iou_threshold`` are
+  kept, best first, at most ``max_refs``.
+
+  Args:
+    depths: (T, H, W); K: (T, 3, 3); c2w: (T, 4, 4); keep: (T, H, W) bool or None (the
+      pixels that count: static with observed depth, ``clip.liftable``).
+    candidates, targets: frame indices.
+  Returns:
+    (picked frame indices, their IoUs), best first; possibly empty.
+  """
+  if max_refs <= 0:
+    return [], []
+  cands = list(candidates)[::stride] if stride > 1 else list(candidates)
+  occ = lambda i: _voxels(depths[i], K[i], c2w[i], voxel_size, None if keep is None else keep[i])
+  target_occ = [occ(i) for i in targets]
+  scored = []
+  for c in cands:
+    vox = occ(c)
+    best = 0.0
+    for t in target_occ:
+      union = len(vox | t)
+      best = max(best, len(vox & t) / union if union else 0.0)
+    if best >= iou_threshold:
+      scored.append((c, best))
+  scored.sort(key=lambda x: x[1], reverse=True)  # stable: ties keep candidate order
+  picked = scored[:max_refs]
+  return [c for c, _ in picked], [s for _, s in picked]
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -208,7 +272,10 @@ def _window_starts(num_frames: int, length: int, count: int) -> list[int]:
 
 def _prepare(record, where: str, resolution) -> dict[str, np.ndarray]:
   clip = clip_lib.validate_clip(record, where)
-  ex = {k: clip[k] for k in ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks")}
+  ex = {k: clip[k] for k in ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks",
+                             "depth_valid")}
+  if not bool(record.get("has_depth", True)):  # placeholder depth everywhere: nothing to lift
+    ex["depth_valid"] = np.zeros_like(ex["depth_valid"])
   h, w = clip["depths"].shape[1:]
   res = tuple(resolution) if resolution else (h, w)
   if res[0] % 16 or res[1] % 16:
@@ -225,11 +292,14 @@ def _prepare(record, where: str, resolution) -> dict[str, np.ndarray]:
 def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
                 target_frames: int, preceding_frames: int, num_references: int,
                 windows_per_clip: int, texts: dict, text_shape: tuple[int, int],
-                empty: np.ndarray | None = None) -> list[bytes]:
+                empty: np.ndarray | None = None, ref_voxel_size: float = REF_VOXEL_SIZE,
+                ref_iou_threshold: float = REF_IOU_THRESHOLD,
+                ref_stride: int = REF_STRIDE) -> list[bytes]:
   """The encoded records (``latent_clips.encode_record``) of one source clip's windows.
 
   ``texts``: clip_id -> (Lt <= text_len, D) caption embedding; ``empty`` (text_len, D): the
   empty prompt's, the text of clips without one (None: zeros)."""
+  ref = dict(voxel_size=ref_voxel_size, iou_threshold=ref_iou_threshold, stride=ref_stride)
   from mirage_jax.memory import mirage  # pylint: disable=g-import-not-at-top
   length = preceding_frames + target_frames
   pre_used = 1 + 4 * ((preceding_frames - 1) // 4)  # what the causal encoder consumes
@@ -252,16 +322,21 @@ def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
     pre_lat = encoder(videos_p)[0]
     hh, ww = tgt_lat.shape[1:3]
     if num_references:
-      window = set(range(s, s + length))
-      cands = [i for i in range(0, t_all, 2) if i not in window]
-      refs = select_references(ex["depths"], ex["intrinsics"], ex["poses_c2w"], cands,
-                               list(tgt_ids), num_references)
+      cands = reference_candidates(t_all, range(s, s + length))[::ref["stride"]]
+      keep = clip_lib.liftable(ex["dynamic_masks"], ex["depth_valid"])
+      pick = lambda cs, threshold: select_references(
+          ex["depths"], ex["intrinsics"], ex["poses_c2w"], cs, list(tgt), keep=keep, stride=1,
+          voxel_size=ref["voxel_size"], iou_threshold=threshold, max_refs=num_references)[0]
+      refs = pick(cands, ref["iou_threshold"])
+      if len(refs) < num_references:  # fixed R slots: fill with the best below the threshold
+        refs += pick([c for c in cands if c not in refs], 0.0)[:num_references - len(refs)]
+      while len(refs) < num_references:  # fewer candidates than slots: repeat the best
+        refs.append(refs[-1] if refs else int(tgt_ids[0]))
       ref_lat = encoder(ex["frames"][np.asarray(refs)][:, None])[:, 0]
     else:
       refs = []
       ref_lat = np.zeros((0, hh, ww, tgt_lat.shape[-1]), np.float32)
-    static = ((ex["dynamic_masks"][ids] == 0) & np.isfinite(ex["depths"][ids])
-              & (ex["depths"][ids] > 0))
+    static = latent_static_mask(ex["dynamic_masks"][ids], ex["depth_valid"][ids], hh, ww)
     text = texts.get(ex["clip_id"])
     if text is not None:
       text = np.asarray(text)
@@ -275,7 +350,7 @@ def encode_clip(record, index: int, where: str, encoder: Encoder, *, resolution,
         "preceding_latents": pre_lat.astype(_BF16),
         "reference_latents": ref_lat.astype(_BF16),
         "depths": resize_depth(ex["depths"][ids].astype(np.float32), hh, ww),
-        "static_masks": resize_mask(static, hh, ww).astype(np.uint8),
+        "static_masks": static.astype(np.uint8),
         "intrinsics": ex["intrinsics"][ids].astype(np.float32),
         "poses_c2w": ex["poses_c2w"][ids].astype(np.float32),
         "ref_intrinsics": ex["intrinsics"][refs].astype(np.float32).reshape(-1, 3, 3),
@@ -384,8 +459,9 @@ def _open_texts(path: str):
 def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: str,
         resolution=None, target_frames: int = 33, preceding_frames: int = 8,
         num_references: int = 0, windows_per_clip: int = 1,
-        splits=("train", "validation"), text_embeddings: str = "", empty_text: str = "",
-        text_encoder: str = "", tokenizer: str = "", text_batch: int = 8,
+        ref_voxel_size: float = REF_VOXEL_SIZE, ref_iou_threshold: float = REF_IOU_THRESHOLD,
+        ref_stride: int = REF_STRIDE, splits=("train", "validation"), text_embeddings: str = "",
+        empty_text: str = "", text_encoder: str = "", tokenizer: str = "", text_batch: int = 8,
         text_len: int = 512, text_dim: int = 4096, num_shards: int = 1,
         beam_runner: str = "", beam_options=()) -> dict[str, int]:
   """Encodes the dataset on Beam (see the module docstring).
@@ -398,6 +474,9 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
   if target_frames < 5 or (target_frames - 1) % 4:
     raise InputError("--target_frames", "target_frames", f"must be 1 + 4 k with k >= 1, got "
                      f"{target_frames}")
+  if ref_voxel_size <= 0 or ref_stride < 1 or not 0.0 <= ref_iou_threshold <= 1.0:
+    raise InputError("--ref_voxel_size", "ref_voxel_size", "need ref_voxel_size > 0, ref_stride "
+                     ">= 1 and ref_iou_threshold in [0, 1]")
   if preceding_frames < 1 or num_references < 0 or windows_per_clip < 1:
     raise InputError("--preceding_frames", "preceding_frames", "need preceding_frames >= 1, "
                      "num_references >= 0, windows_per_clip >= 1")
@@ -457,7 +536,8 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
   settings = dict(resolution=resolution, target_frames=target_frames,
                   preceding_frames=preceding_frames, num_references=num_references,
                   windows_per_clip=windows_per_clip, text_shape=(text_len, text_dim),
-                  empty=empty)
+                  empty=empty, ref_voxel_size=ref_voxel_size,
+                  ref_iou_threshold=ref_iou_threshold, ref_stride=ref_stride)
   # Workers open the source themselves (a local folder must be one they all see).
   source_dir = (data_dir if "://" in data_dir else os.path.abspath(data_dir), dataset, config_name)
   t0 = time.perf_counter()
@@ -497,6 +577,8 @@ def run(*, data_dir: str, dataset: str, config_name: str, vae: str, output_dir: 
               text_encoder=os.path.abspath(text_encoder) if text_encoder else "",
               tokenizer=os.path.abspath(tokenizer) if tokenizer else "",
               captioned_clips=len(captions) if encoder is not None else None,
+              references=dict(voxel_size=ref_voxel_size, iou_threshold=ref_iou_threshold,
+                              stride=ref_stride, min_gap=REF_MIN_GAP),
               intrinsics="pixels of the encoded images", num_shards=num_shards,
               frame_pairing="latent k of a chunk starting at video frame s uses frame s + 4k")
   tmp = os.path.join(output_dir, latent_clips.METADATA + ".tmp")
@@ -527,7 +609,9 @@ def main(argv) -> int:
   counts = run(data_dir=f.data_dir, dataset=f.dataset, config_name=f.config_name, vae=f.vae,
                output_dir=f.output_dir, resolution=res, target_frames=f.target_frames,
                preceding_frames=f.preceding_frames, num_references=f.num_references,
-               windows_per_clip=f.windows_per_clip, splits=tuple(f.splits),
+               windows_per_clip=f.windows_per_clip, ref_voxel_size=f.ref_voxel_size,
+               ref_iou_threshold=f.ref_iou_threshold, ref_stride=f.ref_stride,
+               splits=tuple(f.splits),
                text_embeddings=f.text_embeddings, empty_text=f.empty_text,
                text_encoder=f.text_encoder, tokenizer=f.tokenizer, text_batch=f.text_batch,
                text_len=f.text_len, text_dim=f.text_dim, num_shards=f.num_shards,

@@ -6,7 +6,7 @@ Two layouts are read:
   ``intrinsics (T,3,3)`` or one ``(3,3)`` shared by all frames, ``fps``; the frames either as
   ``frames (T,H,W,3) uint8`` inside the npz or as a video beside it (``<stem>.mp4/.gif/.avi``,
   else the only video in the folder); optional ``dynamic_masks (T,H,W)``, ``object_tracks
-  (K,T,3)`` and ``has_depth ()``.
+  (K,T,3)``, ``depth_valid (T,H,W)`` (0 = a depth hole), ``caption ()`` and ``has_depth ()``.
 * RealEstate10K camera files (``<name>.txt``): the first line is the video URL, then one line
   per frame ``timestamp fx fy cx cy k1 k2 w2c`` with the intrinsics normalised by the image
   width/height and ``w2c`` the 3x4 world-to-camera matrix, row-major (12 numbers). The frames
@@ -48,7 +48,7 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 
-from data_pipelines.clip import Clip, check_depths, validate_clip
+from data_pipelines.clip import PLACEHOLDER_DEPTH, Clip, check_depths, validate_clip
 from mirage_jax import geometry
 from mirage_jax.atomic import atomic_output
 from mirage_jax.errors import InputError
@@ -60,8 +60,6 @@ CAPTION_FILE, CAPTION_SUFFIX = "caption.txt", ".caption.txt"
 # Frame rate of a file that gives none (the reference's inference files have no fps).
 DEFAULT_FPS = 30.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Depth written for sources without depth; flagged by has_depth = False.
-PLACEHOLDER_DEPTH = 1.0
 _NPZ_REQUIRED = ("depths", "poses_c2w", "intrinsics", "fps")
 # How many leading frames have their own RGB / depth (module docstring); default: all.
 KNOWN_FIELDS = ("known_frames", "known_depths")
@@ -165,7 +163,7 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
     if key not in arrays:
       raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
   _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "dynamic_masks", "object_tracks",
-                                "has_depth", *KNOWN_FIELDS))
+                                "depth_valid", "has_depth", *KNOWN_FIELDS))
   caption = arrays.get("caption")  # an empty one (a clip saved without) defers to a file
   if caption is None or (caption.dtype.kind in "US" and not str(caption.item()).strip()):
     caption = read_caption_beside(path)
@@ -194,7 +192,8 @@ def load_geometry_npz(path: str | os.PathLike) -> Clip:
     intrinsics = np.broadcast_to(intrinsics, (t, 3, 3))
   clip = dict(frames=frames, depths=depths, intrinsics=intrinsics, poses_c2w=arrays["poses_c2w"],
               fps=arrays["fps"], dynamic_masks=arrays.get("dynamic_masks"),
-              object_tracks=arrays.get("object_tracks"), caption=caption)
+              object_tracks=arrays.get("object_tracks"), depth_valid=arrays.get("depth_valid"),
+              caption=caption)
   clip = validate_clip(clip, str(path))
   clip["has_depth"] = np.bool_(arrays.get("has_depth", True))
   for key in KNOWN_FIELDS:

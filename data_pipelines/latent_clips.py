@@ -19,7 +19,8 @@ target's first):
   reference_latents  (R, h, w, 48)  bfloat16  earlier/later frames, each encoded alone
   depths             (L, h, w)      float32   z-depth at latent resolution (bilinear, half-pixel
                                               centres, no antialiasing, as the reference resizes)
-  static_masks       (L, h, w)      uint8     1 = static (nearest), 0 = moving or invalid
+  static_masks       (L, h, w)      uint8     1 = memory may take the cell: static (nearest) and
+                                              its depth observed (encode_latents.latent_static_mask)
   intrinsics         (L, 3, 3)      float32   in PIXELS of the encoded images (16 h x 16 w);
                                               the memory backends rescale them to latent cells
   poses_c2w          (L, 4, 4)      float32   OpenCV camera-to-world
@@ -152,8 +153,9 @@ def load_side_array(data_dir: str, name: str) -> np.ndarray | None:
 class _ToExample:
   """Record -> float32 training example (bf16 latents widened; the step casts for compute)."""
 
-  def __init__(self, source):
+  def __init__(self, source, drop_preceding: bool = False):
     self.source = source
+    self.drop_preceding = drop_preceding
 
   def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
     """Example of ``(global position, record index)`` (``pipeline.global_rows``)."""
@@ -174,6 +176,11 @@ class _ToExample:
       out[k] = v
     out["has_text"] = np.bool_(out["has_text"])
     out["clip_index"] = np.int32(out["clip_index"])
+    if self.drop_preceding:  # the reference's --max-preceding-frames 0: targets only
+      tl = out["target_latents"].shape[0]
+      out["preceding_latents"] = out["preceding_latents"][:0]
+      for k in ("depths", "static_masks", "intrinsics", "poses_c2w"):
+        out[k] = out[k][:tl]
     return out
 
 
@@ -181,10 +188,14 @@ def make_dataset(source: Sequence[Any], *, batch_size: int, seed: int, shuffle: 
                  num_epochs: int | None = None, shard_index: int | None = None,
                  shard_count: int | None = None, read_threads: int = 2,
                  read_buffer_size: int = 4, start_step: int = 0,
-                 where: str = "latent_clips") -> grain.IterDataset:
+                 where: str = "latent_clips", drop_preceding: bool = False) -> grain.IterDataset:
   """Batches of latent clips (leading axis ``batch_size // shard_count``): this shard's rows
   of global batches ``start_step, start_step + 1, ...`` (``pipeline.global_rows``: the same
   stream for any process count, so a resumed run starts from its step).
+
+  ``drop_preceding``: examples without their preceding latents (``(0, h, w, 48)``; depths,
+  static_masks, intrinsics and poses_c2w keep the target frames only), as the reference's
+  training script loads them by default.
   """
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
@@ -196,7 +207,7 @@ def make_dataset(source: Sequence[Any], *, batch_size: int, seed: int, shuffle: 
   ds = pipeline.global_rows(len(source), batch_size=batch_size, seed=seed, shuffle=shuffle,
                             num_epochs=num_epochs, shard_index=shard_index,
                             shard_count=shard_count, start_step=start_step)
-  ds = ds.map(_ToExample(source))
+  ds = ds.map(_ToExample(source, drop_preceding))
   ds = ds.batch(batch_size // shard_count, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=read_buffer_size))
@@ -210,4 +221,5 @@ def from_config(source: Sequence[Any], config, where: str = "config.data",
                       shuffle=config.shuffle, num_epochs=config.num_epochs,
                       shard_index=config.shard_index, shard_count=config.shard_count,
                       read_threads=config.read_threads, read_buffer_size=config.read_buffer_size,
-                      start_step=start_step, where=where)
+                      start_step=start_step, where=where,
+                      drop_preceding=bool(config.get("drop_preceding", False)))

@@ -26,6 +26,8 @@ One example (a batch adds a leading ``B`` axis):
   intrinsics     (T, 3, 3)    float32  pixels, matching the resized and cropped images.
   poses_c2w      (T, 4, 4)    float32  OpenCV camera-to-world.
   dynamic_masks  (T, H, W)    uint8    object ids, 0 = static.
+  depth_valid    (T, H, W)    uint8    1 = observed depth, 0 = a hole (its depth is the clip
+                                       format's placeholder: never lift it to 3D).
   is_revisit     ()           bool     the window holds a revisit pair (see below).
   clip_index     ()           int32    index of the source record the window came from.
 
@@ -225,7 +227,8 @@ def resize_and_crop(example: dict[str, np.ndarray], resolution: tuple[int, int],
 
   Args:
     example: ``frames (T, H, W, 3)`` uint8, ``depths (T, H, W)``, ``dynamic_masks (T, H, W)``,
-      ``intrinsics (T, 3, 3)``; other keys pass through.
+      ``intrinsics (T, 3, 3)``, optional ``depth_valid (T, H, W)`` (nearest, as the depth);
+      other keys pass through.
     resolution: output (height, width).
     rng: picks the crop offset; None crops the centre.
   Returns:
@@ -255,6 +258,8 @@ def resize_and_crop(example: dict[str, np.ndarray], resolution: tuple[int, int],
               frames=frames,
               depths=example["depths"][:, rows][:, :, cols],
               dynamic_masks=example["dynamic_masks"][:, rows][:, :, cols],
+              **({"depth_valid": example["depth_valid"][:, rows][:, :, cols]}
+                 if "depth_valid" in example else {}),
               intrinsics=np.asarray(K, np.float32))
 
 
@@ -297,7 +302,7 @@ class _MakeExample:
     rng = np.random.default_rng([self.seed, position])
     idx, is_revisit = choose_window(clip["poses_c2w"], rng, **self.window_kwargs)
     example = {k: clip[k][idx] for k in ("frames", "depths", "intrinsics", "poses_c2w",
-                                         "dynamic_masks")}
+                                         "dynamic_masks", "depth_valid")}
     example = resize_and_crop(example, self.resolution, rng if self.random_crop else None,
                               native=self.native_crop)
     if self.uint8_frames:

@@ -1,12 +1,27 @@
 """Mirage on Wan2.2-TI2V-5B: fine-tuning VACE and LoRA on a frozen Wan base (the reference's
 recipe), at the reference's shapes, sharded over a pod.
 
-  --config=experiments/mirage_wan22_5b.py[:<variant>[,<mesh>]]
+  --config=experiments/mirage_wan22_5b.py[:<variant>[,<mesh>][,<recipe>]]
 
-``<variant>``: 'ti2v_5b' (default: 704x1280 clips, 33 target + 8 preceding video frames =
-9 + 2 latent frames, 8 references) or 'tiny' (the test-size networks of the same family,
-64x64 frames, trains on CPU). ``<mesh>``: 'v5p_128' (64 chips, default for ti2v_5b) or
-'v5e_256' (256 chips); the tiny variant uses every local device as FSDP.
+``<variant>``: 'ti2v_5b' (default: 704x1280 clips, 33 target video frames = 9 latent frames)
+or 'tiny' (the test-size networks of the same family, 64x64 frames, trains on CPU).
+``<mesh>``: 'v5p_128' (64 chips, default for ti2v_5b) or 'v5e_256' (256 chips); the tiny
+variant uses every local device as FSDP.
+
+``<recipe>``, the clean context the target is denoised with (the reference's code and paper
+differ here):
+
+* 'paper' (default): the paper's setup: 8 preceding video frames (2 latent frames) and up to
+  8 reference frames (``max_refs`` of the reference's data config) as clean context. Its
+  latent dataset: ``encode_latents --preceding_frames=8 --num_references=8``.
+* 'script': what the reference's ``scripts/train.py`` trains with by default
+  (``--max-reference-frames 0 --max-preceding-frames 0``): no references, no preceding
+  frames; the target is conditioned on the memory read, the first frame and the text only.
+  It reads the same latent dataset and drops the preceding latents at load
+  (``data.drop_preceding``), as the reference's loader does.
+
+The tiny variant keeps its own small context (5 preceding video frames, no references) under
+'paper'.
 
 Pipeline: ``python -m mirage_jax.convert_wan`` (released files -> ``EXPORT/vae``,
 ``EXPORT/dit``), ``python -m data_pipelines.encode_latents --vae=EXPORT/vae`` (posed clips ->
@@ -30,25 +45,37 @@ MESHES = {
 }
 
 
-def parse_arg(arg: str | None) -> tuple[str, str | None]:
+# Clean context per recipe (module docstring): video frames before the target, reference frames.
+RECIPES = {
+    "paper": dict(preceding_frames=8, reference_frames=8),
+    "script": dict(preceding_frames=0, reference_frames=0),
+}
+
+
+def parse_arg(arg: str | None) -> tuple[str, str | None, str]:
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  recipe = parts.pop() if len(parts) > 1 and parts[-1] in RECIPES else "paper"
   variant = parts[0] if parts else "ti2v_5b"
   mesh = parts[1] if len(parts) > 1 else ("v5p_128" if variant == "ti2v_5b" else None)
   if variant not in wan22_ti2v_5b.VARIANTS or (mesh is not None and mesh not in MESHES) or len(parts) > 2:
-    raise ValueError(f"config argument must be '<variant>[,<mesh>]' with variant in "
-                     f"{wan22_ti2v_5b.VARIANTS} and mesh in {tuple(MESHES)}, got {arg!r}")
-  return variant, mesh
+    raise ValueError(f"config argument must be '<variant>[,<mesh>][,<recipe>]' with variant in "
+                     f"{wan22_ti2v_5b.VARIANTS}, mesh in {tuple(MESHES)} and recipe in "
+                     f"{tuple(RECIPES)}, got {arg!r}")
+  return variant, mesh, recipe
 
 
 def get_config(arg=None):
-  variant, mesh = parse_arg(arg)
+  variant, mesh, recipe = parse_arg(arg)
   c = wan22_ti2v_5b.get_config(f"denoiser,{variant}")
   d = c.denoiser
   d.base_checkpoint = ""  # a convert_wan DiT export (or a fine-tune export of one)
   d.train_stages = ("vace",)  # the reference's --stage: ('vace',), then ('lora',)
   d.target_frames = 33  # video frames (1 + 4 k): 9 latent frames
-  d.preceding_frames = 8  # video frames before the target: 2 latent frames
-  d.reference_frames = 8  # latent frames, each an image encoded alone
+  # The recipe's clean context (RECIPES): video frames before the target (8: 2 latent
+  # frames) and reference latent frames, each an image encoded alone.
+  d.preceding_frames = RECIPES[recipe]["preceding_frames"]
+  d.reference_frames = RECIPES[recipe]["reference_frames"]
+  c.data.drop_preceding = recipe == "script"  # the dataset's preceding latents, unused
   d.text_len = 512  # umT5 tokens
   # The empty prompt's umT5 embedding, .npy (Lt <= text_len, text_dim); default: the latent
   # dataset's, else the base export's, else encoded with text_encoder + tokenizer (also
@@ -80,7 +107,8 @@ def get_config(arg=None):
     # Batch over 2 devices (FSDP), the rest of the host's devices on the tensor axis.
     c.mesh = dict(data=1, fsdp=2, context=1, tensor=-1)
     d.target_frames = 9  # 3 latent frames
-    d.preceding_frames = 5  # 2 latent frames
+    if recipe == "paper":
+      d.preceding_frames = 5  # 2 latent frames
     d.reference_frames = 0
     d.text_len = 8
     d.model.lora_rank = 4

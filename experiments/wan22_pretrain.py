@@ -52,7 +52,7 @@ def parse_arg(arg: str | None) -> tuple[str, str, str | None]:
   if stage not in common.STAGES:
     raise ValueError(f"config argument must be '<stage>[,<variant>[,<mesh>]]' with stage in "
                      f"{common.STAGES}, got {arg!r}")
-  variant, mesh = mirage_wan22_5b.parse_arg(",".join(parts[1:]))
+  variant, mesh, _ = mirage_wan22_5b.parse_arg(",".join(parts[1:]))
   return stage, variant, mesh
 
 

@@ -296,6 +296,13 @@ COMMANDS: dict[str, Doc] = {
         "python -m mirage_jax.generate --checkpoint=gs://BUCKET/exports/tiny_dit "
         "--geometry_path=clip/geometry.npz --output_dir=gs://BUCKET/videos/clip", R, "run",
         f"{GS_WHY}; {GEN_WHY}", subs=GS, flags=(GEN_FRAMES,)),
+    # ---- README: the reference's sample folders
+    "reference_samples": Doc(
+        "python -m data_pipelines.build --dataset=reference_samples --data_dir=DIR "
+        "--source_dir=data/train --num_clips=0 --beam_runner=DirectRunner "
+        "--beam_options=direct_num_workers=8,direct_running_mode=multi_processing", R, "dry",
+        "needs the reference's sample folders (data/train); checked up to the work "
+        "(tests/test_sample_folders.py builds such folders on 2 workers)"),
     # ---- README: Beam
     "beam_local": Doc(
         "python -m data_pipelines.build --dataset=procedural_rooms --data_dir=DIR --num_clips=N "

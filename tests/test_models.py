@@ -55,6 +55,21 @@ def test_autoencoder_shapes_and_positive_depth():
   assert rgb.shape == (2, 16, 16, 3) and depth.shape == (2, 16, 16)
   assert jnp.all(depth > 0) and jnp.all(jnp.abs(rgb) <= 1)
 
+  # Depth holes supervise nothing; all-observed batches give the plain means bit for bit.
+  @jax.jit
+  def loss_and_forward(params, batch):
+    model = nnx.merge(graphdef, params)
+    _, metrics = ae.loss(model, batch, jax.random.key(0))
+    return metrics, model(batch["frames"], batch["depths"], jax.random.key(0))[1]
+
+  plain, depth_n = loss_and_forward(params, batch)
+  observed = np.ones((2, 16, 16), np.uint8)
+  assert loss_and_forward(params, dict(batch, depth_valid=observed))[0]["depth"] == plain["depth"]
+  observed[:, :8] = 0
+  holes, _ = loss_and_forward(params, dict(batch, depth_valid=observed))
+  err = np.abs(np.asarray(depth_n) - np.asarray(ae.normalize_depth(batch["depths"], cfg)))
+  np.testing.assert_allclose(holes["depth"], err[:, 8:].mean(), rtol=1e-5)
+
 
 def test_depth_normalisation_round_trip():
   cfg = _ae_cfg()

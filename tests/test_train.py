@@ -241,9 +241,17 @@ def test_denoiser_stage_conditions_on_object_slots():
   assert float(err.max()) < 1e-3 and float(last.min()) > 0
 
   config.objects.backends = ()  # no slots: nothing static was seen
-  cond = jax.jit(small_stages.DenoiserStage(config, random_frozen_autoencoder(config))._condition)(
-      latents, batch)
+  condition = jax.jit(small_stages.DenoiserStage(config, random_frozen_autoencoder(config))._condition)
+  batch["depth_valid"] = jnp.ones((2, t, h, w), jnp.uint8)
+  cond = condition(latents, batch)
   assert float(cond["coverage"].max()) == 0
+  # A static wall is seen, but not through depth holes: holes never enter the memory.
+  batch["dynamic_masks"] = jnp.zeros((2, t, h, w), jnp.uint8)
+  assert float(condition(latents, batch)["coverage"].mean()) > 0.9
+  batch["depth_valid"] = batch["depth_valid"].at[:, :, :, : w // 2].set(0)  # left half: holes
+  coverage = condition(latents, batch)["coverage"]
+  half = coverage.shape[-1] // 2
+  assert float(coverage[..., :half - 1].max()) == 0 and float(coverage[..., half + 1:].mean()) > 0.9
 
 
 def test_self_generated_memory_is_what_the_rollout_writes():

@@ -170,6 +170,31 @@ def test_latent_clips_match_a_direct_encoding(world):
   np.testing.assert_array_equal(rec["poses_c2w"], clip["poses_c2w"][ids])
   depth = encode_latents.resize_depth(clip["depths"][ids], 4, 4)
   np.testing.assert_allclose(rec["depths"], depth, rtol=1e-6)
+  np.testing.assert_array_equal(rec["static_masks"], encode_latents.latent_static_mask(
+      clip["dynamic_masks"][ids], clip["depth_valid"][ids], 4, 4))
+
+
+def test_script_recipe_reads_the_same_latents_without_preceding(world):
+  """The reference script's default recipe (no references, no preceding frames) trains on the
+  paper recipe's latent dataset: the preceding latents are dropped at load."""
+  context = lambda c: (c.denoiser.preceding_frames, c.denoiser.reference_frames, c.data.drop_preceding)
+  assert context(mirage_wan22_5b.get_config()) == context(mirage_wan22_5b.get_config(
+      "ti2v_5b,v5p_128,paper")) == (8, 8, False)  # the paper's recipe is the default
+  assert context(mirage_wan22_5b.get_config("ti2v_5b,script")) == (0, 0, True)
+  c = mirage_wan22_5b.get_config("tiny,script")
+  c.denoiser.base_checkpoint, c.data.data_dir = world["base"], world["latents"]
+  assert (c.denoiser.preceding_frames, c.denoiser.reference_frames, c.data.drop_preceding) == (0, 0, True)
+  stage = step_lib.make_stage(c)
+  source = inputs_lib.make_sources(c)["train"]
+  stage.check_source(source, "train")
+  batch = next(inputs_lib.make_input(c, source, split="train"))
+  shapes = stage.batch_shapes()
+  assert {k: batch[k].shape for k in stage.fields} == {k: shapes[k][0] for k in stage.fields}
+  assert batch["preceding_latents"].shape[1] == 0 and batch["depths"].shape[1] == 3
+  assert stage._control().shape[0] == 3  # the target part of the stored control latents
+  c.denoiser.preceding_frames = PRECEDING  # dropping latents the config asks for
+  with pytest.raises(InputError, match="drop_preceding"):
+    step_lib.make_stage(c).check_source(source, "train")
 
 
 def test_captions_are_encoded_into_the_records(world):

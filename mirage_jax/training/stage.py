@@ -89,13 +89,14 @@ class StageBase:
   def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
     """The video pipeline's: frames (B, T, H, W, 3) float32 (uint8 with
     ``config.data.frames_dtype='uint8'``), depths (B, T, H, W) float32, intrinsics
-    (B, T, 3, 3), poses_c2w (B, T, 4, 4) float32, dynamic_masks (B, T, H, W) uint8."""
+    (B, T, 3, 3), poses_c2w (B, T, 4, 4) float32, dynamic_masks (B, T, H, W) uint8,
+    depth_valid (B, T, H, W) uint8 (0 = a depth hole)."""
     d = self.config.data
     b, t, (h, w) = d.batch_size, d.num_frames, d.resolution
     frames_dtype = jnp.uint8 if d.get("frames_dtype", "float32") == "uint8" else jnp.float32
     return {"frames": ((b, t, h, w, 3), frames_dtype), "depths": ((b, t, h, w), jnp.float32),
             "intrinsics": ((b, t, 3, 3), jnp.float32), "poses_c2w": ((b, t, 4, 4), jnp.float32),
-            "dynamic_masks": ((b, t, h, w), jnp.uint8)}
+            "dynamic_masks": ((b, t, h, w), jnp.uint8), "depth_valid": ((b, t, h, w), jnp.uint8)}
 
   def check_source(self, source: Any, where: str) -> None:
     del source, where

@@ -236,7 +236,8 @@ def loss(model: Autoencoder, batch: dict, rng: jax.Array) -> tuple[jax.Array, di
   Args:
     model: the autoencoder.
     batch: {'frames': (B, H, W, 3) float in [-1, 1], 'depths': (B, H, W) metric depth,
-      'dynamic_masks': (B, H, W) uint8 object ids (needed with the dynamic head)}.
+      'dynamic_masks': (B, H, W) uint8 object ids (needed with the dynamic head),
+      optional 'depth_valid': (B, H, W) 0/1 (0: a depth hole, not supervised)}.
     rng: PRNG key for the posterior sample.
   Returns:
     (scalar loss, metrics dict of scalars: rgb, depth, kl, depth_abs_rel[, dynamic_bce,
@@ -247,10 +248,17 @@ def loss(model: Autoencoder, batch: dict, rng: jax.Array) -> tuple[jax.Array, di
   rgb, depth_n, mean, logvar = model(frames, depth, rng)
   diff = rgb - frames
   rgb_loss = jnp.mean(jnp.abs(diff)) if cfg.rgb_loss == "l1" else jnp.mean(jnp.square(diff))
-  depth_loss = jnp.mean(jnp.abs(depth_n - normalize_depth(depth, cfg)))
+  # Depth holes (sky, edges) supervise nothing: means over observed pixels only. Written so
+  # that all-observed batches give the plain means bit for bit (where() selects, mean(1) = 1).
+  observed = (batch["depth_valid"] != 0) if batch.get("depth_valid") is not None else None
+  def depth_mean(err):
+    if observed is None:
+      return jnp.mean(err)
+    return jnp.mean(jnp.where(observed, err, 0.0)) / jnp.maximum(jnp.mean(observed.astype(err.dtype)), 1e-6)
+  depth_loss = depth_mean(jnp.abs(depth_n - normalize_depth(depth, cfg)))
   kl = kl_divergence(mean, logvar)
   total = rgb_loss + cfg.depth_weight * depth_loss + cfg.kl_weight * kl
-  abs_rel = jnp.mean(jnp.abs(denormalize_depth(depth_n, cfg) - depth) / depth)
+  abs_rel = depth_mean(jnp.abs(denormalize_depth(depth_n, cfg) - depth) / depth)
   metrics = {"rgb": rgb_loss, "depth": depth_loss, "kl": kl, "depth_abs_rel": abs_rel}
   if model.has_dynamic_head:
     dyn, dyn_metrics = dynamic_loss(model, mean, batch["dynamic_masks"])

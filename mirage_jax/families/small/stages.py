@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data_pipelines import clip as clip_lib
 from mirage_jax import checkpoint as ckpt_lib
 from mirage_jax import diffusion
 from mirage_jax import geometry
@@ -55,14 +56,15 @@ class AutoencoderStage(StageBase):
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.frozen: dict = {}
-    self.fields = ("frames", "depths") + (
+    self.fields = ("frames", "depths", "depth_valid") + (
         ("dynamic_masks",) if config.autoencoder.get("dynamic_head_width", 0) else ())
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
     return autoencoder.Autoencoder(self.config.autoencoder, rngs)
 
   def loss(self, model, frozen, batch: Batch, rng):
-    """batch: frames (B, T, H, W, 3) in [-1, 1], depths (B, T, H, W)[, dynamic_masks (B, T, H, W)]."""
+    """batch: frames (B, T, H, W, 3) in [-1, 1], depths, depth_valid (B, T, H, W)[,
+    dynamic_masks (B, T, H, W)]."""
     del frozen
     b, t, h, w, _ = batch["frames"].shape
     flat = {k: v.reshape((b * t,) + v.shape[2:]) for k, v in batch.items() if k in self.fields}
@@ -94,7 +96,7 @@ class DenoiserStage(StageBase):
   (``conditioning.sample``).
   """
 
-  fields = ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks")
+  fields = ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks", "depth_valid")
 
   def __init__(self, config: ml_collections.ConfigDict, frozen: Any):
     self.config = config
@@ -174,7 +176,8 @@ class DenoiserStage(StageBase):
     last ``context_frames`` memory frames as the clean context.
 
     Args:
-      latents: (B, T, h, w, C); batch: depths, intrinsics, poses_c2w, dynamic_masks (B, T, ...).
+      latents: (B, T, h, w, C); batch: depths, intrinsics, poses_c2w, dynamic_masks (B, T, ...),
+        optional depth_valid (B, T, H, W) (absent: dense depth).
     Returns:
       ``conditioning.dit_inputs``' cond with a leading (B,) axis.
     """
@@ -188,8 +191,8 @@ class DenoiserStage(StageBase):
         memory_lib.splatting.latent_intrinsics(self.memory_cfg, batch["intrinsics"]),
         batch["poses_c2w"], *self.latent_hw)  # (B, T, h, w, 6)
 
-    def one_clip(lat, depth, K, c2w, dyn, rays):
-      static = dyn[:m] == 0
+    def one_clip(lat, depth, K, c2w, dyn, valid, rays):
+      static = clip_lib.liftable(dyn[:m], valid[:m])  # depth holes never enter memory
       state = self.memory.init(self.memory_cfg)
       state = self.memory.write(state, lat[:m], depth[:m], K[:m], c2w[:m], static, frame_ids)
       mem, coverage = self.memory.read(state, K[m:], c2w[m:])
@@ -210,8 +213,11 @@ class DenoiserStage(StageBase):
           context_rays=rays[ctx])
       return cond
 
+    valid = batch.get("depth_valid")
+    if valid is None:
+      valid = jnp.ones_like(batch["dynamic_masks"])
     return memory_lib.batch_map(one_clip, latents, batch["depths"], batch["intrinsics"],
-                                batch["poses_c2w"], batch["dynamic_masks"], window_rays)
+                                batch["poses_c2w"], batch["dynamic_masks"], valid, window_rays)
 
   def _generate_memory(self, model, frozen, latents, batch, rng):
     """Scheduled sampling of the memory writes: the last g memory frames as the rollout
@@ -225,7 +231,8 @@ class DenoiserStage(StageBase):
     """
     d, s = self.config.denoiser, self.config.sampler
     m, g = d.memory_frames, self.generated_frames
-    part = {k: batch[k][:, :m] for k in ("depths", "intrinsics", "poses_c2w", "dynamic_masks")}
+    part = {k: batch[k][:, :m] for k in ("depths", "intrinsics", "poses_c2w", "dynamic_masks",
+                                         "depth_valid") if k in batch}
     cond = self._condition(latents[:, :m], part, m - g)
     b = latents.shape[0]
     noise = jax.random.normal(rng, (b, g) + latents.shape[2:], latents.dtype)

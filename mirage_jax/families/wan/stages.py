@@ -249,6 +249,8 @@ class WanStage(StageBase):
     want = (self.num_target + self.num_preceding,) + self.latent_hw + (48,)
     control = self._data_side(latent_clips.CONTROL)
     if control is not None:
+      if self.config.data.get("drop_preceding", False):
+        control = control[:want[0]]  # causal VAE: the target part is the video's start
       if control.shape != want:
         raise InputError(os.path.join(self.config.data.data_dir, latent_clips.CONTROL),
                          "control_latents", f"shape {control.shape}, the config needs {want}")
@@ -306,6 +308,11 @@ class WanStage(StageBase):
     want = dict(target_frames=d.target_frames, preceding_frames=d.preceding_frames,
                 latent_hw=list(self.latent_hw), text_len=d.text_len,
                 text_dim=self.cfg.text_dim)
+    if self.config.data.get("drop_preceding", False):  # the dataset's preceding latents unused
+      if d.preceding_frames:
+        raise InputError("config.data", "drop_preceding", "needs config.denoiser."
+                         f"preceding_frames = 0, got {d.preceding_frames}")
+      del want["preceding_frames"]
     for k, v in want.items():
       if meta.get(k) != v:
         raise InputError(where, k, f"{meta.get(k)!r} in the latent dataset, {v!r} in the "
