@@ -102,6 +102,7 @@ def main() -> int:
     result = timing.compare({"ours": lambda: forward(ours, *j_args),
                              "diffusers": lambda: theirs(*t_args, **t_kw)},
                             pairs=args.pairs, warmup=args.warmup,
+                            clock=timing.CLOCKS[args.clock],
                             label=f"DiT{' + VACE' if args.vace else ''} {f}x{hh}x{ww}")
   err = float(np.abs(got - want).max())
   tokens = f * (hh // 2) * (ww // 2)

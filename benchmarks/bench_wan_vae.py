@@ -91,7 +91,8 @@ def main() -> int:
       result = timing.compare({"ours chunked": lambda: ours_fn(True),
                                "ours whole clip": lambda: ours_fn(False),
                                "diffusers": ref_fn},
-                              pairs=args.pairs, warmup=args.warmup, label=f"VAE {op} {size}")
+                              pairs=args.pairs, warmup=args.warmup,
+                              clock=timing.CLOCKS[args.clock], label=f"VAE {op} {size}")
       print(result.format())
       for side in ("ours chunked", "ours whole clip"):
         print(result.format_row(side).replace(f"| VAE {op}", f"| VAE {op}, {side[5:]},", 1))

@@ -111,6 +111,7 @@ class Comparison:
   outputs: Mapping[str, Any]
   before: Mapping[str, Any]
   after: Mapping[str, Any]
+  clock: str = "perf_counter"
 
   def ratio(self, side: str | None = None) -> Ratio:
     """``side`` (default: the first non-baseline side) over the baseline, round by round."""
@@ -138,8 +139,9 @@ class Comparison:
   def context(self) -> str:
     """"load 1.02/0.95/0.90 -> 1.10/0.97/0.91 on 2 cores, commit abc1234, 2026-12-06 19:00 UTC"."""
     fmt = lambda m: "/".join(f"{x:.2f}" for x in m["load"])
-    return (f"load {fmt(self.before)} -> {fmt(self.after)} on {self.before['cores']} cores, "
-            f"commit {self.before['commit']}, {self.before['date']}")
+    clock = "" if self.clock == "perf_counter" else f", clock {self.clock}"
+    return (f"load {fmt(self.before)} -> {fmt(self.after)} on {self.before['cores']} cores"
+            f"{clock}, commit {self.before['commit']}, {self.before['date']}")
 
   def format(self) -> str:
     """Several lines: median time per side, each ratio with its IQR and verdict, context."""
@@ -167,7 +169,8 @@ class Comparison:
                                 iqr=list(self.ratio(n).iqr), verdict=self.ratio(n).verdict,
                                 pairs=len(self.ratio(n).ratios))
                         for n in self.names if n != self.baseline},
-                machine_before=dict(self.before), machine_after=dict(self.after))
+                clock=self.clock, machine_before=dict(self.before),
+                machine_after=dict(self.after))
 
 
 def table_header(side: str = "ours", baseline: str = "baseline") -> str:
@@ -192,7 +195,8 @@ def compare(sides: Mapping[str, Callable[[], Any]], *, pairs: int = 7, warmup: i
   baseline: the denominator of every ratio (default: the last side).
   self_timed: each callable returns the seconds it measured itself (e.g. the mean step time
     a training loop logged, or a time read from a subprocess) instead of being timed here.
-  clock: seconds, monotonic (tests inject a fake one); machine_info: see :func:`machine`.
+  clock: seconds, monotonic (``CLOCKS``; tests inject a fake one); machine_info: see
+    :func:`machine`.
   """
   names = tuple(sides)
   if len(names) < 2:
@@ -217,9 +221,14 @@ def compare(sides: Mapping[str, Callable[[], Any]], *, pairs: int = 7, warmup: i
         times[name].append(elapsed)
       outputs[name] = out
   return Comparison(label, names, baseline, {n: tuple(t) for n, t in times.items()}, outputs,
-                    before, machine_info())
+                    before, machine_info(),
+                    "self-timed" if self_timed else getattr(clock, "__name__", type(clock).__name__))
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_HELP = ("wall: elapsed seconds (what a user waits); cpu: this process's CPU seconds, all "
+              "threads (steadier on a loaded machine, e.g. under taskset -c 0; counts spinning "
+              "worker threads, misses time spent waiting)")
 PAIRS_HELP = "interleaved rounds kept (one ratio each; >= 7 for a usable IQR)"
 WARMUP_HELP = "interleaved rounds run first and discarded (compilation, caches)"
 
@@ -228,6 +237,7 @@ def add_flags(parser, pairs: int = 7, warmup: int = 1, pairs_flag: str = "--pair
   """``--pairs`` (or ``pairs_flag``) and ``--warmup`` on an argparse parser."""
   parser.add_argument(pairs_flag, dest="pairs", type=int, default=pairs, help=PAIRS_HELP)
   parser.add_argument("--warmup", type=int, default=warmup, help=WARMUP_HELP)
+  parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=CLOCK_HELP)
 
 
 def define_absl_flags(pairs: int = 7, warmup: int = 1):
