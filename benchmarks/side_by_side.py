@@ -80,7 +80,10 @@ def main() -> int:
   unknown = sorted(set(chosen) - set(names))
   if unknown or not chosen:
     parser.error(f"unknown names {unknown}; known: {', '.join(names)}")
-  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  # This checkout's mirage_jax first (a script run as benchmarks/x.py would otherwise import
+  # whichever checkout is installed).
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+             PYTHONPATH=os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH")))))
   failed = []
   with open(args.log, "a", encoding="utf-8") as log:
     for name, section, command in COMMANDS:

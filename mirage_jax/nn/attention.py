@@ -69,9 +69,7 @@ def resolve(impl: str, scores: int = 0) -> str:
   ``CPU_SCORES_BYTES``; else 'xla'."""
   if impl != "auto":
     return impl
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-  platform = device.platform if device is not None else jax.default_backend()
+  platform = sharding.target_platform()
   if platform == "tpu":
     return "splash"
   return "chunked" if platform == "cpu" and 4 * scores > CPU_SCORES_BYTES else "xla"
