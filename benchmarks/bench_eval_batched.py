@@ -4,8 +4,10 @@ The tiny small-family world model (random weights, ``experiments/tiny_cpu.py``) 
 trajectories of different lengths twice: one after another (``Rollout.generate``, batch 1 on
 one device), and all at once (``Rollout.generate_batch``: the chunk step vmapped over the 8
 trajectories, the trajectory axis sharded over 8 devices, shorter ones padded and masked).
-Each way runs once untimed first (compilation), then is timed end to end (frames on the host).
-Printed: both wall times, their ratio, and the largest difference between the two outputs.
+Each way runs once untimed first (compilation), then the two run interleaved, each timed end
+to end (frames on the host; ``benchmarks/timing.py``: ``--warmup`` discarded rounds,
+``--pairs`` kept). Printed: both median wall times, the median per-round ratio with its IQR and
+the machine's load, and the largest difference between the two outputs.
 
 ``--family=wan``: the same comparison for the Wan family (``wan_rollout.WanRollout``: tiny
 random Wan2.2 DiT + VACE + VAE built in place, 32x32 frames, chunks of ``--wan_chunk`` video
@@ -15,7 +17,7 @@ this family writes its latents with; FlowUniPC).
 Without XLA_FLAGS the script asks XLA for 8 host (CPU) devices, as the tests do; on a machine
 with 8 accelerators it uses those.
 
-  python -m benchmarks.bench_eval_batched [--backend=voxel] [--steps=8] [--lengths=17,...]
+  python -m benchmarks.bench_eval_batched [--backend=voxel] [--steps=8] [--lengths=17,...] [--pairs=7]
   python -m benchmarks.bench_eval_batched --family=wan --backend=mirage --steps=2 --lengths=9,...
 """
 
@@ -25,7 +27,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import time  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -39,12 +41,16 @@ from mirage_jax.memory import capacity_for  # pylint: disable=g-import-not-at-to
 from mirage_jax.families.small import autoencoder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mirage_jax.families.small import denoiser  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 _BACKEND = flags.DEFINE_string("backend", "voxel", "Memory backend.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Sampler steps per chunk.")
 _LENGTHS = flags.DEFINE_list("lengths", ["17", "21", "25", "29", "33", "37", "41", "48"],
                              "Frames of each trajectory (their count is the batch).")
 _FAMILY = flags.DEFINE_enum("family", "small", ["small", "wan"], "Model family.")
 _WAN_CHUNK = flags.DEFINE_integer("wan_chunk", 9, "Wan: video frames per chunk (4N+1).")
+_PAIRS, _WARMUP = timing.define_absl_flags(pairs=7, warmup=1)
 
 
 def trajectories(lengths, h: int, w: int, seed: int = 0):
@@ -124,13 +130,12 @@ def _main() -> int:
   def batched():
     return r.generate_batch(*args, seeds=seeds, progress=False, **extra)
 
-  times, outs = {}, {}
-  for name, fn in (("one at a time", one_at_a_time), ("batched", batched)):
-    fn()  # compiles
-    t0 = time.perf_counter()
-    outs[name] = fn()
-    times[name] = time.perf_counter() - t0
-  a, b = outs["one at a time"], outs["batched"]
+  if _PAIRS.value < 1 or _WARMUP.value < 0:
+    raise InputError("--pairs/--warmup", "count", "need --pairs >= 1 and --warmup >= 0")
+  result = timing.compare({"one at a time": one_at_a_time, "batched": batched},
+                          pairs=_PAIRS.value, warmup=_WARMUP.value,
+                          label=f"{_FAMILY.value} eval, {len(lengths)} trajectories")
+  a, b = result.outputs["one at a time"], result.outputs["batched"]
   frame_diff = max(int(np.abs(x["frames"].astype(int) - y["frames"].astype(int)).max()) for x, y in zip(a, b))
   depth_diff = 0.0 if wan else max(float(np.abs(x["depths"] - y["depths"]).max())
                                    for x, y in zip(a, b))
@@ -140,9 +145,7 @@ def _main() -> int:
         f"{_FAMILY.value}, backend {_BACKEND.value}, {_STEPS.value} sampler steps, "
         f"{len(lengths)} trajectories of {lengths} frames "
         f"({chunks} chunks one at a time, {per(max(lengths))} batched steps)")
-  for name, t in times.items():
-    print(f"  {name:14s} {t:8.2f} s")
-  print(f"  ratio (one at a time / batched): {times['one at a time'] / times['batched']:.2f}x")
+  print(result.format())
   print(f"  max |difference|: frames {frame_diff} (uint8)"
         + ("" if wan else f", depth {depth_diff:.2e} m"))
   return 0

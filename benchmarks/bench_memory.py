@@ -6,17 +6,22 @@ a smooth function of the world point each latent pixel sees, so a read at a pose
 scored against the latents that pose would really see. For each trajectory length the
 backends write chunk after chunk; each chunk also reads the next chunk's cameras.
 
-Reported per backend and length: live bytes at the end, allocated bytes, mean wall time of
-one chunk's write + read (compiled, blocked), and on the last chunk's read the coverage
-and mean absolute latent error over covered cells. A second table sweeps the voxel
-footprint radius.
+Reported per backend and length: live bytes at the end, allocated bytes, wall time of one
+chunk's write + read (compiled, blocked; the whole trajectory timed, divided by its chunks),
+and on the last chunk's read the coverage and mean absolute latent error over covered
+cells. The two backends' trajectories run interleaved (``benchmarks/timing.py``: ``--warmup``
+discarded rounds, the first compiles; ``--pairs`` kept), so the time per chunk is a median and
+the ratio mirage / voxel comes with its IQR. A second table sweeps the voxel footprint radius
+(the three radii interleaved the same way).
 
   python benchmarks/bench_memory.py [--lengths=64,128,256,512,1024] [--latent=16] [--chunk=32]
+      [--pairs=7]
 """
 
 from __future__ import annotations
 
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +32,9 @@ from mirage_jax import geometry
 from mirage_jax.errors import InputError, run_cli
 from mirage_jax.memory import MemoryConfig, get_backend
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["64", "128", "256", "512", "1024"], "Trajectory lengths in frames.")
 flags.DEFINE_integer("latent", 16, "Latent height and width.")
@@ -34,6 +42,7 @@ flags.DEFINE_integer("channels", 16, "Latent channels.")
 flags.DEFINE_integer("chunk", 32, "Frames written (and read) per chunk.")
 flags.DEFINE_integer("voxel_capacity", 16384, "Voxel slots.")
 flags.DEFINE_float("voxel_size", 0.1, "Voxel edge (m).")
+_PAIRS, _WARMUP = timing.define_absl_flags(pairs=7, warmup=1)
 
 HALF = np.array([2.0, 1.5, 2.5])  # box room half extents (m)
 LAP = 128
@@ -77,8 +86,9 @@ def scene(n: int, latent: int, channels: int):
               frame_index=np.arange(n, dtype=np.int32))
 
 
-def run(name: str, cfg: MemoryConfig, frames: dict, chunk: int):
-  """Writes the trajectory chunk by chunk, reading the next chunk's cameras each time."""
+def trajectory_fn(name: str, cfg: MemoryConfig, frames: dict, chunk: int):
+  """A zero-argument callable writing the whole trajectory chunk by chunk (reading the next
+  chunk's cameras each time) into a fresh memory; returns (state, last read, its target)."""
   be = get_backend(name)
 
   @jax.jit
@@ -88,18 +98,26 @@ def run(name: str, cfg: MemoryConfig, frames: dict, chunk: int):
 
   n = frames["c2w"].shape[0]
   sl = lambda s: {k: jnp.asarray(v[s]) for k, v in frames.items()}
-  jax.block_until_ready(step(be.init(cfg), sl(slice(0, chunk)), sl(slice(0, chunk))["intrinsics"],
-                             sl(slice(0, chunk))["c2w"]))  # compile
-  state, times = be.init(cfg), []
+  chunks = []
   for start in range(0, n, chunk):
     nxt = slice(min(start + chunk, n - chunk), min(start + 2 * chunk, n))
-    fr, tgt = sl(slice(start, start + chunk)), sl(nxt)
-    t0 = time.perf_counter()
-    state, (lat, cov) = jax.block_until_ready(step(state, fr, tgt["intrinsics"], tgt["c2w"]))
-    times.append(time.perf_counter() - t0)
+    chunks.append((sl(slice(start, start + chunk)), sl(nxt)))
+
+  def run():
+    state = be.init(cfg)
+    for fr, tgt in chunks:
+      state, read = jax.block_until_ready(step(state, fr, tgt["intrinsics"], tgt["c2w"]))
+    return state, read, tgt
+  return run
+
+
+def summary(name: str, out) -> tuple[int, int, float, float]:
+  """(live bytes, allocated bytes, coverage, mean abs error over covered cells) of a run."""
+  be = get_backend(name)
+  state, (lat, cov), tgt = out
   cov = np.asarray(cov)
   err = np.abs(np.asarray(lat, np.float32) - np.asarray(tgt["latents"]))[cov].mean() if cov.any() else np.nan
-  return be.nbytes(state), be.capacity_bytes(state), 1e3 * np.mean(times), cov.mean(), err
+  return be.nbytes(state), be.capacity_bytes(state), cov.mean(), err
 
 
 def main(argv):
@@ -117,20 +135,37 @@ def main(argv):
         f"voxel {FLAGS.voxel_size} m, {FLAGS.voxel_capacity} slots  features bf16")
   print(f"{'backend':8s} {'frames':>6s} {'live MB':>9s} {'alloc MB':>9s} {'ms/chunk':>9s} "
         f"{'coverage':>8s} {'abs err':>8s}")
+  results = []
   for n in lengths:
     frames = scene(n, h, c)
-    for name, cap in (("mirage", n * h * h), ("voxel", FLAGS.voxel_capacity)):
-      live, alloc, ms, cov, err = run(name, MemoryConfig(capacity=cap, **base), frames, FLAGS.chunk)
+    caps = {"mirage": n * h * h, "voxel": FLAGS.voxel_capacity}
+    result = timing.compare(
+        {name: trajectory_fn(name, MemoryConfig(capacity=cap, **base), frames, FLAGS.chunk)
+         for name, cap in caps.items()}, pairs=_PAIRS.value, warmup=_WARMUP.value,
+        label=f"{n} frames, per trajectory ({n // FLAGS.chunk} chunks)")
+    results.append(result)
+    for name in caps:
+      live, alloc, cov, err = summary(name, result.outputs[name])
+      ms = 1e3 * result.median_s(name) / (n // FLAGS.chunk)
       print(f"{name:8s} {n:6d} {live / 2**20:9.3f} {alloc / 2**20:9.3f} {ms:9.1f} {cov:8.3f} {err:8.4f}")
+  print("\ntime per chunk, side by side")
+  for result in results:
+    print(result.format())
 
   n = lengths[-1]
   frames = scene(n, h, c)
   print(f"\nvoxel footprint sweep ({n} frames)")
   print(f"{'radius':>6s} {'ms/chunk':>9s} {'coverage':>8s} {'abs err':>8s}")
+  result = timing.compare(
+      {f"radius {r}": trajectory_fn("voxel", MemoryConfig(capacity=FLAGS.voxel_capacity,
+                                                        splat_radius=r, **base), frames, FLAGS.chunk)
+       for r in (0, 1, 2)}, pairs=_PAIRS.value, warmup=_WARMUP.value, baseline="radius 0",
+      label=f"voxel footprint, {n} frames, per trajectory")
   for radius in (0, 1, 2):
-    cfg = MemoryConfig(capacity=FLAGS.voxel_capacity, splat_radius=radius, **base)
-    _, _, ms, cov, err = run("voxel", cfg, frames, FLAGS.chunk)
+    _, _, cov, err = summary("voxel", result.outputs[f"radius {radius}"])
+    ms = 1e3 * result.median_s(f"radius {radius}") / (n // FLAGS.chunk)
     print(f"{radius:6d} {ms:9.1f} {cov:8.3f} {err:8.4f}")
+  print(result.format())
 
 
 if __name__ == "__main__":

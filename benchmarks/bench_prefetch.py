@@ -1,11 +1,13 @@
 """Step time and input bytes per step: float32 frames without prefetch vs uint8 + prefetch.
 
-  python benchmarks/bench_prefetch.py [--steps=60] [--stage=autoencoder]
+  python benchmarks/bench_prefetch.py [--steps=60] [--stage=autoencoder] [--pairs=7]
 
 Runs the real training loop (``training.loop.train_and_evaluate``) on the tiny config with random
-posed clips held in memory, once per setting, and reports the mean ``step_time_s`` and
-``data_wait_s`` of the logged intervals after the first (compilation excluded), and the
-bytes of one global batch as it crosses to the devices.
+posed clips held in memory, and reports per setting the ``step_time_s`` and ``data_wait_s`` (mean
+of the logged intervals after the first: compilation excluded), and the bytes of one global
+batch as it crosses to the devices. The settings' runs alternate (``benchmarks/timing.py``,
+self-timed: each run reports its own mean step time; ``--warmup`` discarded rounds, ``--pairs``
+kept), so the step times are medians over runs and each ratio to float32 comes with its IQR.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from mirage_jax.training import step as step_lib  # pylint: disable=g-import-not
 
 _STEPS = flags.DEFINE_integer("steps", 60, "Training steps per setting.")
 _STAGE = flags.DEFINE_string("stage", "autoencoder", "autoencoder (no frozen model needed).")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+_PAIRS, _WARMUP = timing.define_absl_flags(pairs=7, warmup=0)
+SETTINGS = {"float32": ("float32", 0), "uint8": ("uint8", 0), "uint8 + prefetch 2": ("uint8", 2)}
 
 
 def random_clips(n: int, frames: int = 24, size: int = 32) -> list[dict]:
@@ -72,8 +78,26 @@ def run(frames_dtype: str, prefetch: int, steps: int) -> dict:
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  for frames_dtype, depth in (("float32", 0), ("uint8", 0), ("uint8", 2)):
-    print(json.dumps(run(frames_dtype, depth, _STEPS.value)), flush=True)
+  runs = {name: [] for name in SETTINGS}
+
+  def side(name):
+    def one_run():
+      runs[name].append(run(*SETTINGS[name], _STEPS.value))
+      return runs[name][-1]["step_time_s"]
+    return one_run
+
+  result = timing.compare({name: side(name) for name in SETTINGS}, pairs=_PAIRS.value,
+                          warmup=_WARMUP.value, baseline="float32", self_timed=True,
+                          label=f"tiny {_STAGE.value} step, {_STEPS.value} steps per run")
+  for name, rows in runs.items():
+    kept = rows[_WARMUP.value:]
+    row = {**kept[-1], "step_time_s": result.median_s(name),
+           "data_wait_s": float(np.median([r["data_wait_s"] for r in kept])), "runs": len(kept)}
+    if name != "float32":
+      r = result.ratio(name)
+      row.update(ratio_to_float32=r.median, iqr=list(r.iqr), verdict=r.verdict)
+    print(json.dumps(row), flush=True)
+  print(result.format(), flush=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,28 @@ def synthetic_batch(specs: dict) -> dict:
           for k, s in specs.items()}
 
 
+class Stepper:
+  """One training case, stepped one step per call (the unit :func:`timing.compare` times).
+
+  ``first_s``: the first step's seconds (compilation included); ``metrics``: the last step's.
+  """
+
+  def __init__(self, setup, step, state, batch, frozen):
+    import jax  # pylint: disable=g-import-not-at-top
+    self._setup, self._step, self.state, self._batch, self._frozen = (setup, step, state,
+                                                                     batch, frozen)
+    t0 = time.perf_counter()
+    self()
+    jax.block_until_ready(self.metrics)
+    self.first_s = time.perf_counter() - t0
+
+  def __call__(self):
+    """One step on the same batch; returns its metrics (JAX arrays, not waited for)."""
+    with self._setup.context():
+      self.state, self.metrics = self._step(self.state, self._batch, self._frozen)
+    return self.metrics
+
+
 def time_steps(setup, step, state, batch, frozen, steps: int):
   """Runs ``step`` once (compile + first step), then ``steps`` more on the same batch.
 
@@ -74,19 +96,17 @@ def time_steps(setup, step, state, batch, frozen, steps: int):
     (first step seconds, mean seconds of the timed steps, the last state, its metrics).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  with setup.context():
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch, frozen)
-    jax.block_until_ready(metrics)
-    first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step(state, batch, frozen)
-    jax.block_until_ready(metrics)
-  return first_s, (time.perf_counter() - t0) / steps, state, metrics
+  stepper = Stepper(setup, step, state, batch, frozen)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    stepper()
+  jax.block_until_ready(stepper.metrics)
+  return stepper.first_s, (time.perf_counter() - t0) / steps, stepper.state, stepper.metrics
 
 
-def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: float) -> dict:
+def prepare_cpu(name: str, stage_name: str, overrides: dict):
+  """(stepper, report): a compiled :class:`Stepper` for a CPU case, and
+  ``report(step_seconds, peak)`` -> the case's JSON fields at that step time."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
@@ -107,17 +127,31 @@ def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: flo
   batch = synthetic_batch(specs)
   frozen = jax.device_put(stage.frozen, NamedSharding(mesh, PartitionSpec()))
   step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
-  compile_s, seconds, state, metrics = time_steps(setup, step, state, batch, frozen, steps)
+  stepper = Stepper(setup, step, state, batch, frozen)
   flops = stage.step_flops(config.data.batch_size)
-  params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  return {"case": f"{name}:{stage_name}", "devices": jax.device_count(),
-          "params_m": params / 1e6, "batch": config.data.batch_size,
-          "frames": config.data.num_frames, "resolution": list(config.data.resolution),
-          "first_step_s": compile_s, "step_s": seconds,
-          "examples_per_s": config.data.batch_size / seconds,
-          "step_tflop": flops / 1e12, "tflops_per_s": flops / seconds / 1e12,
-          "matmul_peak_tflops": peak, "mfu": flops / seconds / 1e12 / peak,
-          "loss": float(metrics["loss"])}
+  params = sum(x.size for x in jax.tree.leaves(stepper.state["params"]))
+
+  def report(seconds: float, peak: float) -> dict:
+    return {"case": f"{name}:{stage_name}", "devices": jax.device_count(),
+            "params_m": params / 1e6, "batch": config.data.batch_size,
+            "frames": config.data.num_frames, "resolution": list(config.data.resolution),
+            "first_step_s": stepper.first_s, "step_s": seconds,
+            "examples_per_s": config.data.batch_size / seconds,
+            "step_tflop": flops / 1e12, "tflops_per_s": flops / seconds / 1e12,
+            "matmul_peak_tflops": peak, "mfu": flops / seconds / 1e12 / peak,
+            "loss": float(stepper.metrics["loss"])}
+  return stepper, report
+
+
+def bench_cpu(name: str, stage_name: str, overrides: dict, steps: int, peak: float) -> dict:
+  """One case alone: mean step time over ``steps`` steps after the first."""
+  import jax  # pylint: disable=g-import-not-at-top
+  stepper, report = prepare_cpu(name, stage_name, overrides)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    stepper()
+  jax.block_until_ready(stepper.metrics)
+  return report((time.perf_counter() - t0) / steps, peak)
 
 
 def main(argv) -> None:

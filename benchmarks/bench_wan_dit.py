@@ -1,24 +1,26 @@
 """CPU forward time of the Wan DiT (tiny config): ours (jitted) vs diffusers (torch, no_grad).
 
 Usage: python benchmarks/bench_wan_dit.py [--frames 9 --height 16 --width 16 --text 64
-    --batch 1 --repeats 5] [--vace]
+    --batch 1 --repeats 7 --warmup 2] [--vace]
 
 Both models get the same random weights (generated in the original naming and loaded
 through ``wan_dit.original_layout`` and diffusers' own converter). Without ``--vace``:
 ``WanTransformer3DModel`` with per-token timesteps (one per latent frame); with ``--vace``:
 ``WanVACETransformer3DModel`` with a uniform timestep and a 96-channel control input.
-Ours is compiled and run once before timing; both report the median of ``--repeats`` runs.
+Ours is compiled and run once before timing; then the two run interleaved
+(``benchmarks/timing.py``: ``--warmup`` discarded rounds, ``--repeats`` kept pairs) and the
+median per-pair ratio ours / diffusers is printed with its IQR and the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -28,15 +30,7 @@ from flax import nnx  # noqa: E402
 from mirage_jax.errors import InputError, run_cli  # noqa: E402
 from mirage_jax.families.wan import original_layout  # noqa: E402
 from mirage_jax.families.wan import dit as wan_dit  # noqa: E402
-
-
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+import timing  # noqa: E402
 
 
 def main() -> int:
@@ -46,13 +40,13 @@ def main() -> int:
   parser.add_argument("--width", type=int, default=16, help="latent width (even)")
   parser.add_argument("--text", type=int, default=64, help="text tokens")
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--repeats", type=int, default=5)
+  timing.add_flags(parser, pairs=7, warmup=2, pairs_flag="--repeats")
   parser.add_argument("--vace", action="store_true", help="time the VACE model")
   args = parser.parse_args()
   if args.height % 2 or args.width % 2:
     raise InputError("--height/--width", "size", f"must be even, got {args.height}x{args.width}")
-  if min(args.frames, args.text, args.batch, args.repeats) < 1:
-    raise InputError("command line", "frames/text/batch/repeats", "must be >= 1")
+  if min(args.frames, args.text, args.batch, args.pairs) < 1 or args.warmup < 0:
+    raise InputError("command line", "frames/text/batch/repeats", "must be >= 1 (warmup >= 0)")
   import torch  # pylint: disable=import-outside-toplevel
   import diffusers  # pylint: disable=import-outside-toplevel
   from diffusers.loaders.single_file_utils import (  # pylint: disable=import-outside-toplevel
@@ -105,16 +99,19 @@ def main() -> int:
   compile_s = time.perf_counter() - t0
   with torch.no_grad():
     want = theirs(*t_args, **t_kw)[0].permute(0, 2, 3, 4, 1).numpy()
-    torch_s = _median_time(lambda: theirs(*t_args, **t_kw), args.repeats)
-  jax_s = _median_time(lambda: jax.block_until_ready(forward(ours, *j_args)), args.repeats)
+    result = timing.compare({"ours": lambda: forward(ours, *j_args),
+                             "diffusers": lambda: theirs(*t_args, **t_kw)},
+                            pairs=args.pairs, warmup=args.warmup,
+                            clock=timing.CLOCKS[args.clock],
+                            label=f"DiT{' + VACE' if args.vace else ''} {f}x{hh}x{ww}")
   err = float(np.abs(got - want).max())
   tokens = f * (hh // 2) * (ww // 2)
   print(f"wan_dit tiny ({'VACE' if args.vace else 'DiT, per-token t'}): batch {b}, {f} latent "
         f"frames {hh}x{ww} ({tokens} tokens), {args.text} text tokens, "
-        f"torch threads {torch.get_num_threads()}")
-  print(f"  ours (jit, first call {compile_s:.2f} s): median {jax_s * 1e3:.2f} ms | diffusers: "
-        f"median {torch_s * 1e3:.2f} ms | ours/diffusers = {jax_s / torch_s:.2f} | "
+        f"torch threads {torch.get_num_threads()}, ours' first call (compile) {compile_s:.2f} s, "
         f"max abs diff {err:.2e} (scale {np.abs(want).max():.2f})")
+  print(result.format())
+  print(result.format_row())
   return 0
 
 

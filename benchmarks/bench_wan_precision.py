@@ -4,8 +4,10 @@
 
 ``experiments/mirage_wan22_5b.py:tiny`` (random frozen base, VACE trained), one random
 latent batch repeated, this host's default devices; cases ``denoiser.model.precision`` =
-f32, f32_residual, bf16. Prints one JSON line per case: compile (first step) time, mean
-step time over ``--steps`` steps, the last step's loss.
+f32, f32_residual, bf16. The cases are built and compiled first, then stepped interleaved
+(``benchmarks/timing.py``: one step of each per round, ``--warmup`` rounds discarded, ``--steps``
+kept). Prints one JSON line per case: compile (first step) time, median step time, its median
+per-round ratio to the first case with the IQR, the last step's loss; then the summary.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # pylint: disable=g-import-not-at-top,wrong-import-position
+import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.FLAGS.set_default("steps", 20)  # bench_train's --steps: timed steps per case
+flags.FLAGS.set_default("steps", 20)  # bench_train's --steps: kept interleaved rounds
+_WARMUP = flags.DEFINE_integer("warmup", 2, timing.WARMUP_HELP)
 _CASES = flags.DEFINE_list("cases", ["f32", "f32_residual", "bf16"], "Precision policies.")
 
 
@@ -43,7 +47,8 @@ def _batch(stage, specs):
   return out
 
 
-def bench(precision: str, steps: int) -> dict:
+def prepare(precision: str) -> bench_train.Stepper:
+  """A compiled one-step-per-call stepper for the tiny Wan denoiser at ``precision``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -68,19 +73,28 @@ def bench(precision: str, steps: int) -> dict:
   batch = _batch(stage, specs)
   frozen = jax.device_put(frozen, setup.frozen_sharding())
   step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
-  compile_s, step_s, _, metrics = bench_train.time_steps(setup, step, state, batch, frozen, steps)
-  return {"precision": precision, "devices": jax.device_count(),
-          "batch": config.data.batch_size, "first_step_s": round(compile_s, 2),
-          "step_s": round(step_s, 4), "loss": float(metrics["loss"])}
+  stepper = bench_train.Stepper(setup, step, state, batch, frozen)
+  stepper.info = {"devices": jax.device_count(), "batch": config.data.batch_size}
+  return stepper
 
 
 def main(argv) -> None:
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  print(json.dumps({"loadavg": os.getloadavg()}), flush=True)
-  for p in _CASES.value:
-    print(json.dumps(bench(p, flags.FLAGS.steps)), flush=True)
-  print(json.dumps({"loadavg": os.getloadavg()}), flush=True)
+  steppers = {p: prepare(p) for p in _CASES.value}
+  if len(steppers) < 2:
+    raise app.UsageError(f"--cases needs at least two policies, got {_CASES.value}")
+  result = timing.compare(dict(steppers), pairs=flags.FLAGS.steps, warmup=_WARMUP.value,
+                          baseline=_CASES.value[0], label="tiny Wan denoiser step")
+  for p, stepper in steppers.items():
+    row = {"precision": p, **stepper.info, "first_step_s": round(stepper.first_s, 2),
+           "step_s": round(result.median_s(p), 4), "loss": float(stepper.metrics["loss"])}
+    if p != result.baseline:
+      r = result.ratio(p)
+      row.update(ratio=round(r.median, 3), over=r.baseline, iqr=[round(x, 3) for x in r.iqr],
+                 verdict=r.verdict)
+    print(json.dumps(row), flush=True)
+  print(result.format(), flush=True)
 
 
 if __name__ == "__main__":

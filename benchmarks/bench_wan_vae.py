@@ -1,10 +1,13 @@
 """CPU time of the Wan2.2 VAE (tiny config) encode/decode: ours (jitted) vs diffusers, one run.
 
-Usage: python benchmarks/bench_wan_vae.py [--frames 9] [--height 64] [--width 96] [--repeats 3]
+Usage: python benchmarks/bench_wan_vae.py [--frames 9] [--height 64] [--width 96] [--repeats 7]
+    [--warmup 1]
 Both models carry the same random weights (original naming -> ours via original_layout, ->
-diffusers via the test's key mapping). Ours is timed after compilation (the compile time is
-printed apart); diffusers runs eagerly in torch. Prints best-of-``repeats`` wall times and the
-ratio ours / diffusers for encode and decode, chunked (as the original) and whole-clip.
+diffusers via the test's key mapping). Ours is compiled first (the compile time is printed
+apart); diffusers runs eagerly in torch. Encode, then decode: ours chunked (as the original),
+ours whole-clip and diffusers run interleaved (``benchmarks/timing.py``: ``--warmup``
+discarded rounds, ``--repeats`` kept rounds); printed: median times, the median per-round
+ratio ours / diffusers with its IQR, and the machine's load.
 """
 
 from __future__ import annotations
@@ -18,14 +21,8 @@ import numpy as np
 
 from mirage_jax.errors import InputError, run_cli
 
-
-def _best(fn, repeats: int) -> float:
-  best = np.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main() -> int:
@@ -33,7 +30,7 @@ def main() -> int:
   parser.add_argument("--frames", type=int, default=9)
   parser.add_argument("--height", type=int, default=64)
   parser.add_argument("--width", type=int, default=96)
-  parser.add_argument("--repeats", type=int, default=3)
+  timing.add_flags(parser, pairs=7, warmup=1, pairs_flag="--repeats")
   args = parser.parse_args()
   if args.frames < 1 or (args.frames - 1) % 4:
     raise InputError("--frames", "frames", f"must be 1 + 4k, got {args.frames}")
@@ -41,8 +38,9 @@ def main() -> int:
     if getattr(args, name) <= 0 or getattr(args, name) % 16:
       raise InputError(f"--{name}", name, f"must be a positive multiple of 16, "
                        f"got {getattr(args, name)}")
-  if args.repeats < 1:
-    raise InputError("--repeats", "repeats", f"need at least 1, got {args.repeats}")
+  if args.pairs < 1 or args.warmup < 0:
+    raise InputError("--repeats", "repeats", f"need at least 1 (and --warmup >= 0), got "
+                     f"{args.pairs} (--warmup {args.warmup})")
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
@@ -73,26 +71,31 @@ def main() -> int:
 
   print(f"tiny Wan2.2 VAE, video {video.shape[1:]} <-> latents {latents.shape[1:]}, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads "
-        f"{torch.get_num_threads()}, best of {args.repeats}")
-  with torch.no_grad():
-    t_ref_enc = _best(lambda: ref.encode(v_t).latent_dist.mean, args.repeats)
-    t_ref_dec = _best(lambda: ref.decode(z_t).sample, args.repeats)
+        f"{torch.get_num_threads()}")
+  compile_s = {}
   for chunked in (True, False):
     t0 = time.perf_counter()
     wv.jit_encode(ours, v_j, chunked=chunked).block_until_ready()
-    c_enc = time.perf_counter() - t0
+    compile_s["encode", chunked] = time.perf_counter() - t0
     t0 = time.perf_counter()
     wv.jit_decode(ours, z_j, chunked=chunked).block_until_ready()
-    c_dec = time.perf_counter() - t0
-    t_enc = _best(lambda: wv.jit_encode(ours, v_j, chunked=chunked).block_until_ready(),
-                  args.repeats)
-    t_dec = _best(lambda: wv.jit_decode(ours, z_j, chunked=chunked).block_until_ready(),
-                  args.repeats)
-    mode = "chunked   " if chunked else "whole clip"
-    print(f"{mode}: encode ours {t_enc * 1e3:7.1f} ms vs diffusers {t_ref_enc * 1e3:7.1f} ms "
-          f"(ratio {t_enc / t_ref_enc:.2f}, compile {c_enc:.1f} s) | decode ours "
-          f"{t_dec * 1e3:7.1f} ms vs diffusers {t_ref_dec * 1e3:7.1f} ms "
-          f"(ratio {t_dec / t_ref_dec:.2f}, compile {c_dec:.1f} s)")
+    compile_s["decode", chunked] = time.perf_counter() - t0
+  print("compile (first call): " + ", ".join(
+      f"{op} {'chunked' if c else 'whole clip'} {t:.1f} s" for (op, c), t in compile_s.items()))
+  size = f"{args.frames}x{args.height}x{args.width}"
+  with torch.no_grad():
+    for op, ours_fn, ref_fn in (
+        ("encode", lambda c: wv.jit_encode(ours, v_j, chunked=c),
+         lambda: ref.encode(v_t).latent_dist.mean),
+        ("decode", lambda c: wv.jit_decode(ours, z_j, chunked=c), lambda: ref.decode(z_t).sample)):
+      result = timing.compare({"ours chunked": lambda: ours_fn(True),
+                               "ours whole clip": lambda: ours_fn(False),
+                               "diffusers": ref_fn},
+                              pairs=args.pairs, warmup=args.warmup,
+                              clock=timing.CLOCKS[args.clock], label=f"VAE {op} {size}")
+      print(result.format())
+      for side in ("ours chunked", "ours whole clip"):
+        print(result.format_row(side).replace(f"| VAE {op}", f"| VAE {op}, {side[5:]},", 1))
   return 0
 
 

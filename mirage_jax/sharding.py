@@ -59,6 +59,14 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 # ----------------------------------------------------------------------------- mesh
 
 
+def target_platform() -> str:
+  """The platform being compiled for: the current (abstract) mesh's devices', else the default
+  backend's ('cpu', 'gpu', 'tpu'). Lets a layer pick the formulation its compiler runs best."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def make_mesh(mesh_shape: dict[str, int], devices: Sequence[Any] | None = None,
               where: str = "config.mesh") -> Mesh:
   """Builds a 4-axis (data, fsdp, context, tensor) mesh with Auto axis types.

@@ -140,6 +140,21 @@ def test_splash_compiles_for_v5p_with_context_parallelism():
   assert attn.resolve("auto") == "xla"  # outside the TPU mesh: this host's CPU
 
 
+def test_auto_on_the_cpu_blocks_keys_once_the_scores_outgrow_the_cache():
+  """'auto' on the CPU: whole scores while H * Lq * Lk float32 fit CPU_SCORES_BYTES, then the
+  chunked path in CPU_BLOCK key blocks, with the same values."""
+  small = attn.CPU_SCORES_BYTES // 4
+  assert attn.resolve("auto", small) == "xla"
+  assert attn.resolve("auto", small + 1) == "chunked"
+  assert attn.resolve("xla", 10 * small) == "xla"  # an explicit choice stands
+  lq = lk = 1024  # 1 head: 4 MiB of scores + 1 key -> chunked, 8 blocks of 128
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, n, 1, 8)) for i, n in enumerate((lq, lk + 1, lk + 1)))
+  f = lambda impl: jax.jit(lambda q, k, v: attn.attention(q, k, v, impl=impl))
+  assert "while" in f("auto").lower(q, k, v).as_text()  # the key-block scan
+  assert "while" not in f("xla").lower(q, k, v).as_text()
+  np.testing.assert_allclose(f("auto")(q, k, v), f("xla")(q, k, v), atol=2e-6)
+
+
 def test_executed_flops_count_a_kernel_body_once_per_grid_point():
   """The roofline's executed FLOPs see inside a Pallas kernel (splash attention is one)."""
   from jax.experimental import pallas as pl
