@@ -277,9 +277,10 @@ def test_rgb_points_read_is_the_vae_encoding_of_the_rendered_video(world, clip):
   np.testing.assert_array_equal(lat[5:], 0.0)
   video = np.concatenate([np.repeat(frame0, 17, 0), np.zeros((16, RES, RES, 3), np.uint8)])
   want = np.asarray(r.model.encode(video))
-  np.testing.assert_allclose(lat[:5], want[:5], rtol=1e-3, atol=1e-3)
+  # (the memory's latents are stored in its feature dtype, bf16 here)
+  np.testing.assert_allclose(np.asarray(lat[:5], np.float32), want[:5], rtol=1e-2, atol=1e-2)
   # ... and not that of another video (the read is the render's encoding, not a stand-in).
-  assert np.abs(np.asarray(r.model.encode(clip["frames"][:33]))[:5] - want[:5]).max() > 1e-2
+  assert np.abs(np.asarray(r.model.encode(clip["frames"][:33]))[:5] - want[:5]).max() > 0.1
 
 
 def test_scaling_runs_the_wan_rollout_with_rgb_points(world):
