@@ -47,6 +47,9 @@ flags.DEFINE_integer("width", 1280, "Video width in pixels.")
 flags.DEFINE_integer("frames", 33, "Video frames per chunk (1 + 4k).")
 flags.DEFINE_integer("voxel_capacity", 0, "voxel slots (0: the 5B config's memory.settings).")
 flags.DEFINE_bool("encode", True, "Also compile the VAE encode of one chunk on its own.")
+flags.DEFINE_bool("rgb_encode", True, "rgb_points' read includes the VAE encode (false: a "
+                  "stand-in that only pools the rendered video, to compile render + write "
+                  "alone; the encode's cost is then --encode's or traced_encode_tflops).")
 FLAGS = flags.FLAGS
 
 
@@ -90,8 +93,14 @@ def main(argv) -> None:
   h, w, ch = base.latent_height, base.latent_width, base.latent_channels
   voxel_capacity = FLAGS.voxel_capacity or base.capacity
   report = {"topology": FLAGS.topology, "chip": str(device.device_kind),
+            "rgb_points_read_includes_encode": FLAGS.rgb_encode,
             "shape": {"video": [C, H, W], "latents": [L, h, w, ch]},
             "voxel_capacity": voxel_capacity, "rows": []}
+  # Traced conv/matmul FLOPs of the encode (no compile: cheap on any host).
+  from mirage_jax.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  report["traced_encode_tflops"] = flops_lib.jaxpr_flops(encode, vae_params,
+                                                         spec((C, H, W, 3))) / 1e12
+  print(json.dumps({"traced_encode_tflops": report["traced_encode_tflops"]}), file=sys.stderr)
   if FLAGS.encode:
     report["vae_encode_one_chunk"] = _stats(encode, vae_params, spec((C, H, W, 3)))
     print(json.dumps(report["vae_encode_one_chunk"]), file=sys.stderr)
@@ -109,7 +118,13 @@ def main(argv) -> None:
 
       def chunk_memory(vae_state, state, K_read, c2w_read, lat, depth, K, c2w, static, frame,
                        rgb, name=name):
-        be = memory_lib.get_backend(name, encode_fn=lambda x: encode(vae_state, x))
+        if FLAGS.rgb_encode:
+          enc = lambda x: encode(vae_state, x)
+        else:  # stand-in: the latent-shaped mean of each 4-frame group (keeps the render live)
+          enc = lambda x: jnp.broadcast_to(
+              jnp.concatenate([x[:1], x[1:].reshape(-1, 4, H, W, 3).mean(1)]).reshape(
+                  L, h, H // h, w, W // w, 3).mean((2, 4)).mean(-1, keepdims=True), (L, h, w, ch))
+        be = memory_lib.get_backend(name, encode_fn=enc)
         mem, cov = be.read(state, K_read, c2w_read)
         return mem, cov, be.write(state, lat, depth, K, c2w, static, frame, rgb=rgb)
 
