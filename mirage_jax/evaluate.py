@@ -33,7 +33,8 @@ generated depth, so its rows carry no geometric or depth scores. ``--prompt`` /
 ``--prompt_file`` (one prompt for every trajectory), ``--negative_prompt``, ``--text_encoder``,
 ``--tokenizer``, ``--caption_embedding``, ``--empty_text_embedding`` and ``--guidance_scale``
 are as in ``mirage_jax.generate``. The
-scaling and objects benchmarks and the Memory Maze rows run the small family only.
+scaling benchmark runs on it too (every backend, ``rgb_points`` rendering and VAE-encoding
+each chunk's video); the objects benchmark and the Memory Maze rows run the small family only.
 
 Batching (revisit): each process generates ``--trajectory_batch`` trajectories at once (default
 one per local device): per chunk, one jitted step advances all of them, the trajectory axis

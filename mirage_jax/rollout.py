@@ -333,7 +333,7 @@ class Rollout:
     *written, rgb = self.model.written(chunk, out)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
-    jax.block_until_ready(fns["read"](state, chunk["K"], chunk["c2w"]))
+    jax.block_until_ready(fns["read"](state, *self.model.read_cameras(chunk)))
     jax.block_until_ready(fns["write"](state, *written, rgb))
     return time.perf_counter() - t0
 

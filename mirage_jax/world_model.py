@@ -208,6 +208,19 @@ class WorldModel(abc.ABC):
       ctx_given (Bp,) frames that are also the clean context.
     """
 
+  @property
+  def frames_per_chunk(self) -> int:
+    """Video frames each chunk after frame 0 adds (the small family: ``chunk``)."""
+    return self.chunk
+
+  # Video frames per memory write (the Wan family writes one latent per 4 frames).
+  frames_per_write = 1
+
+  def read_cameras(self, chunk) -> tuple:
+    """(K, c2w) of ``chunk`` the memory is read into (batched like ``chunk``): the timed mode
+    re-runs the backend's read on them. Default: one camera per generated frame."""
+    return chunk["K"], chunk["c2w"]
+
   @abc.abstractmethod
   def written(self, chunk, out) -> tuple:
     """(latents, depth, K, c2w, static, frame, rgb or None) the step wrote, batched (Bp, ...):

@@ -198,6 +198,12 @@ COMMANDS: dict[str, Doc] = {
         "renders 64 Memory Maze clips and trains 1400 steps (about an hour here); "
         "tests/test_memory_maze_protocol.py runs the protocol reduced",
         subs=(("DIR", "runs/memory_maze"),)),
+    "wan_scaling": Doc(
+        "python -m mirage_jax.evaluate --checkpoint=WAN_EXPORT --benchmark=scaling --output_dir=OUT "
+        "--backends=rgb_points,mirage,voxel --lengths=65,257,513 --timed_chunks=1", R, "dry",
+        "needs a Wan export and compiles one Wan chunk step per backend and length (tens of "
+        "minutes on this CPU); tests/test_wan_generate.py runs the Wan scaling benchmark with "
+        "rgb_points at one length on a tiny export"),
     "table_aot": Doc("python -m mirage_jax.aot --config=experiments/pod_v5p_128.py --topology=v5p:4x4x4",
                      R, "dry", "compiling the pod config takes many minutes; tests/test_aot.py "
                      "compiles a small config for a TPU topology"),

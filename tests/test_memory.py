@@ -353,3 +353,35 @@ def test_splat_depth_band_prefers_priority_over_a_hair_closer_point():
   assert float(exact[0, 0, 0]) == 1.0
   assert float(band[0, 0, 0]) == 2.0 and bool(covered[0, 0])
   assert abs(float(depth[0, 0]) - 1.02) < 1e-5
+
+
+# ----------------------------------------------------------------------------- rgb_points, video
+
+
+def test_rgb_points_video_read_pools_coverage_over_each_latents_frames():
+  """A temporally compressing encoder (a causal video VAE: 1 + 2k frames -> 1 + k latents):
+  ``read`` takes every video frame's camera, and a latent's coverage pools its frames."""
+  t = 2
+
+  def encode_video(rgb):  # latent 0 <- frame 0; latent j <- frames 2j-1, 2j (their mean)
+    per = encode(rgb)
+    return jnp.concatenate([per[:1], per[1:].reshape(-1, t, *per.shape[1:]).mean(1)], 0)
+
+  cfg = config(capacity=capacity_for("rgb_points"))
+  be = get_backend("rgb_points", encode_fn=encode_video)
+  be = be._replace(write=jax.jit(be.write), read=jax.jit(be.read))
+  fr = make_frames([0.0])
+  state = be.write(be.init(cfg), **fr)
+  away = np.asarray(orbit_pose(np.pi))  # faces the other wall: sees none of the points
+  # Video frames 0..4 -> latents 0, 1 (frames 1, 2), 2 (frames 3, 4).
+  c2w = np.stack([fr["c2w"][0], fr["c2w"][0], away, away, away])
+  lat, cov = be.read(state, np.broadcast_to(K_IMG, (5, 3, 3)), c2w)
+  assert lat.shape == (3, LH, LW, C) and cov.shape == (3, LH, LW)
+  assert cov[0].all() and not cov[2].any()
+  # Latent 1 encodes one covered and one empty frame: half its pixels, covered (>= 0.5).
+  assert cov[1].all()
+  np.testing.assert_allclose(lat[0], encode(fr["rgb"])[0], atol=1e-2)  # uint8 colours
+  np.testing.assert_array_equal(lat[2], 0.0)
+  odd = get_backend("rgb_points", encode_fn=lambda rgb: encode(rgb)[:3])
+  with pytest.raises(InputError, match="encode_fn"):  # 4 frames cannot make 3 latents
+    odd.read(state, np.broadcast_to(K_IMG, (4, 3, 3)), c2w[:4])

@@ -21,6 +21,7 @@ import pytest
 
 from data_pipelines import files, procedural
 from mirage_jax import rollout
+from mirage_jax.errors import InputError
 from mirage_jax import checkpoint, families
 from mirage_jax.families.wan import convert as wan_convert
 from mirage_jax import weight_files
@@ -253,6 +254,54 @@ def test_rollout_memory_and_determinism(world, mirage_rollout, clip):
   none = _generate(rollout.make_rollout(config, vae, dit, "none"), clip, seed=0)
   assert none["coverage"][1:].max() == 0.0 and out["coverage"][1:].max() > 0.0
   assert np.abs(none["frames"].astype(int) - out["frames"].astype(int)).max() > 0
+
+
+def test_rgb_points_read_is_the_vae_encoding_of_the_rendered_video(world, clip):
+  """The pixel baseline: frame 0 kept as RGB points, rendered into every video frame's
+  camera of a chunk (the first 17 see it, the last 16 look away) and encoded by the Wan VAE:
+  the covered latents are the encoding of exactly that video (frame 0, then black)."""
+  config, vae, dit = world
+  r = rollout.make_rollout(config, vae, dit, "rgb_points", capacity=RES * RES)
+  be = r.backend
+  frame0 = clip["frames"][:1]
+  state = be.write(be.init(r.memory_cfg), jnp.zeros((1, 4, 4, 48)), clip["depths"][:1],
+                   clip["intrinsics"][:1], clip["poses_c2w"][:1], np.ones((1, RES, RES), bool),
+                   np.zeros((1,), np.int32), rgb=frame0.astype(np.float32) / 255.0)
+  away = clip["poses_c2w"][0].copy()
+  away[:3, [0, 2]] *= -1  # turned around in place: frame 0's points are behind it
+  c2w = np.stack([clip["poses_c2w"][0]] * 17 + [away] * 16)
+  lat, cov = jax.jit(be.read)(state, np.repeat(clip["intrinsics"][:1], 33, 0), c2w)
+  assert lat.shape == (9, 4, 4, 48) and cov.shape == (9, 4, 4)
+  # Latent 0 <- frame 0, latent k <- frames 4k-3..4k: latents 0..4 see frame 0 only.
+  assert cov[:5].all() and not cov[5:].any()
+  np.testing.assert_array_equal(lat[5:], 0.0)
+  video = np.concatenate([np.repeat(frame0, 17, 0), np.zeros((16, RES, RES, 3), np.uint8)])
+  want = np.asarray(r.model.encode(video))
+  # (the memory's latents are stored in its feature dtype, bf16 here)
+  np.testing.assert_allclose(np.asarray(lat[:5], np.float32), want[:5], rtol=1e-2, atol=1e-2)
+  # ... and not that of another video (the read is the render's encoding, not a stand-in).
+  assert np.abs(np.asarray(r.model.encode(clip["frames"][:33]))[:5] - want[:5]).max() > 0.1
+
+
+@pytest.mark.slow  # one Wan chunk step compiled (render + VAE encode inside)
+def test_scaling_runs_the_wan_rollout_with_rgb_points(world):
+  """``--benchmark=scaling`` on a Wan export: the rgb_points rollout (render + VAE encode
+  per chunk, timed read + write) and its cache: every pixel of every written latent frame.
+  Chunks of 5 video frames (2 latents), no references, to keep the compile small."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import scaling  # pylint: disable=g-import-not-at-top
+  config, vae, dit = world
+  config = copy.deepcopy(config)
+  config.denoiser.update(target_frames=5, preceding_frames=4, reference_frames=0)
+  (entry,) = scaling.run_scaling(config, vae, dit, ["rgb_points"], [13], timed_chunks=1)
+  assert entry["backend"] == "rgb_points" and entry["frames"] == 13
+  assert entry["memory_seconds_per_chunk"] > 0 and entry["chunk_seconds"] > 0
+  # 13 frames: 1 pre-filled (frame 0..3 of the loop, one write per 4 frames), then frame 0
+  # twice and one latent per chunk of 4 new frames; each a 64x64 frame of points (position
+  # f32 x 3, colour u8 x 3, valid flag).
+  assert entry["cache_bytes"] == (1 + 2 + 2) * RES * RES * (12 + 3 + 1)
+  with pytest.raises(InputError, match="lengths"):  # shorter than warm-up + timed chunks
+    scaling.run_scaling(config, vae, dit, ["voxel"], [8], timed_chunks=1)
 
 
 def test_chunks_chain_as_the_reference(world, clip):

@@ -26,6 +26,11 @@ reported) and ``timed_chunks`` timed chunks, whose writes use the known geometry
 (``oracle_frames``: exact depth and the frames' encoding, encoded outside the timed span),
 so cache sizes do not depend on an untrained model's depth. Times are means over the timed
 chunks on whatever device runs it, one trajectory per backend, without batching.
+
+The Wan family runs the same protocol with its own chunking: a chunk adds C - 1 = 32 video
+frames and the memory is written once per 4 frames (one latent), so the pre-fill writes
+every 4th frame. Its ``rgb_points`` chunk renders all C frames and VAE-encodes them inside
+the step (``families/wan/world_model.py``), the cost a latent memory avoids.
 """
 
 from __future__ import annotations
@@ -100,10 +105,13 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
   Returns:
     entries in the ``scaling.json`` schema (``report.SCALING_FIELDS``), backend-major.
   """
-  chunk = int(config.denoiser.target_frames)
-  generated = 1 + (timed_chunks + 1) * chunk
   if timed_chunks < 1:
     raise InputError("--timed_chunks", "timed_chunks", f"must be >= 1, got {timed_chunks}")
+  rollouts = {b: rollout.make_rollout(config, ae, dn, backend=b) for b in backends}
+  model = next(iter(rollouts.values())).model if rollouts else families.world_model(config)
+  chunk = int(getattr(model, "frames_per_chunk", config.denoiser.target_frames))
+  stride = int(getattr(model, "frames_per_write", 1))  # video frames per memory write
+  generated = 1 + (timed_chunks + 1) * chunk
   short = [n for n in lengths if n < generated]
   if short:
     raise InputError("--lengths", "lengths", f"{short[0]} frames is shorter than the timed segment "
@@ -119,21 +127,24 @@ def run_scaling(config, ae, dn, backends: Sequence[str], lengths: Sequence[int],
   entries = []
   bar = tqdm(total=len(backends) * len(lengths), desc="scaling", disable=not progress)
   for backend in backends:
-    r = rollout.make_rollout(config, ae, dn, backend=backend)
+    r = rollouts[backend]
     write = jax.jit(r.backend.write, donate_argnums=0)  # pre-fill in place
     for n in sorted(lengths):
       cfg = dataclasses.replace(r.memory_cfg, **memory_lib.capacity_for(backend, n, r.memory_cfg))
       state = r.backend.init(cfg)
       start = n - generated
-      for b0 in range(0, start, prefill_block):
-        idx = np.arange(b0, min(b0 + prefill_block, start))
+      # The frames the rollout would have written: every ``stride``-th (Wan: one latent per 4).
+      prefill = np.arange(0, start, stride)
+      for b0 in range(0, len(prefill), prefill_block):
+        idx = prefill[b0:b0 + prefill_block]
         state = write(state, latents[:len(idx)], depths[idx], K[idx], poses[idx],
                       np.ones((len(idx), h, w), bool), (idx - start).astype(np.int32),
                       rgb=colours[idx % period].astype(np.float32) / 255.0)
       seg = np.arange(start, n)
       rgb = colours[seg % period]
       out = r.generate(rgb[0], depths[start], K[seg], poses[seg], seed=seed, progress=False,
-                       oracle_frames=(rgb, depths[seg]), initial_memory=state, timed=True)
+                       oracle_frames=(rgb, depths[seg]), initial_memory=state, timed=True,
+                       depths=depths[seg] if r.model.needs_depths else None)
       timed = out["timings"][1:]
       entries.append(dict(backend=backend, frames=int(n), cache_bytes=int(out["cache_bytes"]),
                           memory_seconds_per_chunk=float(np.mean([t.memory_seconds for t in timed])),

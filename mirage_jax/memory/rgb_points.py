@@ -3,6 +3,12 @@
 Writes append every valid full-resolution pixel of the decoded frames as a coloured point;
 ``render`` splats an image into a target camera and ``read`` re-encodes it to latents with
 the autoencoder's encoder (bound by ``memory.get_backend(..., encode_fn=...)``).
+
+An encoder may compress time: the Wan VAE turns F = 1 + t k rendered video frames into
+k + 1 latent frames (causal, t = 4). ``read`` then takes the cameras of every video frame
+(the Wan rollout renders all 33 frames of a chunk, as pixel-memory systems condition a
+video model) and a latent cell's coverage pools the pixels of all frames that latent
+encodes (latent 0: frame 0; latent j: frames t(j-1)+1 .. tj).
 """
 
 from __future__ import annotations
@@ -94,18 +100,33 @@ def read(state: RgbPointState, intrinsics, c2w, *, encode_fn):
   """Renders the RGB cloud at full resolution and re-encodes it to latents.
 
   Args:
-    intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
-    encode_fn: maps rgb (F, H, W, 3) float32 in [0, 1] to latents (F, h, w, C) (the
-      autoencoder's encoder); its cost is part of this backend's read.
+    intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4): one camera per rendered
+      frame (for a temporally compressing encoder, every video frame).
+    encode_fn: maps rgb (F, H, W, 3) float32 in [0, 1] to latents (F', h, w, C), F' = F
+      (one latent per image) or F = 1 + t (F' - 1) (a causal video VAE with temporal factor
+      t, as Wan's); its cost is part of this backend's read.
   Returns:
-    latents (F, h, w, C) (zeros outside coverage), coverage (F, h, w) bool: a latent cell
-    is covered when at least half of its full-resolution pixels are.
+    latents (F', h, w, C) (zeros outside coverage), coverage (F', h, w) bool: a latent cell
+    is covered when at least half of the full-resolution pixels it encodes are (over the
+    frames of its temporal group).
   """
   cfg = state.cfg
   rgb, covered = render(state, intrinsics, c2w)
   latents = encode_fn(rgb)
-  f, h, w = covered.shape[0], cfg.latent_height, cfg.latent_width
-  frac = covered.reshape(f, h, cfg.image_height // h, w, cfg.image_width // w).mean(axis=(2, 4))
+  f, f_lat = covered.shape[0], latents.shape[0]
+  h, w = cfg.latent_height, cfg.latent_width
+  cell = lambda c: c.reshape(c.shape[0], h, cfg.image_height // h, w,
+                             cfg.image_width // w).mean(axis=(2, 4))
+  if f_lat == f:
+    frac = cell(covered)
+  else:
+    t = (f - 1) // max(f_lat - 1, 1)
+    if f_lat < 2 or 1 + t * (f_lat - 1) != f:
+      raise InputError("rgb_points.read", "encode_fn", f"{f} rendered frames encoded to "
+                       f"{f_lat} latents: expected {f} or 1 + t (latents - 1) frames")
+    # Latent 0 encodes frame 0 alone, latent j frames t(j-1)+1 .. tj (causal VAE).
+    rest = cell(covered[1:]).reshape(f_lat - 1, t, h, w).mean(axis=1)
+    frac = jnp.concatenate([cell(covered[:1]), rest], 0)
   cov = frac >= 0.5
   return jnp.where(cov[..., None], latents, 0).astype(cfg.dtype), cov
 

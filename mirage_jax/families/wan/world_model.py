@@ -76,8 +76,16 @@ reference's training: the preceding latents' memory channels are the memory read
 cameras (here, the reads they were generated with), and the timesteps are not rounded.
 
 Every backend is written with everything generated (the reference's rule; the small
-family's ``write_new_only`` and dynamic masking are not applied), and ``rgb_points`` is not
-supported (it would re-encode rendered RGB through the VAE per read).
+family's ``write_new_only`` and dynamic masking are not applied).
+
+``rgb_points`` (the pixel point-cloud baseline, Voyager / Spatia style) keeps coloured
+full-resolution points instead of latents: each written latent's decoded video frame (frame
+4k of the chunk; frame 0 from the input) with that frame's depth, and per chunk it renders
+the cloud into the cameras of EVERY video frame of the chunk (C = 4(L - 1) + 1; the chunk
+carries ``K_video`` / ``c2w_video``) and encodes that rendered video with the Wan VAE (the
+causal VAE: C frames -> L latents) inside the step, so the DiT gets the same kind of VACE
+conditioning as from ``mirage``'s read. That VAE encode per chunk is the cost latent
+memories avoid (``benchmarks/bench_wan_memory.py``, BENCHMARKS.md).
 
 Differences from the reference, on purpose or by necessity: given depth instead of
 MapAnything (above); a padded last chunk; retrieval scores each past latent by the voxel
@@ -89,6 +97,7 @@ frustum at the time it was written) and keeps a ring buffer of ``reference_bank`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any
@@ -223,7 +232,7 @@ class WorldModel(world_model.WorldModel):
   depth_estimators = ("given", "depth_anything")
   moving_content = False
   given_context = False  # the clean context is always its own generation
-  benchmarks = ("revisit",)
+  benchmarks = ("revisit", "scaling")
   takes_text = True
 
   def __init__(self, config: ml_collections.ConfigDict, vae: nnx.Module, dit: nnx.Module,
@@ -251,6 +260,7 @@ class WorldModel(world_model.WorldModel):
     self.config = config
     self.settings = wan_settings(config)
     self.chunk = self.settings.chunk_frames
+    self.frames_per_write = self.settings.temporal  # one latent (one write) per 4 frames
     s = config.sampler
     if s.method != "unipc":
       raise InputError("config.sampler", "method", f"the Wan family samples with 'unipc' "
@@ -273,7 +283,12 @@ class WorldModel(world_model.WorldModel):
     self.vae = vae
     self.vae_graphdef, self.vae_state = nnx.split(vae)
     self.dit_graphdef, self.dit_state = nnx.split(dit)
-    self.backend = memory_lib.get_backend(self.backend_name, encode_fn=self._no_rgb_encoder)
+    # rgb_points renders every video frame of a chunk and encodes them with the VAE.
+    self.reads_video = self.backend_name == "rgb_points"
+    # Outside the step (timed reads, tools) the VAE state is bound as an argument of a jitted
+    # encode: merging concrete params inside another trace is refused by nnx.
+    self.backend = memory_lib.get_backend(
+        self.backend_name, encode_fn=functools.partial(jax.jit(self._encode_rgb), self.vae_state))
     self.depth_model = depth_estimator.Monocular.from_options(depth)
     self.needs_depths = self.depth_model is None
     self.needs_first_depth = self.depth_model is None or self.depth_model.needs_first_depth
@@ -326,9 +341,29 @@ class WorldModel(world_model.WorldModel):
     text_dim, length = int(self.config.denoiser.model.text_dim), text_length(self.config)
     self.text = jnp.asarray(load_or_pad(embedding, text_dim, length))[None]
 
-  def _no_rgb_encoder(self, rgb01):
-    raise InputError("--memory", "memory", "rgb_points re-encodes rendered RGB, which the Wan "
-                     "rollout does not support; use mirage, voxel, frame_bank or none")
+  def _encode_rgb(self, vae_state, rgb01):
+    """rgb_points' re-encoder: rendered video (C, H, W, 3) in [0, 1], C = 4k + 1 -> (k + 1,
+    h, w, 48) float32 latents (tiled, as every Wan encode here)."""
+    vae = nnx.merge(self.vae_graphdef, vae_state)
+    return vae.tiled_encode((rgb01 * 2.0 - 1.0)[None])[0].astype(jnp.float32)
+
+  def _memory_backend(self, vae_state) -> memory_lib.Backend:
+    """The memory backend; ``rgb_points``' read encodes with the VAE of ``vae_state`` (the
+    step's own params, so the VAE is an argument of the compiled step, not a constant)."""
+    return memory_lib.get_backend(self.backend_name,
+                                  encode_fn=functools.partial(self._encode_rgb, vae_state))
+
+  def read_cameras(self, chunk) -> tuple:
+    """(K, c2w) the memory is read into: the L latents' cameras, or for ``rgb_points`` the
+    C video frames' (``K_video``, ``c2w_video``), batched like ``chunk``."""
+    if self.reads_video:
+      return chunk["K_video"], chunk["c2w_video"]
+    return chunk["K"], chunk["c2w"]
+
+  @staticmethod
+  def _rgb01(rgb):
+    """Decoded frames in [-1, 1] -> [0, 1] (what ``rgb_points`` stores)."""
+    return (jnp.clip(rgb, -1.0, 1.0) + 1.0) * 0.5
 
   # --------------------------------------------------------------------------- pieces
 
@@ -445,8 +480,9 @@ class WorldModel(world_model.WorldModel):
     K, c2w, depth = K0[None], c2w0[None], depth0[None]
     every = jnp.ones((1,) + self.image_hw, bool)
     ids = jnp.zeros((1,), jnp.int32)
-    memory = self.backend.write(state, lat0, depth, K, c2w, every, ids)
-    memory = self.backend.write(memory, lat0, depth, K, c2w, every, ids)
+    rgb0 = self._rgb01(frame0[None]) if self.reads_video else None
+    memory = self.backend.write(state, lat0, depth, K, c2w, every, ids, rgb=rgb0)
+    memory = self.backend.write(memory, lat0, depth, K, c2w, every, ids, rgb=rgb0)
     n = self.settings.preceding_latents + 1
     carry = dict(memory=memory, hist=jnp.repeat(lat0, n, 0), hist_scene=jnp.zeros((n,) + lat0.shape[1:]),
                  count=jnp.ones((), jnp.int32), rng=rng)
@@ -474,7 +510,8 @@ class WorldModel(world_model.WorldModel):
       carry: as :meth:`_start_impl` returns it.
       chunk: K (L, 3, 3), c2w (L, 4, 4), depth (L, H, W) the given depth of each latent's
         video frame (with the given depth only), frame (L,) int32 those video frames (unclipped; cameras and depths
-        past the trajectory's end repeat its last), first () bool chunk 0, real () int32
+        past the trajectory's end repeat its last), with ``rgb_points`` K_video (C, 3, 3) and
+        c2w_video (C, 4, 4) every video frame's camera, first () bool chunk 0, real () int32
         latents 1..real lie inside the trajectory (the others are never written), active ()
         bool the chunk belongs to the trajectory (else nothing of the carry changes). With
         ``oracle``: use (L,) bool latents written from ground truth, o_lat (L, h, w, 48).
@@ -489,10 +526,11 @@ class WorldModel(world_model.WorldModel):
     L, P, R = st.latents, st.preceding_latents, self.num_references
     Kc, c2wc = chunk["K"], chunk["c2w"]
     mem_depth = None
-    if self.depth_model is not None and self.backend.reads_depth:
-      mem, cov, mem_depth = self.backend.read(carry["memory"], Kc, c2wc, with_depth=True)
+    backend = self._memory_backend(vae_state)
+    if self.depth_model is not None and backend.reads_depth:
+      mem, cov, mem_depth = backend.read(carry["memory"], Kc, c2wc, with_depth=True)
     else:
-      mem, cov = self.backend.read(carry["memory"], Kc, c2wc)
+      mem, cov = backend.read(carry["memory"], *self.read_cameras(chunk))
     scene = wan_mirage.memory_scene(mem, cov)
     hist, count = carry["hist"], carry["count"]
     # Chunk 0's latent 0 is frame 0's: it is generated with this chunk's read.
@@ -536,8 +574,10 @@ class WorldModel(world_model.WorldModel):
     real = jnp.arange(1, L) <= chunk["real"]
     static = jnp.broadcast_to(real[:, None, None], (L - 1,) + self.image_hw)
     write = (w_depth, Kc[1:], c2wc[1:], static, chunk["frame"][1:])
+    # rgb_points keeps the decoded frame each new latent stands for (video frame 4k).
+    w_rgb = self._rgb01(rgb[st.temporal * jnp.arange(1, L)]) if self.reads_video else None
     new = dict(carry, rng=jax.random.key_data(key),
-               memory=self.backend.write(carry["memory"], w_lat, *write))
+               memory=backend.write(carry["memory"], w_lat, *write, rgb=w_rgb))
     if fit is not None:
       new["depth_fit"] = fit
     if R:  # padded latents take a slot with no valid point: nothing retrieves them
@@ -576,6 +616,11 @@ class WorldModel(world_model.WorldModel):
     """arrays: (video (C, H, W, 3) in [-1, 1],) -> (L, h, w, 48) latents."""
     return self._encode_impl(params[0], *arrays)
 
+  @property
+  def frames_per_chunk(self) -> int:
+    """Video frames each chunk adds (C - 1: later chunks repeat the previous last frame)."""
+    return self.settings.new_frames
+
   def num_chunks(self, num_frames: int) -> int:
     return len(self.plan(num_frames))
 
@@ -595,6 +640,10 @@ class WorldModel(world_model.WorldModel):
                  active=c < num_chunks)
     if self.needs_depths:
       chunk["depth"] = np.stack([depths[r][i] for r, i in enumerate(cams)])
+    if self.reads_video:  # rgb_points renders every video frame of the chunk
+      vids = np.minimum(idx[0] + np.arange(C)[None], lengths[:, None] - 1)  # (Bp, C)
+      chunk["K_video"] = np.stack([Ks[r][i] for r, i in enumerate(vids)])
+      chunk["c2w_video"] = np.stack([poses[r][i] for r, i in enumerate(vids)])
     return chunk, dict(idx=idx, real=real, start=c * st.new_frames, active=c < num_chunks)
 
   def oracle_chunk(self, encode, gts, order, plan, given, ctx_given) -> dict[str, Any]:
@@ -632,8 +681,10 @@ class WorldModel(world_model.WorldModel):
     real = jnp.arange(1, L)[None] <= chunk["real"][:, None]
     static = jnp.broadcast_to(real[..., None, None], real.shape + self.image_hw)
     depth = chunk["depth"][:, 1:] if self.depth_model is None else out["depth"]
+    rgb = (self._rgb01(out["rgb"][:, self.settings.temporal * np.arange(1, L)])
+           if self.reads_video else None)
     return (lat, depth, chunk["K"][:, 1:], chunk["c2w"][:, 1:], static,
-            chunk["frame"][:, 1:], None)
+            chunk["frame"][:, 1:], rgb)
 
   def trajectory_result(self, b, T, first, outs, plans, carry) -> dict[str, Any]:
     """frames (T, H, W, 3) uint8 (truncated, as the reference), depths None, coverage
