@@ -53,6 +53,12 @@ from mirage_jax import geometry
 from mirage_jax.atomic import atomic_output
 from mirage_jax.errors import InputError
 
+# imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, which is unsafe in a process with
+# threads (a Beam worker: gRPC threads): there the child died at random and a readable video
+# read as "Could not load meta information". Its documented switch turns that off (the one
+# thing lost: ffmpeg then also gets a Ctrl-C sent to our process group).
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 VIDEO_SUFFIXES = (".mp4", ".gif", ".avi")
 # The reference's names for the frames of a geometry.npz without them, in its folder.
 REFERENCE_VIDEO, REFERENCE_FIRST_FRAME = "clip.mp4", "first_frame.png"
