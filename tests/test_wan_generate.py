@@ -436,7 +436,7 @@ def test_bad_inputs_are_one_line(export, small_export, geometry_npz, tmp_path):
   result = gen(f"--checkpoint={export}", f"--geometry_path={first_only}")
   _one_line_error(result, str(first_only), "depth")
   assert "--depth_estimator=given" in result.stderr
-  # evaluate: the small family's benchmarks refuse a Wan export before loading it.
-  ev = run_cli("mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=scaling",
+  # evaluate: a small-family benchmark refuses a Wan export before loading it.
+  ev = run_cli("mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=objects",
                f"--output_dir={tmp_path / 'ev'}")
   _one_line_error(ev, "--benchmark", "benchmark")
