@@ -279,10 +279,15 @@ class PosedFiles(_ClipsBuilder):
   def _feature_sizes(self):
     return None, None, None
 
+  @staticmethod
+  def _find(root: Path) -> list[Path]:
+    """The clip sources under ``root``, in sorted path order."""
+    return files.find_clips(root)
+
   @functools.cached_property
   def _paths(self) -> list[Path]:
     root = Path(self.builder_config.source_dir)
-    found = files.find_clips(root)
+    found = self._find(root)
     n = self.builder_config.num_clips
     if n > len(found):
       raise InputError(root, "num_clips", f"asked for {n} clips, the folder holds {len(found)}")
@@ -308,15 +313,10 @@ class ReferenceSamples(PosedFiles):
 
   SKIP_BAD_CLIPS = True
 
-  @functools.cached_property
-  def _paths(self) -> list[Path]:
+  @staticmethod
+  def _find(root: Path) -> list[Path]:
     from data_pipelines import sample_folders  # pylint: disable=g-import-not-at-top
-    root = Path(self.builder_config.source_dir)
-    found = sample_folders.find_sample_folders(root)
-    n = self.builder_config.num_clips
-    if n > len(found):
-      raise InputError(root, "num_clips", f"asked for {n} clips, the folder holds {len(found)}")
-    return found[:n] if n else found
+    return sample_folders.find_sample_folders(root)
 
   def clip_maker(self):
     sample_folders = importlib.import_module("data_pipelines.sample_folders")
