@@ -6,9 +6,11 @@
 
 Each benchmark compares its sides interleaved in one process (``benchmarks/timing.py``) and
 prints the median per-pair ratio with its IQR, the load average, the cores, the commit and the
-date. Run it on a quiet machine: before each command the load average is printed, with a
-warning when the 1-minute load is above half the cores (the numbers then say more about the
-other processes than about the code). The output of every command is also appended to
+date. Run it on a quiet machine: before each command the load average and the cores busy
+with other work over 3 s (``/proc/stat``; the load average still counts the previous
+benchmark for a minute after it ends) are printed, with a warning when other work keeps more
+than a quarter of a core busy (the numbers then say more about the other processes than
+about the code). The output of every command is also appended to
 ``--log``.
 """
 
@@ -89,11 +91,13 @@ def main() -> int:
     for name, section, command in COMMANDS:
       if name not in chosen:
         continue
+      busy = timing.busy_cores()
       m = timing.machine()
+      busy_text = "unknown" if busy is None else f"{busy:.2f}"
       head = (f"\n=== {name}: {command}\n    (BENCHMARKS.md: {section}; load "
-              f"{'/'.join(f'{x:.2f}' for x in m['load'])} on {m['cores']} cores, commit "
-              f"{m['commit']}, {m['date']})")
-      if m["load"][0] > m["cores"] / 2:
+              f"{'/'.join(f'{x:.2f}' for x in m['load'])}, cores busy with other work "
+              f"{busy_text} of {m['cores']}, commit {m['commit']}, {m['date']})")
+      if busy is not None and busy > 0.25:
         head += "\n    WARNING: the machine is not quiet; these numbers are measured under load"
       print(head, flush=True)
       log.write(head + "\n")

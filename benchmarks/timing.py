@@ -46,6 +46,26 @@ def _wait(out: Any) -> Any:
   return jax.block_until_ready(out) if jax is not None else out
 
 
+def busy_cores(seconds: float = 3.0) -> float | None:
+  """How many cores' worth of CPU the whole machine used over the next ``seconds``
+  (``/proc/stat``; None where there is none). Taken while this process sleeps, so it is the
+  work of every other process: unlike the load average, it does not still count the
+  benchmark that ended a minute ago."""
+  def ticks():
+    with open("/proc/stat", encoding="ascii") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+  try:
+    total0, idle0 = ticks()
+    time.sleep(seconds)
+    total1, idle1 = ticks()
+  except OSError:
+    return None
+  if total1 == total0:
+    return 0.0
+  return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def machine() -> dict:
   """Where and when: load average (1, 5, 15 min), usable cores, commit, UTC date."""
   try:

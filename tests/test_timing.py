@@ -8,6 +8,8 @@ only asks the ratio to land in a loose interval.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 
 import jax.numpy as jnp
@@ -139,3 +141,14 @@ def test_real_work_of_three_times_the_cost():
                      warmup=1, clock=time.thread_time)
   assert 1.8 < r.median_ratio < 5.0, r.format()
   assert r.verdict == "slower"
+
+
+def test_busy_cores_counts_other_work_that_the_load_average_lags_on():
+  """A process spinning on one core during the window shows as at least half a core busy."""
+  spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<6: pass"])
+  try:
+    time.sleep(0.5)  # let it start spinning
+    busy = timing.busy_cores(seconds=2.0)
+  finally:
+    spin.wait()
+  assert busy is not None and busy >= 0.5, busy
