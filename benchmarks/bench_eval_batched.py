@@ -139,7 +139,7 @@ def _main() -> int:
   frame_diff = max(int(np.abs(x["frames"].astype(int) - y["frames"].astype(int)).max()) for x, y in zip(a, b))
   depth_diff = 0.0 if wan else max(float(np.abs(x["depths"] - y["depths"]).max())
                                    for x, y in zip(a, b))
-  per = (lambda n: len(r.plan(n))) if wan else (lambda n: len(range(1, n, r.chunk)))
+  per = r.model.num_chunks
   chunks = sum(per(n) for n in lengths)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; family "
         f"{_FAMILY.value}, backend {_BACKEND.value}, {_STEPS.value} sampler steps, "

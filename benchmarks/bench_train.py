@@ -62,6 +62,7 @@ def synthetic_batch(specs: dict) -> dict:
       "intrinsics": np.broadcast_to(geometry.intrinsics_from_fov(60.0, h, w), (b, t, 3, 3)),
       "poses_c2w": np.broadcast_to(poses, (b, t, 4, 4)),
       "dynamic_masks": np.zeros((b, t, h, w), np.uint8),
+      "depth_valid": np.ones((b, t, h, w), np.uint8),
   }
   return {k: jax.device_put(np.ascontiguousarray(values[k]), s.sharding)
           for k, s in specs.items()}
