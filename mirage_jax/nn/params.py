@@ -4,7 +4,7 @@ saved pure dict into an abstract module with every name and shape checked first.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 from flax import nnx
@@ -16,6 +16,26 @@ def flat(tree: Any) -> dict[str, Any]:
   """'blocks/0/q/kernel' -> leaf, for every leaf of a nested dict / pytree."""
   return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): x
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def flat_paths(tree: Any) -> dict[tuple[str, ...], Any]:
+  """{('blocks', '0', 'q', 'kernel'): leaf} for a nested mapping (dicts, ``nnx.State``,
+  orbax metadata trees); a mapping whose keys are all tuples is already flat and is copied.
+  Leaves are whatever is not a mapping (arrays, ``nnx.Variable``, weight-file tensors)."""
+  if isinstance(tree, nnx.State):
+    return {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(tree)}
+  if isinstance(tree, Mapping) and tree and all(isinstance(k, tuple) for k in tree):
+    return dict(tree)
+  out = {}
+
+  def walk(prefix, node):
+    if isinstance(node, Mapping) or hasattr(node, "items"):
+      for k, v in node.items():
+        walk(prefix + (str(k),), v)
+    else:
+      out[prefix] = node
+  walk((), tree)
+  return out
 
 
 def shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:

@@ -58,6 +58,7 @@ from flax import nnx, traverse_util
 from mirage_jax.errors import InputError
 from mirage_jax.nn import attention as attention_lib
 from mirage_jax.nn import layers
+from mirage_jax.nn import params as params_lib
 from mirage_jax.families.wan import original_layout as ol
 from mirage_jax.sharding import constrain
 
@@ -681,23 +682,6 @@ def frozen_filter(cfg, stages: Sequence[str] = ("vace", "lora")):
   return nnx.All(nnx.Param, nnx.Not(trainable_filter(cfg, stages)))
 
 
-def _flat(tree) -> dict[tuple[str, ...], Any]:
-  if isinstance(tree, nnx.State):
-    return {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(tree)}
-  if isinstance(tree, Mapping) and all(isinstance(k, tuple) for k in tree):
-    return dict(tree)
-  out = {}
-
-  def walk(prefix, node):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        walk(prefix + (str(k),), v)
-    else:
-      out[prefix] = node
-  walk((), tree)
-  return out
-
-
 def merge_lora(state_or_params, cfg):
   """Base weights with the adapters folded in: ``W += (alpha / rank) * A . B`` (our layout).
 
@@ -712,7 +696,7 @@ def merge_lora(state_or_params, cfg):
   is_state = isinstance(state_or_params, nnx.State)
   is_flat = (not is_state and isinstance(state_or_params, Mapping)
              and all(isinstance(k, tuple) for k in state_or_params))
-  flat = _flat(state_or_params)
+  flat = params_lib.flat_paths(state_or_params)
   value = lambda v: v.get_value() if isinstance(v, nnx.Variable) else v
   scale = (cfg.lora_alpha / cfg.lora_rank) if cfg.lora_rank else 0.0
   out = {}

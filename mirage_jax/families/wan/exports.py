@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from mirage_jax import families, paths
 from mirage_jax.errors import InputError
+from mirage_jax.nn.params import flat_paths
 
 
 def read_export_config(path: str):
@@ -58,20 +59,6 @@ def export_chain(path: str, model_cfg) -> list[tuple[str, Any]]:
     chain.append((path, cfg))
     path = cfg.denoiser.get("base_checkpoint", "")
   return chain[::-1]
-
-
-def flat_paths(tree) -> dict[tuple[str, ...], Any]:
-  """Nested dict -> {path tuple: leaf}."""
-  out = {}
-
-  def walk(prefix, node):
-    if isinstance(node, dict) or hasattr(node, "items"):
-      for k, v in node.items():
-        walk(prefix + (str(k),), v)
-    else:
-      out[prefix] = node
-  walk((), tree)
-  return out
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict:

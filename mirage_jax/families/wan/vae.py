@@ -61,6 +61,7 @@ from mirage_jax.errors import InputError
 from mirage_jax import sharding
 from mirage_jax.nn import attention as attention_lib
 from mirage_jax.nn import layers
+from mirage_jax.nn import params as params_lib
 from mirage_jax.families.wan import original_layout as ol
 from mirage_jax.sharding import constrain
 
@@ -874,17 +875,6 @@ def _middle(key: str, ch: int) -> dict[str, Any]:
           "res2": _res_block(f"{key}.middle.2", ch, ch)}
 
 
-def _flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()
-             ) -> dict[ol.ParamPath, ol.OriginalTensor]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, ol.OriginalTensor):
-      out[prefix + (k,)] = v
-    else:
-      out.update(_flatten(v, prefix + (k,)))
-  return out
-
-
 def original_layout(cfg) -> dict[ol.ParamPath, ol.OriginalTensor]:
   """Our parameter paths (str keys, as in ``nnx.state(model)``) -> tensors of
   ``Wan2.2_VAE.pth`` in the naming of ``wan2_2/modules/vae2_2.py`` (``encoder.*``,
@@ -931,7 +921,7 @@ def original_layout(cfg) -> dict[ol.ParamPath, ol.OriginalTensor]:
              "levels": levels, "norm_out": _gamma("decoder.head.0", dec[-1], 3),
              "conv_out": _w3("decoder.head.2", dec[-1], pc)}
 
-  return _flatten({"encoder": encoder, "quant_conv": _w1("conv1", 2 * z, 2 * z, 3),
+  return params_lib.flat_paths({"encoder": encoder, "quant_conv": _w1("conv1", 2 * z, 2 * z, 3),
                    "post_quant_conv": _w1("conv2", z, z, 3), "decoder": decoder})
 
 
