@@ -57,6 +57,9 @@ def _table(title: str, per_op: dict[str, float], calls: int, top: int) -> None:
     print(f"  {t / calls * 1e3:8.3f} ms  {t / total:5.1%}  [{kind(name)}] {name[:90]}")
 
 
+ANY_THREAD = "any thread"
+
+
 def _busy(intervals: list[tuple[int, int]]) -> int:
   """Nanoseconds covered by the union of (start, end) intervals (nested events count once)."""
   total, end = 0, None
@@ -74,7 +77,10 @@ def profile_jax(fn, calls: int, threads: dict | None = None) -> dict[str, float]
   """Seconds per XLA op name over ``calls`` calls of ``fn`` (already compiled).
 
   ``threads``: if given, filled with thread name -> seconds that thread ran XLA ops (union of
-  its op events, so a loop's body inside the loop's own event counts once)."""
+  its op events, so a loop's body inside the loop's own event counts once), and
+  ``ANY_THREAD`` -> seconds in which any thread ran one: the threads' sum over it is the
+  average number of cores XLA kept busy (a loop may move between threads, so one thread's
+  share alone says little)."""
   import jax  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
@@ -83,6 +89,7 @@ def profile_jax(fn, calls: int, threads: dict | None = None) -> dict[str, float]
     path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
   per_op = collections.Counter()
+  every = []  # all threads' op spans
   for plane in data.planes:
     if not plane.name.startswith("/host:CPU"):
       continue
@@ -97,6 +104,9 @@ def profile_jax(fn, calls: int, threads: dict | None = None) -> dict[str, float]
           spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
       if threads is not None and spans:
         threads[line.name] = threads.get(line.name, 0.0) + _busy(spans) * 1e-9
+        every.extend(spans)
+  if threads is not None:
+    threads[ANY_THREAD] = _busy(every) * 1e-9
   return per_op
 
 
@@ -230,8 +240,12 @@ def main() -> int:
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
   threads = {}
   _table("ours (XLA CPU ops)", profile_jax(ours, args.calls, threads), args.calls, args.top)
+  span = threads.pop(ANY_THREAD, 0.0)
   print("  XLA runtime threads, busy ms per call: " + ", ".join(
       f"{name} {t / args.calls * 1e3:.2f}" for name, t in sorted(threads.items(), key=lambda kv: -kv[1])))
+  if span:
+    print(f"  any XLA thread busy {span / args.calls * 1e3:.2f} ms per call: on average "
+          f"{sum(threads.values()) / span:.2f} threads at work")
   _table("diffusers (torch ops, self time)", profile_torch(theirs, args.calls), args.calls,
          args.top)
   if args.model == "attention" and args.pairs > 0:
