@@ -1,14 +1,18 @@
 """Where the CPU time of the tiny Wan DiT / VAE goes: ours (XLA ops) beside diffusers (torch ops).
 
-Usage: python benchmarks/profile_wan_cpu.py [--model dit|vae_encode|vae_decode] [--calls 5]
-    [--top 15] [--frames/--height/--width as the two bench scripts]
+Usage: python benchmarks/profile_wan_cpu.py [--model dit|attention|vae_encode|vae_decode]
+    [--calls 5] [--top 15] [--frames/--height/--width as the two bench scripts] [--impl auto]
 
 Builds the same models and inputs as ``bench_wan_dit.py`` / ``bench_wan_vae.py`` (tiny configs,
 the same random weights on both sides), warms both up, then records ``--calls`` calls of each:
 ours under ``jax.profiler.trace`` (the XLA CPU runtime's per-op events, read back with
 ``jax.profiler.ProfileData``), diffusers under ``torch.profiler`` (per-aten-op self CPU time).
 Prints, per side, the total and the ``--top`` ops by time per call, each grouped by kind
-(convolution, dot/matmul, fusion/elementwise, ...), so the two tables line up by kind.
+(convolution, dot/matmul, fusion/elementwise, ...), so the two tables line up by kind, and for
+ours the busy time of every XLA runtime thread (does XLA use more than one core?).
+``--model attention``: the DiT's self-attention alone at the same token count (``--impl``:
+ours' implementation, default 'auto' = what the DiT runs) beside torch's
+``scaled_dot_product_attention``, profiled and then timed interleaved (CPU clock).
 Run it pinned to one core (``taskset -c 0``) on a loaded machine: per-op times then do not
 include other processes' slices.
 """
@@ -53,8 +57,30 @@ def _table(title: str, per_op: dict[str, float], calls: int, top: int) -> None:
     print(f"  {t / calls * 1e3:8.3f} ms  {t / total:5.1%}  [{kind(name)}] {name[:90]}")
 
 
-def profile_jax(fn, calls: int) -> dict[str, float]:
-  """Seconds per XLA op name over ``calls`` calls of ``fn`` (already compiled)."""
+ANY_THREAD = "any thread"
+
+
+def _busy(intervals: list[tuple[int, int]]) -> int:
+  """Nanoseconds covered by the union of (start, end) intervals (nested events count once)."""
+  total, end = 0, None
+  for a, b in sorted(intervals):
+    if end is None or a > end:
+      total += b - a
+      end = b
+    elif b > end:
+      total += b - end
+      end = b
+  return total
+
+
+def profile_jax(fn, calls: int, threads: dict | None = None) -> dict[str, float]:
+  """Seconds per XLA op name over ``calls`` calls of ``fn`` (already compiled).
+
+  ``threads``: if given, filled with thread name -> seconds that thread ran XLA ops (union of
+  its op events, so a loop's body inside the loop's own event counts once), and
+  ``ANY_THREAD`` -> seconds in which any thread ran one: the threads' sum over it is the
+  average number of cores XLA kept busy (a loop may move between threads, so one thread's
+  share alone says little)."""
   import jax  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
@@ -63,6 +89,7 @@ def profile_jax(fn, calls: int) -> dict[str, float]:
     path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
   per_op = collections.Counter()
+  every = []  # all threads' op spans
   for plane in data.planes:
     if not plane.name.startswith("/host:CPU"):
       continue
@@ -70,9 +97,16 @@ def profile_jax(fn, calls: int) -> dict[str, float]:
       # The XLA CPU runtime's per-thunk events; python/TraceMe lines are left out.
       if "XLA" not in line.name and "tf_" not in line.name and "Xla" not in line.name:
         continue
+      spans = []
       for ev in line.events:
         if not ev.name.startswith("ThunkExecutor"):  # the executor's spans enclose the ops
           per_op[ev.name] += ev.duration_ns * 1e-9
+          spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+      if threads is not None and spans:
+        threads[line.name] = threads.get(line.name, 0.0) + _busy(spans) * 1e-9
+        every.extend(spans)
+  if threads is not None:
+    threads[ANY_THREAD] = _busy(every) * 1e-9
   return per_op
 
 
@@ -122,6 +156,30 @@ def _dit(args):
   return (lambda: forward(ours, *j_args)), (lambda: theirs(*t_args, return_dict=False))
 
 
+def _attention(args):
+  """The DiT's self-attention alone: (1, tokens, heads, head_dim) q, k, v of the tiny config."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from mirage_jax.families.wan import dit as wan_dit  # pylint: disable=import-outside-toplevel
+  from mirage_jax.nn import attention as attention_lib  # pylint: disable=import-outside-toplevel
+  cfg = wan_dit.wan_dit_config("tiny")
+  heads, head_dim = cfg.num_heads, cfg.dim // cfg.num_heads
+  n = args.frames * (args.height // 2) * (args.width // 2)
+  rng = np.random.default_rng(0)
+  q, k, v = (2.0 * rng.standard_normal((1, n, heads, head_dim)).astype(np.float32)
+             for _ in range(3))
+  impl = attention_lib.check_impl(args.impl, "--impl")
+  print(f"attention: {n} tokens, {heads} heads of {head_dim}, ours {impl!r} -> "
+        f"{attention_lib.resolve(impl, heads * n * n)!r}")
+  f = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, impl=impl))
+  j_args = tuple(jnp.asarray(x) for x in (q, k, v))
+  t_args = tuple(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+                 for x in (q, k, v))
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+  return (lambda: f(*j_args)), (lambda: sdpa(*t_args))
+
+
 def _vae(args, op: str):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -151,21 +209,27 @@ def _vae(args, op: str):
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("dit", "vae_encode", "vae_decode"), default="dit")
+  parser.add_argument("--model", choices=("dit", "attention", "vae_encode", "vae_decode"),
+                      default="dit")
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--frames", type=int, default=None, help="DiT: 9 latent; VAE: 9 video")
   parser.add_argument("--height", type=int, default=None, help="DiT: 16 latent; VAE: 64")
   parser.add_argument("--width", type=int, default=None, help="DiT: 16 latent; VAE: 96")
+  parser.add_argument("--impl", default="auto", help="--model attention: ours' implementation "
+                      "(nn/attention.py IMPLS)")
+  parser.add_argument("--pairs", type=int, default=7, help="--model attention: interleaved "
+                      "timing rounds after the profile (CPU clock; 0: none)")
   args = parser.parse_args()
-  dit = args.model == "dit"
+  dit = args.model in ("dit", "attention")
   args.frames = args.frames or 9
   args.height = args.height or (16 if dit else 64)
   args.width = args.width or (16 if dit else 96)
   if args.calls < 1 or args.top < 1:
     raise InputError("--calls/--top", "count", "must be >= 1")
   import torch  # pylint: disable=import-outside-toplevel
-  ours, theirs = _dit(args) if dit else _vae(args, args.model.split("_")[1])
+  build = {"dit": _dit, "attention": _attention}.get(args.model)
+  ours, theirs = build(args) if build else _vae(args, args.model.split("_")[1])
   import jax  # pylint: disable=import-outside-toplevel
   with torch.no_grad():
     for _ in range(2):  # compile / warm caches
@@ -174,9 +238,22 @@ def main() -> int:
   print(f"{args.model} {args.frames}x{args.height}x{args.width}, torch threads "
         f"{torch.get_num_threads()}, cores {len(os.sched_getaffinity(0))}, load "
         f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
-  _table("ours (XLA CPU ops)", profile_jax(ours, args.calls), args.calls, args.top)
+  threads = {}
+  _table("ours (XLA CPU ops)", profile_jax(ours, args.calls, threads), args.calls, args.top)
+  span = threads.pop(ANY_THREAD, 0.0)
+  print("  XLA runtime threads, busy ms per call: " + ", ".join(
+      f"{name} {t / args.calls * 1e3:.2f}" for name, t in sorted(threads.items(), key=lambda kv: -kv[1])))
+  if span:
+    print(f"  any XLA thread busy {span / args.calls * 1e3:.2f} ms per call: on average "
+          f"{sum(threads.values()) / span:.2f} threads at work")
   _table("diffusers (torch ops, self time)", profile_torch(theirs, args.calls), args.calls,
          args.top)
+  if args.model == "attention" and args.pairs > 0:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import timing  # pylint: disable=import-outside-toplevel
+    with torch.no_grad():
+      print(timing.compare({"ours": ours, "torch": theirs}, pairs=args.pairs, warmup=1,
+                           clock=timing.CLOCKS["cpu"], label="attention").format())
   return 0
 
 

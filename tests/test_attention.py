@@ -29,15 +29,16 @@ def _grads(impl, q, k, v, w):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
-@pytest.mark.parametrize("lq,lk", [(37, 45), (32, 7)])  # keys not a multiple of the block
-def test_chunked_matches_xla_values_and_gradients(lq, lk):
+@pytest.mark.parametrize("impl", ["chunked", "query_blocks"])
+@pytest.mark.parametrize("lq,lk", [(37, 45), (32, 7)])  # lengths not a multiple of the block
+def test_blocked_matches_xla_values_and_gradients(lq, lk, impl):
   q, k, v = _qkv(0, lq=lq, lk=lk)
   w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
   out_x = attn.attention(q, k, v, impl="xla")
-  out_c = jax.jit(lambda q, k, v: attn.chunked_attention(q, k, v, 16))(q, k, v)
+  out_c = jax.jit(lambda q, k, v: attn.attention(q, k, v, impl=impl, block_size=16))(q, k, v)
   assert out_c.shape == q.shape
   np.testing.assert_allclose(out_c, out_x, rtol=0, atol=2e-6 * float(jnp.abs(out_x).max()))
-  (lx, gx), (lc, gc) = _grads("xla", q, k, v, w), _grads("chunked", q, k, v, w)
+  (lx, gx), (lc, gc) = _grads("xla", q, k, v, w), _grads(impl, q, k, v, w)
   np.testing.assert_allclose(lc, lx, rtol=1e-5)
   for a, b in zip(gc, gx):
     scale = float(jnp.abs(b).max())
@@ -140,17 +141,20 @@ def test_splash_compiles_for_v5p_with_context_parallelism():
   assert attn.resolve("auto") == "xla"  # outside the TPU mesh: this host's CPU
 
 
-def test_auto_on_the_cpu_blocks_keys_once_the_scores_outgrow_the_cache():
-  """'auto' on the CPU: whole scores while H * Lq * Lk float32 fit CPU_SCORES_BYTES, then the
-  chunked path in CPU_BLOCK key blocks, with the same values."""
+def test_auto_on_the_cpu_blocks_queries_once_the_scores_outgrow_the_cache():
+  """'auto' on the CPU: whole scores while H * Lq * Lk float32 fit CPU_SCORES_BYTES, then
+  query blocks whose scores fit it, with the same values."""
   small = attn.CPU_SCORES_BYTES // 4
   assert attn.resolve("auto", small) == "xla"
-  assert attn.resolve("auto", small + 1) == "chunked"
+  assert attn.resolve("auto", small + 1) == "query_blocks"
   assert attn.resolve("xla", 10 * small) == "xla"  # an explicit choice stands
-  lq = lk = 1024  # 1 head: 4 MiB of scores + 1 key -> chunked, 8 blocks of 128
+  # 2 heads of 2,304 keys: 227 rows fit, 2,304 queries -> 11 even blocks of 210.
+  assert attn.cpu_query_block(2, 2304, 2304) == 210
+  assert attn.cpu_query_block(24, 13200, 13200) == 8  # never fewer than 8 rows
+  lq = lk = 1024  # 1 head: 4 MiB of scores + 1 key -> 2 blocks of 512 queries
   q, k, v = (jax.random.normal(jax.random.key(i), (1, n, 1, 8)) for i, n in enumerate((lq, lk + 1, lk + 1)))
   f = lambda impl: jax.jit(lambda q, k, v: attn.attention(q, k, v, impl=impl))
-  assert "while" in f("auto").lower(q, k, v).as_text()  # the key-block scan
+  assert "while" in f("auto").lower(q, k, v).as_text()  # the query-block map
   assert "while" not in f("xla").lower(q, k, v).as_text()
   np.testing.assert_allclose(f("auto")(q, k, v), f("xla")(q, k, v), atol=2e-6)
 

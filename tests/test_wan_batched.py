@@ -57,7 +57,7 @@ def _rollout(world):
 # ----------------------------------------------------------------------------- padding
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "splash"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "query_blocks", "splash"])
 def test_attention_key_mask_equals_dropping_the_keys(impl, monkeypatch):
   if impl == "splash":  # the TPU kernel, run by the Pallas interpreter on CPU
     from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
@@ -74,7 +74,7 @@ def test_attention_key_mask_equals_dropping_the_keys(impl, monkeypatch):
   run = lambda q, k, v: attention.attention(q, k, v, impl=impl, block_size=8,
                                             kv_mask=jnp.asarray(mask))
   np.testing.assert_allclose(run(q, k, v), want, atol=2e-6)
-  if impl == "chunked":  # its hand-written backward sees the mask too
+  if impl in ("chunked", "query_blocks"):  # their backward passes see the mask too
     loss = lambda f: lambda *x: jnp.sum(f(*x) ** 2)
     ref = lambda q, k, v: attention.attention(q, k, v, impl="xla", kv_mask=jnp.asarray(mask))
     got, ref_grads = jax.grad(loss(run), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)

@@ -11,12 +11,18 @@ implementation is a config field (``model.attention``):
     any backend.
   * ``'splash'``: jax's Pallas TPU splash-attention kernel
     (``jax.experimental.pallas.ops.tpu.splash_attention``); TPU only.
+  * ``'query_blocks'``: pure JAX, :func:`xla_attention` on blocks of queries in a ``lax.map``
+    (whole softmax rows, no online rescaling; each block's body rematerialised for the
+    gradient). Runs on any backend; the CPU's choice for long sequences.
   * ``'auto'``: ``'splash'`` when the computation is for TPU (the mesh's devices, else the
     default backend); on the CPU ``'xla'`` while one example's (H, Lq, Lk) float32 scores
-    fit ``CPU_SCORES_BYTES`` (about a core's L2; beyond it the scores stream through memory
-    and blocks of ``CPU_BLOCK`` keys win: at 2,304 tokens, 2 heads of 24, one core, 92 ms
-    materialised vs 36 ms blocked, torch's flash kernel 24 ms), else ``'chunked'`` with
-    blocks of ``CPU_BLOCK``; ``'xla'`` elsewhere.
+    fit ``CPU_SCORES_BYTES``, else ``'query_blocks'`` with as many queries per block as keep
+    a block's scores within ``CPU_SCORES_BYTES`` (:func:`cpu_query_block`); ``'xla'``
+    elsewhere. Why (2,304 tokens, 2 heads of 24, one core, CPU time): whole scores 42 MB
+    stream through memory (73 ms); the key-block scan ('chunked', 128 keys) spends per
+    block a rescale of the running output and a transpose (30 ms); query blocks of ~210
+    rows: 23 ms, torch's flash-attention kernel 22 ms. XLA's CPU backend fuses each block's
+    score product, max and exp into one fusion.
 
 Sequence lengths need not divide a block size (Wan's 13,200 tokens do not): the chunked path
 pads the keys and masks them out; the splash path pads queries and keys to the block size
@@ -48,11 +54,10 @@ from jax.sharding import PartitionSpec
 
 from mirage_jax import sharding
 
-IMPLS = ("auto", "xla", "chunked", "splash")
+IMPLS = ("auto", "xla", "chunked", "query_blocks", "splash")
 _HEADS = ("batch", "tokens", "act_heads", None)
 _LANES = 128  # splash block sizes are multiples of the TPU lane width
-CPU_SCORES_BYTES = 4 << 20  # 'auto' on the CPU: largest (H, Lq, Lk) f32 scores kept whole
-CPU_BLOCK = 128  # 'auto' on the CPU: key block of 'chunked' (smaller blocks stay in cache)
+CPU_SCORES_BYTES = 4 << 20  # 'auto' on the CPU: largest (H, Lq, Lk) f32 scores computed at once
 
 
 def check_impl(impl: str, where: str = "model.attention") -> str:
@@ -65,14 +70,22 @@ def check_impl(impl: str, where: str = "model.attention") -> str:
 
 def resolve(impl: str, scores: int = 0) -> str:
   """'auto' -> 'splash' when compiling for TPU (mesh devices, else default backend); on the
-  CPU 'chunked' when ``scores`` (one example's H * Lq * Lk) float32 values exceed
+  CPU 'query_blocks' when ``scores`` (one example's H * Lq * Lk) float32 values exceed
   ``CPU_SCORES_BYTES``; else 'xla'."""
   if impl != "auto":
     return impl
   platform = sharding.target_platform()
   if platform == "tpu":
     return "splash"
-  return "chunked" if platform == "cpu" and 4 * scores > CPU_SCORES_BYTES else "xla"
+  return "query_blocks" if platform == "cpu" and 4 * scores > CPU_SCORES_BYTES else "xla"
+
+
+def cpu_query_block(heads: int, lq: int, lk: int) -> int:
+  """Queries per block of CPU 'auto': the fewest blocks whose (heads, block, lk) float32
+  scores fit ``CPU_SCORES_BYTES`` (at least 8 rows), split evenly so padding stays small."""
+  rows = max(8, CPU_SCORES_BYTES // (4 * heads * lk))
+  blocks = -(-lq // rows)
+  return -(-lq // blocks)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
@@ -84,15 +97,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "auto",
     k: (B, Lk, H, D) keys.
     v: (B, Lk, H, D) values.
     impl: one of ``IMPLS`` (see the module docstring).
-    block_size: key block of 'chunked'; largest query/key block of 'splash' (multiple of 128).
+    block_size: key block of 'chunked'; query block of 'query_blocks' (CPU 'auto': see
+      :func:`cpu_query_block`); largest query/key block of 'splash' (multiple of 128).
     kv_mask: optional (B, Lk) bool, False = a padded key nobody attends to (at least one
       True per row).
   Returns:
     (B, Lq, H, D) in ``q.dtype``.
   """
   chosen = resolve(check_impl(impl), q.shape[2] * q.shape[1] * k.shape[1])
-  if impl == "auto" and chosen == "chunked":
-    block_size = min(block_size, CPU_BLOCK)
+  if impl == "auto" and chosen == "query_blocks":
+    block_size = cpu_query_block(q.shape[2], q.shape[1], k.shape[1])
   impl = chosen
   local = functools.partial(_local, impl=impl, block_size=block_size)
   mesh = jax.sharding.get_abstract_mesh()
@@ -129,6 +143,8 @@ def _local(q, k, v, kv_mask=None, *, impl: str, block_size: int) -> jax.Array:
     return xla_attention(q, k, v, kv_mask)
   if impl == "chunked":
     return chunked_attention(q, k, v, block_size, kv_mask)
+  if impl == "query_blocks":
+    return query_blocked_attention(q, k, v, block_size, kv_mask)
   if impl == "splash":
     return splash_attention(q, k, v, block_size, kv_mask)
   raise ValueError(f"attention: unknown implementation {impl!r}")
@@ -155,6 +171,40 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
   o = o / jnp.sum(p, axis=-1, keepdims=True)
   return o.astype(q.dtype).transpose(0, 2, 1, 3)
+
+
+def query_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int,
+                            kv_mask: jax.Array | None = None) -> jax.Array:
+  """:func:`xla_attention` on ``block`` queries at a time (a ``lax.map``): every row's softmax
+  is whole (no online rescaling), and one block's (B, H, block, Lk) scores stay in cache.
+
+  (B, Lq, H, D) q, (B, Lk, H, D) k and v, optional (B, Lk) bool kv_mask -> (B, Lq, H, D) in
+  q's dtype. Queries are zero-padded to a multiple of ``block`` (their rows are dropped).
+  Each block's body is rematerialised in the backward pass, so a gradient holds no more
+  than one block's scores either.
+  """
+  b, lq, h, d = q.shape
+  block = int(min(block, lq))
+  nq = -(-lq // block)
+  # The 1/sqrt(D) goes on the queries (Lq * D products, not Lq * Lk): on the CPU the
+  # score product, max and exp then form one fusion.
+  qt = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+  qt = jnp.pad(qt, ((0, 0), (0, 0), (0, nq * block - lq), (0, 0)))
+  qb = jnp.moveaxis(qt.reshape(b, h, nq, block, d), 2, 0)  # (nq, B, H, block, D)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, H, Lk, D)
+
+  @jax.checkpoint
+  def one(qi):
+    s = jnp.einsum("bhqd,bhkd->bhqk", qi, kt, preferred_element_type=jnp.float32)
+    if kv_mask is not None:
+      s = jnp.where(kv_mask[:, None, None, :], s, np.finfo(np.float32).min)
+    p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    return (o / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
+
+  o = jax.lax.map(one, qb)  # (nq, B, H, block, D)
+  o = jnp.moveaxis(o, 0, 2).reshape(b, h, nq * block, d)[:, :, :lq]
+  return o.transpose(0, 2, 1, 3)
 
 
 # ----------------------------------------------------------------------------- chunked
