@@ -191,13 +191,13 @@ def test_evaluate_cli_revisit_and_refusal(export, tmp_path):
   """``evaluate`` on a dataset with depth holes: the loop clip as a reference sample folder
   whose depth has a hole in every frame (written to memory by the oracle row and frame 0,
   lifted nowhere there). Procedural seeds: tests/test_index_html.py runs them."""
-  from data_pipelines import build, sample_folders  # pylint: disable=g-import-not-at-top
+  from data_pipelines import builders, sample_folders  # pylint: disable=g-import-not-at-top
   clip = procedural.render_clip(100001, 24, 32, 32, trajectory="loop")
   valid = np.ones(clip["depths"].shape, np.uint8)
   valid[:, 8:20, 4:16] = 0
   sample_folders.write_sample_folder(tmp_path / "samples" / "loop", dict(clip, depth_valid=valid))
-  build.build("reference_samples", str(tmp_path / "data"), source_dir=str(tmp_path / "samples"),
-              num_clips=0)
+  builders.prepare(builders.make_builder("reference_samples", str(tmp_path / "data"),
+                                         source_dir=str(tmp_path / "samples"), num_clips=0))
   out = tmp_path / "revisit"
   args = [f"--checkpoint={export}", "--benchmark=revisit", f"--data_dir={tmp_path / 'data'}",
           "--dataset=reference_samples", "--backends=mirage", f"--output_dir={out}"]
