@@ -17,7 +17,10 @@ Files on disk: ``--dataset=posed_files --source_dir=FOLDER`` (geometry.npz / Rea
 .txt; --num_clips=0 takes every file). The reference's sample folders (clip.mp4, depth.zip,
 pose.npz, ...; ``data_pipelines/sample_folders.py``): ``--dataset=reference_samples
 --source_dir=FOLDER --num_clips=0`` (needs the ``samples`` extra); a broken folder is skipped
-with a warning naming the file, the build goes on.
+with a warning naming the file, the build goes on. Its FOLDER may be ``gs://bucket/prefix``.
+
+``--data_dir`` may be ``gs://bucket/prefix``: with a local runner the dataset is built in a
+local temporary folder, then uploaded (``dataset_info.json`` last, which marks it complete).
 
 Every build writes into a temporary folder renamed into place at the end: a build that dies
 leaves nothing that looks complete. A complete dataset with the same parameters is reused; one
@@ -32,6 +35,7 @@ from typing import Sequence
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
+from data_pipelines import builders
 from mirage_jax import paths
 from mirage_jax.errors import InputError, parse_flags, run_cli
 
@@ -57,8 +61,20 @@ _BEAM_OPTIONS = flags.DEFINE_list(
     "direct_num_workers=2,direct_running_mode=multi_processing or project=...,region=...).")
 
 
-# Runners whose workers share this machine's disk.
-LOCAL_RUNNERS = ("", "DirectRunner", "PrismRunner")
+# Datasets whose --source_dir may be gs:// with a local runner (their readers read URLs).
+REMOTE_SOURCES = ("reference_samples",)
+
+
+def check_paths(dataset: str, data_dir: str, source_dir: str, runner: str) -> None:
+  """Refuses, in one line naming the flag, folders the build cannot use (no I/O).
+
+  With a local runner (``builders.LOCAL_RUNNERS``), ``gs://`` source folders only for
+  ``REMOTE_SOURCES`` (posed_files reads local files: copy them down); a ``gs://`` data_dir is
+  built locally and uploaded. A cluster runner's workers cannot reach this machine's disk:
+  there the folders must be storage every worker reads (README, "Dataset builds on Beam").
+  """
+  if runner in builders.LOCAL_RUNNERS and dataset not in REMOTE_SOURCES:
+    paths.require_local(source_dir, "--source_dir", "copy the folder to a local disk first")
 
 
 def build(dataset: str, data_dir: str, config_name: str = "default", *, beam_runner: str = "",
@@ -72,7 +88,6 @@ def build(dataset: str, data_dir: str, config_name: str = "default", *, beam_run
   Returns:
     (builder of the dataset, True if an existing complete one was reused).
   """
-  from data_pipelines import builders  # pylint: disable=g-import-not-at-top
   builder = builders.make_builder(dataset, data_dir, config_name, **params)
   return builder, builders.prepare(builder, beam_runner, beam_options)
 
@@ -84,13 +99,9 @@ def main(argv: list[str]) -> int:
   for flag in (_DATASET, _DATA_DIR):
     if not flag.value:
       raise InputError(f"--{flag.name}", flag.name, "is required")
-  # Beam's in-process and local-process runners write local files; training reads a gs://
-  # copy. A cluster runner's workers cannot reach this machine's disk: there the folders
-  # must be storage every worker reads (README, "Dataset builds on Beam").
-  if _BEAM_RUNNER.value in LOCAL_RUNNERS:
-    for flag in (_DATA_DIR, _SOURCE_DIR):
-      paths.require_local(flag.value, f"--{flag.name}", "build locally (or on a cluster "
-                          "--beam_runner), then copy the dataset folder up")
+  check_paths(_DATASET.value, _DATA_DIR.value, _SOURCE_DIR.value, _BEAM_RUNNER.value)
+  for flag in (_SOURCE_DIR, _DATA_DIR):  # a bad bucket: one line now, not a TFDS traceback later
+    paths.check_reachable(flag.value or None, f"--{flag.name}")
   tfds.disable_progress_bar()
   if not flags.FLAGS["verbosity"].present:  # TFDS logs routine notes as warnings: keep stderr for errors.
     logging.set_verbosity(logging.ERROR)

@@ -36,6 +36,9 @@ import importlib
 import inspect
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,10 +48,16 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import files
 from data_pipelines.clip import Clip, validate_clip
+from mirage_jax import paths
 from mirage_jax.errors import InputError
 
 SPLITS = ("train", "validation", "test")
 FILE_FORMAT = "array_record"
+# Runners whose workers share this machine's disk: a gs:// data_dir is built locally, then
+# uploaded (``prepare``).
+LOCAL_RUNNERS = ("", "DirectRunner", "PrismRunner")
+# Marks a dataset version complete (TFDS's is_prepared, ``load``): uploaded last.
+_INFO_FILE = "dataset_info.json"
 
 
 @dataclasses.dataclass(eq=False)
@@ -280,13 +289,13 @@ class PosedFiles(_ClipsBuilder):
     return None, None, None
 
   @staticmethod
-  def _find(root: Path) -> list[Path]:
+  def _find(root: str) -> list:
     """The clip sources under ``root``, in sorted path order."""
     return files.find_clips(root)
 
   @functools.cached_property
-  def _paths(self) -> list[Path]:
-    root = Path(self.builder_config.source_dir)
+  def _paths(self) -> list:
+    root = self.builder_config.source_dir
     found = self._find(root)
     n = self.builder_config.num_clips
     if n > len(found):
@@ -304,8 +313,8 @@ class PosedFiles(_ClipsBuilder):
 
 def _sample_folder_clip(index: int, *, root: str, paths: tuple[str, ...]) -> tuple[Clip, str]:
   from data_pipelines import sample_folders  # pylint: disable=g-import-not-at-top
-  path = Path(paths[index])
-  return sample_folders.read_sample_folder(path), path.relative_to(root).as_posix()
+  folder = paths[index]
+  return sample_folders.read_sample_folder(folder), sample_folders.folder_id(folder, root)
 
 
 class ReferenceSamples(PosedFiles):
@@ -314,7 +323,7 @@ class ReferenceSamples(PosedFiles):
   SKIP_BAD_CLIPS = True
 
   @staticmethod
-  def _find(root: Path) -> list[Path]:
+  def _find(root: str) -> list[str]:
     from data_pipelines import sample_folders  # pylint: disable=g-import-not-at-top
     return sample_folders.find_sample_folders(root)
 
@@ -450,6 +459,10 @@ def prepare(builder: _ClipsBuilder, runner: str = "", options: Sequence[str] = (
   TFDS writes into a temporary folder and renames it into place at the end, so a build that
   dies leaves no complete-looking dataset.
 
+  A ``gs://`` data_dir with a local runner (``LOCAL_RUNNERS``): built in a local temporary
+  folder, then uploaded (``_prepare_and_upload``); a cluster runner's workers write there
+  themselves.
+
   Args:
     builder: from ``make_builder``.
     runner, options: the Beam runner and pipeline options (see ``beam_options``); by default
@@ -466,11 +479,37 @@ def prepare(builder: _ClipsBuilder, runner: str = "", options: Sequence[str] = (
   builder.num_clips()  # Fails early on bad inputs (posed_files: the source folder).
   config = tfds.download.DownloadConfig(beam_options=pipeline_options)
   try:
-    builder.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
+    if paths.is_remote(builder.data_dir_root) and runner in LOCAL_RUNNERS:
+      _prepare_and_upload(builder, config)
+    else:
+      builder.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
   except OSError as e:  # data_dir is a file, read-only, full, ...
     raise InputError(builder.data_path, "data_dir", f"cannot build the dataset there "
                      f"({type(e).__name__}: {e})") from e
   return False
+
+
+def _prepare_and_upload(builder: _ClipsBuilder, config) -> None:
+  """Builds ``builder``'s dataset in a local temporary data_dir and uploads it to its URL.
+
+  Cloud Storage has no renames (TFDS writes into a temporary folder and renames it) and
+  ArrayRecord writes local files only. So: the same builder class and config build locally
+  (the same records), then each file is uploaded, ``dataset_info.json`` last: until it is
+  there the dataset is not complete to any reader, and the next build replaces the files.
+  """
+  remote = os.fspath(builder.data_path)
+  root = tempfile.mkdtemp(prefix="mirage_build_")
+  try:
+    local = type(builder)(data_dir=root, config=builder.builder_config)
+    local.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
+    folder = os.fspath(local.data_path)
+    names = sorted(paths.list_files(folder), key=lambda name: name == _INFO_FILE)
+    paths.remove_tree(remote)  # an upload cut short before (not complete: no dataset_info.json)
+    for name in names:
+      paths.upload(os.path.join(folder, *name.split("/")), paths.join(remote, *name.split("/")))
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  builder.info.read_from_directory(builder.data_path)  # its splits, as the uploaded files say
 
 
 def load(data_dir: str, dataset: str, config_name: str = "default") -> tfds.core.DatasetBuilder:

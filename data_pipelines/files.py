@@ -39,6 +39,7 @@ Frames are never resized: a video whose size differs from the depth maps is an e
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 import zlib
@@ -49,7 +50,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from data_pipelines.clip import PLACEHOLDER_DEPTH, Clip, check_depths, validate_clip
-from mirage_jax import geometry
+from mirage_jax import geometry, paths
 from mirage_jax.atomic import atomic_output
 from mirage_jax.errors import InputError
 
@@ -128,10 +129,14 @@ def _video_beside(path: Path) -> Path | None:
 # ----------------------------------------------------------------------------- geometry.npz
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-  """Reads every array of an npz eagerly, so a corrupt member fails here, named."""
+def _load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads every array of an npz eagerly, so a corrupt member fails here, named.
+
+  ``path`` may be a URL (``gs://``): the file is downloaded whole first.
+  """
   try:
-    archive = np.load(path, allow_pickle=False)
+    source = io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path
+    archive = np.load(source, allow_pickle=False)
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise InputError(path, "file", f"not a readable npz archive ({type(e).__name__}: {e})") from e
   if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load gives a bare array for .npy data
@@ -228,13 +233,17 @@ def load_inference_geometry(path: str | os.PathLike) -> dict[str, Any]:
     first-frame files store it),
     or absent. ``has_depth`` False (placeholder depth) reads as absent; ``known_frames`` /
     ``known_depths`` < T (``make_geometry`` from fewer frames) read as frame 0 only.
+  * ``depth_valid``: optional 0/1 of the depth's shape, 0 at a depth hole (a placeholder
+    value; ``make_geometry`` keeps a dataset clip's): nothing is lifted into memory there.
   * ``masks``, ``frame_indices``, ``original_size`` and other keys are not used.
 
   Returns:
     dict: frames (1 or T, H, W, 3) uint8; first_depth (H, W) float32 or None; depths (T, H,
-    W) float32 or None (None unless the file has every frame's own depth); intrinsics (T, 3,
-    3) float32; poses_c2w (T, 4, 4) float32; fps float; frames_path (the file the frames
-    came from). Every problem is one ``InputError`` naming the file and the field.
+    W) float32 or None (None unless the file has every frame's own depth); depth_valid (T,
+    H, W) bool or None (no ``depth_valid`` or no depth: all observed; rows without a depth
+    map of their own are True); intrinsics (T, 3, 3) float32; poses_c2w (T, 4, 4) float32;
+    fps float; frames_path (the file the frames came from). Every problem is one
+    ``InputError`` naming the file and the field.
   """
   path = Path(path)
   if not path.is_file():
@@ -244,7 +253,7 @@ def load_inference_geometry(path: str | os.PathLike) -> dict[str, Any]:
     if key not in arrays:
       raise InputError(path, key, f"missing (the file has {sorted(arrays)})")
   _check_numeric(arrays, path, ("depths", "poses_c2w", "intrinsics", "fps", "has_depth",
-                                "processed_size", *KNOWN_FIELDS))
+                                "processed_size", "depth_valid", *KNOWN_FIELDS))
   poses = arrays["poses_c2w"]
   geometry.check_poses(poses, str(path))
   t = len(poses)
@@ -263,7 +272,7 @@ def load_inference_geometry(path: str | os.PathLike) -> dict[str, Any]:
                        f"got {n!r}")
     known[key] = int(n.reshape(()))
 
-  depths = first_depth = None
+  depths = first_depth = valid = None
   if "depths" in arrays and bool(np.asarray(arrays.get("has_depth", True)).reshape(-1)[0]):
     d = arrays["depths"]
     d = d[None] if d.ndim == 2 else d
@@ -271,6 +280,13 @@ def load_inference_geometry(path: str | os.PathLike) -> dict[str, Any]:
       raise InputError(path, "depths", f"expected (T={t}, H, W) (every frame), (1, H, W) or "
                        f"(H, W) (frame 0 only), got {arrays['depths'].shape}")
     check_depths(d, str(path))
+    if "depth_valid" in arrays:
+      v = arrays["depth_valid"]
+      v = v[None] if v.ndim == 2 else v
+      if v.shape != d.shape or not ((v == 0) | (v == 1)).all():
+        raise InputError(path, "depth_valid", f"expected 0/1 of the depths' shape {d.shape}, "
+                         f"got {v.dtype} {v.shape}")
+      valid = v != 0
     first_depth = d[0].astype(np.float32)
     if len(d) == t and known["known_depths"] == t:
       depths = d.astype(np.float32)
@@ -306,12 +322,18 @@ def load_inference_geometry(path: str | os.PathLike) -> dict[str, Any]:
     frames = frames[:1]  # the later ones repeat the last known frame
   if depths is not None and len(frames) == 1 < t and np.all(depths == depths[:1]):
     depths = None  # frame 0's depth repeated for every camera, as the reference stores it
+  depth_valid = None
+  if valid is not None:  # rows for every camera: frame 0's, and the others' when known
+    known = len(valid) if depths is not None else 1
+    depth_valid = np.ones((t,) + valid.shape[1:], bool)
+    depth_valid[:known] = valid[:known]
   fps = np.asarray(arrays.get("fps", DEFAULT_FPS), np.float64).reshape(-1)
   if fps.size != 1 or not np.isfinite(fps[0]) or fps[0] <= 0:
     raise InputError(path, "fps", f"expected one positive number, got {arrays['fps']!r}")
   return dict(frames=np.ascontiguousarray(frames), first_depth=first_depth, depths=depths,
-              intrinsics=np.asarray(intrinsics, np.float32), poses_c2w=np.asarray(poses, np.float32),
-              fps=float(fps[0]), frames_path=str(frames_path))
+              depth_valid=depth_valid, intrinsics=np.asarray(intrinsics, np.float32),
+              poses_c2w=np.asarray(poses, np.float32), fps=float(fps[0]),
+              frames_path=str(frames_path))
 
 
 def save_geometry_npz(path: str | os.PathLike, clip: Clip) -> None:
@@ -339,8 +361,9 @@ def save_first_frame_geometry(path: str | os.PathLike, clip: Clip) -> None:
   """Writes a clip as a frame-0-only ``geometry.npz`` (``load_inference_geometry``): every
   camera, frame 0's RGB and (when the clip has depth) its depth; atomic.
 
-  Arrays: ``frames (1, H, W, 3)``, ``depths (1, H, W)`` (absent when ``has_depth`` is
-  False), ``intrinsics (T, 3, 3)``, ``poses_c2w (T, 4, 4)``, ``fps ()``.
+  Arrays: ``frames (1, H, W, 3)``, ``depths (1, H, W)`` and ``depth_valid (1, H, W)``
+  (absent when ``has_depth`` is False), ``intrinsics (T, 3, 3)``, ``poses_c2w (T, 4, 4)``,
+  ``fps ()``.
   """
   path = Path(path)
   checked = validate_clip(clip, str(path))
@@ -348,6 +371,7 @@ def save_first_frame_geometry(path: str | os.PathLike, clip: Clip) -> None:
              poses_c2w=checked["poses_c2w"], fps=checked["fps"])
   if bool(clip.get("has_depth", True)):
     out["depths"] = checked["depths"][:1]
+    out["depth_valid"] = checked["depth_valid"][:1]  # frame 0's holes
   path.parent.mkdir(parents=True, exist_ok=True)
   with atomic_output(path) as tmp:
     with open(tmp, "wb") as f:

@@ -114,7 +114,8 @@ def from_dataset(data_dir: str, dataset: str, config_name: str, split: str, inde
   clip = builders.record_to_clip(source[index])
   where = f"{builder.data_dir} {split}[{index}]"
   keep = parse_range(frame_range, len(clip["frames"]), where)
-  out = {k: clip[k][keep] for k in ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks")}
+  out = {k: clip[k][keep] for k in ("frames", "depths", "intrinsics", "poses_c2w", "dynamic_masks",
+                                    "depth_valid")}  # its holes: generate lifts nothing there
   out.update(fps=clip["fps"], has_depth=clip["has_depth"],
              object_tracks=clip["object_tracks"][:, keep])
   return out

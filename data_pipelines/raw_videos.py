@@ -405,8 +405,7 @@ def _local_copy(videos: str, video: str, workdir: str) -> str:
   if not paths.is_remote(videos):
     return src
   dst = os.path.join(workdir, "source" + os.path.splitext(video)[1])
-  with paths.open(src, "rb") as fin, open(dst, "wb") as fout:
-    shutil.copyfileobj(fin, fout, 1 << 22)
+  paths.download(src, dst)
   return dst
 
 

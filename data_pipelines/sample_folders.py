@@ -29,9 +29,14 @@ depth there is the placeholder), ``caption``, ``has_depth`` True. The intrinsics
 the files give them, as ``files.load_geometry_npz`` keeps the reference's ``geometry.npz``
 (which ``run_pipeline`` writes from these same files).
 
+The folders may be local or on Cloud Storage (``gs://bucket/prefix``, through
+``mirage_jax.paths``): each file is read whole into memory (the video through a temporary
+local copy: ffmpeg reads files), so a folder reads the same from either place.
+
 Every problem with a folder raises one ``InputError`` naming the file (and the zip member)
-and what is wrong; the ``reference_samples`` builder skips such folders with that line.
-``write_sample_folder`` writes a clip in this layout (tests, round trips); it never reads.
+and what is wrong, the same words wherever the folder is; the ``reference_samples`` builder
+skips such folders with that line. ``write_sample_folder`` writes a clip in this layout
+(tests, round trips; local folders only); it never reads.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import numpy as np
 
 from data_pipelines import files
 from data_pipelines.clip import Clip, check_depth_coverage, validate_clip
+from mirage_jax import paths
 from mirage_jax.atomic import atomic_output
 from mirage_jax.errors import InputError
 
@@ -71,26 +77,43 @@ def _exr():
   return OpenEXR
 
 
-def find_sample_folders(root: str | os.PathLike) -> list[Path]:
-  """Every folder under ``root`` (itself included) holding a ``clip.mp4``, in sorted order."""
-  root = Path(root)
-  if not root.is_dir():
+def _normal(path: str | os.PathLike) -> str:
+  """A local path as ``pathlib`` spells it (so messages name files one way); URLs as given."""
+  path = os.fspath(path)
+  return path.rstrip("/") if paths.is_remote(path) else str(Path(path))
+
+
+def find_sample_folders(root: str | os.PathLike) -> list[str]:
+  """Every folder under ``root`` (itself included; local or ``gs://``) holding a ``clip.mp4``,
+  in sorted order (by path components, so a local and a ``gs://`` copy list the same)."""
+  root = _normal(root)
+  if not paths.isdir(root):
     raise InputError(root, "source_dir", "is not a directory")
-  found = sorted(p.parent for p in root.rglob(VIDEO) if p.is_file())
+  found = {rel.rpartition("/")[0] for rel in paths.list_files(root)
+           if rel.rpartition("/")[2] == VIDEO}
   if not found:
     raise InputError(root, "source_dir", f"holds no sample folders (folders with {VIDEO})")
-  return found
+  return [paths.join(root, *rel.split("/")) if rel else root
+          for rel in sorted(found, key=lambda rel: rel.split("/"))]
+
+
+def folder_id(folder: str, root: str | os.PathLike) -> str:
+  """A folder's id: its path relative to ``root``, ``/``-separated ("." for root itself)."""
+  root = _normal(root)
+  if paths.is_remote(root):
+    return folder[len(root):].strip("/") or "."
+  return Path(folder).relative_to(root).as_posix()
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _zip_members(path: Path) -> list[tuple[str, bytes]]:
+def _zip_members(path: str) -> list[tuple[str, bytes]]:
   """(name, bytes) of every file in a zip, names sorted; a corrupt archive is refused."""
-  if not path.is_file():
+  if not paths.isfile(path):
     raise InputError(path, "file", "missing")
   try:
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(io.BytesIO(paths.read_bytes(path))) as archive:
       names = sorted(n for n in archive.namelist() if n and not n.endswith("/"))
       return [(n, archive.read(n)) for n in names]
   except _ZIP_ERRORS as e:
@@ -111,7 +134,7 @@ def _decode_exr(data: bytes) -> np.ndarray | None:
   return np.asarray(channels[DEPTH_CHANNEL].pixels, np.float32)
 
 
-def read_depths(path: Path, t: int, h: int, w: int) -> np.ndarray:
+def read_depths(path: str, t: int, h: int, w: int) -> np.ndarray:
   """``depth.zip`` -> (T, H, W) float32 with NaN for a frame whose EXR does not decode."""
   members = _zip_members(path)
   if len(members) != t:
@@ -140,7 +163,7 @@ def read_depths(path: Path, t: int, h: int, w: int) -> np.ndarray:
   return depths
 
 
-def read_masks(path: Path, t: int, h: int, w: int) -> np.ndarray:
+def read_masks(path: str, t: int, h: int, w: int) -> np.ndarray:
   """``mask.zip`` -> (T, H, W) uint8, 1 where content moves."""
   members = _zip_members(path)
   if len(members) != t:
@@ -160,13 +183,13 @@ def read_masks(path: Path, t: int, h: int, w: int) -> np.ndarray:
   return masks
 
 
-def read_indexed(path: Path, t: int, row_shape: tuple[int, ...]) -> np.ndarray:
+def read_indexed(path: str, t: int, row_shape: tuple[int, ...]) -> np.ndarray:
   """``{inds, data}`` npz -> data (T, *row_shape) float64 in frame order.
 
   Entries may come in any order; every frame 0..T-1 needs exactly one (the reference's
   ``_load_poses_from_npz`` / ``_load_intrinsics_from_npz`` refuse anything else).
   """
-  if not path.is_file():
+  if not paths.isfile(path):
     raise InputError(path, "file", "missing")
   arrays = files._load_npz(path)  # pylint: disable=protected-access
   for key in ("inds", "data"):
@@ -187,9 +210,9 @@ def read_indexed(path: Path, t: int, row_shape: tuple[int, ...]) -> np.ndarray:
   return data[np.argsort(inds, kind="stable")].astype(np.float64)
 
 
-def _check_sample_json(path: Path, t: int) -> None:
+def _check_sample_json(path: str, t: int) -> None:
   try:
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta = json.loads(paths.read_bytes(path).decode("utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise InputError(path, "file", f"not readable JSON ({type(e).__name__}: {e})") from e
   if not isinstance(meta, dict):
@@ -203,30 +226,38 @@ def _check_sample_json(path: Path, t: int) -> None:
       raise InputError(path, key, f"expected a frame index in 0..{t - 1}, got {meta[key]!r}")
 
 
-def read_caption(folder: Path) -> str:
+def read_caption(folder: str | os.PathLike) -> str:
   """The folder's caption (``CAPTION_FILES``, first found), stripped; "" without one."""
   for name in CAPTION_FILES:
-    path = folder / name
-    if path.is_file():
+    path = paths.join(_normal(folder), name)
+    if paths.isfile(path):
       try:
-        return path.read_text(encoding="utf-8").strip()
+        text = paths.read_bytes(path).decode("utf-8")
+        return text.replace("\r\n", "\n").replace("\r", "\n").strip()  # as text mode reads it
       except (OSError, UnicodeDecodeError) as e:
         raise InputError(path, "caption", f"unreadable text ({type(e).__name__})") from e
   return ""
 
 
-def read_video(video: Path) -> tuple[np.ndarray, float]:
+def read_video(video: str | os.PathLike) -> tuple[np.ndarray, float]:
   """``clip.mp4`` -> frames (T, H, W, 3) uint8 RGB and fps (16 when the file gives none).
 
   One ffmpeg pass for both: its header gives the fps and size, then the frames stream.
   """
   import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  video = _normal(video)
   try:
-    reader = imageio_ffmpeg.read_frames(str(video), pix_fmt="rgb24")
-    meta = next(reader)
-    w, h = meta["size"]
-    frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
-  except Exception as e:  # pylint: disable=broad-except  # ffmpeg fails many ways on bad files
+    with paths.local_file(video) as local:
+      try:
+        reader = imageio_ffmpeg.read_frames(local, pix_fmt="rgb24")
+        meta = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
+      except Exception as e:  # pylint: disable=broad-except  # ffmpeg fails many ways on bad files
+        # ffmpeg names the file it read: the copy's name would differ from a local read's.
+        problem = f"unreadable video ({type(e).__name__}: {e})".splitlines()[0].replace(local, video)
+        raise InputError(video, "frames", problem) from e
+  except OSError as e:  # the copy down failed
     raise InputError(video, "frames", f"unreadable video ({type(e).__name__}: {e})".splitlines()[0]) from e
   if not frames:
     raise InputError(video, "frames", "no frames")
@@ -243,31 +274,31 @@ def read_sample_folder(folder: str | os.PathLike) -> Clip:
     InputError: naming the file (and member) at fault; also for a clip with under
       ``clip.MIN_VALID_DEPTH_FRACTION`` valid depth or a frame >= 95% moving.
   """
-  folder = Path(folder)
-  video = folder / VIDEO
-  if not video.is_file():
+  folder = _normal(folder)
+  video = paths.join(folder, VIDEO)
+  if not paths.isfile(video):
     raise InputError(video, "file", "missing")
   frames, fps = read_video(video)
   t, h, w, _ = frames.shape
-  depths = read_depths(folder / DEPTH_ZIP, t, h, w)
-  masks = read_masks(folder / MASK_ZIP, t, h, w)
-  poses = read_indexed(folder / POSE_NPZ, t, (4, 4))
-  fxfycxcy = read_indexed(folder / INTRINSICS_NPZ, t, (4,))
-  if (folder / SAMPLE_JSON).is_file():
-    _check_sample_json(folder / SAMPLE_JSON, t)
+  depths = read_depths(paths.join(folder, DEPTH_ZIP), t, h, w)
+  masks = read_masks(paths.join(folder, MASK_ZIP), t, h, w)
+  poses = read_indexed(paths.join(folder, POSE_NPZ), t, (4, 4))
+  fxfycxcy = read_indexed(paths.join(folder, INTRINSICS_NPZ), t, (4,))
+  if paths.isfile(paths.join(folder, SAMPLE_JSON)):
+    _check_sample_json(paths.join(folder, SAMPLE_JSON), t)
   intrinsics = np.zeros((t, 3, 3))
   intrinsics[:, 0, 0], intrinsics[:, 1, 1] = fxfycxcy[:, 0], fxfycxcy[:, 1]
   intrinsics[:, 0, 2], intrinsics[:, 1, 2], intrinsics[:, 2, 2] = fxfycxcy[:, 2], fxfycxcy[:, 3], 1.0
   moving = masks.reshape(t, -1).mean(axis=1)
   if moving.max() >= MAX_DYNAMIC_FRACTION:
-    raise InputError(folder / MASK_ZIP, "masks", f"frame {int(moving.argmax())} is "
+    raise InputError(paths.join(folder, MASK_ZIP), "masks", f"frame {int(moving.argmax())} is "
                      f"{moving.max():.0%} moving (the reference skips clips from 95%)")
   with np.errstate(invalid="ignore"):
     valid = np.isfinite(depths) & (depths > 0)
-  check_depth_coverage(valid, str(folder / DEPTH_ZIP))
+  check_depth_coverage(valid, paths.join(folder, DEPTH_ZIP))
   clip = validate_clip(dict(frames=frames, depths=depths, depth_valid=valid, intrinsics=intrinsics,
                             poses_c2w=poses, fps=fps, dynamic_masks=masks,
-                            caption=read_caption(folder)), str(folder))
+                            caption=read_caption(folder)), folder)
   clip["has_depth"] = np.bool_(True)
   return clip
 

@@ -183,7 +183,7 @@ def _main() -> int:
     start = time.perf_counter()
     extra = dict(depths=clip["depths"]) if r.model.needs_depths else {}
     out = r.generate(clip["first_frame"], clip["first_depth"], clip["intrinsics"], clip["poses_c2w"],
-                     seed=_SEED.value, timed=True, **extra)
+                     seed=_SEED.value, timed=True, depth_valid=clip["depth_valid"], **extra)
     total = time.perf_counter() - start
 
     def write() -> None:

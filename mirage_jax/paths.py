@@ -143,6 +143,38 @@ def upload(local: str, remote: str) -> None:
     shutil.copyfileobj(src, dst, 1 << 22)
 
 
+def download(path: str, local: str) -> None:
+  """Copies the file at ``path`` (a URL or a local path) to the local file ``local``."""
+  with open(path, "rb") as src, builtins.open(local, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 22)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+  """The whole content of the file at ``path`` (local or URL: one download)."""
+  with open(os.fspath(path), "rb") as f:
+    return f.read()
+
+
+@contextlib.contextmanager
+def local_file(path: str | os.PathLike) -> Iterator[str]:
+  """A local path holding the file at ``path``, for readers of local files only (ffmpeg).
+
+  Local ``path``: yields it. URL: a temporary copy (same base name), deleted when the block
+  ends.
+  """
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  folder = tempfile.mkdtemp(prefix="mirage_copy_")
+  try:
+    local = os.path.join(folder, path.rstrip("/").rsplit("/", 1)[-1])
+    download(path, local)
+    yield local
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def upload_tree(local_dir: str, remote_dir: str) -> list[str]:
   """Copies every file under ``local_dir`` to the same relative names under ``remote_dir``.
 
@@ -244,9 +276,7 @@ class Mirror:
     self.local = tempfile.mkdtemp(prefix="mirage_mirror_")
     for name in resume:
       if exists(join(remote, name)):
-        with _epath(join(remote, name)).open("rb") as src, \
-            builtins.open(os.path.join(self.local, name), "wb") as dst:
-          shutil.copyfileobj(src, dst, 1 << 22)
+        download(join(remote, name), os.path.join(self.local, name))
     self._uploaded: dict[str, tuple[int, int]] = {
         name: self._stamp(os.path.join(self.local, name)) for name in resume
         if os.path.exists(os.path.join(self.local, name))}

@@ -116,8 +116,8 @@ class Rollout:
       write = lambda s, lat, d, K, c2w, st, f, rgb: m.backend.write(s, lat, d, K, c2w, st, f, rgb=rgb)
       self._per_mesh[mesh] = dict(
           params=jax.device_put(m.params(), rep),
-          start=jax.jit(jax.vmap(m.start, in_axes=(None,) + (0,) * 6),
-                        in_shardings=(rep,) + (bat,) * 6, out_shardings=bat),
+          start=jax.jit(jax.vmap(m.start, in_axes=(None,) + (0,) * 7),
+                        in_shardings=(rep,) + (bat,) * 7, out_shardings=bat),
           step={False: step(False), True: step(True)},
           encode=jax.jit(jax.vmap(m.encode_oracle, in_axes=(None, 0)),
                          in_shardings=(rep, bat), out_shardings=bat),
@@ -137,7 +137,8 @@ class Rollout:
   def generate(self, first_frame: np.ndarray, first_depth: np.ndarray, intrinsics: np.ndarray,
                poses_c2w: np.ndarray, *, depths: np.ndarray | None = None, seed: int = 0,
                progress: bool = True, oracle_frames: tuple[np.ndarray, np.ndarray] | None = None,
-               initial_memory: Any = None, timed: bool = False) -> dict[str, Any]:
+               depth_valid: np.ndarray | None = None, initial_memory: Any = None,
+               timed: bool = False) -> dict[str, Any]:
     """Generates frames 1..T-1 of a trajectory whose frame 0 is given.
 
     One trajectory of :meth:`generate_batch` (the same compiled chunk step, batch 1 on one
@@ -154,6 +155,10 @@ class Rollout:
       oracle_frames: optional ground truth ``(frames (N, H, W, 3) uint8, depths (N, H, W))``,
         N <= T: frames ``< N`` are written to memory encoded from these instead of the
         generated ones (evaluation bounds); their encoding is outside the chunk step.
+      depth_valid: optional (T, H, W) bool/0-1: where the given depth (``first_depth``,
+        ``depths``, ``oracle_frames``' depths) was observed; elsewhere (a depth hole holding
+        a placeholder, ``data_pipelines.clip``) nothing is lifted from it into memory (the
+        memory, object slots, reference bank). Default: all observed.
       initial_memory: optional memory state of this backend to start from instead of an
         empty one (the scaling benchmark pre-fills it); frame 0 is written into it.
       timed: block after every chunk and time it (the scaling benchmark); see
@@ -176,10 +181,11 @@ class Rollout:
     return self.generate_batch([first_frame], [first_depth], [intrinsics], [poses_c2w],
                                depths=None if depths is None else [depths], seeds=[seed],
                                progress=progress, oracle_frames=[oracle_frames],
+                               depth_valid=None if depth_valid is None else [depth_valid],
                                initial_memory=initial_memory, timed=timed)[0]
 
   def _check_trajectory(self, where: str, first_frame, first_depth, intrinsics, poses_c2w,
-                        depths, oracle_frames) -> None:
+                        depths, oracle_frames, depth_valid=None) -> None:
     h, w = self.image_hw
     T = poses_c2w.shape[0]
     if first_depth is None and self.model.needs_first_depth:
@@ -197,12 +203,14 @@ class Rollout:
       if gt_rgb.shape[1:] != (h, w, 3) or gt_depth.shape != gt_rgb.shape[:3] or len(gt_rgb) > T:
         raise InputError(where, "oracle_frames", f"expected (N <= {T}, {h}, {w}, 3) frames and "
                          f"(N, {h}, {w}) depths, got {gt_rgb.shape} and {gt_depth.shape}")
+    if depth_valid is not None and np.shape(depth_valid) != (T, h, w):
+      raise InputError(where, "depth_valid", f"expected ({T}, {h}, {w}), got {np.shape(depth_valid)}")
     self.model.check_trajectory(where, first_frame, first_depth, intrinsics, poses_c2w, depths,
                                 oracle_frames)
 
   def generate_batch(self, first_frames, first_depths, intrinsics, poses_c2w, *, depths=None,
                      seeds: int | list[int] = 0, progress: bool = True, oracle_frames=None,
-                     initial_memory: Any = None, mesh: Mesh | None = None,
+                     depth_valid=None, initial_memory: Any = None, mesh: Mesh | None = None,
                      timed: bool = False, given_frames=None) -> list[dict[str, Any]]:
     """Generates B trajectories at once: the chunk step vmapped over them, sharded on a mesh.
 
@@ -219,6 +227,8 @@ class Rollout:
       seeds: the sampling seed of each trajectory (an int: the same for all).
       oracle_frames: None, or B entries each None or ``(frames (N_b, H, W, 3) uint8,
         depths (N_b, H, W))`` (see :meth:`generate`).
+      depth_valid: None, or B entries each None or (T_b, H, W): where trajectory b's given
+        depth was observed (see :meth:`generate`).
       given_frames: None, or B ints G_b <= N_b: frames ``< G_b`` are *given* (a protocol's
         context): besides memory, they are the clean context of the chunks after them, as
         encoded from ``oracle_frames`` (a model with ``given_context``; otherwise the
@@ -243,27 +253,34 @@ class Rollout:
     seeds = [int(seeds)] * B if np.isscalar(seeds) else [int(s) for s in seeds]
     oracle_frames = [None] * B if oracle_frames is None else list(oracle_frames)
     depths = [None] * B if depths is None else list(depths)
+    valids = [None] * B if depth_valid is None else list(depth_valid)
     if not (len(first_frames) == len(first_depths) == len(intrinsics) == len(seeds)
-            == len(oracle_frames) == len(depths) == B >= 1):
+            == len(oracle_frames) == len(depths) == len(valids) == B >= 1):
       raise InputError("generate", "trajectories", "need as many first frames, depths, "
-                       "intrinsics, poses, seeds and oracle entries (at least one)")
-    frames0, depths0, Ks, poses = [], [], [], []
+                       "intrinsics, poses, seeds, oracle and depth_valid entries (at least one)")
+    frames0, depths0, valids0, Ks, poses = [], [], [], [], []
     for b in range(B):
       self._check_trajectory("generate" if B == 1 else f"generate[{b}]", first_frames[b],
                              first_depths[b], intrinsics[b], poses_c2w[b], depths[b],
-                             oracle_frames[b])
+                             oracle_frames[b], valids[b])
       f0 = np.asarray(first_frames[b])
       frames0.append(f0.astype(np.float32) / 127.5 - 1.0 if f0.dtype == np.uint8
                      else f0.astype(np.float32))
       # Unknown depth goes in as zeros: the model's start estimates it there.
       depths0.append(np.zeros(m.image_hw, np.float32) if first_depths[b] is None
                      else np.asarray(first_depths[b], np.float32))
+      if valids[b] is not None:
+        valids[b] = np.asarray(valids[b]) != 0
+      valids0.append(np.ones(m.image_hw, bool) if valids[b] is None else valids[b][0])
       Ks.append(np.asarray(intrinsics[b], np.float32))
       poses.append(np.asarray(poses_c2w[b], np.float32))
       if depths[b] is not None:  # frame 0 is written with first_depth
         depths[b] = np.asarray(depths[b], np.float32).copy()
         depths[b][0] = depths0[b]
-    gts = [None if o is None else tuple(np.asarray(a) for a in o) for o in oracle_frames]
+    # (frames, depths, observed depth or None): the families' oracle_chunk reads all three.
+    gts = [None if o is None else (*(np.asarray(a) for a in o),
+                                   None if v is None else v[:len(o[0])])
+           for o, v in zip(oracle_frames, valids)]
     given = np.array([0 if g is None else len(g[0]) for g in gts])
     ctx_given = np.zeros(B, int) if given_frames is None else np.asarray(given_frames, int)
     if ctx_given.shape != (B,) or (ctx_given < 0).any() or (ctx_given > given).any():
@@ -290,8 +307,8 @@ class Rollout:
     keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(seeds[b]))) for b in order])
     carry, first = fns["start"](
         params, put(state), put(np.stack(rows(frames0))), put(np.stack(rows(depths0))),
-        put(np.stack([Ks[b][0] for b in order])), put(np.stack([poses[b][0] for b in order])),
-        put(keys))
+        put(np.stack(rows(valids0))), put(np.stack([Ks[b][0] for b in order])),
+        put(np.stack([poses[b][0] for b in order])), put(keys))
 
     has_oracle = bool(given.any())
     encode = lambda arrays: fns["encode"](params, tuple(put(a) for a in arrays))
@@ -300,7 +317,7 @@ class Rollout:
     for c in tqdm(range(int(num_chunks.max())), desc=f"generate {m.name} [{m.backend_name}] x{B}",
                   disable=not progress, unit="chunk"):
       chunk, plan = m.chunk_inputs(c, lengths, num_chunks, rows(Ks), rows(poses),
-                                   None if depths[0] is None else rows(depths))
+                                   None if depths[0] is None else rows(depths), rows(valids))
       if has_oracle:
         chunk.update(m.oracle_chunk(encode, gts, order, plan, given, ctx_given))
       chunk = {k: put(v) for k, v in chunk.items()}

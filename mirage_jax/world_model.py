@@ -8,7 +8,7 @@ axes), the oracle row's encoding outside the step, timing and progress.
 
 The driver runs, per trajectory batch:
 
-  carry, first = start(params, memory, frame0, depth0, K0, c2w0, rng)   # jitted, vmapped
+  carry, first = start(params, memory, frame0, depth0, valid0, K0, c2w0, rng)  # jitted, vmapped
   for c in range(max num_chunks):
     chunk, plan = chunk_inputs(c, ...)            # host: cameras (and depths) of chunk c
     chunk |= oracle_chunk(encode, ...)            # host: ground truth, encoded by encode_oracle
@@ -147,12 +147,14 @@ class WorldModel(abc.ABC):
 
   @abc.abstractmethod
   def chunk_inputs(self, c: int, lengths: np.ndarray, num_chunks: np.ndarray, Ks, poses,
-                   depths) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                   depths, valids) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Host inputs of chunk ``c`` for Bp trajectory rows.
 
     Args:
       lengths: (Bp,) frames per row (padding rows: 1). num_chunks: (Bp,) (padding rows: 0).
       Ks, poses: Bp arrays (T_b, 3, 3), (T_b, 4, 4). depths: Bp arrays (T_b, H, W) or None.
+      valids: Bp entries (T_b, H, W) bool or None (all observed): where the given depth was
+        observed; a model writing the given depth lifts nothing from the rest.
     Returns:
       (chunk: the step's per-row inputs (Bp, ...), plan: what :meth:`oracle_chunk` and
       :meth:`trajectory_result` need of this chunk, e.g. frame indices, real frames).
@@ -184,7 +186,8 @@ class WorldModel(abc.ABC):
 
     Args: state the memory to write into; frame0 (H, W, 3) in [-1, 1]; depth0 (H, W)
     (all zeros when not given: only a model without ``needs_first_depth`` gets that);
-    K0 (3, 3); c2w0 (4, 4); rng (2,) uint32 key data.
+    valid0 (H, W) bool where depth0 was observed (nothing is lifted from the rest: a depth
+    hole); K0 (3, 3); c2w0 (4, 4); rng (2,) uint32 key data.
     """
 
   @abc.abstractmethod
@@ -203,7 +206,8 @@ class WorldModel(abc.ABC):
 
     Args:
       encode: ``arrays -> latents``, the jitted batched :meth:`encode_oracle`.
-      gts: B entries None or (frames (N, H, W, 3) uint8, depths (N, H, W)); order: (Bp,)
+      gts: B entries None or (frames (N, H, W, 3) uint8, depths (N, H, W), valid (N, H, W)
+      bool or None = all observed: nothing is lifted from the rest); order: (Bp,)
       the trajectory of each row; plan: :meth:`chunk_inputs`'s; given (Bp,) N per row;
       ctx_given (Bp,) frames that are also the clean context.
     """
@@ -230,6 +234,20 @@ class WorldModel(abc.ABC):
   def trajectory_result(self, b: int, T: int, first, outs, plans, carry) -> dict[str, Any]:
     """Row ``b``'s family outputs (frames, depths, coverage, ...) from the host copies of
     :meth:`start`'s first outputs, every chunk's outputs and plan, and the final carry."""
+
+
+def observed_rows(valids, idx: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Host: where each row's given depth was observed at its frames of a chunk.
+
+  Args:
+    valids: one entry per row, (T_b, H, W) bool or None (all observed).
+    idx: (rows, F) frame indices of each row (inside its trajectory).
+    hw: (H, W).
+  Returns:
+    (rows, F, H, W) bool.
+  """
+  return np.stack([np.ones((len(i),) + tuple(hw), bool) if v is None else np.asarray(v[i], bool)
+                   for v, i in zip(valids, idx)])
 
 
 def refuse_untrained_guidance(config: ml_collections.ConfigDict, scale: float | None,

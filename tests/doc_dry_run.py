@@ -70,14 +70,12 @@ def _check_main_job(module_globals) -> None:
 
 
 def _check_build(module_globals) -> None:
-  """data_pipelines.build: local-only paths, the Beam runner, its extra and its options."""
+  """data_pipelines.build: its folders (``check_paths``), the Beam runner, its extra and its options."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from data_pipelines import builders  # pylint: disable=g-import-not-at-top
-  from mirage_jax import paths  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  if f["beam_runner"].value in module_globals["LOCAL_RUNNERS"]:
-    for name in ("data_dir", "source_dir"):
-      paths.require_local(f[name].value, f"--{name}", "build locally")
+  module_globals["check_paths"](f["dataset"].value, f["data_dir"].value, f["source_dir"].value,
+                                f["beam_runner"].value)
   builders.beam_options(f["beam_runner"].value, f["beam_options"].value)
 
 

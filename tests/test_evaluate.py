@@ -12,6 +12,7 @@ from data_pipelines import procedural
 from mirage_jax import geometry, rollout
 from mirage_jax.evaluation import report, revisit, scaling
 from tests.test_generate import run_cli, save_tiny_export
+from tests.test_sample_folders import needs_exr
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,25 @@ def test_trivial_composite_reproduces_a_returned_view(loop_clip):
   # Uncovered pixels hold the previous ground-truth frame.
   for t in (3, 12):
     np.testing.assert_array_equal(frames[t][~covered[t]], loop_clip.frames[t - 1][~covered[t]])
+
+
+def test_ground_truth_splats_never_lift_depth_holes():
+  """A standing camera sees each earlier frame's points at their own pixels: the composite's
+  memory covers exactly the pixels with observed depth, never a hole (its placeholder depth
+  is finite and > 0, so only the mask keeps it out)."""
+  t, h, w = 3, 8, 8
+  valid = np.ones((t, h, w), np.uint8)
+  valid[:, :, :3] = 0  # a hole in every frame
+  truth = revisit.Trajectory(
+      name="still", frames=np.random.default_rng(0).integers(0, 255, (t, h, w, 3), dtype=np.uint8),
+      depths=np.where(valid > 0, 2.0, 1.0).astype(np.float32),
+      intrinsics=np.repeat(geometry.intrinsics_from_fov(60, h, w)[None], t, 0),
+      poses_c2w=np.repeat(geometry.look_at([0, 1.5, 0], [0, 1.5, 3], up=(0, 1, 0))[None], t, 0),
+      dynamic_masks=np.zeros((t, h, w), np.uint8), depth_valid=valid)
+  _, covered = revisit.trivial_composite(truth)
+  np.testing.assert_array_equal(covered[1:], valid[1:] > 0)
+  _, dense = revisit.trivial_composite(dataclasses.replace(truth, depth_valid=None))
+  assert dense[1:].all()
 
 
 def test_revisit_runner_scores_every_row(world, loop_clip, tmp_path):
@@ -166,19 +186,34 @@ def test_scaling_rejects_lengths_shorter_than_the_timed_segment(world):
 # ----------------------------------------------------------------------------- CLI
 
 
+@needs_exr
 def test_evaluate_cli_revisit_and_refusal(export, tmp_path):
+  """``evaluate`` on a dataset with depth holes: the loop clip as a reference sample folder
+  whose depth has a hole in every frame (written to memory by the oracle row and frame 0,
+  lifted nowhere there). Procedural seeds: tests/test_index_html.py runs them."""
+  from data_pipelines import builders, sample_folders  # pylint: disable=g-import-not-at-top
+  clip = procedural.render_clip(100001, 24, 32, 32, trajectory="loop")
+  valid = np.ones(clip["depths"].shape, np.uint8)
+  valid[:, 8:20, 4:16] = 0
+  sample_folders.write_sample_folder(tmp_path / "samples" / "loop", dict(clip, depth_valid=valid))
+  builders.prepare(builders.make_builder("reference_samples", str(tmp_path / "data"),
+                                         source_dir=str(tmp_path / "samples"), num_clips=0))
   out = tmp_path / "revisit"
-  args = [f"--checkpoint={export}", "--benchmark=revisit", "--procedural_seeds=100001:100002",
-          "--num_frames=24", "--backends=mirage", "--nooracle", f"--output_dir={out}"]
+  args = [f"--checkpoint={export}", "--benchmark=revisit", f"--data_dir={tmp_path / 'data'}",
+          "--dataset=reference_samples", "--backends=mirage", f"--output_dir={out}"]
   result = run_cli("mirage_jax.evaluate", *args)
   assert result.returncode == 0, result.stderr
   metrics = json.loads((out / "metrics.json").read_text())
   summary = metrics["revisit"]["summary"]
-  assert set(summary) == {"mirage", "composite", "reference", "revisit_frames", "first_visit_frames"}
+  assert set(summary) == {"mirage", "oracle", "composite", "reference", "revisit_frames",
+                          "first_visit_frames"}
   assert summary["revisit_frames"] >= 5
-  assert list(metrics["revisit"]["trajectories"]) == ["seed100001"]
-  for name in ("quality_vs_frame.png", "ssim_vs_frame.png", "videos/seed100001/mirage.mp4",
-               "videos/seed100001/composite.mp4", "parts/process_0.json"):
+  assert list(metrics["revisit"]["trajectories"]) == ["0000_loop"]
+  for row in ("mirage", "oracle", "composite"):
+    assert math.isfinite(summary[row]["psnr_revisit"]), row
+  for name in ("quality_vs_frame.png", "ssim_vs_frame.png", "videos/0000_loop/mirage.mp4",
+               "videos/0000_loop/oracle.mp4", "videos/0000_loop/composite.mp4",
+               "parts/process_0.json"):
     assert (out / name).stat().st_size > 0, name
   assert "psnr_revisit" in result.stdout  # the table
   again = run_cli("mirage_jax.evaluate", *args)

@@ -384,7 +384,7 @@ def test_wan_base_export_loads_from_gcs(gcs, tmp_path):
 @pytest.mark.parametrize("module,flag,args", [
     ("mirage_jax.convert_wan", "--output", ["--wan_dir=/nonexistent"]),
     ("mirage_jax.generate", "--geometry_path", ["--checkpoint=/nonexistent", "--output_dir=/x"]),
-    ("data_pipelines.build", "--data_dir", ["--dataset=procedural_rooms"]),
+    ("data_pipelines.build", "--source_dir", ["--dataset=posed_files", "--data_dir=/x"]),
 ])
 def test_local_only_path_flags_refuse_gs(module, flag, args):
   # Refused before anything is read or written: one line naming the flag, exit 2.

@@ -108,6 +108,30 @@ def test_fit_inputs_keeps_the_first_frame_and_every_camera(clip, tmp_path):
   assert first["intrinsics"].shape == (4, 3, 3)
 
 
+def test_depth_holes_reach_the_rollout_mask(clip, tmp_path):
+  """A clip's depth holes (``make_geometry`` keeps a dataset clip's ``depth_valid``) come out
+  of ``fit_inputs`` at the model's resolution, for generate's ``depth_valid``: every frame's
+  from a full file, frame 0's from a frame-0 file (later rows: no depth of their own)."""
+  valid = np.ones((T, H, W), np.uint8)
+  valid[:, :, :W // 2] = 0  # the left half of every frame
+  holey = dict(clip, depth_valid=valid)
+  files.save_geometry_npz(tmp_path / "full.npz", holey)
+  files.save_first_frame_geometry(tmp_path / "first.npz", holey)
+  full = inference_inputs.fit_inputs(files.load_inference_geometry(tmp_path / "full.npz"), (32, 32), 4)
+  first = inference_inputs.fit_inputs(files.load_inference_geometry(tmp_path / "first.npz"), (32, 32), 4)
+  assert full["depth_valid"].shape == (4, 32, 32) and full["depth_valid"].dtype == bool
+  assert not full["depth_valid"][:, :, 0].any() and full["depth_valid"][:, :, -1].all()
+  np.testing.assert_array_equal(first["depth_valid"][0], full["depth_valid"][0])
+  assert first["depth_valid"][1:].all()
+  # No mask in the file: none out (all observed).
+  plain = files.load_inference_geometry(_write(tmp_path / "plain.npz", **_first_only(clip)))
+  assert plain["depth_valid"] is None
+  assert inference_inputs.fit_inputs(plain, (32, 32), 4)["depth_valid"] is None
+  bad = _write(tmp_path / "bad.npz", **_first_only(clip, depth_valid=np.full((1, H, W), 2)))
+  with pytest.raises(InputError, match="depth_valid.*0/1"):
+    files.load_inference_geometry(bad)
+
+
 @pytest.mark.parametrize("case", ["frames_partial", "depths_partial", "png_wrong_size",
                                   "png_wrong_processed_size", "mp4_unreadable", "mp4_frame_count",
                                   "intrinsics_missing", "poses_wrong_length", "no_frames"])

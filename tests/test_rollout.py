@@ -90,6 +90,31 @@ def test_write_new_only_leaves_covered_cells_unwritten(models):
   assert bytes_after[("mirage",)] == one_frame
 
 
+def test_depth_holes_are_never_lifted_into_memory(models):
+  """Frame 0 and the oracle's ground-truth frames, all with a depth hole (the left half)
+  holding a placeholder that would lift like any depth: a standing camera's reads find nothing
+  there, in the chunk after frame 0 and in the one after the oracle frames; without the
+  mask the same frames cover it."""
+  config, ae, dn = models
+  h, w = config.data.resolution
+  n = 5  # frame 0, then two chunks of two
+  K = np.repeat(geometry.intrinsics_from_fov(70, h, w)[None], n, 0)
+  poses = np.repeat(geometry.look_at([0, 1.5, 0], [0, 1.5, 3], up=(0, 1, 0))[None], n, 0)
+  frames = np.random.default_rng(0).integers(0, 255, (n, h, w, 3), dtype=np.uint8)
+  valid = np.ones((n, h, w), bool)
+  valid[:, :, :w // 2] = False
+  depths = np.where(valid, 3.0, 1.0).astype(np.float32)  # 1.0: the datasets' placeholder
+  r = rollout.make_rollout(config, ae, dn, backend="voxel")
+  cov = {name: r.generate(frames[0], depths[0], K, poses, progress=False,
+                          oracle_frames=(frames, depths), depth_valid=mask)["coverage"]
+         for name, mask in (("holes", valid), ("dense", None))}
+  lw = cov["holes"].shape[2]
+  left, right = slice(0, lw // 2 - 1), slice(lw // 2 + 1, lw)  # a cell of margin: splat fill
+  assert cov["holes"][1:, :, left].max() == 0
+  assert cov["holes"][1:, :, right].mean() > 0.8
+  assert cov["dense"][1:, :, left].mean() > 0.8
+
+
 def _with_dynamic_head(ae, logit: float):
   """A copy of ``ae`` whose dynamic head says ``logit`` for every cell."""
   ae = nnx.clone(ae)

@@ -1,4 +1,5 @@
-"""The reference's sample folders: reader, writer, depth holes, broken folders, the Beam build."""
+"""The reference's sample folders: reader, writer, depth holes, broken folders, the Beam build
+(local and on Cloud Storage)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 
 from data_pipelines import build, builders, clip as clip_lib
+from mirage_jax import paths
 from mirage_jax.errors import InputError
+from tests import test_gcs
 from tests.fixtures_util import synthetic_clip
+from tests.test_gcs import gcs  # pylint: disable=unused-import  # the emulator fixture
 
 from data_pipelines import sample_folders as sf
 
@@ -196,6 +200,47 @@ def test_build_on_two_workers_skips_broken_folders_and_reads_back_exactly(tmp_pa
   shutil.rmtree(source / "00000000")  # even if the source changed meanwhile
   _, reused = build.build("reference_samples", data_dir, source_dir=str(source), num_clips=0)
   assert reused and _tree_digest(Path(data_dir)) == built
+
+
+@needs_exr
+def test_gcs_sample_folders_build_into_gcs(gcs, tmp_path):
+  """Sample folders on Cloud Storage (the suite's emulator) build into a gs:// data_dir in
+  this process: the records a local build stores (each folder read locally), a broken folder
+  skipped with the words it gets locally, the complete dataset reused by the same build."""
+  del gcs
+  local = tmp_path / "samples"
+  clips = {f"{i:08d}": holey_clip(i) for i in range(4)}  # index 1 breaks; each split keeps one
+  for name, clip in clips.items():
+    sf.write_sample_folder(local / name, clip)
+  _corrupt(local / "00000001", "pose count mismatch")
+  bucket = f"gs://{test_gcs.BUCKET}/samples_build"
+  source = f"{bucket}/samples"
+  paths.upload_tree(str(local), source)
+  assert sf.find_sample_folders(source) == [f"{source}/{name}" for name in clips]
+  with pytest.raises(InputError) as remote:
+    sf.read_sample_folder(f"{source}/00000001")
+  with pytest.raises(InputError) as here:
+    sf.read_sample_folder(local / "00000001")
+  assert str(remote.value) == str(here.value).replace(str(local), source)
+
+  data_dir = f"{bucket}/data"
+  builder, reused = build.build("reference_samples", data_dir, source_dir=source, num_clips=0)
+  assert not reused and str(builder.data_path).startswith(data_dir)
+  records = {}
+  for split in builders.SPLITS:
+    for record in builders.load(data_dir, "reference_samples").as_data_source(split):
+      clip = builders.record_to_clip(record)
+      records[clip["clip_id"]] = clip
+  assert sorted(records) == ["00000000", "00000002", "00000003"]
+  for name, got in records.items():
+    want = builders.to_record(sf.read_sample_folder(local / name), name, int(name))
+    for key in ("frames", "depths", "depth_valid", "dynamic_masks", "intrinsics", "poses_c2w"):
+      np.testing.assert_array_equal(got[key], np.asarray(want[key]).astype(got[key].dtype), err_msg=key)
+    assert (got["caption"], got["fps"], got["index"]) == (want["caption"], want["fps"], want["index"])
+    _assert_same_clip(got, clips[name])
+  assert builder.info.splits["train"].num_examples == 1  # index 1 skipped, index 0 kept
+  _, reused = build.build("reference_samples", data_dir, source_dir=source, num_clips=0)
+  assert reused
 
 
 def test_latent_static_mask_keeps_holes_and_their_bilinear_neighbours_out():

@@ -41,20 +41,29 @@ def fit_inputs(geo: dict, resolution, num_frames: int | None = None) -> dict:
     geo: ``files.load_inference_geometry``'s dict. resolution: (H, W) of the model.
   Returns:
     first_frame (H, W, 3) uint8; first_depth (H, W) or None; depths (T', H, W) or None (as
-    in ``geo``); intrinsics (T', 3, 3); poses_c2w (T', 4, 4).
+    in ``geo``); depth_valid (T', H, W) bool or None (as in ``geo``); intrinsics (T', 3, 3);
+    poses_c2w (T', 4, 4).
   """
   t = len(geo["poses_c2w"]) if num_frames is None else min(num_frames, len(geo["poses_c2w"]))
+  valid = geo.get("depth_valid")
   if geo["depths"] is not None:
     depth = geo["depths"][:t]
   elif geo["first_depth"] is not None:
     depth = geo["first_depth"][None]
   else:  # resized and dropped: fit_clip resizes RGB beside depth
-    depth = np.ones((1, *geo["frames"].shape[1:3]), np.float32)
+    depth, valid = np.ones((1, *geo["frames"].shape[1:3]), np.float32), None
   # Frame 0 beside every depth map (a view, not a copy): fit_clip resizes them together.
   frames = np.broadcast_to(geo["frames"][:1], (len(depth), *geo["frames"].shape[1:]))
   fitted = revisit.fit_clip(dict(frames=frames, depths=depth, intrinsics=geo["intrinsics"],
-                                 poses_c2w=geo["poses_c2w"]), resolution, t)
+                                 poses_c2w=geo["poses_c2w"],
+                                 depth_valid=None if valid is None else valid[:len(depth)]),
+                            resolution, t)
+  depth_valid = None
+  if valid is not None:  # every camera's row; those without their own depth map all True
+    depth_valid = np.ones((len(fitted["poses_c2w"]),) + fitted["depth_valid"].shape[1:], bool)
+    depth_valid[:len(fitted["depth_valid"])] = fitted["depth_valid"] != 0
   return dict(first_frame=fitted["frames"][0],
               first_depth=None if geo["first_depth"] is None else fitted["depths"][0],
               depths=None if geo["depths"] is None else fitted["depths"],
+              depth_valid=depth_valid,
               intrinsics=fitted["intrinsics"], poses_c2w=fitted["poses_c2w"])

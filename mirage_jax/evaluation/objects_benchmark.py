@@ -407,7 +407,8 @@ class ObjectsRunner:
     rows, counts = {}, {}
     for name, r in self.rows.items():
       out = r.generate(truth.frames[0], truth.depths[0], truth.intrinsics, truth.poses_c2w,
-                       seed=seed, progress=progress, oracle_frames=given)
+                       seed=seed, progress=progress, oracle_frames=given,
+                       depth_valid=truth.observed())
       scores = score_objects(out, clip, pairs, **self.scoring)
       counts = {c: scores.pop(c) for c in COUNTS}
       # Wall seconds per chunk after the first (which compiles); nothing blocks per chunk.

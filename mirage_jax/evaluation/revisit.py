@@ -56,6 +56,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from data_pipelines import clip as clip_lib
 from data_pipelines import pipeline
 from mirage_jax import geometry, rollout
 from mirage_jax import families
@@ -101,6 +102,9 @@ class Trajectory:
     fps: frames per second of the videos.
     context: frames ``< context`` are given (written to memory from ground truth) and not
       scored; 0 for the plain protocol (only frame 0 is given).
+    depth_valid: (T, H, W) uint8, 0 at a depth hole (its depth is a placeholder); None:
+      dense depth. Ground truth enters memory only where :meth:`liftable` (ground-truth
+      splats) or, in a model's rollout, where the depth was observed.
   """
   name: str
   frames: np.ndarray
@@ -110,6 +114,15 @@ class Trajectory:
   dynamic_masks: np.ndarray
   fps: float = 10.0
   context: int = 0
+  depth_valid: np.ndarray | None = None
+
+  def liftable(self) -> np.ndarray:
+    """(T, H, W) bool: static with observed depth (``data_pipelines.clip.liftable``)."""
+    return clip_lib.liftable(self.dynamic_masks, self.depth_valid)
+
+  def observed(self) -> np.ndarray | None:
+    """(T, H, W) bool where the depth was observed; None: everywhere."""
+    return None if self.depth_valid is None else np.asarray(self.depth_valid) != 0
 
 
 # ----------------------------------------------------------------------------- inputs & outputs
@@ -124,12 +137,13 @@ def fit_clip(clip: Mapping[str, np.ndarray], resolution: Sequence[int],
 
   Args:
     clip: frames (T, H0, W0, 3) uint8, depths (T, H0, W0), intrinsics (T, 3, 3),
-      poses_c2w (T, 4, 4), optional dynamic_masks (T, H0, W0).
+      poses_c2w (T, 4, 4), optional dynamic_masks (T, H0, W0) and depth_valid (T, H0, W0).
     resolution: (H, W) of the model.
     num_frames: keep this many frames (default all).
   Returns:
     frames (T', H, W, 3) uint8, depths (T', H, W), intrinsics (T', 3, 3), poses_c2w
-    (T', 4, 4), dynamic_masks (T', H, W) uint8.
+    (T', 4, 4), dynamic_masks (T', H, W) uint8, depth_valid (T', H, W) uint8 or None (the
+    clip has none: dense depth).
   """
   t = len(clip["poses_c2w"]) if num_frames is None else min(int(num_frames), len(clip["poses_c2w"]))
   masks = clip.get("dynamic_masks")
@@ -137,11 +151,15 @@ def fit_clip(clip: Mapping[str, np.ndarray], resolution: Sequence[int],
     masks = np.zeros(np.shape(clip["depths"]), np.uint8)
   example = dict(frames=np.asarray(clip["frames"][:t]), depths=np.asarray(clip["depths"][:t], np.float32),
                  intrinsics=np.asarray(clip["intrinsics"][:t], np.float32), dynamic_masks=np.asarray(masks[:t]))
+  if clip.get("depth_valid") is not None:  # nearest, as the depth it marks
+    example["depth_valid"] = np.asarray(clip["depth_valid"][:t])
   out = pipeline.resize_and_crop(example, tuple(int(r) for r in resolution), None)
   return dict(frames=np.clip(np.rint(out["frames"]), 0, 255).astype(np.uint8),
               depths=np.asarray(out["depths"], np.float32), intrinsics=out["intrinsics"],
               poses_c2w=np.asarray(clip["poses_c2w"][:t], np.float32),
-              dynamic_masks=np.asarray(out["dynamic_masks"], np.uint8))
+              dynamic_masks=np.asarray(out["dynamic_masks"], np.uint8),
+              depth_valid=(np.asarray(out["depth_valid"] != 0, np.uint8)
+                           if "depth_valid" in out else None))
 
 
 def prepare_output_dir(path: str, overwrite: bool, flag: str = "--output_dir") -> None:
@@ -249,7 +267,7 @@ def score_frames(frames: np.ndarray, truth: Trajectory, pairs: np.ndarray,
   if depths is not None:
     depths = np.asarray(depths, np.float32)
     geo = _geometric(gen, depths, truth.intrinsics, truth.poses_c2w)
-    err = _depth_metrics(depths, truth.depths)
+    err = _depth_metrics(depths, truth.depths, truth.observed())  # not against a hole's placeholder
     out.update(geometric_psnr=_nanmean(geo["psnr"]), geometric_fraction=_nanmean(geo["fraction"]),
                depth_abs_rel=mean(err["abs_rel"], scored), depth_delta1=mean(err["delta1"], scored))
   if coverage is not None:
@@ -300,7 +318,7 @@ def trivial_composite(truth: Trajectory, near: float = 1e-3) -> tuple[np.ndarray
   """"Memory where covered, previous frame elsewhere", from ground truth.
 
   Frame t is the z-buffered splat of the ground-truth RGB points of frames 0..t-1 (every
-  static pixel lifted with its ground-truth depth; the ``rgb_points`` backend's write and
+  static pixel with observed depth lifted with it; the ``rgb_points`` backend's write and
   render) where it covers, and ground-truth frame t-1 elsewhere. Frame 0 is ground truth.
 
   Args:
@@ -326,12 +344,13 @@ def _ground_truth_splats(truth: Trajectory, lag: int, near: float
   cfg = memory_lib.MemoryConfig(image_height=h, image_width=w, latent_height=h, latent_width=w,
                                 latent_channels=1, capacity=t * h * w, near=near)
   state = rgb_points.init(cfg)
+  liftable = truth.liftable()  # depth holes hold a placeholder: never lifted
   splats, cov = np.zeros_like(truth.frames), np.zeros((t, h, w), bool)
   for i in range(lag, t):
     j = i - lag  # the newest frame that counts for frame i
     state = _rgb_write(state, np.zeros((1, h, w, 1), np.float32), truth.depths[j:j + 1],
                        truth.intrinsics[j:j + 1], truth.poses_c2w[j:j + 1],
-                       truth.dynamic_masks[j:j + 1] == 0, np.array([j], np.int32),
+                       liftable[j:j + 1], np.array([j], np.int32),
                        rgb=truth.frames[j:j + 1].astype(np.float32) / 255.0)
     splat, covered = _rgb_render(state, truth.intrinsics[i:i + 1], truth.poses_c2w[i:i + 1])
     cov[i] = np.asarray(covered[0])
@@ -501,10 +520,11 @@ def generate_trajectories(r, truths: Sequence[Trajectory], *, seed: int = 0,
   given = ({"given_frames": [t.context for t in truths]} if any(t.context for t in truths)
            else {})
   extra = dict(depths=[t.depths for t in truths]) if r.model.needs_depths else {}
+  # Frame 0, given depths and oracle frames are ground truth: nothing is lifted from holes.
   return r.generate_batch([t.frames[0] for t in truths], [t.depths[0] for t in truths],
                           [t.intrinsics for t in truths], [t.poses_c2w for t in truths],
-                          seeds=seed, progress=progress, oracle_frames=oracle_frames, **extra,
-                          **given)
+                          seeds=seed, progress=progress, oracle_frames=oracle_frames,
+                          depth_valid=[t.observed() for t in truths], **extra, **given)
 
 
 def write_truth_video(video_dir: str, truth: Trajectory) -> None:

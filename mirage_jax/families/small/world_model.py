@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from data_pipelines import clip as clip_lib
 from mirage_jax import checkpoint, families, world_model
 from mirage_jax import memory as memory_lib
 from mirage_jax.depth import estimator as depth_estimator
@@ -236,13 +237,14 @@ class WorldModel(world_model.WorldModel):
 
   # --------------------------------------------------------------------------- one chunk step
 
-  def _start_impl(self, ae_state, depth_state, state, frame0, depth0, K0, c2w0, rng):
+  def _start_impl(self, ae_state, depth_state, state, frame0, depth0, valid0, K0, c2w0, rng):
     """Frame 0 of one trajectory into the memories: the carry of :meth:`_chunk_impl`.
 
     Args:
       state: the memory state frame 0 is written into (empty or pre-filled).
       frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric (all zeros when not given: the
-        depth model's estimate). K0: (3, 3). c2w0: (4, 4).
+        depth model's estimate). valid0: (H, W) bool where depth0 was observed (a latent
+        cell with a hole is not lifted). K0: (3, 3). c2w0: (4, 4).
       rng: (2,) uint32 key data of the trajectory's sampling key.
     Returns:
       carry: dict of memory, rng, ctx (Nc, h, w, C), ctx_K, ctx_c2w, and objects / bank /
@@ -255,7 +257,9 @@ class WorldModel(world_model.WorldModel):
     K, c2w, given = K0[None], c2w0[None], depth0[None]
     lat0 = self._encode_impl(ae_state, frame0[None], given)
     dyn0 = self._dynamic_impl(ae_state, lat0)
-    static0 = (dyn0 < self.dynamic_threshold) | (not self.mask_dynamic)
+    observed = self._observed(valid0[None])
+    moving0 = (dyn0 >= self.dynamic_threshold) & self.mask_dynamic
+    static0 = clip_lib.liftable(moving0, observed)
     ids = jnp.zeros((1,), jnp.int32)
     carry = dict(memory=self.backend.write(state, lat0, given, K, c2w, static0, ids,
                                            rgb=(frame0[None] + 1.0) / 2.0), rng=rng)
@@ -264,7 +268,7 @@ class WorldModel(world_model.WorldModel):
     positions, idents = jnp.zeros((1, 0, 3), jnp.float32), jnp.zeros((1, 0), jnp.int32)
     if self.object_slots:
       objects = objects_lib.observe(objects_lib.init(self.object_cfg), lat0, given, K, c2w,
-                                    ~static0, ids)
+                                    moving0 & observed, ids)
       positions = objects_lib.predict(objects, 0)[None]
       idents = jnp.where(objects.valid, objects.ident, -1)[None]
       carry["objects"] = objects
@@ -333,14 +337,19 @@ class WorldModel(world_model.WorldModel):
       depth, fit, _ = self.depth_model.chunk(depth_state, rgb, mem_depth, static_cov, fit)
     dyn = self._dynamic_impl(ae_state, lat)
     w_lat, w_rgb, w_depth, w_dyn = lat, rgb, depth, dyn
+    # Where the written depth was observed: given depth and ground truth may have holes.
+    observed = chunk["valid"] if self.given_depth else None
     if oracle:  # a chunk straddling N mixes the two
       use = chunk["use"]
       pick = lambda o, g: jnp.where(use.reshape((-1,) + (1,) * (o.ndim - 1)), o, g)
       w_lat, w_rgb, w_depth = (pick(chunk[k], g) for k, g in
                                (("o_lat", lat), ("o_rgb", rgb), ("o_depth", depth)))
+      observed = pick(chunk["o_valid"], True if observed is None else observed)
       w_dyn = self._dynamic_impl(ae_state, w_lat)
+    if observed is not None:
+      observed = self._observed(observed)
     moving = (w_dyn >= self.dynamic_threshold) & real
-    static = real & ~(moving & self.mask_dynamic)
+    static = real & clip_lib.liftable(moving & self.mask_dynamic, observed)
     if self.write_new_only:
       # Covered cells were copied from memory: writing them back only adds drift (unless
       # the chunk is written from ground truth).
@@ -350,9 +359,10 @@ class WorldModel(world_model.WorldModel):
     if fit is not None:
       new["depth_fit"] = fit
     if self.object_slots:
-      observed = use if oracle else jnp.zeros((self.chunk,), bool)
-      new["objects"] = objects_lib.observe(carry["objects"], w_lat, w_depth, Kc, c2wc, moving,
-                                           ids, observed)
+      seen = use if oracle else jnp.zeros((self.chunk,), bool)
+      new["objects"] = objects_lib.observe(carry["objects"], w_lat, w_depth, Kc, c2wc,
+                                           moving if observed is None else moving & observed,
+                                           ids, seen)
     if self.refs.frames:  # the last chunk's padded frames may enter; nothing reads them
       s = self.refs.stride
       new["bank"] = memory_lib.frame_bank.write(
@@ -375,8 +385,13 @@ class WorldModel(world_model.WorldModel):
     depth_state = None if self.depth_model is None else self.depth_model.state
     return (self.ae_state, self.dn_state, depth_state)
 
-  def start(self, params, state, frame0, depth0, K0, c2w0, rng):
-    return self._start_impl(params[0], params[2], state, frame0, depth0, K0, c2w0, rng)
+  def start(self, params, state, frame0, depth0, valid0, K0, c2w0, rng):
+    return self._start_impl(params[0], params[2], state, frame0, depth0, valid0, K0, c2w0, rng)
+
+  def _observed(self, valid):
+    """(F, H, W) bool where the depth was observed -> (F, h, w): a latent cell with a hole
+    is not (its lifted depth is sampled inside the cell)."""
+    return memory_lib.splatting.mask_at(valid, *self.latent_hw)
 
   def step(self, params, carry, chunk, *, oracle: bool):
     return self._chunk_impl(*params, carry, chunk, oracle=oracle)
@@ -389,7 +404,7 @@ class WorldModel(world_model.WorldModel):
     """Chunks of ``target_frames`` after frame 0."""
     return len(range(1, num_frames, self.chunk))
 
-  def chunk_inputs(self, c, lengths, num_chunks, Ks, poses, depths):
+  def chunk_inputs(self, c, lengths, num_chunks, Ks, poses, depths, valids):
     """Chunk ``c`` covers frames ``1 + c F ..``; each row padded with its last camera
     (padded frames are never written); ``real`` frames exist (0: the row has ended)."""
     F = self.chunk
@@ -403,11 +418,13 @@ class WorldModel(world_model.WorldModel):
                  real=real.astype(np.int32))
     if self.given_depth:
       chunk["depth"] = np.stack([depths[r][i] for r, i in enumerate(idx)]).astype(np.float32)
+      chunk["valid"] = world_model.observed_rows(valids, idx, self.image_hw)
     return chunk, dict(idx=idx, real=real)
 
   def oracle_chunk(self, encode, gts, order, plan, given, ctx_given) -> dict[str, Any]:
-    """use (Bp, F), o_lat, o_rgb, o_depth (zeros when no row takes ground truth in this
-    chunk) and given (Bp, F) the frames that are also the next chunks' clean context."""
+    """use (Bp, F), o_lat, o_rgb, o_depth, o_valid (zeros / ones when no row takes ground
+    truth in this chunk) and given (Bp, F) the frames that are also the next chunks' clean
+    context."""
     h, w = self.image_hw
     lh, lw = self.latent_hw
     idx = plan["idx"]
@@ -415,16 +432,19 @@ class WorldModel(world_model.WorldModel):
     use = idx < given[:, None]
     o_rgb = np.zeros((Bp, F, h, w, 3), np.float32)
     o_depth = np.ones((Bp, F, h, w), np.float32)
+    o_valid = np.ones((Bp, F, h, w), bool)
     for row, b in enumerate(order):
       if given[row] and use[row].any():  # padded with the last ground-truth frame
         gi = np.minimum(idx[row], given[row] - 1)
         o_rgb[row] = gts[b][0][gi].astype(np.float32) / 127.5 - 1.0
         o_depth[row] = gts[b][1][gi]
+        if gts[b][2] is not None:
+          o_valid[row] = gts[b][2][gi]
     if use.any():
       o_lat = encode((o_rgb, o_depth))
     else:
       o_lat = np.zeros((Bp, F, lh, lw, self.memory_cfg.latent_channels), np.float32)
-    return dict(use=use, o_lat=o_lat, o_rgb=o_rgb, o_depth=o_depth,
+    return dict(use=use, o_lat=o_lat, o_rgb=o_rgb, o_depth=o_depth, o_valid=o_valid,
                 given=idx < ctx_given[:, None])
 
   def written(self, chunk, out) -> tuple:

@@ -453,7 +453,7 @@ class WorldModel(world_model.WorldModel):
 
   # --------------------------------------------------------------------------- one chunk step
 
-  def _start_impl(self, vae_state, depth_state, state, frame0, depth0, K0, c2w0, rng):
+  def _start_impl(self, vae_state, depth_state, state, frame0, depth0, valid0, K0, c2w0, rng):
     """Frame 0 of one trajectory: the carry of :meth:`_chunk_impl`.
 
     Frame 0's latent is written into the memory twice, as the reference does (its
@@ -463,7 +463,8 @@ class WorldModel(world_model.WorldModel):
     Args:
       state: the memory state frame 0 is written into (empty or pre-filled).
       frame0: (H, W, 3) in [-1, 1]. depth0: (H, W) metric; all zeros when not given (then
-        the depth model's estimate). K0: (3, 3). c2w0: (4, 4).
+        the depth model's estimate). valid0: (H, W) bool where depth0 was observed (nothing
+        is lifted from the rest). K0: (3, 3). c2w0: (4, 4).
       rng: (2,) uint32 key data of the trajectory's sampling key.
     Returns:
       (carry: dict of memory, bank (with references), hist (P + 1, h, w, 48) float32 the
@@ -478,7 +479,7 @@ class WorldModel(world_model.WorldModel):
     if self.depth_model is not None:
       depth0, fit = self.depth_model.first(depth_state, frame0, depth0)
     K, c2w, depth = K0[None], c2w0[None], depth0[None]
-    every = jnp.ones((1,) + self.image_hw, bool)
+    every = valid0[None]  # no moving-content mask: every observed pixel
     ids = jnp.zeros((1,), jnp.int32)
     rgb0 = self._rgb01(frame0[None]) if self.reads_video else None
     memory = self.backend.write(state, lat0, depth, K, c2w, every, ids, rgb=rgb0)
@@ -515,6 +516,8 @@ class WorldModel(world_model.WorldModel):
         latents 1..real lie inside the trajectory (the others are never written), active ()
         bool the chunk belongs to the trajectory (else nothing of the carry changes). With
         ``oracle``: use (L,) bool latents written from ground truth, o_lat (L, h, w, 48).
+        valid (L, H, W) bool (with the given depth) and o_valid (L, H, W) (with a depth
+        model and ``oracle``): where the written ground-truth depth was observed.
       oracle: static; without it nothing is written from ground truth.
     Returns:
       the new carry; outputs: rgb (4L - 3, H, W, 3) in [-1, 1], coverage (L, h, w) bool,
@@ -563,16 +566,19 @@ class WorldModel(world_model.WorldModel):
     if oracle:
       w_lat = jnp.where(chunk["use"][1:, None, None, None], chunk["o_lat"][1:], w_lat)
     fit = carry.get("depth_fit")
+    observed = True
     if self.depth_model is None:
-      w_depth = chunk["depth"][1:]
+      w_depth, observed = chunk["depth"][1:], chunk["valid"][1:]
     else:  # latent k stands for the chunk's video frame 4k (decoded rgb[4k])
       frames = rgb[st.temporal * jnp.arange(1, L)]
       w_depth, fit, aligned = self.depth_model.chunk(
           depth_state, frames, None if mem_depth is None else mem_depth[1:], cov[1:], fit)
       if oracle:  # ground-truth latents go with their ground-truth depth
         w_depth = jnp.where(chunk["use"][1:, None, None], chunk["o_depth"][1:], w_depth)
+        observed = jnp.where(chunk["use"][1:, None, None], chunk["o_valid"][1:], True)
     real = jnp.arange(1, L) <= chunk["real"]
-    static = jnp.broadcast_to(real[:, None, None], (L - 1,) + self.image_hw)
+    # (L - 1, H, W): no moving-content mask, every observed pixel of the real latents.
+    static = jnp.broadcast_to(real[:, None, None] & observed, (L - 1,) + self.image_hw)
     write = (w_depth, Kc[1:], c2wc[1:], static, chunk["frame"][1:])
     # rgb_points keeps the decoded frame each new latent stands for (video frame 4k).
     w_rgb = self._rgb01(rgb[st.temporal * jnp.arange(1, L)]) if self.reads_video else None
@@ -606,8 +612,8 @@ class WorldModel(world_model.WorldModel):
     depth_state = None if self.depth_model is None else self.depth_model.state
     return (self.vae_state, self.dit_state, control, self.text, self.empty_text, depth_state)
 
-  def start(self, params, state, frame0, depth0, K0, c2w0, rng):
-    return self._start_impl(params[0], params[5], state, frame0, depth0, K0, c2w0, rng)
+  def start(self, params, state, frame0, depth0, valid0, K0, c2w0, rng):
+    return self._start_impl(params[0], params[5], state, frame0, depth0, valid0, K0, c2w0, rng)
 
   def step(self, params, carry, chunk, *, oracle: bool):
     return self._chunk_impl(*params, carry, chunk, oracle=oracle)
@@ -624,7 +630,7 @@ class WorldModel(world_model.WorldModel):
   def num_chunks(self, num_frames: int) -> int:
     return len(self.plan(num_frames))
 
-  def chunk_inputs(self, c, lengths, num_chunks, Ks, poses, depths):
+  def chunk_inputs(self, c, lengths, num_chunks, Ks, poses, depths, valids):
     """Chunk ``c``'s latents go with video frames ``c (C - 1) + 4k`` (unclipped; cameras and
     depths past a row's end repeat its last); ``real``: latents 1..real lie inside the row."""
     st = self.settings
@@ -640,6 +646,7 @@ class WorldModel(world_model.WorldModel):
                  active=c < num_chunks)
     if self.needs_depths:
       chunk["depth"] = np.stack([depths[r][i] for r, i in enumerate(cams)])
+      chunk["valid"] = world_model.observed_rows(valids, cams, self.image_hw)
     if self.reads_video:  # rgb_points renders every video frame of the chunk
       vids = np.minimum(idx[0] + np.arange(C)[None], lengths[:, None] - 1)  # (Bp, C)
       chunk["K_video"] = np.stack([Ks[r][i] for r, i in enumerate(vids)])
@@ -649,7 +656,8 @@ class WorldModel(world_model.WorldModel):
   def oracle_chunk(self, encode, gts, order, plan, given, ctx_given) -> dict[str, Any]:
     """use (Bp, L) and o_lat (Bp, L, h, w, 48), the chunk's ground-truth video frames
     encoded (zeros when no row takes ground truth in this chunk); with a depth model, o_depth
-    (Bp, L, H, W) their ground-truth depth (the given depth's rows write with ``depth``)."""
+    (Bp, L, H, W) their ground-truth depth and o_valid (Bp, L, H, W) where it was observed
+    (the given depth's rows write with ``depth`` and ``valid``)."""
     h, w = self.image_hw
     st = self.settings
     idx = plan["idx"]
@@ -658,10 +666,13 @@ class WorldModel(world_model.WorldModel):
     extra = {}
     if self.depth_model is not None:
       o_depth = np.ones((Bp, L, h, w), np.float32)
+      o_valid = np.ones((Bp, L, h, w), bool)
       for row, b in enumerate(order):
         if given[row]:
           o_depth[row] = gts[b][1][np.minimum(idx, given[row] - 1)]
-      extra["o_depth"] = o_depth
+          if gts[b][2] is not None:
+            o_valid[row] = gts[b][2][np.minimum(idx, given[row] - 1)]
+      extra.update(o_depth=o_depth, o_valid=o_valid)
     if not use.any():
       lh, lw = self.latent_hw
       return dict(use=use, o_lat=np.zeros((Bp, L, lh, lw, wan_mirage.LATENT_CHANNELS),
