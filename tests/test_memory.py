@@ -358,6 +358,36 @@ def test_splat_depth_band_prefers_priority_over_a_hair_closer_point():
 # ----------------------------------------------------------------------------- rgb_points, video
 
 
+def test_rgb_points_render_in_steps_equals_one_vmapped_splat(monkeypatch):
+  """Rendering frames in bounded steps (``lax.map``) gives exactly the single vmapped splat
+  of all frames (the render before steps) for any step size, remainder included."""
+  from mirage_jax.memory import rgb_points
+  be = get_backend("rgb_points", encode_fn=encode)
+  state = be.write(be.init(config(capacity=capacity_for("rgb_points"))),
+                   **make_frames([0.0, 0.4, 1.1], seed=3))
+  c2w = jnp.asarray(np.stack([orbit_pose(a) for a in [0.1, 0.5, 1.0, np.pi, 0.3]]))
+  K = jnp.asarray(np.broadcast_to(K_IMG, (5, 3, 3)))
+  cfg = state.cfg
+
+  def old(K1, c2w1):  # one vmapped splat over all target frames
+    image, covered, _ = splatting.splat(state.points, state.rgb, state.valid, K1, c2w1,
+                                        cfg.image_height, cfg.image_width, cfg.near)
+    return image.astype(jnp.float32) / 255.0, covered
+
+  want_rgb, want_cov = jax.jit(jax.vmap(old))(K, c2w)
+  assert 0.2 < float(want_cov.mean()) < 1.0  # some frames see the cloud, one does not
+  n = state.points.shape[0]
+  monkeypatch.setattr(rgb_points, "RENDER_POINT_FRAMES", 2 * n)  # default: 2 frames a step
+  assert rgb_points.render_frames_per_step(n, 5) == 2
+  assert rgb_points.render_frames_per_step(117_000_000, 33) == 1
+  for step in (None, 1, 2, 5):
+    rgb, cov = jax.jit(functools.partial(rgb_points.render, frames_per_step=step))(state, K, c2w)
+    np.testing.assert_array_equal(np.asarray(rgb), np.asarray(want_rgb), err_msg=f"step {step}")
+    np.testing.assert_array_equal(np.asarray(cov), np.asarray(want_cov), err_msg=f"step {step}")
+  with pytest.raises(InputError, match="frames_per_step"):
+    rgb_points.render(state, K, c2w, frames_per_step=-1)
+
+
 def test_rgb_points_video_read_pools_coverage_over_each_latents_frames():
   """A temporally compressing encoder (a causal video VAE: 1 + 2k frames -> 1 + k latents):
   ``read`` takes every video frame's camera, and a latent's coverage pools its frames."""

@@ -78,22 +78,50 @@ def write(state: RgbPointState, latents, depth, intrinsics, c2w, static_mask,
                        valid=put(state.valid, valid), head=head, cfg=cfg)
 
 
-def render(state: RgbPointState, intrinsics, c2w):
+# Point-frames (cloud points x target frames) splatted per render step. A splat's
+# temporaries are ~29 B a point-frame on TPU (projections, cell ids, z-buffer indices), so a
+# step stays near 1 GB: a 704x1280 cloud after 16 chunks (117M points) renders one frame a
+# step (a single vmapped splat of all 33 frames needed 111 GB); small clouds (the CPU
+# benchmarks, <= 1M points) still render all frames in one vmapped step.
+RENDER_POINT_FRAMES = 1 << 25
+
+
+def render_frames_per_step(num_points: int, num_frames: int) -> int:
+  """Target frames per render step: all when they fit ``RENDER_POINT_FRAMES``, at least 1."""
+  return int(max(1, min(num_frames, RENDER_POINT_FRAMES // max(num_points, 1))))
+
+
+def render(state: RgbPointState, intrinsics, c2w, *, frames_per_step: int | None = None):
   """Full-resolution z-buffer render of the RGB cloud.
+
+  Frames render in steps of ``frames_per_step`` (a ``lax.map`` over steps, each a vmapped
+  splat of the whole cloud), so temporaries are bounded by one step's frames; every frame's
+  splat is the same computation as in a single vmap over all frames.
 
   Args:
     intrinsics: (F, 3, 3) of the image resolution. c2w: (F, 4, 4).
+    frames_per_step: frames splatted together (None: ``render_frames_per_step``; >= F: one
+      vmapped splat of all frames).
   Returns:
     rgb (F, H, W, 3) float32 in [0, 1] (black where empty), coverage (F, H, W) bool.
   """
   cfg = state.cfg
+  f = intrinsics.shape[0]
+  step = frames_per_step or render_frames_per_step(state.points.shape[0], f)
+  if step < 1:
+    raise InputError("rgb_points.render", "frames_per_step", f"must be >= 1, got {step}")
 
-  def one(K1, c2w1):
+  def one(camera):
+    K1, c2w1 = camera
     image, covered, _ = splat(state.points, state.rgb, state.valid, K1, c2w1,
                               cfg.image_height, cfg.image_width, cfg.near)
     return image.astype(jnp.float32) / 255.0, covered
 
-  return jax.vmap(one)(intrinsics, c2w)
+  if step >= f:
+    return jax.vmap(one)((intrinsics, c2w))
+  # batch_size=1 would vmap a batch of one: plain map then. Otherwise lax.map scans the
+  # whole steps and renders the remainder F % step in one more vmap.
+  return jax.lax.map(one, (intrinsics, c2w), batch_size=None if step == 1 else step)
 
 
 def read(state: RgbPointState, intrinsics, c2w, *, encode_fn):
