@@ -244,7 +244,7 @@ def test_train_loss_falls(world, tmp_path, monkeypatch):
   trained params and the dataset's text encoder and empty prompt, and a prompt given to the
   exported model reaches its DiT (with CFG: the stored empty prompt as the negative)."""
   workdir = str(tmp_path / "run")
-  out = loop_lib.train_and_evaluate(_config(world, steps=120, log_every=20), workdir)
+  out = loop_lib.train_and_evaluate(_config(world, steps=60, log_every=10), workdir)
   losses = [m["loss"] for m in _metrics(workdir)]
   assert len(losses) == 6 and np.isfinite(losses).all()
   assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
@@ -342,7 +342,7 @@ def changed_params(run: dict) -> dict:
 
 
 def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
-  config = _config(world)
+  config = _config(world, steps=8)  # test_exact_resume_after_sigterm's step, compiled once
   run = train_steps(config, world["latents"], 3)
   stage, setup = run["stage"], run["setup"]
   assert isinstance(stage, wan_stage.WanStage)
