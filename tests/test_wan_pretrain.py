@@ -127,9 +127,7 @@ def test_export_chain_pretrain_finetune_generate(world, tmp_path):
   """Pretrain export (every param, no base) -> a VACE + LoRA fine-tune's base -> both
   generate (the plain DiT without memory, the fine-tune with it)."""
   pre = str(tmp_path / "pre")
-  # 8 steps, as test_exact_resume_after_sigterm's run: the same train step (its learning-rate
-  # schedule's length included), compiled once.
-  loop_lib.train_and_evaluate(_pretrain(world, steps=8, log_every=4), pre)
+  loop_lib.train_and_evaluate(_pretrain(world, steps=2, log_every=1), pre)
   pre_export = str(tmp_path / "pre_export")
   checkpoint.export_params(pre, pre_export)
   params, cfg, _ = checkpoint.load_export(pre_export)

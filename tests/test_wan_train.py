@@ -359,7 +359,7 @@ def test_constant_learning_rate_leaves_the_run_length_out_of_the_step():
 
 
 def test_optimizer_state_only_for_trainable_and_base_unchanged(world):
-  config = _config(world, steps=8)  # test_exact_resume_after_sigterm's step, compiled once
+  config = _config(world)
   run = train_steps(config, world["latents"], 3)
   stage, setup = run["stage"], run["setup"]
   assert isinstance(stage, wan_stage.WanStage)
