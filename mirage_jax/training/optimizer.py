@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -12,7 +13,15 @@ from mirage_jax import sharding
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to ``opt.learning_rate``, then cosine decay to ``opt.end_learning_rate``."""
+  """Linear warmup to ``opt.learning_rate``, then cosine decay to ``opt.end_learning_rate``.
+
+  No warmup and an end rate equal to the peak is a constant rate (the same values): then the
+  run's length is not a constant of the compiled train step, so runs of any length share one
+  executable through the compilation cache.
+  """
+  if opt.warmup_steps == 0 and opt.end_learning_rate == opt.learning_rate:
+    rate = opt.learning_rate
+    return lambda count: jnp.asarray(rate, jnp.float32)  # float32, as the decaying schedule
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
       decay_steps=max(total_steps, opt.warmup_steps + 1), end_value=opt.end_learning_rate)
