@@ -47,11 +47,10 @@ def _params_and_mask(stage):
 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_ema_warmup_follows_the_params(warmup):
-  # One device: the EMA is per parameter, whatever the mesh (a sharded step compiles slower).
-  config = _mesh_config(tiny_config(), fsdp=1)
+  config = _mesh_config(tiny_config(), fsdp=8)
   config.optimizer.update(ema_decay=0.999, ema_warmup=warmup)
   stage = step_lib.make_stage(config)
-  mesh, setup, specs = _setup(config, stage, jax.devices()[:1])
+  mesh, setup, specs = _setup(config, stage)
   state = step_lib.init_state(config, stage, setup)
   init = jax.device_get(state["params"])
   batch = {k: jax.device_put(v, specs[k].sharding) for k, v in _batch(config).items()
@@ -126,38 +125,23 @@ def _loss_by_hand(stage, model, frozen, batch, rng, **cond_overrides):
   c = dict(cond, **cond_overrides)
   _, x0_pred = dn.predict(model, d.prediction, diffusion.add_noise(x0, noise, t), t, c["rays"],
                           c["memory"], c["coverage"], c["context"], c["context_rays"])
-  return jnp.mean(jnp.square(x0_pred - x0))
-
-
-def _stages(config, frozen, field, values):
-  """{value: DenoiserStage with ``config.denoiser.<field> = value``} (each its own config)."""
-  stages = {}
-  for v in values:
-    c = config.copy_and_resolve_references()
-    c.denoiser[field] = v
-    stages[v] = small_stages.DenoiserStage(c, frozen)
-  return stages
+  return float(jnp.mean(jnp.square(x0_pred - x0)))
 
 
 def test_cond_dropout_trains_the_unconditional_branch():
   """With dropout 1 the model sees no memory: its loss is that of zeroed memory inputs."""
   config, frozen, batch, model = _loss_setup()
-  stages = _stages(config, frozen, "cond_dropout", (0.0, 0.999999))
-  dropped = stages[0.999999]
-
-  @nnx.jit
-  def losses_and_by_hand(model, frozen, batch, rng):  # one program: one compile
-    losses = {p: s.loss(model, frozen, batch, rng)[0] for p, s in stages.items()}
-    cond = dropped._condition(dropped._encode(frozen, batch["frames"], batch["depths"]), batch)
-    # The dropped loss by hand: memory and coverage zero, same times and noise.
-    want = _loss_by_hand(dropped, model, frozen, batch, rng,
-                         memory=jnp.zeros_like(cond["memory"]),
-                         coverage=jnp.zeros_like(cond["coverage"]))
-    return losses, cond["coverage"].mean(), want
-
-  losses, coverage, want = jax.device_get(losses_and_by_hand(model, frozen, batch,
-                                                             jax.random.key(0)))
-  assert float(coverage) > 0
+  losses = {}
+  for p in (0.0, 0.999999):
+    config.denoiser.cond_dropout = p
+    stage = small_stages.DenoiserStage(config, frozen)
+    losses[p] = float(stage.loss(model, frozen, batch, jax.random.key(0))[0])
+  cond = stage._condition(stage._encode(frozen, batch["frames"], batch["depths"]), batch)
+  assert float(cond["coverage"].mean()) > 0
+  # Recompute the dropped loss by hand: memory and coverage zero, same times and noise.
+  want = _loss_by_hand(stage, model, frozen, batch, jax.random.key(0),
+                       memory=jnp.zeros_like(cond["memory"]),
+                       coverage=jnp.zeros_like(cond["coverage"]))
   np.testing.assert_allclose(losses[0.999999], want, rtol=1e-5)
   assert abs(losses[0.999999] - losses[0.0]) > 1e-3 * losses[0.0]
 
@@ -176,20 +160,16 @@ def test_noise_context_levels_stay_within_the_bound():
 def test_context_noise_changes_only_the_context_the_model_sees():
   """context_noise > 0: the loss is the clean one recomputed with the noised context."""
   config, frozen, batch, model = _loss_setup()
-  stages = _stages(config, frozen, "context_noise", (0.0, 0.5))
-  noised = stages[0.5]
-
-  @nnx.jit
-  def losses_and_by_hand(model, frozen, batch, rng):  # one program: one compile
-    losses = {level: s.loss(model, frozen, batch, rng)[0] for level, s in stages.items()}
-    cond = noised._condition(noised._encode(frozen, batch["frames"], batch["depths"]), batch)
-    context = diffusion.noise_context(jax.random.fold_in(rng, 3), cond["context"], 0.5)
-    want = _loss_by_hand(noised, model, frozen, batch, rng, context=context)
-    return losses, jnp.abs(context - cond["context"]).mean(), want
-
-  losses, moved, want = jax.device_get(losses_and_by_hand(model, frozen, batch,
-                                                          jax.random.key(0)))
-  assert float(moved) > 1e-2
+  rng = jax.random.key(0)
+  losses = {}
+  for level in (0.0, 0.5):
+    config.denoiser.context_noise = level
+    stage = small_stages.DenoiserStage(config, frozen)
+    losses[level] = float(stage.loss(model, frozen, batch, rng)[0])
+  cond = stage._condition(stage._encode(frozen, batch["frames"], batch["depths"]), batch)
+  context = diffusion.noise_context(jax.random.fold_in(rng, 3), cond["context"], 0.5)
+  assert float(jnp.abs(context - cond["context"]).mean()) > 1e-2
+  want = _loss_by_hand(stage, model, frozen, batch, rng, context=context)
   np.testing.assert_allclose(losses[0.5], want, rtol=1e-5)
   assert abs(losses[0.5] - losses[0.0]) > 1e-4 * losses[0.0]
   config.denoiser.context_noise = 1.0
