@@ -136,11 +136,20 @@ def _cli(env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=DEADLINE_S)
 
 
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, gcs):  # pylint: disable=redefined-outer-name
+  """(the fault tests' dataset, built once; the trainer's environment: the emulator and one
+  compilation cache for this module's trainer runs, which all run the same 6-step config, so
+  only the first compiles)."""
+  root = tmp_path_factory.mktemp("trainer")
+  test_faults.build_dataset(root / "data")
+  return root / "data", {**test_faults.trainer_env(root / "jax_cache"),
+                         **_client_env(gcs["STORAGE_EMULATOR_HOST"])}
+
+
 @pytest.mark.slow
-def test_train_kill_resume_export_on_gcs(gcs, tmp_path):
-  data_dir = tmp_path / "data"
-  test_faults.build_dataset(data_dir)
-  env = {**test_faults.trainer_env(tmp_path / "jax_cache"), **_client_env(gcs["STORAGE_EMULATOR_HOST"])}
+def test_train_kill_resume_export_on_gcs(trainer, tmp_path):  # pylint: disable=redefined-outer-name
+  data_dir, env = trainer
   workdir = f"gs://{BUCKET}/run"
   command = test_faults.trainer_command(workdir, data_dir, STEPS)
   t0 = time.perf_counter()
@@ -275,32 +284,33 @@ def test_no_credentials_is_one_line_error(gcs, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_from_gcs_dataset(gcs, tmp_path):
+def test_train_from_gcs_dataset(trainer, tmp_path):  # pylint: disable=redefined-outer-name
   # A dataset built locally, uploaded as is: TFDS metadata (dataset_info.json, features.json,
   # metadata.json) is read through epath/gcsfs, the ArrayRecord shards by ArrayRecord's own
   # Cloud Storage reader (CLOUD_STORAGE_EMULATOR_ENDPOINT).
-  local = tmp_path / "data"
-  test_faults.build_dataset(local)
+  local, env = trainer
   remote = f"gs://{BUCKET}/datasets"
   copied = paths.upload_tree(str(local), remote)
   assert any(".array_record" in name for name in copied), copied
-  env = {**test_faults.trainer_env(tmp_path / "jax_cache"), **_client_env(gcs["STORAGE_EMULATOR_HOST"])}
   t0 = time.perf_counter()
   workdirs = {}
   for where, data_dir in (("gcs", remote), ("local", str(local))):
     workdirs[where] = tmp_path / f"run_{where}"
-    result = subprocess.run(test_faults.trainer_command(workdirs[where], data_dir, 2), cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+    # The kill/resume test's step count (its compiled step is reused); one checkpoint, at the end.
+    command = test_faults.trainer_command(workdirs[where], data_dir, STEPS,
+                                          "--config.checkpoint.every=0")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=DEADLINE_S)
     assert result.returncode == 0, result.stderr[-3000:]
     if where == "gcs":
       seconds = time.perf_counter() - t0
   # The same records in the same order: the same losses as from the local copy.
   got, want = test_faults.logged(workdirs["gcs"]), test_faults.logged(workdirs["local"])
-  assert sorted(got) == [1, 2], got
-  for step in (1, 2):
+  assert sorted(got) == list(range(1, STEPS + 1)), got
+  for step in got:
     assert np.isfinite(got[step]["loss"]), got[step]
     assert got[step]["loss"] == want[step]["loss"], (step, got[step], want[step])
-  print(f"\ngs:// dataset, train 2 steps: {seconds:.1f} s")
+  print(f"\ngs:// dataset, train {STEPS} steps: {seconds:.1f} s")
 
 
 @pytest.mark.slow

@@ -64,13 +64,21 @@ def test_dataset_clip_drives_generate(data_dir, export, tmp_path):
   np.testing.assert_array_equal(made["object_tracks"], record["object_tracks"][:, 1:5])
   assert made["known_frames"] == made["known_depths"] == 4 and made["has_depth"]
 
-  video = tmp_path / "video"
-  result = run_cli("mirage_jax.generate", f"--checkpoint={export}", f"--geometry_path={out}",
-                   f"--output_dir={video}")
-  assert result.returncode == 0, result.stderr
-  assert iio.imread(video / "video.mp4", index=None).shape == (4, 32, 32, 3)
-  depth = np.load(video / "depth.npz")
-  np.testing.assert_allclose(depth["poses_c2w"], record["poses_c2w"][1:5])
+  # What generate does with it, in this process (the generate command line reading the
+  # dataset's geometry.npz runs in tests/test_doc_commands.py's README chain).
+  from mirage_jax import families, memory, rollout  # pylint: disable=g-import-not-at-top
+  from mirage_jax.evaluation import inference_inputs  # pylint: disable=g-import-not-at-top
+  config, ae, dn = rollout.load_world_model(export)
+  clip = inference_inputs.fit_inputs(files.load_inference_geometry(str(out)),
+                                     config.data.resolution)
+  np.testing.assert_allclose(clip["poses_c2w"], record["poses_c2w"][1:5])
+  backend = config.memory.backend
+  r = rollout.make_rollout(config, ae, dn, backend=backend, **memory.capacity_for(
+      backend, 4, families.world_model(config).memory_config(config)))
+  made = r.generate(clip["first_frame"], clip["first_depth"], clip["intrinsics"],
+                    clip["poses_c2w"], progress=False)
+  assert made["frames"].shape == (4, 32, 32, 3) and made["depths"].shape == (4, 32, 32)
+  assert np.isfinite(made["depths"]).all()
 
 
 def test_own_first_frame_depth_and_re10k_cameras(own_files):
