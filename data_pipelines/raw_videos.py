@@ -399,16 +399,6 @@ def _umask() -> int:
 # ----------------------------------------------------------------------------- Beam
 
 
-def _local_copy(videos: str, video: str, workdir: str) -> str:
-  """A local path of ``video`` (gs:// inputs are copied down: ffmpeg reads local files)."""
-  src = paths.join(videos, *video.split("/"))
-  if not paths.is_remote(videos):
-    return src
-  dst = os.path.join(workdir, "source" + os.path.splitext(video)[1])
-  paths.download(src, dst)
-  return dst
-
-
 def process_video(job: tuple[str, str], videos: str, output_dir: str,
                   s: CutSettings) -> dict[str, str]:
   """One video -> its folder; the outcome ``{folder, video, status, kind, reason}``.
@@ -420,18 +410,15 @@ def process_video(job: tuple[str, str], videos: str, output_dir: str,
   out = {"folder": folder_id, "video": video, "status": "", "kind": "", "reason": ""}
   if is_complete(output_dir, folder_id):
     return {**out, "status": "kept"}
-  workdir = tempfile.mkdtemp(prefix="cut_src_")
-  try:
-    try:
-      frames, meta = cut(_local_copy(videos, video, workdir), video, s)
-    except Skip as e:
-      return {**out, "status": "skipped", "kind": e.kind, "reason": str(e)}
-    except Exception as e:  # pylint: disable=broad-except  # no video may stop the run
-      return {**out, "status": "skipped", "kind": "unreadable",
-              "reason": f"{type(e).__name__}: {_last_line(str(e))}"}
-  finally:
-    shutil.rmtree(workdir, ignore_errors=True)
   source = paths.join(videos, *video.split("/"))
+  try:
+    with paths.local_file(source) as local:  # gs:// is copied down: ffmpeg reads local files
+      frames, meta = cut(local, video, s)
+  except Skip as e:
+    return {**out, "status": "skipped", "kind": e.kind, "reason": str(e)}
+  except Exception as e:  # pylint: disable=broad-except  # no video may stop the run
+    return {**out, "status": "skipped", "kind": "unreadable",
+            "reason": f"{type(e).__name__}: {_last_line(str(e))}"}
   written = write_folder(output_dir, folder_id, frames, meta, sample_indices(s, video), source, s)
   return {**out, "status": "written" if written else "kept"}
 
