@@ -502,11 +502,8 @@ def _prepare_and_upload(builder: _ClipsBuilder, config) -> None:
   try:
     local = type(builder)(data_dir=root, config=builder.builder_config)
     local.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
-    folder = os.fspath(local.data_path)
-    names = sorted(paths.list_files(folder), key=lambda name: name == _INFO_FILE)
     paths.remove_tree(remote)  # an upload cut short before (not complete: no dataset_info.json)
-    for name in names:
-      paths.upload(os.path.join(folder, *name.split("/")), paths.join(remote, *name.split("/")))
+    paths.upload_tree(os.fspath(local.data_path), remote, last=(_INFO_FILE,))
   finally:
     shutil.rmtree(root, ignore_errors=True)
   builder.info.read_from_directory(builder.data_path)  # its splits, as the uploaded files say

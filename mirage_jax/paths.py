@@ -175,19 +175,19 @@ def local_file(path: str | os.PathLike) -> Iterator[str]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def upload_tree(local_dir: str, remote_dir: str) -> list[str]:
+def upload_tree(local_dir: str, remote_dir: str, last: Sequence[str] = ()) -> list[str]:
   """Copies every file under ``local_dir`` to the same relative names under ``remote_dir``.
 
+  Files whose base name is in ``last`` go after all the others (a marker that says the folder
+  is complete, e.g. TFDS's ``dataset_info.json``).
+
   Returns:
-    The relative names copied.
+    The relative names copied (``/``-separated), in upload order.
   """
-  copied = []
-  for root, _, names in os.walk(local_dir):
-    for name in sorted(names):
-      rel = os.path.relpath(os.path.join(root, name), local_dir)
-      upload(os.path.join(root, name), join(remote_dir, *rel.split(os.sep)))
-      copied.append(rel)
-  return copied
+  names = sorted(list_files(local_dir), key=lambda rel: rel.rpartition("/")[2] in last)
+  for rel in names:
+    upload(os.path.join(local_dir, *rel.split("/")), join(remote_dir, *rel.split("/")))
+  return names
 
 
 def require_local(path: str | None, flag: str, instead: str = "") -> None:
