@@ -163,14 +163,25 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   differ from the jax path's by float rounding (~1e-7 relative).
   """
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, L, D)
+  o = _heads_first_attention(qt, kt, vt, kv_mask, q.shape[-1] ** -0.5)
+  return o.astype(q.dtype).transpose(0, 2, 1, 3)
+
+
+def _heads_first_attention(qt, kt, vt, kv_mask, score_scale: float | None):
+  """The core of :func:`xla_attention` and :func:`query_blocked_attention`.
+
+  (B, H, Lq, D) qt, (B, H, Lk, D) kt and vt, optional (B, Lk) bool kv_mask ->
+  (B, H, Lq, D) float32: softmax(qt kt^T * score_scale) vt (None: qt comes scaled), the
+  softmax's division applied after the product with the values.
+  """
   s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=jnp.float32)
-  s = s * np.float32(q.shape[-1] ** -0.5)
+  if score_scale is not None:
+    s = s * np.float32(score_scale)
   if kv_mask is not None:
     s = jnp.where(kv_mask[:, None, None, :], s, np.finfo(np.float32).min)
   p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-  o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
-  o = o / jnp.sum(p, axis=-1, keepdims=True)
-  return o.astype(q.dtype).transpose(0, 2, 1, 3)
+  o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+  return o / jnp.sum(p, axis=-1, keepdims=True)
 
 
 def query_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int,
@@ -195,12 +206,7 @@ def query_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int
 
   @jax.checkpoint
   def one(qi):
-    s = jnp.einsum("bhqd,bhkd->bhqk", qi, kt, preferred_element_type=jnp.float32)
-    if kv_mask is not None:
-      s = jnp.where(kv_mask[:, None, None, :], s, np.finfo(np.float32).min)
-    p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-    o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
-    return (o / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
+    return _heads_first_attention(qi, kt, vt, kv_mask, None).astype(q.dtype)
 
   o = jax.lax.map(one, qb)  # (nq, B, H, block, D)
   o = jnp.moveaxis(o, 0, 2).reshape(b, h, nq * block, d)[:, :, :lq]
