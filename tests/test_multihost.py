@@ -273,15 +273,17 @@ def _numbers(tree, skip=("seconds", "time")):
 
 
 @contextlib.contextmanager
-def _two_processes(args: list[str], cwds=(ROOT, ROOT)) -> Iterator[list[subprocess.Popen]]:
-  """``python *args`` as processes 0 and 1 of a 2 x 4-device job, process k in ``cwds[k]``;
-  any still running when the block ends is killed."""
+def _job(args: list[str], cwds=(ROOT, ROOT), processes: int = 2) -> Iterator[list[subprocess.Popen]]:
+  """``python *args`` as the processes of a job of ``processes`` x (8 / ``processes``) CPU
+  devices (jax.distributed on localhost, gloo collectives; 2 x 4 unless told), process k in
+  ``cwds[k]``; any still running when the block ends is killed."""
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen(
       [sys.executable, *args], cwd=cwds[i], text=True, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
-      env=dict(_env(4), MIRAGE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               MIRAGE_NUM_PROCESSES="2", MIRAGE_PROCESS_ID=str(i))) for i in range(2)]
+      env=dict(_env(8 // processes), MIRAGE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               MIRAGE_NUM_PROCESSES=str(processes), MIRAGE_PROCESS_ID=str(i)))
+      for i in range(processes)]
   try:
     yield procs
   finally:
@@ -304,7 +306,7 @@ def test_evaluate_on_two_processes_writes_once_and_matches_one(tmp_path):
   args = ["-m", "mirage_jax.evaluate", f"--checkpoint={export}", "--benchmark=revisit",
           "--procedural_seeds=100001:100003", "--num_frames=24", "--backends=mirage",
           "--nooracle", "--novideos"]
-  with _two_processes([*args, f"--output_dir={tmp_path / 'two'}"]) as procs:
+  with _job([*args, f"--output_dir={tmp_path / 'two'}"]) as procs:
     one = run_cli(*args[1:], f"--output_dir={tmp_path / 'one'}")
     results = _wait(procs)
   assert one.returncode == 0, one.stderr[-3000:]
@@ -330,7 +332,7 @@ def test_evaluate_on_two_processes_writes_once_and_matches_one(tmp_path):
   # Process 0 refuses the now non-empty directory: both processes exit 2 with its one line
   # (none waits forever at a barrier), and nothing there changes.
   before = sorted(p.relative_to(two) for p in two.rglob("*"))
-  with _two_processes([*args, f"--output_dir={two}"]) as procs:
+  with _job([*args, f"--output_dir={two}"]) as procs:
     results = _wait(procs, returncode=2)
   for _, err in results:
     assert "is not empty" in err.strip().splitlines()[-1], err
@@ -385,7 +387,7 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
     d.mkdir()
 
   export = ["-m", "mirage_jax.export", f"--workdir={tmp_path / 'work'}", "--output=export"]
-  with _two_processes(export, cwds) as procs:
+  with _job(export, cwds) as procs:
     assert checkpoint.export_params(str(tmp_path / "work"), str(tmp_path / "one_export")) == 3
     exported = _wait(procs)
   assert "exported step 3" in exported[0][0] and "exported step" not in exported[1][0]
@@ -403,14 +405,14 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
     np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
 
   # Process 0 refuses to replace the export: every process exits 2 with its one line.
-  with _two_processes(export, cwds) as procs:
+  with _job(export, cwds) as procs:
     for _, err in _wait(procs, returncode=2):
       assert err.strip().splitlines()[-1] == ("error: --output: field 'output': export "
                                               "already exists")
 
   args = ["-m", "mirage_jax.generate", f"--checkpoint={tmp_path / 'p0' / 'export'}",
           f"--geometry_path={geometry}", "--memory=voxel", "--num_frames=5"]
-  with _two_processes([*args, "--output_dir=out"], cwds) as procs:
+  with _job([*args, "--output_dir=out"], cwds) as procs:
     single = run_cli(*args[1:], f"--output_dir={tmp_path / 'one_out'}")
     generated = _wait(procs)
   assert single.returncode == 0, single.stderr[-3000:]
