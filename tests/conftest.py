@@ -3,7 +3,21 @@
 import json
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# The suite compiles hundreds of tiny programs and runs each a few times, so compiling is most
+# of its time: XLA's cheapest CPU backend settings cut it by about a quarter (BENCHMARKS.md,
+# "Test suite"). Every JAX process the tests start uses them, CLI subprocesses included.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a test's JAX process: the fast-compile settings, and ``devices`` fake CPU
+  devices when given."""
+  count = f" --xla_force_host_platform_device_count={devices}" if devices else ""
+  return FAST_COMPILE_FLAGS + count
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent compilation cache for the whole suite: pytest-xdist workers and the CLI

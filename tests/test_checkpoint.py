@@ -16,6 +16,7 @@ from mirage_jax.families.small import autoencoder
 from mirage_jax.training import loop as loop_lib
 from mirage_jax.training import mesh as mesh_lib
 from mirage_jax.training import step as step_lib
+from tests.conftest import xla_flags
 from tests.test_train import read_jsonl, synthetic_sources, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ loop_lib.train_and_evaluate(config, sys.argv[1], synthetic_sources())
 
 
 def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   return env
 

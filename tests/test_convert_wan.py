@@ -22,6 +22,7 @@ from mirage_jax.errors import InputError, run_cli
 from mirage_jax.families.wan import original_layout
 from mirage_jax.families.wan import dit as wan_dit
 from mirage_jax.families.wan import vae as wan_vae
+from tests.conftest import xla_flags
 
 torch = pytest.importorskip("torch")
 
@@ -422,7 +423,7 @@ def test_lora_needs_a_rank_and_merge_needs_lora(release, tmp_path, capsys):
 
 def test_command_line(release, tmp_path):
   """The program itself: success, then a bad input as one line and status 2."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
   out = tmp_path / "export"
   run = lambda *a: subprocess.run([sys.executable, "-m", "mirage_jax.convert_wan", *a],
                                   cwd=ROOT, env=env, capture_output=True, text=True,

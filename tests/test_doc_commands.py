@@ -45,6 +45,7 @@ import pytest
 
 from tests import test_gcs
 from tests.test_gcs import gcs  # pylint: disable=unused-import  # the emulator fixture
+from tests.conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "launch/README.md",
@@ -602,7 +603,7 @@ def test_launchers_run_the_documented_command(tmp_path):
 def _env(extra: dict | None = None) -> dict[str, str]:
   """A user's shell on one CPU: this checkout importable, one device, the suite's cache."""
   return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1", TF_CPP_MIN_LOG_LEVEL="3",
+              XLA_FLAGS=xla_flags(1), TF_CPP_MIN_LOG_LEVEL="3",
               **(extra or {}))
 
 

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mirage_jax import checkpoint, faults
+from tests.conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -56,7 +57,7 @@ def trainer_command(workdir: Path, data_dir: Path, steps: int = STEPS, *extra: s
 def trainer_env(cache_dir: Path) -> dict[str, str]:
   """One CPU device; compiled programs cached on disk so restarts skip compilation."""
   return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              XLA_FLAGS=xla_flags(1),
               JAX_COMPILATION_CACHE_DIR=str(cache_dir),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="3")

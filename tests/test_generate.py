@@ -17,6 +17,7 @@ from experiments import tiny_cpu
 from mirage_jax.evaluation import revisit
 from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def save_tiny_export(directory: str) -> str:
 
 
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=None)
 

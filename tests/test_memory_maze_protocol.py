@@ -24,6 +24,7 @@ from mirage_jax.families.small import autoencoder
 from mirage_jax.families.small import denoiser
 from tests.fixtures_util import write_random_lpips_weights
 from tests.test_generate import ROOT, run_cli, save_tiny_export
+from tests.conftest import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def _fake_missing(tmp_path, error: str) -> dict:
   fake = tmp_path / "fake" / "memory_maze"
   fake.mkdir(parents=True)
   (fake / "__init__.py").write_text(f"raise {error}\n")
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(),
               PYTHONPATH=f"{tmp_path / 'fake'}{os.pathsep}{ROOT}")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import portpicker
 import pytest
 
+from tests.conftest import xla_flags
 from tests.test_train import random_frozen_autoencoder, read_jsonl, synthetic_clip, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +149,7 @@ def rows_across_hosts() -> dict:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices),
               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 
 

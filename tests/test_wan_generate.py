@@ -31,6 +31,7 @@ from mirage_jax.families.wan import original_layout
 from mirage_jax.families.wan import dit as wan_dit
 from mirage_jax.families.wan import vae as wan_vae
 from tests.test_generate import save_tiny_export
+from tests.conftest import xla_flags
 
 torch = pytest.importorskip("torch")
 
@@ -77,7 +78,7 @@ def make_wan_export(directory: str, seed: int = 0) -> str:
 
 
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=None)
 
