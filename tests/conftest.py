@@ -17,6 +17,12 @@ def xla_flags(devices: int | None = None) -> str:
   return FAST_COMPILE_FLAGS + count
 
 
+# XLA's own settings (its defaults), for the few tests that pin what a production compile
+# computes to the bit: ``jax.jit(f).lower(*args).compile(PRODUCTION_COMPILER_OPTIONS)``.
+PRODUCTION_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3,
+                               "xla_llvm_disable_expensive_passes": False}
+
+
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -29,6 +29,7 @@ import pytest
 from mirage_jax.errors import InputError
 from mirage_jax.memory import MemoryConfig, get_backend, mirage, splatting
 from mirage_jax.memory.mirage import latent_frame_indices
+from tests.conftest import PRODUCTION_COMPILER_OPTIONS
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "goldens", "mirage_splat.npz")
 BAR = 0.99
@@ -189,7 +190,11 @@ def test_depth_resize_and_mask_resize_are_the_reference_s():
   for (H, W, h, w) in [(192, 256, 12, 16), (50, 70, 12, 16), (13, 17, 12, 16)]:
     depth = rng.uniform(0.5, 20.0, (2, H, W)).astype(np.float32)
     mask = rng.uniform(size=(2, H, W)) > 0.5
-    ours = jax.jit(mirage._bilinear_depth, static_argnums=(1, 2))(jnp.asarray(depth), h, w)
+    # Bit for bit under XLA's production settings (the suite's fast-compile ones differ from
+    # torch in the last bits: conftest.FAST_COMPILE_FLAGS).
+    resize = jax.jit(mirage._bilinear_depth, static_argnums=(1, 2)).lower(
+        jnp.asarray(depth), h, w).compile(PRODUCTION_COMPILER_OPTIONS)
+    ours = resize(jnp.asarray(depth))
     ref = F.interpolate(torch.from_numpy(depth)[:, None], size=(h, w), mode="bilinear",
                         align_corners=False)[:, 0].numpy()
     np.testing.assert_array_equal(np.asarray(ours), ref)
