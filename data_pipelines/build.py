@@ -33,11 +33,11 @@ import time
 from typing import Sequence
 
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data_pipelines import builders
 from mirage_jax import paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 
 _DATASET = flags.DEFINE_string("dataset", None, "procedural_rooms | memory_maze | posed_files | "
                                "reference_samples.")
@@ -92,10 +92,8 @@ def build(dataset: str, data_dir: str, config_name: str = "default", *, beam_run
   return builder, builders.prepare(builder, beam_runner, beam_options)
 
 
-def main(argv: list[str]) -> int:
+def main() -> int:
   """The CLI: builds as the flags say and prints where the dataset is and its split sizes."""
-  if len(argv) > 1:
-    raise InputError("command line", "arguments", f"unexpected {argv[1:]} (all options are --flags)")
   for flag in (_DATASET, _DATA_DIR):
     if not flag.value:
       raise InputError(f"--{flag.name}", flag.name, "is required")
@@ -123,4 +121,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: run_cli(lambda: main(argv)), flags_parser=parse_flags)
+  run_app(main)

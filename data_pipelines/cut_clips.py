@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import raw_videos
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when run, as data_pipelines.encode_latents's: other CLIs
@@ -56,10 +56,9 @@ def settings(fv: flags.FlagValues = flags.FLAGS) -> raw_videos.CutSettings:
                                 target_frames=fv.target_frames)
 
 
-def main(argv: list[str], fv: flags.FlagValues = flags.FLAGS) -> int:
-  """Cuts as the flags say; prints one line per skipped video, the totals and where."""
-  if len(argv) > 1:
-    raise InputError("command line", "arguments", f"unexpected {argv[1:]} (all options are --flags)")
+def main(fv: flags.FlagValues = flags.FLAGS) -> int:
+  """Cuts as the flags (parsed into ``fv``) say; prints one line per skipped video, the
+  totals and where."""
   for name in ("videos", "output_dir"):
     if not fv[name].value:
       raise InputError(f"--{name}", name, "is required")
@@ -74,4 +73,4 @@ def main(argv: list[str], fv: flags.FlagValues = flags.FLAGS) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: run_cli(lambda: main(argv)), flags_parser=parse_flags)
+  run_app(main)

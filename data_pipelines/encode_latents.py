@@ -66,7 +66,7 @@ import time
 import jax
 import ml_dtypes
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -74,7 +74,7 @@ from data_pipelines import clip as clip_lib
 from data_pipelines import latent_clips
 from data_pipelines import pipeline
 from mirage_jax import paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 CAPTION_EMBEDDINGS = "caption_embeddings.npz"  # written with --text_encoder
@@ -593,9 +593,7 @@ def _control(vae, frames: int, h: int, w: int):
   return wan_mirage.control_latents(vae, frames, h, w)
 
 
-def main(argv) -> int:
-  if len(argv) > 1:
-    raise InputError("command line", "arguments", f"unexpected {argv[1:]}")
+def main() -> int:
   f = flags.FLAGS
   for name in ("data_dir", "vae", "output_dir"):
     if not f[name].value:
@@ -622,4 +620,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: run_cli(lambda: main(argv)), flags_parser=parse_flags)
+  run_app(main)

@@ -45,10 +45,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mirage_jax import paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 
 # The command's flags are defined only when it runs as a script (tests import this module
 # beside other commands that define flags of the same names).
@@ -285,12 +285,6 @@ def _main() -> int:
   return 0
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  run_cli(_main)
-
-
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

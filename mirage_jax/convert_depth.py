@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from mirage_jax import paths
 from mirage_jax.depth import convert, depth_anything
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -60,12 +60,7 @@ def run(fv: flags.FlagValues) -> int:
   return 0
 
 
-def main(argv) -> None:
-  del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # host work: keep JAX off any accelerator
-  run_cli(lambda: run(flags.FLAGS))
-
-
 if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # host work: keep JAX off any accelerator
   define_flags(flags.FLAGS)
-  app.run(main, flags_parser=parse_flags)
+  run_app(lambda: run(flags.FLAGS))

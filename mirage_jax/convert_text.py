@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from mirage_jax import paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 from mirage_jax.text import convert, umt5
 
 
@@ -52,12 +52,7 @@ def run(fv: flags.FlagValues) -> int:
   return 0
 
 
-def main(argv) -> None:
-  del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # host work: keep JAX off any accelerator
-  run_cli(lambda: run(flags.FLAGS))
-
-
 if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # host work: keep JAX off any accelerator
   define_flags(flags.FLAGS)
-  app.run(main, flags_parser=parse_flags)
+  run_app(lambda: run(flags.FLAGS))

@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging as std_logging
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mirage_jax import paths
-from mirage_jax.errors import InputError, load_config_file, parse_flags, run_cli
+from mirage_jax.errors import InputError, load_config_file, run_app
 from mirage_jax.families.wan import convert as wan_convert
 
 # The library never imports experiments/: the configs come from this file, by path.
@@ -131,14 +131,13 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def main(argv) -> None:
-  del argv
-  # The conversion is host work: keep JAX (Orbax imports it) off any accelerator.
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+def _main() -> int:
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  run_cli(lambda: run(flags.FLAGS))
+  return run(flags.FLAGS)
 
 
 if __name__ == "__main__":
+  # The conversion is host work: keep JAX (Orbax imports it) off any accelerator.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   define_flags(flags.FLAGS)
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

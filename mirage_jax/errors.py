@@ -96,3 +96,20 @@ def run_cli(main: Callable[[], int | None]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   sys.exit(code or 0)
+
+
+def run_app(main: Callable[[], int | None]) -> None:
+  """A command line's entry (``if __name__ == "__main__": run_app(_main)``): absl parses the
+  flags with :func:`parse_flags`, a positional word is refused (every option is a --flag),
+  and an InputError from either is one line on stderr and exit status 2."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def entry(argv: list[str]) -> None:
+    def checked():
+      if len(argv) > 1:  # absl leaves unknown words here; the command would ignore them
+        raise InputError("command line", "arguments",
+                         f"unexpected {argv[1:]} (all options are --flags)")
+      return main()
+    run_cli(checked)
+  app.run(entry, flags_parser=parse_flags)
+

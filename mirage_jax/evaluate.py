@@ -91,11 +91,11 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from mirage_jax import depth, distributed, paths
 from mirage_jax import checkpoint, families
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 from mirage_jax.evaluation import lpips
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
@@ -604,11 +604,5 @@ def _run(output_dir: str) -> int:
   return 0
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  run_cli(_main)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

@@ -25,10 +25,10 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from mirage_jax import checkpoint, distributed, families, paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 from mirage_jax.text import prompts
 
 # The command's flags are defined only when it runs as a script (tests import this module),
@@ -164,12 +164,7 @@ def _chain(*updates):
   return update
 
 
-def main(argv) -> None:
-  del argv
-  run_cli(_main)
-
-
 if __name__ == "__main__":
   _define_flags()
   _INIT_DISTRIBUTED = distributed.define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

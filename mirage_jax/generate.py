@@ -67,10 +67,10 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mirage_jax import depth, distributed, paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser export (python -m mirage_jax.export).")
 _AUTOENCODER = flags.DEFINE_string("autoencoder", None,
@@ -232,11 +232,5 @@ def _main() -> int:
   return 0
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  run_cli(_main)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

@@ -10,13 +10,11 @@ Every config field is overridable as ``--config.a.b=value``. Multi-host: see
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mirage_jax import distributed, paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:stage]).",
                                           lock_config=True)
@@ -24,9 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the re
 _INIT_DISTRIBUTED = distributed.define_flags()
 
 
-def _main(argv: list[str]) -> int:
-  if len(argv) > 1:  # absl leaves unknown positional words here; training would ignore them
-    raise InputError("command line", "arguments", f"unexpected {argv[1:]} (all options are --flags)")
+def _main() -> int:
   if _CONFIG.value is None:
     raise InputError("--config", "config", "required (e.g. experiments/tiny_cpu.py)")
   try:  # config_flags defers a file that failed to load to the first read of a field
@@ -43,9 +39,5 @@ def _main(argv: list[str]) -> int:
   return 0
 
 
-def main(argv) -> None:
-  run_cli(lambda: _main(argv))
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

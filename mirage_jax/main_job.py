@@ -49,10 +49,10 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mirage_jax import paths
-from mirage_jax.errors import InputError, load_config_file, parse_flags, run_cli
+from mirage_jax.errors import InputError, load_config_file, run_app
 from mirage_jax.evaluation import lpips
 
 # The experiment configs the job runs, loaded by path (the library does not import experiments/).
@@ -159,6 +159,9 @@ def train_and_export(config, workdir: str, name: str, update_config=None) -> str
 
 
 def _main() -> int:
+  # INFO carries training progress (loss, ETA); the libraries' INFO chatter is not ours.
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_OurInfoOnly())
   workdir = _WORKDIR.value
   # It runs commands in local sub-folders (datasets, exports, reports) of the workdir.
   paths.require_local(workdir, "--workdir", "run mirage_jax.main for a gs:// workdir")
@@ -487,14 +490,5 @@ class _OurInfoOnly(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or ours
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # INFO carries training progress (loss, ETA); the libraries' INFO chatter is not ours.
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_OurInfoOnly())
-  run_cli(_main)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

@@ -214,7 +214,8 @@ def test_training_refuses_a_missing_dataset_with_its_build_command(tmp_path):
   assert command[:3] == ["python", "-m", "data_pipelines.build"]
   with flagsaver.flagsaver():  # The command it gives builds exactly the dataset wanted.
     flags.FLAGS.unparse_flags()
-    assert build.main(flags.FLAGS(["prog", *command[3:]])) == 0
+    flags.FLAGS(["prog", *command[3:]])
+    assert build.main() == 0
   sources = inputs_lib.make_sources(config)
   assert (len(sources["train"]), len(sources["validation"])) == (4, 1)
 
@@ -285,7 +286,8 @@ def test_cli_main_builds_then_reuses(tmp_path, capsys):
   with flagsaver.flagsaver():
     for _ in range(2):
       flags.FLAGS.unparse_flags()
-      assert build.main(flags.FLAGS(args)) == 0
+      flags.FLAGS(args)
+      assert build.main() == 0
   out = capsys.readouterr().out.splitlines()
   done = [line for line in out if line.startswith(("built", "reused"))]
   assert done[0].startswith(f"built {tmp_path}/procedural_rooms/default/1.1.0 (train 4, validation 1, test 1) ")

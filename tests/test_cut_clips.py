@@ -288,7 +288,8 @@ def test_gcs_videos_to_gcs_clips_by_the_cli(videos, gcs, tmp_path, capsys):  # p
           "--frames=9", "--seed=3", "--preceding_frames=2", "--target_frames=5"]
   fv = flags.FlagValues()  # (build's --beam_runner is in absl's global flags: no clash)
   cut_clips.define_flags(fv)
-  assert cut_clips.main(fv(["cut_clips", *args]), fv) == 0
+  fv(["cut_clips", *args])
+  assert cut_clips.main(fv) == 0
   out = capsys.readouterr().out
   assert "skipped short.mp4: " in out and "skipped header.mp4: " in out
   assert "6 videos: " in out, out
