@@ -32,11 +32,11 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mirage_jax import distributed, paths
-from mirage_jax.errors import InputError, parse_flags, run_cli
+from mirage_jax.errors import InputError, run_app
 from mirage_jax.training import executables
 from mirage_jax.training.flops import jaxpr_flops
 from mirage_jax.training.inputs import abstract_batch
@@ -141,7 +141,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   with setup.context():
     # Matmul FLOPs the step really runs (backward and remat recompute included, scans times
     # their length): what the chip must execute, beside the model's own FLOPs.
-    executed = jaxpr_flops(step, *args)
+    executed = jaxpr_flops(step.jitted, *args, step.abstract_total)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -205,11 +205,6 @@ def _main() -> int:
   return 0
 
 
-def main(argv) -> None:
-  del argv
-  run_cli(_main)
-
-
 if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _INIT_DISTRIBUTED = distributed.define_flags()
@@ -218,4 +213,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN; set config.dcn_mesh).")
   flags.DEFINE_string("save_executable", None, "Also write the compiled train step here; a "
                       "run on that topology loads it with --config.train.executable=FILE.")
-  app.run(main, flags_parser=parse_flags)
+  run_app(_main)

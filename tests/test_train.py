@@ -154,6 +154,37 @@ def test_sharded_step_matches_unsharded(stage):
     assert 0 < m_ref[0]["memory_coverage"] <= 1  # memory from earlier frames reaches targets
 
 
+@pytest.mark.parametrize("warmup, end_rate", [(2, 3e-4), (0, 3e-4), (0, 3e-3)])
+def test_the_run_length_is_an_input_of_the_compiled_step(warmup, end_rate):
+  """Runs of 10 and 30 steps lower to the same program (one executable for both, from the
+  compilation cache or an AOT file), and the length still sets the learning rate: after the
+  warmup each run follows optax's warmup-cosine schedule over its own length."""
+  import optax  # pylint: disable=g-import-not-at-top
+  programs, rates = [], []
+  for steps in (10, 30):
+    config = tiny_config()
+    config.optimizer.update(warmup_steps=warmup, end_learning_rate=end_rate)
+    config.train.steps = steps
+    stage = step_lib.make_stage(config)
+    mesh = mesh_lib.build_mesh(config, jax.devices()[:1])
+    setup = step_lib.make_setup(config, stage, mesh)
+    specs = inputs_lib.abstract_batch(config, stage, mesh, setup.rules)
+    step = step_lib.make_train_step(config, stage, setup, {k: v.sharding for k, v in specs.items()})
+    with setup.context():
+      programs.append(step.lower(setup.abstract, specs, stage.frozen).as_text())
+      state = step_lib.init_state(config, stage, setup)
+      state["step"] = jnp.int32(6)  # past the warmup, in both runs' decay
+      batch = {k: jax.device_put(np.asarray(v), specs[k].sharding)
+               for k, v in _batch(config).items() if k in stage.fields}
+      rates.append(float(step(state, batch, stage.frozen)[1]["learning_rate"]))
+    opt = config.optimizer
+    want = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, max(steps, warmup + 1),
+                                              end_rate)(6)
+    np.testing.assert_allclose(rates[-1], float(want), rtol=1e-6)
+  assert programs[0] == programs[1]
+  assert (rates[0] == rates[1]) == (end_rate == config.optimizer.learning_rate and not warmup)
+
+
 def test_nonfinite_step_leaves_state_unchanged():
   config = _mesh_config(tiny_config(), fsdp=8)
   stage = step_lib.make_stage(config)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -340,22 +339,6 @@ def changed_params(run: dict) -> dict:
   """Per trainable param: did the steps of :func:`train_steps` change it (nested dict)."""
   return jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), run["params0"],
                       run["state"]["params"])
-
-
-def test_constant_learning_rate_leaves_the_run_length_out_of_the_step():
-  """The tiny fine-tune's constant rate (no warmup, end = peak): runs of 2, 8 or 60 steps trace
-  the same schedule (so the tests' runs share one compiled train step), at the same rates."""
-  from mirage_jax.training import optimizer  # pylint: disable=g-import-not-at-top
-  opt = mirage_wan22_5b.get_config("tiny").optimizer
-  assert opt.warmup_steps == 0 and opt.end_learning_rate == opt.learning_rate
-  traced = {str(jax.make_jaxpr(optimizer.learning_rate_schedule(opt, n))(jnp.int32(0)))
-            for n in (2, 8, 60)}
-  assert len(traced) == 1, traced
-  rates = optimizer.learning_rate_schedule(opt, 8)
-  assert [float(np.float32(rates(t))) for t in (0, 7, 100)] == [np.float32(opt.learning_rate)] * 3
-  decaying = dict(opt.to_dict(), warmup_steps=2)  # a schedule that does depend on the length
-  assert len({str(jax.make_jaxpr(optimizer.learning_rate_schedule(
-      ml_collections.ConfigDict(decaying), n))(jnp.int32(0))) for n in (8, 60)}) == 2
 
 
 def test_optimizer_state_only_for_trainable_and_base_unchanged(world):

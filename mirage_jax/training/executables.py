@@ -58,11 +58,14 @@ def enable_compilation_cache(directory: str | None,
 
 # ----------------------------------------------------------------------------- executables
 
-EXECUTABLE_FORMAT = "mirage_jax.aot.executable/1"
-# Config fields that never reach the compiled step: where files are, how often to log, save
-# or evaluate, how the host reads data, and the checkpoints whose params are step inputs.
+# /2: the step takes the run's length as a fourth input (step.TrainStep); /1 files had it
+# compiled in.
+EXECUTABLE_FORMAT = "mirage_jax.aot.executable/2"
+# Config fields that never reach the compiled step: where files are, how long to run (an
+# input of the step), how often to log, save or evaluate, how the host reads data, and the
+# checkpoints whose params are step inputs.
 _RUN_ONLY_FIELDS = (
-    "compilation_cache_dir", "train.executable", "train.log_every", "train.tensorboard",
+    "compilation_cache_dir", "train.executable", "train.steps", "train.log_every", "train.tensorboard",
     "train.profile_start", "train.profile_steps", "train.prefetch", "train.nonfinite",
     "train.peak_tflops_per_device", "checkpoint.", "eval.", "data.data_dir", "data.dataset",
     "data.config_name", "data.build.", "data.seed", "data.shuffle", "data.num_epochs",

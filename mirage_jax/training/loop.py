@@ -109,9 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_step = make_train_step(config, stage, setup, shardings)
   if config.train.get("executable"):  # compiled ahead of time (python -m mirage_jax.aot)
     devices = list(mesh.devices.flat)
-    train_step = executables.load_executable(
+    train_step = train_step.with_executable(executables.load_executable(
         config.train.executable, executables.executable_key(config, devices, dict(mesh.shape)),
-        devices)
+        devices))
     logging.info("train step loaded from %s", config.train.executable)
   eval_step = make_eval_step(stage, setup, shardings)
   step_flops = stage.step_flops(config.data.batch_size)
@@ -133,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data_wait = 0.0  # seconds the loop waited for input since the last log
   to_mesh = lambda local: distributed.global_batch({k: local[k] for k in stage.fields}, mesh,
                                                    axes, config.data.batch_size)
-  depth = int(config.train.get("prefetch", 2))
+  depth = int(config.train.prefetch)
   batches = (prefetch.DevicePrefetch(train_iter, to_mesh, depth) if depth > 0
              else ((local, to_mesh(local)) for local in train_iter))
   step = start

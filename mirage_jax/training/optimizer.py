@@ -12,19 +12,28 @@ import optax
 from mirage_jax import sharding
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to ``opt.learning_rate``, then cosine decay to ``opt.end_learning_rate``.
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: Any) -> optax.Schedule:
+  """Linear warmup to ``opt.learning_rate``, then cosine decay to ``opt.end_learning_rate``
+  at step ``total_steps`` (optax's ``warmup_cosine_decay_schedule``, the same float32 values).
 
-  No warmup and an end rate equal to the peak is a constant rate (the same values): then the
-  run's length is not a constant of the compiled train step, so runs of any length share one
-  executable through the compilation cache.
+  ``total_steps`` may be a traced int32 scalar: the train step takes the run's length as an
+  input (``step.TrainStep``), so it is not a constant of the compiled program and runs of any
+  length share one executable (the compilation cache, an AOT-saved step).
   """
-  if opt.warmup_steps == 0 and opt.end_learning_rate == opt.learning_rate:
-    rate = opt.learning_rate
-    return lambda count: jnp.asarray(rate, jnp.float32)  # float32, as the decaying schedule
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-      decay_steps=max(total_steps, opt.warmup_steps + 1), end_value=opt.end_learning_rate)
+  peak, end, warmup = opt.learning_rate, opt.end_learning_rate, opt.warmup_steps
+  if warmup == 0 and end == peak:
+    return lambda count: jnp.asarray(peak, jnp.float32)  # float32, as the decaying schedule
+  warm = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup)
+  alpha = 0.0 if peak == 0.0 else end / peak
+
+  def schedule(count):
+    # optax's cosine_decay_schedule over the steps after the warmup (at least one), written
+    # with jnp so that the length may be traced.
+    decay = (jnp.maximum(total_steps, warmup + 1) - warmup).astype(jnp.float32)
+    t = jnp.minimum(count - warmup, decay)
+    cosine = 0.5 * (1 + jnp.cos(jnp.pi * t * (1.0 / decay)))
+    return jnp.where(count < warmup, warm(count), peak * ((1 - alpha) * cosine + alpha))
+  return schedule
 
 
 # Parameter names that never take weight decay, whatever their shape (Wan's per-head
@@ -62,13 +71,13 @@ def decay_mask(abstract_params: Any, param_specs: Any = None) -> Any:
                                           is_leaf=lambda x: x is None or sharding._is_spec(x))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, abstract_params: Any,
-                   param_specs: Any = None
+def make_optimizer(config: ml_collections.ConfigDict, mask: Any, total_steps: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping; weight decay as :func:`decay_mask` says."""
+  """AdamW with global-norm clipping, weight decay where ``mask`` (:func:`decay_mask`) is
+  True, and :func:`learning_rate_schedule` over ``total_steps`` (an int, or a traced scalar
+  inside the train step; the state's structure does not depend on it)."""
   opt = config.optimizer
-  schedule = learning_rate_schedule(opt, config.train.steps)
-  mask = decay_mask(abstract_params, param_specs)
+  schedule = learning_rate_schedule(opt, total_steps)
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))

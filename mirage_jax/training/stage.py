@@ -93,7 +93,7 @@ class StageBase:
     depth_valid (B, T, H, W) uint8 (0 = a depth hole)."""
     d = self.config.data
     b, t, (h, w) = d.batch_size, d.num_frames, d.resolution
-    frames_dtype = jnp.uint8 if d.get("frames_dtype", "float32") == "uint8" else jnp.float32
+    frames_dtype = jnp.uint8 if d.frames_dtype == "uint8" else jnp.float32
     return {"frames": ((b, t, h, w, 3), frames_dtype), "depths": ((b, t, h, w), jnp.float32),
             "intrinsics": ((b, t, 3, 3), jnp.float32), "poses_c2w": ((b, t, 4, 4), jnp.float32),
             "dynamic_masks": ((b, t, h, w), jnp.uint8), "depth_valid": ((b, t, h, w), jnp.uint8)}
@@ -106,10 +106,9 @@ class StageBase:
 
 
 def noise_levels(config: ml_collections.ConfigDict) -> tuple[str, float]:
-  """``config.train.noise_levels`` (default 'per_frame') and ``noise_levels_mixed_prob``
-  (default 0.5), checked."""
+  """``config.train.noise_levels`` and ``noise_levels_mixed_prob``, checked."""
   tr = config.train
-  scheme, prob = tr.get("noise_levels", "per_frame"), tr.get("noise_levels_mixed_prob", 0.5)
+  scheme, prob = tr.noise_levels, tr.noise_levels_mixed_prob
   if scheme not in diffusion.NOISE_LEVELS:
     raise InputError("config.train", "noise_levels", f"expected one of "
                      f"{diffusion.NOISE_LEVELS}, got {scheme!r}")
@@ -128,7 +127,7 @@ def train_memory_config(config: ml_collections.ConfigDict, cfg: memory_lib.Memor
   sets it; either way it is at most the rollout's, so training never holds more than the
   rollout can.
   """
-  n = int(config.memory.get("train_capacity", 0))
+  n = int(config.memory.train_capacity)
   if n < 0:
     raise InputError("config.memory", "train_capacity", f"must be >= 0, got {n}")
   if not n:

@@ -25,7 +25,7 @@ from mirage_jax import families
 from mirage_jax import sharding
 from mirage_jax.errors import InputError
 from mirage_jax.training.mesh import batch_axes, logical_rules
-from mirage_jax.training.optimizer import make_optimizer
+from mirage_jax.training.optimizer import decay_mask, make_optimizer
 from mirage_jax.training.stage import Batch, Stage, State
 
 
@@ -54,8 +54,8 @@ class TrainSetup:
   graphdef: Any  # nnx GraphDef of the trainable model
   abstract: State  # ShapeDtypeStruct pytree with shardings
   shardings: State  # NamedSharding pytree, same structure
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
+  tx: optax.GradientTransformation  # the optimizer (its schedule over config.train.steps)
+  decay_mask: Any  # which params take weight decay (optimizer.decay_mask)
   mesh: Mesh
   rules: tuple
   frozen_shardings: Any = None  # NamedSharding pytree of ``stage.frozen`` (None: replicated)
@@ -85,7 +85,8 @@ def make_setup(config: ml_collections.ConfigDict, stage: Stage, mesh: Mesh) -> T
   abstract_params = params.to_pure_dict()
   param_shardings = sharding.logical_to_sharding(param_specs, mesh, rules, abstract_params,
                                                  params=True)
-  tx, schedule = make_optimizer(config, abstract_params, param_specs)
+  mask = decay_mask(abstract_params, param_specs)
+  tx, _ = make_optimizer(config, mask, config.train.steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
   # Optimizer moments are shaped like the params and shard like them.
@@ -97,7 +98,7 @@ def make_setup(config: ml_collections.ConfigDict, stage: Stage, mesh: Mesh) -> T
                "ema": param_shardings}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return TrainSetup(graphdef, abstract, shardings, tx, schedule, mesh, rules,
+  return TrainSetup(graphdef, abstract, shardings, tx, mask, mesh, rules,
                     stage.frozen_shardings(mesh, rules))
 
 
@@ -147,9 +148,46 @@ def _overlay(tree: dict, new: Mapping, shardings: dict) -> dict:
 # ============================================================================= update step
 
 
+class TrainStep:
+  """The jitted update with the run's length bound: ``step(state, batch, frozen)`` and
+  ``step.lower(state, batch, frozen)``.
+
+  The length (``config.train.steps``, where the learning rate schedule ends) is an input of
+  the compiled program, not a constant in it, so runs that differ only in length share one
+  executable (the compilation cache, an AOT-saved step).
+  """
+
+  def __init__(self, jitted: Any, total_steps: int, sharding_: NamedSharding):
+    self.jitted = jitted  # (state, batch, frozen, total_steps) -> (state, metrics)
+    self.total_steps = total_steps
+    self._sharding = sharding_
+    self._total = None  # () int32 on the mesh, made on first call
+
+  def __call__(self, state: State, batch: Batch, frozen: Any) -> tuple[State, dict]:
+    if self._total is None:  # every process holds it whole: fine on several hosts
+      self._total = jax.make_array_from_callback(
+          (), self._sharding, lambda _: jnp.int32(self.total_steps))
+    return self.jitted(state, batch, frozen, self._total)
+
+  @property
+  def abstract_total(self) -> jax.ShapeDtypeStruct:
+    """The length input's shape, dtype and sharding: for lowering and tracing the jitted
+    function without devices (a TPU topology's)."""
+    return jax.ShapeDtypeStruct((), jnp.int32, sharding=self._sharding)
+
+  def lower(self, state: Any, batch: Any, frozen: Any) -> jax.stages.Lowered:
+    return self.jitted.lower(state, batch, frozen, self.abstract_total)
+
+  def with_executable(self, compiled: jax.stages.Compiled) -> "TrainStep":
+    """This step run by ``compiled`` (this step's ``lower(...).compile()``, e.g. loaded from
+    an AOT file) instead of the jitted function."""
+    return TrainStep(compiled, self.total_steps, self._sharding)
+
+
 def make_train_step(config: ml_collections.ConfigDict, stage: Stage, setup: TrainSetup,
-                    batch_shardings: Mapping[str, NamedSharding]) -> Callable:
-  """The jitted update ``(state, batch, frozen) -> (state, metrics)``; the state is donated.
+                    batch_shardings: Mapping[str, NamedSharding]) -> TrainStep:
+  """The update ``(state, batch, frozen) -> (state, metrics)`` (:class:`TrainStep`); the
+  state is donated.
 
   ``frozen`` holds the stage's non-trained params (replicated, or sharded as
   ``setup.frozen_shardings`` says: the Wan base is FSDP-sharded; ``{}`` for the autoencoder).
@@ -168,7 +206,7 @@ def make_train_step(config: ml_collections.ConfigDict, stage: Stage, setup: Trai
   holding on to the random init.
   """
   ema_decay = config.optimizer.ema_decay
-  ema_warmup = bool(config.optimizer.get("ema_warmup", False))
+  ema_warmup = bool(config.optimizer.ema_warmup)
   num_micro = microbatches(config, setup.mesh, setup.rules)
   seed_key = jax.random.key(config.seed)
   axes = batch_axes(setup.mesh, setup.rules)
@@ -198,11 +236,14 @@ def make_train_step(config: ml_collections.ConfigDict, stage: Stage, setup: Trai
     total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
     return jax.tree.map(lambda x: x / num_micro, total)
 
-  def step_fn(state: State, batch: Batch, frozen: Any) -> tuple[State, dict]:
+  def step_fn(state: State, batch: Batch, frozen: Any, total_steps: jax.Array
+              ) -> tuple[State, dict]:
     rng = jax.random.fold_in(seed_key, state["step"])
     (loss, aux), grads = grads_fn(state["params"], batch, frozen, rng)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    # setup.tx with the schedule over the traced length (the same state structure).
+    tx, schedule = make_optimizer(config, setup.decay_mask, total_steps)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     decay = ema_decay
     if ema_warmup:
@@ -215,24 +256,25 @@ def make_train_step(config: ml_collections.ConfigDict, stage: Stage, setup: Trai
                  "opt_state": keep(opt_state, state["opt_state"]),
                  "ema": keep(ema, state["ema"])}
     metrics = {"loss": loss, "grad_norm": grad_norm,
-               "learning_rate": setup.schedule(state["step"]),
+               "learning_rate": schedule(state["step"]),
                "nonfinite": 1 - finite.astype(jnp.int32), **aux}
     return new_state, metrics
 
   replicated = NamedSharding(setup.mesh, PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(setup.shardings, dict(batch_shardings),
-                                        setup.frozen_sharding()),
-                 out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+  jitted = jax.jit(step_fn, in_shardings=(setup.shardings, dict(batch_shardings),
+                                          setup.frozen_sharding(), replicated),
+                   out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+  return TrainStep(jitted, config.train.steps, replicated)
 
 
 def microbatches(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> int:
-  """``config.train.microbatches`` (default 1), checked against the global batch.
+  """``config.train.microbatches``, checked against the global batch.
 
   Raises:
     InputError: it is not >= 1, or the global batch does not split into that many
       microbatches of whole per-device shares.
   """
-  m = config.train.get("microbatches", 1)
+  m = config.train.microbatches
   if not isinstance(m, int) or m < 1:
     raise InputError("config.train.microbatches", "microbatches", f"must be an integer >= 1, "
                      f"got {m!r}")

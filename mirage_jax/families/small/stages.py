@@ -57,7 +57,7 @@ class AutoencoderStage(StageBase):
     self.config = config
     self.frozen: dict = {}
     self.fields = ("frames", "depths", "depth_valid") + (
-        ("dynamic_masks",) if config.autoencoder.get("dynamic_head_width", 0) else ())
+        ("dynamic_masks",) if config.autoencoder.dynamic_head_width else ())
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
     return autoencoder.Autoencoder(self.config.autoencoder, rngs)
@@ -118,15 +118,15 @@ class DenoiserStage(StageBase):
     # The rollout's settings, but room for this window's points only (train_capacity).
     self.memory_cfg = train_memory_config(config, conditioning.memory_config(config),
                                           d.memory_frames)
-    if not 0.0 <= d.get("cond_dropout", 0.0) < 1.0:
+    if not 0.0 <= d.cond_dropout < 1.0:
       raise InputError("config.denoiser", "cond_dropout", f"must be in [0, 1), got "
                        f"{d.cond_dropout}")
-    noise_levels(config)
-    self.context_noise = float(d.get("context_noise", 0.0))
+    self.noise_levels = noise_levels(config)  # (scheme, mixed probability), checked
+    self.context_noise = float(d.context_noise)
     if not 0.0 <= self.context_noise < 1.0:
       raise InputError("config.denoiser", "context_noise", f"must be in [0, 1), got "
                        f"{d.context_noise}")
-    self.self_generated = float(d.get("self_generated_memory", 0.0))
+    self.self_generated = float(d.self_generated_memory)
     if not 0.0 <= self.self_generated <= 1.0:
       raise InputError("config.denoiser", "self_generated_memory", f"must be in [0, 1], got "
                        f"{d.self_generated_memory}")
@@ -242,7 +242,7 @@ class DenoiserStage(StageBase):
     ae = nnx.merge(self.ae_graphdef, nnx.State(frozen))
     rgb, depth = ae.decode(gen.reshape((b * g,) + gen.shape[2:]) / d.latent_scale)
     rgb, depth = rgb.reshape((b, g) + rgb.shape[1:]), depth.reshape((b, g) + depth.shape[1:])
-    if s.get("reencode_latents", False):  # what the rollout writes
+    if s.reencode_latents:  # what the rollout writes
       gen = self._encode(frozen, rgb, depth)
     return jax.lax.stop_gradient(gen), jax.lax.stop_gradient(depth)
 
@@ -261,15 +261,12 @@ class DenoiserStage(StageBase):
     cond = self._condition(latents, batch)
     x0 = latents[:, d.memory_frames:]
     t_rng, n_rng = jax.random.split(rng)
-    tr = self.config.train
-    t = diffusion.sample_levels(t_rng, *x0.shape[:2], d.time_shift,
-                                tr.get("noise_levels", "per_frame"),
-                                tr.get("noise_levels_mixed_prob", 0.5))
+    t = diffusion.sample_levels(t_rng, *x0.shape[:2], d.time_shift, *self.noise_levels)
     noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
     memory, coverage, context = cond["memory"], cond["coverage"], cond["context"]
     if self.context_noise > 0:
       context = diffusion.noise_context(jax.random.fold_in(rng, 3), context, self.context_noise)
-    if d.get("cond_dropout", 0.0) > 0:  # trains the unconditional branch guidance uses
+    if d.cond_dropout > 0:  # trains the unconditional branch guidance uses
       memory, coverage = diffusion.drop_conditioning(jax.random.fold_in(rng, 2),
                                                      d.cond_dropout, memory, coverage)
     velocity, x0_pred = denoiser.predict(

@@ -249,7 +249,7 @@ class WanStage(StageBase):
     want = (self.num_target + self.num_preceding,) + self.latent_hw + (48,)
     control = self._data_side(latent_clips.CONTROL)
     if control is not None:
-      if self.config.data.get("drop_preceding", False):
+      if self.config.data.drop_preceding:
         control = control[:want[0]]  # causal VAE: the target part is the video's start
       if control.shape != want:
         raise InputError(os.path.join(self.config.data.data_dir, latent_clips.CONTROL),
@@ -308,7 +308,7 @@ class WanStage(StageBase):
     want = dict(target_frames=d.target_frames, preceding_frames=d.preceding_frames,
                 latent_hw=list(self.latent_hw), text_len=d.text_len,
                 text_dim=self.cfg.text_dim)
-    if self.config.data.get("drop_preceding", False):  # the dataset's preceding latents unused
+    if self.config.data.drop_preceding:  # the dataset's preceding latents unused
       if d.preceding_frames:
         raise InputError("config.data", "drop_preceding", "needs config.denoiser."
                          f"preceding_frames = 0, got {d.preceding_frames}")
@@ -485,7 +485,7 @@ class WanVAEStage(StageBase):
       raise InputError("config.data", "resolution", f"{(h, w)}: height and width must be "
                        f"positive multiples of {f} (the VAE's spatial factor)")
     self.loss_settings = vae_loss_settings(config)
-    self.checkpoint = config.get("autoencoder_checkpoint", "") or ""
+    self.checkpoint = config.autoencoder_checkpoint or ""
     # With an export to start from, ``load_frozen`` (called when frozen is None) reads it.
     self.frozen = None if self.checkpoint and frozen != "abstract" else {}
     self.initial_params = None
