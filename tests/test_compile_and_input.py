@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
@@ -183,6 +184,20 @@ def _round_trip(tmp_path):
     assert np.isfinite(b[-1][key]) and b[-1][key] >= 0, key
   assert b[-1]["data_wait_s"] <= b[-1]["step_time_s"]
   assert "hbm_bytes_in_use" not in b[-1]  # the CPU backend reports no device memory
+
+  # The run's length is an input of the step: a 5-step run loads the same file and trains as
+  # a 5-step run compiled here, on its own schedule (another rate than the 3-step run's).
+  here, longer = config.copy_and_resolve_references(), loaded.copy_and_resolve_references()
+  here.train.steps = longer.train.steps = 5
+  loop_lib.train_and_evaluate(here, str(tmp_path / "e"), synthetic_sources())
+  loop_lib.train_and_evaluate(longer, str(tmp_path / "f"), synthetic_sources())
+  e, f = read_jsonl(str(tmp_path / "e")), read_jsonl(str(tmp_path / "f"))
+  assert len(f) == 5 and [r["loss"] for r in e] == [r["loss"] for r in f]
+  opt = config.optimizer
+  rate = lambda steps: float(optax.warmup_cosine_decay_schedule(
+      0.0, opt.learning_rate, opt.warmup_steps, steps, opt.end_learning_rate)(3))
+  assert f[3]["learning_rate"] == pytest.approx(rate(5), rel=1e-6)
+  assert rate(5) != pytest.approx(rate(3), rel=1e-3)
 
   other = loaded.copy_and_resolve_references()
   other.optimizer.learning_rate = 1e-4

@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ----------------------------------------------------------------------- update step
   train_step = make_train_step(config, stage, setup, shardings)
-  if config.train.get("executable"):  # compiled ahead of time (python -m mirage_jax.aot)
+  if config.train.executable:  # compiled ahead of time (python -m mirage_jax.aot)
     devices = list(mesh.devices.flat)
     train_step = train_step.with_executable(executables.load_executable(
         config.train.executable, executables.executable_key(config, devices, dict(mesh.shape)),

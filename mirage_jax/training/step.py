@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -166,7 +167,7 @@ class TrainStep:
   def __call__(self, state: State, batch: Batch, frozen: Any) -> tuple[State, dict]:
     if self._total is None:  # every process holds it whole: fine on several hosts
       self._total = jax.make_array_from_callback(
-          (), self._sharding, lambda _: jnp.int32(self.total_steps))
+          (), self._sharding, lambda _: np.asarray(self.total_steps, np.int32))
     return self.jitted(state, batch, frozen, self._total)
 
   @property

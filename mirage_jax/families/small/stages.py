@@ -137,9 +137,8 @@ class DenoiserStage(StageBase):
       raise InputError("config.denoiser", "self_generated_memory", "needs memory_frames > "
                        f"max(context_frames, 1), got memory_frames={d.memory_frames}, "
                        f"context_frames={d.context_frames}")
-    objects_cfg = config.get("objects")
-    self.object_cfg = (conditioning.object_config(config) if objects_cfg is not None
-                       and config.memory.backend in objects_cfg.backends else None)
+    self.object_cfg = (conditioning.object_config(config)
+                       if config.memory.backend in config.objects.backends else None)
     self.ae_graphdef = nnx.graphdef(nnx.eval_shape(
         lambda: autoencoder.Autoencoder(config.autoencoder, nnx.Rngs(0))))
     self.frozen = frozen
