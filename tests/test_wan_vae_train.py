@@ -108,9 +108,10 @@ def test_loss_is_l1_plus_weighted_kl():
   stage = wan_stages.WanVAEStage(config)
   vae = stage.build(nnx.Rngs(0))
   video = jax.random.uniform(jax.random.key(1), (2, 5, 16, 16, 3), minval=-1, maxval=1)
-  loss, aux = stage.loss(vae, {}, {"frames": video}, jax.random.key(2))
-  mu, logvar = vae.encode_moments(video)
-  recon = vae.decode(mu, normalized=False, clamp=False)
+  # Jitted (one compile each, not op by op).
+  loss, aux = nnx.jit(lambda m, v: stage.loss(m, {}, {"frames": v}, jax.random.key(2)))(vae, video)
+  mu, logvar = nnx.jit(lambda m, v: m.encode_moments(v))(vae, video)
+  recon = nnx.jit(lambda m, z: m.decode(z, normalized=False, clamp=False))(vae, mu)
   l1 = np.mean(np.abs(np.asarray(recon) - np.asarray(video)))
   kl = 0.5 * np.sum(np.asarray(mu) ** 2 + np.exp(np.asarray(logvar)) - 1 - np.asarray(logvar))
   want = 3.0 * l1 + 3e-6 * kl / video.size
@@ -118,7 +119,9 @@ def test_loss_is_l1_plus_weighted_kl():
   np.testing.assert_allclose(float(aux["l1"]), l1, rtol=1e-4)
   # Sampling draws z around mu: another loss, the same encoder moments.
   config.autoencoder_loss.sample_posterior = True
-  sampled, _ = wan_stages.WanVAEStage(config).loss(vae, {}, {"frames": video}, jax.random.key(2))
+  sampling = wan_stages.WanVAEStage(config)
+  sampled, _ = nnx.jit(lambda m, v: sampling.loss(m, {}, {"frames": v},
+                                                  jax.random.key(2)))(vae, video)
   assert float(sampled) != pytest.approx(float(loss), rel=1e-6)
 
 
@@ -133,7 +136,7 @@ def test_remat_gives_the_same_gradients():
     graphdef, params = nnx.split(stage.build(nnx.Rngs(0)), nnx.Param)
     loss = lambda p: stage.loss(nnx.merge(graphdef, p), {}, {"frames": video},
                                 jax.random.key(0))[0]
-    grads.append(jax.grad(loss)(params))
+    grads.append(jax.jit(jax.grad(loss))(params))  # one compile, not op by op
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *grads)
 
 
