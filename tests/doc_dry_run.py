@@ -4,7 +4,7 @@
 
 COMMANDS.json is a list of argument lists, each ``["<module>", "--flag=value", ...]``. For
 each, in a forked child (the heavy imports are done once, before the forks), the module is
-run as ``__main__`` with ``absl.app.run`` replaced by "parse the flags, then check": the
+run as ``__main__`` with ``errors.run_app`` replaced by "parse the flags, then check": the
 module's own flag parser (``errors.parse_flags``: an unknown flag, a bad value or a config
 override naming no field exits 2 with one line), no positional words, every
 ``--config`` file loaded with its overrides, and the start-up checks each entry point makes
@@ -98,11 +98,10 @@ _CHECKS = {
 
 def _dry(module: str, args: list[str]) -> None:
   """Runs in the child: exits 0 when the command would start, else 2 with one line."""
-  from absl import app  # pylint: disable=g-import-not-at-top
   from mirage_jax import errors  # pylint: disable=g-import-not-at-top
 
-  def fake_run(main, argv=None, flags_parser=errors.parse_flags):
-    rest = flags_parser(sys.argv if argv is None else argv)
+  def fake_run_app(main):
+    rest = errors.parse_flags(sys.argv)
 
     def check() -> int:
       if len(rest) > 1:
@@ -113,10 +112,10 @@ def _dry(module: str, args: list[str]) -> None:
     errors.run_cli(check)
     sys.exit(0)
 
-  app.run = fake_run
+  errors.run_app = fake_run_app  # every command line's entry (imported by it when it runs)
   sys.argv = [module, *args]
   runpy.run_module(module, run_name="__main__", alter_sys=True)
-  sys.exit(0)  # a module without app.run under __main__
+  sys.exit(0)  # a module without run_app under __main__
 
 
 def main() -> None:
