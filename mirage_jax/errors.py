@@ -112,4 +112,3 @@ def run_app(main: Callable[[], int | None]) -> None:
       return main()
     run_cli(checked)
   app.run(entry, flags_parser=parse_flags)
-

@@ -274,7 +274,8 @@ def _numbers(tree, skip=("seconds", "time")):
 
 
 @contextlib.contextmanager
-def _job(args: list[str], cwds=(ROOT, ROOT), processes: int = 2) -> Iterator[list[subprocess.Popen]]:
+def _job(args: list[str], cwds=(ROOT, ROOT),
+         processes: int = 2) -> Iterator[list[subprocess.Popen]]:
   """``python *args`` as the processes of a job of ``processes`` x (8 / ``processes``) CPU
   devices (jax.distributed on localhost, gloo collectives; 2 x 4 unless told), process k in
   ``cwds[k]``; any still running when the block ends is killed."""

@@ -178,8 +178,8 @@ def test_the_run_length_is_an_input_of_the_compiled_step(warmup, end_rate):
                for k, v in _batch(config).items() if k in stage.fields}
       rates.append(float(step(state, batch, stage.frozen)[1]["learning_rate"]))
     opt = config.optimizer
-    want = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, max(steps, warmup + 1),
-                                              end_rate)(6)
+    want = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup,
+                                              max(steps, warmup + 1), end_rate)(6)
     np.testing.assert_allclose(rates[-1], float(want), rtol=1e-6)
   assert programs[0] == programs[1]
   assert (rates[0] == rates[1]) == (end_rate == config.optimizer.learning_rate and not warmup)

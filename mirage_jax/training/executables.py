@@ -65,14 +65,14 @@ EXECUTABLE_FORMAT = "mirage_jax.aot.executable/2"
 # input of the step), how often to log, save or evaluate, how the host reads data, and the
 # checkpoints whose params are step inputs.
 _RUN_ONLY_FIELDS = (
-    "compilation_cache_dir", "train.executable", "train.steps", "train.log_every", "train.tensorboard",
-    "train.profile_start", "train.profile_steps", "train.prefetch", "train.nonfinite",
-    "train.peak_tflops_per_device", "checkpoint.", "eval.", "data.data_dir", "data.dataset",
-    "data.config_name", "data.build.", "data.seed", "data.shuffle", "data.num_epochs",
-    "data.shard_index", "data.shard_count", "data.worker_count", "data.worker_buffer_size",
-    "data.read_threads", "data.read_buffer_size", "denoiser.autoencoder_checkpoint",
-    "denoiser.base_checkpoint", "denoiser.empty_text", "denoiser.text_encoder",
-    "denoiser.tokenizer")
+    "compilation_cache_dir", "train.executable", "train.steps", "train.log_every",
+    "train.tensorboard", "train.profile_start", "train.profile_steps", "train.prefetch",
+    "train.nonfinite", "train.peak_tflops_per_device", "checkpoint.", "eval.", "data.data_dir",
+    "data.dataset", "data.config_name", "data.build.", "data.seed", "data.shuffle",
+    "data.num_epochs", "data.shard_index", "data.shard_count", "data.worker_count",
+    "data.worker_buffer_size", "data.read_threads", "data.read_buffer_size",
+    "denoiser.autoencoder_checkpoint", "denoiser.base_checkpoint", "denoiser.empty_text",
+    "denoiser.text_encoder", "denoiser.tokenizer")
 
 
 def executable_key(config: ml_collections.ConfigDict, devices: list[Any],
