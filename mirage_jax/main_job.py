@@ -71,6 +71,9 @@ _LENGTHS = flags.DEFINE_list("lengths", ["64", "1024"], "Trajectory lengths for 
 _OBJECT_TRAJECTORIES = flags.DEFINE_integer("object_trajectories", 8,
                                             "Held-out loops with moving objects to score (0 = skip).")
 _OBJECT_SEED = flags.DEFINE_integer("object_seed", 200_000, "First seed of those loops.")
+_OBJECT_FRAMES = flags.DEFINE_integer(
+    "object_frames", 96, "Frames per loop with moving objects, the first half given (at 48 "
+    "frames about half of the loops have no object re-entry to score).")
 _AE_STEPS = flags.DEFINE_integer("autoencoder_steps", None, "Override the config's autoencoder steps.")
 _DN_STEPS = flags.DEFINE_integer("denoiser_steps", None, "Override the config's denoiser steps.")
 _FAMILY = flags.DEFINE_enum("family", "small", ["small", "wan"],
@@ -220,7 +223,7 @@ def _main() -> int:
     first = _OBJECT_SEED.value
     _evaluate(["--benchmark=objects", f"--checkpoint={dn_export}",
                f"--procedural_seeds={first}:{first + _OBJECT_TRAJECTORIES.value}",
-               *_LPIPS.args()], os.path.join(eval_dir, "objects"), lpips_scored=True)
+               f"--num_frames={_OBJECT_FRAMES.value}", *_LPIPS.args()], os.path.join(eval_dir, "objects"), lpips_scored=True)
   claims = print_claims(eval_dir)
   from mirage_jax.evaluation import index_html  # pylint: disable=g-import-not-at-top
   reports = {name: os.path.join(eval_dir, name, "index.html")

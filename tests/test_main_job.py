@@ -72,14 +72,14 @@ def test_lpips_flags_reach_the_evaluations_and_redo_one_without_lpips(tmp_path, 
 
 SMALL_ARGS = ("--autoencoder_steps=20", "--denoiser_steps=20", "--num_trajectories=2",
               "--num_frames=20", "--lengths=20,40", "--object_trajectories=1",
-              "--backends=none,mirage,voxel")
+              "--object_frames=40", "--backends=none,mirage,voxel")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_small_family_main_job_end_to_end(tmp_path):
   """``make main``'s job at reduced size (20 steps per stage, 2 loops of 20 frames, one loop
-  with objects): every stage runs for real (no mocks), every table and claim is printed, the
+  of 40 frames with objects): every stage runs for real (no mocks), every table and claim is printed, the
   report links each evaluation, and a second run reuses everything."""
   import json  # pylint: disable=g-import-not-at-top
   from tests.test_generate import run_cli  # pylint: disable=g-import-not-at-top
