@@ -5,9 +5,12 @@ import os
 
 
 # The suite compiles hundreds of tiny programs and runs each a few times, so compiling is most
-# of its time: XLA's cheapest CPU backend settings cut it by about a quarter (BENCHMARKS.md,
-# "Test suite"). Every JAX process the tests start uses them, CLI subprocesses included.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# of its time: XLA's cheapest CPU backend settings cut it by about a quarter, and XLA's older
+# (LLVM IR) fusion emitters instead of its MLIR ones compile about a quarter faster again
+# (BENCHMARKS.md, "Test suite"). Every JAX process the tests start uses them, CLI subprocesses
+# included.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+                      " --xla_cpu_use_fusion_emitters=false")
 
 
 def xla_flags(devices: int | None = None) -> str:
@@ -20,7 +23,8 @@ def xla_flags(devices: int | None = None) -> str:
 # XLA's own settings (its defaults), for the few tests that pin what a production compile
 # computes to the bit: ``jax.jit(f).lower(*args).compile(PRODUCTION_COMPILER_OPTIONS)``.
 PRODUCTION_COMPILER_OPTIONS = {"xla_backend_optimization_level": 3,
-                               "xla_llvm_disable_expensive_passes": False}
+                               "xla_llvm_disable_expensive_passes": False,
+                               "xla_cpu_use_fusion_emitters": True}
 
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
