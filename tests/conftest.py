@@ -3,14 +3,19 @@
 import json
 import os
 
+import pytest
+
 
 # The suite compiles hundreds of tiny programs and runs each a few times, so compiling is most
 # of its time: XLA's cheapest CPU backend settings cut it by about a quarter, and XLA's older
 # (LLVM IR) fusion emitters instead of its MLIR ones compile about a quarter faster again
 # (BENCHMARKS.md, "Test suite"). Every JAX process the tests start uses them, CLI subprocesses
 # included.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-                      " --xla_cpu_use_fusion_emitters=false")
+# The TPU compiler (libtpu, the AOT tests) reads XLA_FLAGS too and aborts the process on a flag
+# it does not know: the flags only XLA's CPU compiler knows are kept apart (``tpu_compiler``).
+CPU_ONLY_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+FAST_COMPILE_FLAGS = " ".join(("--xla_backend_optimization_level=0",
+                               "--xla_llvm_disable_expensive_passes=true", *CPU_ONLY_FLAGS))
 
 
 def xla_flags(devices: int | None = None) -> str:
@@ -60,6 +65,26 @@ TEST_DEPENDENCIES = {
 
 # Tests allowed to skip under MIRAGE_NO_SKIPS=1: node id -> the reason, written beside it.
 ALLOWED_SKIPS: dict[str, str] = {}
+
+
+def pytest_configure(config):
+  """The CPU compiler reads XLA_FLAGS once, at its first compile: done here, so that it has
+  its flags before a test takes the CPU-only ones away (``tpu_compiler``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.jit(lambda x: x + 1)(0)
+
+
+@pytest.fixture
+def tpu_compiler():
+  """For a test that compiles for a TPU topology in this process: XLA_FLAGS without the
+  CPU-only flags while it runs, so that libtpu, which reads them once at its first compile,
+  starts. The CPU compiler keeps the flags it read at start-up (``pytest_configure``)."""
+  before = os.environ["XLA_FLAGS"]
+  os.environ["XLA_FLAGS"] = " ".join(f for f in before.split() if f not in CPU_ONLY_FLAGS)
+  try:
+    yield
+  finally:
+    os.environ["XLA_FLAGS"] = before
 
 
 def _no_skips() -> bool:

@@ -10,6 +10,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install -e .[tpu])")
 
 
+@pytest.mark.usefixtures("tpu_compiler")
 def test_compile_for_v5e_2x2(tmp_path):
   import jax
   from mirage_jax import aot
@@ -40,6 +41,7 @@ def test_unknown_topology_is_an_input_error():
     aot.topology_devices("v9x:2x2")
 
 
+@pytest.mark.usefixtures("tpu_compiler")
 def test_hybrid_mesh_puts_dcn_axis_across_slices():
   from mirage_jax import aot
   from mirage_jax.training import mesh as mesh_lib

@@ -114,6 +114,7 @@ def test_wan_dit_context_parallel_matches_unsharded(impl):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (pip install -e .[tpu])")
+@pytest.mark.usefixtures("tpu_compiler")
 def test_splash_compiles_for_v5p_with_context_parallelism():
   from mirage_jax import aot
   devices = aot.topology_devices("v5p:2x2x1")

@@ -111,6 +111,7 @@ def test_from_scratch_loss_falls(world, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 @pytest.mark.timeout(1500)  # a TPU compile: minutes on a loaded 2-core machine
+@pytest.mark.usefixtures("tpu_compiler")
 def test_full_stage_compiles_for_v5e_2x2():
   from mirage_jax import aot  # pylint: disable=g-import-not-at-top
   c = wan22_pretrain.get_config("denoiser,tiny")

@@ -193,6 +193,7 @@ def test_continues_from_an_export(trained, rooms, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 @pytest.mark.timeout(1500)  # the TPU compile: minutes on a loaded 2-core machine
+@pytest.mark.usefixtures("tpu_compiler")
 def test_compile_for_v5e_2x2():
   from mirage_jax import aot  # pylint: disable=g-import-not-at-top
   config = _config("unused")
