@@ -223,7 +223,8 @@ def _main() -> int:
     first = _OBJECT_SEED.value
     _evaluate(["--benchmark=objects", f"--checkpoint={dn_export}",
                f"--procedural_seeds={first}:{first + _OBJECT_TRAJECTORIES.value}",
-               f"--num_frames={_OBJECT_FRAMES.value}", *_LPIPS.args()], os.path.join(eval_dir, "objects"), lpips_scored=True)
+               f"--num_frames={_OBJECT_FRAMES.value}", *_LPIPS.args()],
+              os.path.join(eval_dir, "objects"), lpips_scored=True)
   claims = print_claims(eval_dir)
   from mirage_jax.evaluation import index_html  # pylint: disable=g-import-not-at-top
   reports = {name: os.path.join(eval_dir, name, "index.html")

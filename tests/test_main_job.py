@@ -79,8 +79,8 @@ SMALL_ARGS = ("--autoencoder_steps=20", "--denoiser_steps=20", "--num_trajectori
 @pytest.mark.timeout(1800)
 def test_small_family_main_job_end_to_end(tmp_path):
   """``make main``'s job at reduced size (20 steps per stage, 2 loops of 20 frames, one loop
-  of 40 frames with objects): every stage runs for real (no mocks), every table and claim is printed, the
-  report links each evaluation, and a second run reuses everything."""
+  of 40 frames with objects): every stage runs for real (no mocks), every table and claim is
+  printed, the report links each evaluation, and a second run reuses everything."""
   import json  # pylint: disable=g-import-not-at-top
   from tests.test_generate import run_cli  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "tiny"
