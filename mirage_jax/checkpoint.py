@@ -198,10 +198,33 @@ def _check_params_match(saved: Any, abstract: Any, where: str) -> None:
                        f"config builds {tuple(want[key].shape)} {hint}")
 
 
+def _pytree_handler(**kwargs) -> ocp.PyTreeCheckpointHandler:
+  """Orbax's PyTree handler (``kwargs`` its arguments), for the items this module writes.
+
+  On CPU devices its jax.Array writes are not replica-parallel. Orbax's default splits each
+  replicated array among its replicas so that every host writes a part, which pays on a TPU
+  pod; on CPU the split is an eager slice per array and replica, a third of a save's time for
+  nothing (720 replicated arrays on 8 devices: 2.7 s against 0.9 s per save). The files
+  are the same format either way (a restore does not care who wrote what).
+  """
+  if jax.default_backend() != "cpu":
+    return ocp.PyTreeCheckpointHandler(**kwargs)
+  # orbax-checkpoint is pinned (setup.py): its default jax.Array handler keeps per-host
+  # array metadata in this store.
+  from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
+  th = ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      *[(ty, th.get_type_handler(ty)) for ty in (int, float, bytes, np.number, np.ndarray, str,
+                                                 type(ocp.PLACEHOLDER))],
+      (jax.Array, th.ArrayHandler(use_replica_parallel=False,
+                                  array_metadata_store=array_metadata_store.Store())))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, **kwargs)
+
+
 def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       paths.resolve(directory), options=options,
-      item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+      item_handlers={STATE: _pytree_handler(),
                      DATA: grain.checkpoint.CheckpointHandler(),
                      CONFIG: ocp.JsonCheckpointHandler()})
 
@@ -334,7 +357,7 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
 
 def _params_checkpointer(options: ocp.options.MultiprocessingOptions) -> ocp.Checkpointer:
   """``ocp.PyTreeCheckpointer()`` (the export's format) with ``options``."""
-  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+  return ocp.Checkpointer(_pytree_handler(multiprocessing_options=options),
                           multiprocessing_options=options)
 
 
