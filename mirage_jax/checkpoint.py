@@ -27,7 +27,6 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -222,6 +221,8 @@ def _pytree_handler(**kwargs) -> ocp.PyTreeCheckpointHandler:
 
 
 def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+  # Imported here: the commands that only read exports do not need grain.
+  import grain  # pylint: disable=g-import-not-at-top
   return ocp.CheckpointManager(
       paths.resolve(directory), options=options,
       item_handlers={STATE: _pytree_handler(),

@@ -23,7 +23,6 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from mirage_jax.atomic import atomic_output  # noqa: F401 (re-exported: report.atomic_output)
 from mirage_jax.errors import InputError
@@ -174,7 +173,14 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 # ----------------------------------------------------------------------------- plots
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> None:
+def _figure(**kwargs):
+  """A matplotlib ``Figure``: imported here, so that the commands that never plot (training,
+  export, most refusals) start without matplotlib."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(**kwargs)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
   with atomic_output(path) as tmp:
     fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
@@ -186,7 +192,7 @@ def plot_quality_vs_frame(path: str | os.PathLike, curves: Mapping[str, Any],
   Args:
     curves: backend name -> (T,) per-frame values (NaN gaps are left as gaps).
   """
-  fig = Figure(figsize=(7, 4))
+  fig = _figure(figsize=(7, 4))
   ax = fig.subplots()
   for name, values in curves.items():
     values = np.asarray(values, np.float64).reshape(-1)
@@ -212,7 +218,7 @@ def plot_cost_vs_length(path: str | os.PathLike, entries: Sequence[Mapping[str, 
     entries: validated scaling entries (see :func:`validate_scaling`).
   """
   entries = validate_scaling(list(entries), os.fspath(path))
-  fig = Figure(figsize=(11, 4))
+  fig = _figure(figsize=(11, 4))
   ax_bytes, ax_time = fig.subplots(1, 2)
   backends = sorted({e["backend"] for e in entries})
   for k, name in enumerate(backends):

@@ -12,7 +12,6 @@ from typing import Sequence
 
 import imageio.v2 as imageio_v2
 import imageio.v3 as iio
-import matplotlib
 import numpy as np
 
 from mirage_jax.errors import InputError
@@ -62,6 +61,7 @@ def depth_to_rgb(depths, vmin: float | None = None, vmax: float | None = None,
   if vmax is None:
     vmax = float(np.percentile(values, 99)) if values.size else 1.0
   scaled = np.clip((depths - vmin) / max(vmax - vmin, 1e-6), 0.0, 1.0)
+  import matplotlib  # pylint: disable=g-import-not-at-top  # only where a depth is drawn
   rgb = matplotlib.colormaps[cmap](np.where(finite, scaled, 0.0))[..., :3]
   return np.where(finite[..., None], as_uint8(rgb), np.uint8(0))
 
