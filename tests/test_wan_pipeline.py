@@ -15,7 +15,7 @@ import pytest
 from mirage_jax import checkpoint
 from tests.test_generate import run_cli
 
-ARGS = ("--family=wan", "--autoencoder_steps=30", "--wan_base_steps=40", "--denoiser_steps=40",
+ARGS = ("--family=wan", "--autoencoder_steps=15", "--wan_base_steps=20", "--denoiser_steps=20",
         "--wan_clips=8", "--num_trajectories=1", "--num_frames=21", "--backends=none,mirage",
         "--wan_sampler_steps=2")
 
