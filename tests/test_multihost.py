@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from typing import Iterator
 
 import numpy as np
@@ -388,10 +389,14 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
   for d in cwds:
     d.mkdir()
 
+  start = time.monotonic()  # phase times, printed: this test has been slow now and then
+  phase = lambda name: print(f"phase {name} done at {time.monotonic() - start:.1f} s", flush=True)
   export = ["-m", "mirage_jax.export", f"--workdir={tmp_path / 'work'}", "--output=export"]
   with _job(export, cwds) as procs:
     assert checkpoint.export_params(str(tmp_path / "work"), str(tmp_path / "one_export")) == 3
+    phase("one-process export")
     exported = _wait(procs)
+  phase("two-process export")
   assert "exported step 3" in exported[0][0] and "exported step" not in exported[1][0]
   assert os.listdir(tmp_path / "p1") == [] and os.listdir(tmp_path / "p0") == ["export"]
   one, two = _files(tmp_path / "one_export"), _files(tmp_path / "p0" / "export")
@@ -411,12 +416,15 @@ def test_export_and_generate_on_two_processes_write_once_and_match_one(tmp_path)
     for _, err in _wait(procs, returncode=2):
       assert err.strip().splitlines()[-1] == ("error: --output: field 'output': export "
                                               "already exists")
+  phase("refusal")
 
   args = ["-m", "mirage_jax.generate", f"--checkpoint={tmp_path / 'p0' / 'export'}",
           f"--geometry_path={geometry}", "--memory=voxel", "--num_frames=5"]
   with _job([*args, "--output_dir=out"], cwds) as procs:
     single = run_cli(*args[1:], f"--output_dir={tmp_path / 'one_out'}")
+    phase("one-process generate")
     generated = _wait(procs)
+  phase("two-process generate")
   assert single.returncode == 0, single.stderr[-3000:]
   assert "generated 5 frames" in generated[0][0] and "generated" not in generated[1][0]
   assert os.listdir(tmp_path / "p1") == []
