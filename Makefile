@@ -43,6 +43,7 @@ debian-packages:
 # subprocesses (empty in a fresh clone, so CI gains within one run; `rm -rf .jax_cache`
 # clears it). --dist loadfile: each test file runs on one worker, so its module fixtures (a
 # trained export, a compiled model) are built once; files start longest first
-# (tests/durations.json, tests/conftest.py).
+# (tests/durations.json, tests/conftest.py; --no-loadscope-reorder keeps that order, where
+# pytest-xdist would start the files with the most tests first).
 test: $(VENV)/.installed-test debian-packages
-	MIRAGE_NO_SKIPS=1 MUJOCO_GL=osmesa $(BIN)/python -m pytest -q -x -n 2 --dist loadfile tests
+	MIRAGE_NO_SKIPS=1 MUJOCO_GL=osmesa $(BIN)/python -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder tests

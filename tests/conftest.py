@@ -141,7 +141,8 @@ def pytest_sessionfinish(session, exitstatus):
 # ``--dist loadfile``: each file on one worker, so a module fixture (a trained export, a
 # compiled model) is built once, not once per worker. Files go out longest first, so the two
 # workers do not end with one long file running alone (longest-processing-time-first
-# scheduling); a file not in the record counts as the median file.
+# scheduling); a file not in the record counts as the median file. ``--no-loadscope-reorder``
+# keeps this order: without it pytest-xdist hands out the files with the most tests first.
 DURATIONS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
 
 

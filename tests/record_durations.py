@@ -1,6 +1,6 @@
 """Writes tests/durations.json (seconds per test file) from a ``pytest --junitxml`` report.
 
-  python -m pytest -n 2 --dist loadfile tests --junitxml=/tmp/suite.xml
+  python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests --junitxml=/tmp/suite.xml
   python -m tests.record_durations /tmp/suite.xml
 
 The suite's scheduler (tests/conftest.py) starts the longest files first.
