@@ -202,15 +202,16 @@ def _pytree_handler(**kwargs) -> ocp.PyTreeCheckpointHandler:
 
   On CPU devices its jax.Array writes are not replica-parallel. Orbax's default splits each
   replicated array among its replicas so that every host writes a part, which pays on a TPU
-  pod; on CPU the split is an eager slice per array and replica, a third of a save's time for
-  nothing (720 replicated arrays on 8 devices: 2.7 s against 0.9 s per save). The files
+  pod; on CPU the split is an eager slice per array and replica, two thirds of a save's time
+  for nothing (720 replicated arrays on 8 devices: 2.7 s against 0.9 s per save). The files
   are the same format either way (a restore does not care who wrote what).
   """
   if jax.default_backend() != "cpu":
     return ocp.PyTreeCheckpointHandler(**kwargs)
   # orbax-checkpoint is pinned (setup.py): its default jax.Array handler keeps per-host
   # array metadata in this store.
-  from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from orbax.checkpoint._src.metadata import array_metadata_store
   th = ocp.type_handlers
   registry = th.create_type_handler_registry(
       *[(ty, th.get_type_handler(ty)) for ty in (int, float, bytes, np.number, np.ndarray, str,
